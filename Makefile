@@ -14,7 +14,7 @@ BUF     := $(TOOLS)/buf
 STATE   ?= .state
 # Parallelism is bounded for the 2-core machines CI runs on.
 TESTFLAGS ?= -race -count=1 -timeout 15m
-BENCHFLAGS ?= -run '^$$' -bench . -benchmem -benchtime 1x -count 1
+BENCHFLAGS ?= -run '^$$' -bench . -benchmem -count 1
 
 .PHONY: help
 help: ## list targets

@@ -1,0 +1,192 @@
+package audit
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"strconv"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairnkms/cairn/internal/identity"
+)
+
+// RequestIDHeader is the gRPC metadata key of a request's ID. A client may
+// send one (it is kept if well-formed); the server always returns the ID it
+// used in the response header, so a caller can quote it to an operator.
+const RequestIDHeader = "x-request-id"
+
+// refusedMessage is the message of the Unavailable error a call gets when its
+// audit record cannot be written: the operation is refused (fail closed).
+const refusedMessage = "audit log unavailable: operation refused"
+
+// InterceptorOptions configures UnaryServerInterceptor.
+type InterceptorOptions struct {
+	// Mutating names full gRPC methods ("/cairn.rootkms.v1.RootKMS/CreateRegion")
+	// that change state. For those an OutcomeAttempt record is written
+	// before the handler runs, and if it cannot be written the handler does
+	// not run at all: an unaudited change never happens. For every method, an
+	// outcome record is written after the handler; if that fails, the result
+	// is withheld and the caller gets Unavailable. (A mutating call whose
+	// outcome record fails has still been applied; its attempt record says
+	// so.)
+	Mutating []string
+}
+
+// UnaryServerInterceptor audits every call: who (the identity put in the
+// context by identity.UnaryServerInterceptor, which must run first), what
+// (method and target), and the outcome. Chain it before
+// identity.UnaryAuthorizeInterceptor so refusals are audited too.
+//
+// The target is taken from the request's GetRegion, GetKeyset and GetName
+// methods where it has them, and handlers add what only they know (a key
+// version) with AddTarget.
+func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInterceptor {
+	mutating := make(map[string]bool, len(opts.Mutating))
+	for _, m := range opts.Mutating {
+		mutating[m] = true
+	}
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		rid := requestID(ctx)
+		_ = grpc.SetHeader(ctx, metadata.Pairs(RequestIDHeader, rid))
+		caller, _ := identity.FromContext(ctx)
+		ann := &annotation{target: targetOf(req)}
+		rec := Record{RequestID: rid, Identity: caller.String(), Operation: info.FullMethod}
+
+		if mutating[info.FullMethod] {
+			rec.Target, rec.Outcome = ann.target, OutcomeAttempt
+			if err := l.Write(ctx, rec); err != nil {
+				return nil, refused(err)
+			}
+		}
+		hctx := context.WithValue(context.WithValue(ctx, annotationKey{}, ann), requestIDKey{}, rid)
+		resp, herr := handler(hctx, req)
+
+		st := status.Convert(herr)
+		rec.Target = ann.target
+		rec.Outcome = OutcomeOK
+		switch st.Code() {
+		case codes.OK:
+		case codes.PermissionDenied, codes.Unauthenticated:
+			rec.Outcome, rec.Code, rec.Reason = OutcomeDenied, st.Code().String(), st.Message()
+		default:
+			rec.Outcome, rec.Code, rec.Reason = OutcomeError, st.Code().String(), st.Message()
+		}
+		// The outcome record is written even if the caller has gone away:
+		// what happened must be on record.
+		if err := l.Write(context.WithoutCancel(ctx), rec); err != nil {
+			return nil, refused(err)
+		}
+		return resp, herr
+	}
+}
+
+func refused(err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return status.FromContextError(err).Err()
+	}
+	return status.Error(codes.Unavailable, refusedMessage)
+}
+
+// AddTarget adds to the target of the call's outcome record the non-zero
+// fields of t (for example the key version a decryption used). It does
+// nothing outside an audited call.
+func AddTarget(ctx context.Context, t Target) {
+	ann, ok := ctx.Value(annotationKey{}).(*annotation)
+	if !ok {
+		return
+	}
+	if t.Region != "" {
+		ann.target.Region = t.Region
+	}
+	if t.Keyset != "" {
+		ann.target.Keyset = t.Keyset
+	}
+	if t.KeyVersion != 0 {
+		ann.target.KeyVersion = t.KeyVersion
+	}
+	if t.Resource != "" {
+		ann.target.Resource = t.Resource
+	}
+}
+
+// RequestID returns the ID of the audited call in ctx, or "".
+func RequestID(ctx context.Context) string {
+	id, _ := ctx.Value(requestIDKey{}).(string)
+	return id
+}
+
+type (
+	annotationKey struct{}
+	requestIDKey  struct{}
+)
+
+// annotation is the per-call state handlers add to. A unary handler runs on
+// one goroutine, so it needs no lock.
+type annotation struct {
+	target Target
+}
+
+// requestID keeps a well-formed client-supplied ID, or makes one.
+func requestID(ctx context.Context) string {
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get(RequestIDHeader); len(v) == 1 && validRequestID(v[0]) {
+			return v[0]
+		}
+	}
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return hex.EncodeToString(b[:])
+}
+
+func validRequestID(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.' || c == ':') {
+			return false
+		}
+	}
+	return true
+}
+
+// targetOf reads the target fields a request message has. They are what the
+// client sent, so they are made safe to record (a hostile keyset name must
+// be audited, not make the audit write fail).
+func targetOf(req any) Target {
+	var t Target
+	if r, ok := req.(interface{ GetRegion() string }); ok {
+		t.Region = cleanField(r.GetRegion())
+	}
+	if r, ok := req.(interface{ GetKeyset() string }); ok {
+		t.Keyset = cleanField(r.GetKeyset())
+	}
+	if r, ok := req.(interface{ GetName() string }); ok {
+		t.Resource = cleanField(r.GetName())
+	}
+	return t
+}
+
+// maxClientField bounds how much of a client-supplied string is recorded.
+const maxClientField = 256
+
+// cleanField returns s if it is short, valid UTF-8 without control
+// characters, and otherwise an ASCII-quoted, truncated rendering of it.
+func cleanField(s string) string {
+	if len(s) <= maxClientField && utf8.ValidString(s) && !strings.ContainsFunc(s, unicode.IsControl) {
+		return s
+	}
+	if len(s) > maxClientField {
+		s = s[:maxClientField]
+	}
+	return strconv.QuoteToASCII(s)
+}

@@ -1,0 +1,236 @@
+package audit_test
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+)
+
+const (
+	encryptRPC = "/cairn.kms.v1.KMS/Encrypt"
+	clientID   = "spiffe://cairn.test/client/us-east/demo"
+	serverID   = "spiffe://cairn.test/kms/us-east/kms-1"
+)
+
+// plaintextMarker must never reach the audit log.
+var plaintextMarker = []byte("PLAINTEXT-DEK-0123456789abcdef")
+
+// fakeKMS is a real gRPC KMS service whose Encrypt counts its calls and
+// annotates the audit target with a key version, as the real one will.
+type fakeKMS struct {
+	kmsv1.UnimplementedKMSServer
+	calls atomic.Int32
+}
+
+func (f *fakeKMS) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (*kmsv1.EncryptResponse, error) {
+	f.calls.Add(1)
+	audit.AddTarget(ctx, audit.Target{KeyVersion: 7})
+	if audit.RequestID(ctx) == "" {
+		return nil, status.Error(codes.Internal, "no request id in handler context")
+	}
+	return &kmsv1.EncryptResponse{Ciphertext: append([]byte("ct:"), req.GetPlaintext()...), KeyId: 7}, nil
+}
+
+type fixture struct {
+	client kmsv1.KMSClient
+	kms    *fakeKMS
+}
+
+func start(t *testing.T, log *audit.Log, opts audit.InterceptorOptions, policy identity.Policy) fixture {
+	t.Helper()
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials(serverID)), grpc.ChainUnaryInterceptor(
+		identity.UnaryServerInterceptor(),
+		audit.UnaryServerInterceptor(log, opts),
+		identity.UnaryAuthorizeInterceptor(policy),
+	))
+	kms := &fakeKMS{}
+	kmsv1.RegisterKMSServer(srv, kms)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(lis) }()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(pki.ClientCredentials(clientID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); srv.Stop(); <-done })
+	return fixture{client: kmsv1.NewKMSClient(conn), kms: kms}
+}
+
+func allowEncrypt() identity.Policy { return identity.Policy{encryptRPC: identity.AllowAny()} }
+
+func encrypt(t *testing.T, c kmsv1.KMSClient, keyset string, md ...string) (*kmsv1.EncryptResponse, metadata.MD, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if len(md) > 0 {
+		ctx = metadata.AppendToOutgoingContext(ctx, md...)
+	}
+	var header metadata.MD
+	resp, err := c.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: keyset, Plaintext: plaintextMarker, AssociatedData: []byte("ad")}, grpc.Header(&header))
+	return resp, header, err
+}
+
+func TestInterceptorRecordsCalls(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	log, err := audit.Open(path, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	f := start(t, log, audit.InterceptorOptions{Mutating: []string{encryptRPC}}, allowEncrypt())
+
+	_, header, err := encrypt(t, f.client, "payments/ledger", audit.RequestIDHeader, "client-req-1")
+	if err != nil {
+		t.Fatalf("Encrypt = %v", err)
+	}
+	if got := header.Get(audit.RequestIDHeader); len(got) != 1 || got[0] != "client-req-1" {
+		t.Errorf("response %s = %v, want [client-req-1]", audit.RequestIDHeader, got)
+	}
+	// A malformed client request ID is replaced, not trusted.
+	_, header, err = encrypt(t, f.client, "payments/ledger", audit.RequestIDHeader, "bad id with spaces")
+	if err != nil {
+		t.Fatalf("Encrypt = %v", err)
+	}
+	generated := header.Get(audit.RequestIDHeader)
+	if len(generated) != 1 || len(generated[0]) != 32 {
+		t.Errorf("response %s for a malformed client ID = %v, want a generated 32-hex-digit ID", audit.RequestIDHeader, generated)
+	}
+	// A hostile keyset name is recorded safely, and the call still works.
+	if _, _, err := encrypt(t, f.client, "evil\nkeyset\x00"); err != nil {
+		t.Fatalf("Encrypt(hostile keyset name) = %v", err)
+	}
+
+	recs, err := audit.ReadFile(path)
+	if err != nil {
+		t.Fatalf("ReadFile = %v", err)
+	}
+	if len(recs) != 6 {
+		t.Fatalf("got %d records, want 6 (attempt + outcome for each of 3 calls): %+v", len(recs), recs)
+	}
+	want := []struct {
+		outcome audit.Outcome
+		rid     string
+		target  audit.Target
+	}{
+		{audit.OutcomeAttempt, "client-req-1", audit.Target{Keyset: "payments/ledger"}},
+		{audit.OutcomeOK, "client-req-1", audit.Target{Keyset: "payments/ledger", KeyVersion: 7}},
+		{audit.OutcomeAttempt, generated[0], audit.Target{Keyset: "payments/ledger"}},
+		{audit.OutcomeOK, generated[0], audit.Target{Keyset: "payments/ledger", KeyVersion: 7}},
+		{audit.OutcomeAttempt, "", audit.Target{Keyset: `"evil\nkeyset\x00"`}},
+		{audit.OutcomeOK, "", audit.Target{Keyset: `"evil\nkeyset\x00"`, KeyVersion: 7}},
+	}
+	for i, w := range want {
+		r := recs[i]
+		if r.Outcome != w.outcome || r.Target != w.target || r.Identity != clientID || r.Operation != encryptRPC {
+			t.Errorf("record %d = %+v, want outcome %s, target %+v, identity %s, operation %s", i, r, w.outcome, w.target, clientID, encryptRPC)
+		}
+		if w.rid != "" && r.RequestID != w.rid {
+			t.Errorf("record %d request id = %q, want %q", i, r.RequestID, w.rid)
+		}
+	}
+	assertNoPlaintext(t, path)
+}
+
+func TestInterceptorAuditsRefusals(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	log, err := audit.Open(path, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	onlyOthers := identity.Policy{encryptRPC: identity.NewAllowlist(identity.MustParsePattern("client/eu-west/*", identitytest.TrustDomain)).Authorize}
+	f := start(t, log, audit.InterceptorOptions{}, onlyOthers)
+
+	if _, _, err := encrypt(t, f.client, "payments/ledger"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Encrypt by an identity off the ACL = %v, want PermissionDenied", err)
+	}
+	if n := f.kms.calls.Load(); n != 0 {
+		t.Errorf("handler ran %d times for a refused call, want 0", n)
+	}
+	recs, err := audit.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 1 || recs[0].Outcome != audit.OutcomeDenied || recs[0].Code != "PermissionDenied" || recs[0].Identity != clientID {
+		t.Fatalf("records = %+v, want one denied record for %s", recs, clientID)
+	}
+}
+
+// TestInterceptorFailsClosed: when the audit sink fails, the operation fails.
+func TestInterceptorFailsClosed(t *testing.T) {
+	devFull := func(t *testing.T) *audit.Log {
+		f, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatalf("opening /dev/full (the full-disk simulation needs Linux): %v", err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return audit.NewWriter(f, audit.Options{})
+	}
+	closedLog := func(t *testing.T) *audit.Log {
+		l, err := audit.Open(filepath.Join(t.TempDir(), "audit.log"), audit.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	tests := []struct {
+		name      string
+		log       func(*testing.T) *audit.Log
+		mutating  bool
+		wantCalls int32 // handler runs: 0 for mutating (refused up front), 1 otherwise (result withheld)
+	}{
+		{"full disk, mutating", devFull, true, 0},
+		{"full disk, read", devFull, false, 1},
+		{"closed log, mutating", closedLog, true, 0},
+		{"closed log, read", closedLog, false, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var opts audit.InterceptorOptions
+			if tt.mutating {
+				opts.Mutating = []string{encryptRPC}
+			}
+			f := start(t, tt.log(t), opts, allowEncrypt())
+			resp, _, err := encrypt(t, f.client, "payments/ledger")
+			if status.Code(err) != codes.Unavailable || resp != nil {
+				t.Fatalf("Encrypt with a failing audit log = (%v, %v), want (nil, Unavailable)", resp, err)
+			}
+			if got := f.kms.calls.Load(); got != tt.wantCalls {
+				t.Errorf("handler ran %d times, want %d", got, tt.wantCalls)
+			}
+		})
+	}
+}
+
+func assertNoPlaintext(t *testing.T, path string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(data, plaintextMarker) {
+		t.Errorf("audit log %s contains request plaintext", path)
+	}
+}

@@ -1,0 +1,211 @@
+// Package audit writes Cairn's append-only audit log.
+//
+// An audit record says who did what to which key, and with what outcome. It
+// never holds key material. The audit log is kept apart from the operational
+// log/slog stream, and it fails closed: if a record cannot be written, the
+// operation it describes must be refused. So [Log.Write] reports every
+// failure, and a log that may have lost or mangled a record stops accepting
+// writes ([ErrBroken]) until it is reopened.
+//
+// The log is a file of JSON lines, one [Record] per line. [ReadFile] parses
+// such a file.
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Outcome is what came of an audited operation.
+type Outcome string
+
+// The outcomes a [Record] may have.
+const (
+	// OutcomeAttempt is written before a mutating operation runs. If it
+	// cannot be written, the operation must not run.
+	OutcomeAttempt Outcome = "attempt"
+	// OutcomeOK means the operation succeeded.
+	OutcomeOK Outcome = "ok"
+	// OutcomeDenied means the caller was not allowed to perform the
+	// operation.
+	OutcomeDenied Outcome = "denied"
+	// OutcomeError means the operation was allowed but failed.
+	OutcomeError Outcome = "error"
+)
+
+func (o Outcome) valid() bool {
+	switch o {
+	case OutcomeAttempt, OutcomeOK, OutcomeDenied, OutcomeError:
+		return true
+	}
+	return false
+}
+
+// Limits on the text fields of a [Record].
+const (
+	// MaxFieldLen is the longest RequestID, Identity, Operation, Code or
+	// Target field accepted, in bytes. SPIFFE IDs are at most 2048 bytes.
+	MaxFieldLen = 2048
+	// MaxReasonLen is the longest Reason kept, in bytes. [Log.Write] cuts a
+	// longer Reason at a rune boundary at or below this length.
+	MaxReasonLen = 512
+)
+
+// Target names what an operation acted on. Empty fields are left out of the
+// JSON form.
+type Target struct {
+	Region     string `json:"region,omitempty"`
+	Keyset     string `json:"keyset,omitempty"`
+	KeyVersion uint32 `json:"key_version,omitempty"`
+	Resource   string `json:"resource,omitempty"`
+}
+
+// Record is one entry of the audit log. It must never hold key material.
+//
+// [Log.Write] accepts a record only if Operation is set, Outcome is one of the
+// Outcome constants, and RequestID, Identity, Operation, Code and the Target
+// fields are valid UTF-8 of at most [MaxFieldLen] bytes without control
+// characters. Values that may come from a caller, such as a request ID taken
+// from request metadata, must be sanitised before they are put in a record,
+// or the write, and so the operation, is refused. Reason is free text: it is
+// made valid UTF-8 and cut to [MaxReasonLen] bytes, and JSON escapes any
+// control characters in it.
+type Record struct {
+	// Time is when the event happened. Log.Write sets it from the log's clock
+	// when it is zero, and stores it in UTC.
+	Time time.Time `json:"time"`
+	// RequestID correlates the record with the request and its other
+	// records, such as an OutcomeAttempt record and the final one.
+	RequestID string `json:"request_id,omitempty"`
+	// Identity is the caller's authenticated SPIFFE ID, for example
+	// "spiffe://cairn.test/kms/us-east/kms1", or "" if the caller was not
+	// authenticated. It is always present in the JSON form.
+	Identity string `json:"identity"`
+	// Operation is the full gRPC method name or another operation name, for
+	// example "cairn.kms.v1.KMS/Encrypt". Required.
+	Operation string `json:"operation"`
+	// Target is what the operation acted on.
+	Target Target `json:"target,omitzero"`
+	// Outcome is what came of the operation. Required.
+	Outcome Outcome `json:"outcome"`
+	// Code is the gRPC status code name when the outcome is not OK, for
+	// example "PermissionDenied".
+	Code string `json:"code,omitempty"`
+	// Reason is a short human-readable explanation.
+	Reason string `json:"reason,omitempty"`
+}
+
+// ErrInvalidRecord is returned, wrapped, for a record that breaks the rules
+// documented on [Record]. Nothing is written for it.
+var ErrInvalidRecord = errors.New("audit: invalid record")
+
+// validate checks r against the rules documented on Record.
+func (r Record) validate() error {
+	if r.Operation == "" {
+		return fmt.Errorf("%w: operation is required", ErrInvalidRecord)
+	}
+	if r.Outcome == "" {
+		return fmt.Errorf("%w: outcome is required", ErrInvalidRecord)
+	}
+	if !r.Outcome.valid() {
+		return fmt.Errorf("%w: unknown outcome %q", ErrInvalidRecord, r.Outcome)
+	}
+	for _, f := range [...]struct{ name, value string }{
+		{"request_id", r.RequestID},
+		{"identity", r.Identity},
+		{"operation", r.Operation},
+		{"code", r.Code},
+		{"target.region", r.Target.Region},
+		{"target.keyset", r.Target.Keyset},
+		{"target.resource", r.Target.Resource},
+	} {
+		switch {
+		case len(f.value) > MaxFieldLen:
+			return fmt.Errorf("%w: %s is %d bytes, want at most %d", ErrInvalidRecord, f.name, len(f.value), MaxFieldLen)
+		case !utf8.ValidString(f.value):
+			return fmt.Errorf("%w: %s is not valid UTF-8", ErrInvalidRecord, f.name)
+		case strings.ContainsFunc(f.value, unicode.IsControl):
+			return fmt.Errorf("%w: %s contains a control character", ErrInvalidRecord, f.name)
+		}
+	}
+	if len(r.Reason) > MaxReasonLen {
+		return fmt.Errorf("%w: reason is %d bytes, want at most %d", ErrInvalidRecord, len(r.Reason), MaxReasonLen)
+	}
+	if !utf8.ValidString(r.Reason) {
+		return fmt.Errorf("%w: reason is not valid UTF-8", ErrInvalidRecord)
+	}
+	return nil
+}
+
+// capReason makes s valid UTF-8 and cuts it to at most MaxReasonLen bytes at
+// a rune boundary.
+func capReason(s string) string {
+	s = strings.ToValidUTF8(s, string(utf8.RuneError))
+	if len(s) <= MaxReasonLen {
+		return s
+	}
+	i := MaxReasonLen
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i]
+}
+
+// encode returns r as one JSON line ending in '\n'. JSON escapes every
+// control character, so the only newline is the last byte.
+func encode(r Record) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(r); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRecord, err)
+	}
+	return buf.Bytes(), nil
+}
+
+// ErrMalformed is returned, wrapped in a [*ParseError], by [ReadFile] for a
+// line that is not a valid record.
+var ErrMalformed = errors.New("audit: malformed record")
+
+// ParseError reports a malformed line of an audit log file.
+type ParseError struct {
+	Path string // the file
+	Line int    // 1-based line number
+	Err  error  // what is wrong; wraps ErrMalformed
+}
+
+// Error returns "path:line: reason".
+func (e *ParseError) Error() string {
+	return fmt.Sprintf("%s:%d: %v", e.Path, e.Line, e.Err)
+}
+
+// Unwrap returns e.Err, so errors.Is(err, ErrMalformed) holds.
+func (e *ParseError) Unwrap() error { return e.Err }
+
+// parseLine parses one line (without its '\n') strictly: exactly one JSON
+// object, no unknown fields, a time, and a record that passes validate.
+func parseLine(line []byte) (Record, error) {
+	var r Record
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return Record{}, fmt.Errorf("%w: %w", ErrMalformed, err)
+	}
+	if err := dec.Decode(&struct{}{}); err != io.EOF {
+		return Record{}, fmt.Errorf("%w: data after the record", ErrMalformed)
+	}
+	if r.Time.IsZero() {
+		return Record{}, fmt.Errorf("%w: time is missing", ErrMalformed)
+	}
+	if err := r.validate(); err != nil {
+		return Record{}, fmt.Errorf("%w: %w", ErrMalformed, err)
+	}
+	return r, nil
+}
