@@ -17,8 +17,14 @@ import (
 // and lets the handshake complete only if allow accepts the client's ID.
 // allow is the coarse, connection-level gate (typically MemberOf the trust
 // domain); per-method decisions belong to an Authorize interceptor.
+//
+// Session resumption is off: Go does not call VerifyPeerCertificate (where
+// the SVID check and allow run) on a resumed session, so resuming would let a
+// client skip authorization and any trust-bundle change for the ticket's
+// lifetime. gRPC connections are long-lived, so the cost is small.
 func ServerTLSConfig(src *Source, allow Authorizer) *tls.Config {
 	cfg := tlsconfig.MTLSServerConfig(src, src, spiffeAuthorizer(allow))
+	cfg.SessionTicketsDisabled = true
 	pinTLS13(cfg)
 	return cfg
 }

@@ -434,3 +434,42 @@ func TestFromPeerWithoutPeer(t *testing.T) {
 		t.Errorf("AllowAny()(zero ID) = %v, want ErrPermissionDenied", denied)
 	}
 }
+
+// TestNoSessionResumption: Go skips VerifyPeerCertificate (go-spiffe's SVID
+// check and our authorizer) on resumed TLS sessions, so a server must never
+// resume one: every connection is fully verified against the current bundle.
+func TestNoSessionResumption(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	serverCfg := identity.ServerTLSConfig(pki.Source(serverID), identity.AllowAny())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			s := tls.Server(c, serverCfg)
+			if s.Handshake() == nil {
+				s.Write([]byte("x")) // lets the client read the session ticket, if one is sent
+			}
+			s.Close()
+		}
+	}()
+	clientCfg := identity.StaticClientTLSConfig(pki.TLSCertificate(clientID, devca.LeafOptions{}), pki.Bundle(), identity.AllowAny())
+	clientCfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+	for i := range 2 {
+		c, err := tls.Dial("tcp", lis.Addr().String(), clientCfg)
+		if err != nil {
+			t.Fatalf("Dial %d = %v", i, err)
+		}
+		c.Read(make([]byte, 1))
+		if c.ConnectionState().DidResume {
+			t.Errorf("connection %d resumed a TLS session; want a full, verified handshake every time", i)
+		}
+		c.Close()
+	}
+}
