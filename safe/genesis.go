@@ -1,0 +1,288 @@
+package safe
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/shamir"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/internal/secret"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+)
+
+// SplitConfig says how to split the RMK into safes.
+type SplitConfig struct {
+	// Threshold is K: how many shares reconstruct the RMK (2 <= K <= N).
+	Threshold int
+	// Safes are the N safes; share i goes into Safes[i-1]. Each must have a
+	// distinct label.
+	Safes []Safe
+	// Officers optionally names, per safe, the SPIFFE ID of the officer who
+	// holds it (empty, or one entry per safe).
+	Officers []string
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+func (c SplitConfig) validate() error {
+	n := len(c.Safes)
+	switch {
+	case c.Threshold < 2:
+		return fmt.Errorf("safe: threshold %d, want at least 2 (a single share would be the key itself)", c.Threshold)
+	case n < c.Threshold:
+		return fmt.Errorf("safe: %d safes for threshold %d; need at least as many safes as the threshold", n, c.Threshold)
+	case n > MaxShares:
+		return fmt.Errorf("safe: %d safes, at most %d", n, MaxShares)
+	case len(c.Officers) != 0 && len(c.Officers) != n:
+		return fmt.Errorf("safe: %d officers for %d safes; name one per safe or none", len(c.Officers), n)
+	}
+	labels := map[string]bool{}
+	for _, s := range c.Safes {
+		if labels[s.Label()] {
+			return fmt.Errorf("safe: safe %q given twice; each share needs its own safe", s.Label())
+		}
+		labels[s.Label()] = true
+	}
+	return nil
+}
+
+// Genesis creates a new RMK from crypto/rand and splits it K-of-N into the
+// safes. It seals share i into safe i, builds the manifest, then verifies
+// that every share unseals to its commitment and that overlapping groups of
+// K shares covering every share reproduce the KCV. If anything fails, the
+// shares it sealed are destroyed again and nothing is returned.
+//
+// The caller hands the returned RMK to the distributors and then wipes it.
+func Genesis(ctx context.Context, cfg SplitConfig) (*safev1.GenesisManifest, secret.Bytes, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, secret.Bytes{}, err
+	}
+	var id [16]byte
+	_, _ = rand.Read(id[:])
+	rmk, err := secret.Random(RMKSize)
+	if err != nil {
+		return nil, secret.Bytes{}, err
+	}
+	m := &safev1.GenesisManifest{
+		FormatVersion: 1,
+		GenesisId:     hex.EncodeToString(id[:]),
+		Kcv:           nil,
+	}
+	m.Kcv = KCV(rmk, m.GetGenesisId())
+	if err := split(ctx, cfg, rmk, m); err != nil {
+		rmk.Wipe()
+		return nil, secret.Bytes{}, err
+	}
+	return m, rmk, nil
+}
+
+// RekeyConfig re-splits an existing RMK.
+type RekeyConfig struct {
+	SplitConfig
+	// Previous is the manifest being replaced.
+	Previous *safev1.GenesisManifest
+	// RMK is the key, recovered from the previous shares (see Recover).
+	RMK secret.Bytes
+}
+
+// Rekey splits the same RMK anew (new K'/N', new safes, epoch+1) and returns
+// the new manifest (same genesis id and KCV, linked to the previous one).
+// The old sealed shares are untouched: write the new manifest durably first,
+// then remove them with DestroyEpoch.
+func Rekey(ctx context.Context, cfg RekeyConfig) (*safev1.GenesisManifest, error) {
+	if err := ValidateManifest(cfg.Previous); err != nil {
+		return nil, err
+	}
+	if !CheckKCV(cfg.RMK, cfg.Previous) {
+		return nil, fmt.Errorf("%w: the key given for rekey is not the manifest's RMK", ErrKCVMismatch)
+	}
+	if err := cfg.SplitConfig.validate(); err != nil {
+		return nil, err
+	}
+	prev, err := ManifestHash(cfg.Previous)
+	if err != nil {
+		return nil, err
+	}
+	m := &safev1.GenesisManifest{
+		FormatVersion:          1,
+		GenesisId:              cfg.Previous.GetGenesisId(),
+		Epoch:                  cfg.Previous.GetEpoch() + 1,
+		Kcv:                    cfg.Previous.GetKcv(),
+		PreviousManifestSha256: prev,
+	}
+	if err := split(ctx, cfg.SplitConfig, cfg.RMK, m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// split fills m's threshold, slots and time, seals the shares and verifies
+// them; on failure it destroys what it sealed.
+func split(ctx context.Context, cfg SplitConfig, rmk secret.Bytes, m *safev1.GenesisManifest) (err error) {
+	now := time.Now
+	if cfg.Now != nil {
+		now = cfg.Now
+	}
+	key := rmk.Data()
+	parts, err := shamir.Split(key, len(cfg.Safes), cfg.Threshold)
+	clear(key)
+	if err != nil {
+		return fmt.Errorf("safe: splitting the key: %w", err)
+	}
+	defer func() {
+		for _, p := range parts {
+			clear(p)
+		}
+	}()
+	m.Threshold = uint32(cfg.Threshold)
+	m.CreatedAt = timestamppb.New(now())
+	m.Slots = nil
+
+	var sealed []int // indices into cfg.Safes that hold a share now
+	defer func() {
+		if err == nil {
+			return
+		}
+		// Roll back: a genesis or rekey either completes or leaves nothing.
+		cleanup := context.WithoutCancel(ctx)
+		for _, i := range sealed {
+			ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: uint32(i + 1)}
+			if derr := cfg.Safes[i].Destroy(cleanup, ref); derr != nil {
+				err = errors.Join(err, fmt.Errorf("safe: rolling back share %d in %s: %w", i+1, cfg.Safes[i].Label(), derr))
+			}
+		}
+	}()
+	for i, s := range cfg.Safes {
+		ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: uint32(i + 1)}
+		slot := &safev1.ShareSlot{
+			Index:      ref.Index,
+			SafeLabel:  s.Label(),
+			SafeKind:   s.Kind(),
+			Commitment: Commitment(ref, parts[i]),
+		}
+		if len(cfg.Officers) > 0 {
+			slot.Officer = cfg.Officers[i]
+		}
+		m.Slots = append(m.Slots, slot)
+		share := secret.New(parts[i])
+		err := s.Seal(ctx, ref, share)
+		share.Wipe()
+		if err != nil {
+			return fmt.Errorf("safe: sealing share %d into %s: %w", ref.Index, s.Label(), err)
+		}
+		sealed = append(sealed, i)
+	}
+	if err := ValidateManifest(m); err != nil {
+		return err
+	}
+	return verify(ctx, m, cfg.Safes)
+}
+
+// verify unseals every share, checks each against its commitment, and
+// combines overlapping windows of K shares that together cover every share,
+// checking each result against the KCV.
+func verify(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) error {
+	n, k := len(safes), int(m.GetThreshold())
+	shares := make([]secret.Bytes, n)
+	defer func() {
+		for _, s := range shares {
+			s.Wipe()
+		}
+	}()
+	for i, s := range safes {
+		ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: uint32(i + 1)}
+		share, err := s.Unseal(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("safe: verifying share %d in %s: %w", ref.Index, s.Label(), err)
+		}
+		shares[i] = share
+		if err := checkCommitment(m, ref.Index, share); err != nil {
+			return fmt.Errorf("safe: verifying share %d in %s: %w", ref.Index, s.Label(), err)
+		}
+	}
+	for start := 0; start < n; start += k {
+		c, err := NewCombiner(m)
+		if err != nil {
+			return err
+		}
+		for j := range k {
+			i := (start + j) % n
+			if err := c.Add(uint32(i+1), shares[i]); err != nil {
+				c.Wipe()
+				return fmt.Errorf("safe: verifying shares: %w", err)
+			}
+		}
+		indices := c.Indices()
+		rmk, err := c.Combine()
+		c.Wipe()
+		if err != nil {
+			return fmt.Errorf("safe: verifying that shares %v reproduce the key: %w", indices, err)
+		}
+		rmk.Wipe()
+	}
+	return nil
+}
+
+// Recover reconstructs the RMK from the shares of m held by the given safes
+// (K or more of them), checking each share's commitment and the KCV. Each
+// safe's share is found by its label in the manifest.
+func Recover(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) (secret.Bytes, error) {
+	c, err := NewCombiner(m)
+	if err != nil {
+		return secret.Bytes{}, err
+	}
+	defer c.Wipe()
+	for _, s := range safes {
+		index, err := SlotOf(m, s)
+		if err != nil {
+			return secret.Bytes{}, err
+		}
+		share, err := s.Unseal(ctx, ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: index})
+		if err != nil {
+			return secret.Bytes{}, fmt.Errorf("safe: share %d from %s: %w", index, s.Label(), err)
+		}
+		err = c.Add(index, share)
+		share.Wipe()
+		if err != nil {
+			return secret.Bytes{}, fmt.Errorf("safe: share %d from %s: %w", index, s.Label(), err)
+		}
+	}
+	return c.Combine()
+}
+
+// SlotOf returns the share index the manifest assigns to a safe (by label).
+func SlotOf(m *safev1.GenesisManifest, s Safe) (uint32, error) {
+	for _, slot := range m.GetSlots() {
+		if slot.GetSafeLabel() == s.Label() {
+			if slot.GetSafeKind() != s.Kind() {
+				return 0, fmt.Errorf("safe: manifest lists %s as a %s safe, but it is %s", s.Label(), slot.GetSafeKind(), s.Kind())
+			}
+			return slot.GetIndex(), nil
+		}
+	}
+	return 0, fmt.Errorf("safe: safe %s holds no share of genesis %s epoch %d", s.Label(), m.GetGenesisId(), m.GetEpoch())
+}
+
+// DestroyEpoch removes from each safe its share of manifest m (used after a
+// rekey, once the new manifest is written). It tries every safe and reports
+// all failures.
+func DestroyEpoch(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) error {
+	var errs []error
+	for _, s := range safes {
+		index, err := SlotOf(m, s)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: index}
+		if err := s.Destroy(ctx, ref); err != nil {
+			errs = append(errs, fmt.Errorf("safe: destroying share %s in %s: %w", ref, s.Label(), err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,190 @@
+package safe
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cairnkms/cairn/internal/secret"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+)
+
+// RMKSize is the size of the root master key in bytes (AES-256).
+const RMKSize = 32
+
+// MaxShares is the most shares vault/shamir can make (x in GF(2^8) \ {0}).
+const MaxShares = 255
+
+// ErrInvalidManifest is wrapped by every manifest validation error.
+var ErrInvalidManifest = errors.New("safe: invalid genesis manifest")
+
+// KCV is the RMK's key check value: HMAC-SHA256(RMK, "cairn/rmk-kcv/v1\x00"
+// || genesis id). It is public: it identifies a reconstructed key without
+// revealing anything about it.
+func KCV(rmk secret.Bytes, genesisID string) []byte {
+	key := rmk.Data()
+	defer clear(key)
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("cairn/rmk-kcv/v1\x00"))
+	m.Write([]byte(genesisID))
+	return m.Sum(nil)
+}
+
+// CheckKCV reports, in constant time, whether rmk has the manifest's KCV.
+func CheckKCV(rmk secret.Bytes, m *safev1.GenesisManifest) bool {
+	return rmk.Len() == RMKSize && hmac.Equal(KCV(rmk, m.GetGenesisId()), m.GetKcv())
+}
+
+// Commitment is the public commitment to one share: HMAC-SHA256 keyed with
+// "cairn/share-commitment/v1\x00" || genesis id || "\x00" || be32(epoch) ||
+// be32(index), over the share. A share is uniformly random on its own, so
+// its commitment reveals nothing; it identifies a valid share (and so the
+// safe or officer that gave a bad one) before any combination is tried.
+func Commitment(ref ShareRef, share []byte) []byte {
+	key := make([]byte, 0, 72)
+	key = append(key, "cairn/share-commitment/v1\x00"...)
+	key = append(key, ref.GenesisID...)
+	key = append(key, 0)
+	key = binary.BigEndian.AppendUint32(key, ref.Epoch)
+	key = binary.BigEndian.AppendUint32(key, ref.Index)
+	m := hmac.New(sha256.New, key)
+	m.Write(share)
+	return m.Sum(nil)
+}
+
+// ValidateManifest checks a manifest's structure (not its signature: the
+// manifest is public and pinned by operators; its KCV is what authenticates a
+// reconstructed key).
+func ValidateManifest(m *safev1.GenesisManifest) error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalidManifest, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case m == nil:
+		return bad("no manifest")
+	case m.GetFormatVersion() != 1:
+		return bad("format version %d, want 1", m.GetFormatVersion())
+	case !genesisIDPattern.MatchString(m.GetGenesisId()):
+		return bad("genesis id %q is not 32 lowercase hex digits", m.GetGenesisId())
+	case m.GetThreshold() < 2:
+		return bad("threshold %d, want at least 2", m.GetThreshold())
+	case len(m.GetSlots()) < int(m.GetThreshold()):
+		return bad("%d shares for threshold %d", len(m.GetSlots()), m.GetThreshold())
+	case len(m.GetSlots()) > MaxShares:
+		return bad("%d shares, at most %d", len(m.GetSlots()), MaxShares)
+	case len(m.GetKcv()) != sha256.Size:
+		return bad("KCV of %d bytes, want %d", len(m.GetKcv()), sha256.Size)
+	}
+	seenIdx := map[uint32]bool{}
+	seenLabel := map[string]bool{}
+	for _, s := range m.GetSlots() {
+		switch {
+		case s.GetIndex() < 1 || s.GetIndex() > MaxShares:
+			return bad("share index %d out of range", s.GetIndex())
+		case seenIdx[s.GetIndex()]:
+			return bad("share index %d listed twice", s.GetIndex())
+		case s.GetSafeLabel() == "":
+			return bad("share %d has no safe label", s.GetIndex())
+		case seenLabel[s.GetSafeLabel()]:
+			return bad("safe %q holds two shares; each share needs its own safe", s.GetSafeLabel())
+		case s.GetSafeKind() != KindPKCS11 && s.GetSafeKind() != KindInsecureFile:
+			return bad("share %d: unknown safe kind %q", s.GetIndex(), s.GetSafeKind())
+		case len(s.GetCommitment()) != sha256.Size:
+			return bad("share %d: commitment of %d bytes", s.GetIndex(), len(s.GetCommitment()))
+		}
+		seenIdx[s.GetIndex()] = true
+		seenLabel[s.GetSafeLabel()] = true
+	}
+	return nil
+}
+
+// Slot returns the manifest's slot for a share index, or nil.
+func Slot(m *safev1.GenesisManifest, index uint32) *safev1.ShareSlot {
+	for _, s := range m.GetSlots() {
+		if s.GetIndex() == index {
+			return s
+		}
+	}
+	return nil
+}
+
+// ManifestHash is the SHA-256 of a manifest's deterministic encoding; a
+// rekeyed manifest links to its predecessor with it.
+func ManifestHash(m *safev1.GenesisManifest) ([]byte, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.Sum256(b)
+	return h[:], nil
+}
+
+// WriteManifest writes m as indented JSON (it is public and meant to be read
+// by people) to path, atomically, mode 0644.
+func WriteManifest(path string, m *safev1.GenesisManifest) error {
+	if err := ValidateManifest(m); err != nil {
+		return err
+	}
+	data, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("safe: encoding manifest: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".manifest-*")
+	if err != nil {
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("safe: writing manifest: %w", err)
+	}
+	return nil
+}
+
+// ReadManifest reads and validates a manifest written by WriteManifest.
+func ReadManifest(path string) (*safev1.GenesisManifest, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("safe: reading manifest: %w", err)
+	}
+	return ParseManifest(data)
+}
+
+// ParseManifest decodes a manifest from JSON (as written by WriteManifest)
+// or from its binary protobuf encoding, and validates it.
+func ParseManifest(data []byte) (*safev1.GenesisManifest, error) {
+	var m safev1.GenesisManifest
+	if err := protojson.Unmarshal(data, &m); err != nil {
+		if perr := proto.Unmarshal(data, &m); perr != nil {
+			return nil, fmt.Errorf("%w: neither JSON (%v) nor protobuf", ErrInvalidManifest, err)
+		}
+	}
+	if err := ValidateManifest(&m); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
