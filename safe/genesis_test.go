@@ -11,8 +11,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/secret"
-	"github.com/cairnkms/cairn/safe"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+	"github.com/cairnkms/cairn/safe"
 )
 
 func fileSafes(t *testing.T, n int) []safe.Safe {
