@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"time"
+
+	"github.com/cairnkms/cairn/distributor"
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/lockedmem"
+)
+
+func run(ctx context.Context, args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("distributor", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		id                          identity.Flags
+		listen, stateDir, auditPath string
+		officers, readers, peerIDs  string
+		peers                       string
+		ceremonyTTL                 time.Duration
+		verbose                     bool
+	)
+	id.Register(fs)
+	fs.StringVar(&listen, "listen", "127.0.0.1:7101", "gRPC listen address")
+	fs.StringVar(&stateDir, "state-dir", "", "directory for the pinned genesis manifest (genesis.json) and the audit log (required)")
+	fs.StringVar(&auditPath, "audit-log", "", "audit log path (default <state-dir>/audit.log)")
+	fs.StringVar(&officers, "officers", "officer/global/*", "comma-separated SPIFFE ID patterns of security officers")
+	fs.StringVar(&readers, "root-key-readers", "rootkms/*/*", "comma-separated SPIFFE ID patterns that may fetch the root key")
+	fs.StringVar(&peerIDs, "peer-ids", "distributor/*/*", "comma-separated SPIFFE ID patterns of peer distributors")
+	fs.StringVar(&peers, "peers", "", "comma-separated host:port of peer distributors to unseal from")
+	fs.DurationVar(&ceremonyTTL, "ceremony-ttl", 30*time.Minute, "default ceremony lifetime")
+	fs.BoolVar(&verbose, "v", false, "debug logging")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	level := slog.LevelInfo
+	if verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := serve(ctx, log, &id, listen, stateDir, auditPath, officers, readers, peerIDs, peers, ceremonyTTL); err != nil {
+		log.Error("distributor: " + err.Error())
+		return 1
+	}
+	return 0
+}
+
+func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers string, ttl time.Duration) error {
+	if stateDir == "" {
+		return errors.New("--state-dir is required")
+	}
+	// No core dumps and no ptrace: the root key must not leave RAM.
+	if err := lockedmem.HardenProcess(); err != nil {
+		return fmt.Errorf("hardening the process: %w", err)
+	}
+	src, err := id.Source(log)
+	if err != nil {
+		return err
+	}
+	td := src.TrustDomain()
+	allow := func(flagName, v string) (identity.Allowlist, error) {
+		a, err := identity.ParseAllowlist(td, identity.SplitList(v)...)
+		if err != nil {
+			return a, fmt.Errorf("--%s: %w", flagName, err)
+		}
+		return a, nil
+	}
+	officerList, err := allow("officers", officers)
+	if err != nil {
+		return err
+	}
+	readerList, err := allow("root-key-readers", readers)
+	if err != nil {
+		return err
+	}
+	peerList, err := allow("peer-ids", peerIDs)
+	if err != nil {
+		return err
+	}
+	if auditPath == "" {
+		auditPath = filepath.Join(stateDir, "audit.log")
+	}
+	alog, err := audit.Open(auditPath, audit.Options{Sync: true})
+	if err != nil {
+		return err
+	}
+	defer alog.Close()
+	srv, err := distributor.New(distributor.Config{
+		ManifestPath: filepath.Join(stateDir, "genesis.json"),
+		Source:       src, Officers: officerList, RootKeyReaders: readerList, Peers: peerList,
+		PeerAddrs: identity.SplitList(peers), Audit: alog, Logger: log, CeremonyTTL: ttl,
+	})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", listen, err)
+	}
+	log.Info("distributor: serving", "addr", lis.Addr().String(), "id", src.ID().String(), "sealed", srv.Sealed())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(lis) }()
+	select {
+	case <-ctx.Done():
+		log.Info("distributor: shutting down; wiping the root key")
+		srv.Close()
+		<-done
+		return nil
+	case err := <-done:
+		srv.Close()
+		return err
+	}
+}

@@ -1,0 +1,428 @@
+package distributor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/grpcserver"
+	"github.com/cairnkms/cairn/internal/hpkeseal"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/secret"
+	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+	"github.com/cairnkms/cairn/safe"
+)
+
+const svc = "/cairn.distributor.v1.Distributor/"
+
+// Server is a distributor. Make it with New, serve it with Serve, stop it
+// with Close (which wipes the key).
+type Server struct {
+	distributorv1.UnimplementedDistributorServer
+
+	cfg Config
+	log *slog.Logger
+
+	mu          sync.Mutex
+	manifest    *safev1.GenesisManifest // pinned lineage; nil until provisioned
+	key         *rootKey                // nil while sealed
+	unsealedAt  time.Time
+	unsealedBy  string
+	ceremony    *ceremony // the current (or last) ceremony
+	lastHandout *distributorv1.Handout
+	peers       map[string]*distributorv1.PeerStatus
+	changed     chan struct{} // closed and replaced whenever seal state changes
+
+	grpc    *grpc.Server
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	closeMu sync.Once
+}
+
+// New makes a sealed distributor. It reads the pinned manifest if there is
+// one; a malformed manifest is an error (never silently unprovisioned).
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg.setDefaults()
+	s := &Server{cfg: cfg, log: cfg.Logger, peers: map[string]*distributorv1.PeerStatus{}, changed: make(chan struct{}), stop: make(chan struct{})}
+	m, err := safe.ReadManifest(cfg.ManifestPath)
+	switch {
+	case err == nil:
+		s.manifest = m
+	case errors.Is(err, os.ErrNotExist):
+		s.log.Info("distributor: no genesis manifest yet; waiting for a provisioning ceremony", "path", cfg.ManifestPath)
+	default:
+		return nil, err
+	}
+	for _, a := range cfg.PeerAddrs {
+		s.peers[a] = &distributorv1.PeerStatus{Address: a, State: distributorv1.SealState_SEAL_STATE_UNSPECIFIED}
+	}
+	policy := identity.Policy{
+		svc + "GetStatus":        identity.AllowAny(),
+		svc + "GetCeremony":      identity.AllowAny(),
+		svc + "FetchRootKey":     anyOf(cfg.RootKeyReaders, cfg.Peers),
+		svc + "OpenCeremony":     cfg.Officers.Authorize,
+		svc + "SubmitShare":      cfg.Officers.Authorize,
+		svc + "ProvisionRootKey": cfg.Officers.Authorize,
+		svc + "CancelCeremony":   cfg.Officers.Authorize,
+		svc + "Seal":             cfg.Officers.Authorize,
+	}
+	s.grpc, err = grpcserver.New(grpcserver.Options{
+		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Mutating: []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal"},
+	})
+	if err != nil {
+		return nil, err
+	}
+	distributorv1.RegisterDistributorServer(s.grpc, s)
+	return s, nil
+}
+
+func anyOf(lists ...identity.Allowlist) identity.Authorizer {
+	return func(id identity.ID) error {
+		for _, l := range lists {
+			if l.Allows(id) {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: %s may not fetch the root key", identity.ErrPermissionDenied, id)
+	}
+}
+
+// Serve serves gRPC on lis and runs the peer loop until Close. It returns
+// when the server stops.
+func (s *Server) Serve(lis net.Listener) error {
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.peerLoop() }()
+	return s.grpc.Serve(lis)
+}
+
+// Close stops serving, stops the peer loop and wipes the key.
+func (s *Server) Close() {
+	s.closeMu.Do(func() {
+		close(s.stop)
+		s.grpc.Stop()
+		s.wg.Wait()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.dropKeyLocked("shutdown")
+		if s.ceremony != nil && s.ceremony.state == distributorv1.CeremonyState_CEREMONY_STATE_OPEN {
+			s.ceremony.end(distributorv1.CeremonyState_CEREMONY_STATE_CANCELLED, "distributor shut down; shares wiped")
+		}
+	})
+}
+
+// Sealed reports whether the distributor holds no key.
+func (s *Server) Sealed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.key == nil
+}
+
+// WaitUnsealed blocks until the distributor holds the key or ctx ends.
+func (s *Server) WaitUnsealed(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		sealed, ch := s.key == nil, s.changed
+		s.mu.Unlock()
+		if !sealed {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// installLocked puts the RMK in locked memory. It audits the unseal first
+// and refuses if the record cannot be written.
+func (s *Server) installLocked(ctx context.Context, rmk secret.Bytes, by string) error {
+	if s.key != nil {
+		return nil
+	}
+	rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: s.cfg.Source.ID().String(), Operation: "distributor/unseal",
+		Target: audit.Target{Resource: "genesis/" + s.manifest.GetGenesisId()}, Outcome: audit.OutcomeOK, Reason: "unsealed by " + by}
+	if err := s.cfg.Audit.Write(context.WithoutCancel(ctx), rec); err != nil {
+		return fmt.Errorf("distributor: audit log unavailable, refusing to unseal: %w", err)
+	}
+	k, err := newRootKey(rmk)
+	if err != nil {
+		return err
+	}
+	s.key, s.unsealedAt, s.unsealedBy = k, s.cfg.Now(), by
+	s.notifyLocked()
+	s.log.Info("distributor: unsealed", "by", by, "genesis_id", s.manifest.GetGenesisId())
+	return nil
+}
+
+func (s *Server) dropKeyLocked(why string) {
+	if s.key == nil {
+		return
+	}
+	if err := s.key.wipe(); err != nil {
+		s.log.Error("distributor: wiping the root key", "err", err)
+	}
+	s.key = nil
+	s.notifyLocked()
+	s.log.Warn("distributor: sealed", "why", why)
+}
+
+func (s *Server) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// GetStatus implements the Distributor service.
+func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusRequest) (*distributorv1.GetStatusResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := &distributorv1.GetStatusResponse{State: distributorv1.SealState_SEAL_STATE_SEALED, LastHandout: s.lastHandout}
+	if s.manifest != nil {
+		out.GenesisId, out.Kcv = s.manifest.GetGenesisId(), s.manifest.GetKcv()
+	}
+	if s.key != nil {
+		out.State = distributorv1.SealState_SEAL_STATE_UNSEALED
+		out.UnsealedAt, out.UnsealedBy = timestamppb.New(s.unsealedAt), s.unsealedBy
+	}
+	for _, a := range s.cfg.PeerAddrs {
+		out.Peers = append(out.Peers, s.peers[a])
+	}
+	if s.ceremony != nil {
+		_ = s.ceremony.checkOpen(s.cfg.Now())
+		out.Ceremony = s.ceremony.proto()
+	}
+	return out, nil
+}
+
+// FetchRootKey implements the Distributor service.
+func (s *Server) FetchRootKey(ctx context.Context, req *distributorv1.FetchRootKeyRequest) (*distributorv1.FetchRootKeyResponse, error) {
+	caller, _ := identity.FromContext(ctx)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.key == nil {
+		return nil, status.Error(codes.FailedPrecondition, "distributor: sealed; it has no root key to hand out (unseal it by ceremony or from a peer)")
+	}
+	if req.GetGenesisId() != s.manifest.GetGenesisId() {
+		return nil, status.Errorf(codes.InvalidArgument, "distributor: this distributor holds genesis %s, not %q", s.manifest.GetGenesisId(), req.GetGenesisId())
+	}
+	info, err := hpkeseal.Info(infoRootKey, s.manifest.GetGenesisId(), caller.String())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	key := s.key.secret()
+	raw := key.Data()
+	sealed, err := hpkeseal.Seal(req.GetRecipient(), info, raw)
+	clear(raw)
+	key.Wipe()
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "distributor: bad recipient key: %v", err)
+	}
+	s.lastHandout = &distributorv1.Handout{Identity: caller.String(), Time: timestamppb.New(s.cfg.Now())}
+	audit.AddTarget(ctx, audit.Target{Resource: "genesis/" + s.manifest.GetGenesisId()})
+	return &distributorv1.FetchRootKeyResponse{SealedRootKey: sealed, GenesisId: s.manifest.GetGenesisId(), Kcv: s.manifest.GetKcv()}, nil
+}
+
+// OpenCeremony implements the Distributor service.
+func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremonyRequest) (*distributorv1.Ceremony, error) {
+	now := s.cfg.Now()
+	ttl := s.cfg.CeremonyTTL
+	if req.GetTtlSeconds() > 0 {
+		ttl = time.Duration(req.GetTtlSeconds()) * time.Second
+		if ttl > s.cfg.MaxCeremonyTTL {
+			return nil, status.Errorf(codes.InvalidArgument, "distributor: ceremony TTL %s exceeds the maximum %s", ttl, s.cfg.MaxCeremonyTTL)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.key != nil {
+		return nil, status.Error(codes.FailedPrecondition, "distributor: already unsealed; no ceremony needed")
+	}
+	if s.ceremony != nil && s.ceremony.checkOpen(now) == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "distributor: ceremony %s is already open (cancel it first)", s.ceremony.id)
+	}
+	var m *safev1.GenesisManifest
+	switch req.GetKind() {
+	case distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL:
+		if len(req.GetManifest()) != 0 {
+			return nil, status.Error(codes.InvalidArgument, "distributor: an unseal ceremony uses the pinned manifest; do not send one")
+		}
+		if s.manifest == nil {
+			return nil, status.Error(codes.FailedPrecondition, "distributor: not provisioned (no genesis manifest); run a provisioning ceremony")
+		}
+		// Pick up a rekeyed manifest of the same lineage.
+		fresh, err := s.reloadManifestLocked()
+		if err != nil {
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
+		m = fresh
+	case distributorv1.CeremonyKind_CEREMONY_KIND_PROVISION:
+		pm, err := safe.ParseManifest(req.GetManifest())
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
+		}
+		if s.manifest != nil && (pm.GetGenesisId() != s.manifest.GetGenesisId() || string(pm.GetKcv()) != string(s.manifest.GetKcv())) {
+			return nil, status.Errorf(codes.FailedPrecondition, "distributor: pinned to genesis %s; refusing to provision genesis %s (a new lineage needs a new distributor state)", s.manifest.GetGenesisId(), pm.GetGenesisId())
+		}
+		m = pm
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "distributor: unknown ceremony kind %v", req.GetKind())
+	}
+	c, err := openCeremony(req.GetKind(), m, now, ttl)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	s.ceremony = c
+	audit.AddTarget(ctx, audit.Target{Resource: "ceremony/" + c.id})
+	s.log.Info("distributor: ceremony opened", "id", c.id, "kind", c.kind.String(), "genesis_id", m.GetGenesisId(), "threshold", m.GetThreshold(), "expires", c.expiresAt)
+	return c.proto(), nil
+}
+
+// reloadManifestLocked rereads the manifest file; it must be the pinned
+// lineage (same genesis id and KCV) at the same or a later epoch.
+func (s *Server) reloadManifestLocked() (*safev1.GenesisManifest, error) {
+	m, err := safe.ReadManifest(s.cfg.ManifestPath)
+	if err != nil {
+		return nil, err
+	}
+	if m.GetGenesisId() != s.manifest.GetGenesisId() || string(m.GetKcv()) != string(s.manifest.GetKcv()) || m.GetEpoch() < s.manifest.GetEpoch() {
+		return nil, fmt.Errorf("distributor: manifest %s now holds genesis %s epoch %d, not pinned genesis %s epoch >= %d; refusing it",
+			s.cfg.ManifestPath, m.GetGenesisId(), m.GetEpoch(), s.manifest.GetGenesisId(), s.manifest.GetEpoch())
+	}
+	s.manifest = m
+	return m, nil
+}
+
+func (s *Server) currentCeremonyLocked(id string) (*ceremony, error) {
+	if s.ceremony == nil || s.ceremony.id != id {
+		return nil, fmt.Errorf("%w: %q", errNoCeremony, id)
+	}
+	return s.ceremony, nil
+}
+
+// SubmitShare implements the Distributor service.
+func (s *Server) SubmitShare(ctx context.Context, req *distributorv1.SubmitShareRequest) (*distributorv1.SubmitShareResponse, error) {
+	officer, _ := identity.FromContext(ctx)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.currentCeremonyLocked(req.GetCeremonyId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	audit.AddTarget(ctx, audit.Target{Resource: fmt.Sprintf("ceremony/%s/share/%d", c.id, req.GetShareIndex())})
+	rmk, err := c.submit(officer, req.GetShareIndex(), req.GetSealedShare(), s.cfg.Now())
+	if err != nil {
+		s.log.Warn("distributor: share refused", "ceremony", c.id, "index", req.GetShareIndex(), "officer", officer.String(), "err", err)
+		return nil, toStatus(err)
+	}
+	s.log.Info("distributor: share accepted", "ceremony", c.id, "index", req.GetShareIndex(), "officer", officer.String(), "have", len(c.accepted), "threshold", c.manifest.GetThreshold())
+	if !rmk.IsZero() {
+		defer rmk.Wipe()
+		s.manifest = c.manifest
+		if err := s.installLocked(ctx, rmk, "ceremony:"+c.id); err != nil {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+	}
+	return &distributorv1.SubmitShareResponse{Ceremony: c.proto()}, nil
+}
+
+// ProvisionRootKey implements the Distributor service.
+func (s *Server) ProvisionRootKey(ctx context.Context, req *distributorv1.ProvisionRootKeyRequest) (*distributorv1.ProvisionRootKeyResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.currentCeremonyLocked(req.GetCeremonyId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	audit.AddTarget(ctx, audit.Target{Resource: "ceremony/" + c.id})
+	rmk, err := c.provision(req.GetSealedRootKey(), s.cfg.Now())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer rmk.Wipe()
+	if s.manifest == nil {
+		if err := safe.WriteManifest(s.cfg.ManifestPath, c.manifest); err != nil {
+			c.end(distributorv1.CeremonyState_CEREMONY_STATE_FAILED, "could not pin the manifest")
+			return nil, status.Errorf(codes.Internal, "distributor: pinning the manifest: %v", err)
+		}
+	}
+	s.manifest = c.manifest
+	if err := s.installLocked(ctx, rmk, "genesis:"+c.id); err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	return &distributorv1.ProvisionRootKeyResponse{Ceremony: c.proto()}, nil
+}
+
+// GetCeremony implements the Distributor service.
+func (s *Server) GetCeremony(ctx context.Context, req *distributorv1.GetCeremonyRequest) (*distributorv1.Ceremony, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.currentCeremonyLocked(req.GetCeremonyId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	_ = c.checkOpen(s.cfg.Now())
+	return c.proto(), nil
+}
+
+// CancelCeremony implements the Distributor service.
+func (s *Server) CancelCeremony(ctx context.Context, req *distributorv1.CancelCeremonyRequest) (*distributorv1.Ceremony, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.currentCeremonyLocked(req.GetCeremonyId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	audit.AddTarget(ctx, audit.Target{Resource: "ceremony/" + c.id})
+	if err := c.checkOpen(s.cfg.Now()); err != nil {
+		return nil, toStatus(err)
+	}
+	c.end(distributorv1.CeremonyState_CEREMONY_STATE_CANCELLED, "cancelled: "+req.GetReason())
+	return c.proto(), nil
+}
+
+// Seal implements the Distributor service.
+func (s *Server) Seal(ctx context.Context, req *distributorv1.SealRequest) (*distributorv1.SealResponse, error) {
+	if req.GetReason() == "" {
+		return nil, status.Error(codes.InvalidArgument, "distributor: Seal needs a reason (it is audited)")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dropKeyLocked("Seal: " + req.GetReason())
+	return &distributorv1.SealResponse{State: distributorv1.SealState_SEAL_STATE_SEALED}, nil
+}
+
+// toStatus is the one table from domain errors to gRPC status codes.
+func toStatus(err error) error {
+	code := codes.Internal
+	switch {
+	case errors.Is(err, errNoCeremony):
+		code = codes.NotFound
+	case errors.Is(err, errCeremonyExpired), errors.Is(err, errCeremonyClosed), errors.Is(err, errWrongKind):
+		code = codes.FailedPrecondition
+	case errors.Is(err, safe.ErrDuplicateShare), errors.Is(err, errOfficerRepeated):
+		code = codes.AlreadyExists
+	case errors.Is(err, errOfficerNotOnSlot):
+		code = codes.PermissionDenied
+	case errors.Is(err, safe.ErrUnknownShare), errors.Is(err, safe.ErrBadShare), errors.Is(err, errUnreadableShare), errors.Is(err, errShareMismatch):
+		code = codes.InvalidArgument
+	case errors.Is(err, safe.ErrKCVMismatch):
+		code = codes.Aborted
+	}
+	return status.Error(code, err.Error())
+}
