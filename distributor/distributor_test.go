@@ -45,7 +45,7 @@ func officerID(i int) string { return fmt.Sprintf("spiffe://cairn.test/officer/g
 
 // world is one test's PKI, safes and genesis.
 type world struct {
-	t        *testing.T
+	t        testing.TB
 	pki      *identitytest.PKI
 	dir      string
 	safes    []safe.Safe
@@ -53,7 +53,7 @@ type world struct {
 	rmk      secret.Bytes
 }
 
-func newWorld(t *testing.T, k, n int) *world {
+func newWorld(t testing.TB, k, n int) *world {
 	t.Helper()
 	w := &world{t: t, pki: identitytest.New(t, td), dir: t.TempDir()}
 	var officers []string
@@ -164,7 +164,7 @@ func (w *world) client(addr, id string) distributorv1.DistributorClient {
 	return distributorv1.NewDistributorClient(conn)
 }
 
-func ctx(t *testing.T) context.Context {
+func ctx(t testing.TB) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
 	return c
@@ -603,4 +603,40 @@ func assertNoSecrets(t *testing.T, w *world, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// BenchmarkPeerUnseal times how long a sealed distributor takes to unseal
+// from an unsealed peer: fetch over mTLS, HPKE open, KCV check, lock into
+// memory. Each iteration seals it (an officer's Seal) and waits for it.
+func BenchmarkPeerUnseal(b *testing.B) {
+	w := newWorld(b, 2, 3)
+	l2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	d1 := w.start("distributor-1", false, l2.Addr().String())
+	if err := officer.Provision(context.Background(), w.client(d1.addr, officerID(1)), w.manifest, w.rmk); err != nil {
+		b.Fatal(err)
+	}
+	if err := safe.WriteManifest(filepath.Join(w.dir, "distributor-2", "genesis.json"), w.manifest); err != nil {
+		b.Fatal(err)
+	}
+	d2 := w.startIn(filepath.Join(w.dir, "distributor-2"), "distributor-2", l2, d1.addr)
+	officerClient := w.client(d2.addr, officerID(1))
+	bctx := context.Background()
+	if err := d2.srv.WaitUnsealed(bctx); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		b.StopTimer()
+		if _, err := officerClient.Seal(bctx, &distributorv1.SealRequest{Reason: "benchmark"}); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := d2.srv.WaitUnsealed(bctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/unseal")
 }
