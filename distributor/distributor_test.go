@@ -481,6 +481,9 @@ func TestPeerUnseal(t *testing.T) {
 	if !strings.HasPrefix(st.GetUnsealedBy(), "peer:") {
 		t.Errorf("unsealed by %q, want a peer", st.GetUnsealedBy())
 	}
+	if len(st.GetPeers()) != 1 || st.GetPeers()[0].GetId() != "spiffe://cairn.test/distributor/global/distributor-2" || st.GetPeers()[0].GetLastSeen() == nil {
+		t.Errorf("peers seen = %v, want distributor-2 with its verified ID and a last-seen time", st.GetPeers())
+	}
 }
 
 // liar is a fake peer that claims to be unsealed and hands out a random key

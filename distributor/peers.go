@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/hpkeseal"
@@ -105,11 +106,12 @@ func (s *Server) fetchFromPeer(ctx context.Context, addr string) (err error) {
 	defer cancel()
 	defer func() { s.recordPeer(addr, "", distributorv1.SealState_SEAL_STATE_UNSPECIFIED, err) }()
 
-	st, err := client.GetStatus(cctx, &distributorv1.GetStatusRequest{})
+	var pr peer.Peer
+	st, err := client.GetStatus(cctx, &distributorv1.GetStatusRequest{}, grpc.Peer(&pr))
 	if err != nil {
 		return err
 	}
-	s.recordPeer(addr, "", st.GetState(), nil)
+	s.recordPeer(addr, peerID(&pr), st.GetState(), nil)
 	if st.GetState() != distributorv1.SealState_SEAL_STATE_UNSEALED {
 		return fmt.Errorf("peer %s is sealed", addr)
 	}
@@ -155,11 +157,20 @@ func (s *Server) pollPeers(ctx context.Context) {
 			continue
 		}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		st, err := distributorv1.NewDistributorClient(conn).GetStatus(cctx, &distributorv1.GetStatusRequest{})
+		var pr peer.Peer
+		st, err := distributorv1.NewDistributorClient(conn).GetStatus(cctx, &distributorv1.GetStatusRequest{}, grpc.Peer(&pr))
 		cancel()
 		conn.Close()
-		s.recordPeer(addr, "", st.GetState(), err)
+		s.recordPeer(addr, peerID(&pr), st.GetState(), err)
 	}
+}
+
+// peerID is the verified SPIFFE ID of the server a call reached, or "".
+func peerID(p *peer.Peer) string {
+	if info, ok := p.AuthInfo.(identity.AuthInfo); ok {
+		return info.ID.String()
+	}
+	return ""
 }
 
 func (s *Server) recordPeer(addr, id string, state distributorv1.SealState, err error) {
