@@ -96,7 +96,14 @@ func samples() map[string]proto.Message {
 				Name: "us-east", CreatedAt: t0,
 				Versions: []*rootkmsv1.RegionKeyVersionRecord{{Key: wrapped(1), Info: keyVersion(1)}},
 			}},
+			Members: []*rootkmsv1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
 		},
+		"rootkms_command_register_member": command(func(c *rootkmsv1.Command) {
+			c.Op = &rootkmsv1.Command_RegisterMember{RegisterMember: &rootkmsv1.RegisterMemberCommand{Member: &rootkmsv1.MemberRecord{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}}}
+		}),
+		"rootkms_command_deregister_member": command(func(c *rootkmsv1.Command) {
+			c.Op = &rootkmsv1.Command_DeregisterMember{DeregisterMember: &rootkmsv1.DeregisterMemberCommand{Id: "rootkms-2"}}
+		}),
 		"bundle": bundle,
 		"signed_bundle": &bundlev1.SignedBundle{
 			Bundle: bundleBytes, Signature: []byte("ed25519-signature"), SigningKeyId: "0011223344556677",

@@ -931,8 +931,11 @@ type Member struct {
 	// id is the Raft server ID (the replica's name).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// address is the Raft transport address (host:port).
-	Address       string   `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	Suffrage      Suffrage `protobuf:"varint,3,opt,name=suffrage,proto3,enum=cairn.rootkms.v1.Suffrage" json:"suffrage,omitempty"`
+	Address  string   `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Suffrage Suffrage `protobuf:"varint,3,opt,name=suffrage,proto3,enum=cairn.rootkms.v1.Suffrage" json:"suffrage,omitempty"`
+	// api_address is where the member serves this API (empty until it
+	// registered).
+	ApiAddress    string `protobuf:"bytes,4,opt,name=api_address,json=apiAddress,proto3" json:"api_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -988,6 +991,13 @@ func (x *Member) GetSuffrage() Suffrage {
 	return Suffrage_SUFFRAGE_UNSPECIFIED
 }
 
+func (x *Member) GetApiAddress() string {
+	if x != nil {
+		return x.ApiAddress
+	}
+	return ""
+}
+
 type ClusterStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// id is the answering replica's server ID.
@@ -1006,8 +1016,10 @@ type ClusterStatus struct {
 	GenesisId  string `protobuf:"bytes,11,opt,name=genesis_id,json=genesisId,proto3" json:"genesis_id,omitempty"`
 	// not_ready_reason explains why the replica does not serve, if it doesn't.
 	NotReadyReason string `protobuf:"bytes,12,opt,name=not_ready_reason,json=notReadyReason,proto3" json:"not_ready_reason,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// leader_api_address is where the leader serves this API, if known.
+	LeaderApiAddress string `protobuf:"bytes,13,opt,name=leader_api_address,json=leaderApiAddress,proto3" json:"leader_api_address,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ClusterStatus) Reset() {
@@ -1124,6 +1136,13 @@ func (x *ClusterStatus) GetNotReadyReason() string {
 	return ""
 }
 
+func (x *ClusterStatus) GetLeaderApiAddress() string {
+	if x != nil {
+		return x.LeaderApiAddress
+	}
+	return ""
+}
+
 type GetClusterStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1161,10 +1180,13 @@ func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
 }
 
 type JoinRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	Suffrage      Suffrage               `protobuf:"varint,3,opt,name=suffrage,proto3,enum=cairn.rootkms.v1.Suffrage" json:"suffrage,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// address is the joining server's Raft transport address.
+	Address  string   `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Suffrage Suffrage `protobuf:"varint,3,opt,name=suffrage,proto3,enum=cairn.rootkms.v1.Suffrage" json:"suffrage,omitempty"`
+	// api_address is where the joining server serves this API.
+	ApiAddress    string `protobuf:"bytes,4,opt,name=api_address,json=apiAddress,proto3" json:"api_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1218,6 +1240,13 @@ func (x *JoinRequest) GetSuffrage() Suffrage {
 		return x.Suffrage
 	}
 	return Suffrage_SUFFRAGE_UNSPECIFIED
+}
+
+func (x *JoinRequest) GetApiAddress() string {
+	if x != nil {
+		return x.ApiAddress
+	}
+	return ""
 }
 
 type RemoveRequest struct {
@@ -1401,11 +1430,13 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x13RewrapKeysetRequest\x12:\n" +
 	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\"L\n" +
 	"\x0eKeysetResponse\x12:\n" +
-	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\"j\n" +
+	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\"\x8b\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
-	"\bsuffrage\x18\x03 \x01(\x0e2\x1a.cairn.rootkms.v1.SuffrageR\bsuffrage\"\xc4\x03\n" +
+	"\bsuffrage\x18\x03 \x01(\x0e2\x1a.cairn.rootkms.v1.SuffrageR\bsuffrage\x12\x1f\n" +
+	"\vapi_address\x18\x04 \x01(\tR\n" +
+	"apiAddress\"\xf2\x03\n" +
 	"\rClusterStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x124\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1e.cairn.rootkms.v1.ReplicaStateR\x05state\x12\x1b\n" +
@@ -1421,12 +1452,15 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"hasRootKey\x12\x1d\n" +
 	"\n" +
 	"genesis_id\x18\v \x01(\tR\tgenesisId\x12(\n" +
-	"\x10not_ready_reason\x18\f \x01(\tR\x0enotReadyReason\"\x19\n" +
-	"\x17GetClusterStatusRequest\"o\n" +
+	"\x10not_ready_reason\x18\f \x01(\tR\x0enotReadyReason\x12,\n" +
+	"\x12leader_api_address\x18\r \x01(\tR\x10leaderApiAddress\"\x19\n" +
+	"\x17GetClusterStatusRequest\"\x90\x01\n" +
 	"\vJoinRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
-	"\bsuffrage\x18\x03 \x01(\x0e2\x1a.cairn.rootkms.v1.SuffrageR\bsuffrage\"\x1f\n" +
+	"\bsuffrage\x18\x03 \x01(\x0e2\x1a.cairn.rootkms.v1.SuffrageR\bsuffrage\x12\x1f\n" +
+	"\vapi_address\x18\x04 \x01(\tR\n" +
+	"apiAddress\"\x1f\n" +
 	"\rRemoveRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x11\n" +
 	"\x0fSnapshotRequest\"<\n" +

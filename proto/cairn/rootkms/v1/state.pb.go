@@ -51,6 +51,8 @@ type Command struct {
 	//	*Command_CreateRegion
 	//	*Command_AddRegionKeyVersion
 	//	*Command_SetRegionKeyVersionStatus
+	//	*Command_RegisterMember
+	//	*Command_DeregisterMember
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -148,6 +150,24 @@ func (x *Command) GetSetRegionKeyVersionStatus() *SetRegionKeyVersionStatusComma
 	return nil
 }
 
+func (x *Command) GetRegisterMember() *RegisterMemberCommand {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RegisterMember); ok {
+			return x.RegisterMember
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeregisterMember() *DeregisterMemberCommand {
+	if x != nil {
+		if x, ok := x.Op.(*Command_DeregisterMember); ok {
+			return x.DeregisterMember
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -164,11 +184,169 @@ type Command_SetRegionKeyVersionStatus struct {
 	SetRegionKeyVersionStatus *SetRegionKeyVersionStatusCommand `protobuf:"bytes,12,opt,name=set_region_key_version_status,json=setRegionKeyVersionStatus,proto3,oneof"`
 }
 
+type Command_RegisterMember struct {
+	RegisterMember *RegisterMemberCommand `protobuf:"bytes,13,opt,name=register_member,json=registerMember,proto3,oneof"`
+}
+
+type Command_DeregisterMember struct {
+	DeregisterMember *DeregisterMemberCommand `protobuf:"bytes,14,opt,name=deregister_member,json=deregisterMember,proto3,oneof"`
+}
+
 func (*Command_CreateRegion) isCommand_Op() {}
 
 func (*Command_AddRegionKeyVersion) isCommand_Op() {}
 
 func (*Command_SetRegionKeyVersionStatus) isCommand_Op() {}
+
+func (*Command_RegisterMember) isCommand_Op() {}
+
+func (*Command_DeregisterMember) isCommand_Op() {}
+
+// RegisterMemberCommand records where a replica serves its gRPC API, so that
+// any replica can send a caller to the leader's API (Raft itself only knows
+// transport addresses).
+type RegisterMemberCommand struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        *MemberRecord          `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterMemberCommand) Reset() {
+	*x = RegisterMemberCommand{}
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterMemberCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterMemberCommand) ProtoMessage() {}
+
+func (x *RegisterMemberCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterMemberCommand.ProtoReflect.Descriptor instead.
+func (*RegisterMemberCommand) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RegisterMemberCommand) GetMember() *MemberRecord {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+type DeregisterMemberCommand struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeregisterMemberCommand) Reset() {
+	*x = DeregisterMemberCommand{}
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeregisterMemberCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeregisterMemberCommand) ProtoMessage() {}
+
+func (x *DeregisterMemberCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeregisterMemberCommand.ProtoReflect.Descriptor instead.
+func (*DeregisterMemberCommand) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DeregisterMemberCommand) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// MemberRecord is one replica's public contact information.
+type MemberRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the Raft server ID.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// api_address is the host:port of the replica's gRPC API.
+	ApiAddress    string `protobuf:"bytes,2,opt,name=api_address,json=apiAddress,proto3" json:"api_address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberRecord) Reset() {
+	*x = MemberRecord{}
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberRecord) ProtoMessage() {}
+
+func (x *MemberRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberRecord.ProtoReflect.Descriptor instead.
+func (*MemberRecord) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *MemberRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *MemberRecord) GetApiAddress() string {
+	if x != nil {
+		return x.ApiAddress
+	}
+	return ""
+}
 
 type CreateRegionCommand struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -181,7 +359,7 @@ type CreateRegionCommand struct {
 
 func (x *CreateRegionCommand) Reset() {
 	*x = CreateRegionCommand{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[1]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -193,7 +371,7 @@ func (x *CreateRegionCommand) String() string {
 func (*CreateRegionCommand) ProtoMessage() {}
 
 func (x *CreateRegionCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[1]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -206,7 +384,7 @@ func (x *CreateRegionCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRegionCommand.ProtoReflect.Descriptor instead.
 func (*CreateRegionCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{1}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateRegionCommand) GetRegion() string {
@@ -236,7 +414,7 @@ type AddRegionKeyVersionCommand struct {
 
 func (x *AddRegionKeyVersionCommand) Reset() {
 	*x = AddRegionKeyVersionCommand{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[2]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -248,7 +426,7 @@ func (x *AddRegionKeyVersionCommand) String() string {
 func (*AddRegionKeyVersionCommand) ProtoMessage() {}
 
 func (x *AddRegionKeyVersionCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[2]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -261,7 +439,7 @@ func (x *AddRegionKeyVersionCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddRegionKeyVersionCommand.ProtoReflect.Descriptor instead.
 func (*AddRegionKeyVersionCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{2}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AddRegionKeyVersionCommand) GetRegion() string {
@@ -296,7 +474,7 @@ type SetRegionKeyVersionStatusCommand struct {
 
 func (x *SetRegionKeyVersionStatusCommand) Reset() {
 	*x = SetRegionKeyVersionStatusCommand{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[3]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -308,7 +486,7 @@ func (x *SetRegionKeyVersionStatusCommand) String() string {
 func (*SetRegionKeyVersionStatusCommand) ProtoMessage() {}
 
 func (x *SetRegionKeyVersionStatusCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[3]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -321,7 +499,7 @@ func (x *SetRegionKeyVersionStatusCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRegionKeyVersionStatusCommand.ProtoReflect.Descriptor instead.
 func (*SetRegionKeyVersionStatusCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{3}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SetRegionKeyVersionStatusCommand) GetRegion() string {
@@ -362,7 +540,7 @@ type WrappedRegionKeyVersion struct {
 
 func (x *WrappedRegionKeyVersion) Reset() {
 	*x = WrappedRegionKeyVersion{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[4]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -374,7 +552,7 @@ func (x *WrappedRegionKeyVersion) String() string {
 func (*WrappedRegionKeyVersion) ProtoMessage() {}
 
 func (x *WrappedRegionKeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[4]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -387,7 +565,7 @@ func (x *WrappedRegionKeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedRegionKeyVersion.ProtoReflect.Descriptor instead.
 func (*WrappedRegionKeyVersion) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{4}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WrappedRegionKeyVersion) GetVersion() uint32 {
@@ -423,7 +601,7 @@ type RegionRecord struct {
 
 func (x *RegionRecord) Reset() {
 	*x = RegionRecord{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[5]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -435,7 +613,7 @@ func (x *RegionRecord) String() string {
 func (*RegionRecord) ProtoMessage() {}
 
 func (x *RegionRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[5]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -448,7 +626,7 @@ func (x *RegionRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionRecord.ProtoReflect.Descriptor instead.
 func (*RegionRecord) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{5}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RegionRecord) GetName() string {
@@ -482,7 +660,7 @@ type RegionKeyVersionRecord struct {
 
 func (x *RegionKeyVersionRecord) Reset() {
 	*x = RegionKeyVersionRecord{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[6]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -494,7 +672,7 @@ func (x *RegionKeyVersionRecord) String() string {
 func (*RegionKeyVersionRecord) ProtoMessage() {}
 
 func (x *RegionKeyVersionRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[6]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -507,7 +685,7 @@ func (x *RegionKeyVersionRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionKeyVersionRecord.ProtoReflect.Descriptor instead.
 func (*RegionKeyVersionRecord) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{6}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RegionKeyVersionRecord) GetKey() *WrappedRegionKeyVersion {
@@ -534,14 +712,16 @@ type Snapshot struct {
 	GenesisId string `protobuf:"bytes,2,opt,name=genesis_id,json=genesisId,proto3" json:"genesis_id,omitempty"`
 	RmkKcv    []byte `protobuf:"bytes,3,opt,name=rmk_kcv,json=rmkKcv,proto3" json:"rmk_kcv,omitempty"`
 	// regions sorted by name, for deterministic bytes.
-	Regions       []*RegionRecord `protobuf:"bytes,4,rep,name=regions,proto3" json:"regions,omitempty"`
+	Regions []*RegionRecord `protobuf:"bytes,4,rep,name=regions,proto3" json:"regions,omitempty"`
+	// members sorted by id.
+	Members       []*MemberRecord `protobuf:"bytes,5,rep,name=members,proto3" json:"members,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[7]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +733,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[7]
+	mi := &file_cairn_rootkms_v1_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +746,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{7}
+	return file_cairn_rootkms_v1_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Snapshot) GetFormatVersion() uint32 {
@@ -597,11 +777,18 @@ func (x *Snapshot) GetRegions() []*RegionRecord {
 	return nil
 }
 
+func (x *Snapshot) GetMembers() []*MemberRecord {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
 var File_cairn_rootkms_v1_state_proto protoreflect.FileDescriptor
 
 const file_cairn_rootkms_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\x1ccairn/rootkms/v1/state.proto\x12\x10cairn.rootkms.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n" +
+	"\x1ccairn/rootkms/v1/state.proto\x12\x10cairn.rootkms.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfa\x04\n" +
 	"\aCommand\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1d\n" +
@@ -611,8 +798,18 @@ const file_cairn_rootkms_v1_state_proto_rawDesc = "" +
 	"\rcreate_region\x18\n" +
 	" \x01(\v2%.cairn.rootkms.v1.CreateRegionCommandH\x00R\fcreateRegion\x12c\n" +
 	"\x16add_region_key_version\x18\v \x01(\v2,.cairn.rootkms.v1.AddRegionKeyVersionCommandH\x00R\x13addRegionKeyVersion\x12v\n" +
-	"\x1dset_region_key_version_status\x18\f \x01(\v22.cairn.rootkms.v1.SetRegionKeyVersionStatusCommandH\x00R\x19setRegionKeyVersionStatusB\x04\n" +
-	"\x02op\"}\n" +
+	"\x1dset_region_key_version_status\x18\f \x01(\v22.cairn.rootkms.v1.SetRegionKeyVersionStatusCommandH\x00R\x19setRegionKeyVersionStatus\x12R\n" +
+	"\x0fregister_member\x18\r \x01(\v2'.cairn.rootkms.v1.RegisterMemberCommandH\x00R\x0eregisterMember\x12X\n" +
+	"\x11deregister_member\x18\x0e \x01(\v2).cairn.rootkms.v1.DeregisterMemberCommandH\x00R\x10deregisterMemberB\x04\n" +
+	"\x02op\"O\n" +
+	"\x15RegisterMemberCommand\x126\n" +
+	"\x06member\x18\x01 \x01(\v2\x1e.cairn.rootkms.v1.MemberRecordR\x06member\")\n" +
+	"\x17DeregisterMemberCommand\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
+	"\fMemberRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
+	"\vapi_address\x18\x02 \x01(\tR\n" +
+	"apiAddress\"}\n" +
 	"\x13CreateRegionCommand\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12N\n" +
 	"\rfirst_version\x18\x02 \x01(\v2).cairn.rootkms.v1.WrappedRegionKeyVersionR\ffirstVersion\"\x9c\x01\n" +
@@ -636,13 +833,14 @@ const file_cairn_rootkms_v1_state_proto_rawDesc = "" +
 	"\bversions\x18\x03 \x03(\v2(.cairn.rootkms.v1.RegionKeyVersionRecordR\bversions\"\x8a\x01\n" +
 	"\x16RegionKeyVersionRecord\x12;\n" +
 	"\x03key\x18\x01 \x01(\v2).cairn.rootkms.v1.WrappedRegionKeyVersionR\x03key\x123\n" +
-	"\x04info\x18\x02 \x01(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\x04info\"\xa3\x01\n" +
+	"\x04info\x18\x02 \x01(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\x04info\"\xdd\x01\n" +
 	"\bSnapshot\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\x1d\n" +
 	"\n" +
 	"genesis_id\x18\x02 \x01(\tR\tgenesisId\x12\x17\n" +
 	"\armk_kcv\x18\x03 \x01(\fR\x06rmkKcv\x128\n" +
-	"\aregions\x18\x04 \x03(\v2\x1e.cairn.rootkms.v1.RegionRecordR\aregionsB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
+	"\aregions\x18\x04 \x03(\v2\x1e.cairn.rootkms.v1.RegionRecordR\aregions\x128\n" +
+	"\amembers\x18\x05 \x03(\v2\x1e.cairn.rootkms.v1.MemberRecordR\amembersB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
 
 var (
 	file_cairn_rootkms_v1_state_proto_rawDescOnce sync.Once
@@ -656,38 +854,45 @@ func file_cairn_rootkms_v1_state_proto_rawDescGZIP() []byte {
 	return file_cairn_rootkms_v1_state_proto_rawDescData
 }
 
-var file_cairn_rootkms_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_cairn_rootkms_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_cairn_rootkms_v1_state_proto_goTypes = []any{
 	(*Command)(nil),                          // 0: cairn.rootkms.v1.Command
-	(*CreateRegionCommand)(nil),              // 1: cairn.rootkms.v1.CreateRegionCommand
-	(*AddRegionKeyVersionCommand)(nil),       // 2: cairn.rootkms.v1.AddRegionKeyVersionCommand
-	(*SetRegionKeyVersionStatusCommand)(nil), // 3: cairn.rootkms.v1.SetRegionKeyVersionStatusCommand
-	(*WrappedRegionKeyVersion)(nil),          // 4: cairn.rootkms.v1.WrappedRegionKeyVersion
-	(*RegionRecord)(nil),                     // 5: cairn.rootkms.v1.RegionRecord
-	(*RegionKeyVersionRecord)(nil),           // 6: cairn.rootkms.v1.RegionKeyVersionRecord
-	(*Snapshot)(nil),                         // 7: cairn.rootkms.v1.Snapshot
-	(*timestamppb.Timestamp)(nil),            // 8: google.protobuf.Timestamp
-	(v1.KeyStatus)(0),                        // 9: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),                // 10: cairn.crypto.v1.KeyVersionInfo
+	(*RegisterMemberCommand)(nil),            // 1: cairn.rootkms.v1.RegisterMemberCommand
+	(*DeregisterMemberCommand)(nil),          // 2: cairn.rootkms.v1.DeregisterMemberCommand
+	(*MemberRecord)(nil),                     // 3: cairn.rootkms.v1.MemberRecord
+	(*CreateRegionCommand)(nil),              // 4: cairn.rootkms.v1.CreateRegionCommand
+	(*AddRegionKeyVersionCommand)(nil),       // 5: cairn.rootkms.v1.AddRegionKeyVersionCommand
+	(*SetRegionKeyVersionStatusCommand)(nil), // 6: cairn.rootkms.v1.SetRegionKeyVersionStatusCommand
+	(*WrappedRegionKeyVersion)(nil),          // 7: cairn.rootkms.v1.WrappedRegionKeyVersion
+	(*RegionRecord)(nil),                     // 8: cairn.rootkms.v1.RegionRecord
+	(*RegionKeyVersionRecord)(nil),           // 9: cairn.rootkms.v1.RegionKeyVersionRecord
+	(*Snapshot)(nil),                         // 10: cairn.rootkms.v1.Snapshot
+	(*timestamppb.Timestamp)(nil),            // 11: google.protobuf.Timestamp
+	(v1.KeyStatus)(0),                        // 12: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),                // 13: cairn.crypto.v1.KeyVersionInfo
 }
 var file_cairn_rootkms_v1_state_proto_depIdxs = []int32{
-	8,  // 0: cairn.rootkms.v1.Command.time:type_name -> google.protobuf.Timestamp
-	1,  // 1: cairn.rootkms.v1.Command.create_region:type_name -> cairn.rootkms.v1.CreateRegionCommand
-	2,  // 2: cairn.rootkms.v1.Command.add_region_key_version:type_name -> cairn.rootkms.v1.AddRegionKeyVersionCommand
-	3,  // 3: cairn.rootkms.v1.Command.set_region_key_version_status:type_name -> cairn.rootkms.v1.SetRegionKeyVersionStatusCommand
-	4,  // 4: cairn.rootkms.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
-	4,  // 5: cairn.rootkms.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
-	9,  // 6: cairn.rootkms.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
-	8,  // 7: cairn.rootkms.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
-	6,  // 8: cairn.rootkms.v1.RegionRecord.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionRecord
-	4,  // 9: cairn.rootkms.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
-	10, // 10: cairn.rootkms.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
-	5,  // 11: cairn.rootkms.v1.Snapshot.regions:type_name -> cairn.rootkms.v1.RegionRecord
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	11, // 0: cairn.rootkms.v1.Command.time:type_name -> google.protobuf.Timestamp
+	4,  // 1: cairn.rootkms.v1.Command.create_region:type_name -> cairn.rootkms.v1.CreateRegionCommand
+	5,  // 2: cairn.rootkms.v1.Command.add_region_key_version:type_name -> cairn.rootkms.v1.AddRegionKeyVersionCommand
+	6,  // 3: cairn.rootkms.v1.Command.set_region_key_version_status:type_name -> cairn.rootkms.v1.SetRegionKeyVersionStatusCommand
+	1,  // 4: cairn.rootkms.v1.Command.register_member:type_name -> cairn.rootkms.v1.RegisterMemberCommand
+	2,  // 5: cairn.rootkms.v1.Command.deregister_member:type_name -> cairn.rootkms.v1.DeregisterMemberCommand
+	3,  // 6: cairn.rootkms.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.v1.MemberRecord
+	7,  // 7: cairn.rootkms.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
+	7,  // 8: cairn.rootkms.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
+	12, // 9: cairn.rootkms.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
+	11, // 10: cairn.rootkms.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
+	9,  // 11: cairn.rootkms.v1.RegionRecord.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionRecord
+	7,  // 12: cairn.rootkms.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.v1.WrappedRegionKeyVersion
+	13, // 13: cairn.rootkms.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
+	8,  // 14: cairn.rootkms.v1.Snapshot.regions:type_name -> cairn.rootkms.v1.RegionRecord
+	3,  // 15: cairn.rootkms.v1.Snapshot.members:type_name -> cairn.rootkms.v1.MemberRecord
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_v1_state_proto_init() }
@@ -699,6 +904,8 @@ func file_cairn_rootkms_v1_state_proto_init() {
 		(*Command_CreateRegion)(nil),
 		(*Command_AddRegionKeyVersion)(nil),
 		(*Command_SetRegionKeyVersionStatus)(nil),
+		(*Command_RegisterMember)(nil),
+		(*Command_DeregisterMember)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -706,7 +913,7 @@ func file_cairn_rootkms_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_v1_state_proto_rawDesc), len(file_cairn_rootkms_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
