@@ -1,0 +1,87 @@
+package framework
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// TestScanFindsEveryEncoding plants a secret, embedded in other bytes, in
+// each form a careless program might write it, and checks that Scan finds
+// each one: a scan that cannot fail proves nothing.
+func TestScanFindsEveryEncoding(t *testing.T) {
+	secret := make([]byte, 33)
+	if _, err := rand.Read(secret); err != nil {
+		t.Fatal(err)
+	}
+	embed := func(prefix int) []byte {
+		return append(append(bytes.Repeat([]byte{0xA5}, prefix), secret...), 0x5A, 0x5A)
+	}
+	jsonOf := func(v any) string { b, _ := json.Marshal(v); return string(b) }
+	tests := []struct {
+		name, content string
+	}{
+		{"raw", "log line " + string(secret) + " end"},
+		{"hex", "key=" + hex.EncodeToString(secret) + "\n"},
+		{"HEX", "KEY=" + strings.ToUpper(hex.EncodeToString(secret))},
+		{"decimal", fmt.Sprintf("msg=%v", append([]byte{7}, secret...))},
+		{"base64 alone", base64.StdEncoding.EncodeToString(secret)},
+		{"base64 json []byte", jsonOf(map[string][]byte{"share": secret})},
+		{"base64 embedded at 0", base64.StdEncoding.EncodeToString(embed(0))},
+		{"base64 embedded at 1", base64.StdEncoding.EncodeToString(embed(1))},
+		{"base64 embedded at 2", base64.StdEncoding.EncodeToString(embed(2))},
+		{"base64 embedded at 4", base64.StdEncoding.EncodeToString(embed(4))},
+		{"base64url embedded at 5", base64.RawURLEncoding.EncodeToString(embed(5))},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "f"), []byte(tt.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			found, stats, err := Scan([]string{dir}, []Secret{{"share", secret}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(found) == 0 || stats.Files != 1 {
+				t.Errorf("Scan(%s) = %v (%d files), want the share found in 1 file", tt.name, found, stats.Files)
+			}
+		})
+	}
+}
+
+func TestScanCleanFile(t *testing.T) {
+	secret := make([]byte, 32)
+	if _, err := rand.Read(secret); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	other := make([]byte, 4096)
+	if _, err := rand.Read(other); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "f"), append(other, hex.EncodeToString(other)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	found, stats, err := Scan([]string{dir}, []Secret{{"rmk", secret}})
+	if err != nil || len(found) != 0 || stats.Files != 1 {
+		t.Errorf("Scan(clean) = %v, %+v, %v, want nothing found in 1 file", found, stats, err)
+	}
+}
+
+func TestScanRefusesShortSecret(t *testing.T) {
+	if _, _, err := Scan([]string{t.TempDir()}, []Secret{{"tiny", []byte{1, 2, 3}}}); err == nil {
+		t.Errorf("Scan(3-byte secret) = nil error, want a refusal")
+	}
+}
