@@ -83,7 +83,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
-		Mutating: []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal"},
+		Mutating:  []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal"},
+		Unaudited: []string{svc + "GetStatus", svc + "GetCeremony"},
 	})
 	if err != nil {
 		return nil, err

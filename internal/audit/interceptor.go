@@ -38,6 +38,10 @@ type InterceptorOptions struct {
 	// outcome record fails has still been applied; its attempt record says
 	// so.)
 	Mutating []string
+	// Unaudited names methods that neither change state nor return key
+	// material (status polls), which would otherwise fill the log with
+	// monitoring noise. Keep it short: everything else is audited.
+	Unaudited []string
 }
 
 // UnaryServerInterceptor audits every call: who (the identity put in the
@@ -53,7 +57,14 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 	for _, m := range opts.Mutating {
 		mutating[m] = true
 	}
+	unaudited := make(map[string]bool, len(opts.Unaudited))
+	for _, m := range opts.Unaudited {
+		unaudited[m] = true
+	}
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if unaudited[info.FullMethod] {
+			return handler(ctx, req)
+		}
 		rid := requestID(ctx)
 		_ = grpc.SetHeader(ctx, metadata.Pairs(RequestIDHeader, rid))
 		caller, _ := identity.FromContext(ctx)

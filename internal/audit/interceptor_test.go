@@ -234,3 +234,30 @@ func assertNoPlaintext(t *testing.T, path string) {
 		t.Errorf("audit log %s contains request plaintext", path)
 	}
 }
+
+// TestInterceptorUnaudited: a method on the unaudited list writes nothing
+// (and so works even with a broken sink); every other method still does.
+func TestInterceptorUnaudited(t *testing.T) {
+	f, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fx := start(t, audit.NewWriter(f, audit.Options{}), audit.InterceptorOptions{Unaudited: []string{encryptRPC}}, allowEncrypt())
+	if _, _, err := encrypt(t, fx.client, "payments/ledger"); err != nil {
+		t.Errorf("Encrypt on the unaudited list with a full audit sink = %v, want success", err)
+	}
+	path := filepath.Join(t.TempDir(), "audit.log")
+	log, err := audit.Open(path, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	fx = start(t, log, audit.InterceptorOptions{Unaudited: []string{"/cairn.kms.v1.KMS/Decrypt"}}, allowEncrypt())
+	if _, _, err := encrypt(t, fx.client, "payments/ledger"); err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := audit.ReadFile(path); err != nil || len(recs) != 1 {
+		t.Errorf("records for a method not on the list = %d, %v; want 1", len(recs), err)
+	}
+}

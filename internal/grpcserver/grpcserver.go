@@ -31,6 +31,9 @@ type Options struct {
 	Audit *audit.Log
 	// Mutating lists methods whose attempt is audited before they run.
 	Mutating []string
+	// Unaudited lists status methods that are not audited (see
+	// audit.InterceptorOptions.Unaudited).
+	Unaudited []string
 	// MaxRecvMsgSize bounds request size (0: 64 KiB).
 	MaxRecvMsgSize int
 }
@@ -62,7 +65,7 @@ func New(opts Options) (*grpc.Server, error) {
 		grpc.Creds(identity.ServerCredentials(opts.Source, connect)),
 		grpc.ChainUnaryInterceptor(
 			identity.UnaryServerInterceptor(),
-			audit.UnaryServerInterceptor(opts.Audit, audit.InterceptorOptions{Mutating: opts.Mutating}),
+			audit.UnaryServerInterceptor(opts.Audit, audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: opts.Unaudited}),
 			identity.UnaryAuthorizeInterceptor(opts.Policy),
 		),
 		// No Cairn service streams, and the audit interceptor is unary:

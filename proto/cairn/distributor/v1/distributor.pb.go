@@ -243,7 +243,8 @@ type GetStatusResponse struct {
 	Kcv []byte `protobuf:"bytes,3,opt,name=kcv,proto3" json:"kcv,omitempty"`
 	// unsealed_at is when the RMK was last loaded into memory.
 	UnsealedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=unsealed_at,json=unsealedAt,proto3" json:"unsealed_at,omitempty"`
-	// unsealed_by says how: "ceremony", "peer:<spiffe-id>", or "genesis".
+	// unsealed_by says how: "ceremony:<ceremony id>", "peer:<host:port>", or
+	// "genesis:<provisioning ceremony id>".
 	UnsealedBy string        `protobuf:"bytes,5,opt,name=unsealed_by,json=unsealedBy,proto3" json:"unsealed_by,omitempty"`
 	Peers      []*PeerStatus `protobuf:"bytes,6,rep,name=peers,proto3" json:"peers,omitempty"`
 	// last_handout is the most recent successful FetchRootKey.

@@ -727,7 +727,7 @@ type AddKeysetVersionRequest struct {
 	// keysets are all current region copies of one keyset; the root KMS checks
 	// they hold the same keys before adding one.
 	Keysets []*v1.EncryptedKeyset `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	// template of the new key; empty means the same as the current primary.
+	// template of the new key; empty means AES256_GCM.
 	Template      string `protobuf:"bytes,2,opt,name=template,proto3" json:"template,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -82,9 +82,10 @@ type RootKMSClient interface {
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
 	// Served by the leader; a follower answers FAILED_PRECONDITION with the
-	// leader's API address in the message and in the response trailer
-	// "cairn-leader-address", so the caller can retry there. Every write
-	// (CreateRegion, RotateRegionKey, Join, Remove) behaves the same way.
+	// leader's API address in the message and in a google.rpc.ErrorInfo
+	// detail (reason "NOT_LEADER", metadata "leader_api_address"), so the
+	// caller can retry there. Every write and every linearizable read
+	// (GetRegion, ListRegions, the keyset calls) behaves the same way.
 	Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Remove removes a server from the cluster. Served by the leader.
 	Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
@@ -270,9 +271,10 @@ type RootKMSServer interface {
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
 	// Served by the leader; a follower answers FAILED_PRECONDITION with the
-	// leader's API address in the message and in the response trailer
-	// "cairn-leader-address", so the caller can retry there. Every write
-	// (CreateRegion, RotateRegionKey, Join, Remove) behaves the same way.
+	// leader's API address in the message and in a google.rpc.ErrorInfo
+	// detail (reason "NOT_LEADER", metadata "leader_api_address"), so the
+	// caller can retry there. Every write and every linearizable read
+	// (GetRegion, ListRegions, the keyset calls) behaves the same way.
 	Join(context.Context, *JoinRequest) (*ClusterStatus, error)
 	// Remove removes a server from the cluster. Served by the leader.
 	Remove(context.Context, *RemoveRequest) (*ClusterStatus, error)
