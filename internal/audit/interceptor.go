@@ -62,11 +62,11 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 		unaudited[m] = true
 	}
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		if unaudited[info.FullMethod] {
-			return handler(ctx, req)
-		}
 		rid := requestID(ctx)
 		_ = grpc.SetHeader(ctx, metadata.Pairs(RequestIDHeader, rid))
+		if unaudited[info.FullMethod] {
+			return handler(context.WithValue(ctx, requestIDKey{}, rid), req)
+		}
 		caller, _ := identity.FromContext(ctx)
 		ann := &annotation{target: targetOf(req)}
 		rec := Record{RequestID: rid, Identity: caller.String(), Operation: info.FullMethod}
