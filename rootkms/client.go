@@ -1,0 +1,162 @@
+package rootkms
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+)
+
+// Client calls a root KMS cluster. It follows a follower's redirect to the
+// leader, tries the next replica when one is unreachable, and remembers the
+// leader for the next call. Safe for concurrent use.
+type Client struct {
+	creds credentials.TransportCredentials
+	addrs []string
+
+	mu     sync.Mutex
+	conns  map[string]*grpc.ClientConn
+	leader string
+}
+
+// maxHops bounds redirects and retries within one Do.
+const maxHops = 6
+
+// NewClient returns a client that dials the given API addresses with src's
+// identity, accepting only root KMS replicas as servers.
+func NewClient(src *identity.Source, addrs []string) *Client {
+	replicas, _ := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
+	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{}}
+}
+
+func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc, ok := c.conns[addr]; ok {
+		return cc, nil
+	}
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(c.creds))
+	if err != nil {
+		return nil, err
+	}
+	c.conns[addr] = cc
+	return cc, nil
+}
+
+// Do runs call against the cluster: first the last known leader, then each
+// configured replica, following NOT_LEADER redirects. It returns call's last
+// error if no replica could serve it.
+func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.RootKMSClient) error) error {
+	c.mu.Lock()
+	order := append([]string(nil), c.addrs...)
+	if c.leader != "" {
+		order = append([]string{c.leader}, order...)
+	}
+	c.mu.Unlock()
+	var lastErr error
+	tried := map[string]bool{}
+	for hop := 0; hop < maxHops && len(order) > 0; hop++ {
+		addr := order[0]
+		order = order[1:]
+		cc, err := c.conn(addr)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		err = call(ctx, rootkmsv1.NewRootKMSClient(cc))
+		if err == nil {
+			c.mu.Lock()
+			c.leader = addr
+			c.mu.Unlock()
+			return nil
+		}
+		lastErr = err
+		if ctx.Err() != nil {
+			return err
+		}
+		st := status.Convert(err)
+		switch st.Code() {
+		case codes.FailedPrecondition:
+			leader := leaderFrom(st)
+			if leader == "" {
+				if !isNotLeader(st) {
+					return err // a real precondition failure, not a redirect
+				}
+				// No leader known yet (an election): wait a moment, retry.
+				if !sleepCtx(ctx, 100*time.Millisecond) {
+					return err
+				}
+				order = append(order, addr)
+				continue
+			}
+			if !tried[leader] || leader != addr {
+				order = append([]string{leader}, order...)
+			}
+		case codes.Unavailable:
+			tried[addr] = true
+			if len(order) == 0 {
+				// Every replica failed once: back off, go around again.
+				if !sleepCtx(ctx, 100*time.Millisecond) {
+					return err
+				}
+				order = append(order, c.addrs...)
+			}
+		default:
+			return err
+		}
+	}
+	if lastErr == nil {
+		lastErr = errors.New("rootkms: no replica addresses")
+	}
+	return fmt.Errorf("rootkms: no replica could serve the call: %w", lastErr)
+}
+
+func isNotLeader(st *status.Status) bool {
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reasonNotLeader {
+			return true
+		}
+	}
+	return false
+}
+
+// leaderFrom extracts the leader's API address from a NOT_LEADER error.
+func leaderFrom(st *status.Status) string {
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reasonNotLeader {
+			return info.GetMetadata()[LeaderAddressKey]
+		}
+	}
+	return ""
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// Close closes every connection.
+func (c *Client) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, cc := range c.conns {
+		cc.Close()
+	}
+	c.conns = map[string]*grpc.ClientConn{}
+}

@@ -1,0 +1,128 @@
+// Package rootkms is the root KMS: the KMS for the KMS. A small hashicorp/raft
+// cluster whose state is one master key per region (with versions), each
+// version wrapped by the root master key (RMK); replicas fetch the RMK from
+// distributors at boot and serve:
+//
+//   - regional KMS servers: UnwrapRegionKey, from any replica's local state,
+//     only to KMS identities of that region, sealed to their ephemeral key;
+//   - regionctl: CreateRegion, RotateRegionKey (Raft writes via the leader),
+//     GenerateKeyset, AddKeysetVersion, SetKeysetVersionStatus, RewrapKeyset
+//     (keysets made and re-encrypted inside the root KMS; plaintext keysets
+//     never leave);
+//   - operators: cluster status, join, remove, snapshot.
+//
+// Writes and the reads that gate decisions go through the leader, after a
+// Raft barrier, so a deposed or partitioned leader can neither acknowledge a
+// write nor answer from stale state.
+package rootkms
+
+import (
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+)
+
+// Config configures a root KMS replica.
+type Config struct {
+	// ID is the replica's Raft server ID, e.g. "rootkms-1".
+	ID string
+	// DataDir holds the Raft log, stable store and snapshots (wrapped
+	// material only).
+	DataDir string
+	// Bootstrap makes this replica the first voter of a new cluster when it
+	// has no Raft state.
+	Bootstrap bool
+	// Join lists API addresses of existing replicas to ask to add this one
+	// (as a voter, or a non-voter if NonVoter) when it has no Raft state.
+	Join     []string
+	NonVoter bool
+	// APIAdvertise and RaftAdvertise are the addresses others reach this
+	// replica at (default: the listeners' addresses).
+	APIAdvertise, RaftAdvertise string
+	// Manifest is the pinned genesis manifest: the RMK lineage (genesis id
+	// and KCV) this cluster belongs to.
+	Manifest *safev1.GenesisManifest
+	// Distributors are host:port addresses of distributors to fetch the RMK
+	// from.
+	Distributors []string
+	// Source is this replica's identity.
+	Source *identity.Source
+	// Regionctl may manage regions and keysets; Operators may join and
+	// remove members and snapshot (replicas always may join themselves);
+	// Replicas are the identities allowed on the Raft transport and as
+	// members (default rootkms/*/*); DistributorIDs are the servers trusted
+	// to hand out the RMK (default distributor/*/*).
+	Regionctl, Operators, Replicas, DistributorIDs identity.Allowlist
+	// Audit receives a record for every call.
+	Audit *audit.Log
+	// Logger receives operational logs (nil: discard).
+	Logger *slog.Logger
+	// Raft timing (0: raft defaults: 1s, 1s, 500ms).
+	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// ApplyTimeout bounds a Raft write (0: 5s).
+	ApplyTimeout time.Duration
+	// RootKeyRetryMax caps the backoff between RMK fetch rounds (0: 5s).
+	RootKeyRetryMax time.Duration
+	// Now is the clock (nil: time.Now).
+	Now func() time.Time
+}
+
+// Validate reports a configuration that cannot work.
+func (c Config) Validate() error {
+	var errs []error
+	if c.ID == "" {
+		errs = append(errs, errors.New("rootkms: no replica ID"))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("rootkms: no data directory"))
+	}
+	if c.Manifest == nil {
+		errs = append(errs, errors.New("rootkms: no pinned genesis manifest"))
+	}
+	if len(c.Distributors) == 0 {
+		errs = append(errs, errors.New("rootkms: no distributors to fetch the root key from"))
+	}
+	if c.Source == nil {
+		errs = append(errs, errors.New("rootkms: no identity source"))
+	}
+	if c.Audit == nil {
+		errs = append(errs, errors.New("rootkms: no audit log"))
+	}
+	if c.Bootstrap && len(c.Join) > 0 {
+		errs = append(errs, errors.New("rootkms: bootstrap and join are exclusive"))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) setDefaults() error {
+	td := c.Source.TrustDomain()
+	def := func(a *identity.Allowlist, pattern string) error {
+		if len(a.Patterns()) > 0 {
+			return nil
+		}
+		l, err := identity.ParseAllowlist(td, pattern)
+		*a = l
+		return err
+	}
+	if err := errors.Join(def(&c.Regionctl, "regionctl/*/*"), def(&c.Operators, "rootkms/*/*"),
+		def(&c.Replicas, "rootkms/*/*"), def(&c.DistributorIDs, "distributor/*/*")); err != nil {
+		return err
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.ApplyTimeout == 0 {
+		c.ApplyTimeout = 5 * time.Second
+	}
+	if c.RootKeyRetryMax == 0 {
+		c.RootKeyRetryMax = 5 * time.Second
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return nil
+}

@@ -1,0 +1,341 @@
+package rootkms
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/grpc"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/grpcserver"
+	"github.com/cairnkms/cairn/internal/hpkeseal"
+	"github.com/cairnkms/cairn/internal/identity"
+	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/rootkms/raftnode"
+	"github.com/cairnkms/cairn/rootkms/rootkey"
+)
+
+const svc = "/cairn.rootkms.v1.RootKMS/"
+
+// Server is a root KMS replica: New, then Start, then Close.
+type Server struct {
+	rootkmsv1.UnimplementedRootKMSServer
+
+	cfg   Config
+	log   *slog.Logger
+	fsm   *fsm.FSM
+	grpc  *grpc.Server
+	node  *raftnode.Node
+	layer *raftnode.StreamLayer
+
+	apiAddr, raftAddr string
+
+	key       atomic.Pointer[rootkey.Key]
+	keyStatus atomic.Value // string: why the root key is not loaded yet
+
+	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
+
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	serveErr  chan error
+}
+
+// New checks the configuration and prepares a replica.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg: cfg, log: cfg.Logger,
+		fsm:  fsm.New(cfg.Manifest.GetGenesisId(), cfg.Manifest.GetKcv()),
+		stop: make(chan struct{}), serveErr: make(chan error, 1),
+	}
+	s.keyStatus.Store("waiting for the root key from the distributors")
+	joinAuth := func(id identity.ID) error {
+		if cfg.Operators.Allows(id) || cfg.Replicas.Allows(id) {
+			return nil
+		}
+		return fmt.Errorf("%w: %s may not change membership", identity.ErrPermissionDenied, id)
+	}
+	kmsOnly, _ := identity.ParseAllowlist(cfg.Source.TrustDomain(), "kms/*/*")
+	policy := identity.Policy{
+		svc + "UnwrapRegionKey":        kmsOnly.Authorize, // and only of the region asked for: see UnwrapRegionKey
+		svc + "GetRegion":              identity.AllowAny(),
+		svc + "ListRegions":            identity.AllowAny(),
+		svc + "GetClusterStatus":       identity.AllowAny(),
+		svc + "CreateRegion":           cfg.Regionctl.Authorize,
+		svc + "RotateRegionKey":        cfg.Regionctl.Authorize,
+		svc + "GenerateKeyset":         cfg.Regionctl.Authorize,
+		svc + "AddKeysetVersion":       cfg.Regionctl.Authorize,
+		svc + "SetKeysetVersionStatus": cfg.Regionctl.Authorize,
+		svc + "RewrapKeyset":           cfg.Regionctl.Authorize,
+		svc + "Join":                   joinAuth, // a replica may only join itself: see Join
+		svc + "Remove":                 cfg.Operators.Authorize,
+		svc + "Snapshot":               cfg.Operators.Authorize,
+	}
+	var err error
+	s.grpc, err = grpcserver.New(grpcserver.Options{
+		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Mutating:  []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "Join", svc + "Remove", svc + "Snapshot"},
+		Unaudited: []string{svc + "GetClusterStatus"},
+	})
+	if err != nil {
+		return nil, err
+	}
+	rootkmsv1.RegisterRootKMSServer(s.grpc, s)
+	return s, nil
+}
+
+// Start opens Raft on raftLis, serves the API on apiLis, and starts fetching
+// the root key. The replica answers status at once and everything else once
+// it holds the root key.
+func (s *Server) Start(apiLis, raftLis net.Listener) error {
+	s.apiAddr = s.cfg.APIAdvertise
+	if s.apiAddr == "" {
+		s.apiAddr = apiLis.Addr().String()
+	}
+	var advertise net.Addr = raftLis.Addr()
+	if s.cfg.RaftAdvertise != "" {
+		a, err := net.ResolveTCPAddr("tcp", s.cfg.RaftAdvertise)
+		if err != nil {
+			return fmt.Errorf("rootkms: raft advertise address: %w", err)
+		}
+		advertise = a
+	}
+	s.raftAddr = advertise.String()
+	s.layer = raftnode.NewStreamLayer(raftLis, advertise, s.cfg.Source, s.cfg.Replicas.Authorize, s.log)
+	node, err := raftnode.Open(raftnode.Config{
+		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: s.fsm, Transport: raftnode.NewTransport(s.layer, s.log),
+		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
+		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
+	})
+	if err != nil {
+		s.layer.Close()
+		return err
+	}
+	s.node = node
+	s.wg.Add(3)
+	go func() { defer s.wg.Done(); s.serveErr <- s.grpc.Serve(apiLis) }()
+	go func() { defer s.wg.Done(); s.rootKeyLoop() }()
+	go func() { defer s.wg.Done(); s.memberLoop() }()
+	s.log.Info("rootkms: started", "id", s.cfg.ID, "api", s.apiAddr, "raft", s.raftAddr)
+	return nil
+}
+
+// Close stops serving, shuts Raft down and wipes the key.
+func (s *Server) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		close(s.stop)
+		if s.grpc != nil {
+			s.grpc.Stop()
+		}
+		s.wg.Wait()
+		if s.node != nil {
+			err = s.node.Close()
+		}
+		if s.layer != nil {
+			s.layer.Close()
+		}
+		if k := s.key.Swap(nil); k != nil {
+			k.Close()
+		}
+	})
+	return err
+}
+
+// Raft returns the replica's Raft node (for tests and operators).
+func (s *Server) Raft() *raft.Raft { return s.node.Raft }
+
+// AppliedIndex is the index of the last log entry this replica's state
+// machine has applied (raft's own AppliedIndex can run ahead of it).
+func (s *Server) AppliedIndex() uint64 { return s.fsm.AppliedIndex() }
+
+// HasRootKey reports whether the replica fetched and verified the RMK.
+func (s *Server) HasRootKey() bool { return s.key.Load() != nil }
+
+// WaitReady blocks until the replica holds the root key or ctx ends.
+func (s *Server) WaitReady(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for !s.HasRootKey() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("rootkms: %s: %w", s.keyStatus.Load(), ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// jitter returns a duration uniformly in [d/2, d).
+func jitter(d time.Duration) time.Duration {
+	n, _ := rand.Int(rand.Reader, big.NewInt(int64(d/2)+1))
+	return d/2 + time.Duration(n.Int64())
+}
+
+// sleep waits d or until Close; it reports whether to go on.
+func (s *Server) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.stop:
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// rootKeyLoop fetches the RMK from the distributors (any one will do),
+// checks it against the pinned KCV, and keeps only the derived wrapping key.
+func (s *Server) rootKeyLoop() {
+	backoff := 200 * time.Millisecond
+	for !s.HasRootKey() {
+		for _, addr := range s.cfg.Distributors {
+			if err := s.fetchRootKey(addr); err != nil {
+				s.keyStatus.Store(fmt.Sprintf("waiting for the root key from the distributors (last: %s: %v)", addr, err))
+				s.log.Debug("rootkms: root key fetch failed", "distributor", addr, "err", err)
+				continue
+			}
+			s.log.Info("rootkms: root key loaded", "distributor", addr, "genesis_id", s.cfg.Manifest.GetGenesisId())
+			return
+		}
+		if !s.sleep(jitter(backoff)) {
+			return
+		}
+		backoff = min(2*backoff, s.cfg.RootKeyRetryMax)
+	}
+}
+
+func (s *Server) fetchRootKey(addr string) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(identity.ClientCredentials(s.cfg.Source, s.cfg.DistributorIDs.Authorize)))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	r, err := hpkeseal.NewRecipient()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	gid := s.cfg.Manifest.GetGenesisId()
+	resp, err := distributorv1.NewDistributorClient(conn).FetchRootKey(ctx, &distributorv1.FetchRootKeyRequest{Recipient: r.PublicKey(), GenesisId: gid})
+	if err != nil {
+		return err
+	}
+	info, err := hpkeseal.Info("cairn/distributor/v1/root-key", gid, s.cfg.Source.ID().String())
+	if err != nil {
+		return err
+	}
+	rmk, err := r.Open(resp.GetSealedRootKey(), info)
+	if err != nil {
+		return err
+	}
+	defer rmk.Wipe()
+	k, err := rootkey.New(rmk, s.cfg.Manifest)
+	if err != nil {
+		return err
+	}
+	rec := audit.Record{Identity: s.cfg.Source.ID().String(), Operation: "rootkms/root-key-loaded", Outcome: audit.OutcomeOK,
+		Target: audit.Target{Resource: "genesis/" + gid}, Reason: "from distributor " + addr}
+	if err := s.cfg.Audit.Write(context.Background(), rec); err != nil {
+		k.Close()
+		return fmt.Errorf("audit log unavailable, refusing to load the root key: %w", err)
+	}
+	s.key.Store(k)
+	return nil
+}
+
+// memberLoop keeps this replica's API address registered while it leads, and
+// joins the cluster when configured to.
+func (s *Server) memberLoop() {
+	joined := len(s.cfg.Join) == 0
+	backoff := 200 * time.Millisecond
+	for {
+		if !joined {
+			if s.inConfiguration() {
+				joined = true
+			} else if err := s.join(); err != nil {
+				s.log.Info("rootkms: join failed; retrying", "err", err)
+			} else {
+				joined = true
+			}
+		}
+		if s.node.Raft.State() == raft.Leader {
+			if m, ok := s.fsm.State().Member(s.cfg.ID); !ok || m.APIAddress != s.apiAddr {
+				if err := s.registerSelf(); err != nil {
+					s.log.Warn("rootkms: registering this leader's API address", "err", err)
+				}
+			}
+		}
+		wait := 250 * time.Millisecond
+		if !joined {
+			wait = jitter(backoff)
+			backoff = min(2*backoff, 5*time.Second)
+		}
+		if !s.sleep(wait) {
+			return
+		}
+	}
+}
+
+func (s *Server) inConfiguration() bool {
+	f := s.node.Raft.GetConfiguration()
+	if f.Error() != nil {
+		return false
+	}
+	for _, srv := range f.Configuration().Servers {
+		if srv.ID == raft.ServerID(s.cfg.ID) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) registerSelf() error {
+	_, err := s.applyLocal(context.Background(), &rootkmsv1.Command{Op: &rootkmsv1.Command_RegisterMember{
+		RegisterMember: &rootkmsv1.RegisterMemberCommand{Member: &rootkmsv1.MemberRecord{Id: s.cfg.ID, ApiAddress: s.apiAddr}},
+	}})
+	return err
+}
+
+func (s *Server) join() error {
+	c := NewClient(s.cfg.Source, s.cfg.Join)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	suffrage := rootkmsv1.Suffrage_SUFFRAGE_VOTER
+	if s.cfg.NonVoter {
+		suffrage = rootkmsv1.Suffrage_SUFFRAGE_NONVOTER
+	}
+	return c.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
+		_, err := rc.Join(ctx, &rootkmsv1.JoinRequest{Id: s.cfg.ID, Address: s.raftAddr, ApiAddress: s.apiAddr, Suffrage: suffrage})
+		return err
+	})
+}
+
+var errClosed = errors.New("rootkms: closed")
