@@ -602,3 +602,23 @@ func TestNewCopiesKCV(t *testing.T) {
 		t.Errorf("Apply(create under the original KCV) after the caller changed its slice = %v, want nil", res.Err)
 	}
 }
+
+// TestTimeNeverGoesBackwards: a proposer whose clock is behind (a new leader
+// with a slow clock) cannot record a supersession earlier than what the state
+// already holds, which would shorten the ciphertext TTL window.
+func TestTimeNeverGoesBackwards(t *testing.T) {
+	f := rootkmstest.NewFSM()
+	apply(t, f, rootkmstest.CreateRegion("eu", rootkmstest.Wrapped("eu", 1), kcv, at(100)))
+	res := apply(t, f, rootkmstest.AddVersion("eu", 2, rootkmstest.Wrapped("eu", 2), kcv, true, at(5)))
+	if res.Err != nil {
+		t.Fatalf("rotate with a slow clock = %v", res.Err)
+	}
+	v1, _ := res.Region.Version(1)
+	v2, _ := res.Region.Version(2)
+	if v1.SupersededAt.Before(at(100)) || v2.PrimarySince.Before(v1.PrimarySince) || v2.CreatedAt.Before(at(100)) {
+		t.Errorf("times after a backwards clock: v1 superseded %v, v2 primary since %v; want none before %v", v1.SupersededAt, v2.PrimarySince, at(100))
+	}
+	if got := f.State().Latest(); !got.Equal(at(100)) {
+		t.Errorf("Latest() = %v, want %v", got, at(100))
+	}
+}

@@ -156,7 +156,13 @@ func (f *FSM) applyCommand(l *raft.Log) *Result {
 	if !validTime(cmd.GetTime()) {
 		return &Result{Err: fmt.Errorf("%w: log entry %d: time missing, invalid or not after 1970", ErrInvalidCommand, l.Index)}
 	}
-	next, res := f.apply(f.state.Load(), &cmd, cmd.GetTime().AsTime())
+	// Time never goes backwards in the state, whatever the proposer's clock.
+	prev := f.state.Load()
+	at := cmd.GetTime().AsTime()
+	if latest := prev.Latest(); at.Before(latest) {
+		at = latest
+	}
+	next, res := f.apply(prev, &cmd, at)
 	if res.Err == nil {
 		next.index = l.Index
 		f.state.Store(next)

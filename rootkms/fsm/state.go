@@ -119,6 +119,29 @@ type State struct {
 	index   uint64
 }
 
+// Latest returns the latest instant recorded anywhere in the state (zero for
+// an empty state). Apply never records an earlier time than this: proposers'
+// clocks may disagree across leader changes, and a supersession time that
+// went backwards would shorten the Safety Condition's ciphertext TTL window.
+func (s *State) Latest() time.Time {
+	var latest time.Time
+	for _, r := range s.regions {
+		for _, t := range []time.Time{r.CreatedAt} {
+			if t.After(latest) {
+				latest = t
+			}
+		}
+		for _, v := range r.Versions {
+			for _, t := range []time.Time{v.CreatedAt, v.PrimarySince, v.SupersededAt, v.RetiredAt} {
+				if t.After(latest) {
+					latest = t
+				}
+			}
+		}
+	}
+	return latest
+}
+
 // Region returns the region called name, or false if there is none.
 func (s *State) Region(name string) (*Region, bool) {
 	i, ok := s.findRegion(name)
