@@ -104,14 +104,15 @@ func (s *Server) fetchFromPeer(ctx context.Context, addr string) (err error) {
 	client := distributorv1.NewDistributorClient(conn)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	defer func() { s.recordPeer(addr, "", distributorv1.SealState_SEAL_STATE_UNSPECIFIED, err) }()
+	// The outcome of the whole fetch is the peer's error (or clears it).
+	defer func() { s.peerResult(addr, err) }()
 
 	var pr peer.Peer
 	st, err := client.GetStatus(cctx, &distributorv1.GetStatusRequest{}, grpc.Peer(&pr))
 	if err != nil {
 		return err
 	}
-	s.recordPeer(addr, peerID(&pr), st.GetState(), nil)
+	s.peerSeen(addr, peerID(&pr), st.GetState())
 	if st.GetState() != distributorv1.SealState_SEAL_STATE_UNSEALED {
 		return fmt.Errorf("peer %s is sealed", addr)
 	}
@@ -153,7 +154,7 @@ func (s *Server) pollPeers(ctx context.Context) {
 	for _, addr := range s.cfg.PeerAddrs {
 		conn, err := s.dialPeer(addr)
 		if err != nil {
-			s.recordPeer(addr, "", distributorv1.SealState_SEAL_STATE_UNSPECIFIED, err)
+			s.peerResult(addr, err)
 			continue
 		}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -161,7 +162,10 @@ func (s *Server) pollPeers(ctx context.Context) {
 		st, err := distributorv1.NewDistributorClient(conn).GetStatus(cctx, &distributorv1.GetStatusRequest{}, grpc.Peer(&pr))
 		cancel()
 		conn.Close()
-		s.recordPeer(addr, peerID(&pr), st.GetState(), err)
+		if err == nil {
+			s.peerSeen(addr, peerID(&pr), st.GetState())
+		}
+		s.peerResult(addr, err)
 	}
 }
 
@@ -173,23 +177,30 @@ func peerID(p *peer.Peer) string {
 	return ""
 }
 
-func (s *Server) recordPeer(addr, id string, state distributorv1.SealState, err error) {
+// peerSeen records that a peer answered, with its identity and state.
+func (s *Server) peerSeen(addr, id string, state distributorv1.SealState) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p := s.peers[addr]
 	if p == nil {
 		return
 	}
-	if err != nil {
-		p.LastError = err.Error()
-		return
-	}
-	p.LastError = ""
 	if id != "" {
 		p.Id = id
 	}
-	if state != distributorv1.SealState_SEAL_STATE_UNSPECIFIED {
-		p.State = state
-	}
+	p.State = state
 	p.LastSeen = timestamppb.New(s.cfg.Now())
+}
+
+// peerResult records the outcome of an exchange with a peer: its error, or
+// none.
+func (s *Server) peerResult(addr string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.peers[addr]; p != nil {
+		p.LastError = ""
+		if err != nil {
+			p.LastError = err.Error()
+		}
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -193,7 +194,10 @@ func (s *Server) notifyLocked() {
 func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusRequest) (*distributorv1.GetStatusResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := &distributorv1.GetStatusResponse{State: distributorv1.SealState_SEAL_STATE_SEALED, LastHandout: s.lastHandout}
+	out := &distributorv1.GetStatusResponse{State: distributorv1.SealState_SEAL_STATE_SEALED}
+	if s.lastHandout != nil {
+		out.LastHandout = proto.Clone(s.lastHandout).(*distributorv1.Handout)
+	}
 	if s.manifest != nil {
 		out.GenesisId, out.Kcv = s.manifest.GetGenesisId(), s.manifest.GetKcv()
 	}
@@ -201,8 +205,9 @@ func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusReques
 		out.State = distributorv1.SealState_SEAL_STATE_UNSEALED
 		out.UnsealedAt, out.UnsealedBy = timestamppb.New(s.unsealedAt), s.unsealedBy
 	}
+	// Copies: the peer loop updates these while gRPC marshals the reply.
 	for _, a := range s.cfg.PeerAddrs {
-		out.Peers = append(out.Peers, s.peers[a])
+		out.Peers = append(out.Peers, proto.Clone(s.peers[a]).(*distributorv1.PeerStatus))
 	}
 	if s.ceremony != nil {
 		_ = s.ceremony.checkOpen(s.cfg.Now())

@@ -57,6 +57,13 @@ type Log struct {
 	closed bool
 	// broken is the failure that broke the log, nil while it is healthy.
 	broken error
+
+	// Group commit: records queued while a flush runs form the next batch.
+	// flushing is set while one writer (the flusher) writes a batch; it
+	// alone touches the sink and end then. flushed (on mu) wakes waiters.
+	pending  *batch
+	flushing bool
+	flushed  sync.Cond
 }
 
 // Open opens the audit log file at path for appending, creating it with mode
@@ -181,7 +188,9 @@ func newLog(w io.Writer, opts Options) *Log {
 	if now == nil {
 		now = time.Now
 	}
-	return &Log{w: w, sync: opts.Sync, now: now}
+	l := &Log{w: w, sync: opts.Sync, now: now}
+	l.flushed.L = &l.mu
+	return l
 }
 
 // Write appends r to the log as one JSON line and reports whether it is in
@@ -209,15 +218,19 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	}
 
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
 		return ErrClosed
 	}
 	if l.broken != nil {
-		return fmt.Errorf("%w: %w", ErrBroken, l.broken)
+		err := fmt.Errorf("%w: %w", ErrBroken, l.broken)
+		l.mu.Unlock()
+		return err
 	}
-	// Checked under the lock: waiting for it may have taken a while.
+	// Checked under the lock: waiting for it may have taken a while. Once the
+	// record is queued it is written whatever ctx does.
 	if err := ctx.Err(); err != nil {
+		l.mu.Unlock()
 		return fmt.Errorf("audit: record not written: %w", err)
 	}
 	// The time is taken under the lock so that times never go backwards
@@ -228,11 +241,66 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	r.Time = r.Time.UTC()
 	line, err := encode(r)
 	if err != nil {
+		l.mu.Unlock()
 		return err
 	}
 
-	n, err := l.w.Write(line)
-	if err == nil && n != len(line) {
+	// Group commit: the record joins the batch being filled. If a flush is
+	// in progress, wait; when it ends, either our batch was written by
+	// someone else, or we flush it (with whatever joined it meanwhile). One
+	// write (and one fsync) then serves every record of the batch, and each
+	// writer learns the fate of the batch its record was in.
+	b := l.pending
+	if b == nil {
+		b = &batch{}
+		l.pending = b
+	}
+	b.lines = append(b.lines, line...)
+	for l.flushing && !b.finished {
+		l.flushed.Wait()
+	}
+	if b.finished {
+		err := b.err
+		l.mu.Unlock()
+		return err
+	}
+	if l.broken != nil { // the flush before ours broke the log
+		err := fmt.Errorf("%w: %w", ErrBroken, l.broken)
+		b.finished, b.err = true, err
+		l.pending = nil
+		l.flushed.Broadcast()
+		l.mu.Unlock()
+		return err
+	}
+	l.flushing, l.pending = true, nil
+	l.mu.Unlock()
+
+	err, broke := l.writeBatch(b.lines)
+
+	l.mu.Lock()
+	if broke != nil {
+		l.broken = broke
+	}
+	b.finished, b.err = true, err
+	l.flushing = false
+	l.flushed.Broadcast()
+	l.mu.Unlock()
+	return err
+}
+
+// batch is the records of one group commit.
+type batch struct {
+	lines    []byte
+	finished bool
+	err      error
+}
+
+// writeBatch writes one batch with a single write call (and one fsync). Only
+// the one flusher calls it, so it owns the sink and l.end. It returns the
+// error every writer of the batch gets, and the cause if the log broke.
+func (l *Log) writeBatch(lines []byte) (err, broke error) {
+	n, err := l.w.Write(lines)
+	if err == nil && n != len(lines) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
@@ -244,7 +312,7 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 		}
 	}
 	l.end += int64(n)
-	return nil
+	return nil, nil
 }
 
 // syncSink flushes the sink to stable storage.
@@ -258,11 +326,11 @@ func (l *Log) syncSink() error {
 	return nil
 }
 
-// fail deals with a record that may be partly or wholly in the sink, and
-// returns the error for Write. A file sink is truncated back to the last
-// good end; any other sink cannot be repaired and breaks the log. The log
-// also breaks if mustBreak is set. l.mu must be held.
-func (l *Log) fail(cause error, mustBreak bool) error {
+// fail deals with a batch that may be partly or wholly in the sink, and
+// returns the error for its writers and, if the log must break, the cause.
+// A file sink is truncated back to the last good end; any other sink cannot
+// be repaired and breaks the log. Called only by the flusher.
+func (l *Log) fail(cause error, mustBreak bool) (err, broke error) {
 	if l.f == nil {
 		mustBreak = true
 	} else if err := l.truncate(); err != nil {
@@ -270,10 +338,9 @@ func (l *Log) fail(cause error, mustBreak bool) error {
 		mustBreak = true
 	}
 	if mustBreak {
-		l.broken = cause
-		return fmt.Errorf("%w: %w", ErrBroken, cause)
+		return fmt.Errorf("%w: %w", ErrBroken, cause), cause
 	}
-	return fmt.Errorf("audit: %w", cause)
+	return fmt.Errorf("audit: %w", cause), nil
 }
 
 // truncate cuts the file back to the end of the last good record.
@@ -300,6 +367,25 @@ func (l *Log) Close() error {
 		return ErrClosed
 	}
 	l.closed = true
+	// Let a flush in progress, and the batch queued behind it, finish: their
+	// writers are waiting for the outcome.
+	for l.flushing || l.pending != nil {
+		if !l.flushing && l.pending != nil {
+			p := l.pending
+			l.pending, l.flushing = nil, true
+			l.mu.Unlock()
+			err, broke := l.writeBatch(p.lines)
+			l.mu.Lock()
+			if broke != nil {
+				l.broken = broke
+			}
+			p.finished, p.err = true, err
+			l.flushing = false
+			l.flushed.Broadcast()
+			continue
+		}
+		l.flushed.Wait()
+	}
 	if l.f == nil {
 		return nil
 	}
