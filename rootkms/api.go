@@ -441,103 +441,106 @@ func (s *Server) rewrite(key *rootkey.Key, st *fsm.State, h *keyset.Handle, copi
 	return out, nil
 }
 
-func sameVersion(c *cryptov1.EncryptedKeyset) (uint32, error) { return c.GetRegionKeyVersion(), nil }
+
+// changeKeyset runs one keyset operation: with the root key, on the leader
+// after a barrier, it opens and cross-checks every region copy, lets change
+// derive the new keyset (and audit what it did), and re-encrypts the result
+// for every copy's region under the version version picks.
+func (s *Server) changeKeyset(ctx context.Context, copies []*cryptov1.EncryptedKeyset,
+	change func(h *keyset.Handle) (*keyset.Handle, error),
+	version func(st *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error)) (*rootkmsv1.KeysetResponse, error) {
+	key, err := s.rootKey()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.linearize(); err != nil {
+		return nil, err
+	}
+	st := s.fsm.State()
+	h, err := s.openCopies(key, st, copies)
+	if err != nil {
+		return nil, err
+	}
+	audit.AddTarget(ctx, audit.Target{Keyset: copies[0].GetName()})
+	nh, err := change(h)
+	if err != nil {
+		return nil, err
+	}
+	return s.rewrite(key, st, nh, copies, func(c *cryptov1.EncryptedKeyset) (uint32, error) { return version(st, c) })
+}
+
+func sameVersion(_ *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error) {
+	return c.GetRegionKeyVersion(), nil
+}
+
+func primaryVersion(st *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error) {
+	r, ok := st.Region(c.GetRegion())
+	if !ok {
+		return 0, status.Errorf(codes.NotFound, "rootkms: no region %q", c.GetRegion())
+	}
+	p, ok := r.Primary()
+	if !ok {
+		return 0, status.Errorf(codes.FailedPrecondition, "rootkms: region %q has no primary key version", c.GetRegion())
+	}
+	return p.Version, nil
+}
 
 // AddKeysetVersion implements RootKMS: one new enabled, non-primary key in
 // every copy.
 func (s *Server) AddKeysetVersion(ctx context.Context, req *rootkmsv1.AddKeysetVersionRequest) (*rootkmsv1.KeysetResponse, error) {
-	key, err := s.rootKey()
-	if err != nil {
-		return nil, err
-	}
 	tmpl, err := keysets.Template(req.GetTemplate())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	if err := s.linearize(); err != nil {
-		return nil, err
-	}
-	st := s.fsm.State()
-	h, err := s.openCopies(key, st, req.GetKeysets())
-	if err != nil {
-		return nil, err
-	}
-	audit.AddTarget(ctx, audit.Target{Keyset: req.GetKeysets()[0].GetName()})
-	m := keyset.NewManagerFromHandle(h)
-	id, err := m.Add(tmpl)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "rootkms: adding a key: %v", err)
-	}
-	audit.AddTarget(ctx, audit.Target{KeyVersion: id})
-	nh, err := m.Handle()
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
-	}
-	return s.rewrite(key, st, nh, req.GetKeysets(), sameVersion)
+	return s.changeKeyset(ctx, req.GetKeysets(), func(h *keyset.Handle) (*keyset.Handle, error) {
+		m := keyset.NewManagerFromHandle(h)
+		id, err := m.Add(tmpl)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "rootkms: adding a key: %v", err)
+		}
+		audit.AddTarget(ctx, audit.Target{KeyVersion: id})
+		return managerHandle(m)
+	}, sameVersion)
 }
 
 // SetKeysetVersionStatus implements RootKMS.
 func (s *Server) SetKeysetVersionStatus(ctx context.Context, req *rootkmsv1.SetKeysetVersionStatusRequest) (*rootkmsv1.KeysetResponse, error) {
-	key, err := s.rootKey()
-	if err != nil {
-		return nil, err
-	}
-	if err := s.linearize(); err != nil {
-		return nil, err
-	}
-	st := s.fsm.State()
-	h, err := s.openCopies(key, st, req.GetKeysets())
-	if err != nil {
-		return nil, err
-	}
-	audit.AddTarget(ctx, audit.Target{Keyset: req.GetKeysets()[0].GetName(), KeyVersion: req.GetKeyId()})
-	m := keyset.NewManagerFromHandle(h)
-	switch req.GetStatus() {
-	case cryptov1.KeyStatus_KEY_STATUS_PRIMARY:
-		err = m.SetPrimary(req.GetKeyId())
-	case cryptov1.KeyStatus_KEY_STATUS_ENABLED:
-		err = m.Enable(req.GetKeyId())
-	case cryptov1.KeyStatus_KEY_STATUS_DISABLED:
-		err = m.Disable(req.GetKeyId())
-	case cryptov1.KeyStatus_KEY_STATUS_DESTROYED:
-		err = m.Delete(req.GetKeyId())
-	default:
-		return nil, status.Errorf(codes.InvalidArgument, "rootkms: unknown key status %v", req.GetStatus())
-	}
-	if err != nil {
-		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: key %d cannot become %s: %v", req.GetKeyId(), req.GetStatus(), err)
-	}
-	nh, err := m.Handle()
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
-	}
-	return s.rewrite(key, st, nh, req.GetKeysets(), sameVersion)
+	return s.changeKeyset(ctx, req.GetKeysets(), func(h *keyset.Handle) (*keyset.Handle, error) {
+		audit.AddTarget(ctx, audit.Target{KeyVersion: req.GetKeyId()})
+		m := keyset.NewManagerFromHandle(h)
+		var err error
+		switch req.GetStatus() {
+		case cryptov1.KeyStatus_KEY_STATUS_PRIMARY:
+			err = m.SetPrimary(req.GetKeyId())
+		case cryptov1.KeyStatus_KEY_STATUS_ENABLED:
+			err = m.Enable(req.GetKeyId())
+		case cryptov1.KeyStatus_KEY_STATUS_DISABLED:
+			err = m.Disable(req.GetKeyId())
+		case cryptov1.KeyStatus_KEY_STATUS_DESTROYED:
+			err = m.Delete(req.GetKeyId())
+		default:
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: unknown key status %v", req.GetStatus())
+		}
+		if err != nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "rootkms: key %d cannot become %s: %v", req.GetKeyId(), req.GetStatus(), err)
+		}
+		return managerHandle(m)
+	}, sameVersion)
 }
 
 // RewrapKeyset implements RootKMS: every copy re-encrypted under its region's
 // primary key version; the keys inside are unchanged.
 func (s *Server) RewrapKeyset(ctx context.Context, req *rootkmsv1.RewrapKeysetRequest) (*rootkmsv1.KeysetResponse, error) {
-	key, err := s.rootKey()
+	unchanged := func(h *keyset.Handle) (*keyset.Handle, error) { return h, nil }
+	return s.changeKeyset(ctx, req.GetKeysets(), unchanged, primaryVersion)
+}
+
+func managerHandle(m *keyset.Manager) (*keyset.Handle, error) {
+	h, err := m.Handle()
 	if err != nil {
-		return nil, err
+		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
 	}
-	if err := s.linearize(); err != nil {
-		return nil, err
-	}
-	st := s.fsm.State()
-	h, err := s.openCopies(key, st, req.GetKeysets())
-	if err != nil {
-		return nil, err
-	}
-	audit.AddTarget(ctx, audit.Target{Keyset: req.GetKeysets()[0].GetName()})
-	return s.rewrite(key, st, h, req.GetKeysets(), func(c *cryptov1.EncryptedKeyset) (uint32, error) {
-		r, _ := st.Region(c.GetRegion())
-		p, ok := r.Primary()
-		if !ok {
-			return 0, status.Errorf(codes.FailedPrecondition, "rootkms: region %q has no primary key version", c.GetRegion())
-		}
-		return p.Version, nil
-	})
+	return h, nil
 }
 
 // GetClusterStatus implements RootKMS: this replica's view, always served.
