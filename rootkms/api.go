@@ -441,7 +441,6 @@ func (s *Server) rewrite(key *rootkey.Key, st *fsm.State, h *keyset.Handle, copi
 	return out, nil
 }
 
-
 // changeKeyset runs one keyset operation: with the root key, on the leader
 // after a barrier, it opens and cross-checks every region copy, lets change
 // derive the new keyset (and audit what it did), and re-encrypts the result

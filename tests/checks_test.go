@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cairnkms/cairn/internal/audit"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
@@ -147,6 +148,13 @@ func requireOnlyPublicState(t *testing.T, d *framework.Distributor) {
 // recovered key must equal it.
 func requireNoKeyMaterial(t *testing.T, w *framework.World, m *safev1.GenesisManifest, safes []framework.SafeConfig, wantRMK []byte, extraRoots ...string) {
 	t.Helper()
+	requireNoSecrets(t, w, m, safes, wantRMK, nil, extraRoots...)
+}
+
+// requireNoSecrets is requireNoKeyMaterial that also looks for the extra
+// secrets (region keys, for instance). It clears their values when done.
+func requireNoSecrets(t *testing.T, w *framework.World, m *safev1.GenesisManifest, safes []framework.SafeConfig, wantRMK []byte, extra []framework.Secret, extraRoots ...string) {
+	t.Helper()
 	ctx := context.Background()
 	var opened []safe.Safe
 	defer func() {
@@ -189,9 +197,13 @@ func requireNoKeyMaterial(t *testing.T, w *framework.World, m *safev1.GenesisMan
 			clear(s.Value)
 		}
 	}()
+	nKeyMaterial := len(secrets)
+	secrets = append(secrets, extra...)
 
 	roots := append([]string{w.Dir}, extraRoots...)
+	scanStart := time.Now()
 	found, stats, err := framework.Scan(roots, secrets)
+	took := time.Since(scanStart)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,6 +219,6 @@ func requireNoKeyMaterial(t *testing.T, w *framework.World, m *safev1.GenesisMan
 	if stats.Files < 20 {
 		t.Errorf("Scan read %d files, want at least 20 (certs, safes, state, logs)", stats.Files)
 	}
-	t.Logf("secret scan: %d secrets (RMK + %d shares) in %d encodings each, %d files, %d bytes: %d found",
-		len(secrets), len(secrets)-1, len(framework.Encodings(secrets[0].Value)), stats.Files, stats.Bytes, len(found))
+	t.Logf("secret scan: %d secrets (RMK + %d shares + %d others) in %d encodings each, %d files, %d bytes, in %s: %d found",
+		len(secrets), nKeyMaterial-1, len(extra), len(framework.Encodings(secrets[0].Value)), stats.Files, stats.Bytes, took.Round(time.Millisecond), len(found))
 }

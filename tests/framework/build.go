@@ -25,18 +25,19 @@ import (
 type Binaries struct {
 	// Dir holds the binaries; Remove deletes it.
 	Dir string
-	// Cairn, Safe and Distributor are absolute paths of cmd/cairn,
-	// cmd/safe and cmd/distributor.
-	Cairn, Safe, Distributor string
+	// Cairn, Safe, Distributor and RootKMS are absolute paths of
+	// cmd/cairn, cmd/safe, cmd/distributor and cmd/rootkms.
+	Cairn, Safe, Distributor, RootKMS string
 }
 
 // buildTimeout bounds `go build` (a cold cache on 2 cores needs about a
 // minute, with cgo for the PKCS#11 safe).
 const buildTimeout = 5 * time.Minute
 
-// Build compiles cmd/cairn, cmd/safe and cmd/distributor of the module that
-// contains the working directory into a new temporary directory. It is meant
-// for TestMain; call Remove when the tests are done.
+// Build compiles cmd/cairn, cmd/safe, cmd/distributor and cmd/rootkms of the
+// module that
+// contains the working directory into a new temporary directory. It is
+// meant for TestMain; call Remove when the tests are done.
 func Build() (*Binaries, error) {
 	root, err := ModuleRoot()
 	if err != nil {
@@ -54,19 +55,20 @@ func Build() (*Binaries, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor")
+	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("framework: go build ./cmd/{cairn,safe,distributor}: %v\n%s", err, out)
+		return nil, fmt.Errorf("framework: go build ./cmd/{cairn,safe,distributor,rootkms}: %v\n%s", err, out)
 	}
 	b := &Binaries{
 		Dir:         dir,
 		Cairn:       filepath.Join(dir, "cairn"),
 		Safe:        filepath.Join(dir, "safe"),
 		Distributor: filepath.Join(dir, "distributor"),
+		RootKMS:     filepath.Join(dir, "rootkms"),
 	}
-	for _, p := range []string{b.Cairn, b.Safe, b.Distributor} {
+	for _, p := range []string{b.Cairn, b.Safe, b.Distributor, b.RootKMS} {
 		if _, err := os.Stat(p); err != nil {
 			os.RemoveAll(dir)
 			return nil, fmt.Errorf("framework: built binary missing: %w", err)

@@ -195,8 +195,68 @@ func (p *Process) Stop() {
 	}
 }
 
+// Pause sends SIGSTOP: the process keeps its sockets (the kernel still
+// accepts connections for it) but runs no code until Resume. A paused
+// process is still killed in cleanup (SIGKILL ends a stopped process).
+func (p *Process) Pause() {
+	p.t.Helper()
+	p.sendOnly(syscall.SIGSTOP)
+}
+
+// Resume sends SIGCONT to a paused process.
+func (p *Process) Resume() {
+	p.t.Helper()
+	p.sendOnly(syscall.SIGCONT)
+}
+
+// sendOnly sends sig to the current run without waiting for anything.
+func (p *Process) sendOnly(sig syscall.Signal) {
+	p.t.Helper()
+	p.mu.Lock()
+	cmd, running := p.cmd, p.runningLocked()
+	p.mu.Unlock()
+	if !running {
+		p.t.Fatalf("%s: %v: not running", p.name, sig)
+	}
+	if err := cmd.Process.Signal(sig); err != nil {
+		p.t.Fatalf("%s: %v: %v", p.name, sig, err)
+	}
+}
+
+// WaitExit waits at most d for the current run to exit by itself. It
+// reports whether it did and, if so, its exit code (-1 if a signal ended
+// it).
+func (p *Process) WaitExit(d time.Duration) (exited bool, code int) {
+	p.t.Helper()
+	p.mu.Lock()
+	cmd, done := p.cmd, p.done
+	p.mu.Unlock()
+	if done == nil {
+		p.t.Fatalf("%s: WaitExit before Start", p.name)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true, cmd.ProcessState.ExitCode()
+	case <-t.C:
+		return false, 0
+	}
+}
+
+// Stderr returns what the current run wrote to stderr so far.
+func (p *Process) Stderr() string {
+	b, err := os.ReadFile(p.StderrPath())
+	if err != nil {
+		p.t.Fatalf("%s: %v", p.name, err)
+	}
+	return string(b)
+}
+
 // signal sends sig to the current run (by PID) and waits until it exited;
-// if it has not after exitTimeout, it is killed.
+// if it has not after exitTimeout, it gets SIGQUIT (a Go program prints
+// every goroutine's stack to its stderr and exits: what it hung on) and,
+// if even that does not end it, SIGKILL.
 func (p *Process) signal(sig syscall.Signal) error {
 	p.mu.Lock()
 	cmd, done, running := p.cmd, p.done, p.runningLocked()
@@ -214,16 +274,29 @@ func (p *Process) signal(sig syscall.Signal) error {
 		return nil
 	case <-t.C:
 	}
+	hung := fmt.Sprintf("pid %d did not exit within %s of %v", cmd.Process.Pid, exitTimeout, sig)
+	_ = cmd.Process.Signal(syscall.SIGQUIT)
+	tq := time.NewTimer(quitTimeout)
+	defer tq.Stop()
+	select {
+	case <-done:
+		return fmt.Errorf("%s; SIGQUIT ended it (its goroutines are at the end of %s)", hung, p.StderrPath())
+	case <-tq.C:
+	}
 	_ = cmd.Process.Signal(syscall.SIGKILL)
 	t2 := time.NewTimer(exitTimeout)
 	defer t2.Stop()
 	select {
 	case <-done:
-		return fmt.Errorf("pid %d did not exit within %s of %v; killed it", cmd.Process.Pid, exitTimeout, sig)
+		return fmt.Errorf("%s, nor of SIGQUIT; killed it", hung)
 	case <-t2.C:
 		return fmt.Errorf("pid %d did not exit even after SIGKILL", cmd.Process.Pid)
 	}
 }
+
+// quitTimeout is how long a hung process gets to print its stacks after
+// SIGQUIT.
+const quitTimeout = 3 * time.Second
 
 // Result is what a one-shot command did.
 type Result struct {

@@ -85,3 +85,57 @@ func TestScanRefusesShortSecret(t *testing.T) {
 		t.Errorf("Scan(3-byte secret) = nil error, want a refusal")
 	}
 }
+
+// TestScanManySecrets checks the one-pass scan against the obvious one
+// (bytes.Contains for every encoding): many secrets, some sharing their
+// first bytes, some at the very end of a file, most absent.
+func TestScanManySecrets(t *testing.T) {
+	var secrets []Secret
+	for i := range 200 {
+		v := make([]byte, 16+i%65)
+		if _, err := rand.Read(v); err != nil {
+			t.Fatal(err)
+		}
+		if i%10 == 1 { // same first 16 bytes as the one before
+			copy(v, secrets[i-1].Value[:16])
+		}
+		secrets = append(secrets, Secret{Name: fmt.Sprintf("s%d", i), Value: v})
+	}
+	noise := make([]byte, 1<<16)
+	if _, err := rand.Read(noise); err != nil {
+		t.Fatal(err)
+	}
+	var content []byte
+	for i, s := range secrets {
+		if i%3 != 0 {
+			continue
+		}
+		enc := Encodings(s.Value)[i%len(Encodings(s.Value))]
+		content = append(content, noise[:i*7]...)
+		content = append(content, enc.Bytes...)
+	}
+	last := Encodings(secrets[199].Value)[0].Bytes // raw, at the very end
+	content = append(append(content, noise...), last...)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "f"), content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	found, _, err := Scan([]string{dir}, secrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []Finding
+	for _, s := range secrets {
+		for _, e := range Encodings(s.Value) {
+			if bytes.Contains(content, e.Bytes) {
+				want = append(want, Finding{Path: filepath.Join(dir, "f"), Secret: s.Name, Encoding: e.Name})
+			}
+		}
+	}
+	if len(want) < 60 {
+		t.Fatalf("the test planted only %d findings", len(want))
+	}
+	if fmt.Sprint(found) != fmt.Sprint(want) {
+		t.Errorf("Scan found %d:\n%v\nwant %d:\n%v", len(found), found, len(want), want)
+	}
+}

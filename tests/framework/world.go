@@ -10,6 +10,9 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/cairnkms/cairn/internal/devca"
 	"github.com/cairnkms/cairn/internal/identity"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
@@ -37,18 +40,45 @@ type World struct {
 }
 
 // NewWorld makes a world in a new temporary directory and writes its
-// certificates: 3 distributors, 1 root KMS replica, 1 KMS node in each of
-// us-east and eu-west, 5 officers, regionctl and a demo client per region.
+// certificates: 3 distributors, 3 root KMS replicas (rootkms-1..3), 1 KMS
+// node in each of us-east and eu-west, 5 officers, regionctl and a demo
+// client per region. Mint adds other identities.
 func NewWorld(t testing.TB, bin *Binaries) *World {
 	t.Helper()
 	dir := t.TempDir()
 	w := &World{T: t, Bin: bin, Dir: dir, Certs: filepath.Join(dir, "certs"), Logs: filepath.Join(dir, "logs"), sources: map[string]*identity.Source{}}
 	r := w.Run("cairn-dev-certs", bin.Cairn, "dev", "certs", "--out", w.Certs, "--trust-domain", TrustDomain,
-		"--regions", "us-east,eu-west", "--distributors", "3", "--rootkms", "1", "--kms-per-region", "1", "--officers", "5")
+		"--regions", "us-east,eu-west", "--distributors", "3", "--rootkms", "3", "--kms-per-region", "1", "--officers", "5")
 	if r.ExitCode != 0 {
 		t.Fatalf("cairn dev certs failed:\n%s", r)
 	}
 	return w
+}
+
+// Mint issues certificates from the world's dev CA for identities that
+// `cairn dev certs` does not make (a non-voting replica, KMS nodes of any
+// region), each name <tier>/<region>/<name>, where --dev-certs expects them.
+// Mint an identity before starting a process that runs as it.
+func (w *World) Mint(names ...string) {
+	w.T.Helper()
+	ca, err := devca.Load(w.Certs)
+	if err != nil {
+		w.T.Fatalf("devca.Load(%s) = %v", w.Certs, err)
+	}
+	td := spiffeid.RequireTrustDomainFromString(TrustDomain)
+	for _, name := range names {
+		id, err := spiffeid.FromPath(td, "/"+name)
+		if err != nil {
+			w.T.Fatalf("Mint(%q): %v", name, err)
+		}
+		leaf, err := ca.Issue(id, devca.LeafOptions{})
+		if err != nil {
+			w.T.Fatalf("Issue(%s) = %v", id, err)
+		}
+		if err := leaf.Save(devca.LeafPaths(w.Certs, id)); err != nil {
+			w.T.Fatalf("saving the leaf of %s: %v", id, err)
+		}
+	}
 }
 
 // Run runs a one-shot command; its output is kept under Logs as
