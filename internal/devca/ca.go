@@ -23,6 +23,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/cairnkms/cairn/internal/atomicfile"
 	"io"
 	"math/big"
 	"net"
@@ -154,10 +155,10 @@ func (c *CA) Save(dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(dir, caKeyFile), keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, caKeyFile), keyPEM, 0o600); err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, caCertFile), c.certPEM, 0o644)
+	return atomicfile.Write(filepath.Join(dir, caCertFile), c.certPEM, 0o644)
 }
 
 // TrustDomain returns the trust domain the CA issues identities in.

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"github.com/cairnkms/cairn/internal/atomicfile"
 	"log/slog"
 	"net"
 	"os"
@@ -68,10 +69,10 @@ func (l *Leaf) Save(certPath, keyPath string) error {
 			return fmt.Errorf("devca: create leaf directory: %w", err)
 		}
 	}
-	if err := writeFileAtomic(keyPath, l.KeyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(keyPath, l.KeyPEM, 0o600); err != nil {
 		return err
 	}
-	return writeFileAtomic(certPath, l.CertPEM, 0o644)
+	return atomicfile.Write(certPath, l.CertPEM, 0o644)
 }
 
 // String describes the leaf without its key.

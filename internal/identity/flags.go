@@ -27,7 +27,7 @@ func (f *Flags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&f.Key, "key", "", "PEM private key of this process (mode 0600)")
 	fs.StringVar(&f.CA, "ca", "", "PEM trust bundle")
 	fs.StringVar(&f.TrustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. cairn.local")
-	fs.StringVar(&f.DevCerts, "dev-certs", "", "directory written by `cairn dev certs` (instead of --cert/--key/--ca)")
+	fs.StringVar(&f.DevCerts, "dev-certs", "", "directory written by \"cairn dev certs\" (instead of --cert/--key/--ca)")
 	fs.StringVar(&f.Name, "name", "", "with --dev-certs: this component's <tier>/<region>/<name>, e.g. distributor/global/distributor-1")
 }
 

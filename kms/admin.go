@@ -1,0 +1,248 @@
+package kms
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/kms/keystore"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/regionctl/bundle"
+)
+
+// adminAPI is kms.v1.KMSAdmin; the access policy lets only Config.Admins
+// call it.
+type adminAPI struct {
+	kmsv1.UnimplementedKMSAdminServer
+	s *Server
+}
+
+// ApplyBundle implements kms.v1.KMSAdmin.
+func (a *adminAPI) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest) (resp *kmsv1.ApplyBundleResponse, err error) {
+	s := a.s
+	defer s.observe(opApplyBundle, time.Now(), &err)
+	out, err := s.apply(ctx, req)
+	if err != nil {
+		s.log.Warn("kms: bundle refused", "dry_run", req.GetDryRun(), "err", err)
+		return nil, toStatus(err)
+	}
+	return out, nil
+}
+
+// apply runs every check of ApplyBundle, builds the new keystore off to the
+// side, and (unless dry run) persists the signed bundle and swaps. Every
+// refusal happens before the persist, so a refused bundle changes nothing.
+func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kmsv1.ApplyBundleResponse, error) {
+	if req.GetForce() && strings.TrimSpace(req.GetForceReason()) == "" {
+		return nil, fmt.Errorf("%w: force needs a force_reason (it is audited)", errInvalid)
+	}
+	sb := req.GetBundle()
+	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
+	if err != nil {
+		return nil, err
+	}
+	if b.GetRegion() != s.cfg.Region {
+		return nil, fmt.Errorf("%w: the bundle is for region %q, this server serves %q", errWrongRegion, b.GetRegion(), s.cfg.Region)
+	}
+	ref := bundle.Ref(sb, b)
+	audit.AddTarget(ctx, audit.Target{Region: s.cfg.Region, Resource: fmt.Sprintf("bundle serial %d sha256 %x", ref.GetSerial(), ref.GetSha256())})
+
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	cur := s.cur.Load()
+	var (
+		curStore *keystore.Store
+		held     map[uint32]tink.AEAD
+	)
+	floor := s.floor
+	if cur != nil {
+		floor, curStore, held = cur.ref, cur.store, cur.regionKeys
+	}
+	if floor != nil {
+		same := b.GetSerial() == floor.GetSerial() && bytes.Equal(ref.GetSha256(), floor.GetSha256())
+		switch {
+		case same && cur != nil:
+			return &kmsv1.ApplyBundleResponse{Applied: ref, Previous: cur.ref}, nil // idempotent
+		case same:
+			// The persisted bundle, pushed again before boot loaded it: load it now.
+		case b.GetSerial() == floor.GetSerial():
+			return nil, fmt.Errorf("%w: serial %d is already applied with different content (sha256 %x, this bundle %x)", errReplay, b.GetSerial(), floor.GetSha256(), ref.GetSha256())
+		case b.GetSerial() < floor.GetSerial():
+			return nil, fmt.Errorf("%w: serial %d is older than the applied serial %d", errReplay, b.GetSerial(), floor.GetSerial())
+		}
+	}
+
+	var warnings []string
+	if req.GetForce() {
+		if err := s.auditForce(ctx, ref, req.GetForceReason()); err != nil {
+			return nil, err
+		}
+		warnings = append(warnings, "force given (its reason is audited): this server has no shrink guard to override, and signature, region, serial and the Safety Condition are never overridden")
+	}
+
+	keys, err := s.regionKeysFor(ctx, b, held)
+	if err != nil {
+		return nil, err
+	}
+	next, err := keystore.Build(b, keys, curStore)
+	if err != nil {
+		return nil, err
+	}
+	if err := keystore.CheckSafety(curStore, next, s.cfg.Now()); err != nil {
+		return nil, err
+	}
+	resp := &kmsv1.ApplyBundleResponse{Applied: ref, Previous: floor, Warnings: warnings}
+	if req.GetDryRun() {
+		return resp, nil
+	}
+	if err := writeBundleFile(s.cfg.StateDir, sb); err != nil {
+		if !errors.Is(err, errNotDurable) {
+			return nil, fmt.Errorf("%w: %v", errPersist, err)
+		}
+		// The new file is in place; serving it keeps memory and disk in step.
+		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
+	}
+	s.floor = ref
+	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
+	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
+		"keysets", next.Len(), "previous_serial", floor.GetSerial(), "force", req.GetForce())
+	return resp, nil
+}
+
+// auditForce records a forced apply and its reason before anything else is
+// done (fail closed: no record, no apply).
+func (s *Server) auditForce(ctx context.Context, ref *bundlev1.BundleRef, reason string) error {
+	caller, _ := identity.FromContext(ctx)
+	rec := audit.Record{
+		RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: adminService + "ApplyBundle",
+		Target:  audit.Target{Region: s.cfg.Region, Resource: fmt.Sprintf("bundle serial %d sha256 %x", ref.GetSerial(), ref.GetSha256())},
+		Outcome: audit.OutcomeAttempt, Reason: "force: " + reason,
+	}
+	if err := s.cfg.Audit.Write(context.WithoutCancel(ctx), rec); err != nil {
+		return fmt.Errorf("%w: cannot record the forced apply: %v", errAudit, err)
+	}
+	return nil
+}
+
+// regionKeysFor returns the region key versions b's keysets need: those
+// held, plus a fetch from RegionKeys if any is missing. held is not changed.
+func (s *Server) regionKeysFor(ctx context.Context, b *bundlev1.Bundle, held map[uint32]tink.AEAD) (map[uint32]tink.AEAD, error) {
+	missing := func(have map[uint32]tink.AEAD) []uint32 {
+		var out []uint32
+		for _, k := range b.GetKeysets() {
+			v := k.GetKeyset().GetRegionKeyVersion()
+			if _, ok := have[v]; !ok && !slices.Contains(out, v) {
+				out = append(out, v)
+			}
+		}
+		return out
+	}
+	if len(missing(held)) == 0 {
+		return held, nil
+	}
+	fctx, cancel := context.WithTimeout(ctx, s.cfg.FetchTimeout)
+	defer cancel()
+	fetched, err := s.cfg.RegionKeys.Fetch(fctx, s.cfg.Region)
+	if err != nil {
+		return nil, fmt.Errorf("%w: fetching the keys of region %s: %v", errRegionKeys, s.cfg.Region, err)
+	}
+	keys := maps.Clone(held)
+	if keys == nil {
+		keys = make(map[uint32]tink.AEAD, len(fetched))
+	}
+	maps.Copy(keys, fetched)
+	if m := missing(keys); len(m) > 0 {
+		slices.Sort(m)
+		return nil, fmt.Errorf("%w: region %s key versions %v are not available", errRegionKeys, s.cfg.Region, m)
+	}
+	return keys, nil
+}
+
+// GetStatus implements kms.v1.KMSAdmin.
+func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (resp *kmsv1.GetStatusResponse, err error) {
+	s := a.s
+	defer s.observe(opGetStatus, time.Now(), &err)
+	out := &kmsv1.GetStatusResponse{Region: s.cfg.Region}
+	cur := s.cur.Load()
+	if cur == nil {
+		out.State, out.NotReadyReason = s.State()
+		return out, nil
+	}
+	out.State = kmsv1.ServingState_SERVING_STATE_SERVING
+	out.Bundle = cur.ref
+	out.BundleAppliedAt = timestamppb.New(cur.appliedAt)
+	out.KeysetCount = uint32(cur.store.Len())
+	if req.GetIncludeKeysets() {
+		for _, k := range cur.store.Keysets() {
+			u := &kmsv1.KeysetUsage{Keyset: k.Name(), PrimaryKeyId: k.Primary().KeyID()}
+			for _, v := range k.Versions() {
+				use := v.Usage()
+				vu := &kmsv1.KeyVersionUsage{KeyId: v.KeyID(), Status: v.Status(), EncryptCount: use.Encrypts, DecryptCount: use.Decrypts}
+				if !use.LastUse.IsZero() {
+					vu.LastUsed = timestamppb.New(use.LastUse)
+				}
+				u.Versions = append(u.Versions, vu)
+			}
+			out.Keysets = append(out.Keysets, u)
+		}
+	}
+	return out, nil
+}
+
+// Probe implements kms.v1.KMSAdmin. Probes do not count as uses of a key
+// version (they would keep a version looking used forever).
+func (a *adminAPI) Probe(ctx context.Context, req *kmsv1.ProbeRequest) (resp *kmsv1.ProbeResponse, err error) {
+	s := a.s
+	defer s.observe(opProbe, time.Now(), &err)
+	cur := s.cur.Load()
+	if cur == nil {
+		_, reason := s.State()
+		return nil, toStatus(fmt.Errorf("%w: %s", errNotReady, reason))
+	}
+	audit.AddTarget(ctx, audit.Target{Region: s.cfg.Region})
+	if n := len(req.GetProbes()); n > s.cfg.MaxBatch {
+		return nil, toStatus(fmt.Errorf("%w: %d probes, more than the limit of %d", errInvalid, n, s.cfg.MaxBatch))
+	}
+	out := &kmsv1.ProbeResponse{Results: make([]*kmsv1.ProbeResult, len(req.GetProbes()))}
+	for i, p := range req.GetProbes() {
+		out.Results[i] = probe(cur.store, p)
+	}
+	return out, nil
+}
+
+func probe(store *keystore.Store, p *kmsv1.GoldenProbe) *kmsv1.ProbeResult {
+	k, ok := store.Keyset(p.GetKeyset())
+	if !ok {
+		return &kmsv1.ProbeResult{Detail: fmt.Sprintf("no keyset %q", truncate(p.GetKeyset()))}
+	}
+	res := &kmsv1.ProbeResult{}
+	pt, v, err := k.ProbeDecrypt(p.GetCiphertext(), p.GetAssociatedData())
+	if v != nil {
+		res.KeyId = v.KeyID()
+	}
+	if err != nil {
+		res.Detail = "did not decrypt"
+		return res
+	}
+	sum := sha256.Sum256(pt)
+	clear(pt)
+	if subtle.ConstantTimeCompare(sum[:], p.GetPlaintextSha256()) != 1 {
+		res.Detail = "decrypted, but the plaintext's SHA-256 does not match plaintext_sha256"
+		return res
+	}
+	res.Ok = true
+	return res
+}

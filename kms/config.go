@@ -1,0 +1,142 @@
+package kms
+
+import (
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/rootkms/fsm"
+)
+
+// Config configures a regional KMS server. Zero values of optional fields
+// mean the documented defaults.
+type Config struct {
+	// Region is the region this server serves; its bundles must name it, and
+	// its identity (Source) is a KMS of it (kms/<region>/<name>).
+	Region string
+	// StateDir holds the last applied signed bundle (bundle.pb, mode 0600).
+	// It holds only wrapped material.
+	StateDir string
+	// Source is the server's identity (mTLS).
+	Source *identity.Source
+	// RegionKeys fetches the region's master key versions (the root KMS in
+	// production). It is called at boot and when a bundle needs a region key
+	// version the server does not hold; never on the request path.
+	RegionKeys RegionKeys
+	// SigningKeys are the pinned bundle-signing public keys.
+	SigningKeys []ed25519.PublicKey
+	// Admins may call KMSAdmin (default: regionctl/*/* of the server's trust
+	// domain).
+	Admins identity.Allowlist
+	// Audit receives a record for every call (fail closed).
+	Audit *audit.Log
+	// Logger receives operational logs (nil: discard).
+	Logger *slog.Logger
+	// MaxBatch bounds the items of EncryptBatch and DecryptBatch (0: 1000).
+	MaxBatch int
+	// MaxPayload bounds a plaintext and an associated data, and (plus the
+	// AEAD's overhead) a ciphertext (0: 64 KiB).
+	MaxPayload int
+	// MaxRecvMsgSize bounds every request on the wire, including bundles and
+	// batches (0: 64 MiB: MaxBatch DEK-sized items, or a bundle of about 100k
+	// keysets). Larger requests fail with RESOURCE_EXHAUSTED.
+	MaxRecvMsgSize int
+	// FetchTimeout bounds one RegionKeys.Fetch (0: 10s).
+	FetchTimeout time.Duration
+	// RetryMin and RetryMax bound the jittered backoff between boot-time
+	// region key fetches (0: 200ms and 5s).
+	RetryMin, RetryMax time.Duration
+	// Registry is a *prometheus.Registry that receives the server's metrics
+	// (nil: a registry of its own; never the global one). Handler serves it.
+	Registry *promRegistry
+	// Now is the clock of usage records and the Safety check (nil: time.Now).
+	Now func() time.Time
+}
+
+// Defaults.
+const (
+	DefaultMaxBatch       = 1000
+	DefaultMaxPayload     = 64 << 10
+	DefaultMaxRecvMsgSize = 64 << 20
+	DefaultFetchTimeout   = 10 * time.Second
+	DefaultRetryMin       = 200 * time.Millisecond
+	DefaultRetryMax       = 5 * time.Second
+)
+
+// Validate reports a configuration that cannot work.
+func (c Config) Validate() error {
+	var errs []error
+	if err := fsm.ValidRegionName(c.Region); err != nil {
+		errs = append(errs, fmt.Errorf("kms: region: %w", err))
+	}
+	if c.StateDir == "" {
+		errs = append(errs, errors.New("kms: no state directory"))
+	}
+	if c.Source == nil {
+		errs = append(errs, errors.New("kms: no identity source"))
+	} else if id := c.Source.ID(); id.Tier() != identity.TierKMS || id.Region() != c.Region {
+		errs = append(errs, fmt.Errorf("kms: identity %s is not a KMS of region %q (want kms/%s/<name>)", id, c.Region, c.Region))
+	}
+	if c.RegionKeys == nil {
+		errs = append(errs, errors.New("kms: no region key source"))
+	}
+	if len(c.SigningKeys) == 0 {
+		errs = append(errs, errors.New("kms: no pinned bundle-signing keys"))
+	}
+	for i, k := range c.SigningKeys {
+		if len(k) != ed25519.PublicKeySize {
+			errs = append(errs, fmt.Errorf("kms: signing key %d is %d bytes, want %d", i, len(k), ed25519.PublicKeySize))
+		}
+	}
+	if c.Audit == nil {
+		errs = append(errs, errors.New("kms: no audit log"))
+	}
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"MaxBatch", int64(c.MaxBatch)}, {"MaxPayload", int64(c.MaxPayload)}, {"MaxRecvMsgSize", int64(c.MaxRecvMsgSize)},
+		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("kms: negative %s", f.name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) setDefaults() error {
+	if len(c.Admins.Patterns()) == 0 {
+		a, err := identity.ParseAllowlist(c.Source.TrustDomain(), "regionctl/*/*")
+		if err != nil {
+			return err
+		}
+		c.Admins = a
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	def := func(p *int, v int) {
+		if *p == 0 {
+			*p = v
+		}
+	}
+	def(&c.MaxBatch, DefaultMaxBatch)
+	def(&c.MaxPayload, DefaultMaxPayload)
+	def(&c.MaxRecvMsgSize, DefaultMaxRecvMsgSize)
+	defd := func(p *time.Duration, v time.Duration) {
+		if *p == 0 {
+			*p = v
+		}
+	}
+	defd(&c.FetchTimeout, DefaultFetchTimeout)
+	defd(&c.RetryMin, DefaultRetryMin)
+	defd(&c.RetryMax, DefaultRetryMax)
+	c.RetryMax = max(c.RetryMax, c.RetryMin)
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return nil
+}

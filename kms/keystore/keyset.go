@@ -1,0 +1,223 @@
+package keystore
+
+import (
+	"encoding/binary"
+	"sync/atomic"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/tink"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+)
+
+// Op is a data-plane operation a keyset's ACL grants separately.
+type Op int
+
+// The operations of a keyset's ACL (bundlev1.Acl's fields).
+const (
+	OpEncrypt Op = iota
+	OpDecrypt
+	OpGenerateDataKey
+	OpRewrap
+	numOps
+)
+
+var opNames = [numOps]string{"encrypt", "decrypt", "generate_data_key", "rewrap"}
+
+// String returns the ACL field name of op, e.g. "generate_data_key".
+func (op Op) String() string {
+	if op < 0 || op >= numOps {
+		return "unknown"
+	}
+	return opNames[op]
+}
+
+// tinkPrefix is the first byte of a TINK output prefix; the 4 bytes after it
+// are the big-endian key ID.
+const (
+	tinkPrefix    = 0x01
+	tinkPrefixLen = 5
+)
+
+// KeyIDOf returns the key ID named by a ciphertext's TINK prefix.
+func KeyIDOf(ciphertext []byte) (uint32, bool) {
+	if len(ciphertext) < tinkPrefixLen || ciphertext[0] != tinkPrefix {
+		return 0, false
+	}
+	return binary.BigEndian.Uint32(ciphertext[1:tinkPrefixLen]), true
+}
+
+// Keyset is one loaded customer keyset: immutable once built, safe for
+// concurrent use. Only its versions' usage counters change.
+type Keyset struct {
+	name     string
+	aead     tink.AEAD
+	primary  *Version
+	versions []*Version // in keyset order; a handful, so a scan beats a map
+	acl      [numOps]identity.Allowlist
+	ttl      time.Duration
+}
+
+// Name returns the keyset's name.
+func (k *Keyset) Name() string { return k.name }
+
+// Primary returns the version new encryptions use.
+func (k *Keyset) Primary() *Version { return k.primary }
+
+// CiphertextTTL returns how long a ciphertext of the keyset must stay
+// decryptable.
+func (k *Keyset) CiphertextTTL() time.Duration { return k.ttl }
+
+// Versions returns the keyset's versions in keyset order. The caller must not
+// modify the slice.
+func (k *Keyset) Versions() []*Version { return k.versions }
+
+// Version returns the version with the given Tink key ID.
+func (k *Keyset) Version(keyID uint32) (*Version, bool) {
+	for _, v := range k.versions {
+		if v.keyID == keyID {
+			return v, true
+		}
+	}
+	return nil, false
+}
+
+// Allows reports whether id may perform op with this keyset. It does not
+// allocate. An empty ACL allows nobody.
+func (k *Keyset) Allows(op Op, id identity.ID) bool {
+	if op < 0 || op >= numOps {
+		return false
+	}
+	return k.acl[op].Allows(id)
+}
+
+// Encrypt encrypts plaintext under the primary version and records the use
+// at now. It returns the ciphertext (TINK prefix first) and the primary.
+func (k *Keyset) Encrypt(plaintext, associatedData []byte, now time.Time) ([]byte, *Version, error) {
+	ct, err := k.aead.Encrypt(plaintext, associatedData)
+	if err != nil {
+		return nil, nil, ErrEncrypt
+	}
+	k.primary.usage.record(useEncrypt, now)
+	return ct, k.primary, nil
+}
+
+// Decrypt decrypts a ciphertext made under any version the keyset holds
+// enabled, and records the use of that version at now. Every failure is
+// ErrDecrypt: which check failed is not told.
+func (k *Keyset) Decrypt(ciphertext, associatedData []byte, now time.Time) ([]byte, *Version, error) {
+	pt, v, err := k.open(ciphertext, associatedData)
+	if err != nil {
+		return nil, v, err
+	}
+	v.usage.record(useDecrypt, now)
+	return pt, v, nil
+}
+
+// ProbeDecrypt is Decrypt without recording a use: golden probes run forever
+// and must not keep a version looking used (which would block its
+// retirement by the Safety check).
+func (k *Keyset) ProbeDecrypt(ciphertext, associatedData []byte) ([]byte, *Version, error) {
+	return k.open(ciphertext, associatedData)
+}
+
+// open routes a ciphertext to its version by the TINK prefix. It returns the
+// version the prefix names (if the keyset has it) even when decryption fails,
+// for the audit record.
+func (k *Keyset) open(ciphertext, associatedData []byte) ([]byte, *Version, error) {
+	id, ok := KeyIDOf(ciphertext)
+	if !ok {
+		return nil, nil, ErrDecrypt
+	}
+	v, ok := k.Version(id)
+	if !ok {
+		return nil, nil, ErrDecrypt
+	}
+	if !v.Decrypts() {
+		return nil, v, ErrDecrypt
+	}
+	pt, err := k.aead.Decrypt(ciphertext, associatedData)
+	if err != nil {
+		return nil, v, ErrDecrypt
+	}
+	return pt, v, nil
+}
+
+// Version is one key of a keyset, as the decrypted keyset says it is.
+type Version struct {
+	keyID  uint32
+	status cryptov1.KeyStatus
+	usage  *Usage // shared with the same version of earlier and later snapshots
+}
+
+// KeyID returns the version's Tink key ID.
+func (v *Version) KeyID() uint32 { return v.keyID }
+
+// Status returns the version's status: PRIMARY, ENABLED, DISABLED or
+// DESTROYED.
+func (v *Version) Status() cryptov1.KeyStatus { return v.status }
+
+// Decrypts reports whether the version can decrypt (PRIMARY or ENABLED).
+func (v *Version) Decrypts() bool { return decrypts(v.status) }
+
+// Usage returns the version's usage so far (on this server, since it was
+// first loaded).
+func (v *Version) Usage() UsageSnapshot { return v.usage.snapshot() }
+
+func decrypts(s cryptov1.KeyStatus) bool {
+	return s == cryptov1.KeyStatus_KEY_STATUS_PRIMARY || s == cryptov1.KeyStatus_KEY_STATUS_ENABLED
+}
+
+// Usage counts the uses of one key version. It is shared by every snapshot
+// holding that version, so history survives bundle swaps.
+type Usage struct {
+	encrypts atomic.Uint64
+	decrypts atomic.Uint64
+	last     atomic.Int64 // unix nanoseconds of the last use; 0: never
+}
+
+type useKind int
+
+const (
+	useEncrypt useKind = iota
+	useDecrypt
+)
+
+// lastUseGranularity bounds how often the shared last-use word is written:
+// under load every request would otherwise write the same cache line.
+const lastUseGranularity = time.Millisecond
+
+func (u *Usage) record(kind useKind, now time.Time) {
+	if kind == useEncrypt {
+		u.encrypts.Add(1)
+	} else {
+		u.decrypts.Add(1)
+	}
+	n := now.UnixNano()
+	// Round up, so the recorded last use is never earlier than the real one
+	// (the Safety check counts the TTL from it).
+	n += int64(lastUseGranularity) - 1
+	n -= n % int64(lastUseGranularity)
+	for {
+		old := u.last.Load()
+		if old >= n || u.last.CompareAndSwap(old, n) {
+			return
+		}
+	}
+}
+
+// UsageSnapshot is a copy of a version's usage counters.
+type UsageSnapshot struct {
+	Encrypts, Decrypts uint64
+	// LastUse is the last use, rounded up to the millisecond; zero if never.
+	LastUse time.Time
+}
+
+func (u *Usage) snapshot() UsageSnapshot {
+	s := UsageSnapshot{Encrypts: u.encrypts.Load(), Decrypts: u.decrypts.Load()}
+	if n := u.last.Load(); n != 0 {
+		s.LastUse = time.Unix(0, n).UTC()
+	}
+	return s
+}

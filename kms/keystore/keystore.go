@@ -1,0 +1,199 @@
+// Package keystore is the regional KMS's keysets in RAM: an immutable
+// snapshot built from one verified config bundle and the region key versions
+// that encrypt its keysets. It imports no gRPC.
+//
+// A Store is built off to the side (Build decrypts every keyset and refuses
+// the whole bundle if any one fails), checked against the Store served now
+// (CheckSafety), and then swapped in by its owner with an atomic pointer.
+// Requests only read it: a map lookup for the keyset, an allocation-free ACL
+// match, the Tink AEAD, and atomic usage counters. The counters of a key
+// version are shared by every snapshot that holds it, so usage history
+// survives bundle updates.
+package keystore
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+	"sync"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/tink-crypto/tink-go/v2/aead"
+	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
+	"github.com/tink-crypto/tink-go/v2/tink"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/keysets"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	"github.com/cairnkms/cairn/regionctl/bundle"
+)
+
+// Errors callers branch on (the KMS maps them to gRPC codes in one table).
+var (
+	// ErrDecrypt is the one error of every ciphertext that does not decrypt:
+	// unknown or disabled version, wrong associated data, truncated,
+	// tampered or garbage. Telling these apart would be an oracle.
+	ErrDecrypt = errors.New("keystore: ciphertext does not decrypt")
+	// ErrEncrypt is an encryption failure inside the AEAD (not expected).
+	ErrEncrypt = errors.New("keystore: encryption failed")
+	// ErrBuild wraps every reason Build refuses a bundle.
+	ErrBuild = errors.New("keystore: bundle refused")
+)
+
+// Store is one immutable snapshot of every keyset a bundle holds.
+type Store struct {
+	keysets map[string]*Keyset
+	names   []string // sorted
+}
+
+// Keyset returns the named keyset.
+func (s *Store) Keyset(name string) (*Keyset, bool) {
+	k, ok := s.keysets[name]
+	return k, ok
+}
+
+// Len returns the number of keysets.
+func (s *Store) Len() int { return len(s.names) }
+
+// Keysets returns the keysets in name order.
+func (s *Store) Keysets() []*Keyset {
+	out := make([]*Keyset, len(s.names))
+	for i, n := range s.names {
+		out[i] = s.keysets[n]
+	}
+	return out
+}
+
+// Build decrypts every keyset of b (which bundle.Verify has validated) with
+// the region key versions in regionKeys and returns a new Store. Versions
+// that prev also holds (same keyset name and key ID) share prev's usage
+// counters. Any failure refuses the whole bundle, wrapping ErrBuild, with a
+// message naming the keyset.
+//
+// What a keyset holds is taken from the decrypted keyset only; the
+// EncryptedKeyset's public metadata (primary, key IDs, statuses) is an
+// unauthenticated hint, and a hint that disagrees with the contents refuses
+// the bundle. Every key must use the TINK output prefix, which routes
+// ciphertexts to versions.
+func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store) (*Store, error) {
+	td, err := bundle.TrustDomain(b)
+	if err != nil {
+		return nil, fmt.Errorf("%w: created_by: %v", ErrBuild, err)
+	}
+	cfgs := b.GetKeysets()
+	out := &Store{keysets: make(map[string]*Keyset, len(cfgs)), names: make([]string, 0, len(cfgs))}
+	built := make([]*Keyset, len(cfgs))
+	errs := make([]error, len(cfgs))
+
+	// Decrypting and building AEADs is CPU-bound and independent per
+	// keyset: spread it over the CPUs (100k keysets must load in seconds).
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(cfgs)/64))
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < len(cfgs); i += workers {
+				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), td, regionKeys, prev)
+			}
+		})
+	}
+	wg.Wait()
+	for i, k := range built {
+		if errs[i] != nil {
+			return nil, fmt.Errorf("%w: keyset %q: %v", ErrBuild, cfgs[i].GetName(), errs[i])
+		}
+		if _, dup := out.keysets[k.name]; dup {
+			return nil, fmt.Errorf("%w: keyset %q appears twice", ErrBuild, k.name)
+		}
+		out.keysets[k.name] = k
+		out.names = append(out.names, k.name)
+	}
+	slices.Sort(out.names)
+	return out, nil
+}
+
+func buildKeyset(cfg *bundlev1.KeysetConfig, region string, td spiffeid.TrustDomain, regionKeys map[uint32]tink.AEAD, prev *Store) (*Keyset, error) {
+	ek := cfg.GetKeyset()
+	switch {
+	case ek == nil:
+		return nil, errors.New("no encrypted keyset")
+	case ek.GetName() != cfg.GetName() || ek.GetRegion() != region:
+		return nil, fmt.Errorf("encrypted keyset is %q for region %q", ek.GetName(), ek.GetRegion())
+	case cfg.GetCiphertextTtl().AsDuration() <= 0:
+		return nil, errors.New("ciphertext TTL must be positive")
+	}
+	rk, ok := regionKeys[ek.GetRegionKeyVersion()]
+	if !ok {
+		return nil, fmt.Errorf("region key version %d is not available", ek.GetRegionKeyVersion())
+	}
+	h, err := keysets.Decrypt(ek, rk)
+	if err != nil {
+		return nil, fmt.Errorf("region key version %d: %v", ek.GetRegionKeyVersion(), err)
+	}
+	info := h.KeysetInfo()
+	k := &Keyset{name: cfg.GetName(), ttl: cfg.GetCiphertextTtl().AsDuration()}
+	var before *Keyset
+	if prev != nil {
+		before = prev.keysets[k.name]
+	}
+	hints := ek.GetVersions()
+	if len(hints) != len(info.GetKeyInfo()) {
+		return nil, errors.New("public metadata does not match the keyset's contents")
+	}
+	for i, ki := range info.GetKeyInfo() {
+		if ki.GetOutputPrefixType() != tinkpb.OutputPrefixType_TINK {
+			return nil, fmt.Errorf("key %d has output prefix %v; only TINK-prefixed keys are served", ki.GetKeyId(), ki.GetOutputPrefixType())
+		}
+		st, err := statusOf(ki, info.GetPrimaryKeyId())
+		if err != nil {
+			return nil, fmt.Errorf("key %d: %v", ki.GetKeyId(), err)
+		}
+		if hints[i].GetKeyId() != ki.GetKeyId() || hints[i].GetStatus() != st {
+			return nil, fmt.Errorf("public metadata says key %d is %v; the keyset says key %d is %v", hints[i].GetKeyId(), hints[i].GetStatus(), ki.GetKeyId(), st)
+		}
+		v := &Version{keyID: ki.GetKeyId(), status: st}
+		if before != nil {
+			if old, ok := before.Version(v.keyID); ok {
+				v.usage = old.usage
+			}
+		}
+		if v.usage == nil {
+			v.usage = new(Usage)
+		}
+		if st == cryptov1.KeyStatus_KEY_STATUS_PRIMARY {
+			k.primary = v
+		}
+		k.versions = append(k.versions, v)
+	}
+	if k.primary == nil {
+		return nil, errors.New("no primary key")
+	}
+	if k.aead, err = aead.New(h); err != nil {
+		return nil, fmt.Errorf("building the AEAD: %v", err)
+	}
+	acl := cfg.GetAcl()
+	for op, patterns := range [numOps][]string{acl.GetEncrypt(), acl.GetDecrypt(), acl.GetGenerateDataKey(), acl.GetRewrap()} {
+		if k.acl[op], err = identity.ParseAllowlist(td, patterns...); err != nil {
+			return nil, fmt.Errorf("ACL %s: %v", Op(op), err)
+		}
+	}
+	return k, nil
+}
+
+// statusOf is a key's status as cryptov1 names it, the way keysets.Encrypt
+// writes the public metadata.
+func statusOf(ki *tinkpb.KeysetInfo_KeyInfo, primary uint32) (cryptov1.KeyStatus, error) {
+	switch ki.GetStatus() {
+	case tinkpb.KeyStatusType_ENABLED:
+		if ki.GetKeyId() == primary {
+			return cryptov1.KeyStatus_KEY_STATUS_PRIMARY, nil
+		}
+		return cryptov1.KeyStatus_KEY_STATUS_ENABLED, nil
+	case tinkpb.KeyStatusType_DISABLED:
+		return cryptov1.KeyStatus_KEY_STATUS_DISABLED, nil
+	case tinkpb.KeyStatusType_DESTROYED:
+		return cryptov1.KeyStatus_KEY_STATUS_DESTROYED, nil
+	}
+	return 0, fmt.Errorf("unknown status %v", ki.GetStatus())
+}

@@ -1,0 +1,501 @@
+package keystore_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/aead"
+	"github.com/tink-crypto/tink-go/v2/keyset"
+	"github.com/tink-crypto/tink-go/v2/tink"
+	"go.uber.org/goleak"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/kms/keystore"
+	"github.com/cairnkms/cairn/kms/kmstest"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const region = "us-east"
+
+var (
+	app      = identity.MustParse("spiffe://cairn.test/client/us-east/app")
+	intruder = identity.MustParse("spiffe://cairn.test/client/us-east/intruder")
+	t0       = time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
+)
+
+// fixture is a region with one key version and helpers to build stores.
+type fixture struct {
+	keys *kmstest.RegionKeys
+}
+
+func newFixture(t *testing.T) *fixture {
+	f := &fixture{keys: kmstest.NewRegionKeys()}
+	f.keys.AddVersion(t, region)
+	return f
+}
+
+func (f *fixture) regionKeys(t *testing.T) map[uint32]tink.AEAD {
+	t.Helper()
+	m, err := f.keys.Fetch(t.Context(), region)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func (f *fixture) build(t *testing.T, prev *keystore.Store, kss ...*kmstest.Keyset) *keystore.Store {
+	t.Helper()
+	s, err := keystore.Build(kmstest.Bundle(t, f.keys, region, 1, kss...), f.regionKeys(t), prev)
+	if err != nil {
+		t.Fatalf("Build = %v", err)
+	}
+	return s
+}
+
+func mustKeyset(t *testing.T, s *keystore.Store, name string) *keystore.Keyset {
+	t.Helper()
+	k, ok := s.Keyset(name)
+	if !ok {
+		t.Fatalf("Keyset(%q) missing", name)
+	}
+	return k
+}
+
+func TestBuildFromDecryptedKeyset(t *testing.T) {
+	f := newFixture(t)
+	ks := kmstest.NewKeyset(t, "payments/ledger", &bundlev1.Acl{Encrypt: []string{"client/us-east/app"}, Decrypt: []string{"spiffe://cairn.test/client/*/*"}})
+	old := ks.Primary()
+	added := ks.AddVersion(t)
+	third := ks.AddVersion(t)
+	ks.Disable(t, third)
+	other := kmstest.NewKeyset(t, "search/index", nil)
+	s := f.build(t, nil, ks, other)
+
+	if got := s.Len(); got != 2 {
+		t.Errorf("Len() = %d, want 2", got)
+	}
+	if got := []string{s.Keysets()[0].Name(), s.Keysets()[1].Name()}; got[0] != "payments/ledger" || got[1] != "search/index" {
+		t.Errorf("Keysets() = %v, want sorted names", got)
+	}
+	k := mustKeyset(t, s, "payments/ledger")
+	if got := k.Primary().KeyID(); got != old {
+		t.Errorf("Primary() = %d, want %d", got, old)
+	}
+	if got := k.CiphertextTTL(); got != kmstest.DefaultTTL {
+		t.Errorf("CiphertextTTL() = %v, want %v", got, kmstest.DefaultTTL)
+	}
+	for _, tt := range []struct {
+		id   uint32
+		want cryptov1.KeyStatus
+	}{
+		{old, cryptov1.KeyStatus_KEY_STATUS_PRIMARY},
+		{added, cryptov1.KeyStatus_KEY_STATUS_ENABLED},
+		{third, cryptov1.KeyStatus_KEY_STATUS_DISABLED},
+	} {
+		v, ok := k.Version(tt.id)
+		if !ok || v.Status() != tt.want {
+			t.Errorf("Version(%d) = %v, %v; want status %v", tt.id, v, ok, tt.want)
+		}
+	}
+	if _, ok := s.Keyset("payments/other"); ok {
+		t.Errorf(`Keyset("payments/other") found, want missing`)
+	}
+
+	acl := []struct {
+		op   keystore.Op
+		id   identity.ID
+		want bool
+	}{
+		{keystore.OpEncrypt, app, true},
+		{keystore.OpEncrypt, intruder, false},
+		{keystore.OpDecrypt, intruder, true}, // client/*/*
+		{keystore.OpGenerateDataKey, app, false},
+		{keystore.OpRewrap, app, false},
+		{keystore.OpEncrypt, identity.ID{}, false},
+		{keystore.Op(99), app, false},
+	}
+	for _, tt := range acl {
+		if got := k.Allows(tt.op, tt.id); got != tt.want {
+			t.Errorf("Allows(%v, %v) = %v, want %v", tt.op, tt.id, got, tt.want)
+		}
+	}
+	if got := mustKeyset(t, s, "search/index").Allows(keystore.OpDecrypt, app); got {
+		t.Errorf("Allows on an empty ACL = true, want false (default deny)")
+	}
+}
+
+func TestBuildRefuses(t *testing.T) {
+	f := newFixture(t)
+	otherKeys := kmstest.NewRegionKeys()
+	otherKeys.AddVersion(t, region)
+	otherKeys.AddVersion(t, "eu-west")
+	tests := []struct {
+		name   string
+		mutate func(t *testing.T, b *bundlev1.Bundle)
+		want   string
+	}{
+		{"wrong region key", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0] = ks(t, "a/b").Config(t, otherKeys, region, 1)
+		}, `keyset "a/b": region key version 1: keysets: encrypted keyset does not decrypt`},
+		{"encrypted for another region", func(t *testing.T, b *bundlev1.Bundle) {
+			k := ks(t, "a/b")
+			k.Region = "eu-west"
+			b.Keysets[0] = k.Config(t, otherKeys, region, 1)
+		}, `keyset "a/b": region key version 1`},
+		{"claims another region", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Keyset.Region = "eu-west"
+		}, `keyset "a/b": encrypted keyset is "a/b" for region "eu-west"`},
+		{"renamed", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Name = "a/c"
+		}, `keyset "a/c": encrypted keyset is "a/b"`},
+		{"region key version not held", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Keyset.RegionKeyVersion = 7
+		}, `region key version 7 is not available`},
+		{"hint status lies", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Keyset.Versions[1].Status = cryptov1.KeyStatus_KEY_STATUS_PRIMARY
+		}, `public metadata says key`},
+		{"hint id lies", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Keyset.Versions[1].KeyId++
+		}, `public key IDs do not match its contents`},
+		{"hint drops a version", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Keyset.Versions = b.Keysets[0].Keyset.Versions[:1]
+		}, `public metadata`},
+		{"tampered ciphertext", func(t *testing.T, b *bundlev1.Bundle) {
+			c := b.Keysets[0].Keyset.Ciphertext
+			c[len(c)-1] ^= 1
+		}, `keyset "a/b": region key version 1`},
+		{"zero TTL", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].CiphertextTtl = nil
+		}, `ciphertext TTL must be positive`},
+		{"bad ACL pattern", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets[0].Acl = &bundlev1.Acl{Rewrap: []string{"client/us-*/app"}}
+		}, `ACL rewrap`},
+		{"no created_by", func(t *testing.T, b *bundlev1.Bundle) {
+			b.CreatedBy = ""
+		}, `created_by`},
+		{"duplicate keyset", func(t *testing.T, b *bundlev1.Bundle) {
+			b.Keysets = append(b.Keysets, b.Keysets[0])
+		}, `keyset "a/b" appears twice`},
+		{"RAW key", func(t *testing.T, b *bundlev1.Bundle) {
+			h, err := keyset.NewHandle(aead.AES256GCMNoPrefixKeyTemplate())
+			if err != nil {
+				t.Fatal(err)
+			}
+			ek, err := keysets.Encrypt(h, "a/b", region, 1, f.keys.AEAD(t, region, 1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.Keysets[0].Keyset = ek
+		}, `only TINK-prefixed keys are served`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := ks(t, "a/b")
+			k.AddVersion(t)
+			b := kmstest.Bundle(t, f.keys, region, 1, k)
+			tt.mutate(t, b)
+			s, err := keystore.Build(b, f.regionKeys(t), nil)
+			if !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Build(%s) = %v, %v; want ErrBuild containing %q", tt.name, s, err, tt.want)
+			}
+		})
+	}
+}
+
+func ks(t *testing.T, name string) *kmstest.Keyset {
+	return kmstest.NewKeyset(t, name, kmstest.ACL("client/us-east/app"))
+}
+
+func TestEncryptDecrypt(t *testing.T) {
+	f := newFixture(t)
+	k1 := ks(t, "payments/ledger")
+	first := k1.Primary()
+	second := k1.AddVersion(t)
+	s1 := f.build(t, nil, k1)
+	k := mustKeyset(t, s1, "payments/ledger")
+
+	ct, v, err := k.Encrypt([]byte("dek"), []byte("ad"), t0)
+	if err != nil || v.KeyID() != first {
+		t.Fatalf("Encrypt = %v, %v; want primary %d", v, err, first)
+	}
+	if id, ok := keystore.KeyIDOf(ct); !ok || id != first {
+		t.Errorf("KeyIDOf(ciphertext) = %d, %v; want %d", id, ok, first)
+	}
+	pt, v, err := k.Decrypt(ct, []byte("ad"), t0)
+	if err != nil || !bytes.Equal(pt, []byte("dek")) || v.KeyID() != first {
+		t.Fatalf("Decrypt = %q, %v, %v; want dek from %d", pt, v, err, first)
+	}
+
+	// Promote the second version and disable the first: old ciphertexts no
+	// longer decrypt, new ones are made under the second.
+	k1.SetPrimary(t, second)
+	k1.Disable(t, first)
+	s2 := f.build(t, s1, k1)
+	k = mustKeyset(t, s2, "payments/ledger")
+	ct2, v, err := k.Encrypt([]byte("dek"), nil, t0)
+	if err != nil || v.KeyID() != second {
+		t.Fatalf("Encrypt after promotion = %v, %v; want %d", v, err, second)
+	}
+
+	other := f.build(t, nil, ks(t, "payments/ledger"))
+	otherCT, _, err := mustKeyset(t, other, "payments/ledger").Encrypt([]byte("dek"), []byte("ad"), t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flipped := bytes.Clone(ct2)
+	flipped[len(flipped)-1] ^= 1
+	garbage := make([]byte, 64)
+	rand.Read(garbage)
+	bad := []struct {
+		name   string
+		ct, ad []byte
+	}{
+		{"disabled version", ct, []byte("ad")},
+		{"wrong ad", ct2, []byte("ad")},
+		{"truncated", ct2[:len(ct2)-1], nil},
+		{"prefix only", ct2[:5], nil},
+		{"empty", nil, nil},
+		{"garbage", garbage, nil},
+		{"flipped", flipped, nil},
+		{"another keyset", otherCT, []byte("ad")},
+		{"legacy prefix", append([]byte{0}, ct2[1:]...), nil},
+	}
+	for _, tt := range bad {
+		if pt, _, err := k.Decrypt(tt.ct, tt.ad, t0); err != keystore.ErrDecrypt {
+			t.Errorf("Decrypt(%s) = %q, %v; want ErrDecrypt", tt.name, pt, err)
+		}
+	}
+	if pt, v, err := k.Decrypt(ct2, nil, t0); err != nil || v.KeyID() != second || string(pt) != "dek" {
+		t.Errorf("Decrypt(new) = %q, %v, %v", pt, v, err)
+	}
+}
+
+func TestUsageCarriesOverSwaps(t *testing.T) {
+	f := newFixture(t)
+	k1 := ks(t, "payments/ledger")
+	first := k1.Primary()
+	s1 := f.build(t, nil, k1)
+	k := mustKeyset(t, s1, "payments/ledger")
+	ct, _, _ := k.Encrypt([]byte("x"), nil, t0)
+	k.Encrypt([]byte("x"), nil, t0.Add(time.Second))
+	k.Decrypt(ct, nil, t0.Add(2*time.Second))
+	k.ProbeDecrypt(ct, nil) // not a use
+
+	second := k1.AddVersion(t)
+	s2 := f.build(t, s1, k1)
+	k = mustKeyset(t, s2, "payments/ledger")
+	v1, _ := k.Version(first)
+	want := keystore.UsageSnapshot{Encrypts: 2, Decrypts: 1, LastUse: t0.Add(2 * time.Second)}
+	if got := v1.Usage(); got != want {
+		t.Errorf("Usage(%d) after swap = %+v, want %+v", first, got, want)
+	}
+	v2, _ := k.Version(second)
+	if got := v2.Usage(); got != (keystore.UsageSnapshot{}) {
+		t.Errorf("Usage(new version %d) = %+v, want zero", second, got)
+	}
+	// The counters are shared: a use through the new snapshot shows in the old.
+	k.Decrypt(ct, nil, t0.Add(3*time.Second))
+	old, _ := mustKeyset(t, s1, "payments/ledger").Version(first)
+	if got := old.Usage().Decrypts; got != 2 {
+		t.Errorf("Decrypts seen through the old snapshot = %d, want 2", got)
+	}
+	// A keyset dropped and added again starts afresh.
+	s3 := f.build(t, s2)
+	s4 := f.build(t, s3, k1)
+	if v, _ := mustKeyset(t, s4, "payments/ledger").Version(first); v.Usage().Decrypts != 0 {
+		t.Errorf("Usage after drop and re-add = %+v, want zero", v.Usage())
+	}
+}
+
+func TestLastUseRoundsUp(t *testing.T) {
+	f := newFixture(t)
+	s := f.build(t, nil, ks(t, "a/b"))
+	k := mustKeyset(t, s, "a/b")
+	at := t0.Add(1500 * time.Microsecond)
+	k.Encrypt(nil, nil, at)
+	k.Encrypt(nil, nil, t0) // earlier: never moves last use back
+	if got, want := k.Primary().Usage().LastUse, t0.Add(2*time.Millisecond); !got.Equal(want) {
+		t.Errorf("LastUse = %v, want %v (rounded up, never back)", got, want)
+	}
+}
+
+func TestCheckSafety(t *testing.T) {
+	const ttl = kmstest.DefaultTTL
+	type step func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset
+	keep := func(t *testing.T, k *kmstest.Keyset, _ uint32) []*kmstest.Keyset { return []*kmstest.Keyset{k} }
+	dropKeyset := func(*testing.T, *kmstest.Keyset, uint32) []*kmstest.Keyset { return nil }
+	rotateAndDelete := func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset {
+		k.SetPrimary(t, k.AddVersion(t))
+		k.Delete(t, first)
+		return []*kmstest.Keyset{k}
+	}
+	rotateAndDisable := func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset {
+		k.SetPrimary(t, k.AddVersion(t))
+		k.Disable(t, first)
+		return []*kmstest.Keyset{k}
+	}
+	tests := []struct {
+		name   string
+		used   bool
+		now    time.Duration // after the use
+		change step
+		want   string // "" : safe
+	}{
+		{"unchanged", true, 0, keep, ""},
+		{"keyset dropped in TTL", true, time.Hour, dropKeyset, "(keyset dropped)"},
+		{"version deleted in TTL", true, ttl - time.Second, rotateAndDelete, "(version dropped)"},
+		{"version disabled in TTL", true, time.Minute, rotateAndDisable, "(version disabled)"},
+		{"version deleted after TTL", true, ttl, rotateAndDelete, ""},
+		{"keyset dropped after TTL", true, ttl + time.Hour, dropKeyset, ""},
+		{"never used", false, 0, rotateAndDelete, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t)
+			k := ks(t, "payments/ledger")
+			first := k.Primary()
+			cur := f.build(t, nil, k)
+			if tt.used {
+				mustKeyset(t, cur, "payments/ledger").Encrypt([]byte("x"), nil, t0)
+			}
+			next := f.build(t, cur, tt.change(t, k, first)...)
+			err := keystore.CheckSafety(cur, next, t0.Add(tt.now))
+			if tt.want == "" {
+				if err != nil {
+					t.Errorf("CheckSafety = %v, want nil", err)
+				}
+				return
+			}
+			var ue *keystore.UnsafeError
+			if !errors.As(err, &ue) || !errors.Is(err, keystore.ErrUnsafe) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("CheckSafety = %v, want UnsafeError containing %q", err, tt.want)
+			}
+			v := ue.Violations[0]
+			if len(ue.Violations) != 1 || v.Keyset != "payments/ledger" || v.KeyID != first || v.TTL != ttl || !v.LastUse.Equal(t0) {
+				t.Errorf("Violations = %+v, want one for version %d last used %v with TTL %v", ue.Violations, first, t0, ttl)
+			}
+			for _, part := range []string{`"payments/ledger"`, "last used 2026-11-01T12:00:00Z", "ciphertext TTL 24h0m0s", "until 2026-11-02T12:00:00Z"} {
+				if !strings.Contains(err.Error(), part) {
+					t.Errorf("CheckSafety error %q does not say %q", err, part)
+				}
+			}
+		})
+	}
+	if err := keystore.CheckSafety(nil, newFixture(t).build(t, nil), t0); err != nil {
+		t.Errorf("CheckSafety(nil, next) = %v, want nil", err)
+	}
+}
+
+func TestCheckSafetyUsesLongerTTL(t *testing.T) {
+	f := newFixture(t)
+	k := ks(t, "a/b")
+	first := k.Primary()
+	cur := f.build(t, nil, k)
+	mustKeyset(t, cur, "a/b").Decrypt(nil, nil, t0) // a failed decrypt is not a use
+	mustKeyset(t, cur, "a/b").Encrypt(nil, nil, t0)
+	k.TTL = 48 * time.Hour // the new bundle lengthens the TTL
+	k.SetPrimary(t, k.AddVersion(t))
+	k.Delete(t, first)
+	next := f.build(t, cur, k)
+	if err := keystore.CheckSafety(cur, next, t0.Add(30*time.Hour)); !errors.Is(err, keystore.ErrUnsafe) {
+		t.Errorf("CheckSafety 30h after use with TTL 24h→48h = %v, want ErrUnsafe", err)
+	}
+}
+
+func TestManyViolationsAreSummarised(t *testing.T) {
+	f := newFixture(t)
+	var kss []*kmstest.Keyset
+	for _, n := range []string{"a/1", "a/2", "a/3", "a/4", "a/5", "a/6", "a/7"} {
+		kss = append(kss, ks(t, n))
+	}
+	cur := f.build(t, nil, kss...)
+	for _, k := range cur.Keysets() {
+		k.Encrypt(nil, nil, t0)
+	}
+	err := keystore.CheckSafety(cur, f.build(t, cur), t0)
+	var ue *keystore.UnsafeError
+	if !errors.As(err, &ue) || len(ue.Violations) != 7 || !strings.HasSuffix(err.Error(), "; and 2 more") {
+		t.Errorf("CheckSafety(dropping 7 used keysets) = %v, want 7 violations, 5 listed", err)
+	}
+}
+
+// The request path's keystore part (lookup, ACL, usage) must not allocate.
+func TestRequestPathDoesNotAllocate(t *testing.T) {
+	f := newFixture(t)
+	src := ks(t, "payments/ledger")
+	s := f.build(t, nil, src)
+	k := mustKeyset(t, s, "payments/ledger")
+	bare, err := aead.New(src.Handle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct, _, err := k.Encrypt([]byte("0123456789abcdef0123456789abcdef"), nil, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := "payments/ledger"
+	allocs := testing.AllocsPerRun(100, func() {
+		k, ok := s.Keyset(name)
+		if !ok || !k.Allows(keystore.OpDecrypt, app) || k.Allows(keystore.OpDecrypt, intruder) {
+			t.Fatal("lookup or ACL failed")
+		}
+		id, _ := keystore.KeyIDOf(ct)
+		v, _ := k.Version(id)
+		_ = v.Decrypts()
+	})
+	if allocs != 0 {
+		t.Errorf("lookup + ACL + routing allocs = %v, want 0", allocs)
+	}
+	// Decrypt allocates only what the AEAD does.
+	aeadOnly := testing.AllocsPerRun(100, func() { bare.Decrypt(ct, nil) })
+	full := testing.AllocsPerRun(100, func() { k.Decrypt(ct, nil, t0) })
+	if full > aeadOnly {
+		t.Errorf("Keyset.Decrypt allocs = %v, want at most the AEAD's %v", full, aeadOnly)
+	}
+}
+
+func FuzzDecrypt(f *testing.F) {
+	fx := &fixture{keys: kmstest.NewRegionKeys()}
+	fx.keys.AddVersion(f, region)
+	k1 := kmstest.NewKeyset(f, "fuzz/keyset", nil)
+	second := k1.AddVersion(f)
+	k1.Disable(f, second)
+	m, err := fx.keys.Fetch(f.Context(), region)
+	if err != nil {
+		f.Fatal(err)
+	}
+	s, err := keystore.Build(kmstest.Bundle(f, fx.keys, region, 1, k1), m, nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	k, _ := s.Keyset("fuzz/keyset")
+	ct, _, err := k.Encrypt([]byte("seed"), []byte("ad"), t0)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(ct, []byte("ad"))
+	f.Add(ct[:5], []byte(nil))
+	f.Add([]byte{1, 0, 0, 0, 0}, []byte("ad"))
+	f.Add([]byte{}, []byte{})
+	f.Fuzz(func(t *testing.T, c, ad []byte) {
+		pt, v, err := k.Decrypt(c, ad, t0)
+		if err != nil {
+			if err != keystore.ErrDecrypt || pt != nil {
+				t.Fatalf("Decrypt(%x, %x) = %q, %v; want nil, ErrDecrypt", c, ad, pt, err)
+			}
+			return
+		}
+		// Only the seed's ciphertext (or one the fuzzer cannot forge) opens.
+		if !bytes.Equal(c, ct) || !bytes.Equal(ad, []byte("ad")) || string(pt) != "seed" || v.KeyID() != k.Primary().KeyID() {
+			t.Fatalf("Decrypt(%x, %x) = %q, %v; a forged ciphertext decrypted", c, ad, pt, v)
+		}
+	})
+}

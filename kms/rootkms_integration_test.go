@@ -1,0 +1,200 @@
+package kms_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/distributor"
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	"github.com/cairnkms/cairn/internal/secret"
+	"github.com/cairnkms/cairn/kms"
+	"github.com/cairnkms/cairn/kms/kmstest"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/safe"
+	"github.com/cairnkms/cairn/safe/officer"
+)
+
+// TestWithRealRootKMS runs the chain in-process: file safes, genesis, a
+// distributor holding the RMK, a root KMS replica, and two KMS servers that
+// fetch the region key with UnwrapRegionKey (HPKE). With the root KMS and
+// the distributor stopped, both keep serving; a KMS restarted then stays
+// not ready and says why, while the other keeps serving.
+func TestWithRealRootKMS(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	dir := t.TempDir()
+
+	// Genesis into two file safes; a distributor provisioned with the RMK.
+	var safes []safe.Safe
+	for i := range 2 {
+		s, err := safe.OpenFileSafe(safe.FileSafeConfig{Dir: filepath.Join(dir, "safes", fmt.Sprint(i)), Label: fmt.Sprintf("safe-%d", i),
+			Passphrase: secret.New([]byte("test passphrase")), KDFMemoryKiB: 8 * 1024, AttemptDir: filepath.Join(dir, "attempts")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		safes = append(safes, s)
+	}
+	manifest, rmk, err := safe.Genesis(ctx(t), safe.SplitConfig{Threshold: 2, Safes: safes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rmk.Wipe)
+	distDir := filepath.Join(dir, "distributor")
+	distLog, err := audit.Open(filepath.Join(distDir, "audit.log"), audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	officers, _ := identity.ParseAllowlist(identitytest.TrustDomain, "officer/global/*")
+	readers, _ := identity.ParseAllowlist(identitytest.TrustDomain, "rootkms/*/*")
+	d, err := distributor.New(distributor.Config{ManifestPath: filepath.Join(distDir, "genesis.json"),
+		Source: pki.Source("spiffe://cairn.test/distributor/global/distributor-1"), Officers: officers, RootKeyReaders: readers, Audit: distLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	distLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	distDone := make(chan struct{})
+	go func() { defer close(distDone); _ = d.Serve(distLis) }()
+	stopDistributor := func() { d.Close(); <-distDone }
+	t.Cleanup(func() { stopDistributor(); distLog.Close() })
+	officerConn, err := grpc.NewClient(distLis.Addr().String(), grpc.WithTransportCredentials(pki.ClientCredentials("spiffe://cairn.test/officer/global/officer-1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := officer.Provision(ctx(t), distributorv1.NewDistributorClient(officerConn), manifest, rmk); err != nil {
+		t.Fatal(err)
+	}
+	officerConn.Close()
+
+	// One root KMS replica.
+	rootLog, err := audit.Open(filepath.Join(dir, "rootkms", "audit.log"), audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := rootkms.New(rootkms.Config{
+		ID: "rootkms-1", DataDir: filepath.Join(dir, "rootkms", "raft"), Bootstrap: true,
+		Manifest: manifest, Distributors: []string{distLis.Addr().String()},
+		Source: pki.Source("spiffe://cairn.test/rootkms/global/rootkms-1"), Audit: rootLog,
+		HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	apiLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	raftLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	if err := root.Start(apiLis, raftLis); err != nil {
+		t.Fatal(err)
+	}
+	rootStopped := false
+	stopRoot := func() {
+		if !rootStopped {
+			rootStopped = true
+			root.Close()
+		}
+	}
+	t.Cleanup(func() { stopRoot(); rootLog.Close() })
+	if err := root.WaitReady(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	rootAddr := apiLis.Addr().String()
+
+	// regionctl's part: a region, a keyset made inside the root KMS, a bundle.
+	rc := rootkms.NewClient(pki.Source(adminID), []string{rootAddr})
+	defer rc.Close()
+	var ks *rootkmsv1.KeysetResponse
+	err = rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
+		if _, err := c.CreateRegion(ctx, &rootkmsv1.CreateRegionRequest{Region: region}); err != nil {
+			return err
+		}
+		var err error
+		ks, err = c.GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: ledger, Regions: []string{region}})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("CreateRegion + GenerateKeyset = %v", err)
+	}
+	ek := ks.GetKeysets()[0]
+	signer := kmstest.NewSigner(t)
+	sb := signer.Sign(t, &bundlev1.Bundle{
+		FormatVersion: bundle.FormatVersion, Region: region, Serial: 1, RegionKeyVersions: []uint32{ek.GetRegionKeyVersion()},
+		CreatedAt: timestamppb.Now(), CreatedBy: adminID,
+		Keysets: []*bundlev1.KeysetConfig{{
+			Name: ledger, OwnerTeam: "payments", Purpose: bundlev1.Purpose_PURPOSE_ENVELOPE, Keyset: ek,
+			Acl: kmstest.ACL("client/us-east/app"), RotationPeriod: durationpb.New(720 * time.Hour),
+			CiphertextTtl: durationpb.New(24 * time.Hour), Regions: []string{region},
+		}},
+	})
+
+	// Two KMS servers of the region, with the root KMS as their region keys.
+	e := &env{t: t, pki: pki, signer: signer}
+	withRoot := func() serverOpt {
+		return func(c *kms.Config) {
+			rk := kms.NewRootKMSRegionKeys(c.Source, []string{rootAddr})
+			t.Cleanup(rk.Close)
+			c.RegionKeys = rk
+			c.FetchTimeout = 2 * time.Second
+		}
+	}
+	aDir := t.TempDir()
+	a := e.start(kms1ID, aDir, withRoot())
+	b := e.start(kms2ID, "", withRoot())
+	e.apply(a, sb)
+	e.apply(b, sb)
+	ca, cb := e.client(appID, a), e.client(appID, b)
+	enc := encrypt(t, ca, ledger, []byte("dek"), []byte("ad"))
+	if got := decrypt(t, cb, ledger, enc.GetCiphertext(), []byte("ad")).GetPlaintext(); string(got) != "dek" {
+		t.Fatalf("Decrypt on the other server = %q", got)
+	}
+
+	// The root KMS and the distributor go away: serving goes on.
+	stopRoot()
+	stopDistributor()
+	for i := range 50 {
+		c := []kmsv1.KMSClient{ca, cb}[i%2]
+		r := encrypt(t, c, ledger, fmt.Appendf(nil, "dek-%d", i), nil)
+		if got := decrypt(t, []kmsv1.KMSClient{ca, cb}[(i+1)%2], ledger, r.GetCiphertext(), nil).GetPlaintext(); string(got) != fmt.Sprintf("dek-%d", i) {
+			t.Fatalf("round %d with the root KMS down = %q", i, got)
+		}
+	}
+
+	// A restarted KMS cannot fetch the region key: not ready, and says so.
+	a.Close()
+	a2 := e.start(kms1ID, aDir, withRoot())
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, reason := a2.State()
+		if st == kmsv1.ServingState_SERVING_STATE_NOT_READY && strings.Contains(reason, "UnwrapRegionKey") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("restarted KMS state = %v (%s), want NOT_READY naming UnwrapRegionKey", st, reason)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := e.client(appID, a2).Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: enc.GetCiphertext(), AssociatedData: []byte("ad")}); status.Code(err) != codes.Unavailable {
+		t.Errorf("Decrypt on the restarted KMS = %v, want Unavailable", err)
+	}
+	if got := decrypt(t, cb, ledger, enc.GetCiphertext(), []byte("ad")).GetPlaintext(); string(got) != "dek" {
+		t.Errorf("Decrypt on the surviving KMS = %q", got)
+	}
+}

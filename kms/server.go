@@ -1,0 +1,303 @@
+// Package kms is the regional KMS: the server storage systems call to wrap
+// and unwrap their data keys (kms.v1.KMS), and the admin API rollout tooling
+// uses to apply config bundles (kms.v1.KMSAdmin).
+//
+// The server holds its region's customer keysets decrypted in RAM, in one
+// immutable keystore.Store behind an atomic pointer. It loads them from a
+// signed config bundle (persisted in the state directory, so a restart needs
+// no push) and the region master key versions (RegionKeys: the root KMS,
+// once per boot). Once serving, the request path touches only RAM: the root
+// KMS, distributors and safes may all be down.
+//
+// ApplyBundle builds a new Store off to the side and swaps it in only after
+// every check passed and the signed bundle is on disk; a refused bundle
+// changes nothing.
+package kms
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/grpc"
+
+	"github.com/cairnkms/cairn/internal/grpcserver"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/kms/keystore"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/regionctl/bundle"
+)
+
+// Full method names, for the access policy and the audit options.
+const (
+	kmsService   = "/cairn.kms.v1.KMS/"
+	adminService = "/cairn.kms.v1.KMSAdmin/"
+)
+
+// snapshot is everything the server serves, swapped as one: the keystore,
+// the bundle it was built from, and the region key versions it holds.
+// Immutable.
+type snapshot struct {
+	store      *keystore.Store
+	signed     *bundlev1.SignedBundle
+	ref        *bundlev1.BundleRef
+	appliedAt  time.Time
+	regionKeys map[uint32]tink.AEAD
+}
+
+// pending is a verified bundle read from the state directory at Start that
+// is not served yet (its region keys are still being fetched).
+type pending struct {
+	signed *bundlev1.SignedBundle
+	bundle *bundlev1.Bundle
+	ref    *bundlev1.BundleRef
+}
+
+// Server is a regional KMS server: New, Start, then Close.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	grpc    *grpc.Server
+	metrics *metrics
+
+	cur atomic.Pointer[snapshot] // nil until the first bundle is loaded
+
+	// phase and reason say why cur is nil (see GetStatus).
+	phase  atomic.Int32 // kmsv1.ServingState
+	reason atomic.Pointer[string]
+
+	// applyMu serialises every change of cur (ApplyBundle and boot) and
+	// guards floor. The request path never takes it.
+	applyMu sync.Mutex
+	// floor is the bundle a new one must be newer than while nothing is
+	// served: the verified persisted bundle, if any.
+	floor *bundlev1.BundleRef
+
+	startOnce sync.Once
+	closeOnce sync.Once
+	ctx       context.Context // canceled by Close
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+}
+
+// New checks the configuration and prepares a server; it serves nothing
+// until Start.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, "not started")
+
+	member := identity.AllowAny() // the trust domain is enforced by mTLS; keyset ACLs by the handlers
+	policy := identity.Policy{
+		kmsService + "Encrypt":         member,
+		kmsService + "Decrypt":         member,
+		kmsService + "EncryptBatch":    member,
+		kmsService + "DecryptBatch":    member,
+		kmsService + "GenerateDataKey": member,
+		kmsService + "Rewrap":          member,
+		adminService + "ApplyBundle":   cfg.Admins.Authorize,
+		adminService + "GetStatus":     cfg.Admins.Authorize,
+		adminService + "Probe":         cfg.Admins.Authorize,
+	}
+	s.grpc, err = grpcserver.New(grpcserver.Options{
+		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Mutating:       []string{adminService + "ApplyBundle"},
+		Unaudited:      []string{adminService + "GetStatus"},
+		MaxRecvMsgSize: cfg.MaxRecvMsgSize,
+	})
+	if err != nil {
+		return nil, err
+	}
+	kmsv1.RegisterKMSServer(s.grpc, &kmsAPI{s: s})
+	kmsv1.RegisterKMSAdminServer(s.grpc, &adminAPI{s: s})
+	return s, nil
+}
+
+// Start serves on lis and loads the persisted bundle in the background:
+// region keys are fetched with jittered backoff until they arrive or Close.
+// GetStatus answers at once; the data plane answers UNAVAILABLE until the
+// bundle is loaded.
+func (s *Server) Start(lis net.Listener) error {
+	err := errors.New("kms: already started")
+	s.startOnce.Do(func() { err = s.start(lis) })
+	return err
+}
+
+func (s *Server) start(lis net.Listener) error {
+	if err := os.MkdirAll(s.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("kms: state directory: %w", err)
+	}
+	p, err := s.readPersisted()
+	switch {
+	case err != nil:
+		// Not trusted, so it sets no floor: an admin must push a bundle.
+		s.log.Error("kms: the persisted bundle is unusable; waiting for ApplyBundle", "err", err)
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, fmt.Sprintf("the persisted bundle is unusable (%v); waiting for ApplyBundle", err))
+	case p == nil:
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, "no bundle applied yet; waiting for ApplyBundle")
+	default:
+		s.applyMu.Lock()
+		s.floor = p.ref
+		s.applyMu.Unlock()
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, fmt.Sprintf("fetching region keys for bundle serial %d", p.ref.GetSerial()))
+		s.wg.Go(func() { s.bootLoop(p) })
+	}
+	s.wg.Go(func() {
+		if err := s.grpc.Serve(lis); err != nil {
+			s.log.Error("kms: serving stopped", "err", err)
+		}
+	})
+	s.log.Info("kms: started", "addr", lis.Addr().String(), "identity", s.cfg.Source.ID().String())
+	return nil
+}
+
+// readPersisted reads and verifies the persisted bundle (nil if none).
+func (s *Server) readPersisted() (*pending, error) {
+	sb, err := readBundleFile(s.cfg.StateDir)
+	if err != nil || sb == nil {
+		return nil, err
+	}
+	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
+	if err != nil {
+		return nil, err
+	}
+	if b.GetRegion() != s.cfg.Region {
+		return nil, fmt.Errorf("%w: it is for region %q, this server serves %q", errWrongRegion, b.GetRegion(), s.cfg.Region)
+	}
+	return &pending{signed: sb, bundle: b, ref: bundle.Ref(sb, b)}, nil
+}
+
+// bootLoop loads the persisted bundle, retrying with jittered backoff until
+// it is served (by this loop or by an ApplyBundle) or the server closes.
+func (s *Server) bootLoop(p *pending) {
+	backoff := s.cfg.RetryMin
+	for s.cur.Load() == nil {
+		err := s.loadPending(p)
+		if err == nil {
+			return
+		}
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, fmt.Sprintf("cannot load the persisted bundle (serial %d): %v; retrying", p.ref.GetSerial(), err))
+		s.log.Warn("kms: loading the persisted bundle failed; retrying", "serial", p.ref.GetSerial(), "err", err, "backoff", backoff)
+		if !s.sleep(jitter(backoff)) {
+			return
+		}
+		backoff = min(2*backoff, s.cfg.RetryMax)
+	}
+}
+
+func (s *Server) loadPending(p *pending) error {
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.FetchTimeout)
+	defer cancel()
+	keys, err := s.cfg.RegionKeys.Fetch(ctx, s.cfg.Region)
+	if err != nil {
+		return fmt.Errorf("%w: fetching the keys of region %s: %v", errRegionKeys, s.cfg.Region, err)
+	}
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	if s.cur.Load() != nil {
+		return nil // an ApplyBundle won the race
+	}
+	store, err := keystore.Build(p.bundle, keys, nil)
+	if err != nil {
+		return err
+	}
+	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: keys})
+	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
+	return nil
+}
+
+// swap serves next. Callers hold applyMu.
+func (s *Server) swap(next *snapshot) {
+	s.cur.Store(next)
+	s.phase.Store(int32(kmsv1.ServingState_SERVING_STATE_SERVING))
+	s.reason.Store(new(string))
+	s.metrics.served(next.store.Len(), next.ref.GetSerial())
+}
+
+// setNotReady records why nothing is served yet. It takes applyMu, so it
+// cannot overwrite the state of a swap that just happened.
+func (s *Server) setNotReady(phase kmsv1.ServingState, reason string) {
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	if s.cur.Load() != nil {
+		return
+	}
+	s.reason.Store(&reason)
+	s.phase.Store(int32(phase))
+	s.metrics.ready(false)
+}
+
+// Ready reports whether the server serves a bundle.
+func (s *Server) Ready() bool { return s.cur.Load() != nil }
+
+// State returns the serving state and, unless serving, why not.
+func (s *Server) State() (kmsv1.ServingState, string) {
+	if s.cur.Load() != nil {
+		return kmsv1.ServingState_SERVING_STATE_SERVING, ""
+	}
+	return kmsv1.ServingState(s.phase.Load()), *s.reason.Load()
+}
+
+// Close stops serving (letting calls in flight finish, for a few seconds at
+// most) and stops the boot loop.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.cancel()
+		done := make(chan struct{})
+		go func() { s.grpc.GracefulStop(); close(done) }()
+		t := time.NewTimer(closeGrace)
+		select {
+		case <-done:
+		case <-t.C:
+			s.grpc.Stop()
+			<-done
+		}
+		t.Stop()
+		s.wg.Wait()
+	})
+	return nil
+}
+
+// closeGrace bounds how long Close waits for calls in flight.
+const closeGrace = 5 * time.Second
+
+// sleep waits d or until Close; it reports whether to go on.
+func (s *Server) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// jitter returns a duration uniformly in [d/2, d).
+func jitter(d time.Duration) time.Duration {
+	n, err := rand.Int(rand.Reader, big.NewInt(int64(d/2)+1))
+	if err != nil {
+		return d
+	}
+	return d/2 + time.Duration(n.Int64())
+}

@@ -1,0 +1,258 @@
+// Package bundle is the config bundle format: everything one region's KMS
+// servers serve, as deterministic protobuf bytes (cairn.bundle.v1.Bundle),
+// named by region, serial and SHA-256, and signed with Ed25519 by a
+// bundle-signing key whose public half every KMS server pins.
+//
+// Receivers verify the signature over the exact bytes before parsing them,
+// then validate the content; nothing in a bundle is trusted before both.
+package bundle
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/keysets"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	"github.com/cairnkms/cairn/rootkms/fsm"
+)
+
+// FormatVersion is the bundle format this package writes and reads.
+const FormatVersion = 1
+
+// MaxSize bounds a serialized bundle (100k keysets of a few hundred bytes
+// fit comfortably).
+const MaxSize = 256 << 20
+
+// signingContext prefixes the signed bytes, so a bundle signature can never
+// be replayed as a signature over anything else.
+const signingContext = "cairn/bundle/v1\x00"
+
+// Errors receivers branch on.
+var (
+	ErrSignature = errors.New("bundle: signature does not verify under any pinned bundle-signing key")
+	ErrInvalid   = errors.New("bundle: invalid bundle")
+)
+
+// KeyID names an Ed25519 public key: the first 8 bytes of its SHA-256, hex.
+func KeyID(pub ed25519.PublicKey) string {
+	h := sha256.Sum256(pub)
+	return hex.EncodeToString(h[:8])
+}
+
+// Marshal returns the deterministic encoding of b.
+func Marshal(b *bundlev1.Bundle) ([]byte, error) {
+	return proto.MarshalOptions{Deterministic: true}.Marshal(b)
+}
+
+// Sign validates b, encodes it deterministically and signs it.
+func Sign(b *bundlev1.Bundle, key ed25519.PrivateKey) (*bundlev1.SignedBundle, error) {
+	if err := Validate(b); err != nil {
+		return nil, err
+	}
+	raw, err := Marshal(b)
+	if err != nil {
+		return nil, fmt.Errorf("bundle: encoding: %w", err)
+	}
+	if len(raw) > MaxSize {
+		return nil, fmt.Errorf("%w: %d bytes, more than %d", ErrInvalid, len(raw), MaxSize)
+	}
+	msg := append([]byte(signingContext), raw...)
+	return &bundlev1.SignedBundle{Bundle: raw, Signature: ed25519.Sign(key, msg), SigningKeyId: KeyID(key.Public().(ed25519.PublicKey))}, nil
+}
+
+// Ref names a signed bundle by region, serial and the SHA-256 of its bytes.
+func Ref(sb *bundlev1.SignedBundle, b *bundlev1.Bundle) *bundlev1.BundleRef {
+	h := sha256.Sum256(sb.GetBundle())
+	return &bundlev1.BundleRef{Region: b.GetRegion(), Serial: b.GetSerial(), Sha256: h[:]}
+}
+
+// Verify checks the signature against the pinned keys over the exact bytes,
+// then decodes and validates the bundle.
+func Verify(sb *bundlev1.SignedBundle, pinned []ed25519.PublicKey) (*bundlev1.Bundle, error) {
+	if sb == nil || len(sb.GetBundle()) == 0 {
+		return nil, fmt.Errorf("%w: empty", ErrInvalid)
+	}
+	if len(sb.GetBundle()) > MaxSize {
+		return nil, fmt.Errorf("%w: %d bytes, more than %d", ErrInvalid, len(sb.GetBundle()), MaxSize)
+	}
+	msg := append([]byte(signingContext), sb.GetBundle()...)
+	ok := false
+	for _, pub := range pinned {
+		if len(pub) == ed25519.PublicKeySize && ed25519.Verify(pub, msg, sb.GetSignature()) {
+			ok = true
+			break
+		}
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w (signing key id %q)", ErrSignature, sb.GetSigningKeyId())
+	}
+	// Unknown fields are dropped, so the determinism check below refuses
+	// them wherever they are: signed content this reader cannot interpret
+	// is refused, not carried along (new meaning needs a new format_version).
+	var b bundlev1.Bundle
+	if err := (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(sb.GetBundle(), &b); err != nil {
+		return nil, fmt.Errorf("%w: signed bytes do not decode: %v", ErrInvalid, err)
+	}
+	if err := Validate(&b); err != nil {
+		return nil, err
+	}
+	// Deterministic bytes: a re-encoding must give the signed bytes, so two
+	// bundles with the same content always have the same hash.
+	if re, err := Marshal(&b); err != nil || !bytes.Equal(re, sb.GetBundle()) {
+		return nil, fmt.Errorf("%w: not in deterministic encoding", ErrInvalid)
+	}
+	return &b, nil
+}
+
+// Validate checks a bundle's content: format, region, serial, and every
+// keyset (sorted, unique, encrypted for this region under a listed region key
+// version, purpose, TTL, ACL patterns parse).
+func Validate(b *bundlev1.Bundle) error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case b == nil:
+		return bad("no bundle")
+	case b.GetFormatVersion() != FormatVersion:
+		return bad("format version %d, this binary reads %d", b.GetFormatVersion(), FormatVersion)
+	case fsm.ValidRegionName(b.GetRegion()) != nil:
+		return bad("region %q is not a valid region name", b.GetRegion())
+	case b.GetSerial() == 0:
+		return bad("serial 0; serials start at 1")
+	case len(b.GetRegionKeyVersions()) == 0 && len(b.GetKeysets()) > 0:
+		return bad("no region key versions listed")
+	}
+	td, err := trustDomainOf(b.GetCreatedBy())
+	if err != nil {
+		return bad("created_by %q: %v", b.GetCreatedBy(), err)
+	}
+	var prev string
+	for i, k := range b.GetKeysets() {
+		where := fmt.Sprintf("keyset %d (%q)", i, k.GetName())
+		switch {
+		case keysets.ValidName(k.GetName()) != nil:
+			return bad("%s: invalid name", where)
+		case i > 0 && k.GetName() <= prev:
+			return bad("%s: keysets must be sorted by name and unique (after %q)", where, prev)
+		case k.GetOwnerTeam() == "":
+			return bad("%s: no owner team", where)
+		case k.GetPurpose() != bundlev1.Purpose_PURPOSE_ENVELOPE:
+			return bad("%s: purpose %v; only PURPOSE_ENVELOPE is served", where, k.GetPurpose())
+		case k.GetKeyset() == nil:
+			return bad("%s: no encrypted keyset", where)
+		case k.GetKeyset().GetName() != k.GetName() || k.GetKeyset().GetRegion() != b.GetRegion():
+			return bad("%s: encrypted keyset is %q for region %q", where, k.GetKeyset().GetName(), k.GetKeyset().GetRegion())
+		case !slices.Contains(b.GetRegionKeyVersions(), k.GetKeyset().GetRegionKeyVersion()):
+			return bad("%s: encrypted under region key version %d, which the bundle does not list", where, k.GetKeyset().GetRegionKeyVersion())
+		case k.GetCiphertextTtl().AsDuration() <= 0:
+			return bad("%s: ciphertext TTL must be positive", where)
+		case k.GetRotationPeriod().AsDuration() < 0:
+			return bad("%s: negative rotation period", where)
+		case !slices.Contains(k.GetRegions(), b.GetRegion()):
+			return bad("%s: its regions %v do not include %q", where, k.GetRegions(), b.GetRegion())
+		}
+		acl := k.GetAcl()
+		for op, patterns := range map[string][]string{"encrypt": acl.GetEncrypt(), "decrypt": acl.GetDecrypt(), "generate_data_key": acl.GetGenerateDataKey(), "rewrap": acl.GetRewrap()} {
+			if _, err := identity.ParseAllowlist(td, patterns...); err != nil {
+				return bad("%s: ACL %s: %v", where, op, err)
+			}
+		}
+		prev = k.GetName()
+	}
+	return nil
+}
+
+// trustDomainOf returns the trust domain relative ACL patterns resolve
+// against: that of the regionctl identity that built the bundle.
+func trustDomainOf(createdBy string) (spiffeid.TrustDomain, error) {
+	id, err := identity.Parse(createdBy)
+	if err != nil {
+		return spiffeid.TrustDomain{}, err
+	}
+	return id.TrustDomain(), nil
+}
+
+// TrustDomain returns the trust domain relative ACL patterns of b resolve in.
+func TrustDomain(b *bundlev1.Bundle) (spiffeid.TrustDomain, error) {
+	return trustDomainOf(b.GetCreatedBy())
+}
+
+// GenerateKey makes a bundle-signing key pair.
+func GenerateKey() (ed25519.PublicKey, ed25519.PrivateKey, error) {
+	return ed25519.GenerateKey(nil)
+}
+
+// WriteKeys writes a signing key (PKCS#8-free raw seed PEM, mode 0600) and its
+// public half (mode 0644).
+func WriteKeys(privPath, pubPath string, priv ed25519.PrivateKey) error {
+	if err := os.MkdirAll(filepath.Dir(privPath), 0o700); err != nil {
+		return err
+	}
+	seed := priv.Seed()
+	defer clear(seed)
+	if err := writeExclusive(privPath, pem.EncodeToMemory(&pem.Block{Type: "CAIRN BUNDLE SIGNING KEY", Bytes: seed}), 0o600); err != nil {
+		return err
+	}
+	return writeExclusive(pubPath, pem.EncodeToMemory(&pem.Block{Type: "CAIRN BUNDLE PUBLIC KEY", Bytes: priv.Public().(ed25519.PublicKey)}), 0o644)
+}
+
+func writeExclusive(path string, data []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return fmt.Errorf("bundle: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("bundle: %w", err)
+	}
+	return f.Close()
+}
+
+// ReadPrivateKey reads a signing key written by WriteKeys; it refuses a file
+// readable by group or others.
+func ReadPrivateKey(path string) (ed25519.PrivateKey, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("bundle: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("bundle: signing key %s has mode %v; chmod 600 it", path, fi.Mode().Perm())
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("bundle: %w", err)
+	}
+	defer clear(data)
+	blk, _ := pem.Decode(data)
+	if blk == nil || blk.Type != "CAIRN BUNDLE SIGNING KEY" || len(blk.Bytes) != ed25519.SeedSize {
+		return nil, fmt.Errorf("bundle: %s is not a Cairn bundle signing key", path)
+	}
+	defer clear(blk.Bytes)
+	return ed25519.NewKeyFromSeed(blk.Bytes), nil
+}
+
+// ReadPublicKey reads a public key written by WriteKeys.
+func ReadPublicKey(path string) (ed25519.PublicKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("bundle: %w", err)
+	}
+	blk, _ := pem.Decode(data)
+	if blk == nil || blk.Type != "CAIRN BUNDLE PUBLIC KEY" || len(blk.Bytes) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("bundle: %s is not a Cairn bundle public key", path)
+	}
+	return ed25519.PublicKey(blk.Bytes), nil
+}

@@ -1,0 +1,199 @@
+package cli_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/regionctl/bundle"
+)
+
+// fakeKMS is a KMSAdmin that verifies the bundle against its pinned key,
+// records each ApplyBundle, and refuses with refuse if set.
+type fakeKMS struct {
+	kmsv1.UnimplementedKMSAdminServer
+	pinned  ed25519.PublicKey
+	refuse  error
+	mu      sync.Mutex
+	reqs    []*kmsv1.ApplyBundleRequest
+	callers []string
+	served  *bundlev1.BundleRef
+}
+
+func (f *fakeKMS) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kmsv1.ApplyBundleResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	id, _ := identity.FromContext(ctx)
+	f.reqs = append(f.reqs, proto.CloneOf(req))
+	f.callers = append(f.callers, id.String())
+	if f.refuse != nil {
+		return nil, f.refuse
+	}
+	b, err := bundle.Verify(req.GetBundle(), []ed25519.PublicKey{f.pinned})
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	resp := &kmsv1.ApplyBundleResponse{Applied: bundle.Ref(req.GetBundle(), b), Previous: f.served}
+	if req.GetForce() {
+		resp.Warnings = []string{"bundle drops 1 of 2 keysets; applied because forced: " + req.GetForceReason()}
+	}
+	if !req.GetDryRun() {
+		f.served = resp.GetApplied()
+	}
+	return resp, nil
+}
+
+func (f *fakeKMS) requests() ([]*kmsv1.ApplyBundleRequest, []string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.reqs, f.callers
+}
+
+// signedBundleFile writes a signed us-east bundle with no keysets.
+func signedBundleFile(t *testing.T, priv ed25519.PrivateKey, serial uint64) (string, *bundlev1.SignedBundle) {
+	t.Helper()
+	sb, err := bundle.Sign(&bundlev1.Bundle{FormatVersion: 1, Region: "us-east", Serial: serial, CreatedBy: regionctlID}, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := proto.Marshal(sb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "us-east.bundle")
+	writeFile(t, path, string(data))
+	return path, sb
+}
+
+func TestBundlePush(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	pub, priv, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, sb := signedBundleFile(t, priv, 9)
+	b, err := bundle.Verify(sb, []ed25519.PublicKey{pub})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := bundle.Ref(sb, b)
+	idFlags := identityFlags(pki, regionctlID)
+	refusal := status.Error(codes.FailedPrecondition, `kms: bundle us-east serial 9 refused: it drops keyset "payments/ledger" (2 of 2 keysets, more than the 10% threshold); use --force with a reason`)
+
+	tests := []struct {
+		name       string
+		flags      []string
+		refuse     []error // per server; nil applies
+		wantCode   int
+		wantCalls  []int // ApplyBundle calls each server saw
+		wantOut    []string
+		wantErr    []string
+		wantDry    bool
+		wantForce  bool
+		wantReason string
+	}{
+		{
+			name: "applies on every server in order", refuse: []error{nil, nil}, wantCalls: []int{1, 1},
+			wantOut: []string{"applying bundle us-east serial 9 sha256 ", "on 2 server(s)", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
+		},
+		{
+			name: "dry run", flags: []string{"--dry-run"}, refuse: []error{nil, nil}, wantCalls: []int{1, 1}, wantDry: true,
+			wantOut: []string{"dry run of bundle us-east serial 9", ": would apply us-east serial 9"},
+		},
+		{
+			name: "force with a reason", flags: []string{"--force", "--reason", "retiring payments/ledger, ticket SRE-42"}, refuse: []error{nil},
+			wantCalls: []int{1}, wantForce: true, wantReason: "retiring payments/ledger, ticket SRE-42",
+			wantOut: []string{"warning: bundle drops 1 of 2 keysets; applied because forced: retiring payments/ledger, ticket SRE-42"},
+		},
+		{
+			name: "a refusal stops the push and is shown verbatim", refuse: []error{refusal, nil}, wantCode: 1, wantCalls: []int{1, 0},
+			wantErr: []string{"REFUSED the bundle (FailedPrecondition): " + status.Convert(refusal).Message(), "stopped at"},
+		},
+		{
+			name: "a refusal after the first server says where it was applied", refuse: []error{nil, refusal, nil}, wantCode: 1, wantCalls: []int{1, 1, 0},
+			wantErr: []string{"REFUSED the bundle (FailedPrecondition)", "already applied on: ", "not pushed to: "},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var fakes []*fakeKMS
+			var addrs []string
+			for i, refuse := range tt.refuse {
+				f := &fakeKMS{pinned: pub, refuse: refuse}
+				srv := newServer(pki, fmt.Sprintf("spiffe://cairn.test/kms/us-east/kms-%d", i+1))
+				kmsv1.RegisterKMSAdminServer(srv, f)
+				fakes = append(fakes, f)
+				addrs = append(addrs, serve(t, srv))
+			}
+			args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", path}, tt.flags...)
+			r := run(t, append(args, idFlags...)...)
+			if r.code != tt.wantCode {
+				t.Fatalf("regionctl %v = %d, want %d\nstdout:\n%s\nstderr:\n%s", tt.flags, r.code, tt.wantCode, r.stdout, r.stderr)
+			}
+			contains(t, "bundle push stdout", r.stdout, tt.wantOut...)
+			contains(t, "bundle push stderr", r.stderr, tt.wantErr...)
+			for i, f := range fakes {
+				reqs, callers := f.requests()
+				if len(reqs) != tt.wantCalls[i] {
+					t.Errorf("server %d saw %d ApplyBundle calls, want %d", i, len(reqs), tt.wantCalls[i])
+					continue
+				}
+				for j, req := range reqs {
+					if !proto.Equal(req.GetBundle(), sb) {
+						t.Errorf("server %d got a different signed bundle than the file's", i)
+					}
+					if req.GetDryRun() != tt.wantDry || req.GetForce() != tt.wantForce || req.GetForceReason() != tt.wantReason {
+						t.Errorf("server %d request = dry_run %t, force %t, reason %q; want %t, %t, %q", i, req.GetDryRun(), req.GetForce(), req.GetForceReason(), tt.wantDry, tt.wantForce, tt.wantReason)
+					}
+					if callers[j] != regionctlID {
+						t.Errorf("server %d saw caller %q, want %q", i, callers[j], regionctlID)
+					}
+				}
+			}
+			if tt.wantCode == 0 && !strings.Contains(r.stdout, "sha256 "+hex.EncodeToString(ref.GetSha256())) {
+				t.Errorf("bundle push stdout = %q, want the bundle's sha256 %s", r.stdout, hex.EncodeToString(ref.GetSha256()))
+			}
+		})
+	}
+}
+
+// TestBundlePushOnlyToTheRegionsKMS checks that a bundle is sent only to a
+// KMS server of its own region (the server's SPIFFE ID is checked in the
+// TLS handshake, before any bundle byte is sent), and that an unreachable
+// server stops the push.
+func TestBundlePushOnlyToTheRegionsKMS(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	path, _ := signedBundleFile(t, priv, 1)
+	for _, id := range []string{"spiffe://cairn.test/kms/eu-west/kms-1", "spiffe://cairn.test/rootkms/global/rootkms-1"} {
+		f := &fakeKMS{pinned: pub}
+		srv := newServer(pki, id)
+		kmsv1.RegisterKMSAdminServer(srv, f)
+		addr := serve(t, srv)
+		r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path}, identityFlags(pki, regionctlID)...)...)
+		if reqs, _ := f.requests(); r.code != 1 || len(reqs) != 0 || !strings.Contains(r.stderr, "not on the allowlist") {
+			t.Errorf("bundle push to %s = %d, %q, %d calls; want 1, not on the allowlist, 0 calls", id, r.code, r.stderr, len(reqs))
+		}
+	}
+	// A closed port.
+	srv := newServer(pki, "spiffe://cairn.test/kms/us-east/kms-1")
+	addr := serve(t, srv)
+	srv.Stop()
+	r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path, "--timeout", "2s"}, identityFlags(pki, regionctlID)...)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "the call failed (Unavailable)") {
+		t.Errorf("bundle push to a closed port = %d, %q; want 1, the call failed (Unavailable)", r.code, r.stderr)
+	}
+}
