@@ -33,6 +33,9 @@ const (
 	LeaderAddressKey = "leader_api_address"
 	errorDomain      = "cairn.rootkms.v1"
 	reasonNotLeader  = "NOT_LEADER"
+	// reasonOutcomeUnknown marks an error after which a write may or may
+	// not have been applied: callers must read before retrying.
+	reasonOutcomeUnknown = "OUTCOME_UNKNOWN"
 )
 
 // rootKey returns the loaded key or an Unavailable error saying why not.
@@ -74,14 +77,23 @@ func (s *Server) linearize() error {
 	return nil
 }
 
+// raftError maps a raft error. ErrNotLeader and a leadership transfer are
+// definite refusals (nothing was appended): the caller is redirected.
+// Anything after the entry was appended (leadership lost, timeouts) leaves
+// the outcome unknown: the caller must read before retrying, and the client
+// does not retry on its own.
 func (s *Server) raftError(err error) error {
 	switch {
-	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
 		return s.notLeader()
 	case errors.Is(err, raft.ErrRaftShutdown):
 		return status.Error(codes.Unavailable, "rootkms: shutting down")
 	default:
-		return status.Errorf(codes.Unavailable, "rootkms: raft: %v (the write may or may not have been applied; read before retrying)", err)
+		st := status.Newf(codes.Unavailable, "rootkms: raft: %v (the write may or may not have been applied; read before retrying)", err)
+		if d, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: reasonOutcomeUnknown, Domain: errorDomain}); derr == nil {
+			st = d
+		}
+		return st.Err()
 	}
 }
 

@@ -32,6 +32,10 @@ type Client struct {
 // maxHops bounds redirects and retries within one Do.
 const maxHops = 6
 
+// AttemptTimeout bounds one attempt against one replica, so a dead or paused
+// leader costs at most this much before the next replica is tried.
+const AttemptTimeout = 3 * time.Second
+
 // NewClient returns a client that dials the given API addresses with src's
 // identity, accepting only root KMS replicas as servers.
 func NewClient(src *identity.Source, addrs []string) *Client {
@@ -73,7 +77,9 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			lastErr = err
 			continue
 		}
-		err = call(ctx, rootkmsv1.NewRootKMSClient(cc))
+		actx, cancel := context.WithTimeout(ctx, AttemptTimeout)
+		err = call(actx, rootkmsv1.NewRootKMSClient(cc))
+		cancel()
 		if err == nil {
 			c.mu.Lock()
 			c.leader = addr
@@ -85,6 +91,13 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			return err
 		}
 		st := status.Convert(err)
+		if hasReason(st, reasonOutcomeUnknown) {
+			// The write may have been applied: never retry it blindly.
+			return err
+		}
+		if st.Code() != codes.FailedPrecondition {
+			c.forgetLeader(addr)
+		}
 		switch st.Code() {
 		case codes.FailedPrecondition:
 			leader := leaderFrom(st)
@@ -102,7 +115,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			if !tried[leader] || leader != addr {
 				order = append([]string{leader}, order...)
 			}
-		case codes.Unavailable:
+		case codes.Unavailable, codes.DeadlineExceeded:
 			tried[addr] = true
 			if len(order) == 0 {
 				// Every replica failed once: back off, go around again.
@@ -121,13 +134,24 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 	return fmt.Errorf("rootkms: no replica could serve the call: %w", lastErr)
 }
 
-func isNotLeader(st *status.Status) bool {
+func isNotLeader(st *status.Status) bool { return hasReason(st, reasonNotLeader) }
+
+func hasReason(st *status.Status, reason string) bool {
 	for _, d := range st.Details() {
-		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reasonNotLeader {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reason && info.GetDomain() == errorDomain {
 			return true
 		}
 	}
 	return false
+}
+
+// forgetLeader drops addr as the remembered leader after it failed.
+func (c *Client) forgetLeader(addr string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.leader == addr {
+		c.leader = ""
+	}
 }
 
 // leaderFrom extracts the leader's API address from a NOT_LEADER error.

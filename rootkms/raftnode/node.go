@@ -44,9 +44,16 @@ type Node struct {
 }
 
 // NewTransport makes a Raft network transport over a stream layer.
+//
+// Pipelined replication is off (MaxRPCsInFlight 1): hashicorp/raft v1.8.0's
+// pipeline can deadlock (seen in our fault tests as a deposed leader that
+// never shuts down, and reported elsewhere as replication to a follower
+// stalling while heartbeats go on, which would leave a replica serving stale
+// keys). The root KMS writes rarely; synchronous AppendEntries costs nothing
+// that matters here.
 func NewTransport(layer raft.StreamLayer, log *slog.Logger) *raft.NetworkTransport {
 	return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: NewLogger(log, "raft-net"),
+		Stream: layer, MaxPool: 3, MaxRPCsInFlight: 1, Timeout: 10 * time.Second, Logger: NewLogger(log, "raft-net"),
 	})
 }
 

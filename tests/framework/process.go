@@ -184,15 +184,26 @@ func (p *Process) Kill() {
 	}
 }
 
-// Stop sends SIGTERM and waits for a clean exit (status 0).
+// Stop sends SIGTERM and waits for a clean exit (status 0); anything else
+// fails the test.
 func (p *Process) Stop() {
 	p.t.Helper()
+	if err := p.Terminate(); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// Terminate is Stop that returns what went wrong instead of failing the
+// test: the process is gone either way (a hung one gets SIGQUIT, then
+// SIGKILL).
+func (p *Process) Terminate() error {
 	if err := p.signal(syscall.SIGTERM); err != nil {
-		p.t.Fatalf("%s: SIGTERM: %v", p.name, err)
+		return fmt.Errorf("%s: SIGTERM: %v", p.name, err)
 	}
 	if _, err := p.Exited(); err != nil {
-		p.t.Fatalf("%s: exit after SIGTERM = %v, want status 0\n%s", p.name, err, tail(p.StderrPath(), 25))
+		return fmt.Errorf("%s: exit after SIGTERM = %v, want status 0\n%s", p.name, err, tail(p.StderrPath(), 25))
 	}
+	return nil
 }
 
 // Pause sends SIGSTOP: the process keeps its sockets (the kernel still
@@ -280,7 +291,7 @@ func (p *Process) signal(sig syscall.Signal) error {
 	defer tq.Stop()
 	select {
 	case <-done:
-		return fmt.Errorf("%s; SIGQUIT ended it (its goroutines are at the end of %s)", hung, p.StderrPath())
+		return fmt.Errorf("%s; SIGQUIT ended it (its goroutines are at the end of %s)", hung, keep(p.StderrPath()))
 	case <-tq.C:
 	}
 	_ = cmd.Process.Signal(syscall.SIGKILL)
@@ -297,6 +308,25 @@ func (p *Process) signal(sig syscall.Signal) error {
 // quitTimeout is how long a hung process gets to print its stacks after
 // SIGQUIT.
 const quitTimeout = 3 * time.Second
+
+// keep copies a log into a new temporary file that outlives the test (its
+// own directory is removed when it ends) and returns the copy's path, or
+// the original's if it cannot.
+func keep(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return path
+	}
+	f, err := os.CreateTemp("", "cairn-hung-"+filepath.Base(path)+"-")
+	if err != nil {
+		return path
+	}
+	defer f.Close()
+	if _, err := f.Write(b); err != nil {
+		return path
+	}
+	return f.Name()
+}
 
 // Result is what a one-shot command did.
 type Result struct {
