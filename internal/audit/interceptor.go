@@ -6,8 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"strconv"
-	"sync/atomic"
 	"strings"
+	"sync/atomic"
 	"unicode"
 	"unicode/utf8"
 
