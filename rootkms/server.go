@@ -3,7 +3,6 @@ package rootkms
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -337,5 +336,3 @@ func (s *Server) join() error {
 		return err
 	})
 }
-
-var errClosed = errors.New("rootkms: closed")
