@@ -55,7 +55,7 @@ func Build() (*Binaries, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms")
+	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms", "./cmd/kms", "./cmd/regionctl")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)

@@ -1,0 +1,150 @@
+package framework
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+)
+
+// KMSBinary and RegionctlBinary are the paths of cmd/kms and cmd/regionctl,
+// which Build puts next to the others.
+func (b *Binaries) KMSBinary() string       { return filepath.Join(b.Dir, "kms") }
+func (b *Binaries) RegionctlBinary() string { return filepath.Join(b.Dir, "regionctl") }
+
+// RegionctlOK runs cmd/regionctl with args and fails the test unless it exits 0.
+func (w *World) RegionctlOK(args ...string) Result {
+	w.T.Helper()
+	name := "regionctl"
+	for _, a := range args[:min(2, len(args))] {
+		name += "-" + a
+	}
+	r := w.Run(name, w.Bin.RegionctlBinary(), args...)
+	if r.ExitCode != 0 {
+		w.T.Fatalf("regionctl failed:\n%s", r)
+	}
+	return r
+}
+
+// KMSServer is one cmd/kms process of a World: a regional KMS server.
+type KMSServer struct {
+	*Process
+	w *World
+	// Identity is its name, kms/<region>/<name>; Region its region.
+	Identity, Region string
+	// Addr is its 127.0.0.1:port listener, fixed across restarts.
+	Addr string
+	// StateDir holds the wrapped bundle and audit.log.
+	StateDir string
+
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
+}
+
+// KMSServers describes one KMS server per identity (kms/<region>/<name>,
+// minted first unless `cairn dev certs` made it), on ports chosen now,
+// pinning the bundle-signing public key signingPub and fetching region keys
+// from the root KMS replicas at rootKMS. None is started.
+func (w *World) KMSServers(region, signingPub string, rootKMS []string, identities ...string) []*KMSServer {
+	w.T.Helper()
+	ports := FreePorts(w.T, len(identities))
+	var out []*KMSServer
+	for i, name := range identities {
+		s := &KMSServer{w: w, Identity: name, Region: region,
+			Addr:     fmt.Sprintf("127.0.0.1:%d", ports[i]),
+			StateDir: filepath.Join(w.Dir, "state", strings.ReplaceAll(name, "/", "-")),
+			conns:    map[string]*grpc.ClientConn{}}
+		args := append(w.IDFlags(name), "--region", region, "--listen", s.Addr, "--state-dir", s.StateDir,
+			"--rootkms", strings.Join(rootKMS, ","), "--signing-key", signingPub, "-v")
+		s.Process = NewProcess(w.T, strings.ReplaceAll(name, "/", "-"), w.Logs, w.Bin.KMSBinary(), args)
+		out = append(out, s)
+	}
+	return out
+}
+
+// conn returns a connection to the server as name, made once and closed when
+// the test ends; it accepts only a KMS server of the server's region.
+func (s *KMSServer) conn(name string) *grpc.ClientConn {
+	s.w.T.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.conns[name]; ok {
+		return c
+	}
+	src := s.w.Source(name)
+	only, err := identity.ParseAllowlist(src.TrustDomain(), "kms/"+s.Region+"/*")
+	if err != nil {
+		s.w.T.Fatal(err)
+	}
+	c, err := grpc.NewClient(s.Addr,
+		grpc.WithTransportCredentials(identity.ClientCredentials(src, only.Authorize)),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))
+	if err != nil {
+		s.w.T.Fatalf("grpc.NewClient(%s) = %v", s.Addr, err)
+	}
+	s.conns[name] = c
+	s.w.T.Cleanup(func() { c.Close() })
+	return c
+}
+
+// Client returns a data-plane client of this server, calling as name.
+func (s *KMSServer) Client(name string) kmsv1.KMSClient {
+	s.w.T.Helper()
+	return kmsv1.NewKMSClient(s.conn(name))
+}
+
+// Admin returns an admin client of this server, calling as name.
+func (s *KMSServer) Admin(name string) kmsv1.KMSAdminClient {
+	s.w.T.Helper()
+	return kmsv1.NewKMSAdminClient(s.conn(name))
+}
+
+// Status asks for the server's readiness (as regionctl).
+func (s *KMSServer) Status() (*kmsv1.GetStatusResponse, error) {
+	s.w.T.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), pollRPCTimeout)
+	defer cancel()
+	return s.Admin(Regionctl).GetStatus(ctx, &kmsv1.GetStatusRequest{})
+}
+
+// WaitStatus polls GetStatus until ok accepts the reply, and returns the
+// reply and how long it took. It fails the test after WaitTimeout, or at once
+// if the process exits.
+func (s *KMSServer) WaitStatus(what string, ok func(*kmsv1.GetStatusResponse) bool) (*kmsv1.GetStatusResponse, time.Duration) {
+	s.w.T.Helper()
+	start := time.Now()
+	deadline := start.Add(WaitTimeout)
+	var last *kmsv1.GetStatusResponse
+	var lastErr error
+	for attempt := 0; ; attempt++ {
+		st, err := s.Status()
+		if err == nil && ok(st) {
+			return st, time.Since(start)
+		}
+		last, lastErr = st, err
+		if exited, why := s.Exited(); exited {
+			s.w.T.Fatalf("%s exited (%v) while waiting until %s\n%s", s.Identity, why, what, tail(s.StderrPath(), 25))
+		}
+		if time.Now().After(deadline) {
+			s.w.T.Fatalf("%s: not %s after %s (%d polls); last status %v, error %v", s.Identity, what, WaitTimeout, attempt+1, last, lastErr)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// WaitServing waits until the server reports SERVING with the given bundle
+// serial.
+func (s *KMSServer) WaitServing(serial uint64) (*kmsv1.GetStatusResponse, time.Duration) {
+	s.w.T.Helper()
+	return s.WaitStatus(fmt.Sprintf("SERVING bundle serial %d", serial), func(st *kmsv1.GetStatusResponse) bool {
+		return st.GetState() == kmsv1.ServingState_SERVING_STATE_SERVING && st.GetBundle().GetSerial() == serial
+	})
+}
