@@ -124,26 +124,12 @@ func (d *Distributor) WaitStatus(what string, ok func(*distributorv1.GetStatusRe
 	d.w.T.Helper()
 	c, conn := d.Dial(Observer)
 	defer conn.Close()
-	start := time.Now()
-	deadline := start.Add(WaitTimeout)
-	var last *distributorv1.GetStatusResponse
-	var lastErr error
-	for attempt := 0; ; attempt++ {
+	get := func() (*distributorv1.GetStatusResponse, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
-		st, err := c.GetStatus(ctx, &distributorv1.GetStatusRequest{})
-		cancel()
-		if err == nil && ok(st) {
-			return st, time.Since(start)
-		}
-		last, lastErr = st, err
-		if exited, why := d.Exited(); exited {
-			d.w.T.Fatalf("%s exited (%v) while waiting until %s\n%s", d.Name, why, what, tail(d.StderrPath(), 25))
-		}
-		if time.Now().After(deadline) {
-			d.w.T.Fatalf("%s: not %s after %s (%d polls); last status %v, error %v", d.Name, what, WaitTimeout, attempt+1, last, lastErr)
-		}
-		time.Sleep(pollInterval)
+		defer cancel()
+		return c.GetStatus(ctx, &distributorv1.GetStatusRequest{})
 	}
+	return waitStatus(d.w.T, d.Process, d.Name, what, get, ok)
 }
 
 // WaitState waits until the distributor reports state (see WaitStatus).

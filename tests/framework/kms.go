@@ -120,24 +120,7 @@ func (s *KMSServer) Status() (*kmsv1.GetStatusResponse, error) {
 // if the process exits.
 func (s *KMSServer) WaitStatus(what string, ok func(*kmsv1.GetStatusResponse) bool) (*kmsv1.GetStatusResponse, time.Duration) {
 	s.w.T.Helper()
-	start := time.Now()
-	deadline := start.Add(WaitTimeout)
-	var last *kmsv1.GetStatusResponse
-	var lastErr error
-	for attempt := 0; ; attempt++ {
-		st, err := s.Status()
-		if err == nil && ok(st) {
-			return st, time.Since(start)
-		}
-		last, lastErr = st, err
-		if exited, why := s.Exited(); exited {
-			s.w.T.Fatalf("%s exited (%v) while waiting until %s\n%s", s.Identity, why, what, tail(s.StderrPath(), 25))
-		}
-		if time.Now().After(deadline) {
-			s.w.T.Fatalf("%s: not %s after %s (%d polls); last status %v, error %v", s.Identity, what, WaitTimeout, attempt+1, last, lastErr)
-		}
-		time.Sleep(pollInterval)
-	}
+	return waitStatus(s.w.T, s.Process, s.Identity, what, s.Status, ok)
 }
 
 // WaitServing waits until the server reports SERVING with the given bundle

@@ -186,24 +186,7 @@ func (r *Replica) Status() (*rootkmsv1.ClusterStatus, error) {
 // once if the process exits.
 func (r *Replica) WaitStatus(what string, ok func(*rootkmsv1.ClusterStatus) bool) (*rootkmsv1.ClusterStatus, time.Duration) {
 	r.w.T.Helper()
-	start := time.Now()
-	deadline := start.Add(WaitTimeout)
-	var last *rootkmsv1.ClusterStatus
-	var lastErr error
-	for attempt := 0; ; attempt++ {
-		st, err := r.Status()
-		if err == nil && ok(st) {
-			return st, time.Since(start)
-		}
-		last, lastErr = st, err
-		if exited, why := r.Exited(); exited {
-			r.w.T.Fatalf("%s exited (%v) while waiting until %s\n%s", r.ID, why, what, tail(r.StderrPath(), 25))
-		}
-		if time.Now().After(deadline) {
-			r.w.T.Fatalf("%s: not %s after %s (%d polls); last status %v, error %v", r.ID, what, WaitTimeout, attempt+1, last, lastErr)
-		}
-		time.Sleep(pollInterval)
-	}
+	return waitStatus(r.w.T, r.Process, r.ID, what, r.Status, ok)
 }
 
 // WaitServing waits until the replica holds the root key and is a member of
