@@ -262,7 +262,6 @@ func ReadPublicKey(path string) (ed25519.PublicKey, error) {
 	return ed25519.PublicKey(blk.Bytes), nil
 }
 
-
 // keysetWhere names a keyset in a validation error; it formats only when
 // printed.
 type keysetWhere struct {
