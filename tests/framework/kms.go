@@ -5,13 +5,10 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 
-	"github.com/cairnkms/cairn/internal/identity"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
 
@@ -45,8 +42,7 @@ type KMSServer struct {
 	// StateDir holds the wrapped bundle and audit.log.
 	StateDir string
 
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn
+	conns connCache
 }
 
 // KMSServers describes one KMS server per identity (kms/<region>/<name>,
@@ -60,8 +56,7 @@ func (w *World) KMSServers(region, signingPub string, rootKMS []string, identiti
 	for i, name := range identities {
 		s := &KMSServer{w: w, Identity: name, Region: region,
 			Addr:     fmt.Sprintf("127.0.0.1:%d", ports[i]),
-			StateDir: filepath.Join(w.Dir, "state", strings.ReplaceAll(name, "/", "-")),
-			conns:    map[string]*grpc.ClientConn{}}
+			StateDir: filepath.Join(w.Dir, "state", strings.ReplaceAll(name, "/", "-"))}
 		args := append(w.IDFlags(name), "--region", region, "--listen", s.Addr, "--state-dir", s.StateDir,
 			"--rootkms", strings.Join(rootKMS, ","), "--signing-key", signingPub, "-v")
 		s.Process = NewProcess(w.T, strings.ReplaceAll(name, "/", "-"), w.Logs, w.Bin.KMSBinary(), args)
@@ -74,25 +69,7 @@ func (w *World) KMSServers(region, signingPub string, rootKMS []string, identiti
 // the test ends; it accepts only a KMS server of the server's region.
 func (s *KMSServer) conn(name string) *grpc.ClientConn {
 	s.w.T.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if c, ok := s.conns[name]; ok {
-		return c
-	}
-	src := s.w.Source(name)
-	only, err := identity.ParseAllowlist(src.TrustDomain(), "kms/"+s.Region+"/*")
-	if err != nil {
-		s.w.T.Fatal(err)
-	}
-	c, err := grpc.NewClient(s.Addr,
-		grpc.WithTransportCredentials(identity.ClientCredentials(src, only.Authorize)),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))
-	if err != nil {
-		s.w.T.Fatalf("grpc.NewClient(%s) = %v", s.Addr, err)
-	}
-	s.conns[name] = c
-	s.w.T.Cleanup(func() { c.Close() })
-	return c
+	return s.conns.get(s.w, s.Addr, name, "kms/"+s.Region+"/*")
 }
 
 // Client returns a data-plane client of this server, calling as name.

@@ -5,19 +5,16 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"go.etcd.io/bbolt"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/hpkeseal"
-	"github.com/cairnkms/cairn/internal/identity"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms"
 )
@@ -82,8 +79,7 @@ type Replica struct {
 	// DataDir holds raft.db, snapshots/ and audit.log.
 	DataDir string
 
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn
+	conns connCache
 }
 
 // RootKMSCluster describes a cluster of replicas on ports chosen now. The
@@ -99,7 +95,6 @@ func (w *World) RootKMSCluster(opts RootKMSOptions, specs ...ReplicaSpec) []*Rep
 			API:      fmt.Sprintf("127.0.0.1:%d", ports[i]),
 			RaftAddr: fmt.Sprintf("127.0.0.1:%d", ports[len(specs)+i]),
 			DataDir:  filepath.Join(w.Dir, "state", s.ID),
-			conns:    map[string]*grpc.ClientConn{},
 		})
 	}
 	for i, r := range out {
@@ -145,25 +140,7 @@ func Addrs(rs ...*Replica) []string {
 // reconnects quickly: replicas are killed and restarted on purpose.
 func (r *Replica) conn(name string) *grpc.ClientConn {
 	r.w.T.Helper()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if c, ok := r.conns[name]; ok {
-		return c
-	}
-	src := r.w.Source(name)
-	only, err := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
-	if err != nil {
-		r.w.T.Fatal(err)
-	}
-	c, err := grpc.NewClient(r.API,
-		grpc.WithTransportCredentials(identity.ClientCredentials(src, only.Authorize)),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))
-	if err != nil {
-		r.w.T.Fatalf("grpc.NewClient(%s) = %v", r.API, err)
-	}
-	r.conns[name] = c
-	r.w.T.Cleanup(func() { c.Close() })
-	return c
+	return r.conns.get(r.w, r.API, name, "rootkms/*/*")
 }
 
 // Client returns a raw client of this one replica, calling as name: no
