@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -42,6 +43,9 @@ func (f *fakeKMS) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (*kmsv
 	audit.AddTarget(ctx, audit.Target{KeyVersion: 7})
 	if audit.RequestID(ctx) == "" {
 		return nil, status.Error(codes.Internal, "no request id in handler context")
+	}
+	if strings.HasPrefix(req.GetKeyset(), "fail/") {
+		return nil, status.Error(codes.FailedPrecondition, "keyset is failing")
 	}
 	return &kmsv1.EncryptResponse{Ciphertext: append([]byte("ct:"), req.GetPlaintext()...), KeyId: 7}, nil
 }
@@ -102,17 +106,19 @@ func TestInterceptorRecordsCalls(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Encrypt = %v", err)
 	}
-	if got := header.Get(audit.RequestIDHeader); len(got) != 1 || got[0] != "client-req-1" {
-		t.Errorf("response %s = %v, want [client-req-1]", audit.RequestIDHeader, got)
+	// A success does not echo the ID (the client knows it, or did not ask).
+	if got := header.Get(audit.RequestIDHeader); len(got) != 0 {
+		t.Errorf("response %s of a successful call = %v, want none", audit.RequestIDHeader, got)
 	}
-	// A malformed client request ID is replaced, not trusted.
-	_, header, err = encrypt(t, f.client, "payments/ledger", audit.RequestIDHeader, "bad id with spaces")
-	if err != nil {
-		t.Fatalf("Encrypt = %v", err)
+	// A malformed client request ID is replaced, not trusted; a failed call
+	// returns the ID it was recorded under.
+	_, header, err = encrypt(t, f.client, "fail/ledger", audit.RequestIDHeader, "bad id with spaces")
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("Encrypt(fail/ledger) = %v, want FailedPrecondition", err)
 	}
 	generated := header.Get(audit.RequestIDHeader)
 	if len(generated) != 1 || len(generated[0]) < 18 || generated[0] == "bad id with spaces" {
-		t.Errorf("response %s for a malformed client ID = %v, want a generated ID", audit.RequestIDHeader, generated)
+		t.Fatalf("response %s for a malformed client ID = %v, want a generated ID", audit.RequestIDHeader, generated)
 	}
 	// A hostile keyset name is recorded safely, and the call still works.
 	if _, _, err := encrypt(t, f.client, "evil\nkeyset\x00"); err != nil {
@@ -133,8 +139,8 @@ func TestInterceptorRecordsCalls(t *testing.T) {
 	}{
 		{audit.OutcomeAttempt, "client-req-1", audit.Target{Keyset: "payments/ledger"}},
 		{audit.OutcomeOK, "client-req-1", audit.Target{Keyset: "payments/ledger", KeyVersion: 7}},
-		{audit.OutcomeAttempt, generated[0], audit.Target{Keyset: "payments/ledger"}},
-		{audit.OutcomeOK, generated[0], audit.Target{Keyset: "payments/ledger", KeyVersion: 7}},
+		{audit.OutcomeAttempt, generated[0], audit.Target{Keyset: "fail/ledger"}},
+		{audit.OutcomeError, generated[0], audit.Target{Keyset: "fail/ledger", KeyVersion: 7}},
 		{audit.OutcomeAttempt, "", audit.Target{Keyset: `"evil\nkeyset\x00"`}},
 		{audit.OutcomeOK, "", audit.Target{Keyset: `"evil\nkeyset\x00"`, KeyVersion: 7}},
 	}
@@ -160,7 +166,8 @@ func TestInterceptorAuditsRefusals(t *testing.T) {
 	onlyOthers := identity.Policy{encryptRPC: identity.NewAllowlist(identity.MustParsePattern("client/eu-west/*", identitytest.TrustDomain)).Authorize}
 	f := start(t, log, audit.InterceptorOptions{}, onlyOthers)
 
-	if _, _, err := encrypt(t, f.client, "payments/ledger"); status.Code(err) != codes.PermissionDenied {
+	_, header, err := encrypt(t, f.client, "payments/ledger")
+	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("Encrypt by an identity off the ACL = %v, want PermissionDenied", err)
 	}
 	if n := f.kms.calls.Load(); n != 0 {
@@ -172,6 +179,9 @@ func TestInterceptorAuditsRefusals(t *testing.T) {
 	}
 	if len(recs) != 1 || recs[0].Outcome != audit.OutcomeDenied || recs[0].Code != "PermissionDenied" || recs[0].Identity != clientID {
 		t.Fatalf("records = %+v, want one denied record for %s", recs, clientID)
+	}
+	if got := header.Get(audit.RequestIDHeader); len(got) != 1 || got[0] != recs[0].RequestID {
+		t.Errorf("response %s of the refused call = %v, want [%s] (its audit record's)", audit.RequestIDHeader, got, recs[0].RequestID)
 	}
 }
 

@@ -216,6 +216,10 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	if err := r.validate(); err != nil {
 		return err
 	}
+	// Everything after the time is encoded before taking the lock, so that
+	// concurrent writers encode in parallel and hold the lock only to stamp
+	// the time and append.
+	tail := appendTail(make([]byte, 0, 256), &r)
 
 	l.mu.Lock()
 	if l.closed {
@@ -238,24 +242,27 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	if r.Time.IsZero() {
 		r.Time = l.now()
 	}
-	r.Time = r.Time.UTC()
-	line, err := encode(r)
+	b := l.pending
+	var lines []byte
+	if b != nil {
+		lines = b.lines
+	}
+	lines, err := appendHead(lines, r.Time)
 	if err != nil {
 		l.mu.Unlock()
 		return err
 	}
+	if b == nil {
+		b = &batch{}
+		l.pending = b
+	}
+	b.lines = append(lines, tail...)
 
 	// Group commit: the record joins the batch being filled. If a flush is
 	// in progress, wait; when it ends, either our batch was written by
 	// someone else, or we flush it (with whatever joined it meanwhile). One
 	// write (and one fsync) then serves every record of the batch, and each
 	// writer learns the fate of the batch its record was in.
-	b := l.pending
-	if b == nil {
-		b = &batch{}
-		l.pending = b
-	}
-	b.lines = append(b.lines, line...)
 	for l.flushing && !b.finished {
 		l.flushed.Wait()
 	}

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -93,8 +94,9 @@ func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store) (*S
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
+			acls := aclCache{td: td, parsed: make(map[string]identity.Allowlist)}
 			for i := w; i < len(cfgs); i += workers {
-				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), td, regionKeys, prev)
+				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), &acls, regionKeys, prev)
 			}
 		})
 	}
@@ -113,7 +115,35 @@ func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store) (*S
 	return out, nil
 }
 
-func buildKeyset(cfg *bundlev1.KeysetConfig, region string, td spiffeid.TrustDomain, regionKeys map[uint32]tink.AEAD, prev *Store) (*Keyset, error) {
+// aclCache parses each distinct ACL (a list of patterns) once per Build
+// worker: the keysets of a bundle mostly share a handful of ACLs, and
+// Allowlists are immutable, so keysets with the same ACL share one.
+type aclCache struct {
+	td     spiffeid.TrustDomain
+	parsed map[string]identity.Allowlist
+}
+
+func (c *aclCache) allowlist(patterns []string) (identity.Allowlist, error) {
+	// Length-prefixed, so that no two lists share a key (a pattern may
+	// hold any byte until it is parsed).
+	var kb []byte
+	for _, p := range patterns {
+		kb = append(strconv.AppendInt(kb, int64(len(p)), 10), ':')
+		kb = append(kb, p...)
+	}
+	key := string(kb)
+	if a, ok := c.parsed[key]; ok {
+		return a, nil
+	}
+	a, err := identity.ParseAllowlist(c.td, patterns...)
+	if err != nil {
+		return identity.Allowlist{}, err
+	}
+	c.parsed[key] = a
+	return a, nil
+}
+
+func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regionKeys map[uint32]tink.AEAD, prev *Store) (*Keyset, error) {
 	ek := cfg.GetKeyset()
 	switch {
 	case ek == nil:
@@ -127,11 +157,10 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, td spiffeid.TrustDom
 	if !ok {
 		return nil, fmt.Errorf("region key version %d is not available", ek.GetRegionKeyVersion())
 	}
-	h, err := keysets.Decrypt(ek, rk)
+	h, info, err := keysets.DecryptInfo(ek, rk)
 	if err != nil {
 		return nil, fmt.Errorf("region key version %d: %v", ek.GetRegionKeyVersion(), err)
 	}
-	info := h.KeysetInfo()
 	k := &Keyset{name: cfg.GetName(), ttl: cfg.GetCiphertextTtl().AsDuration()}
 	var before *Keyset
 	if prev != nil {
@@ -174,7 +203,7 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, td spiffeid.TrustDom
 	}
 	acl := cfg.GetAcl()
 	for op, patterns := range [numOps][]string{acl.GetEncrypt(), acl.GetDecrypt(), acl.GetGenerateDataKey(), acl.GetRewrap()} {
-		if k.acl[op], err = identity.ParseAllowlist(td, patterns...); err != nil {
+		if k.acl[op], err = acls.allowlist(patterns); err != nil {
 			return nil, fmt.Errorf("ACL %s: %v", Op(op), err)
 		}
 	}

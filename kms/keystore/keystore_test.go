@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -498,4 +499,39 @@ func FuzzDecrypt(f *testing.F) {
 			t.Fatalf("Decrypt(%x, %x) = %q, %v; a forged ciphertext decrypted", c, ad, pt, v)
 		}
 	})
+}
+
+// TestSharedACLsStayPerKeyset builds many keysets whose ACLs repeat, and
+// some whose pattern lists would collide if joined with a separator: each
+// keyset still answers with its own ACL, and a list holding an invalid
+// pattern is refused even after a valid look-alike was parsed.
+func TestSharedACLsStayPerKeyset(t *testing.T) {
+	f := newFixture(t)
+	var kss []*kmstest.Keyset
+	for i := range 200 { // enough for Build to use several workers
+		acl := &bundlev1.Acl{Encrypt: []string{"client/us-east/app"}}
+		if i%2 == 1 {
+			acl = &bundlev1.Acl{Encrypt: []string{"client/us-east/intruder"}}
+		}
+		kss = append(kss, kmstest.NewKeyset(t, fmt.Sprintf("team/k%03d", i), acl))
+	}
+	s := f.build(t, nil, kss...)
+	for i := range 200 {
+		k := mustKeyset(t, s, fmt.Sprintf("team/k%03d", i))
+		if got, want := k.Allows(keystore.OpEncrypt, app), i%2 == 0; got != want {
+			t.Errorf("keyset %d: Allows(encrypt, app) = %v, want %v", i, got, want)
+		}
+		if got, want := k.Allows(keystore.OpEncrypt, intruder), i%2 == 1; got != want {
+			t.Errorf("keyset %d: Allows(encrypt, intruder) = %v, want %v", i, got, want)
+		}
+	}
+
+	// ["client/us-east/app", "client/us-east/intruder"] is valid; the one
+	// pattern "client/us-east/app\nclient/us-east/intruder" is not.
+	valid := kmstest.NewKeyset(t, "team/a", &bundlev1.Acl{Decrypt: []string{"client/us-east/app", "client/us-east/intruder"}})
+	joined := kmstest.NewKeyset(t, "team/b", &bundlev1.Acl{Decrypt: []string{"client/us-east/app\nclient/us-east/intruder"}})
+	b := kmstest.Bundle(t, f.keys, region, 1, valid, joined)
+	if _, err := keystore.Build(b, f.regionKeys(t), nil); !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), "team/b") {
+		t.Errorf("Build(an ACL pattern holding a newline after its look-alike) = %v, want ErrBuild naming team/b", err)
+	}
 }

@@ -7,8 +7,10 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -517,4 +519,43 @@ func FuzzVerify(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestValidateLargeBundleReportsFirstError checks the parallel path of
+// Validate (bundles of thousands of keysets): valid is valid, and with bad
+// keysets in several chunks the error names the lowest-indexed one, exactly
+// as a check in order would.
+func TestValidateLargeBundleReportsFirstError(t *testing.T) {
+	const n = 10_000
+	base := keysetConfig(t, "team/k")
+	b := validBundle(t)
+	b.Keysets = make([]*bundlev1.KeysetConfig, n)
+	for i := range b.Keysets {
+		k := proto.CloneOf(base)
+		k.Name = fmt.Sprintf("team/k%05d", i)
+		k.Keyset.Name = k.Name
+		b.Keysets[i] = k
+	}
+	if err := bundle.Validate(b); err != nil {
+		t.Fatalf("Validate(%d valid keysets) = %v", n, err)
+	}
+	for _, bad := range [][]int{{n - 1}, {9000, 2}, {5001, 5000, 7777}, {0, n - 1}} {
+		c := proto.CloneOf(b)
+		for _, i := range bad {
+			c.Keysets[i].OwnerTeam = ""
+		}
+		want := fmt.Sprintf("keyset %d (%q): no owner team", slices.Min(bad), c.Keysets[slices.Min(bad)].GetName())
+		if err := bundle.Validate(c); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate(bad owner at %v) = %v, want an error containing %q", bad, err, want)
+		}
+	}
+	// The order check spans chunk boundaries: a duplicate at any index is
+	// found.
+	for _, i := range []int{1, n / 2, n/2 + 1, n - 1} {
+		c := proto.CloneOf(b)
+		c.Keysets[i] = proto.CloneOf(c.Keysets[i-1])
+		if err := bundle.Validate(c); err == nil || !strings.Contains(err.Error(), "sorted by name and unique") {
+			t.Errorf("Validate(keyset %d = keyset %d) = %v, want a sort/unique error", i, i-1, err)
+		}
+	}
 }
