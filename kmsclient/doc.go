@@ -1,0 +1,82 @@
+// Package kmsclient is the Tink client of Cairn's regional KMS: a
+// registry.KMSClient whose AEADs (tink.AEAD and tink.AEADWithContext) wrap
+// and unwrap data keys by calling the KMS servers of a region over mTLS.
+//
+// # Key URIs
+//
+// A key URI names one keyset of one region:
+//
+//	cairn-kms://<region>/<keyset>      e.g. cairn-kms://us-east/payments/ledger
+//
+// The region is the first path segment; the keyset name is the rest and may
+// contain '/'. ParseKeyURI and KeyURI convert; Supported accepts exactly the
+// well-formed URIs of regions given to WithEndpoints. The URI names no
+// server: where a region's KMS servers are is the client's configuration.
+//
+// # Use with Tink
+//
+// The usual pattern is envelope encryption: Tink makes a fresh data key (DEK)
+// per object, encrypts the object locally, and has the KMS wrap the DEK:
+//
+//	kek, err := client.AEAD("us-east", "payments/ledger")
+//	env, err := aead.NewKMSEnvelopeAEADWithContext(aead.AES256GCMKeyTemplate(), kek)
+//	ct, err := env.EncryptWithContext(ctx, object, objectID)
+//
+// aead.NewKMSEnvelopeAEAD2 works the same without contexts, and so does the
+// registry route (registry.RegisterKMSClient, then a keyset made from
+// aead.CreateKMSEnvelopeAEADKeyTemplate(uri, dek) and aead.New). Where one
+// KMS call per object costs too much, keep a Tink keyset encrypted under the
+// KMS (keyset.WriteWithContext / keyset.ReadWithContext with the AEAD as
+// key-encryption AEAD), unwrap it once, and encrypt locally.
+//
+// Associated data: the AEAD sends its associated data to the KMS, which binds
+// it to the ciphertext. Tink's envelope AEAD, however, calls its
+// key-encryption AEAD with empty associated data and uses the caller's
+// associated data only for the payload, by design in every Tink language: a
+// wrapped DEK is not bound to the object it protects and can be unwrapped on
+// its own by anyone the keyset's ACL allows to decrypt. keyset.Write and
+// keyset.Read with associated data do pass it to the KMS.
+//
+// # Failover and retries
+//
+// Each region has an ordered list of endpoints (WithEndpoints). Calls go to
+// the endpoint in use (at first the first); a retryable failure there moves
+// the region to the next one, for this call and the following ones (sticky
+// failover), without a pause. Only when every endpoint of the region (and,
+// for a decrypt, of its fallback regions) failed in one round does the call
+// back off, with full jitter (RetryPolicy), before the next round. Retryable
+// are Unavailable (the server is down, not ready, or failed the handshake),
+// ResourceExhausted, and DeadlineExceeded of one attempt (WithAttemptTimeout
+// leaves a hung endpoint for the next); everything else (InvalidArgument for
+// a ciphertext that does not decrypt, NotFound, PermissionDenied,
+// FailedPrecondition, ...) is returned at once. When the attempts run out the
+// error names the region, the keyset, how many endpoints were tried and the
+// last failure, and wraps that failure's gRPC status, so status.Code works
+// on it as on the errors returned at once (ErrClosed, after Close, is the
+// exception).
+//
+// WithDecryptFallback lets a decrypt whose region has failed go on in other
+// regions that hold the same keyset. Encrypt never falls back.
+//
+// # Deadlines
+//
+// One Encrypt or Decrypt, all attempts, pauses and fallbacks included, ends
+// by the caller's context deadline or WithTimeout, whichever is earlier; each
+// attempt is bounded by WithAttemptTimeout within that. A caller's
+// cancellation stops the call at once (the error reports codes.Canceled and
+// errors.Is(err, context.Canceled)). Encrypt and Decrypt without a context
+// are bounded by WithTimeout alone.
+//
+// # Identity
+//
+// The client authenticates with an X.509-SVID (WithIdentityFiles, reloaded
+// when the files change; WithSource inside the Cairn module; or
+// WithTLSConfig) and accepts, for region R, only servers presenting the
+// SPIFFE ID kms/R/<name> of its own trust domain: a KMS of another region
+// answering at a region's address fails the handshake (Unavailable) and is
+// never sent a request. The KMS decides, per keyset, what the client's
+// identity may do (PermissionDenied otherwise).
+//
+// The client never logs plaintexts, keys or ciphertexts, and its errors
+// never contain them.
+package kmsclient

@@ -1,0 +1,81 @@
+package kmsclient
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/cairnkms/cairn/internal/keysets"
+)
+
+// Scheme is the prefix of every Cairn key URI. A key URI names one keyset of
+// one region: cairn-kms://<region>/<keyset>, e.g.
+// cairn-kms://us-east/payments/ledger. The scheme is matched exactly
+// (lowercase), as Tink's own KMS clients do.
+const Scheme = "cairn-kms://"
+
+// ErrInvalidURI is wrapped by every error about a malformed key URI.
+var ErrInvalidURI = errors.New("kmsclient: invalid key URI")
+
+// ParseKeyURI splits a key URI into its region and keyset name. The region
+// is the first path segment (^[a-z][a-z0-9-]{0,62}$, the root KMS's rule);
+// the keyset is the rest and may contain '/' (lowercase segments of
+// a-z 0-9 . _ -, the rule of the KMS's bundles).
+func ParseKeyURI(uri string) (region, keyset string, err error) {
+	rest, ok := strings.CutPrefix(uri, Scheme)
+	if !ok {
+		return "", "", fmt.Errorf("%w %q: want %s<region>/<keyset>", ErrInvalidURI, truncate(uri), Scheme)
+	}
+	region, keyset, ok = strings.Cut(rest, "/")
+	if !ok {
+		return "", "", fmt.Errorf("%w %q: no keyset; want %s<region>/<keyset>", ErrInvalidURI, truncate(uri), Scheme)
+	}
+	if err := validRegion(region); err != nil {
+		return "", "", fmt.Errorf("%w %q: %v", ErrInvalidURI, truncate(uri), err)
+	}
+	if err := validKeyset(keyset); err != nil {
+		return "", "", fmt.Errorf("%w %q: %v", ErrInvalidURI, truncate(uri), err)
+	}
+	return region, keyset, nil
+}
+
+// KeyURI returns the key URI of keyset in region. It does not validate the
+// names; ParseKeyURI(KeyURI(r, k)) returns r and k for any valid pair.
+func KeyURI(region, keyset string) string {
+	return Scheme + region + "/" + keyset
+}
+
+// validRegion is rootkms/fsm.ValidRegionName, restated so that the client
+// does not import the root KMS's state machine (and Raft with it).
+func validRegion(name string) error {
+	if len(name) == 0 || len(name) > 63 {
+		return fmt.Errorf("region %q must be 1 to 63 characters", truncate(name))
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case 'a' <= c && c <= 'z':
+		case i > 0 && ('0' <= c && c <= '9' || c == '-'):
+		default:
+			return fmt.Errorf("region %q must match ^[a-z][a-z0-9-]{0,62}$", truncate(name))
+		}
+	}
+	return nil
+}
+
+// validKeyset checks a keyset name with the KMS's own rule.
+func validKeyset(name string) error {
+	if err := keysets.ValidName(name); err != nil {
+		// keysets' message names its package; restate it as ours.
+		return fmt.Errorf("keyset name %q: use lowercase segments of a-z 0-9 . _ - joined by /, e.g. payments/ledger", truncate(name))
+	}
+	return nil
+}
+
+// truncate bounds a caller-supplied string echoed in an error.
+func truncate(s string) string {
+	if len(s) > 200 {
+		return s[:200] + "..."
+	}
+	return s
+}
