@@ -67,12 +67,14 @@ proto-check: proto ## fail if the committed generated code differs from a fresh 
 	  echo "generated code in proto/ is stale or uncommitted; run 'make proto' and commit:"; \
 	  git status --porcelain -- proto; git diff --stat -- proto; exit 1; fi
 
+# `cairn up` reuses $(STATE)/up on the next run (a dev unseal ceremony instead
+# of genesis); `make clean` or `rm -rf $(STATE)/up` starts over. UPFLAGS passes
+# flags, e.g. UPFLAGS='--base-port 8100 --no-demo'.
+UPFLAGS ?=
+
 .PHONY: up
-up: build ## start the whole chain on this machine and run a demo
-	@echo "make up: the whole chain (distributors, root KMS, regional KMS, demo) is not built yet."
-	@echo "It arrives with issue 6 ('Tink-compatible client ... and the whole chain with make up')."
-	@echo "What exists today: 'bin/cairn dev certs --out $(STATE)/certs --trust-domain cairn.local'."
-	@exit 1
+up: build ## start the whole chain on this machine and run a demo (Ctrl-C stops it)
+	$(BIN)/cairn up --state-dir $(STATE)/up $(UPFLAGS)
 
 .PHONY: clean
 clean: ## remove build output and local state

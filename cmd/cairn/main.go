@@ -1,6 +1,11 @@
-// Command cairn is the Cairn command-line tool. For now it has one command,
-// "cairn dev certs", which writes a development CA and an X.509-SVID for
-// every component of a local chain.
+// Command cairn is the Cairn command-line tool for people:
+//
+//   - "cairn dev certs" writes a development CA and an X.509-SVID for every
+//     component of a local chain;
+//   - "cairn up" (what "make up" runs) starts the whole chain on this machine
+//     and runs a demo;
+//   - "cairn kms encrypt|decrypt|status" pokes a running chain without
+//     writing Go.
 package main
 
 import (

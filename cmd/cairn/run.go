@@ -26,9 +26,11 @@ const usage = `Usage: cairn <command> [arguments]
 
 Commands:
   dev certs   write a development CA and a certificate for every component
+  up          start the whole chain on this machine (make up)
+  kms         encrypt, decrypt and show status against a running chain
   help        show this help
 
-Run "cairn dev certs -h" for the flags of a command.
+Run "cairn dev certs -h", "cairn up -h" or "cairn kms -h" for the flags of a command.
 `
 
 const devUsage = `Usage: cairn dev <command> [arguments]
@@ -50,6 +52,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	case "dev":
 		return runDev(ctx, args[1:], stdout, stderr)
+	case "up":
+		return runUp(ctx, args[1:], stdout, stderr)
+	case "kms":
+		return runKMS(ctx, args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "cairn: unknown command %q\n\n%s", args[0], usage)
 		return exitUsage

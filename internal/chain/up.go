@@ -1,0 +1,550 @@
+package chain
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/cairnkms/cairn/internal/devca"
+	"github.com/cairnkms/cairn/internal/identity"
+	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/safe"
+)
+
+// regionctlName is regionctl's identity, also used to watch every
+// component's status.
+const regionctlName = "regionctl/global/regionctl"
+
+// officerName is officer i's identity name.
+func officerName(i int) string { return fmt.Sprintf("officer/global/officer-%d", i) }
+
+// idFlags are the identity flags that make a binary run as name
+// (<tier>/<region>/<name>).
+func (c *Chain) idFlags(name string) []string {
+	return []string{"--trust-domain", c.s.TrustDomain.Name(), "--dev-certs", c.layout.certs(), "--name", name}
+}
+
+// spiffeID is the full SPIFFE ID of name.
+func (c *Chain) spiffeID(name string) string {
+	return "spiffe://" + c.s.TrustDomain.Name() + "/" + name
+}
+
+func (c *Chain) bin(name string) string { return filepath.Join(c.s.BinDir, name) }
+
+// describe sets up every component's command line; none is started.
+func (c *Chain) describe() {
+	logFile := func(name string) string {
+		return filepath.Join(c.layout.logs(), strings.ReplaceAll(name, "/", "-")+".log")
+	}
+	for i := 1; i <= numDistributors; i++ {
+		name := distributorName(i)
+		p := &proc{Component: Component{Name: name, Kind: "distributor", SPIFFEID: c.spiffeID("distributor/global/" + name),
+			Address: c.ports.distributors[i-1], Log: logFile(name), StateDir: c.layout.distributor(i)}, path: c.bin("distributor")}
+		var peers []string
+		for j, a := range c.ports.distributors {
+			if j != i-1 {
+				peers = append(peers, a)
+			}
+		}
+		p.args = append(c.idFlags("distributor/global/"+name), "--listen", p.Address, "--state-dir", p.StateDir,
+			"--officers", "officer/global/*", "--root-key-readers", "rootkms/*/*", "--peer-ids", "distributor/*/*",
+			"--peers", strings.Join(peers, ","))
+		c.dists = append(c.dists, p)
+	}
+	for i := 1; i <= numRootKMS; i++ {
+		name := rootKMSName(i)
+		p := &proc{Component: Component{Name: name, Kind: "rootkms", SPIFFEID: c.spiffeID("rootkms/global/" + name),
+			Address: c.ports.rootAPI[i-1], RaftAddress: c.ports.rootRaft[i-1], Log: logFile(name), StateDir: c.layout.rootKMS(i)},
+			path: c.bin("rootkms")}
+		p.args = append(c.idFlags("rootkms/global/"+name), "--id", name, "--listen", p.Address, "--raft-listen", p.RaftAddress,
+			"--data-dir", p.StateDir, "--manifest", c.layout.manifest(), "--distributors", strings.Join(c.ports.distributors, ","))
+		// A first run makes the cluster: voter 1 bootstraps it, the others
+		// join through the voters before them. A re-run restarts from the
+		// Raft data: no --bootstrap (which, on a lost data dir, would make
+		// a second cluster) and no --join.
+		if !c.s.Rerun {
+			if i == 1 {
+				p.args = append(p.args, "--bootstrap")
+			} else {
+				p.args = append(p.args, "--join", strings.Join(c.ports.rootAPI[:i-1], ","))
+			}
+		}
+		c.roots = append(c.roots, p)
+	}
+	for ri, r := range c.s.Regions {
+		var servers []*proc
+		for j := 1; j <= kmsPerRegion; j++ {
+			name := kmsName(r, j)
+			idName := fmt.Sprintf("kms/%s/kms-%d", r, j)
+			p := &proc{Component: Component{Name: name, Kind: "kms", Region: r, SPIFFEID: c.spiffeID(idName),
+				Address: c.ports.kms[ri][j-1], MetricsAddress: c.ports.metrics[ri][j-1], Log: logFile("kms-" + r + "-" + fmt.Sprint(j)),
+				StateDir: c.layout.kms(r, j)}, path: c.bin("kms")}
+			p.args = append(c.idFlags(idName), "--region", r, "--listen", p.Address, "--metrics-listen", p.MetricsAddress,
+				"--state-dir", p.StateDir, "--rootkms", strings.Join(c.ports.rootAPI, ","), "--signing-key", c.layout.signingPub())
+			servers = append(servers, p)
+		}
+		c.kms = append(c.kms, servers)
+	}
+}
+
+// allKMS returns every KMS server, region by region.
+func (c *Chain) allKMS() []*proc {
+	var out []*proc
+	for _, ps := range c.kms {
+		out = append(out, ps...)
+	}
+	return out
+}
+
+// firstRunSteps are the steps of a first run.
+func (c *Chain) firstRunSteps(ctx context.Context) []step {
+	regions := strings.Join(c.s.Regions, ", ")
+	steps := []step{
+		{fmt.Sprintf("preflight: %d binaries, %d ports free on 127.0.0.1", len(binaries), len(c.ports.all)), c.preflight},
+		{"dev certs: a CA and every identity", c.devCerts},
+		{fmt.Sprintf("safes: %d %s", numSafes, safesLabel(c.s.Safes)), func() (string, error) {
+			if c.s.Safes == SafesSoftHSM {
+				return c.makeSoftHSMSafes(ctx)
+			}
+			return c.makeFileSafes()
+		}},
+		{"distributor-1: start, sealed and waiting for genesis", func() (string, error) {
+			return "", c.startDistributors(ctx, c.dists[:1])
+		}},
+		{fmt.Sprintf("genesis: %d-of-%d into %d %s, the key to distributor-1", threshold, numSafes, numSafes, safesLabel(c.s.Safes)), func() (string, error) {
+			return c.genesis(ctx)
+		}},
+		{fmt.Sprintf("distributors 2-%d: pin the manifest, start, unseal from a peer", numDistributors), func() (string, error) {
+			return c.joinDistributors(ctx)
+		}},
+		{fmt.Sprintf("root KMS: rootkms-1 bootstraps, rootkms-2..%d join", numRootKMS), func() (string, error) {
+			return c.startRootKMS(ctx)
+		}},
+		{"regionctl: bundle-signing key, regions " + regions, func() (string, error) {
+			return c.regions(ctx)
+		}},
+		{fmt.Sprintf("keysets: %s for team %s in %s", strings.Join(demoKeysets, ", "), demoTeam, regions), func() (string, error) {
+			return c.keysets(ctx)
+		}},
+		{"bundles: serial 1 for " + regions, func() (string, error) {
+			return c.buildBundles(ctx)
+		}},
+		{fmt.Sprintf("KMS: start %d servers per region, waiting for a bundle", kmsPerRegion), func() (string, error) {
+			return c.startKMS(ctx, "NOT_READY, waiting for a bundle", answering)
+		}},
+		{"push: bundle serial 1 to the KMS servers of each region", func() (string, error) {
+			return c.pushBundles(ctx)
+		}},
+		{"chain.json: what runs where", c.writeInfo},
+	}
+	return c.withDemo(ctx, steps)
+}
+
+// rerunSteps are the steps of a re-run.
+func (c *Chain) rerunSteps(ctx context.Context) []step {
+	steps := []step{
+		{fmt.Sprintf("preflight: %d binaries, %d ports free on 127.0.0.1", len(binaries), len(c.ports.all)), c.preflight},
+		{"dev certs: keep the CA and every identity", c.devCerts},
+		{fmt.Sprintf("distributors: start %d, sealed", numDistributors), func() (string, error) {
+			return "", c.startDistributors(ctx, c.dists)
+		}},
+		{fmt.Sprintf("unseal ceremony: officers 1 and 2 release their shares into distributor-1 from %s", safesLabel(c.s.Safes)), func() (string, error) {
+			return c.unsealCeremony(ctx)
+		}},
+		{fmt.Sprintf("root KMS: %d voters restart from their Raft data", numRootKMS), func() (string, error) {
+			return c.startRootKMS(ctx)
+		}},
+		{fmt.Sprintf("KMS: %d servers restart from their persisted bundles", kmsPerRegion*len(c.s.Regions)), func() (string, error) {
+			return c.startKMS(ctx, "SERVING its persisted bundle", serving)
+		}},
+		{"chain.json: what runs where", c.writeInfo},
+	}
+	return c.withDemo(ctx, steps)
+}
+
+func (c *Chain) withDemo(ctx context.Context, steps []step) []step {
+	if !c.s.Demo {
+		return steps
+	}
+	return append(steps, step{fmt.Sprintf("demo: Tink envelope encryption with %s", KeyURI(c.s.Regions[0], notesKeyset)), func() (string, error) {
+		return runDemo(ctx, c.Info())
+	}})
+}
+
+// preflight checks the binaries and that every port is free. It starts
+// nothing and writes nothing.
+func (c *Chain) preflight() (string, error) {
+	var missing []string
+	for _, b := range binaries {
+		if fi, err := os.Stat(c.bin(b)); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+			missing = append(missing, b)
+		}
+	}
+	if len(missing) > 0 {
+		return "", fmt.Errorf("chain: no %s in %s: run `make build` (or give --bin-dir the directory of Cairn's binaries)",
+			strings.Join(missing, ", "), c.display(c.s.BinDir))
+	}
+	if err := checkPorts(c.ports.all); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s; ports %d-%d", c.display(c.s.BinDir), c.ports.basePort+1, c.ports.lastPort), nil
+}
+
+// devCerts writes (or keeps) the dev CA and every identity, as
+// `cairn dev certs --regions ...` does, and loads the observer identity.
+func (c *Chain) devCerts() (string, error) {
+	if err := os.MkdirAll(c.s.StateDir, 0o700); err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	plan := devca.DefaultPlan(c.s.TrustDomain)
+	plan.Regions = c.s.Regions
+	plan.Distributors, plan.RootKMS, plan.KMSPerRegion = numDistributors, numRootKMS, kmsPerRegion
+	_, written, err := devca.WriteChain(c.layout.certs(), plan, time.Now())
+	if err != nil {
+		return "", fmt.Errorf("chain: dev certs: %w", err)
+	}
+	issued := 0
+	for _, w := range written {
+		if !w.Reused {
+			issued++
+		}
+	}
+	f := identity.Flags{TrustDomain: c.s.TrustDomain.Name(), DevCerts: c.layout.certs(), Name: regionctlName}
+	if c.observer, err = f.Source(nil); err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	return fmt.Sprintf("%d identities (%d issued, %d kept) in %s", len(written), issued, len(written)-issued, c.display(c.layout.certs())), nil
+}
+
+// startDistributors starts ds and waits until each answers, sealed.
+func (c *Chain) startDistributors(ctx context.Context, ds []*proc) error {
+	for _, d := range ds {
+		if err := os.MkdirAll(d.StateDir, 0o700); err != nil {
+			return fmt.Errorf("chain: %w", err)
+		}
+		if err := c.start(d); err != nil {
+			return err
+		}
+	}
+	for _, d := range ds {
+		if _, err := c.waitDistributor(ctx, d, distributorv1.SealState_SEAL_STATE_SEALED); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// safeArgs are the --safe flags of every safe.
+func (c *Chain) safeArgs() []string {
+	var out []string
+	for i := 1; i <= numSafes; i++ {
+		out = append(out, "--safe", c.layout.safeConfig(i))
+	}
+	return out
+}
+
+// genesis runs `safe genesis` as officer-1: the root key split 2-of-3 into
+// the safes, share i bound to officer i, handed to distributor-1.
+func (c *Chain) genesis(ctx context.Context) (string, error) {
+	var officers []string
+	for i := 1; i <= numSafes; i++ {
+		officers = append(officers, c.spiffeID(officerName(i)))
+	}
+	args := append([]string{"genesis"}, c.idFlags(officerName(1))...)
+	args = append(args, "--threshold", fmt.Sprint(threshold), "--officers", strings.Join(officers, ","),
+		"--manifest", c.layout.manifest(), "--distributor", c.dists[0].Address)
+	args = append(args, c.safeArgs()...)
+	if _, err := c.run(ctx, "safe-genesis", c.bin("safe"), args, c.safeEnv()...); err != nil {
+		return "", err
+	}
+	m, err := safe.ReadManifest(c.layout.manifest())
+	if err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	c.genesisID = m.GetGenesisId()
+	if _, err := c.waitDistributor(ctx, c.dists[0], distributorv1.SealState_SEAL_STATE_UNSEALED); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("genesis %s, manifest %s, distributor-1 unsealed", c.genesisID, c.display(c.layout.manifest())), nil
+}
+
+// joinDistributors pins the genesis manifest in the state dirs of the
+// other distributors (what an operator installs on a new distributor),
+// starts them and waits until they unsealed from a peer.
+func (c *Chain) joinDistributors(ctx context.Context) (string, error) {
+	data, err := os.ReadFile(c.layout.manifest())
+	if err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	for _, d := range c.dists[1:] {
+		if err := os.MkdirAll(d.StateDir, 0o700); err != nil {
+			return "", fmt.Errorf("chain: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(d.StateDir, "genesis.json"), data, 0o644); err != nil {
+			return "", fmt.Errorf("chain: pinning the manifest for %s: %w", d.Name, err)
+		}
+		if err := c.start(d); err != nil {
+			return "", err
+		}
+	}
+	var how []string
+	for _, d := range c.dists[1:] {
+		st, err := c.waitDistributor(ctx, d, distributorv1.SealState_SEAL_STATE_UNSEALED)
+		if err != nil {
+			return "", err
+		}
+		how = append(how, fmt.Sprintf("%s by %s", d.Name, st.GetUnsealedBy()))
+	}
+	return "unsealed: " + strings.Join(how, ", "), nil
+}
+
+// ceremonyLine is how `safe ceremony open` prints the new ceremony.
+var ceremonyLine = regexp.MustCompile(`(?m)^ceremony ([0-9a-f]{32}) \(UNSEAL\): OPEN, `)
+
+// unsealCeremony runs the dev unseal ceremony on distributor-1: officer-1
+// opens it, officers 1 and 2 release their shares from safes 1 and 2; the
+// other distributors then unseal from distributor-1.
+func (c *Chain) unsealCeremony(ctx context.Context) (string, error) {
+	m, err := safe.ReadManifest(c.layout.manifest())
+	if err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	c.genesisID = m.GetGenesisId()
+	d1 := c.dists[0]
+	out, err := c.run(ctx, "safe-ceremony-open", c.bin("safe"),
+		append([]string{"ceremony", "open", "--distributor", d1.Address}, c.idFlags(officerName(1))...))
+	if err != nil {
+		return "", err
+	}
+	match := ceremonyLine.FindStringSubmatch(out)
+	if match == nil {
+		return "", &logError{err: fmt.Errorf("chain: safe ceremony open printed no open ceremony (want a line matching %s)", ceremonyLine),
+			name: "safe-ceremony-open", log: filepath.Join(c.layout.logs(), "safe-ceremony-open.log")}
+	}
+	id := match[1]
+	for i := 1; i <= threshold; i++ {
+		args := append([]string{"release", "--distributor", d1.Address, "--ceremony", id,
+			"--safe", c.layout.safeConfig(i), "--manifest", c.layout.manifest()}, c.idFlags(officerName(i))...)
+		if _, err := c.run(ctx, fmt.Sprintf("safe-release-officer-%d", i), c.bin("safe"), args, c.safeEnv()...); err != nil {
+			return "", err
+		}
+	}
+	if _, err := c.waitDistributor(ctx, d1, distributorv1.SealState_SEAL_STATE_UNSEALED); err != nil {
+		return "", err
+	}
+	var how []string
+	for _, d := range c.dists[1:] {
+		st, err := c.waitDistributor(ctx, d, distributorv1.SealState_SEAL_STATE_UNSEALED)
+		if err != nil {
+			return "", err
+		}
+		how = append(how, fmt.Sprintf("%s by %s", d.Name, st.GetUnsealedBy()))
+	}
+	return fmt.Sprintf("ceremony %s: distributor-1 unsealed; %s", id, strings.Join(how, ", ")), nil
+}
+
+// startRootKMS starts the voters (on a first run voter 1 first, until it
+// leads) and waits until all serve in a cluster of all of them.
+func (c *Chain) startRootKMS(ctx context.Context) (string, error) {
+	rest := c.roots
+	if !c.s.Rerun {
+		// The bootstrapping voter must lead before the others can join.
+		if err := c.startDataDir(c.roots[0]); err != nil {
+			return "", err
+		}
+		if _, err := c.waitRootKMS(ctx, c.roots[0], c.roots[0].Name, 1); err != nil {
+			return "", err
+		}
+		rest = c.roots[1:]
+	}
+	for _, r := range rest {
+		if err := c.startDataDir(r); err != nil {
+			return "", err
+		}
+	}
+	var leader string
+	for _, r := range c.roots {
+		st, err := c.waitRootKMS(ctx, r, r.Name, numRootKMS)
+		if err != nil {
+			return "", err
+		}
+		leader = leaderOf(st)
+	}
+	return fmt.Sprintf("leader %s; %d voters hold the root key", leader, numRootKMS), nil
+}
+
+// startDataDir makes p's state dir (0700) and starts it.
+func (c *Chain) startDataDir(p *proc) error {
+	if err := os.MkdirAll(p.StateDir, 0o700); err != nil {
+		return fmt.Errorf("chain: %w", err)
+	}
+	return c.start(p)
+}
+
+// regionctl runs regionctl with args; name names its log.
+func (c *Chain) regionctl(ctx context.Context, name string, args ...string) (string, error) {
+	return c.run(ctx, "regionctl-"+name, c.bin("regionctl"), args)
+}
+
+// rootFlags are regionctl's flags for commands that call the root KMS.
+func (c *Chain) rootFlags() []string {
+	return append([]string{"--rootkms", strings.Join(c.ports.rootAPI, ",")}, c.idFlags(regionctlName)...)
+}
+
+// regions makes the bundle-signing key pair and creates every region.
+func (c *Chain) regions(ctx context.Context) (string, error) {
+	if err := os.MkdirAll(filepath.Dir(c.layout.keys()), 0o700); err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	if _, err := c.regionctl(ctx, "keys-generate", "keys", "generate", "--out", c.layout.keys()); err != nil {
+		return "", err
+	}
+	for _, r := range c.s.Regions {
+		if _, err := c.regionctl(ctx, "region-create-"+r, append([]string{"region", "create", "--region", r}, c.rootFlags()...)...); err != nil {
+			return "", err
+		}
+	}
+	return fmt.Sprintf("signing key %s, %d regions", c.display(c.layout.signingPub()), len(c.s.Regions)), nil
+}
+
+// keysets writes the demo team file and has the root KMS generate its
+// keysets.
+func (c *Chain) keysets(ctx context.Context) (string, error) {
+	if err := writeDemoTeam(c.layout.teams(), c.s.Regions); err != nil {
+		return "", err
+	}
+	out, err := c.regionctl(ctx, "keyset-create", append([]string{"keyset", "create", "--teams", c.layout.teams(), "--store", c.layout.store()}, c.rootFlags()...)...)
+	if err != nil {
+		return "", err
+	}
+	want := fmt.Sprintf("%d created, 0 already in the store, 0 failed", len(demoKeysets))
+	if !strings.Contains(out, want) {
+		return "", &logError{err: fmt.Errorf("chain: regionctl keyset create did not report %q", want),
+			name: "regionctl-keyset-create", log: filepath.Join(c.layout.logs(), "regionctl-keyset-create.log")}
+	}
+	return fmt.Sprintf("team file %s, store %s", c.display(filepath.Join(c.layout.teams(), demoTeam+".json")), c.display(c.layout.store())), nil
+}
+
+// buildBundles builds and signs bundle serial 1 of every region.
+func (c *Chain) buildBundles(ctx context.Context) (string, error) {
+	if err := os.MkdirAll(filepath.Dir(c.layout.bundle("x", 1)), 0o700); err != nil {
+		return "", fmt.Errorf("chain: %w", err)
+	}
+	for _, r := range c.s.Regions {
+		args := append([]string{"bundle", "build", "--region", r, "--serial", "1", "--teams", c.layout.teams(), "--store", c.layout.store(),
+			"--signing-key", c.layout.signingKey(), "--out", c.layout.bundle(r, 1)}, c.idFlags(regionctlName)...)
+		if _, err := c.regionctl(ctx, "bundle-build-"+r, args...); err != nil {
+			return "", err
+		}
+	}
+	return "in " + c.display(filepath.Dir(c.layout.bundle("x", 1))), nil
+}
+
+// startKMS starts every KMS server and waits until each is in a state ok
+// accepts (what names it).
+func (c *Chain) startKMS(ctx context.Context, what string, ok func(*kmsv1.GetStatusResponse) bool) (string, error) {
+	for _, p := range c.allKMS() {
+		if err := c.startDataDir(p); err != nil {
+			return "", err
+		}
+	}
+	var states []string
+	for _, p := range c.allKMS() {
+		st, err := c.waitKMS(ctx, p, what, ok)
+		if err != nil {
+			return "", err
+		}
+		states = append(states, kmsState(p, st))
+	}
+	return strings.Join(states, "; "), nil
+}
+
+// kmsState is a KMS server's state for a progress line.
+func kmsState(p *proc, st *kmsv1.GetStatusResponse) string {
+	s := fmt.Sprintf("%s %s", p.Name, strings.TrimPrefix(st.GetState().String(), "SERVING_STATE_"))
+	if st.GetBundle() != nil {
+		s += fmt.Sprintf(" serial %d, %d keysets", st.GetBundle().GetSerial(), st.GetKeysetCount())
+	}
+	return s
+}
+
+// pushBundles pushes each region's bundle to its KMS servers, waits until
+// they serve it, and records the completed first run.
+func (c *Chain) pushBundles(ctx context.Context) (string, error) {
+	var states []string
+	for ri, r := range c.s.Regions {
+		var addrs []string
+		for _, p := range c.kms[ri] {
+			addrs = append(addrs, p.Address)
+		}
+		args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", c.layout.bundle(r, 1)}, c.idFlags(regionctlName)...)
+		if _, err := c.regionctl(ctx, "bundle-push-"+r, args...); err != nil {
+			return "", err
+		}
+		for _, p := range c.kms[ri] {
+			st, err := c.waitKMS(ctx, p, "SERVING bundle serial 1", func(st *kmsv1.GetStatusResponse) bool {
+				return serving(st) && st.GetBundle().GetSerial() == 1
+			})
+			if err != nil {
+				return "", err
+			}
+			if got, want := sortedKeysetNames(st), slices.Sorted(slices.Values(demoKeysets)); !slices.Equal(got, want) {
+				return "", p.errorf("serves keysets %v, want %v", got, want)
+			}
+			states = append(states, kmsState(p, st))
+		}
+	}
+	rec := &setupRecord{TrustDomain: c.s.TrustDomain.Name(), Regions: c.s.Regions, Safes: c.s.Safes, BasePort: c.s.BasePort,
+		GenesisID: c.genesisID, CreatedAt: time.Now().UTC()}
+	if c.s.Safes == SafesSoftHSM {
+		rec.PKCS11Module = c.hsm.module
+	}
+	if err := writeSetupRecord(c.layout.setup(), rec); err != nil {
+		return "", err
+	}
+	return strings.Join(states, "; "), nil
+}
+
+// writeInfo builds the Info of the running chain and writes chain.json.
+func (c *Chain) writeInfo() (string, error) {
+	certs := c.layout.certs()
+	ca := filepath.Join(certs, "ca.pem")
+	ident := func(name string) Identity {
+		id := identity.MustParse(c.spiffeID(name))
+		cert, key := devca.LeafPaths(certs, id.SPIFFEID())
+		return Identity{SPIFFEID: id.String(), Cert: cert, Key: key, CA: ca}
+	}
+	info := Info{
+		Version: InfoVersion, StateDir: c.s.StateDir, TrustDomain: c.s.TrustDomain.Name(), BasePort: c.s.BasePort,
+		Safes: c.s.Safes, LauncherPID: os.Getpid(), StartedAt: time.Now().UTC(), CA: ca, CertsDir: certs,
+		Manifest: c.layout.manifest(), BundleSigningPub: c.layout.signingPub(),
+		Regionctl: Regionctl{Identity: ident(regionctlName), IdentityFlags: c.idFlags(regionctlName), RootKMS: c.ports.rootAPI,
+			Teams: c.layout.teams(), Store: c.layout.store(), SigningKey: c.layout.signingKey()},
+	}
+	for _, p := range c.started() {
+		info.Components = append(info.Components, p.Component)
+	}
+	for ri, r := range c.s.Regions {
+		reg := Region{Name: r, KMS: c.ports.kms[ri], Bundle: c.layout.bundle(r, 1), Client: ident("client/" + r + "/demo")}
+		for _, k := range demoKeysets {
+			reg.Keysets = append(reg.Keysets, KeyURI(r, k))
+		}
+		info.Regions = append(info.Regions, reg)
+	}
+	if err := info.Validate(); err != nil {
+		return "", err
+	}
+	if err := info.write(); err != nil {
+		return "", err
+	}
+	c.mu.Lock()
+	c.info = info
+	c.mu.Unlock()
+	return c.display(c.layout.chainJSON()), nil
+}
