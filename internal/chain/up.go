@@ -293,6 +293,16 @@ func (c *Chain) joinDistributors(ctx context.Context) (string, error) {
 			return "", err
 		}
 	}
+	how, err := c.waitPeersUnsealed(ctx)
+	if err != nil {
+		return "", err
+	}
+	return "unsealed: " + how, nil
+}
+
+// waitPeersUnsealed waits until every distributor but the first is unsealed
+// (from a peer) and says by whom.
+func (c *Chain) waitPeersUnsealed(ctx context.Context) (string, error) {
 	var how []string
 	for _, d := range c.dists[1:] {
 		st, err := c.waitDistributor(ctx, d, distributorv1.SealState_SEAL_STATE_UNSEALED)
@@ -301,7 +311,7 @@ func (c *Chain) joinDistributors(ctx context.Context) (string, error) {
 		}
 		how = append(how, fmt.Sprintf("%s by %s", d.Name, st.GetUnsealedBy()))
 	}
-	return "unsealed: " + strings.Join(how, ", "), nil
+	return strings.Join(how, ", "), nil
 }
 
 // ceremonyLine is how `safe ceremony open` prints the new ceremony.
@@ -338,15 +348,11 @@ func (c *Chain) unsealCeremony(ctx context.Context) (string, error) {
 	if _, err := c.waitDistributor(ctx, d1, distributorv1.SealState_SEAL_STATE_UNSEALED); err != nil {
 		return "", err
 	}
-	var how []string
-	for _, d := range c.dists[1:] {
-		st, err := c.waitDistributor(ctx, d, distributorv1.SealState_SEAL_STATE_UNSEALED)
-		if err != nil {
-			return "", err
-		}
-		how = append(how, fmt.Sprintf("%s by %s", d.Name, st.GetUnsealedBy()))
+	how, err := c.waitPeersUnsealed(ctx)
+	if err != nil {
+		return "", err
 	}
-	return fmt.Sprintf("ceremony %s: distributor-1 unsealed; %s", id, strings.Join(how, ", ")), nil
+	return fmt.Sprintf("ceremony %s: distributor-1 unsealed; %s", id, how), nil
 }
 
 // startRootKMS starts the voters (on a first run voter 1 first, until it
