@@ -88,7 +88,16 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 				budget[i]--
 				st.attempts++
 				st.addTried(ep)
-				err := c.attempt(callCtx, ep, f)
+				// With another endpoint left to try, an attempt may use at
+				// most half the time left: a hung endpoint must not take a
+				// short call's whole deadline and never be failed over.
+				timeout := c.opts.attemptTimeout
+				if more := k < n-1 || i < len(regions)-1; more {
+					if dl, ok := callCtx.Deadline(); ok {
+						timeout = min(timeout, time.Until(dl)/2)
+					}
+				}
+				err := c.attempt(callCtx, ep, timeout, f)
 				if err == nil {
 					return nil
 				}
@@ -100,9 +109,20 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 				if errors.Is(err, ErrClosed) {
 					return ErrClosed
 				}
+				if !retryable(err) && i > 0 {
+					// A fallback region that cannot help (the keyset is not
+					// there, this client may not use it there) says nothing
+					// about the ciphertext: the call's answer stays the
+					// primary region's outage, and the next fallback is
+					// tried.
+					st.fallbackFailures = append(st.fallbackFailures, fmt.Sprintf("%s: %s", reg.name, status.Code(err)))
+					c.log.Debug("kmsclient: decrypt fallback region refused", "region", r.name, "fallback", reg.name, "endpoint", ep.addr, "err", err)
+					budget[i] = 0
+					break
+				}
 				if !retryable(err) {
-					return fmt.Errorf("kmsclient: %s with keyset %q in region %s%s (endpoint %s): %w",
-						o, keyset, reg.name, fallbackNote(r, reg), ep.addr, err)
+					return fmt.Errorf("kmsclient: %s with keyset %q in region %s (endpoint %s): %w",
+						o, keyset, reg.name, ep.addr, err)
 				}
 				st.last, st.lastEP = err, ep
 				c.failed(ep, err)
@@ -121,13 +141,13 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 	}
 }
 
-// attempt makes one RPC on ep, bounded by the attempt timeout.
-func (c *Client) attempt(callCtx context.Context, ep *endpoint, f attemptFunc) error {
+// attempt makes one RPC on ep, bounded by timeout.
+func (c *Client) attempt(callCtx context.Context, ep *endpoint, timeout time.Duration, f attemptFunc) error {
 	kc, err := c.kmsClient(ep)
 	if err != nil {
 		return err
 	}
-	actx, cancel := context.WithTimeout(callCtx, c.opts.attemptTimeout)
+	actx, cancel := context.WithTimeout(callCtx, timeout)
 	defer cancel()
 	return f(actx, kc)
 }
@@ -166,6 +186,17 @@ type callState struct {
 	tried    []*endpoint
 	last     error // the last retryable failure of an endpoint
 	lastEP   *endpoint
+	// fallbackFailures are the fallback regions that answered with a
+	// non-retryable error ("eu-west: NotFound").
+	fallbackFailures []string
+}
+
+// fallbackSummary adds the fallback regions' refusals to an error message.
+func (s *callState) fallbackSummary() string {
+	if len(s.fallbackFailures) == 0 {
+		return ""
+	}
+	return "; fallback regions refused: " + strings.Join(s.fallbackFailures, ", ")
 }
 
 func (s *callState) addTried(ep *endpoint) {
@@ -189,13 +220,6 @@ func where(r *region, regions []*region) string {
 	return fmt.Sprintf("region %s and its decrypt fallbacks %s", r.name, strings.Join(names, ", "))
 }
 
-func fallbackNote(r, reg *region) string {
-	if r == reg {
-		return ""
-	}
-	return " (decrypt fallback of " + r.name + ")"
-}
-
 func countEndpoints(regions []*region) int {
 	n := 0
 	for _, r := range regions {
@@ -207,8 +231,8 @@ func countEndpoints(regions []*region) int {
 // exhausted is the error of a call whose every attempt failed retryably. It
 // wraps the last gRPC status, so status.Code reports that status's code.
 func (c *Client) exhausted(o op, r *region, keyset string, regions []*region, st callState) error {
-	return fmt.Errorf("kmsclient: %s with keyset %q in %s: every attempt failed (%d attempts on %d of %d endpoints); last error from %s: %w",
-		o, keyset, where(r, regions), st.attempts, len(st.tried), countEndpoints(regions), st.lastEP.addr, st.last)
+	return fmt.Errorf("kmsclient: %s with keyset %q in %s: every attempt failed (%d attempts on %d of %d endpoints%s); last error from %s: %w",
+		o, keyset, where(r, regions), st.attempts, len(st.tried), countEndpoints(regions), st.fallbackSummary(), st.lastEP.addr, st.last)
 }
 
 // stopped is the error of a call ended by its context: canceled by the
@@ -218,7 +242,7 @@ func (c *Client) exhausted(o op, r *region, keyset string, regions []*region, st
 // way errors.Is(err, context.DeadlineExceeded) holds.
 func (c *Client) stopped(ctx context.Context, o op, r *region, keyset string, regions []*region, st callState) error {
 	prefix := fmt.Sprintf("kmsclient: %s with keyset %q in %s", o, keyset, where(r, regions))
-	after := fmt.Sprintf("after %d attempts on %d of %d endpoints", st.attempts, len(st.tried), countEndpoints(regions))
+	after := fmt.Sprintf("after %d attempts on %d of %d endpoints%s", st.attempts, len(st.tried), countEndpoints(regions), st.fallbackSummary())
 	if err := ctx.Err(); err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		if st.last != nil {
 			return fmt.Errorf("%s: %w %s (last error from %s: %v)", prefix, contextError{err}, after, st.lastEP.addr, st.last)
@@ -254,9 +278,16 @@ func fullJitter(ceiling time.Duration) time.Duration {
 	if ceiling <= 0 {
 		return 0
 	}
+	return time.Duration(randUint64() % uint64(ceiling))
+}
+
+// randIntN returns a number drawn uniformly from [0, n), n > 0.
+func randIntN(n int) int { return int(randUint64() % uint64(n)) }
+
+func randUint64() uint64 {
 	var b [8]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
-	return time.Duration(binary.LittleEndian.Uint64(b[:]) % uint64(ceiling))
+	return binary.LittleEndian.Uint64(b[:])
 }
 
 // sleepContext waits d or until ctx is done, and returns ctx's error then.

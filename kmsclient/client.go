@@ -112,6 +112,9 @@ func New(opts ...Option) (*Client, error) {
 		for i, addr := range o.endpoints[name] {
 			r.endpoints = append(r.endpoints, &endpoint{addr: addr, index: i, region: r})
 		}
+		if n := len(r.endpoints); n > 1 && !o.listedOrder {
+			r.cur.Store(int32(randIntN(n)))
+		}
 		c.regions[name] = r
 	}
 	for _, r := range c.regions {

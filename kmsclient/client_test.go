@@ -515,6 +515,8 @@ func TestDecryptFallback(t *testing.T) {
 	w := testWorld(t)
 	westOnly := kmstest.NewKeyset(t, "payments/west-only", kmstest.ACL("client/us-east/app"))
 	w.keysets[west] = append(w.keysets[west], westOnly)
+	eastOnly := kmstest.NewKeyset(t, "payments/east-only", kmstest.ACL("client/us-east/app"))
+	w.keysets[east] = append(w.keysets[east], eastOnly)
 	sEast, sWest := w.startKMS(east, "kms-1"), w.startKMS(west, "kms-1")
 	fast := kmsclient.WithRetry(kmsclient.RetryPolicy{MaxAttempts: 2, InitialBackoff: 5 * time.Millisecond, MaxBackoff: 10 * time.Millisecond})
 	eps := []kmsclient.Option{kmsclient.WithEndpoints(east, sEast.addr), kmsclient.WithEndpoints(west, sWest.addr), fast}
@@ -525,6 +527,10 @@ func TestDecryptFallback(t *testing.T) {
 
 	pt := []byte("a data key")
 	ct, err := aeadOf(t, withFB, east, ledger).EncryptWithContext(ctx, pt, []byte("ad"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eastOnlyCT, err := aeadOf(t, noFB, east, "payments/east-only").EncryptWithContext(ctx, pt, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -557,15 +563,26 @@ func TestDecryptFallback(t *testing.T) {
 	if got := sWest.dataPlaneCalls(t)["ok"] - westBefore; got != 2 {
 		t.Errorf("us-west served %d decrypts, want 2", got)
 	}
-	if got, err := aeadOf(t, withFB, east, ledger).DecryptWithContext(ctx, ct, []byte("other ad")); status.Code(err) != codes.InvalidArgument || got != nil {
-		t.Errorf("with fallback, wrong AD: Decrypt = %q, %v, want InvalidArgument", got, err)
-	} else if !strings.Contains(err.Error(), "in region us-west (decrypt fallback of us-east)") {
-		t.Errorf("with fallback, wrong AD: error %q does not say the fallback region answered", err)
+	// A fallback region's refusal is not an answer about the ciphertext (the
+	// keyset, or its newest version, may not be there yet): the call fails
+	// with the primary region's outage, and says what the fallback said.
+	if got, err := aeadOf(t, withFB, east, ledger).DecryptWithContext(ctx, ct, []byte("other ad")); status.Code(err) != codes.Unavailable || got != nil {
+		t.Errorf("with fallback, wrong AD: Decrypt = %q, %v, want Unavailable (us-east's outage)", got, err)
+	} else if !strings.Contains(err.Error(), "fallback regions refused: us-west: InvalidArgument") {
+		t.Errorf("with fallback, wrong AD: error %q does not say what the fallback region answered", err)
 	}
 
-	// Three decrypts fell back; one warning says so, the rest are debug.
-	if warn, all := logs.matching("WARN kmsclient: decrypting in a fallback region", "fallback=us-west"), logs.matching("decrypting in a fallback region"); len(warn) != 1 || len(all) != 3 {
-		t.Errorf("fallback log records: %d warnings, %d in all (%q); want 1 and 3", len(warn), len(all), all)
+	// A keyset the fallback region does not have: its NotFound must not
+	// read as "no such keyset" (a caller might take the data for lost).
+	if got, err := aeadOf(t, withFB, east, "payments/east-only").DecryptWithContext(ctx, eastOnlyCT, nil); status.Code(err) != codes.Unavailable || got != nil {
+		t.Errorf("with fallback, keyset missing in the fallback: Decrypt = %q, %v, want Unavailable (us-east's outage)", got, err)
+	} else if !strings.Contains(err.Error(), "fallback regions refused: us-west: NotFound") {
+		t.Errorf("with fallback, keyset missing in the fallback: error %q does not say what the fallback region answered", err)
+	}
+
+	// Four decrypts fell back; one warning says so, the rest are debug.
+	if warn, all := logs.matching("WARN kmsclient: decrypting in a fallback region", "fallback=us-west"), logs.matching("decrypting in a fallback region"); len(warn) != 1 || len(all) != 4 {
+		t.Errorf("fallback log records: %d warnings, %d in all (%q); want 1 and 4", len(warn), len(all), all)
 	}
 
 	got, err = aeadOf(t, noFB, east, ledger).DecryptWithContext(ctx, ct, []byte("ad"))
@@ -754,3 +771,31 @@ func TestUseAfterClose(t *testing.T) {
 func slogOf(h *logRecorder) *slog.Logger { return slog.New(h) }
 
 var _ tink.AEADWithContext = (*kmsclient.AEAD)(nil)
+
+// TestShortDeadlineFailsOverHungEndpoint: a caller whose deadline is shorter
+// than the attempt timeout still gets off a hung endpoint: with another
+// endpoint left, an attempt takes at most half the time left, so the call
+// succeeds on the next endpoint and later calls stay there.
+func TestShortDeadlineFailsOverHungEndpoint(t *testing.T) {
+	w := testWorld(t)
+	hung := newHungListener(t)
+	s := w.startKMS(east, "kms-1")
+	count := &attemptCounter{}
+	c := w.client(appID, kmsclient.WithEndpoints(east, hung.addr(), s.addr), count.option()) // default 2s attempt timeout
+	a := aeadOf(t, c, east, ledger)
+	const calls = 10
+	for i := range calls {
+		ctx, cancel := context.WithTimeout(t.Context(), 1500*time.Millisecond)
+		_, err := a.EncryptWithContext(ctx, []byte{byte(i)}, nil)
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d with a 1.5s deadline: Encrypt = %v", i, err)
+		}
+	}
+	if hung.accepted() == 0 {
+		t.Error("the hung endpoint was never connected to")
+	}
+	if got := count.total(); got != calls+1 {
+		t.Errorf("%d attempts, want %d (one cut short on the hung endpoint, then all on the good one)", got, calls+1)
+	}
+}

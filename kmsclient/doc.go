@@ -39,8 +39,10 @@
 //
 // # Failover and retries
 //
-// Each region has an ordered list of endpoints (WithEndpoints). Calls go to
-// the endpoint in use (at first the first); a retryable failure there moves
+// Each region has a list of endpoints (WithEndpoints). Calls go to the
+// endpoint in use (at first a random one, so that clients configured alike
+// spread over the region's servers; the first listed with WithListedOrder);
+// a retryable failure there moves
 // the region to the next one, for this call and the following ones (sticky
 // failover), without a pause. Only when every endpoint of the region (and,
 // for a decrypt, of its fallback regions) failed in one round does the call
@@ -56,13 +58,21 @@
 // exception).
 //
 // WithDecryptFallback lets a decrypt whose region has failed go on in other
-// regions that hold the same keyset. Encrypt never falls back.
+// regions that hold the same keyset. Encrypt never falls back. A fallback
+// region's refusal (NotFound: the keyset is not deployed there;
+// InvalidArgument: the version, or the associated data, does not match
+// there; PermissionDenied) is no verdict on the ciphertext: the next
+// fallback is tried, and if none succeeds the call fails with the primary
+// region's outage (Unavailable or DeadlineExceeded), its message listing what
+// each fallback said.
 //
 // # Deadlines
 //
 // One Encrypt or Decrypt, all attempts, pauses and fallbacks included, ends
 // by the caller's context deadline or WithTimeout, whichever is earlier; each
-// attempt is bounded by WithAttemptTimeout within that. A caller's
+// attempt is bounded by WithAttemptTimeout within that, and, while another
+// endpoint is left to try, by half the time left, so that a hung server
+// cannot take a short call's whole deadline and never be failed over. A caller's
 // cancellation stops the call at once (the error reports codes.Canceled and
 // errors.Is(err, context.Canceled)). Encrypt and Decrypt without a context
 // are bounded by WithTimeout alone.

@@ -44,6 +44,7 @@ type options struct {
 
 	timeout        time.Duration
 	attemptTimeout time.Duration
+	listedOrder    bool
 	retry          RetryPolicy
 	logger         *slog.Logger
 
@@ -153,6 +154,15 @@ func WithTLSConfig(cfg *tls.Config) Option {
 		}
 		o.tlsConfig = cfg.Clone()
 	}
+}
+
+// WithListedOrder makes every region's first call go to its first listed
+// endpoint (a list ordered by preference, nearest first). By default a
+// client starts at a random endpoint of each region, so that a fleet of
+// clients configured alike spreads over the region's servers. Either way
+// the endpoint in use is sticky until it fails.
+func WithListedOrder() Option {
+	return func(o *options) { o.listedOrder = true }
 }
 
 // WithTimeout sets the deadline of one Encrypt or Decrypt, all attempts,

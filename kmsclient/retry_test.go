@@ -104,7 +104,8 @@ func (s *sleepRecorder) pauses() []time.Duration {
 // fakeClient returns a client of the app identity with opts.
 func fakeClient(t *testing.T, pki *identitytest.PKI, opts ...kmsclient.Option) *kmsclient.Client {
 	t.Helper()
-	c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(pki.Source(appID))}, opts...)...)
+	// Listed order: the tests below name which endpoint is tried first.
+	c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(pki.Source(appID)), kmsclient.WithListedOrder()}, opts...)...)
 	if err != nil {
 		t.Fatalf("New = %v", err)
 	}
@@ -449,5 +450,39 @@ func TestRefusedServers(t *testing.T) {
 				t.Errorf("the refused server got %d calls", n)
 			}
 		})
+	}
+}
+
+// TestStartEndpoint: by default a client's first call goes to a random
+// endpoint of the region, so clients configured alike spread over its
+// servers; with WithListedOrder it goes to the first listed.
+func TestStartEndpoint(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	fa := startFake(t, pki, fakeEast1, answerCode(codes.OK))
+	fb := startFake(t, pki, fakeEast2, answerCode(codes.OK))
+	const clients = 40
+	for range clients {
+		c, err := kmsclient.New(kmsclient.WithSource(pki.Source(appID)), kmsclient.WithEndpoints(east, fa.addr, fb.addr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = aeadOf(t, c, east, ledger).Encrypt([]byte("pt"), nil)
+		c.Close()
+	}
+	// All 40 on one endpoint has probability 2^-39.
+	if a, b := fa.calls.Load(), fb.calls.Load(); a+b != clients || a == 0 || b == 0 {
+		t.Errorf("first calls of %d clients: %d on the first endpoint, %d on the second; want both used", clients, a, b)
+	}
+	before := fa.calls.Load()
+	for range 5 {
+		c, err := kmsclient.New(kmsclient.WithSource(pki.Source(appID)), kmsclient.WithEndpoints(east, fa.addr, fb.addr), kmsclient.WithListedOrder())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = aeadOf(t, c, east, ledger).Encrypt([]byte("pt"), nil)
+		c.Close()
+	}
+	if got := fa.calls.Load() - before; got != 5 {
+		t.Errorf("with WithListedOrder, %d of 5 first calls went to the first endpoint, want 5", got)
 	}
 }

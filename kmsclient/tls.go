@@ -35,8 +35,14 @@ func (o *options) newIdentity() (*clientIdentity, error) {
 		if err != nil {
 			return nil, err
 		}
-		if o.tlsConfig.InsecureSkipVerify && o.tlsConfig.VerifyPeerCertificate == nil {
+		switch cfg := o.tlsConfig; {
+		case cfg.InsecureSkipVerify && cfg.VerifyPeerCertificate == nil:
 			return nil, errors.New("kmsclient: WithTLSConfig: the config does not authenticate the server (InsecureSkipVerify without VerifyPeerCertificate)")
+		case !cfg.InsecureSkipVerify && cfg.RootCAs == nil && cfg.VerifyPeerCertificate == nil:
+			// nil RootCAs means the host's system roots: any public or
+			// corporate CA willing to put kms/<region>/x in a URI SAN could
+			// then pose as a KMS server.
+			return nil, errors.New("kmsclient: WithTLSConfig: the config trusts the system root CAs; set RootCAs to the Cairn trust bundle (or verify in VerifyPeerCertificate)")
 		}
 		return &clientIdentity{td: td, base: o.tlsConfig}, nil
 	default:

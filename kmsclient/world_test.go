@@ -168,7 +168,8 @@ func addrs(ss ...*kmsServer) []string {
 func (w *world) client(id string, opts ...kmsclient.Option) *kmsclient.Client {
 	tb := w.tb
 	tb.Helper()
-	c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(w.pki.Source(id)), kmsclient.WithLogger(w.clientLog)}, opts...)...)
+	// Listed order: tests name which endpoint is in use first.
+	c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(w.pki.Source(id)), kmsclient.WithLogger(w.clientLog), kmsclient.WithListedOrder()}, opts...)...)
 	if err != nil {
 		tb.Fatalf("kmsclient.New = %v", err)
 	}

@@ -10,10 +10,12 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/term"
 	"google.golang.org/grpc"
 
 	"github.com/cairnkms/cairn/internal/chain"
@@ -31,6 +33,9 @@ Commands:
   encrypt [TEXT]        encrypt TEXT (or standard input) with a keyset; prints the ciphertext in base64
   decrypt [BASE64]      decrypt a ciphertext (or standard input); prints the plaintext
   status                every KMS server's state, bundle and per-key-version usage
+
+An argument is visible to every local user (ps, /proc) and lands in shell
+history: pipe anything secret on standard input instead.
 
 Run "cairn kms <command> -h" for its flags.
 `
@@ -70,7 +75,7 @@ func newKMSFlags(cmd string) kmsFlags {
 	fs.SetOutput(io.Discard)
 	return kmsFlags{fs: fs,
 		chain:   fs.String("chain", ".state/up", "`state dir` of the chain (make up writes .state/up/chain.json)"),
-		timeout: fs.Duration("timeout", 10*time.Second, "deadline of the whole command"),
+		timeout: fs.Duration("timeout", 10*time.Second, "deadline of a KMS call (status: of each server's)"),
 	}
 }
 
@@ -172,7 +177,9 @@ func runKMSCrypt(ctx context.Context, cmd string, args []string, stdout, stderr 
 	if _, err := stdout.Write(pt); err != nil {
 		return fail(err)
 	}
-	if len(pt) > 0 && pt[len(pt)-1] != '\n' {
+	// The plaintext's bytes exactly (a DEK piped to a file must not gain a
+	// newline); a terminal gets one for the prompt's sake.
+	if f, ok := stdout.(*os.File); ok && term.IsTerminal(int(f.Fd())) && len(pt) > 0 && pt[len(pt)-1] != '\n' {
 		fmt.Fprintln(stdout)
 	}
 	return exitOK
@@ -225,18 +232,35 @@ func runKMSStatus(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return fail(err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, *f.timeout)
-	defer cancel()
+	// Every server at once, each with the whole timeout: one hung server
+	// must not make the others look unreachable.
+	var servers []chain.Component
+	for _, c := range info.Components {
+		if c.Kind == "kms" {
+			servers = append(servers, c)
+		}
+	}
+	type reply struct {
+		st  *kmsv1.GetStatusResponse
+		err error
+	}
+	replies := make([]reply, len(servers))
+	var wg sync.WaitGroup
+	for i, c := range servers {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(ctx, *f.timeout)
+			defer cancel()
+			replies[i].st, replies[i].err = kmsStatus(ctx, src, td, c)
+		})
+	}
+	wg.Wait()
 
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVER\tADDRESS\tSTATE\tBUNDLE\tKEYSETS\tDETAIL")
 	var usage []string
 	down := 0
-	for _, c := range info.Components {
-		if c.Kind != "kms" {
-			continue
-		}
-		st, err := kmsStatus(ctx, src, td, c)
+	for i, c := range servers {
+		st, err := replies[i].st, replies[i].err
 		if err != nil {
 			down++
 			fmt.Fprintf(tw, "%s\t%s\tUNREACHABLE\t-\t-\t%v\n", c.Name, c.Address, err)

@@ -18,7 +18,7 @@
 //
 //	blobstore --key-uri cairn-kms://us-east/payments/ledger \
 //	  --kms us-east=10.0.0.1:7300,10.0.0.2:7300 --kms eu-west=10.1.0.1:7300 --fallback eu-west \
-//	  --cert svid.pem --key svid-key.pem --ca bundle.pem  put invoice-1 invoice-1.pdf
+//	  --cert svid.pem --key-file svid-key.pem --ca bundle.pem  put invoice-1 invoice-1.pdf
 package main
 
 import (
@@ -86,7 +86,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	fs.Var(endpoints, "kms", "`REGION=HOST:PORT,...` KMS servers of a region (repeat for several regions)")
 	fallback := fs.String("fallback", "", "comma-separated `regions` to decrypt in when every KMS server of the key's region is down")
 	cert := fs.String("cert", "", "client X.509-SVID certificate `file`")
-	key := fs.String("key", "", "its private key `file`")
+	keyFile := fs.String("key-file", "", "its private key `file`")
 	ca := fs.String("ca", "", "trust bundle `file` (the Cairn CA)")
 	chainDir := fs.String("chain", ".state/up", "`state dir` of a `make up` chain, used when --kms and --cert are not given")
 	timeout := fs.Duration("timeout", 10*time.Second, "deadline of one KMS call, retries included")
@@ -114,7 +114,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		// region.
 		info, err := chain.Load(*chainDir)
 		if err != nil {
-			return fail(fmt.Errorf("%w (or give --kms, --cert, --key and --ca)", err))
+			return fail(fmt.Errorf("%w (or give --kms, --cert, --key-file and --ca)", err))
 		}
 		for _, r := range info.Regions {
 			endpoints[r.Name] = r.KMS
@@ -123,13 +123,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		if !ok {
 			return fail(fmt.Errorf("the chain in %s has no region %q", *chainDir, region))
 		}
-		*cert, *key, *ca = r.Client.Cert, r.Client.Key, r.Client.CA
+		*cert, *keyFile, *ca = r.Client.Cert, r.Client.Key, r.Client.CA
 	}
 
 	// This is the part a storage system copies: one client per process,
 	// endpoints per region, an mTLS identity, a deadline per call.
 	opts := []kmsclient.Option{
-		kmsclient.WithIdentityFiles(*cert, *key, *ca),
+		kmsclient.WithIdentityFiles(*cert, *keyFile, *ca),
 		kmsclient.WithTimeout(*timeout),
 	}
 	for r, addrs := range endpoints {
@@ -195,11 +195,20 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "NAME\tSIZE\tCREATED\tKEY\tCIPHERTEXT")
+		damaged := 0
 		for _, o := range objs {
+			if o.Damaged != "" {
+				damaged++
+				fmt.Fprintf(tw, "%s\t-\t-\t-\tDAMAGED: %s\n", o.Name, o.Damaged)
+				continue
+			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", o.Name, o.Size, o.Created.Format(time.RFC3339), o.KeyURI, o.Fingerprint)
 		}
 		if err := tw.Flush(); err != nil {
 			return fail(err)
+		}
+		if damaged > 0 {
+			return fail(fmt.Errorf("%d damaged objects", damaged))
 		}
 	case cmd == "rm" && len(rest) == 1:
 		if err := store.Delete(rest[0]); err != nil {

@@ -154,7 +154,25 @@ func (s *Store) Put(ctx context.Context, name string, data []byte) error {
 	if err := os.Rename(tmp.Name(), s.path(name)); err != nil {
 		return fmt.Errorf("blobstore: store %q: %w", name, err)
 	}
+	// The rename is durable only once the directory is: without this, a
+	// power loss after "stored" could bring back the old object, or none.
+	if err := syncDir(s.dir); err != nil {
+		return fmt.Errorf("blobstore: store %q: %w", name, err)
+	}
 	return nil
+}
+
+// syncDir flushes a directory's entries to stable storage.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Get decrypts and returns the object name. A tampered, truncated or moved
@@ -208,9 +226,13 @@ type Info struct {
 	// Fingerprint is a short hash of the stored ciphertext (not of the
 	// plaintext, which List never sees).
 	Fingerprint string
+	// Damaged, if not empty, says why the object's file could not be read;
+	// the other fields but Name are then empty.
+	Damaged string
 }
 
-// List returns the objects in name order, from their public metadata.
+// List returns the objects in name order, from their public metadata. An
+// object whose file cannot be read is listed with Damaged set.
 func (s *Store) List() ([]Info, error) {
 	entries, err := os.ReadDir(s.dir)
 	if err != nil {
@@ -224,7 +246,9 @@ func (s *Store) List() ([]Info, error) {
 		}
 		o, err := s.read(name)
 		if err != nil {
-			return nil, err
+			// One damaged file must not hide the rest of the store.
+			out = append(out, Info{Name: name, Damaged: err.Error()})
+			continue
 		}
 		sum := sha256.Sum256(o.Ciphertext)
 		out = append(out, Info{Name: o.Name, KeyURI: o.KeyURI, Size: o.Size, Created: o.Created, Fingerprint: hex.EncodeToString(sum[:6])})
@@ -244,6 +268,9 @@ func (s *Store) Delete(name string) error {
 		return fmt.Errorf("%w: %q", ErrNotFound, name)
 	} else if err != nil {
 		return fmt.Errorf("blobstore: %w", err)
+	}
+	if err := syncDir(s.dir); err != nil {
+		return fmt.Errorf("blobstore: delete %q: %w", name, err)
 	}
 	return nil
 }

@@ -153,6 +153,11 @@ func TestTamperedOrMovedObjectsDoNotDecrypt(t *testing.T) {
 	if _, err := s.Get(ctx, "y"); err == nil || !strings.Contains(err.Error(), "damaged") {
 		t.Errorf("Get(truncated y) = %v, want a damaged-object error", err)
 	}
+	// List still shows everything, the damaged object marked.
+	list, err := s.List()
+	if err != nil || len(list) != 2 || list[0].Name != "x" || list[0].Damaged != "" || list[1].Name != "y" || !strings.Contains(list[1].Damaged, "damaged") {
+		t.Errorf("List with y damaged = %+v, %v; want x fine and y marked damaged", list, err)
+	}
 }
 
 func TestOldObjectsDecryptAfterKeyChange(t *testing.T) {

@@ -116,11 +116,12 @@ func Verify(sb *bundlev1.SignedBundle, pinned []ed25519.PublicKey) (*bundlev1.Bu
 		canonical <- err == nil && bytes.Equal(re, sb.GetBundle())
 	}()
 	verr := Validate(&b)
-	if !<-canonical {
-		return nil, fmt.Errorf("%w: not in deterministic encoding", ErrInvalid)
-	}
-	if verr != nil {
+	isCanonical := <-canonical
+	if verr != nil { // first: it names the problem (a newer format version, say)
 		return nil, verr
+	}
+	if !isCanonical {
+		return nil, fmt.Errorf("%w: not in deterministic encoding", ErrInvalid)
 	}
 	return &b, nil
 }

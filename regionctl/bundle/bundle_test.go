@@ -294,6 +294,22 @@ func TestVerifyRefuses(t *testing.T) {
 	}
 }
 
+// TestVerifyNamesANewerFormat: a bundle from a newer regionctl (format
+// version 2, with a field this binary does not know) is refused with the
+// format version named, which is what an operator needs mid-upgrade, rather
+// than as "not in deterministic encoding" (the unknown field is discarded, so
+// both checks fail).
+func TestVerifyNamesANewerFormat(t *testing.T) {
+	pub, priv := newKey(t)
+	c := validBundle(t)
+	c.FormatVersion = 2
+	raw := appendUnknown(marshal(t, c), 99, []byte("a field of format 2"))
+	_, err := bundle.Verify(signRaw(priv, raw), []ed25519.PublicKey{pub})
+	if !errors.Is(err, bundle.ErrInvalid) || !strings.Contains(err.Error(), "format version 2") {
+		t.Errorf("Verify(format 2 bundle with a new field) = %v, want ErrInvalid naming format version 2", err)
+	}
+}
+
 func TestValidate(t *testing.T) {
 	tests := []struct {
 		name    string
