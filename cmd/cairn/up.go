@@ -28,15 +28,18 @@ demo team's keysets; then runs a demo round trip through the Tink client,
 writes <state-dir>/chain.json and prints what runs where. The first run in an
 empty state dir makes everything (genesis, regions, keysets, bundles); a
 re-run reuses it (the distributors are unsealed by a dev unseal ceremony).
-Ctrl-C (or SIGTERM) stops every process it started. Logs are in
-<state-dir>/logs.
+Ctrl-C (or SIGTERM) stops every process it started. A component that dies
+meanwhile is reported and the rest keeps running (kill a KMS server to watch
+clients fail over); the exit status is then 1. Logs are in <state-dir>/logs.
 
 Flags:
 `
 
 // runUp implements "cairn up": it starts the chain, prints "cairn up: ready"
-// and waits for ctx (the signals) or for a component to die, then stops
-// everything.
+// and waits for ctx (the signals). A component that dies meanwhile is
+// reported and the rest keeps running; once nothing is left, or on the
+// signal, it stops everything. It exits 0 after a clean run, 1 if a
+// component died (or could not be stopped).
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("cairn up", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors and usage are printed below

@@ -11,7 +11,7 @@ import (
 
 // TestRunUpCommandLine covers `cairn up`'s command line up to the point
 // where it would start something; the whole chain is started by
-// internal/chain's TestUpFirstRunRerunAndTakenPort with the real binaries.
+// TestUpFirstRunRerunAndTakenPort in tests/, with the real binaries.
 func TestRunUpCommandLine(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "state")
 	emptyBin := t.TempDir()

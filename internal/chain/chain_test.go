@@ -522,15 +522,18 @@ func TestProcessLifecycle(t *testing.T) {
 }
 
 // freeBase returns a base port whose whole range, for n regions, is free
-// now. It looks in [10000, 20000): below the kernel's ephemeral range (no
-// outgoing connection takes one of its ports meanwhile) and below where
+// now. It looks in [10000, 11000): below the kernel's ephemeral range (no
+// outgoing connection takes one of its ports meanwhile), below where
 // tests/framework.FreePorts picks ports for other tests that may run at the
-// same time.
+// same time, and below [11000, 20000), where tests/framework.FreeBasePort
+// puts the chains of the end-to-end launcher tests in tests/: a brief listen
+// here must never take a port from one of their starting components. If
+// the ephemeral range reaches below 20000, the same split is made above it.
 func freeBase(t *testing.T, n int) int {
 	t.Helper()
-	lo, hi := 10000, 20000
-	if ephLo, ephHi := ephemeralRange(); ephLo < hi {
-		lo, hi = ephHi+1, 65536
+	lo, hi := 10000, 11000
+	if ephLo, ephHi := ephemeralRange(); ephLo < 20000 {
+		lo, hi = ephHi+1, ephHi+1001
 	}
 	regions := make([]string, n)
 	for i := range regions {

@@ -26,18 +26,23 @@ type Binaries struct {
 	// Dir holds the binaries; Remove deletes it.
 	Dir string
 	// Cairn, Safe, Distributor and RootKMS are absolute paths of
-	// cmd/cairn, cmd/safe, cmd/distributor and cmd/rootkms.
+	// cmd/cairn, cmd/safe, cmd/distributor and cmd/rootkms (KMSBinary and
+	// RegionctlBinary name cmd/kms and cmd/regionctl).
 	Cairn, Safe, Distributor, RootKMS string
+	// Blobstore is examples/blobstore: a storage system that envelope-
+	// encrypts files through kmsclient.
+	Blobstore string
 }
 
 // buildTimeout bounds `go build` (a cold cache on 2 cores needs about a
 // minute, with cgo for the PKCS#11 safe).
 const buildTimeout = 5 * time.Minute
 
-// Build compiles cmd/cairn, cmd/safe, cmd/distributor and cmd/rootkms of the
-// module that
-// contains the working directory into a new temporary directory. It is
-// meant for TestMain; call Remove when the tests are done.
+// Build compiles every command (cmd/cairn, cmd/safe, cmd/distributor,
+// cmd/rootkms, cmd/kms, cmd/regionctl) and examples/blobstore of the module
+// that contains the working directory into a new temporary directory, the
+// --bin-dir of `cairn up`. It is meant for TestMain; call Remove when the
+// tests are done.
 func Build() (*Binaries, error) {
 	root, err := ModuleRoot()
 	if err != nil {
@@ -55,11 +60,11 @@ func Build() (*Binaries, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms", "./cmd/kms", "./cmd/regionctl")
+	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms", "./cmd/kms", "./cmd/regionctl", "./examples/blobstore")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("framework: go build ./cmd/{cairn,safe,distributor,rootkms}: %v\n%s", err, out)
+		return nil, fmt.Errorf("framework: go build ./cmd/... ./examples/blobstore: %v\n%s", err, out)
 	}
 	b := &Binaries{
 		Dir:         dir,
@@ -67,8 +72,9 @@ func Build() (*Binaries, error) {
 		Safe:        filepath.Join(dir, "safe"),
 		Distributor: filepath.Join(dir, "distributor"),
 		RootKMS:     filepath.Join(dir, "rootkms"),
+		Blobstore:   filepath.Join(dir, "blobstore"),
 	}
-	for _, p := range []string{b.Cairn, b.Safe, b.Distributor, b.RootKMS} {
+	for _, p := range []string{b.Cairn, b.Safe, b.Distributor, b.RootKMS, b.KMSBinary(), b.RegionctlBinary(), b.Blobstore} {
 		if _, err := os.Stat(p); err != nil {
 			os.RemoveAll(dir)
 			return nil, fmt.Errorf("framework: built binary missing: %w", err)

@@ -1,6 +1,7 @@
 package framework
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -38,6 +39,7 @@ type Process struct {
 	done    chan struct{}
 	waitErr error
 	runs    int
+	stdout  string // path of the current run's stdout
 	stderr  string // path of the current run's stderr
 	cleanup bool
 }
@@ -91,7 +93,7 @@ func (p *Process) Start() {
 		p.t.Fatalf("%s: starting %s: %v", p.name, p.path, err)
 	}
 	done := make(chan struct{})
-	p.cmd, p.done, p.waitErr, p.stderr = cmd, done, nil, base+".stderr"
+	p.cmd, p.done, p.waitErr, p.stdout, p.stderr = cmd, done, nil, base+".stdout", base+".stderr"
 	go func() {
 		err := cmd.Wait()
 		p.mu.Lock()
@@ -164,6 +166,13 @@ func (p *Process) StderrPath() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.stderr
+}
+
+// StdoutPath is the current run's stdout file.
+func (p *Process) StdoutPath() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stdout
 }
 
 // Exited reports whether the current run has exited, and how.
@@ -257,7 +266,18 @@ func (p *Process) WaitExit(d time.Duration) (exited bool, code int) {
 
 // Stderr returns what the current run wrote to stderr so far.
 func (p *Process) Stderr() string {
+	p.t.Helper()
 	b, err := os.ReadFile(p.StderrPath())
+	if err != nil {
+		p.t.Fatalf("%s: %v", p.name, err)
+	}
+	return string(b)
+}
+
+// Stdout returns what the current run wrote to stdout so far.
+func (p *Process) Stdout() string {
+	p.t.Helper()
+	b, err := os.ReadFile(p.StdoutPath())
 	if err != nil {
 		p.t.Fatalf("%s: %v", p.name, err)
 	}
@@ -349,6 +369,13 @@ const commandTimeout = 60 * time.Second
 // its output in <logDir>/<name>.stdout|stderr as well as in the Result.
 func Run(t testing.TB, name, logDir, path string, args []string, env ...string) Result {
 	t.Helper()
+	return RunInput(t, name, logDir, nil, path, args, env...)
+}
+
+// RunInput is Run with stdin as the command's standard input (nil: none),
+// as if piped into it.
+func RunInput(t testing.TB, name, logDir string, stdin []byte, path string, args []string, env ...string) Result {
+	t.Helper()
 	if err := os.MkdirAll(logDir, 0o700); err != nil {
 		t.Fatalf("MkdirAll(%s) = %v", logDir, err)
 	}
@@ -368,6 +395,9 @@ func Run(t testing.TB, name, logDir, path string, args []string, env ...string) 
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = exitTimeout
 	start := time.Now()
@@ -407,11 +437,7 @@ func FreePorts(t testing.TB, n int) []int {
 		if attempt >= 1000 {
 			t.Fatalf("FreePorts(%d): no free port in [%d, %d) after %d attempts", n, lo, hi, attempt)
 		}
-		r, err := rand.Int(rand.Reader, big.NewInt(int64(hi-lo)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := lo + int(r.Int64())
+		port := lo + randIntn(t, hi-lo)
 		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 		if err != nil {
 			continue // taken
@@ -426,19 +452,35 @@ func FreePorts(t testing.TB, n int) []int {
 // or, if that range starts too low to leave room, the upper half of the
 // ports above it.
 func portRange() (lo, hi int) {
-	ephemeralLo, ephemeralHi := 32768, 60999 // Linux's default
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		f := strings.Fields(string(b))
-		if len(f) == 2 {
-			l, err1 := strconv.Atoi(f[0])
-			h, err2 := strconv.Atoi(f[1])
-			if err1 == nil && err2 == nil && l < h {
-				ephemeralLo, ephemeralHi = l, h
-			}
-		}
-	}
+	ephemeralLo, ephemeralHi := ephemeralRange()
 	if ephemeralLo >= 21000 {
 		return 20000, ephemeralLo
 	}
 	return ephemeralHi + 1 + (65535-ephemeralHi)/2, 65536
+}
+
+// ephemeralRange is the kernel's range of ports for outgoing connections
+// and listeners on port 0.
+func ephemeralRange() (lo, hi int) {
+	lo, hi = 32768, 60999 // Linux's default
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			l, err1 := strconv.Atoi(f[0])
+			h, err2 := strconv.Atoi(f[1])
+			if err1 == nil && err2 == nil && l < h {
+				lo, hi = l, h
+			}
+		}
+	}
+	return lo, hi
+}
+
+// randIntn returns a uniform random int in [0, n).
+func randIntn(t testing.TB, n int) int {
+	t.Helper()
+	r, err := rand.Int(rand.Reader, big.NewInt(int64(n)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return int(r.Int64())
 }
