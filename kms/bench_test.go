@@ -464,7 +464,7 @@ func runCallers(b *testing.B, callers, perCall int, l load) {
 }
 
 // pairs is how many (l, ref) pairs reportPaired runs, in ABBA order.
-const pairs = 4
+const pairs = 10
 
 // reportPaired reports, under unit, the throughput of l over that of ref at
 // the same concurrency, untimed (after the timer stopped): pairs runs of

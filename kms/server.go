@@ -63,12 +63,6 @@ type pending struct {
 	ref    *bundlev1.BundleRef
 }
 
-// streamWorkers is how many long-lived goroutines serve calls (see
-// grpcserver.Options.StreamWorkers): enough for the concurrency a busy
-// server sees, so calls rarely fall back to a fresh goroutine. An idle worker
-// costs only its stack.
-const streamWorkers = 256
-
 // Server is a regional KMS server: New, Start, then Close.
 type Server struct {
 	cfg     Config
@@ -130,7 +124,6 @@ func New(cfg Config) (*Server, error) {
 		Mutating:       []string{adminService + "ApplyBundle"},
 		Unaudited:      []string{adminService + "GetStatus"},
 		MaxRecvMsgSize: cfg.MaxRecvMsgSize,
-		StreamWorkers:  streamWorkers,
 	})
 	if err != nil {
 		return nil, err

@@ -36,11 +36,6 @@ type Options struct {
 	Unaudited []string
 	// MaxRecvMsgSize bounds request size (0: 64 KiB).
 	MaxRecvMsgSize int
-	// StreamWorkers, if positive, serves calls on that many long-lived
-	// goroutines instead of a new goroutine per call (grpc.NumStreamWorkers):
-	// a worker's stack has already grown to what a call needs, so a hot data
-	// path skips the stack growth and copying every new goroutine pays.
-	StreamWorkers int
 }
 
 // DefaultMaxRecvMsgSize is Options.MaxRecvMsgSize's default: Cairn requests
@@ -66,11 +61,7 @@ func New(opts Options) (*grpc.Server, error) {
 	if maxRecv == 0 {
 		maxRecv = DefaultMaxRecvMsgSize
 	}
-	var workers []grpc.ServerOption
-	if opts.StreamWorkers > 0 {
-		workers = append(workers, grpc.NumStreamWorkers(uint32(opts.StreamWorkers)))
-	}
-	return grpc.NewServer(append(workers,
+	return grpc.NewServer(
 		grpc.Creds(identity.ServerCredentials(opts.Source, connect)),
 		grpc.ChainUnaryInterceptor(
 			identity.UnaryServerInterceptor(),
@@ -84,5 +75,5 @@ func New(opts Options) (*grpc.Server, error) {
 		}),
 		grpc.MaxRecvMsgSize(maxRecv),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)...), nil
+	), nil
 }
