@@ -31,8 +31,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,6 +41,7 @@ import (
 	"github.com/cairnkms/cairn/internal/grpcserver"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	"github.com/cairnkms/cairn/internal/loadgen"
 	"github.com/cairnkms/cairn/kms"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
@@ -388,49 +387,12 @@ func BenchmarkDataPlane(b *testing.B) {
 type load func(i int) func(context.Context) error
 
 // callers returns the calls of exactly n callers of l.
-func (l load) callers(n int) []func(context.Context) error {
-	calls := make([]func(context.Context) error, n)
+func (l load) callers(n int) []loadgen.Call {
+	calls := make([]loadgen.Call, n)
 	for i := range calls {
 		calls[i] = l(i)
 	}
 	return calls
-}
-
-// drive makes n calls shared by len(calls) goroutines, caller i making
-// calls[i] as often as it gets a turn, until all n are done or one fails. If
-// lats is not nil, caller i appends each call's latency to lats[i]. It
-// returns the wall time.
-func drive(ctx context.Context, n int, calls []func(context.Context) error, lats [][]time.Duration) (time.Duration, error) {
-	var (
-		next     atomic.Int64
-		failed   atomic.Bool
-		firstErr error
-		errOnce  sync.Once
-		wg       sync.WaitGroup
-	)
-	start := time.Now()
-	for i, call := range calls {
-		wg.Go(func() {
-			var lat []time.Duration
-			if lats != nil {
-				lat = lats[i]
-				defer func() { lats[i] = lat }()
-			}
-			for !failed.Load() && next.Add(1) <= int64(n) {
-				t := time.Now()
-				if err := call(ctx); err != nil {
-					failed.Store(true)
-					errOnce.Do(func() { firstErr = fmt.Errorf("caller %d: %w", i, err) })
-					return
-				}
-				if lats != nil {
-					lat = append(lat, time.Since(t))
-				}
-			}
-		})
-	}
-	wg.Wait()
-	return time.Since(start), firstErr
 }
 
 // runCallers makes b.N calls of l, timed, shared by exactly callers
@@ -440,26 +402,15 @@ func runCallers(b *testing.B, callers, perCall int, l load) {
 	ctx, cancel := context.WithTimeout(b.Context(), benchDeadline)
 	defer cancel()
 	calls := l.callers(callers)
-	lats := make([][]time.Duration, callers)
-	for i := range lats {
-		// Room for twice a fair share: appending never grows the slice
-		// unless one caller gets more than twice its share of turns.
-		lats[i] = make([]time.Duration, 0, 2*(b.N/callers+1))
-	}
 	b.ResetTimer()
-	_, err := drive(ctx, b.N, calls, lats)
+	r, err := loadgen.Run(ctx, b.N, calls, true)
 	b.StopTimer()
 	if err != nil {
 		b.Fatal(err)
 	}
-	all := slices.Concat(lats...)
-	slices.Sort(all)
-	ops := float64(b.N) / b.Elapsed().Seconds()
-	b.ReportMetric(ops, "ops/s")
-	b.ReportMetric(quantile(all, 0.50), "p50-µs")
-	b.ReportMetric(quantile(all, 0.99), "p99-µs")
+	r.Report(b, "ops/s")
 	if perCall > 1 {
-		b.ReportMetric(ops*float64(perCall), "DEKs/s")
+		b.ReportMetric(r.Rate()*float64(perCall), "DEKs/s")
 	}
 }
 
@@ -481,23 +432,13 @@ func reportPaired(b *testing.B, callers int, unit string, l, ref load) {
 		if p%4 == 0 || p%4 == 3 { // ref, l, l, ref, ...
 			calls, total = r, &tr
 		}
-		d, err := drive(ctx, n, calls, nil)
+		res, err := loadgen.Run(ctx, n, calls, false)
 		if err != nil {
 			b.Fatal(err)
 		}
-		*total += d
+		*total += res.Elapsed
 	}
 	b.ReportMetric(tr.Seconds()/ta.Seconds(), unit)
-}
-
-// quantile returns the q-quantile (nearest rank) of sorted, in µs.
-func quantile(sorted []time.Duration, q float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(q*float64(len(sorted))+0.999999) - 1
-	i = min(max(i, 0), len(sorted)-1)
-	return float64(sorted[i].Nanoseconds()) / 1e3
 }
 
 // BenchmarkReady measures a boot from a persisted bundle of 10k and 100k

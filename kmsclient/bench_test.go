@@ -15,16 +15,15 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"slices"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/aead"
 
+	"github.com/cairnkms/cairn/internal/loadgen"
 	"github.com/cairnkms/cairn/kmsclient"
 )
 
@@ -50,62 +49,32 @@ func BenchmarkEnvelope(b *testing.B) {
 		b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
 			ctx, cancel := context.WithTimeout(b.Context(), benchDeadline)
 			defer cancel()
-			lat := make([]time.Duration, b.N)
-			var (
-				next     atomic.Int64
-				errOnce  sync.Once
-				firstErr error
-				wg       sync.WaitGroup
-			)
+			calls := make([]loadgen.Call, callers)
+			for c := range calls {
+				ad := make([]byte, 8)
+				var n uint64
+				calls[c] = func(ctx context.Context) error {
+					n++
+					binary.BigEndian.PutUint64(ad, n)
+					ct, err := env.EncryptWithContext(ctx, object, ad)
+					if err != nil {
+						return err
+					}
+					pt, err := env.DecryptWithContext(ctx, ct, ad)
+					if err == nil && !bytes.Equal(pt, object) {
+						err = errors.New("round trip changed the object")
+					}
+					return err
+				}
+			}
 			b.ReportAllocs()
 			b.ResetTimer()
-			start := time.Now()
-			for range callers {
-				wg.Go(func() {
-					ad := make([]byte, 8)
-					for {
-						i := next.Add(1) - 1
-						if i >= int64(b.N) {
-							return
-						}
-						ad[0], ad[1], ad[2], ad[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24)
-						t0 := time.Now()
-						ct, err := env.EncryptWithContext(ctx, object, ad)
-						if err == nil {
-							var pt []byte
-							if pt, err = env.DecryptWithContext(ctx, ct, ad); err == nil && !bytes.Equal(pt, object) {
-								err = errors.New("round trip changed the object")
-							}
-						}
-						if err != nil {
-							errOnce.Do(func() { firstErr = err })
-							return
-						}
-						lat[i] = time.Since(t0)
-					}
-				})
-			}
-			wg.Wait()
-			elapsed := time.Since(start)
+			r, err := loadgen.Run(ctx, b.N, calls, true)
 			b.StopTimer()
-			if firstErr != nil {
-				b.Fatalf("object round trip = %v", firstErr)
+			if err != nil {
+				b.Fatalf("object round trip = %v", err)
 			}
-			slices.Sort(lat)
-			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "objects/s")
-			b.ReportMetric(micros(percentile(lat, 50)), "p50-µs")
-			b.ReportMetric(micros(percentile(lat, 99)), "p99-µs")
+			r.Report(b, "objects/s")
 		})
 	}
 }
-
-// percentile returns the p-th percentile (nearest rank) of sorted d.
-func percentile(sorted []time.Duration, p int) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	rank := (p*len(sorted) + 99) / 100 // ceil(p/100 * n), 1-based
-	return sorted[max(rank, 1)-1]
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }

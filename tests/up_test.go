@@ -35,6 +35,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/internal/loadgen"
 	"github.com/cairnkms/cairn/kmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
@@ -1159,7 +1160,7 @@ func BenchmarkUpEnvelope(b *testing.B) {
 		b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
 			ctx, cancel := context.WithTimeout(b.Context(), upBenchDeadline)
 			defer cancel()
-			calls := make([]func(context.Context) error, callers)
+			calls := make([]loadgen.Call, callers)
 			for i := range calls {
 				object := randBytes(b, 1024)
 				ad := make([]byte, 8)
@@ -1181,64 +1182,16 @@ func BenchmarkUpEnvelope(b *testing.B) {
 					return nil
 				}
 			}
-			lats := make([][]time.Duration, callers)
-			for i := range lats {
-				lats[i] = make([]time.Duration, 0, 2*(b.N/callers+1))
-			}
 			b.ResetTimer()
-			elapsed, err := driveUp(ctx, b.N, calls, lats)
+			r, err := loadgen.Run(ctx, b.N, calls, true)
 			b.StopTimer()
 			if err != nil {
 				b.Fatal(err)
 			}
-			all := slices.Concat(lats...)
-			slices.Sort(all)
-			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "objects/s")
-			b.ReportMetric(upQuantile(all, 0.50), "p50-µs")
-			b.ReportMetric(upQuantile(all, 0.99), "p99-µs")
+			r.Report(b, "objects/s")
 		})
 	}
 }
 
 // upBenchDeadline bounds every call of one sub-benchmark run.
 const upBenchDeadline = 2 * time.Minute
-
-// driveUp makes n calls in all, shared by one goroutine per element of
-// calls, each recording its calls' latencies in lats[i]; it stops at the
-// first error (or when ctx ends, through the calls' errors) and returns the
-// time taken and that error. This is kms/bench_test.go's drive.
-func driveUp(ctx context.Context, n int, calls []func(context.Context) error, lats [][]time.Duration) (time.Duration, error) {
-	var (
-		next     atomic.Int64
-		failed   atomic.Bool
-		firstErr error
-		errOnce  sync.Once
-		wg       sync.WaitGroup
-	)
-	start := time.Now()
-	for i, call := range calls {
-		wg.Go(func() {
-			for !failed.Load() && next.Add(1) <= int64(n) {
-				t := time.Now()
-				if err := call(ctx); err != nil {
-					failed.Store(true)
-					errOnce.Do(func() { firstErr = fmt.Errorf("caller %d: %w", i, err) })
-					return
-				}
-				lats[i] = append(lats[i], time.Since(t))
-			}
-		})
-	}
-	wg.Wait()
-	return time.Since(start), firstErr
-}
-
-// upQuantile returns the q-quantile (nearest rank) of sorted, in µs.
-func upQuantile(sorted []time.Duration, q float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(q*float64(len(sorted))+0.999999) - 1
-	i = min(max(i, 0), len(sorted)-1)
-	return float64(sorted[i]) / float64(time.Microsecond)
-}
