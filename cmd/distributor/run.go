@@ -15,6 +15,7 @@ import (
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
+	"github.com/cairnkms/cairn/safe"
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {
@@ -24,7 +25,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		id                          identity.Flags
 		listen, stateDir, auditPath string
 		officers, readers, peerIDs  string
-		peers                       string
+		peers, manifest             string
 		ceremonyTTL                 time.Duration
 		verbose                     bool
 	)
@@ -36,6 +37,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&readers, "root-key-readers", "rootkms/*/*", "comma-separated SPIFFE ID patterns that may fetch the root key")
 	fs.StringVar(&peerIDs, "peer-ids", "distributor/*/*", "comma-separated SPIFFE ID patterns of peer distributors")
 	fs.StringVar(&peers, "peers", "", "comma-separated host:port of peer distributors to unseal from")
+	fs.StringVar(&manifest, "manifest", "", "public genesis manifest `file` to pin in the state dir at start (a distributor joining a fleet can then unseal from --peers); a pinned manifest of another root key is never replaced")
 	fs.DurationVar(&ceremonyTTL, "ceremony-ttl", 30*time.Minute, "default ceremony lifetime")
 	fs.BoolVar(&verbose, "v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
@@ -46,16 +48,30 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := serve(ctx, log, &id, listen, stateDir, auditPath, officers, readers, peerIDs, peers, ceremonyTTL); err != nil {
+	if err := serve(ctx, log, &id, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest, ceremonyTTL); err != nil {
 		log.Error("distributor: " + err.Error())
 		return 1
 	}
 	return 0
 }
 
-func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers string, ttl time.Duration) error {
+func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest string, ttl time.Duration) error {
 	if stateDir == "" {
 		return errors.New("--state-dir is required")
+	}
+	manifestPath := filepath.Join(stateDir, "genesis.json")
+	if manifest != "" {
+		m, err := safe.ReadManifest(manifest)
+		if err != nil {
+			return fmt.Errorf("--manifest: %w", err)
+		}
+		wrote, err := distributor.PinManifest(manifestPath, m)
+		if err != nil {
+			return fmt.Errorf("--manifest: %w", err)
+		}
+		if wrote {
+			log.Info("distributor: pinned the genesis manifest", "from", manifest, "genesis_id", m.GetGenesisId(), "epoch", m.GetEpoch())
+		}
 	}
 	// No core dumps and no ptrace: the root key must not leave RAM.
 	if err := lockedmem.HardenProcess(); err != nil {
@@ -94,7 +110,7 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, st
 	}
 	defer alog.Close()
 	srv, err := distributor.New(distributor.Config{
-		ManifestPath: filepath.Join(stateDir, "genesis.json"),
+		ManifestPath: manifestPath,
 		Source:       src, Officers: officerList, RootKeyReaders: readerList, Peers: peerList,
 		PeerAddrs: identity.SplitList(peers), Audit: alog, Logger: log, CeremonyTTL: ttl,
 	})

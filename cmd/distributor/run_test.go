@@ -3,11 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
 
 func TestRunRefusesBadConfig(t *testing.T) {
+	garbage := filepath.Join(t.TempDir(), "genesis.json")
+	if err := os.WriteFile(garbage, []byte(`{"threshold": "x"`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		args     []string
 		code     int
@@ -17,6 +23,8 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		{[]string{"--trust-domain", "cairn.test"}, 1, "--state-dir is required"},
 		{[]string{"--state-dir", t.TempDir(), "--trust-domain", "Bad Domain"}, 1, "--trust-domain"},
 		{[]string{"--state-dir", t.TempDir(), "--trust-domain", "cairn.test", "--dev-certs", t.TempDir(), "--name", "x"}, 1, "want <tier>/<region>/<name>"},
+		{[]string{"--state-dir", t.TempDir(), "--manifest", "/nonexistent/genesis.json"}, 1, "--manifest: safe: reading manifest"},
+		{[]string{"--state-dir", t.TempDir(), "--manifest", garbage}, 1, "--manifest:"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -274,21 +274,12 @@ func (c *Chain) genesis(ctx context.Context) (string, error) {
 	return fmt.Sprintf("genesis %s, manifest %s, distributor-1 unsealed", c.genesisID, c.display(c.layout.manifest())), nil
 }
 
-// joinDistributors pins the genesis manifest in the state dirs of the
-// other distributors (what an operator installs on a new distributor),
-// starts them and waits until they unsealed from a peer.
+// joinDistributors starts the other distributors with the public genesis
+// manifest to pin (--manifest: what an operator gives a new distributor) and
+// waits until they unsealed from a peer.
 func (c *Chain) joinDistributors(ctx context.Context) (string, error) {
-	data, err := os.ReadFile(c.layout.manifest())
-	if err != nil {
-		return "", fmt.Errorf("chain: %w", err)
-	}
 	for _, d := range c.dists[1:] {
-		if err := os.MkdirAll(d.StateDir, 0o700); err != nil {
-			return "", fmt.Errorf("chain: %w", err)
-		}
-		if err := os.WriteFile(filepath.Join(d.StateDir, "genesis.json"), data, 0o644); err != nil {
-			return "", fmt.Errorf("chain: pinning the manifest for %s: %w", d.Name, err)
-		}
+		d.args = append(d.args, "--manifest", c.layout.manifest())
 		if err := c.start(d); err != nil {
 			return "", err
 		}
