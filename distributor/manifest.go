@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/cairnkms/cairn/safe"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+	"github.com/cairnkms/cairn/safe"
 )
 
 // PinManifest pins the public genesis manifest m at path (a distributor's
