@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
@@ -51,6 +53,9 @@ func (a *AEAD) Decrypt(ciphertext, associatedData []byte) ([]byte, error) {
 // keyset's primary key version, in the AEAD's region only. Errors wrap the
 // gRPC status (status.Code works) and never hold the plaintext.
 func (a *AEAD) EncryptWithContext(ctx context.Context, plaintext, associatedData []byte) ([]byte, error) {
+	if err := a.checkSizes(opEncrypt, "plaintext", plaintext, 0, associatedData); err != nil {
+		return nil, err
+	}
 	req := &kmsv1.EncryptRequest{Keyset: a.keyset, Plaintext: plaintext, AssociatedData: associatedData}
 	var ct []byte
 	err := a.c.call(ctx, opEncrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient) error {
@@ -77,6 +82,9 @@ func (a *AEAD) EncryptWithContext(ctx context.Context, plaintext, associatedData
 // plaintext with a nil error. Errors wrap the gRPC status and never hold the
 // ciphertext.
 func (a *AEAD) DecryptWithContext(ctx context.Context, ciphertext, associatedData []byte) ([]byte, error) {
+	if err := a.checkSizes(opDecrypt, "ciphertext", ciphertext, ciphertextOverhead, associatedData); err != nil {
+		return nil, err
+	}
 	req := &kmsv1.DecryptRequest{Keyset: a.keyset, Ciphertext: ciphertext, AssociatedData: associatedData}
 	var pt []byte
 	err := a.c.call(ctx, opDecrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient) error {
@@ -96,4 +104,21 @@ func (a *AEAD) DecryptWithContext(ctx context.Context, ciphertext, associatedDat
 		pt = []byte{}
 	}
 	return pt, nil
+}
+
+// checkSizes refuses, before any call, an input over the client's limit
+// (WithMaxPayload); overhead is what a ciphertext may add.
+func (a *AEAD) checkSizes(o op, what string, data []byte, overhead int, associatedData []byte) error {
+	limit := a.c.opts.maxPayload
+	for _, in := range [...]struct {
+		what  string
+		n     int
+		limit int
+	}{{what, len(data), limit + overhead}, {"associated data", len(associatedData), limit}} {
+		if in.n > in.limit {
+			return status.Errorf(codes.InvalidArgument, "kmsclient: %s with keyset %q in region %s: %s is %d bytes, more than the client's limit of %d (WithMaxPayload)",
+				o, a.keyset, a.region.name, in.what, in.n, in.limit)
+		}
+	}
+	return nil
 }

@@ -48,7 +48,8 @@
 // for a decrypt, of its fallback regions) failed in one round does the call
 // back off, with full jitter (RetryPolicy), before the next round. Retryable
 // are Unavailable (the server is down, not ready, or failed the handshake),
-// ResourceExhausted, and DeadlineExceeded of one attempt (WithAttemptTimeout
+// ResourceExhausted (overload; an input too large for any server is refused
+// by the client first, see WithMaxPayload), and DeadlineExceeded of one attempt (WithAttemptTimeout
 // leaves a hung endpoint for the next); everything else (InvalidArgument for
 // a ciphertext that does not decrypt, NotFound, PermissionDenied,
 // FailedPrecondition, ...) is returned at once. When the attempts run out the

@@ -25,7 +25,15 @@ const (
 	DefaultMaxAttempts    = 5
 	DefaultInitialBackoff = 50 * time.Millisecond
 	DefaultMaxBackoff     = time.Second
+	// DefaultMaxPayload is WithMaxPayload's default: 1 MiB, far above what a
+	// KMS accepts by default (64 KiB; a DEK is under 100 bytes) and far
+	// below gRPC's 64 MiB message limit on the server.
+	DefaultMaxPayload = 1 << 20
 )
+
+// ciphertextOverhead is what a ciphertext may add to its plaintext: a Tink
+// prefix, a nonce and a tag, generously.
+const ciphertextOverhead = 1024
 
 // Option configures New.
 type Option func(*options)
@@ -45,6 +53,7 @@ type options struct {
 	timeout        time.Duration
 	attemptTimeout time.Duration
 	listedOrder    bool
+	maxPayload     int
 	retry          RetryPolicy
 	logger         *slog.Logger
 
@@ -153,6 +162,22 @@ func WithTLSConfig(cfg *tls.Config) Option {
 			return
 		}
 		o.tlsConfig = cfg.Clone()
+	}
+}
+
+// WithMaxPayload bounds, on the client, a plaintext and an associated data
+// (and, plus a small overhead, a ciphertext) before anything is sent
+// (default DefaultMaxPayload). A larger input fails at once with
+// InvalidArgument instead of crossing the network to be refused, or, past the
+// server's message limit, refused as ResourceExhausted, which the client
+// would take for overload and retry.
+func WithMaxPayload(n int) Option {
+	return func(o *options) {
+		if n <= 0 {
+			o.errs = append(o.errs, fmt.Errorf("kmsclient: WithMaxPayload(%d): want a positive size", n))
+			return
+		}
+		o.maxPayload = n
 	}
 }
 
@@ -288,6 +313,9 @@ func (o *options) validate() error {
 	}
 	if o.attemptTimeout == 0 {
 		o.attemptTimeout = DefaultAttemptTimeout
+	}
+	if o.maxPayload == 0 {
+		o.maxPayload = DefaultMaxPayload
 	}
 	if o.retry.MaxAttempts == 0 {
 		o.retry.MaxAttempts = DefaultMaxAttempts

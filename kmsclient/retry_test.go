@@ -486,3 +486,44 @@ func TestStartEndpoint(t *testing.T) {
 		t.Errorf("with WithListedOrder, %d of 5 first calls went to the first endpoint, want 5", got)
 	}
 }
+
+// TestOversizeRefusedLocally: an input over WithMaxPayload fails at once
+// with InvalidArgument and never reaches a server (where, past the message
+// limit, it would come back as ResourceExhausted and be retried); at the
+// limit it is sent.
+func TestOversizeRefusedLocally(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	f := startFake(t, pki, fakeEast1, answerCode(codes.OK))
+	const limit = 100
+	a := aeadOf(t, fakeClient(t, pki, kmsclient.WithEndpoints(east, f.addr), kmsclient.WithMaxPayload(limit)), east, ledger)
+	big, atLimit := make([]byte, limit+1), make([]byte, limit)
+	for _, tt := range []struct {
+		name string
+		call func() ([]byte, error)
+	}{
+		{"plaintext", func() ([]byte, error) { return a.Encrypt(big, nil) }},
+		{"associated data of an encrypt", func() ([]byte, error) { return a.Encrypt(atLimit, big) }},
+		{"ciphertext", func() ([]byte, error) { return a.Decrypt(make([]byte, limit+1024+1), nil) }},
+		{"associated data of a decrypt", func() ([]byte, error) { return a.Decrypt(atLimit, big) }},
+	} {
+		out, err := tt.call()
+		if status.Code(err) != codes.InvalidArgument || out != nil || !strings.Contains(err.Error(), "WithMaxPayload") {
+			t.Errorf("oversize %s: %q, %v; want InvalidArgument naming WithMaxPayload", tt.name, out, err)
+		}
+	}
+	if n := f.calls.Load(); n != 0 {
+		t.Errorf("the server saw %d calls for oversize inputs, want 0", n)
+	}
+	if _, err := a.Encrypt(atLimit, atLimit); err != nil {
+		t.Errorf("Encrypt at the limit = %v", err)
+	}
+	if _, err := a.Decrypt(make([]byte, limit+1024), atLimit); err != nil {
+		t.Errorf("Decrypt at the limit = %v", err)
+	}
+	if n := f.calls.Load(); n != 2 {
+		t.Errorf("the server saw %d calls at the limit, want 2", n)
+	}
+	if _, err := kmsclient.New(kmsclient.WithSource(pki.Source(appID)), kmsclient.WithEndpoints(east, f.addr), kmsclient.WithMaxPayload(0)); err == nil {
+		t.Error("New(WithMaxPayload(0)) = nil error")
+	}
+}
