@@ -9,7 +9,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
-	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/internal/region"
 )
 
 // Config configures a regional KMS server. Zero values of optional fields
@@ -70,7 +70,7 @@ const (
 // Validate reports a configuration that cannot work.
 func (c Config) Validate() error {
 	var errs []error
-	if err := fsm.ValidRegionName(c.Region); err != nil {
+	if err := region.ValidName(c.Region); err != nil {
 		errs = append(errs, fmt.Errorf("kms: region: %w", err))
 	}
 	if c.StateDir == "" {

@@ -14,7 +14,7 @@ import (
 	"github.com/cairnkms/cairn/internal/secret"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 // RegionKeys fetches a region's master key versions, as AEADs by version
@@ -35,7 +35,7 @@ const regionKeyInfo = "cairn/rootkms/v1/region-key"
 // UnwrapRegionKey: the answer is HPKE-sealed to a fresh key of each call,
 // bound to the region and this server's SPIFFE ID.
 type RootKMSRegionKeys struct {
-	client *rootkms.Client
+	client *rootkmsclient.Client
 	self   string
 }
 
@@ -43,7 +43,7 @@ type RootKMSRegionKeys struct {
 // at addrs (any replica answers; the client tries each) as src's identity.
 // Close it when done.
 func NewRootKMSRegionKeys(src *identity.Source, addrs []string) *RootKMSRegionKeys {
-	return &RootKMSRegionKeys{client: rootkms.NewClient(src, addrs), self: src.ID().String()}
+	return &RootKMSRegionKeys{client: rootkmsclient.New(src, addrs), self: src.ID().String()}
 }
 
 // Close closes the connections to the root KMS.

@@ -28,6 +28,7 @@ import (
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
 	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/officer"
 )
@@ -119,7 +120,7 @@ func TestWithRealRootKMS(t *testing.T) {
 	rootAddr := apiLis.Addr().String()
 
 	// regionctl's part: a region, a keyset made inside the root KMS, a bundle.
-	rc := rootkms.NewClient(pki.Source(adminID), []string{rootAddr})
+	rc := rootkmsclient.New(pki.Source(adminID), []string{rootAddr})
 	defer rc.Close()
 	var ks *rootkmsv1.KeysetResponse
 	err = rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/cairnkms/cairn/internal/keysets"
+	regionname "github.com/cairnkms/cairn/internal/region"
 )
 
 // Scheme is the prefix of every Cairn key URI. A key URI names one keyset of
@@ -45,20 +46,11 @@ func KeyURI(region, keyset string) string {
 	return Scheme + region + "/" + keyset
 }
 
-// validRegion is rootkms/fsm.ValidRegionName, restated so that the client
-// does not import the root KMS's state machine (and Raft with it).
+// validRegion checks a region name with every tier's rule (internal/region),
+// its message bounding the caller's string.
 func validRegion(name string) error {
-	if len(name) == 0 || len(name) > 63 {
-		return fmt.Errorf("region %q must be 1 to 63 characters", truncate(name))
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		switch {
-		case 'a' <= c && c <= 'z':
-		case i > 0 && ('0' <= c && c <= '9' || c == '-'):
-		default:
-			return fmt.Errorf("region %q must match ^[a-z][a-z0-9-]{0,62}$", truncate(name))
-		}
+	if regionname.ValidName(name) != nil {
+		return fmt.Errorf("region %q must match ^[a-z][a-z0-9-]{0,62}$", truncate(name))
 	}
 	return nil
 }

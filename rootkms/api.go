@@ -25,18 +25,13 @@ import (
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkey"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 // LeaderAddressKey is the ErrorInfo metadata key carrying the leader's API
-// address in a follower's FAILED_PRECONDITION answer to a write.
-const (
-	LeaderAddressKey = "leader_api_address"
-	errorDomain      = "cairn.rootkms.v1"
-	reasonNotLeader  = "NOT_LEADER"
-	// reasonOutcomeUnknown marks an error after which a write may or may
-	// not have been applied: callers must read before retrying.
-	reasonOutcomeUnknown = "OUTCOME_UNKNOWN"
-)
+// address in a follower's FAILED_PRECONDITION answer to a write (the error
+// contract is in rootkmsclient, which reads it).
+const LeaderAddressKey = rootkmsclient.LeaderAddressKey
 
 // rootKey returns the loaded key or an Unavailable error saying why not.
 func (s *Server) rootKey() (*rootkey.Key, error) {
@@ -56,7 +51,7 @@ func (s *Server) notLeader() error {
 		meta[LeaderAddressKey] = m.APIAddress
 	}
 	st := status.New(codes.FailedPrecondition, msg)
-	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: reasonNotLeader, Domain: errorDomain, Metadata: meta}); err == nil {
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: rootkmsclient.ReasonNotLeader, Domain: rootkmsclient.ErrorDomain, Metadata: meta}); err == nil {
 		st = d
 	}
 	return st.Err()
@@ -90,7 +85,7 @@ func (s *Server) raftError(err error) error {
 		return status.Error(codes.Unavailable, "rootkms: shutting down")
 	default:
 		st := status.Newf(codes.Unavailable, "rootkms: raft: %v (the write may or may not have been applied; read before retrying)", err)
-		if d, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: reasonOutcomeUnknown, Domain: errorDomain}); derr == nil {
+		if d, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: rootkmsclient.ReasonOutcomeUnknown, Domain: rootkmsclient.ErrorDomain}); derr == nil {
 			st = d
 		}
 		return st.Err()

@@ -30,6 +30,7 @@ import (
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/officer"
 )
@@ -163,8 +164,8 @@ func (r *replica) stop() {
 	}
 }
 
-func (c *chain) client(id string, addrs ...string) *rootkms.Client {
-	cl := rootkms.NewClient(c.pki.Source(id), addrs)
+func (c *chain) client(id string, addrs ...string) *rootkmsclient.Client {
+	cl := rootkmsclient.New(c.pki.Source(id), addrs)
 	c.t.Cleanup(cl.Close)
 	return cl
 }
@@ -231,7 +232,7 @@ func addrs(rs []*replica) []string {
 	return out
 }
 
-func createRegion(t testing.TB, cl *rootkms.Client, region string) *rootkmsv1.Region {
+func createRegion(t testing.TB, cl *rootkmsclient.Client, region string) *rootkmsv1.Region {
 	t.Helper()
 	var out *rootkmsv1.Region
 	err := cl.Do(bg(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {

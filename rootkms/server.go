@@ -23,6 +23,7 @@ import (
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/raftnode"
 	"github.com/cairnkms/cairn/rootkms/rootkey"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 const svc = "/cairn.rootkms.v1.RootKMS/"
@@ -323,7 +324,7 @@ func (s *Server) registerSelf() error {
 }
 
 func (s *Server) join() error {
-	c := NewClient(s.cfg.Source, s.cfg.Join)
+	c := rootkmsclient.New(s.cfg.Source, s.cfg.Join)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

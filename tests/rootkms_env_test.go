@@ -16,7 +16,7 @@ import (
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -113,7 +113,7 @@ func running(rs ...*framework.Replica) []*framework.Replica {
 
 // writeOK does one write through the cluster client as regionctl and fails
 // the test unless it succeeds, recording it in h if h is not nil.
-func writeOK(t *testing.T, c *rootkms.Client, h *framework.History, client int, op framework.RegionOp, region string) *rootkmsv1.Region {
+func writeOK(t *testing.T, c *rootkmsclient.Client, h *framework.History, client int, op framework.RegionOp, region string) *rootkmsv1.Region {
 	t.Helper()
 	var reply *rootkmsv1.Region
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -129,7 +129,7 @@ func writeOK(t *testing.T, c *rootkms.Client, h *framework.History, client int, 
 
 // attemptTimeout bounds one attempt of a call: a replica that accepts
 // connections but does not answer (paused) must not hold the caller for
-// the whole call. rootkms.Client.Do does not bound attempts itself.
+// the whole call. rootkmsclient.Client.Do does not bound attempts itself.
 const attemptTimeout = time.Second
 
 // recordedCall makes one attempt of op on one replica, records it in h (if
@@ -166,7 +166,7 @@ func recordedCall(ctx context.Context, rc rootkmsv1.RootKMSClient, h *framework.
 // finalReads reads every region through the cluster client after the
 // faults (recording the reads in h) and returns the primary version of each
 // (0: no such region).
-func finalReads(t *testing.T, c *rootkms.Client, h *framework.History, client int, regions []string) map[string]uint32 {
+func finalReads(t *testing.T, c *rootkmsclient.Client, h *framework.History, client int, regions []string) map[string]uint32 {
 	t.Helper()
 	out := map[string]uint32{}
 	for _, region := range regions {

@@ -20,7 +20,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -151,7 +151,7 @@ func TestRootKMSPausedLeader(t *testing.T) {
 	for _, r := range regions {
 		writeOK(t, setup, h, 9, framework.OpCreate, r)
 	}
-	clients := []*rootkms.Client{
+	clients := []*rootkmsclient.Client{
 		e.w.RootKMSClient(framework.Regionctl, e.voters...),
 		e.w.RootKMSClient(framework.Regionctl, e.voters...),
 	}
@@ -218,7 +218,7 @@ func TestRootKMSPausedLeader(t *testing.T) {
 	sentAt := time.Now()
 
 	// Writes go on through the others while the leader is paused. (Not
-	// necessarily from every client: rootkms.Client keeps trying the
+	// necessarily from every client: rootkmsclient.Client keeps trying the
 	// leader it last saw succeed first, and has no per-attempt timeout of
 	// its own, so a client whose calls keep ending in AlreadyExists can
 	// spend seconds per call on the paused leader.)

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -55,7 +55,7 @@ const loadRate = 50
 // from regions: 20% CreateRegion, 40% RotateRegionKey, 40% GetRegion.
 // Client i is client i in the history. If the test ends first (it failed),
 // the load is cut short and waited for.
-func startLoad(t *testing.T, h *framework.History, clients []*rootkms.Client, regions []string, d time.Duration, maxOps int) *load {
+func startLoad(t *testing.T, h *framework.History, clients []*rootkmsclient.Client, regions []string, d time.Duration, maxOps int) *load {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &load{h: h, start: time.Now(), cancel: cancel}
 	t.Cleanup(func() { l.cancel(); l.wait() })

@@ -15,7 +15,7 @@ import (
 	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
 
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -48,7 +48,7 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	e := newRootKMSEnv(t, true)
 	regions := regionNames[:20]
 	h := framework.NewHistory()
-	var clients []*rootkms.Client
+	var clients []*rootkmsclient.Client
 	for range loadClients {
 		clients = append(clients, e.w.RootKMSClient(framework.Regionctl, e.voters...))
 	}

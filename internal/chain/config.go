@@ -10,7 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/cairnkms/cairn/internal/devca"
-	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/internal/region"
 )
 
 // Defaults of the zero values of Config.
@@ -125,7 +125,7 @@ func validateRegions(regions []string) error {
 	}
 	seen := map[string]bool{}
 	for _, r := range regions {
-		if err := fsm.ValidRegionName(r); err != nil {
+		if err := region.ValidName(r); err != nil {
 			errs = append(errs, fmt.Errorf("chain: region %q: want a lowercase letter, then a-z, 0-9 or -, at most 63 in all", r))
 			continue
 		}

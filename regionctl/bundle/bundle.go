@@ -26,8 +26,8 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/internal/region"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/rootkms/fsm"
 )
 
 // FormatVersion is the bundle format this package writes and reads.
@@ -138,7 +138,7 @@ func Validate(b *bundlev1.Bundle) error {
 		return bad("no bundle")
 	case b.GetFormatVersion() != FormatVersion:
 		return bad("format version %d, this binary reads %d", b.GetFormatVersion(), FormatVersion)
-	case fsm.ValidRegionName(b.GetRegion()) != nil:
+	case region.ValidName(b.GetRegion()) != nil:
 		return bad("region %q is not a valid region name", b.GetRegion())
 	case b.GetSerial() == 0:
 		return bad("serial 0; serials start at 1")

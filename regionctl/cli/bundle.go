@@ -17,13 +17,13 @@ import (
 
 	"github.com/cairnkms/cairn/internal/atomicfile"
 	"github.com/cairnkms/cairn/internal/identity"
+	regionname "github.com/cairnkms/cairn/internal/region"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 	"github.com/cairnkms/cairn/regionctl/store"
-	"github.com/cairnkms/cairn/rootkms/fsm"
 )
 
 func bundleBuild(_ context.Context, args []string, stdout, stderr io.Writer) error {
@@ -47,7 +47,7 @@ func bundleBuild(_ context.Context, args []string, stdout, stderr io.Writer) err
 	if region == "" || serial == 0 || teams == "" || dir == "" || keyPath == "" || out == "" {
 		return usageError(fs, "--region, --serial (1 or more), --teams, --store, --signing-key and --out are required")
 	}
-	if err := fsm.ValidRegionName(region); err != nil {
+	if err := regionname.ValidName(region); err != nil {
 		return usageError(fs, "--region: %v", err)
 	}
 	if by == "" {
@@ -227,7 +227,7 @@ func bundlePush(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
 		return fmt.Errorf("%s does not hold a bundle: %w", path, err)
 	}
-	if err := fsm.ValidRegionName(b.GetRegion()); err != nil {
+	if err := regionname.ValidName(b.GetRegion()); err != nil {
 		return fmt.Errorf("%s: bundle region: %w", path, err)
 	}
 	src, err := source(&id)

@@ -12,12 +12,12 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
+	regionname "github.com/cairnkms/cairn/internal/region"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/regionctl/config"
 	"github.com/cairnkms/cairn/regionctl/store"
-	"github.com/cairnkms/cairn/rootkms"
-	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 // rootKMSFlags are the flags of the commands that call the root KMS.
@@ -33,12 +33,12 @@ func (f *rootKMSFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.timeout, "timeout", DefaultTimeout, "deadline of each root KMS call")
 }
 
-func (f *rootKMSFlags) client() (*rootkms.Client, *identity.Source, error) {
+func (f *rootKMSFlags) client() (*rootkmsclient.Client, *identity.Source, error) {
 	src, err := source(&f.id)
 	if err != nil {
 		return nil, nil, err
 	}
-	return rootkms.NewClient(src, identity.SplitList(f.addrs)), src, nil
+	return rootkmsclient.New(src, identity.SplitList(f.addrs)), src, nil
 }
 
 func regionCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -55,7 +55,7 @@ func regionCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if len(identity.SplitList(rf.addrs)) == 0 || region == "" {
 		return usageError(fs, "--rootkms and --region are required")
 	}
-	if err := fsm.ValidRegionName(region); err != nil {
+	if err := regionname.ValidName(region); err != nil {
 		return usageError(fs, "--region: %v", err)
 	}
 	client, _, err := rf.client()

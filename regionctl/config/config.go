@@ -32,7 +32,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
-	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/internal/region"
 )
 
 // MaxFileSize bounds one team file.
@@ -221,7 +221,7 @@ func validate(f *file, td spiffeid.TrustDomain) (*Team, error) {
 		}
 		regions := map[string]bool{}
 		for _, r := range k.Regions {
-			if err := fsm.ValidRegionName(r); err != nil {
+			if err := region.ValidName(r); err != nil {
 				return nil, bad("%s: region %q: use [a-z][a-z0-9-]{0,62}, e.g. us-east", where, r)
 			}
 			if regions[r] {

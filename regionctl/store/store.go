@@ -22,9 +22,9 @@ import (
 
 	"github.com/cairnkms/cairn/internal/atomicfile"
 	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/internal/region"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms/fsm"
 )
 
 // MaxEntrySize bounds one stored keyset file.
@@ -184,7 +184,7 @@ func Check(name string, copies []*cryptov1.EncryptedKeyset) error {
 		switch {
 		case c.GetName() != name:
 			return bad("copy %d is of keyset %q", i, c.GetName())
-		case fsm.ValidRegionName(c.GetRegion()) != nil:
+		case region.ValidName(c.GetRegion()) != nil:
 			return bad("copy %d: invalid region %q", i, c.GetRegion())
 		case regions[c.GetRegion()]:
 			return bad("two copies for region %q", c.GetRegion())

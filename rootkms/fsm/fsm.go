@@ -15,6 +15,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/cairnkms/cairn/internal/region"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -51,7 +52,7 @@ var (
 	// or a snapshot belongs to another genesis or RMK.
 	ErrWrongRMK = errors.New("fsm: wrong root master key")
 	// ErrInvalidName: a region name does not match ^[a-z][a-z0-9-]{0,62}$.
-	ErrInvalidName = errors.New("fsm: invalid region name")
+	ErrInvalidName = region.ErrInvalidName
 	// ErrInvalidCommand: the command is malformed (undecodable bytes, format
 	// version 0, no operation, missing time, empty member fields).
 	ErrInvalidCommand = errors.New("fsm: invalid command")
@@ -372,24 +373,8 @@ func EncodeCommand(c *rootkmsv1.Command) ([]byte, error) {
 	return b, nil
 }
 
-// ValidRegionName reports whether name is a valid region name: 1 to 63
-// characters of a-z, 0-9 and '-', starting with a letter
-// (^[a-z][a-z0-9-]{0,62}$). The error wraps ErrInvalidName.
-func ValidRegionName(name string) error {
-	if len(name) == 0 || len(name) > 63 {
-		return fmt.Errorf("%w: %q must be 1 to 63 characters", ErrInvalidName, name)
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		switch {
-		case 'a' <= c && c <= 'z':
-		case i > 0 && ('0' <= c && c <= '9' || c == '-'):
-		default:
-			return fmt.Errorf("%w: %q must match ^[a-z][a-z0-9-]{0,62}$", ErrInvalidName, name)
-		}
-	}
-	return nil
-}
+// ValidRegionName is region.ValidName: the error wraps ErrInvalidName.
+func ValidRegionName(name string) error { return region.ValidName(name) }
 
 // validTime reports whether ts is a usable command or snapshot time: valid and
 // after the Unix epoch (so that no recorded time is the zero time.Time, which

@@ -16,7 +16,7 @@ import (
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/hpkeseal"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/rootkms"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 // Regionctl is the identity that may create and rotate regions.
@@ -323,12 +323,12 @@ func (r *Replica) CommittedRequestIDs(upTo uint64) map[string]bool {
 	return out
 }
 
-// RootKMSClient returns a cluster client (rootkms.NewClient: follows
+// RootKMSClient returns a cluster client (rootkmsclient.New: follows
 // NOT_LEADER redirects, tries the next replica when one is down) calling as
 // name; it is closed when the test ends.
-func (w *World) RootKMSClient(name string, rs ...*Replica) *rootkms.Client {
+func (w *World) RootKMSClient(name string, rs ...*Replica) *rootkmsclient.Client {
 	w.T.Helper()
-	c := rootkms.NewClient(w.Source(name), Addrs(rs...))
+	c := rootkmsclient.New(w.Source(name), Addrs(rs...))
 	w.T.Cleanup(c.Close)
 	return c
 }

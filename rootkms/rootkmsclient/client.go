@@ -1,4 +1,8 @@
-package rootkms
+// Package rootkmsclient calls a root KMS cluster: it follows a follower's
+// redirect to the leader, tries the next replica when one is unreachable,
+// and remembers the leader. It is apart from package rootkms so that its
+// users (regional KMS servers, regionctl) do not link the Raft replica.
+package rootkmsclient
 
 import (
 	"context"
@@ -15,6 +19,18 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+)
+
+// The error contract of the root KMS API: a write sent to a follower fails
+// with FAILED_PRECONDITION carrying an ErrorInfo of ErrorDomain and
+// ReasonNotLeader, whose metadata names the leader's API address under
+// LeaderAddressKey (when known); an error after which a write may or may not
+// have been applied carries ReasonOutcomeUnknown (read before retrying).
+const (
+	ErrorDomain          = "cairn.rootkms.v1"
+	ReasonNotLeader      = "NOT_LEADER"
+	ReasonOutcomeUnknown = "OUTCOME_UNKNOWN"
+	LeaderAddressKey     = "leader_api_address"
 )
 
 // Client calls a root KMS cluster. It follows a follower's redirect to the
@@ -38,7 +54,7 @@ const AttemptTimeout = 3 * time.Second
 
 // NewClient returns a client that dials the given API addresses with src's
 // identity, accepting only root KMS replicas as servers.
-func NewClient(src *identity.Source, addrs []string) *Client {
+func New(src *identity.Source, addrs []string) *Client {
 	replicas, _ := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
 	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{}}
 }
@@ -91,7 +107,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			return err
 		}
 		st := status.Convert(err)
-		if hasReason(st, reasonOutcomeUnknown) {
+		if hasReason(st, ReasonOutcomeUnknown) {
 			// The write may have been applied: never retry it blindly.
 			return err
 		}
@@ -134,11 +150,11 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 	return fmt.Errorf("rootkms: no replica could serve the call: %w", lastErr)
 }
 
-func isNotLeader(st *status.Status) bool { return hasReason(st, reasonNotLeader) }
+func isNotLeader(st *status.Status) bool { return hasReason(st, ReasonNotLeader) }
 
 func hasReason(st *status.Status, reason string) bool {
 	for _, d := range st.Details() {
-		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reason && info.GetDomain() == errorDomain {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reason && info.GetDomain() == ErrorDomain {
 			return true
 		}
 	}
@@ -157,7 +173,7 @@ func (c *Client) forgetLeader(addr string) {
 // leaderFrom extracts the leader's API address from a NOT_LEADER error.
 func leaderFrom(st *status.Status) string {
 	for _, d := range st.Details() {
-		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reasonNotLeader {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == ReasonNotLeader {
 			return info.GetMetadata()[LeaderAddressKey]
 		}
 	}

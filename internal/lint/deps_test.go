@@ -1,0 +1,53 @@
+package lint
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// consensusDeps are the packages of the root KMS replica: Raft, its bolt
+// store and the replica's own code. Only the root KMS links them.
+var consensusDeps = []string{
+	"github.com/hashicorp/raft",
+	"github.com/hashicorp/raft-boltdb/v2",
+	"go.etcd.io/bbolt",
+	"github.com/cairnkms/cairn/rootkms",
+	"github.com/cairnkms/cairn/rootkms/fsm",
+	"github.com/cairnkms/cairn/rootkms/raftnode",
+}
+
+// deps lists the packages pkgs link (go list -deps).
+func deps(t *testing.T, pkgs ...string) map[string]bool {
+	t.Helper()
+	cmd := exec.Command("go", append([]string{"list", "-deps"}, pkgs...)...)
+	cmd.Dir = moduleRoot(t)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list -deps %v: %v", pkgs, err)
+	}
+	set := map[string]bool{}
+	for _, p := range strings.Fields(string(out)) {
+		set[p] = true
+	}
+	return set
+}
+
+// TestServingPathLinksNoConsensus: the regional KMS, regionctl, the Tink
+// client and the tools built on it never link the Raft replica (a smaller
+// binary, and less code where customers' keysets live); they reach the root
+// KMS through rootkmsclient. The root KMS binary itself does link it, which
+// shows the check can see it.
+func TestServingPathLinksNoConsensus(t *testing.T) {
+	for _, pkg := range []string{"./cmd/kms", "./cmd/regionctl", "./kmsclient", "./cmd/cairn", "./examples/blobstore"} {
+		got := deps(t, pkg)
+		for _, banned := range consensusDeps {
+			if got[banned] {
+				t.Errorf("%s links %s; reach the root KMS through rootkms/rootkmsclient", pkg, banned)
+			}
+		}
+	}
+	if !deps(t, "./cmd/rootkms")["github.com/hashicorp/raft"] {
+		t.Error("go list -deps ./cmd/rootkms has no github.com/hashicorp/raft; the check above cannot see what it looks for")
+	}
+}
