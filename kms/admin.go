@@ -101,7 +101,14 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if err != nil {
 		return nil, err
 	}
-	if err := keystore.CheckSafety(curStore, next, s.cfg.Now()); err != nil {
+	if curStore != nil {
+		err = keystore.CheckSafety(curStore, next, s.cfg.Now())
+	} else {
+		// Nothing served since the restart: the persisted history speaks
+		// for the versions used before it.
+		err = keystore.CheckUsage(s.history, next, s.cfg.Now())
+	}
+	if err != nil {
 		return nil, err
 	}
 	resp := &kmsv1.ApplyBundleResponse{Applied: ref, Previous: floor, Warnings: warnings}
@@ -116,6 +123,9 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
 	}
 	s.floor = ref
+	if curStore == nil {
+		next.RestoreUsage(s.history)
+	}
 	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(), "force", req.GetForce())

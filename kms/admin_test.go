@@ -454,3 +454,66 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("metrics name a keyset (cardinality): %s", ledger)
 	}
 }
+
+// TestUsageSurvivesRestart: the usage history is written to the state dir
+// and read back at boot, so a restarted server still refuses a bundle that
+// drops a version used within its TTL: once it serves again, and also while
+// it serves nothing yet (root KMS down), against the persisted history.
+func TestUsageSurvivesRestart(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	a := e.start(kms1ID, dir)
+	e.apply(a, e.bundle(e.ks))
+	c := e.client(appID, a)
+	var ct []byte
+	for range 3 {
+		ct = encrypt(t, c, ledger, []byte("dek"), nil).GetCiphertext()
+	}
+	decrypt(t, c, ledger, ct, nil)
+	a.Close() // writes the history
+
+	fi, err := os.Stat(filepath.Join(dir, kms.UsageFile))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("%s after Close: %v, %v; want mode 0600", kms.UsageFile, fi, err)
+	}
+
+	// Restarted: the counts and the last use are back.
+	a2 := e.start(kms1ID, dir)
+	waitReady(t, a2)
+	var got *kmsv1.KeyVersionUsage
+	for _, k := range a2.status(t).GetKeysets() {
+		for _, v := range k.GetVersions() {
+			if k.GetKeyset() == ledger && v.GetKeyId() == e.ks.Primary() {
+				got = v
+			}
+		}
+	}
+	if got.GetEncryptCount() != 3 || got.GetDecryptCount() != 1 || got.GetLastUsed() == nil {
+		t.Errorf("usage after restart = %v, want 3 encrypts, 1 decrypt, a last use", got)
+	}
+	dropAll := e.bundle() // no keysets: drops the ledger keyset
+	if _, err := a2.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: dropAll}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
+		t.Errorf("ApplyBundle(dropping a keyset used before the restart) = %v, want FailedPrecondition (keyset dropped)", err)
+	}
+	a2.Close()
+
+	// Restarted with the root KMS down: nothing is served, and the
+	// persisted history still refuses the drop.
+	e.keys.Fail(errors.New("connection refused"))
+	a3 := e.start(kms1ID, dir)
+	if _, err := a3.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
+		t.Errorf("ApplyBundle(dropping it) while nothing is served = %v, want FailedPrecondition (keyset dropped)", err)
+	}
+	if a3.Ready() {
+		t.Error("the refused bundle was served")
+	}
+
+	// A damaged history file does not stop the server; it boots without it.
+	a3.Close()
+	e.keys.Fail(nil)
+	if err := os.WriteFile(filepath.Join(dir, kms.UsageFile), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a4 := e.start(kms1ID, dir)
+	waitReady(t, a4)
+}

@@ -55,6 +55,12 @@ type Config struct {
 	Registry *promRegistry
 	// Now is the clock of usage records and the Safety check (nil: time.Now).
 	Now func() time.Time
+	// UsageFlushInterval is how often the usage history (per key version:
+	// counts and last use) is written to UsageFile in the state dir, so that
+	// after a restart the Safety check still knows what was used within its
+	// TTL (0: 10s; it is also written at Close). A crash loses at most this
+	// much history, which the Safety check's TTLs (days) dwarf.
+	UsageFlushInterval time.Duration
 }
 
 // Defaults.
@@ -65,6 +71,7 @@ const (
 	DefaultFetchTimeout   = 10 * time.Second
 	DefaultRetryMin       = 200 * time.Millisecond
 	DefaultRetryMax       = 5 * time.Second
+	DefaultUsageFlush     = 10 * time.Second
 )
 
 // Validate reports a configuration that cannot work.
@@ -99,7 +106,8 @@ func (c Config) Validate() error {
 		name string
 		v    int64
 	}{{"MaxBatch", int64(c.MaxBatch)}, {"MaxPayload", int64(c.MaxPayload)}, {"MaxRecvMsgSize", int64(c.MaxRecvMsgSize)},
-		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)}} {
+		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)},
+		{"UsageFlushInterval", int64(c.UsageFlushInterval)}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("kms: negative %s", f.name))
 		}
@@ -132,6 +140,7 @@ func (c *Config) setDefaults() error {
 		}
 	}
 	defd(&c.FetchTimeout, DefaultFetchTimeout)
+	defd(&c.UsageFlushInterval, DefaultUsageFlush)
 	defd(&c.RetryMin, DefaultRetryMin)
 	defd(&c.RetryMax, DefaultRetryMax)
 	c.RetryMax = max(c.RetryMax, c.RetryMin)

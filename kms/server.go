@@ -82,6 +82,11 @@ type Server struct {
 	// floor is the bundle a new one must be newer than while nothing is
 	// served: the verified persisted bundle, if any.
 	floor *bundlev1.BundleRef
+	// history is the usage persisted by an earlier run (UsageFile), until
+	// the first bundle is served: boot seeds the store with it, and an
+	// ApplyBundle while nothing is served checks the Safety Condition
+	// against it.
+	history []keystore.UsageRecord
 
 	startOnce sync.Once
 	closeOnce sync.Once
@@ -147,6 +152,15 @@ func (s *Server) start(lis net.Listener) error {
 	if err := os.MkdirAll(s.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("kms: state directory: %w", err)
 	}
+	history, err := readUsageFile(s.cfg.StateDir)
+	if err != nil {
+		// Not fatal: serving goes on, but the Safety check has only the
+		// usage seen from now on until the TTLs have passed.
+		s.log.Error("kms: the persisted usage history is unusable; the Safety check starts without it", "err", err)
+	}
+	s.applyMu.Lock()
+	s.history = history
+	s.applyMu.Unlock()
 	p, err := s.readPersisted()
 	switch {
 	case err != nil:
@@ -167,6 +181,7 @@ func (s *Server) start(lis net.Listener) error {
 			s.log.Error("kms: serving stopped", "err", err)
 		}
 	})
+	s.wg.Go(s.flushUsageLoop)
 	s.log.Info("kms: started", "addr", lis.Addr().String(), "identity", s.cfg.Source.ID().String())
 	return nil
 }
@@ -221,6 +236,7 @@ func (s *Server) loadPending(p *pending) error {
 	if err != nil {
 		return err
 	}
+	store.RestoreUsage(s.history)
 	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
 	return nil
@@ -228,6 +244,7 @@ func (s *Server) loadPending(p *pending) error {
 
 // swap serves next. Callers hold applyMu.
 func (s *Server) swap(next *snapshot) {
+	s.history = nil // in the served store now
 	s.cur.Store(next)
 	s.phase.Store(int32(kmsv1.ServingState_SERVING_STATE_SERVING))
 	s.reason.Store(new(string))
@@ -274,8 +291,32 @@ func (s *Server) Close() error {
 		}
 		t.Stop()
 		s.wg.Wait()
+		// The calls have ended: the history is complete.
+		if err := s.flushUsage(); err != nil {
+			s.log.Error("kms: writing the usage history at close", "err", err)
+		}
 	})
 	return nil
+}
+
+// flushUsageLoop writes the usage history every UsageFlushInterval until
+// Close (which writes it once more).
+func (s *Server) flushUsageLoop() {
+	for s.sleep(s.cfg.UsageFlushInterval) {
+		if err := s.flushUsage(); err != nil {
+			s.log.Error("kms: writing the usage history", "err", err)
+		}
+	}
+}
+
+// flushUsage writes the served store's usage history to UsageFile; with
+// nothing served it leaves the file as it is.
+func (s *Server) flushUsage() error {
+	cur := s.cur.Load()
+	if cur == nil {
+		return nil
+	}
+	return writeUsageFile(s.cfg.StateDir, cur.store.UsageRecords(), s.cfg.Now())
 }
 
 // closeGrace bounds how long Close waits for calls in flight.

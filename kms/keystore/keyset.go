@@ -199,6 +199,11 @@ func (u *Usage) record(kind useKind, now time.Time) {
 	// (the Safety check counts the TTL from it).
 	n += int64(lastUseGranularity) - 1
 	n -= n % int64(lastUseGranularity)
+	u.noteLastUse(n)
+}
+
+// noteLastUse raises the last use to n (unix nanoseconds) if it is later.
+func (u *Usage) noteLastUse(n int64) {
 	for {
 		old := u.last.Load()
 		if old >= n || u.last.CompareAndSwap(old, n) {

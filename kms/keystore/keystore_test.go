@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/tink-crypto/tink-go/v2/aead"
 	"github.com/tink-crypto/tink-go/v2/keyset"
 	"github.com/tink-crypto/tink-go/v2/tink"
@@ -533,5 +534,58 @@ func TestSharedACLsStayPerKeyset(t *testing.T) {
 	b := kmstest.Bundle(t, f.keys, region, 1, valid, joined)
 	if _, err := keystore.Build(b, f.regionKeys(t), nil); !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), "team/b") {
 		t.Errorf("Build(an ACL pattern holding a newline after its look-alike) = %v, want ErrBuild naming team/b", err)
+	}
+}
+
+// TestUsageRecordsOutliveTheStore: a store's usage, as records, seeds a
+// fresh store of the same keysets (a restarted server) and drives the same
+// Safety check as the live history does.
+func TestUsageRecordsOutliveTheStore(t *testing.T) {
+	f := newFixture(t)
+	k1 := ks(t, "payments/ledger")
+	first := k1.Primary()
+	unused := ks(t, "search/index")
+	s1 := f.build(t, nil, k1, unused)
+	k := mustKeyset(t, s1, "payments/ledger")
+	ct, _, _ := k.Encrypt([]byte("x"), nil, t0)
+	k.Decrypt(ct, nil, t0.Add(time.Second))
+
+	recs := s1.UsageRecords()
+	want := []keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, Decrypting: true, TTL: kmstest.DefaultTTL,
+		EncryptCount: 1, DecryptCount: 1, LastUse: t0.Add(time.Second)}}
+	if diff := cmp.Diff(want, recs); diff != "" {
+		t.Fatalf("UsageRecords() mismatch (-want +got):\n%s", diff)
+	}
+
+	// A restart: a fresh store of the same bundle, seeded.
+	s2 := f.build(t, nil, k1, unused)
+	s2.RestoreUsage(append(recs, keystore.UsageRecord{Keyset: "gone/keyset", KeyID: 7, Decrypting: true, LastUse: t0}))
+	v, _ := mustKeyset(t, s2, "payments/ledger").Version(first)
+	if got := v.Usage(); got != (keystore.UsageSnapshot{Encrypts: 1, Decrypts: 1, LastUse: t0.Add(time.Second)}) {
+		t.Errorf("restored usage = %+v, want 1 encrypt, 1 decrypt, last use t0+1s", got)
+	}
+	// Restoring never moves the last use back, and adds counts.
+	s2.RestoreUsage([]keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, EncryptCount: 2, LastUse: t0}})
+	if got := v.Usage(); got.Encrypts != 3 || !got.LastUse.Equal(t0.Add(time.Second)) {
+		t.Errorf("usage after a second restore = %+v, want 3 encrypts, last use t0+1s", got)
+	}
+
+	// The records refuse a bundle dropping the version within its TTL, as
+	// the live store does; after the TTL they do not.
+	k1.SetPrimary(t, k1.AddVersion(t))
+	k1.Delete(t, first)
+	next := f.build(t, s1, k1)
+	now := t0.Add(time.Hour)
+	live, fromRecords := keystore.CheckSafety(s1, next, now), keystore.CheckUsage(recs, next, now)
+	if !errors.Is(live, keystore.ErrUnsafe) || fromRecords == nil || live.Error() != fromRecords.Error() {
+		t.Errorf("CheckSafety = %v\nCheckUsage = %v\nwant the same refusal", live, fromRecords)
+	}
+	if err := keystore.CheckUsage(recs, next, t0.Add(time.Second+kmstest.DefaultTTL)); err != nil {
+		t.Errorf("CheckUsage after the TTL = %v, want nil", err)
+	}
+	// A record of a version that did not decrypt is no reason to refuse.
+	notDecrypting := []keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, Decrypting: false, TTL: kmstest.DefaultTTL, LastUse: t0}}
+	if err := keystore.CheckUsage(notDecrypting, next, now); err != nil {
+		t.Errorf("CheckUsage(a record of a non-decrypting version) = %v, want nil", err)
 	}
 }

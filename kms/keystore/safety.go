@@ -71,34 +71,38 @@ func CheckSafety(cur, next *Store, now time.Time) error {
 	if cur == nil {
 		return nil
 	}
+	return CheckUsage(cur.UsageRecords(), next, now)
+}
+
+// CheckUsage is CheckSafety against usage records rather than a served
+// store: a server that restarted and serves nothing yet still refuses a
+// bundle that drops a version its persisted history says was used within
+// the TTL. Records of versions that did not decrypt are skipped.
+func CheckUsage(records []UsageRecord, next *Store, now time.Time) error {
 	var out []Violation
-	for _, name := range cur.names {
-		ck := cur.keysets[name]
-		nk := next.keysets[name]
-		ttl := ck.ttl
+	for _, r := range records {
+		if !r.Decrypting {
+			continue // it did not decrypt before either
+		}
+		nk := next.keysets[r.Keyset]
+		ttl := r.TTL
 		if nk != nil {
 			ttl = max(ttl, nk.ttl)
 		}
-		for _, v := range ck.versions {
-			if !v.Decrypts() {
-				continue // it did not decrypt before either
-			}
-			last := v.Usage().LastUse
-			if last.IsZero() || !last.Add(ttl).After(now) {
-				continue
-			}
-			change := ""
-			switch nv, ok := nk.version(v.keyID); {
-			case nk == nil:
-				change = "keyset dropped"
-			case !ok:
-				change = "version dropped"
-			case !nv.Decrypts():
-				change = "version " + strings.ToLower(strings.TrimPrefix(nv.status.String(), "KEY_STATUS_"))
-			}
-			if change != "" {
-				out = append(out, Violation{Keyset: name, KeyID: v.keyID, Change: change, LastUse: last, TTL: ttl})
-			}
+		if r.LastUse.IsZero() || !r.LastUse.Add(ttl).After(now) {
+			continue
+		}
+		change := ""
+		switch nv, ok := nk.version(r.KeyID); {
+		case nk == nil:
+			change = "keyset dropped"
+		case !ok:
+			change = "version dropped"
+		case !nv.Decrypts():
+			change = "version " + strings.ToLower(strings.TrimPrefix(nv.status.String(), "KEY_STATUS_"))
+		}
+		if change != "" {
+			out = append(out, Violation{Keyset: r.Keyset, KeyID: r.KeyID, Change: change, LastUse: r.LastUse, TTL: ttl})
 		}
 	}
 	if len(out) > 0 {
