@@ -40,13 +40,22 @@ type Client struct {
 	creds credentials.TransportCredentials
 	addrs []string
 
+	// electionWait is ElectionWait (tests shorten it).
+	electionWait time.Duration
+
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
 	leader string
 }
 
-// maxHops bounds redirects and retries within one Do.
+// maxHops bounds redirects and retries within one Do (waits for an
+// election, bounded by ElectionWait, do not count).
 const maxHops = 6
+
+// ElectionWait bounds how long one Do waits, polling, for a cluster that
+// knows no leader (an election in progress) before it returns the
+// NOT_LEADER error.
+const ElectionWait = 5 * time.Second
 
 // AttemptTimeout bounds one attempt against one replica, so a dead or paused
 // leader costs at most this much before the next replica is tried.
@@ -56,7 +65,7 @@ const AttemptTimeout = 3 * time.Second
 // identity, accepting only root KMS replicas as servers.
 func New(src *identity.Source, addrs []string) *Client {
 	replicas, _ := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
-	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{}}
+	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{}, electionWait: ElectionWait}
 }
 
 func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
@@ -85,6 +94,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 	c.mu.Unlock()
 	var lastErr error
 	tried := map[string]bool{}
+	electionDeadline := time.Now().Add(c.electionWait)
 	for hop := 0; hop < maxHops && len(order) > 0; hop++ {
 		addr := order[0]
 		order = order[1:]
@@ -121,11 +131,13 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 				if !isNotLeader(st) {
 					return err // a real precondition failure, not a redirect
 				}
-				// No leader known yet (an election): wait a moment, retry.
-				if !sleepCtx(ctx, 100*time.Millisecond) {
+				// No leader known yet (an election): wait a moment and
+				// ask again, for up to ElectionWait; the wait is not a hop.
+				if time.Now().After(electionDeadline) || !sleepCtx(ctx, 100*time.Millisecond) {
 					return err
 				}
 				order = append(order, addr)
+				hop--
 				continue
 			}
 			if !tried[leader] || leader != addr {

@@ -1,0 +1,91 @@
+package rootkmsclient
+
+import (
+	"context"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// electing is a replica that knows no leader for its first `noLeader`
+// calls, then answers.
+type electing struct {
+	rootkmsv1.UnimplementedRootKMSServer
+	noLeader int64
+	calls    atomic.Int64
+}
+
+func (e *electing) GetRegion(context.Context, *rootkmsv1.GetRegionRequest) (*rootkmsv1.Region, error) {
+	if e.calls.Add(1) <= e.noLeader {
+		st, _ := status.New(codes.FailedPrecondition, "rootkms: this replica is not the leader and no leader is known; retry shortly").
+			WithDetails(&errdetails.ErrorInfo{Reason: ReasonNotLeader, Domain: ErrorDomain})
+		return nil, st.Err()
+	}
+	return &rootkmsv1.Region{Name: "us-east"}, nil
+}
+
+func startElecting(t *testing.T, pki *identitytest.PKI, noLeader int64) (*electing, string) {
+	t.Helper()
+	e := &electing{noLeader: noLeader}
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-1")))
+	rootkmsv1.RegisterRootKMSServer(srv, e)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = srv.Serve(lis) })
+	t.Cleanup(func() { srv.Stop(); wg.Wait() })
+	return e, lis.Addr().String()
+}
+
+// TestDoWaitsOutAnElection: answers of "no leader known" are polled for up
+// to the election wait, not cut off after a few hops; past it, the
+// NOT_LEADER error is returned.
+func TestDoWaitsOutAnElection(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	get := func(c *Client) error {
+		return c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
+			return err
+		})
+	}
+
+	// Ten "no leader" answers (a second of election), more than maxHops.
+	e, addr := startElecting(t, pki, 10)
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{addr})
+	defer c.Close()
+	if err := get(c); err != nil {
+		t.Fatalf("Do through an election of 10 polls = %v, want success", err)
+	}
+	if n := e.calls.Load(); n != 11 {
+		t.Errorf("calls = %d, want 11 (10 without a leader, then the answer)", n)
+	}
+
+	// A cluster that never elects: the error comes back after the wait.
+	_, addr = startElecting(t, pki, 1<<40)
+	c2 := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{addr})
+	defer c2.Close()
+	c2.electionWait = 300 * time.Millisecond
+	start := time.Now()
+	err := get(c2)
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("Do with no leader ever = %v, want FailedPrecondition (NOT_LEADER)", err)
+	}
+	if took := time.Since(start); took < 300*time.Millisecond || took > 10*time.Second {
+		t.Errorf("Do with no leader ever returned after %v, want after the 300ms election wait", took)
+	}
+}
