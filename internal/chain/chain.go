@@ -322,5 +322,6 @@ func (c *Chain) nextCommands() []string {
 		bin("regionctl") + " region create --rootkms " + strings.Join(c.ports.rootAPI, ",") + " --region ap-south " + id,
 		bin("safe") + " ceremony status --distributor " + c.ports.distributors[0] + " " + officer,
 		"curl -s http://" + c.ports.metrics[0][0] + "/metrics | grep cairn_",
+		fmt.Sprintf("kill -9 %d   # %s: clients fail over to %s; cairn up reports it and keeps the rest running", c.kms[0][0].PID, c.kms[0][0].Name, c.kms[0][1].Name),
 	}
 }
