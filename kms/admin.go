@@ -101,14 +101,9 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if err != nil {
 		return nil, err
 	}
-	if curStore != nil {
-		err = keystore.CheckSafety(curStore, next, s.cfg.Now())
-	} else {
-		// Nothing served since the restart: the persisted history speaks
-		// for the versions used before it.
-		err = keystore.CheckUsage(s.history, next, s.cfg.Now())
-	}
-	if err != nil {
+	// The served store's usage, and the history of versions it does not
+	// hold (all of the persisted history while nothing is served).
+	if err := keystore.CheckUsage(s.safetyRecords(cur), next, s.cfg.Now()); err != nil {
 		return nil, err
 	}
 	resp := &kmsv1.ApplyBundleResponse{Applied: ref, Previous: floor, Warnings: warnings}
@@ -123,9 +118,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
 	}
 	s.floor = ref
-	if curStore == nil {
-		next.RestoreUsage(s.history)
-	}
+	s.carried = live(next.RestoreUsage(s.carried), s.cfg.Now())
 	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(), "force", req.GetForce())

@@ -508,12 +508,44 @@ func TestUsageSurvivesRestart(t *testing.T) {
 		t.Error("the refused bundle was served")
 	}
 
-	// A damaged history file does not stop the server; it boots without it.
+	// A damaged history does not stop the server, but it fails closed: the
+	// file is set aside (not overwritten) and every decrypting version of
+	// the persisted bundle counts as used at boot. The same when the file is
+	// gone although a bundle was served.
 	a3.Close()
 	e.keys.Fail(nil)
-	if err := os.WriteFile(filepath.Join(dir, kms.UsageFile), []byte("{not json"), 0o600); err != nil {
-		t.Fatal(err)
+	for _, lose := range []struct {
+		name string
+		do   func() error
+	}{
+		{"damaged", func() error { return os.WriteFile(filepath.Join(dir, kms.UsageFile), []byte("{not json"), 0o600) }},
+		{"deleted", func() error { return os.Remove(filepath.Join(dir, kms.UsageFile)) }},
+		{"a last use in the future", func() error {
+			future := time.Date(2200, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano() // within int64 nanoseconds
+			return os.WriteFile(filepath.Join(dir, kms.UsageFile), fmt.Appendf(nil, "cairn-kms-usage 1\npayments/ledger\t1\t1\t1\t0\t0\t%d\n", future), 0o600)
+		}},
+	} {
+		if err := lose.do(); err != nil {
+			t.Fatal(err)
+		}
+		s := e.start(kms1ID, dir)
+		waitReady(t, s)
+		if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
+			t.Errorf("history %s: ApplyBundle(dropping the keyset) = %v, want FailedPrecondition (keyset dropped)", lose.name, err)
+		}
+		s.Close()
 	}
-	a4 := e.start(kms1ID, dir)
-	waitReady(t, a4)
+	if aside, _ := filepath.Glob(filepath.Join(dir, kms.UsageFile+".unusable-*")); len(aside) == 0 {
+		t.Error("no unusable usage file was set aside")
+	}
+}
+
+// TestFirstStartHasNoHistory: a state dir with neither bundle nor history is
+// a new server: its first bundle, and one dropping keysets after it, are
+// judged on what it has served itself (nothing yet).
+func TestFirstStartHasNoHistory(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "")
+	e.apply(s, e.bundle(e.ks))
+	e.apply(s, e.bundle()) // unused: may be dropped
 }

@@ -443,9 +443,10 @@ func reportPaired(b *testing.B, callers int, unit string, l, ref load) {
 
 // BenchmarkReady measures a boot from a persisted bundle of 10k and 100k
 // AES256_GCM keysets: from kms.New and Start on the state directory (the
-// signed bundle on disk) to Ready() (read and verify the bundle, fetch the
-// region keys from an in-memory RegionKeys, decrypt every keyset, build its
-// AEAD and ACLs, swap). It reports ms-to-ready, the mean over the iterations
+// signed bundle on disk, and a usage history in which every keyset was used)
+// to Ready() (read and verify the bundle, read the history, fetch the region
+// keys from an in-memory RegionKeys, decrypt every keyset, build its AEAD
+// and ACLs, restore the history, swap). It reports ms-to-ready, the mean over the iterations
 // (target for 100k: under 2000), and what the serving server holds per
 // keyset, divided by the number of keysets: RSS-bytes/keyset, the growth of
 // the process's VmRSS from before kms.New to once ready, and
@@ -511,7 +512,19 @@ func (w *benchWorld) persistMany(b *testing.B, n int) string {
 	for i := range kss {
 		kss[i] = kmstest.NewKeyset(b, fmt.Sprintf("t%03d/keyset-%06d", i/1000, i), acl)
 	}
-	return w.persist(b, kss...)
+	dir := w.persist(b, kss...)
+	// A history in which every keyset's primary was used a minute ago, as
+	// a busy server leaves behind.
+	var history bytes.Buffer
+	history.WriteString("cairn-kms-usage 1\n")
+	used := time.Now().Add(-time.Minute).UnixNano()
+	for _, k := range kss {
+		fmt.Fprintf(&history, "%s\t%d\t1\t%d\t10\t20\t%d\n", k.Name, k.Primary(), int64(kmstest.DefaultTTL), used)
+	}
+	if err := os.WriteFile(filepath.Join(dir, kms.UsageFile), history.Bytes(), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return dir
 }
 
 // memSample is the process's resident set and live heap, in bytes.

@@ -32,6 +32,9 @@ type metrics struct {
 	keysets  prometheus.Gauge
 	serial   prometheus.Gauge
 	readyG   prometheus.Gauge
+	// historyLost is 1 when the server started without its usage history
+	// (and so assumed every version of its bundle was just used).
+	historyLost prometheus.Gauge
 }
 
 type counter struct{ prometheus.Counter }
@@ -52,12 +55,14 @@ func newMetrics(reg *prometheus.Registry) (*metrics, error) {
 			Help: "Serial of the bundle served (0: none)."}),
 		readyG: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "ready",
 			Help: "1 while the server serves a bundle."}),
+		historyLost: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "usage_history_lost",
+			Help: "1 if the server started without its usage history: the Safety check then keeps every version of its last bundle for a TTL."}),
 	}
 	duration := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "request_duration_seconds",
 		Help: "Handler latency by operation (after authentication, before the audit record).",
 		// 25µs .. ~0.8s: a DEK unwrap takes microseconds; bundles take longer.
 		Buckets: prometheus.ExponentialBuckets(25e-6, 2, 16)}, []string{"op"})
-	for _, c := range []prometheus.Collector{m.requests, duration, m.keysets, m.serial, m.readyG} {
+	for _, c := range []prometheus.Collector{m.requests, duration, m.keysets, m.serial, m.readyG, m.historyLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("kms: registering metrics: %w", err)
 		}

@@ -82,11 +82,14 @@ type Server struct {
 	// floor is the bundle a new one must be newer than while nothing is
 	// served: the verified persisted bundle, if any.
 	floor *bundlev1.BundleRef
-	// history is the usage persisted by an earlier run (UsageFile), until
-	// the first bundle is served: boot seeds the store with it, and an
-	// ApplyBundle while nothing is served checks the Safety Condition
-	// against it.
-	history []keystore.UsageRecord
+	// carried is the usage history of key versions the served store does
+	// not hold (all of the history read at start, while nothing is served),
+	// still within their TTL: the Safety check counts them, and they are
+	// flushed with the served store's usage until their TTL passes.
+	carried []keystore.UsageRecord
+
+	// swapped nudges the usage flush loop after a swap (capacity 1).
+	swapped chan struct{}
 
 	startOnce sync.Once
 	closeOnce sync.Once
@@ -108,7 +111,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m, swapped: make(chan struct{}, 1)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, "not started")
 
@@ -152,16 +155,10 @@ func (s *Server) start(lis net.Listener) error {
 	if err := os.MkdirAll(s.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("kms: state directory: %w", err)
 	}
-	history, err := readUsageFile(s.cfg.StateDir)
-	if err != nil {
-		// Not fatal: serving goes on, but the Safety check has only the
-		// usage seen from now on until the TTLs have passed.
-		s.log.Error("kms: the persisted usage history is unusable; the Safety check starts without it", "err", err)
-	}
-	s.applyMu.Lock()
-	s.history = history
-	s.applyMu.Unlock()
 	p, err := s.readPersisted()
+	s.applyMu.Lock()
+	s.carried = s.readHistory(p)
+	s.applyMu.Unlock()
 	switch {
 	case err != nil:
 		// Not trusted, so it sets no floor: an admin must push a bundle.
@@ -184,6 +181,34 @@ func (s *Server) start(lis net.Listener) error {
 	s.wg.Go(s.flushUsageLoop)
 	s.log.Info("kms: started", "addr", lis.Addr().String(), "identity", s.cfg.Source.ID().String())
 	return nil
+}
+
+// readHistory returns the usage history to start from. A server that has
+// served a bundle but cannot read its history (the file damaged, or gone)
+// fails closed: it assumes every version the bundle lists as decrypting was
+// used just now, so none leaves the decrypt set before its TTL has passed.
+// An unusable file is set aside, not overwritten. A state dir with neither
+// bundle nor history is a first start: no history.
+func (s *Server) readHistory(p *pending) []keystore.UsageRecord {
+	now := s.cfg.Now()
+	records, err := readUsageFile(s.cfg.StateDir, now)
+	switch {
+	case err == nil:
+		return records
+	case errors.Is(err, errNoUsageFile) && p == nil:
+		return nil
+	case errors.Is(err, errNoUsageFile):
+		s.log.Error("kms: a bundle was served but there is no usage history; assuming every decrypting version was used now", "file", UsageFile)
+	default:
+		aside, rerr := setAsideUsageFile(s.cfg.StateDir, now)
+		s.log.Error("kms: the usage history is unusable; set aside, and assuming every decrypting version of the persisted bundle was used now",
+			"err", err, "set_aside_as", aside, "rename_err", rerr)
+	}
+	s.metrics.historyLost.Set(1)
+	if p == nil {
+		return nil // nothing is known to have been served
+	}
+	return usageFromBundle(p.bundle, now)
 }
 
 // readPersisted reads and verifies the persisted bundle (nil if none).
@@ -236,7 +261,11 @@ func (s *Server) loadPending(p *pending) error {
 	if err != nil {
 		return err
 	}
-	store.RestoreUsage(s.history)
+	s.carried = live(store.RestoreUsage(s.carried), s.cfg.Now())
+	if len(s.carried) > 0 {
+		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
+			"versions", len(s.carried))
+	}
 	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
 	return nil
@@ -244,8 +273,11 @@ func (s *Server) loadPending(p *pending) error {
 
 // swap serves next. Callers hold applyMu.
 func (s *Server) swap(next *snapshot) {
-	s.history = nil // in the served store now
 	s.cur.Store(next)
+	select {
+	case s.swapped <- struct{}{}: // the flush loop writes the history
+	default: // a flush is due already
+	}
 	s.phase.Store(int32(kmsv1.ServingState_SERVING_STATE_SERVING))
 	s.reason.Store(new(string))
 	s.metrics.served(next.store.Len(), next.ref.GetSerial())
@@ -291,7 +323,8 @@ func (s *Server) Close() error {
 		}
 		t.Stop()
 		s.wg.Wait()
-		// The calls have ended: the history is complete.
+		// The handlers have returned (grpcserver waits for them): the
+		// history is complete.
 		if err := s.flushUsage(); err != nil {
 			s.log.Error("kms: writing the usage history at close", "err", err)
 		}
@@ -299,24 +332,61 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// flushUsageLoop writes the usage history every UsageFlushInterval until
-// Close (which writes it once more).
+// flushUsageLoop writes the usage history every UsageFlushInterval, and at
+// once after each swap (so that a server killed before its first tick still
+// leaves a history behind), until Close (which writes it once more).
 func (s *Server) flushUsageLoop() {
-	for s.sleep(s.cfg.UsageFlushInterval) {
+	t := time.NewTicker(s.cfg.UsageFlushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		case <-s.swapped:
+		}
 		if err := s.flushUsage(); err != nil {
 			s.log.Error("kms: writing the usage history", "err", err)
 		}
 	}
 }
 
-// flushUsage writes the served store's usage history to UsageFile; with
-// nothing served it leaves the file as it is.
+// flushUsage writes the usage history to UsageFile: the served store's and
+// the carried records still within their TTL. With nothing served it leaves
+// the file as it is.
 func (s *Server) flushUsage() error {
+	s.applyMu.Lock()
 	cur := s.cur.Load()
 	if cur == nil {
+		s.applyMu.Unlock()
 		return nil
 	}
-	return writeUsageFile(s.cfg.StateDir, cur.store.UsageRecords(), s.cfg.Now())
+	now := s.cfg.Now()
+	s.carried = live(s.carried, now)
+	records := append(cur.store.UsageRecords(), s.carried...)
+	s.applyMu.Unlock()
+	return writeUsageFile(s.cfg.StateDir, records)
+}
+
+// safetyRecords is the usage the Safety check weighs a new bundle against:
+// the served store's and the carried records. Callers hold applyMu.
+func (s *Server) safetyRecords(cur *snapshot) []keystore.UsageRecord {
+	var records []keystore.UsageRecord
+	if cur != nil {
+		records = cur.store.UsageRecords()
+	}
+	return append(records, s.carried...)
+}
+
+// live keeps the records that still matter to the Safety check at now.
+func live(records []keystore.UsageRecord, now time.Time) []keystore.UsageRecord {
+	var out []keystore.UsageRecord
+	for _, r := range records {
+		if r.Live(now) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // closeGrace bounds how long Close waits for calls in flight.

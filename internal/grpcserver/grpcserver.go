@@ -75,5 +75,8 @@ func New(opts Options) (*grpc.Server, error) {
 		}),
 		grpc.MaxRecvMsgSize(maxRecv),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// Stop returns only once every handler has: a server's Close can
+		// then trust that no call changes its state afterwards.
+		grpc.WaitForHandlers(true),
 	), nil
 }

@@ -8,16 +8,16 @@ import (
 // KMS server persists so that, after a restart, its Safety check still knows
 // which versions were used within their keyset's ciphertext TTL.
 type UsageRecord struct {
-	Keyset string `json:"keyset"`
-	KeyID  uint32 `json:"key_id"`
+	Keyset string
+	KeyID  uint32
 	// Decrypting says whether the version decrypted (primary or enabled)
 	// when the record was taken.
-	Decrypting bool `json:"decrypting"`
+	Decrypting bool
 	// TTL is the keyset's ciphertext TTL then.
-	TTL          time.Duration `json:"ttl"`
-	EncryptCount uint64        `json:"encrypt_count"`
-	DecryptCount uint64        `json:"decrypt_count"`
-	LastUse      time.Time     `json:"last_use"`
+	TTL          time.Duration
+	EncryptCount uint64
+	DecryptCount uint64
+	LastUse      time.Time
 }
 
 // UsageRecords returns the usage of every version of s that was ever used,
@@ -40,12 +40,14 @@ func (s *Store) UsageRecords() []UsageRecord {
 
 // RestoreUsage adds records of an earlier run to the usage of the versions
 // of s they name: counts are added, and the last use is the later of the
-// two. Records of keysets or versions s does not hold are ignored. Call it
-// on a store nobody serves yet.
-func (s *Store) RestoreUsage(records []UsageRecord) {
+// two. It returns the records of keysets or versions s does not hold, which
+// the caller keeps (their ciphertexts still count for the Safety check until
+// their TTL passes). Call it on a store nobody serves yet.
+func (s *Store) RestoreUsage(records []UsageRecord) (unmatched []UsageRecord) {
 	for _, r := range records {
 		v, ok := s.keysets[r.Keyset].version(r.KeyID)
 		if !ok {
+			unmatched = append(unmatched, r)
 			continue
 		}
 		v.usage.encrypts.Add(r.EncryptCount)
@@ -54,4 +56,11 @@ func (s *Store) RestoreUsage(records []UsageRecord) {
 			v.usage.noteLastUse(r.LastUse.UnixNano())
 		}
 	}
+	return unmatched
+}
+
+// Live reports whether the record still matters to the Safety check at now:
+// a version that decrypted, last used within its TTL.
+func (r UsageRecord) Live(now time.Time) bool {
+	return r.Decrypting && !r.LastUse.IsZero() && r.LastUse.Add(r.TTL).After(now)
 }
