@@ -67,7 +67,17 @@ func (s *Server) linearize() error {
 		return s.notLeader()
 	}
 	if err := s.node.Raft.Barrier(s.cfg.ApplyTimeout).Error(); err != nil {
-		return s.raftError(err)
+		// The caller's own command has not been proposed yet: whatever
+		// became of the barrier, nothing of this call was applied, so the
+		// answer is a definite refusal (never OUTCOME_UNKNOWN).
+		switch {
+		case errors.Is(err, raft.ErrRaftShutdown):
+			return status.Error(codes.Unavailable, "rootkms: shutting down")
+		case s.node.Raft.State() != raft.Leader:
+			return s.notLeader()
+		default:
+			return status.Errorf(codes.Unavailable, "rootkms: raft barrier: %v; nothing was applied, retry", err)
+		}
 	}
 	return nil
 }

@@ -94,7 +94,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 	c.mu.Unlock()
 	var lastErr error
 	tried := map[string]bool{}
-	electionDeadline := time.Now().Add(c.electionWait)
+	var electionDeadline time.Time // set at the first "no leader known"
 	for hop := 0; hop < maxHops && len(order) > 0; hop++ {
 		addr := order[0]
 		order = order[1:]
@@ -133,6 +133,9 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 				}
 				// No leader known yet (an election): wait a moment and
 				// ask again, for up to ElectionWait; the wait is not a hop.
+				if electionDeadline.IsZero() {
+					electionDeadline = time.Now().Add(c.electionWait)
+				}
 				if time.Now().After(electionDeadline) || !sleepCtx(ctx, 100*time.Millisecond) {
 					return err
 				}
