@@ -92,7 +92,11 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 				// most half the time left: a hung endpoint must not take a
 				// short call's whole deadline and never be failed over.
 				timeout := c.opts.attemptTimeout
-				if more := k < n-1 || i < len(regions)-1; more {
+				more := n > 1 && budget[i] > 0 // another endpoint of this region, now or next round
+				for _, b := range budget[i+1:] {
+					more = more || b > 0 // a fallback region
+				}
+				if more {
 					if dl, ok := callCtx.Deadline(); ok {
 						timeout = min(timeout, time.Until(dl)/2)
 					}

@@ -6,12 +6,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/cairnkms/cairn/internal/atomicfile"
 	"github.com/cairnkms/cairn/internal/secret"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 )
@@ -136,40 +138,42 @@ func WriteManifest(path string, m *safev1.GenesisManifest) error {
 	if err != nil {
 		return fmt.Errorf("safe: encoding manifest: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("safe: writing manifest: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".manifest-*")
-	if err != nil {
-		return fmt.Errorf("safe: writing manifest: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("safe: writing manifest: %w", err)
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return fmt.Errorf("safe: writing manifest: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("safe: writing manifest: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("safe: writing manifest: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	// Atomic and durable: temporary file, fsync, rename, directory fsync.
+	if err := atomicfile.Write(path, append(data, '\n'), 0o644); err != nil {
 		return fmt.Errorf("safe: writing manifest: %w", err)
 	}
 	return nil
 }
 
+// maxManifestSize bounds what ReadManifest reads: a manifest of 255 shares
+// is a few tens of kilobytes.
+const maxManifestSize = 1 << 20
+
 // ReadManifest reads and validates a manifest written by WriteManifest.
+// It refuses anything but a regular file of at most maxManifestSize bytes
+// (an operator's --manifest /dev/zero must not hang a start).
 func ReadManifest(path string) (*safev1.GenesisManifest, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("safe: reading manifest: %w", err)
+	}
+	defer f.Close() // read-only
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("safe: reading manifest: %w", err)
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > maxManifestSize {
+		return nil, fmt.Errorf("safe: reading manifest: %s is not a regular file of at most %d bytes", path, maxManifestSize)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxManifestSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("safe: reading manifest: %w", err)
+	}
+	if len(data) > maxManifestSize {
+		return nil, fmt.Errorf("safe: reading manifest: %s grew past %d bytes", path, maxManifestSize)
 	}
 	return ParseManifest(data)
 }

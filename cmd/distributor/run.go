@@ -71,6 +71,8 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, st
 		}
 		if wrote {
 			log.Info("distributor: pinned the genesis manifest", "from", manifest, "genesis_id", m.GetGenesisId(), "epoch", m.GetEpoch())
+		} else {
+			log.Info("distributor: --manifest kept the pinned manifest (same root key, same or later epoch)", "from", manifest, "epoch", m.GetEpoch())
 		}
 	}
 	// No core dumps and no ptrace: the root key must not leave RAM.

@@ -25,6 +25,7 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		{[]string{"--state-dir", t.TempDir(), "--trust-domain", "cairn.test", "--dev-certs", t.TempDir(), "--name", "x"}, 1, "want <tier>/<region>/<name>"},
 		{[]string{"--state-dir", t.TempDir(), "--manifest", "/nonexistent/genesis.json"}, 1, "--manifest: safe: reading manifest"},
 		{[]string{"--state-dir", t.TempDir(), "--manifest", garbage}, 1, "--manifest:"},
+		{[]string{"--state-dir", t.TempDir(), "--manifest", "/dev/zero"}, 1, "not a regular file"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -34,12 +34,13 @@ func deps(t *testing.T, pkgs ...string) map[string]bool {
 }
 
 // TestServingPathLinksNoConsensus: the regional KMS, regionctl, the Tink
-// client and the tools built on it never link the Raft replica (a smaller
+// client, the tools built on it, the distributors and the safe tool never
+// link the Raft replica (a smaller
 // binary, and less code where customers' keysets live); they reach the root
 // KMS through rootkmsclient. The root KMS binary itself does link it, which
 // shows the check can see it.
 func TestServingPathLinksNoConsensus(t *testing.T) {
-	for _, pkg := range []string{"./cmd/kms", "./cmd/regionctl", "./kmsclient", "./cmd/cairn", "./examples/blobstore"} {
+	for _, pkg := range []string{"./cmd/kms", "./cmd/regionctl", "./kmsclient", "./cmd/cairn", "./examples/blobstore", "./cmd/distributor", "./cmd/safe"} {
 		got := deps(t, pkg)
 		for _, banned := range consensusDeps {
 			if got[banned] {

@@ -24,8 +24,20 @@ type Result struct {
 	// Elapsed is the wall time from the first call's start to the last
 	// call's end.
 	Elapsed time.Duration
-	// Latencies are the calls' latencies, sorted (nil if not recorded).
-	Latencies []time.Duration
+	// perCaller are the latencies each caller recorded (nil if not
+	// recorded); Latencies merges and sorts them when first asked, so that
+	// a benchmark can stop its timer first.
+	perCaller [][]time.Duration
+	sorted    []time.Duration
+}
+
+// Latencies returns the calls' latencies, sorted (nil if not recorded).
+func (r *Result) Latencies() []time.Duration {
+	if r.sorted == nil && r.perCaller != nil {
+		r.sorted = slices.Concat(r.perCaller...)
+		slices.Sort(r.sorted)
+	}
+	return r.sorted
 }
 
 // Run makes n calls in all, shared by one goroutine per element of calls,
@@ -33,6 +45,9 @@ type Result struct {
 // one fails (the first error is returned; a ctx that ends fails the calls
 // that see it). With record, every call's latency is kept.
 func Run(ctx context.Context, n int, calls []Call, record bool) (Result, error) {
+	if len(calls) == 0 {
+		return Result{}, fmt.Errorf("loadgen: no callers")
+	}
 	var (
 		next     atomic.Int64
 		failed   atomic.Bool
@@ -65,24 +80,24 @@ func Run(ctx context.Context, n int, calls []Call, record bool) (Result, error) 
 	wg.Wait()
 	r := Result{Calls: n, Elapsed: time.Since(start)}
 	if record {
-		r.Latencies = slices.Concat(lats...)
-		slices.Sort(r.Latencies)
+		r.perCaller = lats
 	}
 	return r, firstErr
 }
 
 // Rate is calls per second.
-func (r Result) Rate() float64 { return float64(r.Calls) / r.Elapsed.Seconds() }
+func (r *Result) Rate() float64 { return float64(r.Calls) / r.Elapsed.Seconds() }
 
 // Quantile returns the q-quantile (nearest rank) of the latencies in µs, 0
 // if none were recorded.
-func (r Result) Quantile(q float64) float64 {
-	if len(r.Latencies) == 0 {
+func (r *Result) Quantile(q float64) float64 {
+	lat := r.Latencies()
+	if len(lat) == 0 {
 		return 0
 	}
-	i := int(q*float64(len(r.Latencies))+0.999999) - 1
-	i = min(max(i, 0), len(r.Latencies)-1)
-	return float64(r.Latencies[i]) / float64(time.Microsecond)
+	i := int(q*float64(len(lat))+0.999999) - 1
+	i = min(max(i, 0), len(lat)-1)
+	return float64(lat[i]) / float64(time.Microsecond)
 }
 
 // Reporter is what a benchmark reports figures to (*testing.B).
@@ -91,8 +106,8 @@ type Reporter interface {
 }
 
 // Report reports the rate as unit ("ops/s") and the p50 and p99 latency in
-// µs.
-func (r Result) Report(b Reporter, unit string) {
+// µs. Call it after stopping the benchmark's timer: it sorts the latencies.
+func (r *Result) Report(b Reporter, unit string) {
 	b.ReportMetric(r.Rate(), unit)
 	b.ReportMetric(r.Quantile(0.50), "p50-µs")
 	b.ReportMetric(r.Quantile(0.99), "p99-µs")

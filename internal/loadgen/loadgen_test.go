@@ -19,11 +19,12 @@ func TestRunMakesExactlyNCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	total := made[0].Load() + made[1].Load() + made[2].Load()
-	if total != 1000 || r.Calls != 1000 || len(r.Latencies) != 1000 {
-		t.Errorf("Run(1000 calls) made %d, Calls %d, %d latencies; want 1000 each", total, r.Calls, len(r.Latencies))
+	lat := r.Latencies()
+	if total != 1000 || r.Calls != 1000 || len(lat) != 1000 {
+		t.Errorf("Run(1000 calls) made %d, Calls %d, %d latencies; want 1000 each", total, r.Calls, len(lat))
 	}
-	for i := 1; i < len(r.Latencies); i++ {
-		if r.Latencies[i] < r.Latencies[i-1] {
+	for i := 1; i < len(lat); i++ {
+		if lat[i] < lat[i-1] {
 			t.Fatalf("latencies not sorted at %d", i)
 		}
 	}
@@ -47,8 +48,14 @@ func TestRunStopsAtTheFirstError(t *testing.T) {
 	}
 }
 
+func TestRunRefusesNoCallers(t *testing.T) {
+	if _, err := Run(t.Context(), 10, nil, false); err == nil {
+		t.Error("Run with no callers = nil error")
+	}
+}
+
 func TestQuantile(t *testing.T) {
-	r := Result{Latencies: []time.Duration{1 * time.Microsecond, 2 * time.Microsecond, 3 * time.Microsecond, 4 * time.Microsecond}}
+	r := Result{perCaller: [][]time.Duration{{3 * time.Microsecond, 1 * time.Microsecond}, {4 * time.Microsecond, 2 * time.Microsecond}}}
 	for _, tt := range []struct {
 		q    float64
 		want float64
@@ -57,7 +64,7 @@ func TestQuantile(t *testing.T) {
 			t.Errorf("Quantile(%v) = %v, want %v", tt.q, got, tt.want)
 		}
 	}
-	if got := (Result{}).Quantile(0.5); got != 0 {
+	if got := (&Result{}).Quantile(0.5); got != 0 {
 		t.Errorf("Quantile of nothing = %v, want 0", got)
 	}
 }

@@ -7,7 +7,7 @@ import (
 )
 
 // ErrInvalidName is wrapped by ValidName's errors.
-var ErrInvalidName = errors.New("invalid region name")
+var ErrInvalidName = errors.New("region: invalid name")
 
 // ValidName reports whether name is a valid region name: 1 to 63 characters
 // of a-z, 0-9 and '-', starting with a letter (^[a-z][a-z0-9-]{0,62}$). The
