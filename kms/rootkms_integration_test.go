@@ -3,34 +3,24 @@ package kms_test
 import (
 	"context"
 	"fmt"
-	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/cairnkms/cairn/distributor"
-	"github.com/cairnkms/cairn/internal/audit"
-	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
-	"github.com/cairnkms/cairn/internal/secret"
 	"github.com/cairnkms/cairn/kms"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
-	"github.com/cairnkms/cairn/rootkms"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
-	"github.com/cairnkms/cairn/safe"
-	"github.com/cairnkms/cairn/safe/officer"
+	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )
 
 // TestWithRealRootKMS runs the chain in-process: file safes, genesis, a
@@ -40,90 +30,17 @@ import (
 // not ready and says why, while the other keeps serving.
 func TestWithRealRootKMS(t *testing.T) {
 	pki := identitytest.New(t, identitytest.TrustDomain)
-	dir := t.TempDir()
 
-	// Genesis into two file safes; a distributor provisioned with the RMK.
-	var safes []safe.Safe
-	for i := range 2 {
-		s, err := safe.OpenFileSafe(safe.FileSafeConfig{Dir: filepath.Join(dir, "safes", fmt.Sprint(i)), Label: fmt.Sprintf("safe-%d", i),
-			Passphrase: secret.New([]byte("test passphrase")), KDFMemoryKiB: 8 * 1024, AttemptDir: filepath.Join(dir, "attempts")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		safes = append(safes, s)
-	}
-	manifest, rmk, err := safe.Genesis(ctx(t), safe.SplitConfig{Threshold: 2, Safes: safes})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rmk.Wipe)
-	distDir := filepath.Join(dir, "distributor")
-	distLog, err := audit.Open(filepath.Join(distDir, "audit.log"), audit.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	officers, _ := identity.ParseAllowlist(identitytest.TrustDomain, "officer/global/*")
-	readers, _ := identity.ParseAllowlist(identitytest.TrustDomain, "rootkms/*/*")
-	d, err := distributor.New(distributor.Config{ManifestPath: filepath.Join(distDir, "genesis.json"),
-		Source: pki.Source("spiffe://cairn.test/distributor/global/distributor-1"), Officers: officers, RootKeyReaders: readers, Audit: distLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	distLis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	distDone := make(chan struct{})
-	go func() { defer close(distDone); _ = d.Serve(distLis) }()
-	stopDistributor := func() { d.Close(); <-distDone }
-	t.Cleanup(func() { stopDistributor(); distLog.Close() })
-	officerConn, err := grpc.NewClient(distLis.Addr().String(), grpc.WithTransportCredentials(pki.ClientCredentials("spiffe://cairn.test/officer/global/officer-1")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := officer.Provision(ctx(t), distributorv1.NewDistributorClient(officerConn), manifest, rmk); err != nil {
-		t.Fatal(err)
-	}
-	officerConn.Close()
-
-	// One root KMS replica.
-	rootLog, err := audit.Open(filepath.Join(dir, "rootkms", "audit.log"), audit.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	root, err := rootkms.New(rootkms.Config{
-		ID: "rootkms-1", DataDir: filepath.Join(dir, "rootkms", "raft"), Bootstrap: true,
-		Manifest: manifest, Distributors: []string{distLis.Addr().String()},
-		Source: pki.Source("spiffe://cairn.test/rootkms/global/rootkms-1"), Audit: rootLog,
-		HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	apiLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	raftLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	if err := root.Start(apiLis, raftLis); err != nil {
-		t.Fatal(err)
-	}
-	rootStopped := false
-	stopRoot := func() {
-		if !rootStopped {
-			rootStopped = true
-			root.Close()
-		}
-	}
-	t.Cleanup(func() { stopRoot(); rootLog.Close() })
-	if err := root.WaitReady(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	rootAddr := apiLis.Addr().String()
+	// Genesis into two file safes, a distributor provisioned with the RMK,
+	// one root KMS replica.
+	chain := live.Start(t, pki)
+	rootAddr := chain.Addr
 
 	// regionctl's part: a region, a keyset made inside the root KMS, a bundle.
 	rc := rootkmsclient.New(pki.Source(adminID), []string{rootAddr})
 	defer rc.Close()
 	var ks *rootkmsv1.KeysetResponse
-	err = rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
+	err := rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
 		if _, err := c.CreateRegion(ctx, &rootkmsv1.CreateRegionRequest{Region: region}); err != nil {
 			return err
 		}
@@ -168,8 +85,8 @@ func TestWithRealRootKMS(t *testing.T) {
 	}
 
 	// The root KMS and the distributor go away: serving goes on.
-	stopRoot()
-	stopDistributor()
+	chain.StopRoot()
+	chain.StopDistributor()
 	for i := range 50 {
 		c := []kmsv1.KMSClient{ca, cb}[i%2]
 		r := encrypt(t, c, ledger, fmt.Appendf(nil, "dek-%d", i), nil)

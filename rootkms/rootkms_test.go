@@ -31,6 +31,7 @@ import (
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/rootkms"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
+	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/officer"
 )
@@ -277,25 +278,6 @@ func (c *chain) unwrap(id, addr, region string) (*rootkmsv1.RegionKeyMaterial, e
 	return &m, nil
 }
 
-func regionAEADs(t testing.TB, m *rootkmsv1.RegionKeyMaterial) map[uint32]interface {
-	Encrypt([]byte, []byte) ([]byte, error)
-	Decrypt([]byte, []byte) ([]byte, error)
-} {
-	t.Helper()
-	out := map[uint32]interface {
-		Encrypt([]byte, []byte) ([]byte, error)
-		Decrypt([]byte, []byte) ([]byte, error)
-	}{}
-	for _, v := range m.GetVersions() {
-		a, err := keysets.RegionAEAD(secret.New(v.GetKey()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[v.GetVersion()] = a
-	}
-	return out
-}
-
 func TestRegionsAndKeysets(t *testing.T) {
 	c := newChain(t)
 	rs := c.cluster()
@@ -355,7 +337,7 @@ func TestRegionsAndKeysets(t *testing.T) {
 		if err != nil {
 			t.Fatalf("UnwrapRegionKey from %s = %v", addr, err)
 		}
-		aeads := regionAEADs(t, mat)
+		aeads := live.AEADsOf(t, mat)
 		if len(aeads) != 2 {
 			t.Fatalf("region key versions = %d, want 2", len(aeads))
 		}

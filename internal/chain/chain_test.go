@@ -532,7 +532,7 @@ func TestProcessLifecycle(t *testing.T) {
 func freeBase(t *testing.T, n int) int {
 	t.Helper()
 	lo, hi := 10000, 11000
-	if ephLo, ephHi := ephemeralRange(); ephLo < 20000 {
+	if ephLo, ephHi := EphemeralPorts(); ephLo < 20000 {
 		lo, hi = ephHi+1, ephHi+1001
 	}
 	regions := make([]string, n)
@@ -548,22 +548,6 @@ func freeBase(t *testing.T, n int) int {
 	}
 	t.Fatalf("no free range of %d ports in [%d, %d)", span, lo, hi)
 	return 0
-}
-
-// ephemeralRange is the kernel's range of ports for outgoing connections
-// and listeners on port 0.
-func ephemeralRange() (lo, hi int) {
-	lo, hi = 32768, 60999 // Linux's default
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			l, err1 := strconv.Atoi(f[0])
-			h, err2 := strconv.Atoi(f[1])
-			if err1 == nil && err2 == nil && l < h {
-				lo, hi = l, h
-			}
-		}
-	}
-	return lo, hi
 }
 
 func writeFile(t *testing.T, path, content string) {

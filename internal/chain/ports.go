@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -160,4 +161,22 @@ func checkPorts(plan []Port) error {
 		return &PortsTakenError{Taken: taken, Base: plan[0].Port - distributorOffset}
 	}
 	return nil
+}
+
+// EphemeralPorts is the kernel's range of ports for outgoing connections and
+// listeners on port 0 (Linux's default where it cannot be read). A chain's
+// ports should lie outside it: a port the kernel hands to an outgoing
+// connection could be taken just when a component restarts.
+func EphemeralPorts() (lo, hi int) {
+	lo, hi = 32768, 60999 // Linux's default
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			l, err1 := strconv.Atoi(f[0])
+			h, err2 := strconv.Atoi(f[1])
+			if err1 == nil && err2 == nil && l < h {
+				lo, hi = l, h
+			}
+		}
+	}
+	return lo, hi
 }

@@ -193,7 +193,11 @@ func (c *Chain) preflight() (string, error) {
 	if err := checkPorts(c.ports.all); err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("%s; ports %d-%d", c.display(c.s.BinDir), c.ports.basePort+1, c.ports.lastPort), nil
+	detail := fmt.Sprintf("%s; ports %d-%d", c.display(c.s.BinDir), c.ports.basePort+1, c.ports.lastPort)
+	if lo, hi := EphemeralPorts(); c.ports.basePort+1 <= hi && c.ports.lastPort >= lo {
+		detail += fmt.Sprintf(" (inside the kernel's ephemeral range %d-%d: an outgoing connection may take one; a --base-port below %d avoids it)", lo, hi, lo-100)
+	}
+	return detail, nil
 }
 
 // devCerts writes (or keeps) the dev CA and every identity, as

@@ -337,7 +337,7 @@ var basePorts struct {
 func FreeBasePort(t testing.TB, regions []string) int {
 	t.Helper()
 	lo, hi := 11000, 20000
-	if ephLo, ephHi := ephemeralRange(); ephLo < 20000 {
+	if ephLo, ephHi := chain.EphemeralPorts(); ephLo < 20000 {
 		lo, hi = ephHi+1001, ephHi+1+(65535-ephHi)/2
 	}
 	span := 0

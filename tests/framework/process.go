@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cairnkms/cairn/internal/chain"
 )
 
 // exitTimeout bounds how long a signalled process may take to exit.
@@ -452,27 +454,11 @@ func FreePorts(t testing.TB, n int) []int {
 // or, if that range starts too low to leave room, the upper half of the
 // ports above it.
 func portRange() (lo, hi int) {
-	ephemeralLo, ephemeralHi := ephemeralRange()
+	ephemeralLo, ephemeralHi := chain.EphemeralPorts()
 	if ephemeralLo >= 21000 {
 		return 20000, ephemeralLo
 	}
 	return ephemeralHi + 1 + (65535-ephemeralHi)/2, 65536
-}
-
-// ephemeralRange is the kernel's range of ports for outgoing connections
-// and listeners on port 0.
-func ephemeralRange() (lo, hi int) {
-	lo, hi = 32768, 60999 // Linux's default
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			l, err1 := strconv.Atoi(f[0])
-			h, err2 := strconv.Atoi(f[1])
-			if err1 == nil && err2 == nil && l < h {
-				lo, hi = l, h
-			}
-		}
-	}
-	return lo, hi
 }
 
 // randIntn returns a uniform random int in [0, n).
