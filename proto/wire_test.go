@@ -23,7 +23,7 @@ import (
 
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 )
 
@@ -50,14 +50,30 @@ func encryptedKeyset() *cryptov1.EncryptedKeyset {
 	}
 }
 
-func wrapped(v uint32) *rootkmsv1.WrappedRegionKeyVersion {
-	return &rootkmsv1.WrappedRegionKeyVersion{Version: v, WrappedKey: []byte("wrapped-under-rmk"), RmkKcv: []byte("kcv-bytes")}
+func wrapped(v uint32) *statev1.WrappedRegionKeyVersion {
+	return &statev1.WrappedRegionKeyVersion{Version: v, WrappedKey: []byte("wrapped-under-rmk"), RmkKcv: []byte("kcv-bytes")}
 }
 
-func command(op func(*rootkmsv1.Command)) *rootkmsv1.Command {
-	c := &rootkmsv1.Command{FormatVersion: 1, Time: t0, RequestId: "req-1", Identity: "spiffe://cairn.test/regionctl/global/regionctl"}
+func command(op func(*statev1.Command)) *statev1.Command {
+	c := &statev1.Command{FormatVersion: 1, Time: t0, RequestId: "req-1", Identity: "spiffe://cairn.test/regionctl/global/regionctl"}
 	op(c)
 	return c
+}
+
+// keysetRecord is a keyset record with every field set.
+func keysetRecord() *statev1.KeysetRecord {
+	return &statev1.KeysetRecord{
+		Name: "payments/ledger", Regions: []string{"eu-west", "us-east"}, CreatedAt: t0,
+		CreatedBy: "spiffe://cairn.test/regionctl/global/regionctl", RotationPeriod: durationpb.New(30 * 24 * time.Hour),
+		TtlHistory: []*statev1.TtlPeriod{{Ttl: durationpb.New(time.Hour), From: t0, Until: t1}},
+		Versions: []*statev1.KeysetVersionRecord{{
+			KeyId: 7, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED, Template: "AES256_GCM", CreatedAt: t0,
+			Propagated: []*statev1.RegionTime{{Region: "us-east", At: t0}}, PrimarySince: t0, SupersededAt: t1, DisabledAt: t1,
+			DestroyAfter: t1, DestroyedAt: t1, EncryptCount: 11,
+			Usage: []*statev1.RegionUsage{{Region: "us-east", ObservedAt: t1, LastEncrypt: t0, LastUse: t1, EncryptCount: 11, DecryptCount: 12}},
+		}},
+		Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()}, Revision: 5, UpdatedAt: t1, Purpose: 1,
+	}
 }
 
 func samples() map[string]proto.Message {
@@ -73,6 +89,9 @@ func samples() map[string]proto.Message {
 			},
 			RotationPeriod: durationpb.New(90 * 24 * time.Hour), CiphertextTtl: durationpb.New(365 * 24 * time.Hour),
 			Regions: []string{"us-east", "eu-west"},
+			TtlHistory: []*bundlev1.TtlPeriod{{Ttl: durationpb.New(730 * 24 * time.Hour), From: t0, Until: t1}},
+			Lifecycle: []*bundlev1.VersionLifecycle{{KeyId: 7, PropagatedEverywhere: t0, PrimarySince: t1, SupersededAt: t1}},
+			PropagationWindow: durationpb.New(10 * time.Minute),
 		}},
 		Parent: &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
 	}
@@ -81,28 +100,50 @@ func samples() map[string]proto.Message {
 		panic(err)
 	}
 	return map[string]proto.Message{
-		"rootkms_command_create_region": command(func(c *rootkmsv1.Command) {
-			c.Op = &rootkmsv1.Command_CreateRegion{CreateRegion: &rootkmsv1.CreateRegionCommand{Region: "us-east", FirstVersion: wrapped(1)}}
+		"rootkms_command_create_region": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_CreateRegion{CreateRegion: &statev1.CreateRegionCommand{Region: "us-east", FirstVersion: wrapped(1)}}
 		}),
-		"rootkms_command_add_region_key_version": command(func(c *rootkmsv1.Command) {
-			c.Op = &rootkmsv1.Command_AddRegionKeyVersion{AddRegionKeyVersion: &rootkmsv1.AddRegionKeyVersionCommand{Region: "us-east", Version: wrapped(2), MakePrimary: true}}
+		"rootkms_command_add_region_key_version": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_AddRegionKeyVersion{AddRegionKeyVersion: &statev1.AddRegionKeyVersionCommand{Region: "us-east", Version: wrapped(2), MakePrimary: true}}
 		}),
-		"rootkms_command_set_region_key_version_status": command(func(c *rootkmsv1.Command) {
-			c.Op = &rootkmsv1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &rootkmsv1.SetRegionKeyVersionStatusCommand{Region: "us-east", Version: 1, Status: cryptov1.KeyStatus_KEY_STATUS_DISABLED}}
+		"rootkms_command_set_region_key_version_status": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &statev1.SetRegionKeyVersionStatusCommand{Region: "us-east", Version: 1, Status: cryptov1.KeyStatus_KEY_STATUS_DISABLED}}
 		}),
-		"rootkms_snapshot": &rootkmsv1.Snapshot{
+		"rootkms_snapshot": &statev1.Snapshot{
 			FormatVersion: 1, GenesisId: "0123456789abcdef0123456789abcdef", RmkKcv: []byte("kcv-bytes"),
-			Regions: []*rootkmsv1.RegionRecord{{
+			Regions: []*statev1.RegionRecord{{
 				Name: "us-east", CreatedAt: t0,
-				Versions: []*rootkmsv1.RegionKeyVersionRecord{{Key: wrapped(1), Info: keyVersion(1)}},
+				Versions: []*statev1.RegionKeyVersionRecord{{Key: wrapped(1), Info: keyVersion(1)}},
+				ServedKeyVersions: []uint32{1}, ServedObservedAt: t1,
 			}},
-			Members: []*rootkmsv1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
+			Members: []*statev1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
+			Keysets: []*statev1.KeysetRecord{keysetRecord()},
+			Requests: []*statev1.RequestRecord{{Identity: "spiffe://cairn.test/regionctl/global/regionctl", RequestId: "req-1", Index: 9,
+				ErrorKind: "reserved", Error: "reserved", Subject: "keyset/payments/ledger", KeyId: 7}},
 		},
-		"rootkms_command_register_member": command(func(c *rootkmsv1.Command) {
-			c.Op = &rootkmsv1.Command_RegisterMember{RegisterMember: &rootkmsv1.RegisterMemberCommand{Member: &rootkmsv1.MemberRecord{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}}}
+		"rootkms_command_create_keyset": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_CreateKeyset{CreateKeyset: &statev1.CreateKeysetCommand{Keyset: keysetRecord()}}
 		}),
-		"rootkms_command_deregister_member": command(func(c *rootkmsv1.Command) {
-			c.Op = &rootkmsv1.Command_DeregisterMember{DeregisterMember: &rootkmsv1.DeregisterMemberCommand{Id: "rootkms-2"}}
+		"rootkms_command_update_keyset": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_UpdateKeyset{UpdateKeyset: &statev1.UpdateKeysetCommand{Name: "payments/ledger", ExpectedRevision: 3,
+				Step: statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, KeyId: 7, Template: "AES256_GCM", DestroyAfter: t1,
+				Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()}}}
+		}),
+		"rootkms_command_record_propagation": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_RecordPropagation{RecordPropagation: &statev1.RecordPropagationCommand{Region: "us-east", ObservedAt: t1,
+				Keysets: []*statev1.KeysetObservation{{Keyset: "payments/ledger", Versions: []*statev1.VersionObservation{{
+					KeyId: 7, ServedByAll: true, LastEncrypt: t0, LastUse: t1, EncryptCount: 5, DecryptCount: 6}}}},
+				RegionKeyVersions: []uint32{1, 2}}}
+		}),
+		"rootkms_command_set_keyset_policy": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_SetKeysetPolicy{SetKeysetPolicy: &statev1.SetKeysetPolicyCommand{Name: "payments/ledger", ExpectedRevision: 4,
+				RotationPeriod: durationpb.New(30 * 24 * time.Hour), CiphertextTtl: durationpb.New(90 * 24 * time.Hour)}}
+		}),
+		"rootkms_command_register_member": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_RegisterMember{RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}}}
+		}),
+		"rootkms_command_deregister_member": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_DeregisterMember{DeregisterMember: &statev1.DeregisterMemberCommand{Id: "rootkms-2"}}
 		}),
 		"bundle": bundle,
 		"signed_bundle": &bundlev1.SignedBundle{

@@ -269,9 +269,22 @@ type KeysetConfig struct {
 	CiphertextTtl *durationpb.Duration `protobuf:"bytes,7,opt,name=ciphertext_ttl,json=ciphertextTtl,proto3" json:"ciphertext_ttl,omitempty"`
 	// regions lists every region the keyset is served in (for the Safety
 	// Condition: a version becomes primary only once all of them serve it).
-	Regions       []string `protobuf:"bytes,8,rep,name=regions,proto3" json:"regions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Regions []string `protobuf:"bytes,8,rep,name=regions,proto3" json:"regions,omitempty"`
+	// ttl_history is the keyset's ciphertext TTL history from the record,
+	// oldest first (the last period, without until, is ciphertext_ttl). A
+	// KMS server takes a TTL decrease into account for retirement only once
+	// the old TTL has passed since it.
+	TtlHistory []*TtlPeriod `protobuf:"bytes,9,rep,name=ttl_history,json=ttlHistory,proto3" json:"ttl_history,omitempty"`
+	// lifecycle is the record's lifecycle of every version the copy holds,
+	// so every KMS server can check the Safety Condition against the record
+	// (a version becomes primary only after every region served it for the
+	// propagation window; one leaves the decrypt set only after its
+	// supersession plus the effective TTL plus the window).
+	Lifecycle []*VersionLifecycle `protobuf:"bytes,10,rep,name=lifecycle,proto3" json:"lifecycle,omitempty"`
+	// propagation_window is the window the record's checks use.
+	PropagationWindow *durationpb.Duration `protobuf:"bytes,11,opt,name=propagation_window,json=propagationWindow,proto3" json:"propagation_window,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *KeysetConfig) Reset() {
@@ -360,6 +373,160 @@ func (x *KeysetConfig) GetRegions() []string {
 	return nil
 }
 
+func (x *KeysetConfig) GetTtlHistory() []*TtlPeriod {
+	if x != nil {
+		return x.TtlHistory
+	}
+	return nil
+}
+
+func (x *KeysetConfig) GetLifecycle() []*VersionLifecycle {
+	if x != nil {
+		return x.Lifecycle
+	}
+	return nil
+}
+
+func (x *KeysetConfig) GetPropagationWindow() *durationpb.Duration {
+	if x != nil {
+		return x.PropagationWindow
+	}
+	return nil
+}
+
+type TtlPeriod struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ttl   *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	From  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
+	// until is unset for the period in force.
+	Until         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=until,proto3" json:"until,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TtlPeriod) Reset() {
+	*x = TtlPeriod{}
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TtlPeriod) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TtlPeriod) ProtoMessage() {}
+
+func (x *TtlPeriod) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TtlPeriod.ProtoReflect.Descriptor instead.
+func (*TtlPeriod) Descriptor() ([]byte, []int) {
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *TtlPeriod) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *TtlPeriod) GetFrom() *timestamppb.Timestamp {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *TtlPeriod) GetUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Until
+	}
+	return nil
+}
+
+// VersionLifecycle is one key version's lifecycle times from the record.
+type VersionLifecycle struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	KeyId uint32                 `protobuf:"varint,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// propagated_everywhere is when the last region of the keyset was first
+	// seen serving the version on every server; unset if some region never
+	// was.
+	PropagatedEverywhere *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=propagated_everywhere,json=propagatedEverywhere,proto3" json:"propagated_everywhere,omitempty"`
+	PrimarySince         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=primary_since,json=primarySince,proto3" json:"primary_since,omitempty"`
+	SupersededAt         *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=superseded_at,json=supersededAt,proto3" json:"superseded_at,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *VersionLifecycle) Reset() {
+	*x = VersionLifecycle{}
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VersionLifecycle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VersionLifecycle) ProtoMessage() {}
+
+func (x *VersionLifecycle) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VersionLifecycle.ProtoReflect.Descriptor instead.
+func (*VersionLifecycle) Descriptor() ([]byte, []int) {
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *VersionLifecycle) GetKeyId() uint32 {
+	if x != nil {
+		return x.KeyId
+	}
+	return 0
+}
+
+func (x *VersionLifecycle) GetPropagatedEverywhere() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PropagatedEverywhere
+	}
+	return nil
+}
+
+func (x *VersionLifecycle) GetPrimarySince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PrimarySince
+	}
+	return nil
+}
+
+func (x *VersionLifecycle) GetSupersededAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SupersededAt
+	}
+	return nil
+}
+
 // Acl lists, per operation, the SPIFFE ID patterns allowed to call it.
 // Patterns are full IDs or relative paths with whole-segment "*" wildcards,
 // e.g. "spiffe://cairn.test/client/us-east/*". Empty means nobody.
@@ -375,7 +542,7 @@ type Acl struct {
 
 func (x *Acl) Reset() {
 	*x = Acl{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -387,7 +554,7 @@ func (x *Acl) String() string {
 func (*Acl) ProtoMessage() {}
 
 func (x *Acl) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -400,7 +567,7 @@ func (x *Acl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Acl.ProtoReflect.Descriptor instead.
 func (*Acl) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Acl) GetEncrypt() []string {
@@ -444,7 +611,7 @@ type BundleRef struct {
 
 func (x *BundleRef) Reset() {
 	*x = BundleRef{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -456,7 +623,7 @@ func (x *BundleRef) String() string {
 func (*BundleRef) ProtoMessage() {}
 
 func (x *BundleRef) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -469,7 +636,7 @@ func (x *BundleRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BundleRef.ProtoReflect.Descriptor instead.
 func (*BundleRef) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *BundleRef) GetRegion() string {
@@ -512,7 +679,7 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x06 \x01(\tR\tcreatedBy\x127\n" +
 	"\akeysets\x18\a \x03(\v2\x1d.cairn.bundle.v1.KeysetConfigR\akeysets\x122\n" +
-	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\"\xf7\x02\n" +
+	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\"\xbf\x04\n" +
 	"\fKeysetConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -522,7 +689,21 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\x03acl\x18\x05 \x01(\v2\x14.cairn.bundle.v1.AclR\x03acl\x12B\n" +
 	"\x0frotation_period\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x12@\n" +
 	"\x0eciphertext_ttl\x18\a \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl\x12\x18\n" +
-	"\aregions\x18\b \x03(\tR\aregions\"}\n" +
+	"\aregions\x18\b \x03(\tR\aregions\x12;\n" +
+	"\vttl_history\x18\t \x03(\v2\x1a.cairn.bundle.v1.TtlPeriodR\n" +
+	"ttlHistory\x12?\n" +
+	"\tlifecycle\x18\n" +
+	" \x03(\v2!.cairn.bundle.v1.VersionLifecycleR\tlifecycle\x12H\n" +
+	"\x12propagation_window\x18\v \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\"\x9a\x01\n" +
+	"\tTtlPeriod\x12+\n" +
+	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12.\n" +
+	"\x04from\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x120\n" +
+	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"\xfc\x01\n" +
+	"\x10VersionLifecycle\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\rR\x05keyId\x12O\n" +
+	"\x15propagated_everywhere\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x14propagatedEverywhere\x12?\n" +
+	"\rprimary_since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\fprimarySince\x12?\n" +
+	"\rsuperseded_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\fsupersededAt\"}\n" +
 	"\x03Acl\x12\x18\n" +
 	"\aencrypt\x18\x01 \x03(\tR\aencrypt\x12\x18\n" +
 	"\adecrypt\x18\x02 \x03(\tR\adecrypt\x12*\n" +
@@ -549,32 +730,43 @@ func file_cairn_bundle_v1_bundle_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_bundle_v1_bundle_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_cairn_bundle_v1_bundle_proto_goTypes = []any{
 	(Purpose)(0),                  // 0: cairn.bundle.v1.Purpose
 	(*SignedBundle)(nil),          // 1: cairn.bundle.v1.SignedBundle
 	(*Bundle)(nil),                // 2: cairn.bundle.v1.Bundle
 	(*KeysetConfig)(nil),          // 3: cairn.bundle.v1.KeysetConfig
-	(*Acl)(nil),                   // 4: cairn.bundle.v1.Acl
-	(*BundleRef)(nil),             // 5: cairn.bundle.v1.BundleRef
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
-	(*v1.EncryptedKeyset)(nil),    // 7: cairn.crypto.v1.EncryptedKeyset
-	(*durationpb.Duration)(nil),   // 8: google.protobuf.Duration
+	(*TtlPeriod)(nil),             // 4: cairn.bundle.v1.TtlPeriod
+	(*VersionLifecycle)(nil),      // 5: cairn.bundle.v1.VersionLifecycle
+	(*Acl)(nil),                   // 6: cairn.bundle.v1.Acl
+	(*BundleRef)(nil),             // 7: cairn.bundle.v1.BundleRef
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	(*v1.EncryptedKeyset)(nil),    // 9: cairn.crypto.v1.EncryptedKeyset
+	(*durationpb.Duration)(nil),   // 10: google.protobuf.Duration
 }
 var file_cairn_bundle_v1_bundle_proto_depIdxs = []int32{
-	6, // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
-	3, // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
-	5, // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
-	0, // 3: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
-	7, // 4: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
-	4, // 5: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
-	8, // 6: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
-	8, // 7: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	8,  // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
+	3,  // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
+	7,  // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
+	0,  // 3: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
+	9,  // 4: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
+	6,  // 5: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
+	10, // 6: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
+	10, // 7: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
+	4,  // 8: cairn.bundle.v1.KeysetConfig.ttl_history:type_name -> cairn.bundle.v1.TtlPeriod
+	5,  // 9: cairn.bundle.v1.KeysetConfig.lifecycle:type_name -> cairn.bundle.v1.VersionLifecycle
+	10, // 10: cairn.bundle.v1.KeysetConfig.propagation_window:type_name -> google.protobuf.Duration
+	10, // 11: cairn.bundle.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	8,  // 12: cairn.bundle.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	8,  // 13: cairn.bundle.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	8,  // 14: cairn.bundle.v1.VersionLifecycle.propagated_everywhere:type_name -> google.protobuf.Timestamp
+	8,  // 15: cairn.bundle.v1.VersionLifecycle.primary_since:type_name -> google.protobuf.Timestamp
+	8,  // 16: cairn.bundle.v1.VersionLifecycle.superseded_at:type_name -> google.protobuf.Timestamp
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_cairn_bundle_v1_bundle_proto_init() }
@@ -588,7 +780,7 @@ func file_cairn_bundle_v1_bundle_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_bundle_v1_bundle_proto_rawDesc), len(file_cairn_bundle_v1_bundle_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -268,8 +268,12 @@ type GetStatusResponse struct {
 	BundleAppliedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=bundle_applied_at,json=bundleAppliedAt,proto3" json:"bundle_applied_at,omitempty"`
 	KeysetCount     uint32                 `protobuf:"varint,6,opt,name=keyset_count,json=keysetCount,proto3" json:"keyset_count,omitempty"`
 	Keysets         []*KeysetUsage         `protobuf:"bytes,7,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// region_key_versions are the region master key versions the served
+	// bundle needs (a restart must be able to unwrap them), so a region key
+	// version is retired only once no server needs it.
+	RegionKeyVersions []uint32 `protobuf:"varint,8,rep,packed,name=region_key_versions,json=regionKeyVersions,proto3" json:"region_key_versions,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -351,6 +355,13 @@ func (x *GetStatusResponse) GetKeysets() []*KeysetUsage {
 	return nil
 }
 
+func (x *GetStatusResponse) GetRegionKeyVersions() []uint32 {
+	if x != nil {
+		return x.RegionKeyVersions
+	}
+	return nil
+}
+
 type KeysetUsage struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Keyset        string                 `protobuf:"bytes,1,opt,name=keyset,proto3" json:"keyset,omitempty"`
@@ -412,12 +423,20 @@ func (x *KeysetUsage) GetVersions() []*KeyVersionUsage {
 }
 
 type KeyVersionUsage struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	KeyId         uint32                 `protobuf:"varint,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
-	Status        v11.KeyStatus          `protobuf:"varint,2,opt,name=status,proto3,enum=cairn.crypto.v1.KeyStatus" json:"status,omitempty"`
-	EncryptCount  uint64                 `protobuf:"varint,3,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
-	DecryptCount  uint64                 `protobuf:"varint,4,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
-	LastUsed      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	KeyId        uint32                 `protobuf:"varint,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Status       v11.KeyStatus          `protobuf:"varint,2,opt,name=status,proto3,enum=cairn.crypto.v1.KeyStatus" json:"status,omitempty"`
+	EncryptCount uint64                 `protobuf:"varint,3,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
+	DecryptCount uint64                 `protobuf:"varint,4,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
+	// last_used is the last encryption or decryption with the version.
+	LastUsed *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	// last_encrypt is the last encryption with the version (a version keeps
+	// producing ciphertexts on a server until that server stops serving it as
+	// primary, whatever the record says).
+	LastEncrypt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=last_encrypt,json=lastEncrypt,proto3" json:"last_encrypt,omitempty"`
+	// history_lost: this server lost its usage history at boot, so its usage
+	// of the version is unknown (it counts as in use).
+	HistoryLost   bool `protobuf:"varint,7,opt,name=history_lost,json=historyLost,proto3" json:"history_lost,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -485,6 +504,20 @@ func (x *KeyVersionUsage) GetLastUsed() *timestamppb.Timestamp {
 		return x.LastUsed
 	}
 	return nil
+}
+
+func (x *KeyVersionUsage) GetLastEncrypt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastEncrypt
+	}
+	return nil
+}
+
+func (x *KeyVersionUsage) GetHistoryLost() bool {
+	if x != nil {
+		return x.HistoryLost
+	}
+	return false
 }
 
 type ProbeRequest struct {
@@ -724,7 +757,7 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\bprevious\x18\x02 \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\bprevious\x12\x1a\n" +
 	"\bwarnings\x18\x03 \x03(\tR\bwarnings\";\n" +
 	"\x10GetStatusRequest\x12'\n" +
-	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\"\xdb\x02\n" +
+	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\"\x8b\x03\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -732,17 +765,20 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\x06bundle\x18\x04 \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06bundle\x12F\n" +
 	"\x11bundle_applied_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x0fbundleAppliedAt\x12!\n" +
 	"\fkeyset_count\x18\x06 \x01(\rR\vkeysetCount\x123\n" +
-	"\akeysets\x18\a \x03(\v2\x19.cairn.kms.v1.KeysetUsageR\akeysets\"\x86\x01\n" +
+	"\akeysets\x18\a \x03(\v2\x19.cairn.kms.v1.KeysetUsageR\akeysets\x12.\n" +
+	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\"\x86\x01\n" +
 	"\vKeysetUsage\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12$\n" +
 	"\x0eprimary_key_id\x18\x02 \x01(\rR\fprimaryKeyId\x129\n" +
-	"\bversions\x18\x03 \x03(\v2\x1d.cairn.kms.v1.KeyVersionUsageR\bversions\"\xdf\x01\n" +
+	"\bversions\x18\x03 \x03(\v2\x1d.cairn.kms.v1.KeyVersionUsageR\bversions\"\xc1\x02\n" +
 	"\x0fKeyVersionUsage\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\rR\x05keyId\x122\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x1a.cairn.crypto.v1.KeyStatusR\x06status\x12#\n" +
 	"\rencrypt_count\x18\x03 \x01(\x04R\fencryptCount\x12#\n" +
 	"\rdecrypt_count\x18\x04 \x01(\x04R\fdecryptCount\x127\n" +
-	"\tlast_used\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\"A\n" +
+	"\tlast_used\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12=\n" +
+	"\flast_encrypt\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\vlastEncrypt\x12!\n" +
+	"\fhistory_lost\x18\a \x01(\bR\vhistoryLost\"A\n" +
 	"\fProbeRequest\x121\n" +
 	"\x06probes\x18\x01 \x03(\v2\x19.cairn.kms.v1.GoldenProbeR\x06probes\"\x99\x01\n" +
 	"\vGoldenProbe\x12\x16\n" +
@@ -810,19 +846,20 @@ var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
 	6,  // 7: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
 	14, // 8: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
 	13, // 9: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	8,  // 10: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	10, // 11: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 12: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 13: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	7,  // 14: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 15: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 16: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	9,  // 17: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	15, // [15:18] is the sub-list for method output_type
-	12, // [12:15] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	13, // 10: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	8,  // 11: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	10, // 12: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 13: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 14: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	7,  // 15: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 16: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 17: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	9,  // 18: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	16, // [16:19] is the sub-list for method output_type
+	13, // [13:16] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }

@@ -16,8 +16,10 @@ package rootkmsv1
 
 import (
 	v1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	v11 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -657,35 +659,146 @@ func (x *RotateRegionKeyRequest) GetRegion() string {
 	return ""
 }
 
-type GenerateKeysetRequest struct {
+type RetireRegionKeyVersionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Region        string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetireRegionKeyVersionRequest) Reset() {
+	*x = RetireRegionKeyVersionRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetireRegionKeyVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetireRegionKeyVersionRequest) ProtoMessage() {}
+
+func (x *RetireRegionKeyVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetireRegionKeyVersionRequest.ProtoReflect.Descriptor instead.
+func (*RetireRegionKeyVersionRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RetireRegionKeyVersionRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RetireRegionKeyVersionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// Keyset is one keyset's record as the API returns it.
+type Keyset struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// record holds the keyset's policy, lifecycle and (unless left out by the
+	// request) its encrypted copies; never plaintext key material.
+	Record *v11.KeysetRecord `protobuf:"bytes,1,opt,name=record,proto3" json:"record,omitempty"`
+	// commit_index is the Raft index this view reflects.
+	CommitIndex   uint64 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Keyset) Reset() {
+	*x = Keyset{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Keyset) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Keyset) ProtoMessage() {}
+
+func (x *Keyset) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Keyset.ProtoReflect.Descriptor instead.
+func (*Keyset) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Keyset) GetRecord() *v11.KeysetRecord {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
+func (x *Keyset) GetCommitIndex() uint64 {
+	if x != nil {
+		return x.CommitIndex
+	}
+	return 0
+}
+
+type CreateKeysetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// name is the keyset's name: lowercase path of [a-z0-9._-] segments joined
 	// by "/", e.g. "payments/ledger".
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// regions are the regions that will serve the keyset; at least one.
 	Regions []string `protobuf:"bytes,2,rep,name=regions,proto3" json:"regions,omitempty"`
-	// template is a Tink key template name; "AES256_GCM" is the default and
-	// the only one every Cairn client can use for envelope encryption.
-	Template      string `protobuf:"bytes,3,opt,name=template,proto3" json:"template,omitempty"`
+	// template is a Tink key template name; "AES256_GCM" is the default.
+	Template string `protobuf:"bytes,3,opt,name=template,proto3" json:"template,omitempty"`
+	// rotation_period: 0 means no automatic rotation.
+	RotationPeriod *durationpb.Duration `protobuf:"bytes,4,opt,name=rotation_period,json=rotationPeriod,proto3" json:"rotation_period,omitempty"`
+	// ciphertext_ttl must be positive.
+	CiphertextTtl *durationpb.Duration `protobuf:"bytes,5,opt,name=ciphertext_ttl,json=ciphertextTtl,proto3" json:"ciphertext_ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *GenerateKeysetRequest) Reset() {
-	*x = GenerateKeysetRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[10]
+func (x *CreateKeysetRequest) Reset() {
+	*x = CreateKeysetRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *GenerateKeysetRequest) String() string {
+func (x *CreateKeysetRequest) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*GenerateKeysetRequest) ProtoMessage() {}
+func (*CreateKeysetRequest) ProtoMessage() {}
 
-func (x *GenerateKeysetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[10]
+func (x *CreateKeysetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,58 +809,70 @@ func (x *GenerateKeysetRequest) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use GenerateKeysetRequest.ProtoReflect.Descriptor instead.
-func (*GenerateKeysetRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{10}
+// Deprecated: Use CreateKeysetRequest.ProtoReflect.Descriptor instead.
+func (*CreateKeysetRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{12}
 }
 
-func (x *GenerateKeysetRequest) GetName() string {
+func (x *CreateKeysetRequest) GetName() string {
 	if x != nil {
 		return x.Name
 	}
 	return ""
 }
 
-func (x *GenerateKeysetRequest) GetRegions() []string {
+func (x *CreateKeysetRequest) GetRegions() []string {
 	if x != nil {
 		return x.Regions
 	}
 	return nil
 }
 
-func (x *GenerateKeysetRequest) GetTemplate() string {
+func (x *CreateKeysetRequest) GetTemplate() string {
 	if x != nil {
 		return x.Template
 	}
 	return ""
 }
 
-type AddKeysetVersionRequest struct {
+func (x *CreateKeysetRequest) GetRotationPeriod() *durationpb.Duration {
+	if x != nil {
+		return x.RotationPeriod
+	}
+	return nil
+}
+
+func (x *CreateKeysetRequest) GetCiphertextTtl() *durationpb.Duration {
+	if x != nil {
+		return x.CiphertextTtl
+	}
+	return nil
+}
+
+type GetKeysetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// keysets are all current region copies of one keyset; the root KMS checks
-	// they hold the same keys before adding one.
-	Keysets []*v1.EncryptedKeyset `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	// template of the new key; empty means AES256_GCM.
-	Template      string `protobuf:"bytes,2,opt,name=template,proto3" json:"template,omitempty"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// include_copies returns the encrypted copies too.
+	IncludeCopies bool `protobuf:"varint,2,opt,name=include_copies,json=includeCopies,proto3" json:"include_copies,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *AddKeysetVersionRequest) Reset() {
-	*x = AddKeysetVersionRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[11]
+func (x *GetKeysetRequest) Reset() {
+	*x = GetKeysetRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *AddKeysetVersionRequest) String() string {
+func (x *GetKeysetRequest) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*AddKeysetVersionRequest) ProtoMessage() {}
+func (*GetKeysetRequest) ProtoMessage() {}
 
-func (x *AddKeysetVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[11]
+func (x *GetKeysetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,49 +883,49 @@ func (x *AddKeysetVersionRequest) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use AddKeysetVersionRequest.ProtoReflect.Descriptor instead.
-func (*AddKeysetVersionRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{11}
+// Deprecated: Use GetKeysetRequest.ProtoReflect.Descriptor instead.
+func (*GetKeysetRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{13}
 }
 
-func (x *AddKeysetVersionRequest) GetKeysets() []*v1.EncryptedKeyset {
+func (x *GetKeysetRequest) GetName() string {
 	if x != nil {
-		return x.Keysets
-	}
-	return nil
-}
-
-func (x *AddKeysetVersionRequest) GetTemplate() string {
-	if x != nil {
-		return x.Template
+		return x.Name
 	}
 	return ""
 }
 
-type SetKeysetVersionStatusRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keysets       []*v1.EncryptedKeyset  `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	KeyId         uint32                 `protobuf:"varint,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
-	Status        v1.KeyStatus           `protobuf:"varint,3,opt,name=status,proto3,enum=cairn.crypto.v1.KeyStatus" json:"status,omitempty"`
+func (x *GetKeysetRequest) GetIncludeCopies() bool {
+	if x != nil {
+		return x.IncludeCopies
+	}
+	return false
+}
+
+type ListKeysetsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// region, if set, lists only the keysets served in that region.
+	Region        string `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	IncludeCopies bool   `protobuf:"varint,2,opt,name=include_copies,json=includeCopies,proto3" json:"include_copies,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *SetKeysetVersionStatusRequest) Reset() {
-	*x = SetKeysetVersionStatusRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[12]
+func (x *ListKeysetsRequest) Reset() {
+	*x = ListKeysetsRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *SetKeysetVersionStatusRequest) String() string {
+func (x *ListKeysetsRequest) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*SetKeysetVersionStatusRequest) ProtoMessage() {}
+func (*ListKeysetsRequest) ProtoMessage() {}
 
-func (x *SetKeysetVersionStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[12]
+func (x *ListKeysetsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,54 +936,325 @@ func (x *SetKeysetVersionStatusRequest) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use SetKeysetVersionStatusRequest.ProtoReflect.Descriptor instead.
-func (*SetKeysetVersionStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{12}
+// Deprecated: Use ListKeysetsRequest.ProtoReflect.Descriptor instead.
+func (*ListKeysetsRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{14}
 }
 
-func (x *SetKeysetVersionStatusRequest) GetKeysets() []*v1.EncryptedKeyset {
+func (x *ListKeysetsRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *ListKeysetsRequest) GetIncludeCopies() bool {
+	if x != nil {
+		return x.IncludeCopies
+	}
+	return false
+}
+
+type ListKeysetsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Keysets       []*Keyset              `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
+	CommitIndex   uint64                 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListKeysetsResponse) Reset() {
+	*x = ListKeysetsResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListKeysetsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListKeysetsResponse) ProtoMessage() {}
+
+func (x *ListKeysetsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListKeysetsResponse.ProtoReflect.Descriptor instead.
+func (*ListKeysetsResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ListKeysetsResponse) GetKeysets() []*Keyset {
 	if x != nil {
 		return x.Keysets
 	}
 	return nil
 }
 
-func (x *SetKeysetVersionStatusRequest) GetKeyId() uint32 {
+func (x *ListKeysetsResponse) GetCommitIndex() uint64 {
+	if x != nil {
+		return x.CommitIndex
+	}
+	return 0
+}
+
+type UpdateKeysetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// expected_revision, if non-zero, must equal the record's revision
+	// (optimistic concurrency); zero means the current one.
+	ExpectedRevision uint64         `protobuf:"varint,2,opt,name=expected_revision,json=expectedRevision,proto3" json:"expected_revision,omitempty"`
+	Step             v11.KeysetStep `protobuf:"varint,3,opt,name=step,proto3,enum=cairn.rootkms.state.v1.KeysetStep" json:"step,omitempty"`
+	// key_id is the version the step applies to; unused by ADD_VERSION and
+	// REWRAP.
+	KeyId uint32 `protobuf:"varint,4,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// template of an added version; empty means AES256_GCM.
+	Template string `protobuf:"bytes,5,opt,name=template,proto3" json:"template,omitempty"`
+	// destroy_delay for SCHEDULE_DESTROY; unset means the server's default
+	// (24 hours).
+	DestroyDelay  *durationpb.Duration `protobuf:"bytes,6,opt,name=destroy_delay,json=destroyDelay,proto3" json:"destroy_delay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateKeysetRequest) Reset() {
+	*x = UpdateKeysetRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateKeysetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateKeysetRequest) ProtoMessage() {}
+
+func (x *UpdateKeysetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateKeysetRequest.ProtoReflect.Descriptor instead.
+func (*UpdateKeysetRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *UpdateKeysetRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateKeysetRequest) GetExpectedRevision() uint64 {
+	if x != nil {
+		return x.ExpectedRevision
+	}
+	return 0
+}
+
+func (x *UpdateKeysetRequest) GetStep() v11.KeysetStep {
+	if x != nil {
+		return x.Step
+	}
+	return v11.KeysetStep(0)
+}
+
+func (x *UpdateKeysetRequest) GetKeyId() uint32 {
 	if x != nil {
 		return x.KeyId
 	}
 	return 0
 }
 
-func (x *SetKeysetVersionStatusRequest) GetStatus() v1.KeyStatus {
+func (x *UpdateKeysetRequest) GetTemplate() string {
 	if x != nil {
-		return x.Status
+		return x.Template
 	}
-	return v1.KeyStatus(0)
+	return ""
 }
 
-type RewrapKeysetRequest struct {
+func (x *UpdateKeysetRequest) GetDestroyDelay() *durationpb.Duration {
+	if x != nil {
+		return x.DestroyDelay
+	}
+	return nil
+}
+
+type SetKeysetPolicyRequest struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	ExpectedRevision uint64                 `protobuf:"varint,2,opt,name=expected_revision,json=expectedRevision,proto3" json:"expected_revision,omitempty"`
+	// Unset fields are left alone.
+	RotationPeriod *durationpb.Duration `protobuf:"bytes,3,opt,name=rotation_period,json=rotationPeriod,proto3" json:"rotation_period,omitempty"`
+	CiphertextTtl  *durationpb.Duration `protobuf:"bytes,4,opt,name=ciphertext_ttl,json=ciphertextTtl,proto3" json:"ciphertext_ttl,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SetKeysetPolicyRequest) Reset() {
+	*x = SetKeysetPolicyRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetKeysetPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetKeysetPolicyRequest) ProtoMessage() {}
+
+func (x *SetKeysetPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetKeysetPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetKeysetPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *SetKeysetPolicyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetKeysetPolicyRequest) GetExpectedRevision() uint64 {
+	if x != nil {
+		return x.ExpectedRevision
+	}
+	return 0
+}
+
+func (x *SetKeysetPolicyRequest) GetRotationPeriod() *durationpb.Duration {
+	if x != nil {
+		return x.RotationPeriod
+	}
+	return nil
+}
+
+func (x *SetKeysetPolicyRequest) GetCiphertextTtl() *durationpb.Duration {
+	if x != nil {
+		return x.CiphertextTtl
+	}
+	return nil
+}
+
+type RecordPropagationRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Region string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	// keysets: what every server of the region serves and has used, per
+	// version (versions of keysets not in the record are ignored).
+	Keysets []*v11.KeysetObservation `protobuf:"bytes,2,rep,name=keysets,proto3" json:"keysets,omitempty"`
+	// region_key_versions: the union of the region key versions every
+	// server's served bundle needs (KMSAdmin.GetStatus). Required: an
+	// observation that lists none is refused, since it would let every old
+	// region key version retire.
+	RegionKeyVersions []uint32 `protobuf:"varint,3,rep,packed,name=region_key_versions,json=regionKeyVersions,proto3" json:"region_key_versions,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *RecordPropagationRequest) Reset() {
+	*x = RecordPropagationRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordPropagationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordPropagationRequest) ProtoMessage() {}
+
+func (x *RecordPropagationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordPropagationRequest.ProtoReflect.Descriptor instead.
+func (*RecordPropagationRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RecordPropagationRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RecordPropagationRequest) GetKeysets() []*v11.KeysetObservation {
+	if x != nil {
+		return x.Keysets
+	}
+	return nil
+}
+
+func (x *RecordPropagationRequest) GetRegionKeyVersions() []uint32 {
+	if x != nil {
+		return x.RegionKeyVersions
+	}
+	return nil
+}
+
+type RecordPropagationResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keysets       []*v1.EncryptedKeyset  `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
+	CommitIndex   uint64                 `protobuf:"varint,1,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *RewrapKeysetRequest) Reset() {
-	*x = RewrapKeysetRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[13]
+func (x *RecordPropagationResponse) Reset() {
+	*x = RecordPropagationResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *RewrapKeysetRequest) String() string {
+func (x *RecordPropagationResponse) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*RewrapKeysetRequest) ProtoMessage() {}
+func (*RecordPropagationResponse) ProtoMessage() {}
 
-func (x *RewrapKeysetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[13]
+func (x *RecordPropagationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -869,61 +1265,16 @@ func (x *RewrapKeysetRequest) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use RewrapKeysetRequest.ProtoReflect.Descriptor instead.
-func (*RewrapKeysetRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{13}
+// Deprecated: Use RecordPropagationResponse.ProtoReflect.Descriptor instead.
+func (*RecordPropagationResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{19}
 }
 
-func (x *RewrapKeysetRequest) GetKeysets() []*v1.EncryptedKeyset {
+func (x *RecordPropagationResponse) GetCommitIndex() uint64 {
 	if x != nil {
-		return x.Keysets
+		return x.CommitIndex
 	}
-	return nil
-}
-
-type KeysetResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// keysets holds one copy per region, in the order of the request's regions.
-	Keysets       []*v1.EncryptedKeyset `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *KeysetResponse) Reset() {
-	*x = KeysetResponse{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[14]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *KeysetResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*KeysetResponse) ProtoMessage() {}
-
-func (x *KeysetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[14]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use KeysetResponse.ProtoReflect.Descriptor instead.
-func (*KeysetResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{14}
-}
-
-func (x *KeysetResponse) GetKeysets() []*v1.EncryptedKeyset {
-	if x != nil {
-		return x.Keysets
-	}
-	return nil
+	return 0
 }
 
 type Member struct {
@@ -942,7 +1293,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[15]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1305,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[15]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1318,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{15}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Member) GetId() string {
@@ -1024,7 +1375,7 @@ type ClusterStatus struct {
 
 func (x *ClusterStatus) Reset() {
 	*x = ClusterStatus{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[16]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1036,7 +1387,7 @@ func (x *ClusterStatus) String() string {
 func (*ClusterStatus) ProtoMessage() {}
 
 func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[16]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1049,7 +1400,7 @@ func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatus.ProtoReflect.Descriptor instead.
 func (*ClusterStatus) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{16}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ClusterStatus) GetId() string {
@@ -1151,7 +1502,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[17]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1514,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[17]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1527,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{17}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{22}
 }
 
 type JoinRequest struct {
@@ -1193,7 +1544,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[18]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1556,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[18]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1569,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{18}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *JoinRequest) GetId() string {
@@ -1258,7 +1609,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[19]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1270,7 +1621,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[19]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1283,7 +1634,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{19}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RemoveRequest) GetId() string {
@@ -1301,7 +1652,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1313,7 +1664,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1326,7 +1677,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{25}
 }
 
 type SnapshotResponse struct {
@@ -1339,7 +1690,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1702,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1715,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SnapshotResponse) GetIndex() uint64 {
@@ -1385,7 +1736,7 @@ var File_cairn_rootkms_v1_rootkms_proto protoreflect.FileDescriptor
 
 const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\n" +
-	"\x1ecairn/rootkms/v1/rootkms.proto\x12\x10cairn.rootkms.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n" +
+	"\x1ecairn/rootkms/v1/rootkms.proto\x12\x10cairn.rootkms.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\"cairn/rootkms/state/v1/state.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n" +
 	"\x16UnwrapRegionKeyRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12<\n" +
 	"\trecipient\x18\x02 \x01(\v2\x1e.cairn.crypto.v1.HpkePublicKeyR\trecipient\"\x89\x01\n" +
@@ -1415,22 +1766,46 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x13CreateRegionRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\"0\n" +
 	"\x16RotateRegionKeyRequest\x12\x16\n" +
-	"\x06region\x18\x01 \x01(\tR\x06region\"a\n" +
-	"\x15GenerateKeysetRequest\x12\x12\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\"Q\n" +
+	"\x1dRetireRegionKeyVersionRequest\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"i\n" +
+	"\x06Keyset\x12<\n" +
+	"\x06record\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.KeysetRecordR\x06record\x12!\n" +
+	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\"\xe5\x01\n" +
+	"\x13CreateKeysetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aregions\x18\x02 \x03(\tR\aregions\x12\x1a\n" +
-	"\btemplate\x18\x03 \x01(\tR\btemplate\"q\n" +
-	"\x17AddKeysetVersionRequest\x12:\n" +
-	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\x12\x1a\n" +
-	"\btemplate\x18\x02 \x01(\tR\btemplate\"\xa6\x01\n" +
-	"\x1dSetKeysetVersionStatusRequest\x12:\n" +
-	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\x12\x15\n" +
-	"\x06key_id\x18\x02 \x01(\rR\x05keyId\x122\n" +
-	"\x06status\x18\x03 \x01(\x0e2\x1a.cairn.crypto.v1.KeyStatusR\x06status\"Q\n" +
-	"\x13RewrapKeysetRequest\x12:\n" +
-	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\"L\n" +
-	"\x0eKeysetResponse\x12:\n" +
-	"\akeysets\x18\x01 \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\akeysets\"\x8b\x01\n" +
+	"\btemplate\x18\x03 \x01(\tR\btemplate\x12B\n" +
+	"\x0frotation_period\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x12@\n" +
+	"\x0eciphertext_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl\"M\n" +
+	"\x10GetKeysetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"S\n" +
+	"\x12ListKeysetsRequest\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12%\n" +
+	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"l\n" +
+	"\x13ListKeysetsResponse\x122\n" +
+	"\akeysets\x18\x01 \x03(\v2\x18.cairn.rootkms.v1.KeysetR\akeysets\x12!\n" +
+	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\"\x81\x02\n" +
+	"\x13UpdateKeysetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
+	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x126\n" +
+	"\x04step\x18\x03 \x01(\x0e2\".cairn.rootkms.state.v1.KeysetStepR\x04step\x12\x15\n" +
+	"\x06key_id\x18\x04 \x01(\rR\x05keyId\x12\x1a\n" +
+	"\btemplate\x18\x05 \x01(\tR\btemplate\x12>\n" +
+	"\rdestroy_delay\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\fdestroyDelay\"\xdf\x01\n" +
+	"\x16SetKeysetPolicyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
+	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x12B\n" +
+	"\x0frotation_period\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x12@\n" +
+	"\x0eciphertext_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl\"\xa7\x01\n" +
+	"\x18RecordPropagationRequest\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12C\n" +
+	"\akeysets\x18\x02 \x03(\v2).cairn.rootkms.state.v1.KeysetObservationR\akeysets\x12.\n" +
+	"\x13region_key_versions\x18\x03 \x03(\rR\x11regionKeyVersions\">\n" +
+	"\x19RecordPropagationResponse\x12!\n" +
+	"\fcommit_index\x18\x01 \x01(\x04R\vcommitIndex\"\x8b\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
@@ -1476,17 +1851,21 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x16REPLICA_STATE_FOLLOWER\x10\x01\x12\x1b\n" +
 	"\x17REPLICA_STATE_CANDIDATE\x10\x02\x12\x18\n" +
 	"\x14REPLICA_STATE_LEADER\x10\x03\x12\x1a\n" +
-	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\x8b\t\n" +
+	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\xfa\n" +
+	"\n" +
 	"\aRootKMS\x12f\n" +
 	"\x0fUnwrapRegionKey\x12(.cairn.rootkms.v1.UnwrapRegionKeyRequest\x1a).cairn.rootkms.v1.UnwrapRegionKeyResponse\x12I\n" +
 	"\tGetRegion\x12\".cairn.rootkms.v1.GetRegionRequest\x1a\x18.cairn.rootkms.v1.Region\x12Z\n" +
 	"\vListRegions\x12$.cairn.rootkms.v1.ListRegionsRequest\x1a%.cairn.rootkms.v1.ListRegionsResponse\x12O\n" +
 	"\fCreateRegion\x12%.cairn.rootkms.v1.CreateRegionRequest\x1a\x18.cairn.rootkms.v1.Region\x12U\n" +
-	"\x0fRotateRegionKey\x12(.cairn.rootkms.v1.RotateRegionKeyRequest\x1a\x18.cairn.rootkms.v1.Region\x12[\n" +
-	"\x0eGenerateKeyset\x12'.cairn.rootkms.v1.GenerateKeysetRequest\x1a .cairn.rootkms.v1.KeysetResponse\x12_\n" +
-	"\x10AddKeysetVersion\x12).cairn.rootkms.v1.AddKeysetVersionRequest\x1a .cairn.rootkms.v1.KeysetResponse\x12k\n" +
-	"\x16SetKeysetVersionStatus\x12/.cairn.rootkms.v1.SetKeysetVersionStatusRequest\x1a .cairn.rootkms.v1.KeysetResponse\x12W\n" +
-	"\fRewrapKeyset\x12%.cairn.rootkms.v1.RewrapKeysetRequest\x1a .cairn.rootkms.v1.KeysetResponse\x12^\n" +
+	"\x0fRotateRegionKey\x12(.cairn.rootkms.v1.RotateRegionKeyRequest\x1a\x18.cairn.rootkms.v1.Region\x12c\n" +
+	"\x16RetireRegionKeyVersion\x12/.cairn.rootkms.v1.RetireRegionKeyVersionRequest\x1a\x18.cairn.rootkms.v1.Region\x12O\n" +
+	"\fCreateKeyset\x12%.cairn.rootkms.v1.CreateKeysetRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12I\n" +
+	"\tGetKeyset\x12\".cairn.rootkms.v1.GetKeysetRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12Z\n" +
+	"\vListKeysets\x12$.cairn.rootkms.v1.ListKeysetsRequest\x1a%.cairn.rootkms.v1.ListKeysetsResponse\x12O\n" +
+	"\fUpdateKeyset\x12%.cairn.rootkms.v1.UpdateKeysetRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12U\n" +
+	"\x0fSetKeysetPolicy\x12(.cairn.rootkms.v1.SetKeysetPolicyRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12l\n" +
+	"\x11RecordPropagation\x12*.cairn.rootkms.v1.RecordPropagationRequest\x1a+.cairn.rootkms.v1.RecordPropagationResponse\x12^\n" +
 	"\x10GetClusterStatus\x12).cairn.rootkms.v1.GetClusterStatusRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12F\n" +
 	"\x04Join\x12\x1d.cairn.rootkms.v1.JoinRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12J\n" +
 	"\x06Remove\x12\x1f.cairn.rootkms.v1.RemoveRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12Q\n" +
@@ -1505,7 +1884,7 @@ func file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_v1_rootkms_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(Suffrage)(0),                         // 0: cairn.rootkms.v1.Suffrage
 	(ReplicaState)(0),                     // 1: cairn.rootkms.v1.ReplicaState
@@ -1519,74 +1898,92 @@ var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(*ListRegionsResponse)(nil),           // 9: cairn.rootkms.v1.ListRegionsResponse
 	(*CreateRegionRequest)(nil),           // 10: cairn.rootkms.v1.CreateRegionRequest
 	(*RotateRegionKeyRequest)(nil),        // 11: cairn.rootkms.v1.RotateRegionKeyRequest
-	(*GenerateKeysetRequest)(nil),         // 12: cairn.rootkms.v1.GenerateKeysetRequest
-	(*AddKeysetVersionRequest)(nil),       // 13: cairn.rootkms.v1.AddKeysetVersionRequest
-	(*SetKeysetVersionStatusRequest)(nil), // 14: cairn.rootkms.v1.SetKeysetVersionStatusRequest
-	(*RewrapKeysetRequest)(nil),           // 15: cairn.rootkms.v1.RewrapKeysetRequest
-	(*KeysetResponse)(nil),                // 16: cairn.rootkms.v1.KeysetResponse
-	(*Member)(nil),                        // 17: cairn.rootkms.v1.Member
-	(*ClusterStatus)(nil),                 // 18: cairn.rootkms.v1.ClusterStatus
-	(*GetClusterStatusRequest)(nil),       // 19: cairn.rootkms.v1.GetClusterStatusRequest
-	(*JoinRequest)(nil),                   // 20: cairn.rootkms.v1.JoinRequest
-	(*RemoveRequest)(nil),                 // 21: cairn.rootkms.v1.RemoveRequest
-	(*SnapshotRequest)(nil),               // 22: cairn.rootkms.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),              // 23: cairn.rootkms.v1.SnapshotResponse
-	(*v1.HpkePublicKey)(nil),              // 24: cairn.crypto.v1.HpkePublicKey
-	(*v1.HpkeSealed)(nil),                 // 25: cairn.crypto.v1.HpkeSealed
-	(v1.KeyStatus)(0),                     // 26: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),             // 27: cairn.crypto.v1.KeyVersionInfo
-	(*timestamppb.Timestamp)(nil),         // 28: google.protobuf.Timestamp
-	(*v1.EncryptedKeyset)(nil),            // 29: cairn.crypto.v1.EncryptedKeyset
+	(*RetireRegionKeyVersionRequest)(nil), // 12: cairn.rootkms.v1.RetireRegionKeyVersionRequest
+	(*Keyset)(nil),                        // 13: cairn.rootkms.v1.Keyset
+	(*CreateKeysetRequest)(nil),           // 14: cairn.rootkms.v1.CreateKeysetRequest
+	(*GetKeysetRequest)(nil),              // 15: cairn.rootkms.v1.GetKeysetRequest
+	(*ListKeysetsRequest)(nil),            // 16: cairn.rootkms.v1.ListKeysetsRequest
+	(*ListKeysetsResponse)(nil),           // 17: cairn.rootkms.v1.ListKeysetsResponse
+	(*UpdateKeysetRequest)(nil),           // 18: cairn.rootkms.v1.UpdateKeysetRequest
+	(*SetKeysetPolicyRequest)(nil),        // 19: cairn.rootkms.v1.SetKeysetPolicyRequest
+	(*RecordPropagationRequest)(nil),      // 20: cairn.rootkms.v1.RecordPropagationRequest
+	(*RecordPropagationResponse)(nil),     // 21: cairn.rootkms.v1.RecordPropagationResponse
+	(*Member)(nil),                        // 22: cairn.rootkms.v1.Member
+	(*ClusterStatus)(nil),                 // 23: cairn.rootkms.v1.ClusterStatus
+	(*GetClusterStatusRequest)(nil),       // 24: cairn.rootkms.v1.GetClusterStatusRequest
+	(*JoinRequest)(nil),                   // 25: cairn.rootkms.v1.JoinRequest
+	(*RemoveRequest)(nil),                 // 26: cairn.rootkms.v1.RemoveRequest
+	(*SnapshotRequest)(nil),               // 27: cairn.rootkms.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),              // 28: cairn.rootkms.v1.SnapshotResponse
+	(*v1.HpkePublicKey)(nil),              // 29: cairn.crypto.v1.HpkePublicKey
+	(*v1.HpkeSealed)(nil),                 // 30: cairn.crypto.v1.HpkeSealed
+	(v1.KeyStatus)(0),                     // 31: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),             // 32: cairn.crypto.v1.KeyVersionInfo
+	(*timestamppb.Timestamp)(nil),         // 33: google.protobuf.Timestamp
+	(*v11.KeysetRecord)(nil),              // 34: cairn.rootkms.state.v1.KeysetRecord
+	(*durationpb.Duration)(nil),           // 35: google.protobuf.Duration
+	(v11.KeysetStep)(0),                   // 36: cairn.rootkms.state.v1.KeysetStep
+	(*v11.KeysetObservation)(nil),         // 37: cairn.rootkms.state.v1.KeysetObservation
 }
 var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
-	24, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	29, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
 	6,  // 1: cairn.rootkms.v1.UnwrapRegionKeyResponse.region:type_name -> cairn.rootkms.v1.Region
-	25, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
+	30, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
 	5,  // 3: cairn.rootkms.v1.RegionKeyMaterial.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionMaterial
-	26, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
-	27, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
-	28, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
+	31, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
+	32, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
+	33, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
 	6,  // 7: cairn.rootkms.v1.ListRegionsResponse.regions:type_name -> cairn.rootkms.v1.Region
-	29, // 8: cairn.rootkms.v1.AddKeysetVersionRequest.keysets:type_name -> cairn.crypto.v1.EncryptedKeyset
-	29, // 9: cairn.rootkms.v1.SetKeysetVersionStatusRequest.keysets:type_name -> cairn.crypto.v1.EncryptedKeyset
-	26, // 10: cairn.rootkms.v1.SetKeysetVersionStatusRequest.status:type_name -> cairn.crypto.v1.KeyStatus
-	29, // 11: cairn.rootkms.v1.RewrapKeysetRequest.keysets:type_name -> cairn.crypto.v1.EncryptedKeyset
-	29, // 12: cairn.rootkms.v1.KeysetResponse.keysets:type_name -> cairn.crypto.v1.EncryptedKeyset
-	0,  // 13: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	1,  // 14: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
-	17, // 15: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
-	0,  // 16: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	2,  // 17: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
-	7,  // 18: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
-	8,  // 19: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
-	10, // 20: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
-	11, // 21: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
-	12, // 22: cairn.rootkms.v1.RootKMS.GenerateKeyset:input_type -> cairn.rootkms.v1.GenerateKeysetRequest
-	13, // 23: cairn.rootkms.v1.RootKMS.AddKeysetVersion:input_type -> cairn.rootkms.v1.AddKeysetVersionRequest
-	14, // 24: cairn.rootkms.v1.RootKMS.SetKeysetVersionStatus:input_type -> cairn.rootkms.v1.SetKeysetVersionStatusRequest
-	15, // 25: cairn.rootkms.v1.RootKMS.RewrapKeyset:input_type -> cairn.rootkms.v1.RewrapKeysetRequest
-	19, // 26: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
-	20, // 27: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
-	21, // 28: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
-	22, // 29: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
-	3,  // 30: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 31: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 32: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 33: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 34: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	16, // 35: cairn.rootkms.v1.RootKMS.GenerateKeyset:output_type -> cairn.rootkms.v1.KeysetResponse
-	16, // 36: cairn.rootkms.v1.RootKMS.AddKeysetVersion:output_type -> cairn.rootkms.v1.KeysetResponse
-	16, // 37: cairn.rootkms.v1.RootKMS.SetKeysetVersionStatus:output_type -> cairn.rootkms.v1.KeysetResponse
-	16, // 38: cairn.rootkms.v1.RootKMS.RewrapKeyset:output_type -> cairn.rootkms.v1.KeysetResponse
-	18, // 39: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	18, // 40: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	18, // 41: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	23, // 42: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	30, // [30:43] is the sub-list for method output_type
-	17, // [17:30] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	34, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	35, // 9: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
+	35, // 10: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	13, // 11: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
+	36, // 12: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	35, // 13: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
+	35, // 14: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
+	35, // 15: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	37, // 16: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	0,  // 17: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	1,  // 18: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
+	22, // 19: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
+	0,  // 20: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	2,  // 21: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
+	7,  // 22: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
+	8,  // 23: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
+	10, // 24: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
+	11, // 25: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
+	12, // 26: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
+	14, // 27: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
+	15, // 28: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
+	16, // 29: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
+	18, // 30: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
+	19, // 31: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
+	20, // 32: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
+	24, // 33: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
+	25, // 34: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
+	26, // 35: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
+	27, // 36: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
+	3,  // 37: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 38: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 39: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 40: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 41: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 42: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 43: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 44: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 45: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 46: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 47: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 48: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	23, // 49: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	23, // 50: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	23, // 51: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 52: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	37, // [37:53] is the sub-list for method output_type
+	21, // [21:37] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_v1_rootkms_proto_init() }
@@ -1600,7 +1997,7 @@ func file_cairn_rootkms_v1_rootkms_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_v1_rootkms_proto_rawDesc), len(file_cairn_rootkms_v1_rootkms_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   22,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

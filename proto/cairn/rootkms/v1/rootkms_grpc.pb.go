@@ -32,10 +32,13 @@ const (
 	RootKMS_ListRegions_FullMethodName            = "/cairn.rootkms.v1.RootKMS/ListRegions"
 	RootKMS_CreateRegion_FullMethodName           = "/cairn.rootkms.v1.RootKMS/CreateRegion"
 	RootKMS_RotateRegionKey_FullMethodName        = "/cairn.rootkms.v1.RootKMS/RotateRegionKey"
-	RootKMS_GenerateKeyset_FullMethodName         = "/cairn.rootkms.v1.RootKMS/GenerateKeyset"
-	RootKMS_AddKeysetVersion_FullMethodName       = "/cairn.rootkms.v1.RootKMS/AddKeysetVersion"
-	RootKMS_SetKeysetVersionStatus_FullMethodName = "/cairn.rootkms.v1.RootKMS/SetKeysetVersionStatus"
-	RootKMS_RewrapKeyset_FullMethodName           = "/cairn.rootkms.v1.RootKMS/RewrapKeyset"
+	RootKMS_RetireRegionKeyVersion_FullMethodName = "/cairn.rootkms.v1.RootKMS/RetireRegionKeyVersion"
+	RootKMS_CreateKeyset_FullMethodName           = "/cairn.rootkms.v1.RootKMS/CreateKeyset"
+	RootKMS_GetKeyset_FullMethodName              = "/cairn.rootkms.v1.RootKMS/GetKeyset"
+	RootKMS_ListKeysets_FullMethodName            = "/cairn.rootkms.v1.RootKMS/ListKeysets"
+	RootKMS_UpdateKeyset_FullMethodName           = "/cairn.rootkms.v1.RootKMS/UpdateKeyset"
+	RootKMS_SetKeysetPolicy_FullMethodName        = "/cairn.rootkms.v1.RootKMS/SetKeysetPolicy"
+	RootKMS_RecordPropagation_FullMethodName      = "/cairn.rootkms.v1.RootKMS/RecordPropagation"
 	RootKMS_GetClusterStatus_FullMethodName       = "/cairn.rootkms.v1.RootKMS/GetClusterStatus"
 	RootKMS_Join_FullMethodName                   = "/cairn.rootkms.v1.RootKMS/Join"
 	RootKMS_Remove_FullMethodName                 = "/cairn.rootkms.v1.RootKMS/Remove"
@@ -62,22 +65,34 @@ type RootKMSClient interface {
 	// RotateRegionKey adds a new master key version to a region and makes it
 	// primary; older versions stay usable for decryption until retired.
 	RotateRegionKey(ctx context.Context, in *RotateRegionKeyRequest, opts ...grpc.CallOption) (*Region, error)
-	// GenerateKeyset makes a new Tink keyset inside the root KMS and returns it
-	// encrypted under each named region's primary master key. The plaintext
-	// keyset never leaves the root KMS.
-	GenerateKeyset(ctx context.Context, in *GenerateKeysetRequest, opts ...grpc.CallOption) (*KeysetResponse, error)
-	// AddKeysetVersion adds one new, non-primary key to a keyset (the same key
-	// in every region's copy) and returns the copies re-encrypted.
-	AddKeysetVersion(ctx context.Context, in *AddKeysetVersionRequest, opts ...grpc.CallOption) (*KeysetResponse, error)
-	// SetKeysetVersionStatus promotes a key to primary, or enables, disables
-	// or destroys a key, in every region's copy of a keyset. Whether the change
-	// is safe (the Safety Condition) is regionctl's and the KMS's check; the
-	// root KMS refuses only changes Tink itself forbids (e.g. disabling the
-	// primary).
-	SetKeysetVersionStatus(ctx context.Context, in *SetKeysetVersionStatusRequest, opts ...grpc.CallOption) (*KeysetResponse, error)
-	// RewrapKeyset re-encrypts keyset copies under their regions' primary
-	// master key version. The keys inside are unchanged.
-	RewrapKeyset(ctx context.Context, in *RewrapKeysetRequest, opts ...grpc.CallOption) (*KeysetResponse, error)
+	// RetireRegionKeyVersion disables an old region key version. Refused
+	// (FAILED_PRECONDITION, naming the users) while it is primary, while any
+	// keyset copy in the record is encrypted under it, or while the region's
+	// servers were last seen serving a bundle that needs it.
+	RetireRegionKeyVersion(ctx context.Context, in *RetireRegionKeyVersionRequest, opts ...grpc.CallOption) (*Region, error)
+	// CreateKeyset makes a new Tink keyset inside the root KMS, records it
+	// (the root KMS is the system of record) and returns the record. The
+	// plaintext keyset never leaves the root KMS: the record holds a copy per
+	// region encrypted under that region's primary master key. ALREADY_EXISTS
+	// if a keyset of that name was ever created.
+	CreateKeyset(ctx context.Context, in *CreateKeysetRequest, opts ...grpc.CallOption) (*Keyset, error)
+	// GetKeyset returns one keyset's record (linearizable: via the leader).
+	GetKeyset(ctx context.Context, in *GetKeysetRequest, opts ...grpc.CallOption) (*Keyset, error)
+	// ListKeysets returns every keyset's record, sorted by name.
+	ListKeysets(ctx context.Context, in *ListKeysetsRequest, opts ...grpc.CallOption) (*ListKeysetsResponse, error)
+	// UpdateKeyset applies one lifecycle step to a keyset version (add,
+	// promote, disable, enable, schedule or undo destruction, destroy,
+	// rewrap). Every step that could make a ciphertext undecryptable is first
+	// checked against the Safety Condition with the record's propagation and
+	// usage observations; a refusal (FAILED_PRECONDITION) names the version,
+	// what is in the way and the earliest safe time, and changes nothing.
+	UpdateKeyset(ctx context.Context, in *UpdateKeysetRequest, opts ...grpc.CallOption) (*Keyset, error)
+	// SetKeysetPolicy changes a keyset's rotation period or ciphertext TTL.
+	SetKeysetPolicy(ctx context.Context, in *SetKeysetPolicyRequest, opts ...grpc.CallOption) (*Keyset, error)
+	// RecordPropagation records what every KMS server of one region serves
+	// and has used, as observed by regionctl: it sets each version's
+	// propagation time and usage, which the Safety Condition reads.
+	RecordPropagation(ctx context.Context, in *RecordPropagationRequest, opts ...grpc.CallOption) (*RecordPropagationResponse, error)
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
@@ -151,40 +166,70 @@ func (c *rootKMSClient) RotateRegionKey(ctx context.Context, in *RotateRegionKey
 	return out, nil
 }
 
-func (c *rootKMSClient) GenerateKeyset(ctx context.Context, in *GenerateKeysetRequest, opts ...grpc.CallOption) (*KeysetResponse, error) {
+func (c *rootKMSClient) RetireRegionKeyVersion(ctx context.Context, in *RetireRegionKeyVersionRequest, opts ...grpc.CallOption) (*Region, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(KeysetResponse)
-	err := c.cc.Invoke(ctx, RootKMS_GenerateKeyset_FullMethodName, in, out, cOpts...)
+	out := new(Region)
+	err := c.cc.Invoke(ctx, RootKMS_RetireRegionKeyVersion_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *rootKMSClient) AddKeysetVersion(ctx context.Context, in *AddKeysetVersionRequest, opts ...grpc.CallOption) (*KeysetResponse, error) {
+func (c *rootKMSClient) CreateKeyset(ctx context.Context, in *CreateKeysetRequest, opts ...grpc.CallOption) (*Keyset, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(KeysetResponse)
-	err := c.cc.Invoke(ctx, RootKMS_AddKeysetVersion_FullMethodName, in, out, cOpts...)
+	out := new(Keyset)
+	err := c.cc.Invoke(ctx, RootKMS_CreateKeyset_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *rootKMSClient) SetKeysetVersionStatus(ctx context.Context, in *SetKeysetVersionStatusRequest, opts ...grpc.CallOption) (*KeysetResponse, error) {
+func (c *rootKMSClient) GetKeyset(ctx context.Context, in *GetKeysetRequest, opts ...grpc.CallOption) (*Keyset, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(KeysetResponse)
-	err := c.cc.Invoke(ctx, RootKMS_SetKeysetVersionStatus_FullMethodName, in, out, cOpts...)
+	out := new(Keyset)
+	err := c.cc.Invoke(ctx, RootKMS_GetKeyset_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *rootKMSClient) RewrapKeyset(ctx context.Context, in *RewrapKeysetRequest, opts ...grpc.CallOption) (*KeysetResponse, error) {
+func (c *rootKMSClient) ListKeysets(ctx context.Context, in *ListKeysetsRequest, opts ...grpc.CallOption) (*ListKeysetsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(KeysetResponse)
-	err := c.cc.Invoke(ctx, RootKMS_RewrapKeyset_FullMethodName, in, out, cOpts...)
+	out := new(ListKeysetsResponse)
+	err := c.cc.Invoke(ctx, RootKMS_ListKeysets_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) UpdateKeyset(ctx context.Context, in *UpdateKeysetRequest, opts ...grpc.CallOption) (*Keyset, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyset)
+	err := c.cc.Invoke(ctx, RootKMS_UpdateKeyset_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) SetKeysetPolicy(ctx context.Context, in *SetKeysetPolicyRequest, opts ...grpc.CallOption) (*Keyset, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Keyset)
+	err := c.cc.Invoke(ctx, RootKMS_SetKeysetPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) RecordPropagation(ctx context.Context, in *RecordPropagationRequest, opts ...grpc.CallOption) (*RecordPropagationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RecordPropagationResponse)
+	err := c.cc.Invoke(ctx, RootKMS_RecordPropagation_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -251,22 +296,34 @@ type RootKMSServer interface {
 	// RotateRegionKey adds a new master key version to a region and makes it
 	// primary; older versions stay usable for decryption until retired.
 	RotateRegionKey(context.Context, *RotateRegionKeyRequest) (*Region, error)
-	// GenerateKeyset makes a new Tink keyset inside the root KMS and returns it
-	// encrypted under each named region's primary master key. The plaintext
-	// keyset never leaves the root KMS.
-	GenerateKeyset(context.Context, *GenerateKeysetRequest) (*KeysetResponse, error)
-	// AddKeysetVersion adds one new, non-primary key to a keyset (the same key
-	// in every region's copy) and returns the copies re-encrypted.
-	AddKeysetVersion(context.Context, *AddKeysetVersionRequest) (*KeysetResponse, error)
-	// SetKeysetVersionStatus promotes a key to primary, or enables, disables
-	// or destroys a key, in every region's copy of a keyset. Whether the change
-	// is safe (the Safety Condition) is regionctl's and the KMS's check; the
-	// root KMS refuses only changes Tink itself forbids (e.g. disabling the
-	// primary).
-	SetKeysetVersionStatus(context.Context, *SetKeysetVersionStatusRequest) (*KeysetResponse, error)
-	// RewrapKeyset re-encrypts keyset copies under their regions' primary
-	// master key version. The keys inside are unchanged.
-	RewrapKeyset(context.Context, *RewrapKeysetRequest) (*KeysetResponse, error)
+	// RetireRegionKeyVersion disables an old region key version. Refused
+	// (FAILED_PRECONDITION, naming the users) while it is primary, while any
+	// keyset copy in the record is encrypted under it, or while the region's
+	// servers were last seen serving a bundle that needs it.
+	RetireRegionKeyVersion(context.Context, *RetireRegionKeyVersionRequest) (*Region, error)
+	// CreateKeyset makes a new Tink keyset inside the root KMS, records it
+	// (the root KMS is the system of record) and returns the record. The
+	// plaintext keyset never leaves the root KMS: the record holds a copy per
+	// region encrypted under that region's primary master key. ALREADY_EXISTS
+	// if a keyset of that name was ever created.
+	CreateKeyset(context.Context, *CreateKeysetRequest) (*Keyset, error)
+	// GetKeyset returns one keyset's record (linearizable: via the leader).
+	GetKeyset(context.Context, *GetKeysetRequest) (*Keyset, error)
+	// ListKeysets returns every keyset's record, sorted by name.
+	ListKeysets(context.Context, *ListKeysetsRequest) (*ListKeysetsResponse, error)
+	// UpdateKeyset applies one lifecycle step to a keyset version (add,
+	// promote, disable, enable, schedule or undo destruction, destroy,
+	// rewrap). Every step that could make a ciphertext undecryptable is first
+	// checked against the Safety Condition with the record's propagation and
+	// usage observations; a refusal (FAILED_PRECONDITION) names the version,
+	// what is in the way and the earliest safe time, and changes nothing.
+	UpdateKeyset(context.Context, *UpdateKeysetRequest) (*Keyset, error)
+	// SetKeysetPolicy changes a keyset's rotation period or ciphertext TTL.
+	SetKeysetPolicy(context.Context, *SetKeysetPolicyRequest) (*Keyset, error)
+	// RecordPropagation records what every KMS server of one region serves
+	// and has used, as observed by regionctl: it sets each version's
+	// propagation time and usage, which the Safety Condition reads.
+	RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error)
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
@@ -305,17 +362,26 @@ func (UnimplementedRootKMSServer) CreateRegion(context.Context, *CreateRegionReq
 func (UnimplementedRootKMSServer) RotateRegionKey(context.Context, *RotateRegionKeyRequest) (*Region, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateRegionKey not implemented")
 }
-func (UnimplementedRootKMSServer) GenerateKeyset(context.Context, *GenerateKeysetRequest) (*KeysetResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method GenerateKeyset not implemented")
+func (UnimplementedRootKMSServer) RetireRegionKeyVersion(context.Context, *RetireRegionKeyVersionRequest) (*Region, error) {
+	return nil, status.Error(codes.Unimplemented, "method RetireRegionKeyVersion not implemented")
 }
-func (UnimplementedRootKMSServer) AddKeysetVersion(context.Context, *AddKeysetVersionRequest) (*KeysetResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method AddKeysetVersion not implemented")
+func (UnimplementedRootKMSServer) CreateKeyset(context.Context, *CreateKeysetRequest) (*Keyset, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateKeyset not implemented")
 }
-func (UnimplementedRootKMSServer) SetKeysetVersionStatus(context.Context, *SetKeysetVersionStatusRequest) (*KeysetResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method SetKeysetVersionStatus not implemented")
+func (UnimplementedRootKMSServer) GetKeyset(context.Context, *GetKeysetRequest) (*Keyset, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetKeyset not implemented")
 }
-func (UnimplementedRootKMSServer) RewrapKeyset(context.Context, *RewrapKeysetRequest) (*KeysetResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method RewrapKeyset not implemented")
+func (UnimplementedRootKMSServer) ListKeysets(context.Context, *ListKeysetsRequest) (*ListKeysetsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListKeysets not implemented")
+}
+func (UnimplementedRootKMSServer) UpdateKeyset(context.Context, *UpdateKeysetRequest) (*Keyset, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateKeyset not implemented")
+}
+func (UnimplementedRootKMSServer) SetKeysetPolicy(context.Context, *SetKeysetPolicyRequest) (*Keyset, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetKeysetPolicy not implemented")
+}
+func (UnimplementedRootKMSServer) RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RecordPropagation not implemented")
 }
 func (UnimplementedRootKMSServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetClusterStatus not implemented")
@@ -440,74 +506,128 @@ func _RootKMS_RotateRegionKey_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
-func _RootKMS_GenerateKeyset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(GenerateKeysetRequest)
+func _RootKMS_RetireRegionKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RetireRegionKeyVersionRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(RootKMSServer).GenerateKeyset(ctx, in)
+		return srv.(RootKMSServer).RetireRegionKeyVersion(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: RootKMS_GenerateKeyset_FullMethodName,
+		FullMethod: RootKMS_RetireRegionKeyVersion_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(RootKMSServer).GenerateKeyset(ctx, req.(*GenerateKeysetRequest))
+		return srv.(RootKMSServer).RetireRegionKeyVersion(ctx, req.(*RetireRegionKeyVersionRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
 
-func _RootKMS_AddKeysetVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(AddKeysetVersionRequest)
+func _RootKMS_CreateKeyset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateKeysetRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(RootKMSServer).AddKeysetVersion(ctx, in)
+		return srv.(RootKMSServer).CreateKeyset(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: RootKMS_AddKeysetVersion_FullMethodName,
+		FullMethod: RootKMS_CreateKeyset_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(RootKMSServer).AddKeysetVersion(ctx, req.(*AddKeysetVersionRequest))
+		return srv.(RootKMSServer).CreateKeyset(ctx, req.(*CreateKeysetRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
 
-func _RootKMS_SetKeysetVersionStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(SetKeysetVersionStatusRequest)
+func _RootKMS_GetKeyset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetKeysetRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(RootKMSServer).SetKeysetVersionStatus(ctx, in)
+		return srv.(RootKMSServer).GetKeyset(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: RootKMS_SetKeysetVersionStatus_FullMethodName,
+		FullMethod: RootKMS_GetKeyset_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(RootKMSServer).SetKeysetVersionStatus(ctx, req.(*SetKeysetVersionStatusRequest))
+		return srv.(RootKMSServer).GetKeyset(ctx, req.(*GetKeysetRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
 
-func _RootKMS_RewrapKeyset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(RewrapKeysetRequest)
+func _RootKMS_ListKeysets_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListKeysetsRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(RootKMSServer).RewrapKeyset(ctx, in)
+		return srv.(RootKMSServer).ListKeysets(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: RootKMS_RewrapKeyset_FullMethodName,
+		FullMethod: RootKMS_ListKeysets_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(RootKMSServer).RewrapKeyset(ctx, req.(*RewrapKeysetRequest))
+		return srv.(RootKMSServer).ListKeysets(ctx, req.(*ListKeysetsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_UpdateKeyset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateKeysetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).UpdateKeyset(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_UpdateKeyset_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).UpdateKeyset(ctx, req.(*UpdateKeysetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_SetKeysetPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetKeysetPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).SetKeysetPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_SetKeysetPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).SetKeysetPolicy(ctx, req.(*SetKeysetPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_RecordPropagation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecordPropagationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).RecordPropagation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_RecordPropagation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).RecordPropagation(ctx, req.(*RecordPropagationRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -612,20 +732,32 @@ var RootKMS_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _RootKMS_RotateRegionKey_Handler,
 		},
 		{
-			MethodName: "GenerateKeyset",
-			Handler:    _RootKMS_GenerateKeyset_Handler,
+			MethodName: "RetireRegionKeyVersion",
+			Handler:    _RootKMS_RetireRegionKeyVersion_Handler,
 		},
 		{
-			MethodName: "AddKeysetVersion",
-			Handler:    _RootKMS_AddKeysetVersion_Handler,
+			MethodName: "CreateKeyset",
+			Handler:    _RootKMS_CreateKeyset_Handler,
 		},
 		{
-			MethodName: "SetKeysetVersionStatus",
-			Handler:    _RootKMS_SetKeysetVersionStatus_Handler,
+			MethodName: "GetKeyset",
+			Handler:    _RootKMS_GetKeyset_Handler,
 		},
 		{
-			MethodName: "RewrapKeyset",
-			Handler:    _RootKMS_RewrapKeyset_Handler,
+			MethodName: "ListKeysets",
+			Handler:    _RootKMS_ListKeysets_Handler,
+		},
+		{
+			MethodName: "UpdateKeyset",
+			Handler:    _RootKMS_UpdateKeyset_Handler,
+		},
+		{
+			MethodName: "SetKeysetPolicy",
+			Handler:    _RootKMS_SetKeysetPolicy_Handler,
+		},
+		{
+			MethodName: "RecordPropagation",
+			Handler:    _RootKMS_RecordPropagation_Handler,
 		},
 		{
 			MethodName: "GetClusterStatus",
