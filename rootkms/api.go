@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/hashicorp/raft"
 	"github.com/tink-crypto/tink-go/v2/keyset"
@@ -22,6 +24,7 @@ import (
 	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/secret"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkey"
@@ -83,18 +86,23 @@ func (s *Server) linearize() error {
 }
 
 // raftError maps a raft error. ErrNotLeader and a leadership transfer are
-// definite refusals (nothing was appended): the caller is redirected.
+// definite refusals (nothing was appended): the caller is redirected; so is
+// an enqueue timeout (Unavailable, retry).
 // Anything after the entry was appended (leadership lost, timeouts) leaves
-// the outcome unknown: the caller must read before retrying, and the client
-// does not retry on its own.
+// the outcome unknown (OUTCOME_UNKNOWN): the caller retries with the same
+// request ID, and the retry is answered from the first attempt's effect if
+// it was applied (see duplicateOf), or applied now if it was not.
 func (s *Server) raftError(err error) error {
 	switch {
 	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
 		return s.notLeader()
 	case errors.Is(err, raft.ErrRaftShutdown):
 		return status.Error(codes.Unavailable, "rootkms: shutting down")
+	case errors.Is(err, raft.ErrEnqueueTimeout):
+		// Raft never took the entry.
+		return status.Errorf(codes.Unavailable, "rootkms: raft: %v; nothing was applied, retry", err)
 	default:
-		st := status.Newf(codes.Unavailable, "rootkms: raft: %v (the write may or may not have been applied; read before retrying)", err)
+		st := status.Newf(codes.Unavailable, "rootkms: raft: %v (the write may or may not have been applied; retry it with the same request ID)", err)
 		if d, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: rootkmsclient.ReasonOutcomeUnknown, Domain: rootkmsclient.ErrorDomain}); derr == nil {
 			st = d
 		}
@@ -102,8 +110,100 @@ func (s *Server) raftError(err error) error {
 	}
 }
 
-// applyLocal proposes a command through this replica's Raft (it must lead).
-func (s *Server) applyLocal(ctx context.Context, cmd *rootkmsv1.Command) (*fsm.Result, error) {
+// minProposeTime is the least time a caller's deadline must leave for a
+// write to be proposed: with less, the caller would most likely give up
+// while the write is in flight and have to retry it.
+const minProposeTime = 100 * time.Millisecond
+
+// checkDeadline refuses a write whose caller has gone or is about to (see
+// minProposeTime). It runs before anything is proposed, so its refusal is
+// definite: DeadlineExceeded or Canceled, nothing applied.
+func checkDeadline(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return status.FromContextError(err).Err()
+	}
+	if d, ok := ctx.Deadline(); ok && time.Until(d) < minProposeTime {
+		return status.Errorf(codes.DeadlineExceeded, "rootkms: the caller's deadline leaves less than %s; nothing was proposed", minProposeTime)
+	}
+	return nil
+}
+
+// applyTimeout is how long Raft may take to accept a proposal: ApplyTimeout,
+// but no later than the caller's deadline.
+func (s *Server) applyTimeout(ctx context.Context) time.Duration {
+	t := s.cfg.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		t = min(t, time.Until(d))
+	}
+	return t
+}
+
+// beginWrite starts a write on the leader: it refuses a caller out of time
+// (checkDeadline), makes the state safe to decide on (linearize), and
+// recognises a retry (duplicateOf). A non-nil Result is a Duplicate: the
+// handler answers with it at once, before checks that the write's own
+// effect would fail ("exists") and before making key material for a write
+// that will not be proposed. subject is what the write changes, as in
+// fsm.RequestRecord.Subject ("region/<name>", "keyset/<name>",
+// "member/<id>"). The caller holds writeMu.
+func (s *Server) beginWrite(ctx context.Context, subject string) (*fsm.Result, error) {
+	if err := checkDeadline(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.linearize(); err != nil {
+		return nil, err
+	}
+	return s.duplicateOf(ctx, subject)
+}
+
+// duplicateOf is the one place a retried write is recognised before it is
+// proposed. If the state remembers a write of this caller (identity) with
+// this call's request ID (audit.RequestID), that write was applied: the
+// answer is a Duplicate Result with the current record of its subject, as
+// the FSM answers a duplicate proposal. Otherwise it returns nil, nil. The
+// state must hold every committed entry (after linearize): an earlier
+// attempt still in flight is then either applied or never will be.
+//
+// subject, if not empty, must be the remembered write's: the same request ID
+// for a write of something else is refused (InvalidArgument) rather than
+// answered with the other write's record.
+func (s *Server) duplicateOf(ctx context.Context, subject string) (*fsm.Result, error) {
+	rid := audit.RequestID(ctx)
+	if rid == "" {
+		return nil, nil
+	}
+	caller, _ := identity.FromContext(ctx)
+	st := s.fsm.State()
+	rec, ok := st.Request(caller.String(), rid)
+	if !ok {
+		return nil, nil
+	}
+	if subject != "" && rec.Subject != subject {
+		return nil, status.Errorf(codes.InvalidArgument, "rootkms: request ID %q was already used for a write of %s; a write of %s needs its own request ID", rid, rec.Subject, subject)
+	}
+	audit.AddTarget(ctx, audit.Target{KeyVersion: rec.KeyID})
+	res := &fsm.Result{Duplicate: true}
+	switch kind, name, _ := strings.Cut(rec.Subject, "/"); kind {
+	case "region":
+		res.Region, _ = st.Region(name)
+	case "keyset":
+		res.Keyset, _ = st.Keyset(name)
+	}
+	return res, nil
+}
+
+// applyLocal proposes a command through this replica's Raft (it must lead,
+// and linearize must have succeeded). A Duplicate Result (the caller's
+// request ID names a write already applied, found here or by the FSM) is a
+// success: nothing was proposed or applied again. A caller out of time is
+// refused before anything is proposed.
+func (s *Server) applyLocal(ctx context.Context, cmd *statev1.Command) (*fsm.Result, error) {
+	if err := checkDeadline(ctx); err != nil {
+		return nil, err
+	}
+	if dup, err := s.duplicateOf(ctx, ""); dup != nil || err != nil {
+		return dup, err
+	}
 	caller, _ := identity.FromContext(ctx)
 	cmd.FormatVersion = 1
 	cmd.Time = timestamppb.New(s.cfg.Now())
@@ -113,7 +213,7 @@ func (s *Server) applyLocal(ctx context.Context, cmd *rootkmsv1.Command) (*fsm.R
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "rootkms: encoding command: %v", err)
 	}
-	f := s.node.Raft.Apply(b, s.cfg.ApplyTimeout)
+	f := s.node.Raft.Apply(b, s.applyTimeout(ctx))
 	if err := f.Error(); err != nil {
 		return nil, s.raftError(err)
 	}
@@ -127,14 +227,28 @@ func (s *Server) applyLocal(ctx context.Context, cmd *rootkmsv1.Command) (*fsm.R
 	return res, nil
 }
 
+// regionWriteAnswer is the answer of a region write: err, or the region
+// after the write (for a Duplicate, as it is now).
+func (s *Server) regionWriteAnswer(res *fsm.Result, err error) (*rootkmsv1.Region, error) {
+	if err != nil {
+		return nil, err
+	}
+	if res.Region == nil {
+		return nil, status.Error(codes.Internal, "rootkms: the written region is not in the state")
+	}
+	return regionProto(res.Region, s.fsm.State().Index()), nil
+}
+
 // toStatus is the one table from domain errors to gRPC codes.
 func toStatus(err error) error {
 	code := codes.Internal
 	switch {
-	case errors.Is(err, fsm.ErrRegionExists):
+	case errors.Is(err, fsm.ErrRegionExists), errors.Is(err, fsm.ErrKeysetExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, fsm.ErrNoRegion), errors.Is(err, fsm.ErrNoVersion):
+	case errors.Is(err, fsm.ErrNoRegion), errors.Is(err, fsm.ErrNoVersion), errors.Is(err, fsm.ErrNoKeyset), errors.Is(err, fsm.ErrNoKeysetVersion):
 		code = codes.NotFound
+	case errors.Is(err, fsm.ErrStaleRevision):
+		code = codes.Aborted
 	case errors.Is(err, fsm.ErrInvalidName), errors.Is(err, fsm.ErrInvalidCommand):
 		code = codes.InvalidArgument
 	case errors.Is(err, fsm.ErrBadVersion), errors.Is(err, fsm.ErrBadTransition):
@@ -249,8 +363,8 @@ func (s *Server) CreateRegion(ctx context.Context, req *rootkmsv1.CreateRegionRe
 	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if err := s.linearize(); err != nil {
-		return nil, err
+	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+		return s.regionWriteAnswer(dup, err)
 	}
 	if _, ok := s.fsm.State().Region(req.GetRegion()); ok {
 		return nil, status.Errorf(codes.AlreadyExists, "rootkms: region %q exists", req.GetRegion())
@@ -259,15 +373,15 @@ func (s *Server) CreateRegion(ctx context.Context, req *rootkmsv1.CreateRegionRe
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.applyLocal(ctx, &rootkmsv1.Command{Op: &rootkmsv1.Command_CreateRegion{CreateRegion: &rootkmsv1.CreateRegionCommand{Region: req.GetRegion(), FirstVersion: w}}})
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_CreateRegion{CreateRegion: &statev1.CreateRegionCommand{Region: req.GetRegion(), FirstVersion: w}}})
 	if err != nil {
 		return nil, err
 	}
 	audit.AddTarget(ctx, audit.Target{KeyVersion: 1})
-	return regionProto(res.Region, s.fsm.State().Index()), nil
+	return s.regionWriteAnswer(res, nil)
 }
 
-func (s *Server) newRegionKeyVersion(key *rootkey.Key, region string, version uint32) (*rootkmsv1.WrappedRegionKeyVersion, error) {
+func (s *Server) newRegionKeyVersion(key *rootkey.Key, region string, version uint32) (*statev1.WrappedRegionKeyVersion, error) {
 	m, err := keysets.NewRegionKey()
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -289,8 +403,8 @@ func (s *Server) RotateRegionKey(ctx context.Context, req *rootkmsv1.RotateRegio
 	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if err := s.linearize(); err != nil {
-		return nil, err
+	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+		return s.regionWriteAnswer(dup, err)
 	}
 	r, ok := s.fsm.State().Region(req.GetRegion())
 	if !ok {
@@ -301,13 +415,15 @@ func (s *Server) RotateRegionKey(ctx context.Context, req *rootkmsv1.RotateRegio
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.applyLocal(ctx, &rootkmsv1.Command{Op: &rootkmsv1.Command_AddRegionKeyVersion{
-		AddRegionKeyVersion: &rootkmsv1.AddRegionKeyVersionCommand{Region: r.Name, Version: w, MakePrimary: true}}})
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_AddRegionKeyVersion{
+		AddRegionKeyVersion: &statev1.AddRegionKeyVersionCommand{Region: r.Name, Version: w, MakePrimary: true}}})
 	if err != nil {
 		return nil, err
 	}
-	audit.AddTarget(ctx, audit.Target{KeyVersion: next})
-	return regionProto(res.Region, s.fsm.State().Index()), nil
+	if !res.Duplicate {
+		audit.AddTarget(ctx, audit.Target{KeyVersion: next})
+	}
+	return s.regionWriteAnswer(res, nil)
 }
 
 // regionAEAD unwraps one region key version into an AEAD. The caller must
@@ -334,50 +450,6 @@ func (s *Server) regionAEAD(key *rootkey.Key, st *fsm.State, region string, vers
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	return a, nil
-}
-
-// GenerateKeyset implements RootKMS: the keyset is made here and leaves only
-// encrypted under each region's primary key.
-func (s *Server) GenerateKeyset(ctx context.Context, req *rootkmsv1.GenerateKeysetRequest) (*rootkmsv1.KeysetResponse, error) {
-	key, err := s.rootKey()
-	if err != nil {
-		return nil, err
-	}
-	if err := keysets.ValidName(req.GetName()); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	if len(req.GetRegions()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "rootkms: a keyset needs at least one region")
-	}
-	if seen := slices.Clone(req.GetRegions()); len(slices.Compact(sortStrings(seen))) != len(req.GetRegions()) {
-		return nil, status.Error(codes.InvalidArgument, "rootkms: a region is listed twice")
-	}
-	audit.AddTarget(ctx, audit.Target{Keyset: req.GetName()})
-	h, err := keysets.Generate(req.GetTemplate())
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	if err := s.linearize(); err != nil {
-		return nil, err
-	}
-	st := s.fsm.State()
-	out := &rootkmsv1.KeysetResponse{}
-	for _, region := range req.GetRegions() {
-		r, ok := st.Region(region)
-		if !ok {
-			return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", region)
-		}
-		p, ok := r.Primary()
-		if !ok {
-			return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q has no primary key version", region)
-		}
-		ek, err := s.encryptFor(key, st, h, req.GetName(), region, p.Version)
-		if err != nil {
-			return nil, err
-		}
-		out.Keysets = append(out.Keysets, ek)
-	}
-	return out, nil
 }
 
 func sortStrings(s []string) []string { slices.Sort(s); return s }
@@ -441,124 +513,6 @@ func (s *Server) openCopies(key *rootkey.Key, st *fsm.State, copies []*cryptov1.
 	return first, nil
 }
 
-// rewrite re-encrypts h for every copy's region, under version(copy).
-func (s *Server) rewrite(key *rootkey.Key, st *fsm.State, h *keyset.Handle, copies []*cryptov1.EncryptedKeyset, version func(*cryptov1.EncryptedKeyset) (uint32, error)) (*rootkmsv1.KeysetResponse, error) {
-	out := &rootkmsv1.KeysetResponse{}
-	for _, c := range copies {
-		v, err := version(c)
-		if err != nil {
-			return nil, err
-		}
-		ek, err := s.encryptFor(key, st, h, c.GetName(), c.GetRegion(), v)
-		if err != nil {
-			return nil, err
-		}
-		out.Keysets = append(out.Keysets, ek)
-	}
-	return out, nil
-}
-
-// changeKeyset runs one keyset operation: with the root key, on the leader
-// after a barrier, it opens and cross-checks every region copy, lets change
-// derive the new keyset (and audit what it did), and re-encrypts the result
-// for every copy's region under the version version picks.
-func (s *Server) changeKeyset(ctx context.Context, copies []*cryptov1.EncryptedKeyset,
-	change func(h *keyset.Handle) (*keyset.Handle, error),
-	version func(st *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error)) (*rootkmsv1.KeysetResponse, error) {
-	key, err := s.rootKey()
-	if err != nil {
-		return nil, err
-	}
-	if err := s.linearize(); err != nil {
-		return nil, err
-	}
-	st := s.fsm.State()
-	h, err := s.openCopies(key, st, copies)
-	if err != nil {
-		return nil, err
-	}
-	audit.AddTarget(ctx, audit.Target{Keyset: copies[0].GetName()})
-	nh, err := change(h)
-	if err != nil {
-		return nil, err
-	}
-	return s.rewrite(key, st, nh, copies, func(c *cryptov1.EncryptedKeyset) (uint32, error) { return version(st, c) })
-}
-
-func sameVersion(_ *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error) {
-	return c.GetRegionKeyVersion(), nil
-}
-
-func primaryVersion(st *fsm.State, c *cryptov1.EncryptedKeyset) (uint32, error) {
-	r, ok := st.Region(c.GetRegion())
-	if !ok {
-		return 0, status.Errorf(codes.NotFound, "rootkms: no region %q", c.GetRegion())
-	}
-	p, ok := r.Primary()
-	if !ok {
-		return 0, status.Errorf(codes.FailedPrecondition, "rootkms: region %q has no primary key version", c.GetRegion())
-	}
-	return p.Version, nil
-}
-
-// AddKeysetVersion implements RootKMS: one new enabled, non-primary key in
-// every copy.
-func (s *Server) AddKeysetVersion(ctx context.Context, req *rootkmsv1.AddKeysetVersionRequest) (*rootkmsv1.KeysetResponse, error) {
-	tmpl, err := keysets.Template(req.GetTemplate())
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	return s.changeKeyset(ctx, req.GetKeysets(), func(h *keyset.Handle) (*keyset.Handle, error) {
-		m := keyset.NewManagerFromHandle(h)
-		id, err := m.Add(tmpl)
-		if err != nil {
-			return nil, status.Errorf(codes.Internal, "rootkms: adding a key: %v", err)
-		}
-		audit.AddTarget(ctx, audit.Target{KeyVersion: id})
-		return managerHandle(m)
-	}, sameVersion)
-}
-
-// SetKeysetVersionStatus implements RootKMS.
-func (s *Server) SetKeysetVersionStatus(ctx context.Context, req *rootkmsv1.SetKeysetVersionStatusRequest) (*rootkmsv1.KeysetResponse, error) {
-	return s.changeKeyset(ctx, req.GetKeysets(), func(h *keyset.Handle) (*keyset.Handle, error) {
-		audit.AddTarget(ctx, audit.Target{KeyVersion: req.GetKeyId()})
-		m := keyset.NewManagerFromHandle(h)
-		var err error
-		switch req.GetStatus() {
-		case cryptov1.KeyStatus_KEY_STATUS_PRIMARY:
-			err = m.SetPrimary(req.GetKeyId())
-		case cryptov1.KeyStatus_KEY_STATUS_ENABLED:
-			err = m.Enable(req.GetKeyId())
-		case cryptov1.KeyStatus_KEY_STATUS_DISABLED:
-			err = m.Disable(req.GetKeyId())
-		case cryptov1.KeyStatus_KEY_STATUS_DESTROYED:
-			err = m.Delete(req.GetKeyId())
-		default:
-			return nil, status.Errorf(codes.InvalidArgument, "rootkms: unknown key status %v", req.GetStatus())
-		}
-		if err != nil {
-			return nil, status.Errorf(codes.FailedPrecondition, "rootkms: key %d cannot become %s: %v", req.GetKeyId(), req.GetStatus(), err)
-		}
-		return managerHandle(m)
-	}, sameVersion)
-}
-
-// RewrapKeyset implements RootKMS: every copy re-encrypted under its region's
-// primary key version; the keys inside are unchanged.
-func (s *Server) RewrapKeyset(ctx context.Context, req *rootkmsv1.RewrapKeysetRequest) (*rootkmsv1.KeysetResponse, error) {
-	unchanged := func(h *keyset.Handle) (*keyset.Handle, error) { return h, nil }
-	return s.changeKeyset(ctx, req.GetKeysets(), unchanged, primaryVersion)
-}
-
-func managerHandle(m *keyset.Manager) (*keyset.Handle, error) {
-	h, err := m.Handle()
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
-	}
-	return h, nil
-}
-
 // GetClusterStatus implements RootKMS: this replica's view, always served.
 func (s *Server) GetClusterStatus(ctx context.Context, _ *rootkmsv1.GetClusterStatusRequest) (*rootkmsv1.ClusterStatus, error) {
 	r := s.node.Raft
@@ -615,8 +569,10 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 	audit.AddTarget(ctx, audit.Target{Resource: "member/" + req.GetId()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if err := s.linearize(); err != nil {
+	if dup, err := s.beginWrite(ctx, "member/"+req.GetId()); err != nil {
 		return nil, err
+	} else if dup != nil {
+		return s.GetClusterStatus(ctx, nil)
 	}
 	var f raft.IndexFuture
 	switch req.GetSuffrage() {
@@ -630,8 +586,8 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 	if err := f.Error(); err != nil {
 		return nil, s.raftError(err)
 	}
-	if _, err := s.applyLocal(ctx, &rootkmsv1.Command{Op: &rootkmsv1.Command_RegisterMember{
-		RegisterMember: &rootkmsv1.RegisterMemberCommand{Member: &rootkmsv1.MemberRecord{Id: req.GetId(), ApiAddress: req.GetApiAddress()}}}}); err != nil {
+	if _, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_RegisterMember{
+		RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: req.GetId(), ApiAddress: req.GetApiAddress()}}}}); err != nil {
 		return nil, err
 	}
 	return s.GetClusterStatus(ctx, nil)
@@ -645,14 +601,16 @@ func (s *Server) Remove(ctx context.Context, req *rootkmsv1.RemoveRequest) (*roo
 	audit.AddTarget(ctx, audit.Target{Resource: "member/" + req.GetId()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if err := s.linearize(); err != nil {
+	if dup, err := s.beginWrite(ctx, "member/"+req.GetId()); err != nil {
 		return nil, err
+	} else if dup != nil {
+		return s.GetClusterStatus(ctx, nil)
 	}
 	if err := s.node.Raft.RemoveServer(raft.ServerID(req.GetId()), 0, s.cfg.ApplyTimeout).Error(); err != nil {
 		return nil, s.raftError(err)
 	}
 	if req.GetId() != s.cfg.ID {
-		if _, err := s.applyLocal(ctx, &rootkmsv1.Command{Op: &rootkmsv1.Command_DeregisterMember{DeregisterMember: &rootkmsv1.DeregisterMemberCommand{Id: req.GetId()}}}); err != nil {
+		if _, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_DeregisterMember{DeregisterMember: &statev1.DeregisterMemberCommand{Id: req.GetId()}}}); err != nil {
 			return nil, err
 		}
 	}

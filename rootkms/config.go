@@ -5,10 +5,12 @@
 //
 //   - regional KMS servers: UnwrapRegionKey, from any replica's local state,
 //     only to KMS identities of that region, sealed to their ephemeral key;
-//   - regionctl: CreateRegion, RotateRegionKey (Raft writes via the leader),
-//     GenerateKeyset, AddKeysetVersion, SetKeysetVersionStatus, RewrapKeyset
-//     (keysets made and re-encrypted inside the root KMS; plaintext keysets
-//     never leave);
+//   - regionctl: regions (CreateRegion, RotateRegionKey,
+//     RetireRegionKeyVersion) and the keyset record (CreateKeyset, GetKeyset,
+//     ListKeysets, UpdateKeyset, SetKeysetPolicy, RecordPropagation): the
+//     root KMS is the system of record for customer keysets, which are made
+//     and re-encrypted inside it (plaintext keysets never leave), and it
+//     checks every lifecycle step against the Safety Condition;
 //   - operators: cluster status, join, remove, snapshot.
 //
 // Writes and the reads that gate decisions go through the leader, after a
@@ -21,8 +23,11 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/hashicorp/raft"
+
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/safety"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 )
 
@@ -69,6 +74,27 @@ type Config struct {
 	RootKeyRetryMax time.Duration
 	// Now is the clock (nil: time.Now).
 	Now func() time.Time
+	// Safety configures the Safety Condition checks of keyset lifecycle
+	// steps (zero: safety defaults).
+	Safety SafetyConfig
+	// WrapLogStore is for tests and fault injection only (nil: none): it
+	// wraps the Raft log store the replica runs with, e.g. to stall
+	// StoreLogs like a slow disk (see raftnode.Config.WrapLogStore).
+	WrapLogStore func(raft.LogStore) raft.LogStore
+}
+
+// SafetyConfig configures the root KMS's Safety Condition checks.
+type SafetyConfig struct {
+	// Window is the propagation window: how long every region must have
+	// served a version before it may become primary, and the margin added
+	// after the ciphertext TTL and after the last use seen before a version
+	// may leave the decrypt set (0: safety.DefaultWindow).
+	Window time.Duration
+	// ObservationMaxAge is how recent every region's usage observation
+	// (RecordPropagation) must be for a version to leave the decrypt set:
+	// usage since the last observation is unknown, and unknown counts as in
+	// use (0: the window).
+	ObservationMaxAge time.Duration
 }
 
 // Validate reports a configuration that cannot work.
@@ -91,6 +117,9 @@ func (c Config) Validate() error {
 	}
 	if c.Audit == nil {
 		errs = append(errs, errors.New("rootkms: no audit log"))
+	}
+	if c.Safety.Window < 0 || c.Safety.ObservationMaxAge < 0 {
+		errs = append(errs, errors.New("rootkms: negative safety window or observation age"))
 	}
 	if c.Bootstrap && len(c.Join) > 0 {
 		errs = append(errs, errors.New("rootkms: bootstrap and join are exclusive"))
@@ -123,6 +152,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.Safety.Window == 0 {
+		c.Safety.Window = safety.DefaultWindow
+	}
+	if c.Safety.ObservationMaxAge == 0 {
+		c.Safety.ObservationMaxAge = c.Safety.Window
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/cairnkms/cairn/distributor"
 	"github.com/cairnkms/cairn/internal/audit"
@@ -58,7 +60,18 @@ type chain struct {
 	manifest *safev1.GenesisManifest
 	rmk      secret.Bytes
 	distAddr string
+	// skew moves every replica's clock forward (Advance), so lifecycle
+	// tests can pass TTLs and windows without waiting for them.
+	skew atomic.Int64
 }
+
+// testWindow is the replicas' propagation window.
+const testWindow = time.Minute
+
+func (c *chain) now() time.Time { return time.Now().Add(time.Duration(c.skew.Load())) }
+
+// Advance moves the replicas' clocks forward by d.
+func (c *chain) Advance(d time.Duration) { c.skew.Add(int64(d)) }
 
 func newChain(t testing.TB) *chain {
 	t.Helper()
@@ -144,6 +157,7 @@ func (c *chain) startReplica(id string, bootstrap bool, nonVoter bool, join ...s
 		Manifest: c.manifest, Distributors: []string{c.distAddr},
 		Source: c.pki.Source(fmt.Sprintf("spiffe://cairn.test/rootkms/%s/%s", region, id)), Audit: log,
 		HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond,
+		Safety: rootkms.SafetyConfig{Window: testWindow}, Now: c.now,
 	})
 	if err != nil {
 		c.t.Fatal(err)
@@ -305,16 +319,17 @@ func TestRegionsAndKeysets(t *testing.T) {
 	}
 
 	// A keyset for both regions, made inside the root KMS.
-	var ks *rootkmsv1.KeysetResponse
+	var ks *rootkmsv1.Keyset
 	if err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
 		var err error
-		ks, err = cl.GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: "payments/ledger", Regions: []string{"us-east", "eu-west"}})
+		ks, err = cl.CreateKeyset(ctx, &rootkmsv1.CreateKeysetRequest{Name: "payments/ledger", Regions: []string{"us-east", "eu-west"}, CiphertextTtl: durationpb.New(time.Hour)})
 		return err
 	}); err != nil {
-		t.Fatalf("GenerateKeyset = %v", err)
+		t.Fatalf("CreateKeyset = %v", err)
 	}
-	if len(ks.GetKeysets()) != 2 || ks.GetKeysets()[0].GetRegion() != "us-east" || ks.GetKeysets()[0].GetRegionKeyVersion() != 1 {
-		t.Fatalf("GenerateKeyset = %v", ks)
+	copies := ks.GetRecord().GetCopies() // sorted by region
+	if len(copies) != 2 || copies[1].GetRegion() != "us-east" || copies[1].GetRegionKeyVersion() != 1 {
+		t.Fatalf("CreateKeyset copies = %v", copies)
 	}
 
 	// Rotate us-east's key: version 2 becomes primary, 1 stays usable.
@@ -341,7 +356,7 @@ func TestRegionsAndKeysets(t *testing.T) {
 		if len(aeads) != 2 {
 			t.Fatalf("region key versions = %d, want 2", len(aeads))
 		}
-		east := ks.GetKeysets()[0]
+		east := copies[1]
 		if _, err := keysets.Decrypt(east, aeads[1]); err != nil {
 			t.Errorf("decrypting the us-east keyset with version 1 = %v", err)
 		}
@@ -350,45 +365,6 @@ func TestRegionsAndKeysets(t *testing.T) {
 		if _, err := keysets.Decrypt(moved, aeads[1]); err == nil {
 			t.Errorf("a keyset renamed in its metadata still decrypts; the associated data must bind the name")
 		}
-	}
-
-	// Add a version, promote it, rewrap under the new region key.
-	var added *rootkmsv1.KeysetResponse
-	if err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
-		var err error
-		added, err = cl.AddKeysetVersion(ctx, &rootkmsv1.AddKeysetVersionRequest{Keysets: ks.GetKeysets()})
-		return err
-	}); err != nil {
-		t.Fatalf("AddKeysetVersion = %v", err)
-	}
-	if n := len(added.GetKeysets()[0].GetVersions()); n != 2 || added.GetKeysets()[0].GetPrimaryKeyId() != ks.GetKeysets()[0].GetPrimaryKeyId() {
-		t.Fatalf("after AddKeysetVersion: %d keys, primary %d; want 2 keys, primary unchanged", n, added.GetKeysets()[0].GetPrimaryKeyId())
-	}
-	newKey := added.GetKeysets()[0].GetVersions()[1].GetKeyId()
-	var promoted, rewrapped *rootkmsv1.KeysetResponse
-	if err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
-		var err error
-		promoted, err = cl.SetKeysetVersionStatus(ctx, &rootkmsv1.SetKeysetVersionStatusRequest{Keysets: added.GetKeysets(), KeyId: newKey, Status: cryptov1.KeyStatus_KEY_STATUS_PRIMARY})
-		if err != nil {
-			return err
-		}
-		rewrapped, err = cl.RewrapKeyset(ctx, &rootkmsv1.RewrapKeysetRequest{Keysets: promoted.GetKeysets()})
-		return err
-	}); err != nil {
-		t.Fatalf("promote + rewrap = %v", err)
-	}
-	if promoted.GetKeysets()[1].GetPrimaryKeyId() != newKey || rewrapped.GetKeysets()[0].GetRegionKeyVersion() != 2 || rewrapped.GetKeysets()[1].GetRegionKeyVersion() != 1 {
-		t.Errorf("promoted primary %d (want %d); rewrapped region key versions %d, %d (want 2, 1)", promoted.GetKeysets()[1].GetPrimaryKeyId(), newKey,
-			rewrapped.GetKeysets()[0].GetRegionKeyVersion(), rewrapped.GetKeysets()[1].GetRegionKeyVersion())
-	}
-	// Copies that disagree are refused.
-	mixed := []*cryptov1.EncryptedKeyset{ks.GetKeysets()[0], added.GetKeysets()[1]}
-	err = admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
-		_, err := cl.RewrapKeyset(ctx, &rootkmsv1.RewrapKeysetRequest{Keysets: mixed})
-		return err
-	})
-	if status.Code(err) != codes.InvalidArgument {
-		t.Errorf("RewrapKeyset(copies holding different keys) = %v, want InvalidArgument", err)
 	}
 
 	// Every replica converged on the same regions.
@@ -411,11 +387,11 @@ func TestAccessControl(t *testing.T) {
 	// A KMS may not generate keysets or create regions.
 	kms := c.client(kmsEast, r1.api)
 	err := kms.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
-		_, err := cl.GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: "x", Regions: []string{"us-east"}})
+		_, err := cl.CreateKeyset(ctx, &rootkmsv1.CreateKeysetRequest{Name: "x", Regions: []string{"us-east"}, CiphertextTtl: durationpb.New(time.Hour)})
 		return err
 	})
 	if status.Code(err) != codes.PermissionDenied {
-		t.Errorf("GenerateKeyset as a KMS = %v, want PermissionDenied", err)
+		t.Errorf("CreateKeyset as a KMS = %v, want PermissionDenied", err)
 	}
 	recs, err := audit.ReadFile(r1.auditLog)
 	if err != nil {
@@ -427,7 +403,7 @@ func TestAccessControl(t *testing.T) {
 			denied[strings.TrimPrefix(r.Operation, "/cairn.rootkms.v1.RootKMS/")+" "+r.Identity] = true
 		}
 	}
-	for _, want := range []string{"UnwrapRegionKey " + kmsWest, "GenerateKeyset " + kmsEast} {
+	for _, want := range []string{"UnwrapRegionKey " + kmsWest, "CreateKeyset " + kmsEast} {
 		if !denied[want] {
 			t.Errorf("no denied audit record for %s; have %v", want, denied)
 		}

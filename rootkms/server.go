@@ -19,6 +19,7 @@ import (
 	"github.com/cairnkms/cairn/internal/hpkeseal"
 	"github.com/cairnkms/cairn/internal/identity"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/raftnode"
@@ -80,10 +81,13 @@ func New(cfg Config) (*Server, error) {
 		svc + "GetClusterStatus":       identity.AllowAny(),
 		svc + "CreateRegion":           cfg.Regionctl.Authorize,
 		svc + "RotateRegionKey":        cfg.Regionctl.Authorize,
-		svc + "GenerateKeyset":         cfg.Regionctl.Authorize,
-		svc + "AddKeysetVersion":       cfg.Regionctl.Authorize,
-		svc + "SetKeysetVersionStatus": cfg.Regionctl.Authorize,
-		svc + "RewrapKeyset":           cfg.Regionctl.Authorize,
+		svc + "RetireRegionKeyVersion": cfg.Regionctl.Authorize,
+		svc + "CreateKeyset":           cfg.Regionctl.Authorize,
+		svc + "GetKeyset":              cfg.Regionctl.Authorize,
+		svc + "ListKeysets":            cfg.Regionctl.Authorize,
+		svc + "UpdateKeyset":           cfg.Regionctl.Authorize,
+		svc + "SetKeysetPolicy":        cfg.Regionctl.Authorize,
+		svc + "RecordPropagation":      cfg.Regionctl.Authorize,
 		svc + "Join":                   joinAuth, // a replica may only join itself: see Join
 		svc + "Remove":                 cfg.Operators.Authorize,
 		svc + "Snapshot":               cfg.Operators.Authorize,
@@ -91,7 +95,8 @@ func New(cfg Config) (*Server, error) {
 	var err error
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
-		Mutating:  []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "Join", svc + "Remove", svc + "Snapshot"},
+		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
+			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "Join", svc + "Remove", svc + "Snapshot"},
 		Unaudited: []string{svc + "GetClusterStatus"},
 	})
 	if err != nil {
@@ -123,6 +128,7 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: s.fsm, Transport: raftnode.NewTransport(s.layer, s.log),
 		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
 		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
+		WrapLogStore: s.cfg.WrapLogStore,
 	})
 	if err != nil {
 		s.layer.Close()
@@ -317,8 +323,8 @@ func (s *Server) inConfiguration() bool {
 }
 
 func (s *Server) registerSelf() error {
-	_, err := s.applyLocal(context.Background(), &rootkmsv1.Command{Op: &rootkmsv1.Command_RegisterMember{
-		RegisterMember: &rootkmsv1.RegisterMemberCommand{Member: &rootkmsv1.MemberRecord{Id: s.cfg.ID, ApiAddress: s.apiAddr}},
+	_, err := s.applyLocal(context.Background(), &statev1.Command{Op: &statev1.Command_RegisterMember{
+		RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: s.cfg.ID, ApiAddress: s.apiAddr}},
 	}})
 	return err
 }

@@ -9,10 +9,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/cairnkms/cairn/internal/audit"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
@@ -115,12 +113,9 @@ func running(rs ...*framework.Replica) []*framework.Replica {
 // the test unless it succeeds, recording it in h if h is not nil.
 func writeOK(t *testing.T, c *rootkmsclient.Client, h *framework.History, client int, op framework.RegionOp, region string) *rootkmsv1.Region {
 	t.Helper()
-	var reply *rootkmsv1.Region
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := c.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
-		return recordedCall(ctx, rc, h, client, framework.RegionInput{Op: op, Region: region}, &reply)
-	})
+	reply, err := recordedDo(ctx, c, h, client, framework.RegionInput{Op: op, Region: region})
 	if err != nil {
 		t.Fatalf("%s(%s) = %v", op, region, err)
 	}
@@ -129,20 +124,45 @@ func writeOK(t *testing.T, c *rootkmsclient.Client, h *framework.History, client
 
 // attemptTimeout bounds one attempt of a call: a replica that accepts
 // connections but does not answer (paused) must not hold the caller for
-// the whole call. rootkmsclient.Client.Do does not bound attempts itself.
+// the whole call. It is shorter than rootkmsclient.AttemptTimeout, so that
+// calls move on from a paused leader sooner.
 const attemptTimeout = time.Second
 
-// recordedCall makes one attempt of op on one replica, records it in h (if
-// not nil) and stores the reply. An attempt that runs out of its own time
-// is reported to Do as Unavailable, so that Do tries the next replica.
-func recordedCall(ctx context.Context, rc rootkmsv1.RootKMSClient, h *framework.History, client int, in framework.RegionInput, reply **rootkmsv1.Region) error {
-	actx, cancel := context.WithTimeout(ctx, attemptTimeout)
-	defer cancel()
+// recordedDo does one operation through the cluster client and records it
+// in h (if not nil) as one operation, from the first attempt's call to Do's
+// return: every attempt carries the call's request ID
+// (rootkmsclient.WithRequestID), so the root KMS applies a retried write at
+// most once, whichever attempts reached it.
+func recordedDo(ctx context.Context, c *rootkmsclient.Client, h *framework.History, client int, in framework.RegionInput) (*rootkmsv1.Region, error) {
 	var call *framework.Call
 	if h != nil {
 		call = h.Begin(client, in)
-		actx = metadata.AppendToOutgoingContext(actx, audit.RequestIDHeader, call.RequestID())
+		ctx = rootkmsclient.WithRequestID(ctx, call.RequestID())
 	}
+	var reply *rootkmsv1.Region
+	err := c.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
+		if call != nil {
+			call.Attempt()
+		}
+		var err error
+		reply, err = attempt(ctx, rc, in)
+		return err
+	})
+	if err != nil {
+		reply = nil
+	}
+	if call != nil {
+		call.End(reply, err)
+	}
+	return reply, err
+}
+
+// attempt makes one attempt of op on one replica. An attempt that runs out
+// of its own time is reported to Do as Unavailable, so that Do tries the
+// next replica (with the same request ID).
+func attempt(ctx context.Context, rc rootkmsv1.RootKMSClient, in framework.RegionInput) (*rootkmsv1.Region, error) {
+	actx, cancel := context.WithTimeout(ctx, attemptTimeout)
+	defer cancel()
 	var r *rootkmsv1.Region
 	var err error
 	switch in.Op {
@@ -153,14 +173,10 @@ func recordedCall(ctx context.Context, rc rootkmsv1.RootKMSClient, h *framework.
 	case framework.OpGet:
 		r, err = rc.GetRegion(actx, &rootkmsv1.GetRegionRequest{Region: in.Region})
 	}
-	if call != nil {
-		call.End(r, err)
-	}
-	*reply = r
 	if err != nil && ctx.Err() == nil && actx.Err() != nil {
-		return status.Errorf(codes.Unavailable, "attempt timed out after %s: %v", attemptTimeout, err)
+		return nil, status.Errorf(codes.Unavailable, "attempt timed out after %s: %v", attemptTimeout, err)
 	}
-	return err
+	return r, err
 }
 
 // finalReads reads every region through the cluster client after the
@@ -170,11 +186,8 @@ func finalReads(t *testing.T, c *rootkmsclient.Client, h *framework.History, cli
 	t.Helper()
 	out := map[string]uint32{}
 	for _, region := range regions {
-		var reply *rootkmsv1.Region
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err := c.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
-			return recordedCall(ctx, rc, h, client, framework.RegionInput{Op: framework.OpGet, Region: region}, &reply)
-		})
+		reply, err := recordedDo(ctx, c, h, client, framework.RegionInput{Op: framework.OpGet, Region: region})
 		cancel()
 		switch status.Code(err) {
 		case codes.OK:

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/cairnkms/cairn/internal/audit"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -219,9 +220,9 @@ func TestRootKMSPausedLeader(t *testing.T) {
 
 	// Writes go on through the others while the leader is paused. (Not
 	// necessarily from every client: rootkmsclient.Client keeps trying the
-	// leader it last saw succeed first, and has no per-attempt timeout of
-	// its own, so a client whose calls keep ending in AlreadyExists can
-	// spend seconds per call on the paused leader.)
+	// leader it last saw succeed first, so a client whose calls keep ending
+	// in AlreadyExists can spend an attempt timeout per call on the paused
+	// leader.)
 	if _, ok := l.waitOKWrites(pausedAt, 1, 10*time.Second); !ok {
 		t.Errorf("no load client had a write succeed through the other voters while %s was paused:%s", old.ID, l.summary(pausedAt))
 	}
@@ -463,7 +464,7 @@ func requireRefusesToStart(t *testing.T, r *framework.Replica, what, file string
 }
 
 // TestRootKMSAccessControl: across processes, a KMS of another region may
-// not unwrap a region's key and a KMS may not generate keysets; each refusal
+// not unwrap a region's key and a KMS may not create keysets; each refusal
 // is in the replica's audit log with the caller's identity.
 func TestRootKMSAccessControl(t *testing.T) {
 	e := newRootKMSEnv(t, false)
@@ -488,10 +489,10 @@ func TestRootKMSAccessControl(t *testing.T) {
 			t.Errorf("UnwrapRegionKey(%s as %s on %s) = %v, %v; want PermissionDenied and nothing else", region, other, r.ID, meta, err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		ks, err := r.Client(kmsOf(region)).GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: "payments/ledger", Regions: []string{region}})
+		ks, err := r.Client(kmsOf(region)).CreateKeyset(ctx, createKeysetRequest(region))
 		cancel()
 		if status.Code(err) != codes.PermissionDenied || ks != nil {
-			t.Errorf("GenerateKeyset(as %s on %s) = %v, %v; want PermissionDenied", kmsOf(region), r.ID, ks, err)
+			t.Errorf("CreateKeyset(as %s on %s) = %v, %v; want PermissionDenied", kmsOf(region), r.ID, ks, err)
 		}
 
 		recs := r.Audit()
@@ -499,7 +500,7 @@ func TestRootKMSAccessControl(t *testing.T) {
 			as, op string
 		}{
 			{other, "/cairn.rootkms.v1.RootKMS/UnwrapRegionKey"},
-			{kmsOf(region), "/cairn.rootkms.v1.RootKMS/GenerateKeyset"},
+			{kmsOf(region), "/cairn.rootkms.v1.RootKMS/CreateKeyset"},
 		} {
 			i := slices.IndexFunc(recs, func(rec audit.Record) bool {
 				return rec.Identity == framework.SPIFFEID(want.as) && rec.Operation == want.op && rec.Outcome == audit.OutcomeDenied
@@ -513,10 +514,14 @@ func TestRootKMSAccessControl(t *testing.T) {
 			}
 		}
 	}
-	// regionctl may generate keysets (through the leader).
+	// regionctl may create keysets (through the leader).
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := leader.Client(framework.Regionctl).GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: "payments/ledger", Regions: []string{region}}); err != nil {
-		t.Errorf("GenerateKeyset(as %s on the leader %s) = %v", framework.Regionctl, leader.ID, err)
+	if _, err := leader.Client(framework.Regionctl).CreateKeyset(ctx, createKeysetRequest(region)); err != nil {
+		t.Errorf("CreateKeyset(as %s on the leader %s) = %v", framework.Regionctl, leader.ID, err)
 	}
+}
+
+func createKeysetRequest(region string) *rootkmsv1.CreateKeysetRequest {
+	return &rootkmsv1.CreateKeysetRequest{Name: "payments/ledger", Regions: []string{region}, CiphertextTtl: durationpb.New(24 * time.Hour)}
 }

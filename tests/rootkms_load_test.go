@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
@@ -20,9 +19,9 @@ import (
 const opTimeout = 5 * time.Second
 
 // load is a steady mix of region writes and linearizable reads from several
-// clients, each bounded in time and in count. Every attempt is recorded in
-// the history; every client operation (attempts and redirects together) in
-// done.
+// clients, each bounded in time and in count. Every client operation
+// (attempts and redirects together, one request ID) is recorded in the
+// history as one operation, and in done.
 type load struct {
 	h      *framework.History
 	start  time.Time
@@ -79,10 +78,7 @@ func startLoad(t *testing.T, h *framework.History, clients []*rootkmsclient.Clie
 				}
 				began := time.Now()
 				opCtx, cancel := context.WithTimeout(ctx, opTimeout)
-				var reply *rootkmsv1.Region
-				err := c.Do(opCtx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
-					return recordedCall(ctx, rc, h, i, in, &reply)
-				})
+				reply, err := recordedDo(opCtx, c, h, i, in)
 				cancel()
 				l.mu.Lock()
 				answered := framework.Classify(in.Op, reply, err).Outcome != framework.OutcomeUnknown

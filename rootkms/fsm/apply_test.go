@@ -16,14 +16,14 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
 
 // key returns the wrapped key record the tests put in region's version v.
-func key(region string, v uint32) *rootkmsv1.WrappedRegionKeyVersion {
-	return &rootkmsv1.WrappedRegionKeyVersion{Version: v, WrappedKey: rootkmstest.Wrapped(region, v), RmkKcv: kcv}
+func key(region string, v uint32) *statev1.WrappedRegionKeyVersion {
+	return &statev1.WrappedRegionKeyVersion{Version: v, WrappedKey: rootkmstest.Wrapped(region, v), RmkKcv: kcv}
 }
 
 // euVersions returns region "eu"'s versions after euSetup.
@@ -46,7 +46,7 @@ func TestApplyRegionCommands(t *testing.T) {
 	now := at(100)
 	tests := []struct {
 		name string
-		cmd  *rootkmsv1.Command
+		cmd  *statev1.Command
 		want *fsm.Region
 	}{
 		{
@@ -162,7 +162,7 @@ func TestApplyRegionCommands(t *testing.T) {
 func TestApplyMemberCommands(t *testing.T) {
 	tests := []struct {
 		name string
-		cmd  *rootkmsv1.Command
+		cmd  *statev1.Command
 		want []fsm.Member
 	}{
 		{"register new", rootkmstest.RegisterMember("node-2", "10.0.0.2:8443", at(100)),
@@ -203,8 +203,8 @@ func TestApplyMemberCommands(t *testing.T) {
 }
 
 // modify returns a copy of cmd changed by f.
-func modify(cmd *rootkmsv1.Command, f func(*rootkmsv1.Command)) *rootkmsv1.Command {
-	c := proto.Clone(cmd).(*rootkmsv1.Command)
+func modify(cmd *statev1.Command, f func(*statev1.Command)) *statev1.Command {
+	c := proto.Clone(cmd).(*statev1.Command)
 	f(c)
 	return c
 }
@@ -215,25 +215,25 @@ func TestApplyRefuses(t *testing.T) {
 	other := []byte{0xde, 0xad}
 	type test struct {
 		name string
-		cmd  *rootkmsv1.Command // encoded as is, or
-		raw  []byte             // these bytes if non-nil
+		cmd  *statev1.Command // encoded as is, or
+		raw  []byte           // these bytes if non-nil
 		want error
 	}
 	tests := []test{
 		{name: "undecodable", raw: []byte{0xff, 0xff, 0xff, 0xff}, want: fsm.ErrInvalidCommand},
 		{name: "truncated", raw: encode(t, create)[:20], want: fsm.ErrInvalidCommand},
-		{name: "format 0", cmd: modify(create, func(c *rootkmsv1.Command) { c.FormatVersion = 0 }), want: fsm.ErrInvalidCommand},
+		{name: "format 0", cmd: modify(create, func(c *statev1.Command) { c.FormatVersion = 0 }), want: fsm.ErrInvalidCommand},
 		{name: "empty bytes", raw: []byte{}, want: fsm.ErrInvalidCommand},
-		{name: "no operation", cmd: modify(create, func(c *rootkmsv1.Command) { c.Op = nil }), want: fsm.ErrInvalidCommand},
-		{name: "no time", cmd: modify(create, func(c *rootkmsv1.Command) { c.Time = nil }), want: fsm.ErrInvalidCommand},
-		{name: "time at epoch", cmd: modify(create, func(c *rootkmsv1.Command) { c.Time = &timestamppb.Timestamp{} }), want: fsm.ErrInvalidCommand},
-		{name: "time before epoch", cmd: modify(create, func(c *rootkmsv1.Command) { c.Time = &timestamppb.Timestamp{Seconds: -1} }), want: fsm.ErrInvalidCommand},
-		{name: "time invalid nanos", cmd: modify(create, func(c *rootkmsv1.Command) { c.Time.Nanos = 1e9 }), want: fsm.ErrInvalidCommand},
+		{name: "no operation", cmd: modify(create, func(c *statev1.Command) { c.Op = nil }), want: fsm.ErrInvalidCommand},
+		{name: "no time", cmd: modify(create, func(c *statev1.Command) { c.Time = nil }), want: fsm.ErrInvalidCommand},
+		{name: "time at epoch", cmd: modify(create, func(c *statev1.Command) { c.Time = &timestamppb.Timestamp{} }), want: fsm.ErrInvalidCommand},
+		{name: "time before epoch", cmd: modify(create, func(c *statev1.Command) { c.Time = &timestamppb.Timestamp{Seconds: -1} }), want: fsm.ErrInvalidCommand},
+		{name: "time invalid nanos", cmd: modify(create, func(c *statev1.Command) { c.Time.Nanos = 1e9 }), want: fsm.ErrInvalidCommand},
 
 		{name: "create existing", cmd: rootkmstest.CreateRegion("eu", rootkmstest.Wrapped("eu", 1), kcv, now), want: fsm.ErrRegionExists},
-		{name: "create version 2", cmd: modify(create, func(c *rootkmsv1.Command) { c.GetCreateRegion().FirstVersion.Version = 2 }), want: fsm.ErrBadVersion},
-		{name: "create version 0", cmd: modify(create, func(c *rootkmsv1.Command) { c.GetCreateRegion().FirstVersion.Version = 0 }), want: fsm.ErrBadVersion},
-		{name: "create without version", cmd: modify(create, func(c *rootkmsv1.Command) { c.GetCreateRegion().FirstVersion = nil }), want: fsm.ErrBadVersion},
+		{name: "create version 2", cmd: modify(create, func(c *statev1.Command) { c.GetCreateRegion().FirstVersion.Version = 2 }), want: fsm.ErrBadVersion},
+		{name: "create version 0", cmd: modify(create, func(c *statev1.Command) { c.GetCreateRegion().FirstVersion.Version = 0 }), want: fsm.ErrBadVersion},
+		{name: "create without version", cmd: modify(create, func(c *statev1.Command) { c.GetCreateRegion().FirstVersion = nil }), want: fsm.ErrBadVersion},
 		{name: "create empty wrapped key", cmd: rootkmstest.CreateRegion("ap", nil, kcv, now), want: fsm.ErrBadVersion},
 		{name: "create other RMK", cmd: rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), other, now), want: fsm.ErrWrongRMK},
 		{name: "create no RMK", cmd: rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), nil, now), want: fsm.ErrWrongRMK},
@@ -243,7 +243,7 @@ func TestApplyRefuses(t *testing.T) {
 		{name: "add with gap", cmd: rootkmstest.AddVersion("eu", 7, rootkmstest.Wrapped("eu", 7), kcv, true, now), want: fsm.ErrBadVersion},
 		{name: "add version 0", cmd: rootkmstest.AddVersion("eu", 0, rootkmstest.Wrapped("eu", 0), kcv, false, now), want: fsm.ErrBadVersion},
 		{name: "add without version", cmd: modify(rootkmstest.AddVersion("eu", 6, rootkmstest.Wrapped("eu", 6), kcv, false, now),
-			func(c *rootkmsv1.Command) { c.GetAddRegionKeyVersion().Version = nil }), want: fsm.ErrBadVersion},
+			func(c *statev1.Command) { c.GetAddRegionKeyVersion().Version = nil }), want: fsm.ErrBadVersion},
 		{name: "add empty wrapped key", cmd: rootkmstest.AddVersion("eu", 6, nil, kcv, true, now), want: fsm.ErrBadVersion},
 		{name: "add other RMK", cmd: rootkmstest.AddVersion("eu", 6, rootkmstest.Wrapped("eu", 6), other, true, now), want: fsm.ErrWrongRMK},
 
@@ -254,7 +254,7 @@ func TestApplyRefuses(t *testing.T) {
 		{name: "register without id", cmd: rootkmstest.RegisterMember("", "10.0.0.2:8443", now), want: fsm.ErrInvalidCommand},
 		{name: "register without address", cmd: rootkmstest.RegisterMember("node-2", "", now), want: fsm.ErrInvalidCommand},
 		{name: "register without member", cmd: modify(rootkmstest.RegisterMember("node-2", "a:1", now),
-			func(c *rootkmsv1.Command) { c.GetRegisterMember().Member = nil }), want: fsm.ErrInvalidCommand},
+			func(c *statev1.Command) { c.GetRegisterMember().Member = nil }), want: fsm.ErrInvalidCommand},
 		{name: "deregister without id", cmd: rootkmstest.DeregisterMember("", now), want: fsm.ErrInvalidCommand},
 	}
 	for _, name := range []string{"", "EU", "1eu", "-eu", "eu_west", "eu west", "eu.west", "é", strings.Repeat("a", 64)} {
@@ -306,26 +306,26 @@ func TestApplyRefuses(t *testing.T) {
 	}
 }
 
-// withUnknownField returns cmd's encoding with field 15 appended: what an
+// withUnknownField returns cmd's encoding with field 99 appended: what an
 // operation added by a newer binary looks like to this one.
-func withUnknownField(t testing.TB, cmd *rootkmsv1.Command) []byte {
+func withUnknownField(t testing.TB, cmd *statev1.Command) []byte {
 	b := encode(t, cmd)
-	b = protowire.AppendTag(b, 15, protowire.BytesType)
+	b = protowire.AppendTag(b, 99, protowire.BytesType)
 	return protowire.AppendBytes(b, []byte("a newer operation"))
 }
 
 func TestApplyPanicsOnNewerCommand(t *testing.T) {
-	noOp := &rootkmsv1.Command{FormatVersion: 1, Time: timestamppb.New(at(100))}
+	noOp := &statev1.Command{FormatVersion: 1, Time: timestamppb.New(at(100))}
 	create := rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(100))
 	tests := []struct {
 		name string
 		data []byte
 	}{
-		{"format 2", encode(t, modify(create, func(c *rootkmsv1.Command) { c.FormatVersion = 2 }))},
-		{"format 2 without operation", encode(t, modify(noOp, func(c *rootkmsv1.Command) { c.FormatVersion = 2 }))},
-		{"format max", encode(t, modify(create, func(c *rootkmsv1.Command) { c.FormatVersion = ^uint32(0) }))},
+		{"format 2", encode(t, modify(create, func(c *statev1.Command) { c.FormatVersion = 2 }))},
+		{"format 2 without operation", encode(t, modify(noOp, func(c *statev1.Command) { c.FormatVersion = 2 }))},
+		{"format max", encode(t, modify(create, func(c *statev1.Command) { c.FormatVersion = ^uint32(0) }))},
 		{"unknown operation", withUnknownField(t, noOp)},
-		{"unknown operation without time", withUnknownField(t, modify(noOp, func(c *rootkmsv1.Command) { c.Time = nil }))},
+		{"unknown operation without time", withUnknownField(t, modify(noOp, func(c *statev1.Command) { c.Time = nil }))},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -375,7 +375,7 @@ func TestIndexes(t *testing.T) {
 	f := rootkmstest.NewFSM()
 	steps := []struct {
 		index         uint64
-		cmd           *rootkmsv1.Command
+		cmd           *statev1.Command
 		wantStateIdx  uint64
 		wantAppliedIx uint64
 	}{
@@ -458,24 +458,24 @@ func TestEncodeCommand(t *testing.T) {
 	if err != nil {
 		t.Fatalf("EncodeCommand(create) = %v", err)
 	}
-	b2, _ := fsm.EncodeCommand(proto.Clone(create).(*rootkmsv1.Command))
+	b2, _ := fsm.EncodeCommand(proto.Clone(create).(*statev1.Command))
 	if !slices.Equal(b1, b2) {
 		t.Errorf("EncodeCommand(create) = %x then %x, want equal bytes", b1, b2)
 	}
-	var back rootkmsv1.Command
+	var back statev1.Command
 	if err := proto.Unmarshal(b1, &back); err != nil || !proto.Equal(&back, create) {
 		t.Errorf("Unmarshal(EncodeCommand(create)) = %v, %v, want %v", &back, err, create)
 	}
 
 	refused := []struct {
 		name string
-		cmd  *rootkmsv1.Command
+		cmd  *statev1.Command
 	}{
-		{"format 0", modify(create, func(c *rootkmsv1.Command) { c.FormatVersion = 0 })},
-		{"format 2", modify(create, func(c *rootkmsv1.Command) { c.FormatVersion = 2 })},
-		{"no operation", modify(create, func(c *rootkmsv1.Command) { c.Op = nil })},
-		{"no time", modify(create, func(c *rootkmsv1.Command) { c.Time = nil })},
-		{"time at epoch", modify(create, func(c *rootkmsv1.Command) { c.Time = &timestamppb.Timestamp{} })},
+		{"format 0", modify(create, func(c *statev1.Command) { c.FormatVersion = 0 })},
+		{"format 2", modify(create, func(c *statev1.Command) { c.FormatVersion = 2 })},
+		{"no operation", modify(create, func(c *statev1.Command) { c.Op = nil })},
+		{"no time", modify(create, func(c *statev1.Command) { c.Time = nil })},
+		{"time at epoch", modify(create, func(c *statev1.Command) { c.Time = &timestamppb.Timestamp{} })},
 		{"nil", nil},
 	}
 	for _, tt := range refused {

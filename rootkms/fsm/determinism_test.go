@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
@@ -11,7 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
@@ -48,7 +49,7 @@ func (g *generator) kcv() []byte {
 	return kcv
 }
 
-func (g *generator) next(s *fsm.State) *rootkmsv1.Command {
+func (g *generator) next(s *fsm.State) *statev1.Command {
 	g.now = g.now.Add(time.Duration(1+g.r.IntN(3600)) * time.Second)
 	regions := s.Regions()
 	// region picks an existing region most of the time, any name otherwise.
@@ -138,8 +139,8 @@ func generate(t *testing.T, seed uint64, n int) run {
 	}
 	// The sequence must exercise every operation and every transition, and
 	// refusals, or the comparisons below prove little.
-	for _, kind := range []string{"*rootkmsv1.Command_CreateRegion", "*rootkmsv1.Command_AddRegionKeyVersion",
-		"*rootkmsv1.Command_SetRegionKeyVersionStatus", "*rootkmsv1.Command_RegisterMember", "*rootkmsv1.Command_DeregisterMember",
+	for _, kind := range []string{"*statev1.Command_CreateRegion", "*statev1.Command_AddRegionKeyVersion",
+		"*statev1.Command_SetRegionKeyVersionStatus", "*statev1.Command_RegisterMember", "*statev1.Command_DeregisterMember",
 		"KEY_STATUS_PRIMARY", "KEY_STATUS_ENABLED", "KEY_STATUS_DISABLED", "KEY_STATUS_DESTROYED"} {
 		if accepted[kind] == 0 {
 			t.Errorf("seed %d: no accepted %s among %d commands (accepted %v)", seed, kind, n, accepted)
@@ -214,7 +215,8 @@ func sameRegion(a, b *fsm.Region) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	if a.Name != b.Name || !a.CreatedAt.Equal(b.CreatedAt) || len(a.Versions) != len(b.Versions) {
+	if a.Name != b.Name || !a.CreatedAt.Equal(b.CreatedAt) || len(a.Versions) != len(b.Versions) ||
+		!slices.Equal(a.ServedKeyVersions, b.ServedKeyVersions) || !a.ServedObservedAt.Equal(b.ServedObservedAt) {
 		return false
 	}
 	for i, v := range a.Versions {

@@ -1,14 +1,16 @@
 // Package fsm is the Raft state machine of the root KMS: the region master
-// keys, each version wrapped (encrypted) by the root master key (RMK), and the
-// replicas' API addresses.
+// keys, each version wrapped (encrypted) by the root master key (RMK), the
+// customer keysets (the system of record: policy, version lifecycle, and one
+// copy per region encrypted under the region key), the replicas' API
+// addresses, and the request table that makes writes idempotent.
 //
 // The FSM never sees plaintext keys and imports no gRPC. It follows
 // hashicorp/raft's contract: Apply is deterministic (it uses only the command's
 // bytes, never the clock, randomness or map order), Snapshot only captures a
 // pointer to the immutable current State, and Persist does the IO.
 //
-// Commands and snapshots are the rootkmsv1.Command and rootkmsv1.Snapshot
-// messages of proto/cairn/rootkms/v1/state.proto, format version 1.
+// Commands and snapshots are the statev1.Command and statev1.Snapshot
+// messages of proto/cairn/rootkms/state/v1/state.proto, format version 1.
 package fsm
 
 import (
@@ -26,7 +28,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/region"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 )
 
 // FormatVersion is the Command and Snapshot format this package writes and
@@ -54,11 +56,25 @@ var (
 	// ErrInvalidName: a region name does not match ^[a-z][a-z0-9-]{0,62}$.
 	ErrInvalidName = region.ErrInvalidName
 	// ErrInvalidCommand: the command is malformed (undecodable bytes, format
-	// version 0, no operation, missing time, empty member fields).
+	// version 0, no operation, missing time, empty member fields, an invalid
+	// keyset name, record, step, policy or observation, or keyset copies that
+	// do not match the keyset's regions and version states).
 	ErrInvalidCommand = errors.New("fsm: invalid command")
 	// ErrInvalidSnapshot: Restore refused a snapshot (too large, undecodable,
 	// unknown format or inconsistent state).
 	ErrInvalidSnapshot = errors.New("fsm: invalid snapshot")
+	// ErrKeysetExists: create_keyset names a keyset that exists. Keysets are
+	// never deleted, so a name is never reused.
+	ErrKeysetExists = errors.New("fsm: keyset exists")
+	// ErrNoKeyset: the command names a keyset that does not exist.
+	ErrNoKeyset = errors.New("fsm: no such keyset")
+	// ErrNoKeysetVersion: update_keyset names a key ID the keyset does not
+	// have.
+	ErrNoKeysetVersion = errors.New("fsm: no such keyset version")
+	// ErrStaleRevision: a keyset change was made against another revision
+	// than the record's (another change came first); read the keyset again
+	// and redo the change.
+	ErrStaleRevision = errors.New("fsm: stale keyset revision")
 	// ErrUnsupportedCommand is what Apply panics with (wrapped) when a log
 	// entry was written by a newer binary: a format version above
 	// FormatVersion, or an operation this binary does not know.
@@ -68,11 +84,23 @@ var (
 // Result is what Apply returns for a LogCommand entry; the proposer gets it
 // from raft.ApplyFuture.Response().
 type Result struct {
-	// Region is the region after the change, for accepted region commands;
-	// nil otherwise. It is shared with the published State: read-only.
+	// Region is the region after the change, for accepted region commands
+	// and record_propagation; nil otherwise. It is shared with the published
+	// State: read-only.
 	Region *Region
-	// Err is nil if the command was applied. Otherwise it wraps one of the
-	// package's sentinel errors and the state did not change.
+	// Keyset is the keyset record after the change, for accepted keyset
+	// commands (create_keyset, update_keyset, set_keyset_policy); nil
+	// otherwise. It is shared with the published State: read-only.
+	Keyset *statev1.KeysetRecord
+	// Duplicate is true if the command was not applied because the State
+	// remembers an accepted command with the same identity and request_id
+	// (State.Request). Err is then nil, the State is unchanged, and Region or
+	// Keyset is the current record of the remembered command's subject, if it
+	// is a region or keyset (it may have changed since).
+	Duplicate bool
+	// Err is nil if the command was applied (or is a Duplicate). Otherwise it
+	// wraps one of the package's sentinel errors and the state did not
+	// change; a refused command is not remembered in the request table.
 	Err error
 }
 
@@ -134,6 +162,11 @@ func (f *FSM) AppliedIndex() uint64 { return f.applied.Load() }
 // upgraded before it applies this log. Malformed entries that no binary could
 // apply (undecodable, format_version 0, no operation at all) are refused with
 // ErrInvalidCommand rather than halting every replica on every replay.
+//
+// An accepted command with a request_id is remembered in the State's request
+// table (see RequestRecord and MaxRequests). A later well-formed command with
+// the same identity and request_id is not applied, whatever its operation:
+// Apply returns a Result with Duplicate set and leaves the State untouched.
 func (f *FSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
@@ -145,7 +178,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 }
 
 func (f *FSM) applyCommand(l *raft.Log) *Result {
-	var cmd rootkmsv1.Command
+	var cmd statev1.Command
 	if err := proto.Unmarshal(l.Data, &cmd); err != nil {
 		// The proto error text is not stable across binaries; leave it out
 		// so that the result is the same on every replica.
@@ -163,9 +196,20 @@ func (f *FSM) applyCommand(l *raft.Log) *Result {
 	if latest := prev.Latest(); at.Before(latest) {
 		at = latest
 	}
+	if id := cmd.GetRequestId(); id != "" {
+		if r, ok := prev.requests.lookup(cmd.GetIdentity(), id); ok {
+			return prev.duplicate(r)
+		}
+	}
 	next, res := f.apply(prev, &cmd, at)
 	if res.Err == nil {
 		next.index = l.Index
+		if id := cmd.GetRequestId(); id != "" {
+			subject, keyID := requestSubject(&cmd)
+			next.requests = prev.requests.with(RequestRecord{
+				Identity: cmd.GetIdentity(), RequestID: id, Index: l.Index, Subject: subject, KeyID: keyID,
+			})
+		}
 		f.state.Store(next)
 	}
 	return res
@@ -173,7 +217,7 @@ func (f *FSM) applyCommand(l *raft.Log) *Result {
 
 // checkFormat refuses malformed commands and panics on commands of a newer
 // binary (see Apply).
-func checkFormat(index uint64, cmd *rootkmsv1.Command) error {
+func checkFormat(index uint64, cmd *statev1.Command) error {
 	switch v := cmd.GetFormatVersion(); {
 	case v > FormatVersion:
 		panic(fmt.Errorf("%w: log entry %d has command format version %d; this binary understands %d: upgrade it before it applies this log",
@@ -209,25 +253,33 @@ func unknownFields(b []byte) []protowire.Number {
 
 // apply computes the State after cmd. On refusal it returns (nil, Result with
 // Err) and builds nothing that escapes.
-func (f *FSM) apply(s *State, cmd *rootkmsv1.Command, at time.Time) (*State, *Result) {
+func (f *FSM) apply(s *State, cmd *statev1.Command, at time.Time) (*State, *Result) {
 	switch op := cmd.GetOp().(type) {
-	case *rootkmsv1.Command_CreateRegion:
+	case *statev1.Command_CreateRegion:
 		return f.createRegion(s, op.CreateRegion, at)
-	case *rootkmsv1.Command_AddRegionKeyVersion:
+	case *statev1.Command_AddRegionKeyVersion:
 		return f.addVersion(s, op.AddRegionKeyVersion, at)
-	case *rootkmsv1.Command_SetRegionKeyVersionStatus:
+	case *statev1.Command_SetRegionKeyVersionStatus:
 		return setStatus(s, op.SetRegionKeyVersionStatus, at)
-	case *rootkmsv1.Command_RegisterMember:
+	case *statev1.Command_RegisterMember:
 		m := op.RegisterMember.GetMember()
 		if err := validMember(m); err != nil {
 			return nil, &Result{Err: err}
 		}
 		return s.withMember(Member{ID: m.GetId(), APIAddress: m.GetApiAddress()}), &Result{}
-	case *rootkmsv1.Command_DeregisterMember:
+	case *statev1.Command_DeregisterMember:
 		if op.DeregisterMember.GetId() == "" {
 			return nil, &Result{Err: fmt.Errorf("%w: deregister_member without id", ErrInvalidCommand)}
 		}
 		return s.withoutMember(op.DeregisterMember.GetId()), &Result{}
+	case *statev1.Command_CreateKeyset:
+		return createKeyset(s, op.CreateKeyset, cmd.GetIdentity(), at)
+	case *statev1.Command_UpdateKeyset:
+		return updateKeyset(s, op.UpdateKeyset, at)
+	case *statev1.Command_SetKeysetPolicy:
+		return setKeysetPolicy(s, op.SetKeysetPolicy, at)
+	case *statev1.Command_RecordPropagation:
+		return recordPropagation(s, op.RecordPropagation, at)
 	default:
 		// A oneof case the generated code knows but this switch does not:
 		// a programming error in this package, caught by the tests.
@@ -235,7 +287,7 @@ func (f *FSM) apply(s *State, cmd *rootkmsv1.Command, at time.Time) (*State, *Re
 	}
 }
 
-func validMember(m *rootkmsv1.MemberRecord) error {
+func validMember(m *statev1.MemberRecord) error {
 	if m.GetId() == "" || m.GetApiAddress() == "" {
 		return fmt.Errorf("%w: member needs an id and an api_address", ErrInvalidCommand)
 	}
@@ -244,7 +296,7 @@ func validMember(m *rootkmsv1.MemberRecord) error {
 
 // checkKey checks a new version's wrapped material: number want, non-empty,
 // under this FSM's RMK.
-func (f *FSM) checkKey(k *rootkmsv1.WrappedRegionKeyVersion, region string, want uint32) error {
+func (f *FSM) checkKey(k *statev1.WrappedRegionKeyVersion, region string, want uint32) error {
 	if k.GetVersion() != want {
 		return fmt.Errorf("%w: region %q: got version %d, want %d", ErrBadVersion, region, k.GetVersion(), want)
 	}
@@ -257,7 +309,7 @@ func (f *FSM) checkKey(k *rootkmsv1.WrappedRegionKeyVersion, region string, want
 	return nil
 }
 
-func (f *FSM) createRegion(s *State, c *rootkmsv1.CreateRegionCommand, at time.Time) (*State, *Result) {
+func (f *FSM) createRegion(s *State, c *statev1.CreateRegionCommand, at time.Time) (*State, *Result) {
 	name := c.GetRegion()
 	if err := ValidRegionName(name); err != nil {
 		return nil, &Result{Err: err}
@@ -278,7 +330,7 @@ func (f *FSM) createRegion(s *State, c *rootkmsv1.CreateRegionCommand, at time.T
 	return s.withRegion(r), &Result{Region: r}
 }
 
-func (f *FSM) addVersion(s *State, c *rootkmsv1.AddRegionKeyVersionCommand, at time.Time) (*State, *Result) {
+func (f *FSM) addVersion(s *State, c *statev1.AddRegionKeyVersionCommand, at time.Time) (*State, *Result) {
 	old, ok := s.Region(c.GetRegion())
 	if !ok {
 		return nil, &Result{Err: fmt.Errorf("%w: %q", ErrNoRegion, c.GetRegion())}
@@ -298,7 +350,7 @@ func (f *FSM) addVersion(s *State, c *rootkmsv1.AddRegionKeyVersionCommand, at t
 	return s.withRegion(r), &Result{Region: r}
 }
 
-func setStatus(s *State, c *rootkmsv1.SetRegionKeyVersionStatusCommand, at time.Time) (*State, *Result) {
+func setStatus(s *State, c *statev1.SetRegionKeyVersionStatusCommand, at time.Time) (*State, *Result) {
 	old, ok := s.Region(c.GetRegion())
 	if !ok {
 		return nil, &Result{Err: fmt.Errorf("%w: %q", ErrNoRegion, c.GetRegion())}
@@ -356,7 +408,7 @@ func (r *Region) demotePrimary(at time.Time) {
 // without format_version FormatVersion, an operation or a valid time, which
 // Apply would refuse or halt on; it does not check the operation against any
 // State, which only Apply can do.
-func EncodeCommand(c *rootkmsv1.Command) ([]byte, error) {
+func EncodeCommand(c *statev1.Command) ([]byte, error) {
 	if c.GetFormatVersion() != FormatVersion {
 		return nil, fmt.Errorf("%w: format version %d, want %d", ErrInvalidCommand, c.GetFormatVersion(), FormatVersion)
 	}

@@ -9,7 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
@@ -28,14 +28,17 @@ func FuzzApply(f *testing.F) {
 	) {
 		f.Add(encode(f, cmd))
 	}
-	noOp := &rootkmsv1.Command{FormatVersion: 1, Time: timestamppb.New(at(100))}
+	for _, cmd := range keysetSeeds() {
+		f.Add(encode(f, cmd))
+	}
+	noOp := &statev1.Command{FormatVersion: 1, Time: timestamppb.New(at(100))}
 	f.Add(withUnknownField(f, noOp))
-	f.Add(encode(f, modify(noOp, func(c *rootkmsv1.Command) { c.FormatVersion = 2 })))
+	f.Add(encode(f, modify(noOp, func(c *statev1.Command) { c.FormatVersion = 2 })))
 	f.Add([]byte{})
 	f.Add([]byte{0xff})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// The oracle: what the bytes say about their version and operation.
-		var cmd rootkmsv1.Command
+		var cmd statev1.Command
 		decodes := proto.Unmarshal(data, &cmd) == nil
 		newer := decodes && (cmd.GetFormatVersion() > 1 ||
 			cmd.GetFormatVersion() == 1 && cmd.GetOp() == nil && len(cmd.ProtoReflect().GetUnknown()) > 0)
@@ -88,6 +91,8 @@ func FuzzRestore(f *testing.F) {
 	f.Add(rootkmstest.SnapshotBytes(f, setupFSM(f)))
 	f.Add(rootkmstest.SnapshotBytes(f, rootkmstest.NewFSM()))
 	f.Add(rootkmstest.SnapshotBytes(f, bigFSM(f, 3)))
+	withKeysets, _ := keysetFSM(f)
+	f.Add(rootkmstest.SnapshotBytes(f, withKeysets))
 	other := fsm.New("other-genesis", kcv)
 	f.Add(rootkmstest.SnapshotBytes(f, other))
 	f.Add([]byte{})
@@ -105,7 +110,7 @@ func FuzzRestore(f *testing.F) {
 			}
 			return
 		}
-		var snap rootkmsv1.Snapshot
+		var snap statev1.Snapshot
 		if uerr := proto.Unmarshal(data, &snap); uerr != nil || snap.GetFormatVersion() != 1 ||
 			snap.GetGenesisId() != rootkmstest.GenesisID || !bytes.Equal(snap.GetRmkKcv(), kcv) {
 			t.Fatalf("Restore(%x) accepted a snapshot that is not format 1 of this lineage (%v)", data, uerr)

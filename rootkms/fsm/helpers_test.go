@@ -11,7 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
@@ -33,7 +33,7 @@ func applyBytes(f *fsm.FSM, data []byte) any {
 
 // encode returns cmd's bytes, bypassing EncodeCommand's checks so that tests
 // can build commands EncodeCommand would refuse.
-func encode(t testing.TB, cmd *rootkmsv1.Command) []byte {
+func encode(t testing.TB, cmd *statev1.Command) []byte {
 	t.Helper()
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(cmd)
 	if err != nil {
@@ -43,7 +43,7 @@ func encode(t testing.TB, cmd *rootkmsv1.Command) []byte {
 }
 
 // apply applies cmd as the next entry of f and returns the Result.
-func apply(t testing.TB, f *fsm.FSM, cmd *rootkmsv1.Command) *fsm.Result {
+func apply(t testing.TB, f *fsm.FSM, cmd *statev1.Command) *fsm.Result {
 	t.Helper()
 	out := applyBytes(f, encode(t, cmd))
 	res, ok := out.(*fsm.Result)
@@ -54,7 +54,7 @@ func apply(t testing.TB, f *fsm.FSM, cmd *rootkmsv1.Command) *fsm.Result {
 }
 
 // mustApply applies cmds in order, failing t on any refusal.
-func mustApply(t testing.TB, f *fsm.FSM, cmds ...*rootkmsv1.Command) {
+func mustApply(t testing.TB, f *fsm.FSM, cmds ...*statev1.Command) {
 	t.Helper()
 	for _, cmd := range cmds {
 		if res := apply(t, f, cmd); res.Err != nil {
@@ -87,8 +87,8 @@ const (
 // euSetup builds region "eu" with versions 1 (ENABLED, superseded), 2
 // (PRIMARY), 3 (DISABLED), 4 (DESTROYED), 5 (ENABLED), region "us" with
 // version 1, and member node-1.
-func euSetup() []*rootkmsv1.Command {
-	return []*rootkmsv1.Command{
+func euSetup() []*statev1.Command {
+	return []*statev1.Command{
 		rootkmstest.CreateRegion("eu", rootkmstest.Wrapped("eu", 1), kcv, at(0)),
 		rootkmstest.AddVersion("eu", 2, rootkmstest.Wrapped("eu", 2), kcv, true, at(10)),
 		rootkmstest.AddVersion("eu", 3, rootkmstest.Wrapped("eu", 3), kcv, false, at(20)),

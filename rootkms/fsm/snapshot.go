@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -11,8 +12,9 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/keysets"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 )
 
 // MaxSnapshotSize bounds the snapshot Restore reads: 64 MiB, far above any
@@ -34,7 +36,7 @@ type snapshot struct {
 	kcv       []byte // never modified
 }
 
-// Persist writes one rootkmsv1.Snapshot (format version 1, this FSM's lineage,
+// Persist writes one statev1.Snapshot (format version 1, this FSM's lineage,
 // regions sorted by name, members sorted by ID) in deterministic proto
 // encoding to sink, then closes it; on any error it cancels the sink instead.
 // Equal States of the same lineage give equal bytes.
@@ -57,29 +59,37 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 // State.
 func (s *snapshot) Release() {}
 
-// record returns s as a Snapshot message. It shares the wrapped keys with s:
-// the message must only be read.
-func (s *State) record(genesisID string, kcv []byte) *rootkmsv1.Snapshot {
-	out := &rootkmsv1.Snapshot{
+// record returns s as a Snapshot message. It shares the wrapped keys and the
+// keyset records with s: the message must only be read.
+func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
+	out := &statev1.Snapshot{
 		FormatVersion: FormatVersion,
 		GenesisId:     genesisID,
 		RmkKcv:        kcv,
-		Regions:       make([]*rootkmsv1.RegionRecord, len(s.regions)),
-		Members:       make([]*rootkmsv1.MemberRecord, len(s.members)),
+		Regions:       make([]*statev1.RegionRecord, len(s.regions)),
+		Members:       make([]*statev1.MemberRecord, len(s.members)),
+		Keysets:       s.keysets,
 	}
 	for i, r := range s.regions {
-		rr := &rootkmsv1.RegionRecord{
-			Name:      r.Name,
-			CreatedAt: timestamp(r.CreatedAt),
-			Versions:  make([]*rootkmsv1.RegionKeyVersionRecord, len(r.Versions)),
+		rr := &statev1.RegionRecord{
+			Name:              r.Name,
+			CreatedAt:         timestamp(r.CreatedAt),
+			Versions:          make([]*statev1.RegionKeyVersionRecord, len(r.Versions)),
+			ServedKeyVersions: r.ServedKeyVersions,
+			ServedObservedAt:  timestamp(r.ServedObservedAt),
 		}
 		for j := range r.Versions {
-			rr.Versions[j] = &rootkmsv1.RegionKeyVersionRecord{Key: r.Versions[j].Key, Info: r.Versions[j].info()}
+			rr.Versions[j] = &statev1.RegionKeyVersionRecord{Key: r.Versions[j].Key, Info: r.Versions[j].info()}
 		}
 		out.Regions[i] = rr
 	}
 	for i, m := range s.members {
-		out.Members[i] = &rootkmsv1.MemberRecord{Id: m.ID, ApiAddress: m.APIAddress}
+		out.Members[i] = &statev1.MemberRecord{Id: m.ID, ApiAddress: m.APIAddress}
+	}
+	for _, r := range s.requests.all() {
+		out.Requests = append(out.Requests, &statev1.RequestRecord{
+			Identity: r.Identity, RequestId: r.RequestID, Index: r.Index, Subject: r.Subject, KeyId: r.KeyID,
+		})
 	}
 	return out
 }
@@ -90,7 +100,11 @@ func (s *State) record(genesisID string, kcv []byte) *rootkmsv1.Snapshot {
 // FormatVersion, or does not describe a state Apply could have built: region
 // names valid, sorted and unique; versions numbered 1..n; exactly one PRIMARY
 // per region; DESTROYED versions without material and the others with material
-// under this FSM's RMK; members with an id and an address, sorted and unique.
+// under this FSM's RMK; served region key versions sorted, unique and
+// existing; members with an id and an address, sorted and unique; keysets as
+// checkKeyset describes; at most MaxRequests requests, oldest first (strictly
+// increasing index), with unique (identity, request_id) pairs, a request_id,
+// a subject and no error (this binary remembers only accepted commands).
 // A snapshot of another genesis ID or RMK KCV, or holding a key under another
 // RMK, is refused with ErrWrongRMK. On any error the state is unchanged.
 //
@@ -117,7 +131,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 
 // decodeSnapshot parses and validates a persisted snapshot.
 func (f *FSM) decodeSnapshot(b []byte) (*State, error) {
-	var snap rootkmsv1.Snapshot
+	var snap statev1.Snapshot
 	if err := proto.Unmarshal(b, &snap); err != nil {
 		return nil, fmt.Errorf("%w: does not decode", ErrInvalidSnapshot)
 	}
@@ -152,10 +166,65 @@ func (f *FSM) decodeSnapshot(b []byte) (*State, error) {
 		}
 		s.members[i] = m
 	}
+	for _, r := range s.regions {
+		s.latest = later(s.latest, regionLatest(r))
+	}
+	s.keysets = snap.GetKeysets()
+	for i, k := range s.keysets {
+		if err := checkKeyset(s, k); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidSnapshot, err)
+		}
+		if i > 0 && strings.Compare(s.keysets[i-1].GetName(), k.GetName()) >= 0 {
+			return nil, fmt.Errorf("%w: keyset %q after %q: not sorted or duplicate", ErrInvalidSnapshot, k.GetName(), s.keysets[i-1].GetName())
+		}
+		s.latest = later(s.latest, keysetLatest(k))
+	}
+	if len(s.keysets) == 0 {
+		s.keysets = nil
+	}
+	reqs, err := decodeRequests(snap.GetRequests())
+	if err != nil {
+		return nil, err
+	}
+	if len(reqs) > 0 {
+		s.requests = newRequestTable(reqs)
+	}
 	return s, nil
 }
 
-func (f *FSM) decodeRegion(rr *rootkmsv1.RegionRecord) (*Region, error) {
+// decodeRequests checks and converts a snapshot's request table.
+func decodeRequests(rs []*statev1.RequestRecord) ([]RequestRecord, error) {
+	if len(rs) > MaxRequests {
+		return nil, fmt.Errorf("%w: %d requests, at most %d", ErrInvalidSnapshot, len(rs), MaxRequests)
+	}
+	out := make([]RequestRecord, len(rs))
+	seen := make(map[requestKey]bool, len(rs))
+	for i, rr := range rs {
+		r := RequestRecord{Identity: rr.GetIdentity(), RequestID: rr.GetRequestId(), Index: rr.GetIndex(), Subject: rr.GetSubject(), KeyID: rr.GetKeyId()}
+		bad := func(why string) ([]RequestRecord, error) {
+			return nil, fmt.Errorf("%w: request %d (%q, %q): %s", ErrInvalidSnapshot, i, r.Identity, r.RequestID, why)
+		}
+		switch {
+		case r.RequestID == "":
+			return bad("no request_id")
+		case r.Index == 0:
+			return bad("no index")
+		case i > 0 && r.Index <= out[i-1].Index:
+			return bad("index not above the previous request's: not oldest first")
+		case seen[r.key()]:
+			return bad("pair remembered twice")
+		case !validSubject(r.Subject):
+			return bad(fmt.Sprintf("subject %q", r.Subject))
+		case rr.GetErrorKind() != "" || rr.GetError() != "":
+			return bad("a refusal; this binary remembers only accepted commands")
+		}
+		seen[r.key()] = true
+		out[i] = r
+	}
+	return out, nil
+}
+
+func (f *FSM) decodeRegion(rr *statev1.RegionRecord) (*Region, error) {
 	if err := ValidRegionName(rr.GetName()); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidSnapshot, err)
 	}
@@ -163,6 +232,23 @@ func (f *FSM) decodeRegion(rr *rootkmsv1.RegionRecord) (*Region, error) {
 		return nil, fmt.Errorf("%w: region %q: created_at missing or invalid", ErrInvalidSnapshot, rr.GetName())
 	}
 	r := &Region{Name: rr.GetName(), CreatedAt: rr.GetCreatedAt().AsTime(), Versions: make([]Version, len(rr.GetVersions()))}
+	if ts := rr.GetServedObservedAt(); ts != nil {
+		if !validTime(ts) {
+			return nil, fmt.Errorf("%w: region %q: served_observed_at invalid", ErrInvalidSnapshot, r.Name)
+		}
+		r.ServedObservedAt = ts.AsTime()
+	}
+	if sv := rr.GetServedKeyVersions(); len(sv) > 0 {
+		if r.ServedObservedAt.IsZero() {
+			return nil, fmt.Errorf("%w: region %q: served_key_versions without served_observed_at", ErrInvalidSnapshot, r.Name)
+		}
+		for i, v := range sv {
+			if v == 0 || v > uint32(len(rr.GetVersions())) || i > 0 && sv[i-1] >= v {
+				return nil, fmt.Errorf("%w: region %q: served_key_versions %v: not sorted, unique versions of the region", ErrInvalidSnapshot, r.Name, sv)
+			}
+		}
+		r.ServedKeyVersions = sv
+	}
 	if len(r.Versions) == 0 {
 		return nil, fmt.Errorf("%w: region %q has no versions", ErrInvalidSnapshot, r.Name)
 	}
@@ -183,7 +269,7 @@ func (f *FSM) decodeRegion(rr *rootkmsv1.RegionRecord) (*Region, error) {
 	return r, nil
 }
 
-func (f *FSM) decodeVersion(region string, n uint32, vr *rootkmsv1.RegionKeyVersionRecord) (Version, error) {
+func (f *FSM) decodeVersion(region string, n uint32, vr *statev1.RegionKeyVersionRecord) (Version, error) {
 	bad := func(format string, args ...any) (Version, error) {
 		return Version{}, fmt.Errorf("%w: region %q version %d: %s", ErrInvalidSnapshot, region, n, fmt.Sprintf(format, args...))
 	}
@@ -233,4 +319,114 @@ func (f *FSM) decodeVersion(region string, n uint32, vr *rootkmsv1.RegionKeyVers
 		return Version{}, fmt.Errorf("%w: %w", ErrInvalidSnapshot, err)
 	}
 	return v, nil
+}
+
+// checkKeyset checks a restored keyset record against the rest of s (its
+// regions): what Apply could have built. The name is valid; regions are
+// non-empty, sorted, unique and exist; created_at and updated_at are set and
+// the revision is at least 1; rotation_period is unset or not negative;
+// ttl_history is contiguous periods of positive TTLs, every one closed but the
+// last; versions have unique non-zero key IDs, valid states, exactly one
+// PRIMARY, and the times their states imply; propagated and usage are sorted
+// by region, one per region of the keyset, with valid times, and encrypt_count
+// is the sum of the usage counts; copies are one per region, named right,
+// under an existing region key version, with public metadata matching the
+// states (the region key version need not be usable any more: a region key
+// may be disabled after the copies were made under it).
+func checkKeyset(s *State, k *statev1.KeysetRecord) error {
+	name := k.GetName()
+	if err := keysets.ValidName(name); err != nil {
+		return err
+	}
+	if err := validRegions(k.GetRegions()); err != nil {
+		return fmt.Errorf("keyset %q: %w", name, err)
+	}
+	for _, r := range k.GetRegions() {
+		if _, ok := s.findRegion(r); !ok {
+			return fmt.Errorf("keyset %q: no region %q", name, r)
+		}
+	}
+	if !validTime(k.GetCreatedAt()) || !validTime(k.GetUpdatedAt()) || k.GetRevision() == 0 {
+		return fmt.Errorf("keyset %q: created_at, updated_at or revision missing or invalid", name)
+	}
+	if p := k.GetRotationPeriod(); p != nil && !validDuration(p, true) {
+		return fmt.Errorf("keyset %q: rotation_period invalid or negative", name)
+	}
+	hist := k.GetTtlHistory()
+	if len(hist) == 0 {
+		return fmt.Errorf("keyset %q: no ttl_history", name)
+	}
+	for i, p := range hist {
+		last := i == len(hist)-1
+		switch {
+		case !validDuration(p.GetTtl(), false) || !validTime(p.GetFrom()):
+			return fmt.Errorf("keyset %q: ttl period %d: ttl or from missing or invalid", name, i)
+		case last && p.GetUntil() != nil:
+			return fmt.Errorf("keyset %q: the ttl period in force has an end", name)
+		case !last && (!validTime(p.GetUntil()) || p.GetUntil().AsTime().Before(p.GetFrom().AsTime()) ||
+			!hist[i+1].GetFrom().AsTime().Equal(p.GetUntil().AsTime())):
+			return fmt.Errorf("keyset %q: ttl period %d: until missing, invalid, before from or not the next period's from", name, i)
+		}
+	}
+	vs := k.GetVersions()
+	ids := make(map[uint32]bool, len(vs))
+	primaries := 0
+	regionIndex := func(r string) (int, bool) { return slices.BinarySearch(k.GetRegions(), r) }
+	for _, v := range vs {
+		where := fmt.Sprintf("keyset %q version %d", name, v.GetKeyId())
+		if v.GetKeyId() == 0 || ids[v.GetKeyId()] {
+			return fmt.Errorf("%s: key ID zero or twice", where)
+		}
+		ids[v.GetKeyId()] = true
+		st := v.GetState()
+		if st == ksPrimary {
+			primaries++
+		}
+		for _, t := range []struct {
+			name     string
+			ts       *timestamppb.Timestamp
+			required bool
+		}{
+			{"created_at", v.GetCreatedAt(), true},
+			{"primary_since", v.GetPrimarySince(), st == ksPrimary},
+			{"superseded_at", v.GetSupersededAt(), false},
+			{"disabled_at", v.GetDisabledAt(), st == ksDisabled || st == ksDestroyScheduled || st == ksDestroyed},
+			{"destroy_after", v.GetDestroyAfter(), st == ksDestroyScheduled || st == ksDestroyed},
+			{"destroyed_at", v.GetDestroyedAt(), st == ksDestroyed},
+		} {
+			if t.ts == nil && t.required || t.ts != nil && !validTime(t.ts) {
+				return fmt.Errorf("%s: %v with %s missing or invalid", where, st, t.name)
+			}
+		}
+		if st < ksEnabled || st > ksDestroyed {
+			return fmt.Errorf("%s: state %v", where, st)
+		}
+		for i, p := range v.GetPropagated() {
+			if _, ok := regionIndex(p.GetRegion()); !ok || !validTime(p.GetAt()) || i > 0 && v.GetPropagated()[i-1].GetRegion() >= p.GetRegion() {
+				return fmt.Errorf("%s: propagated %d: not sorted, unique regions of the keyset with a time", where, i)
+			}
+		}
+		for i, u := range v.GetUsage() {
+			if _, ok := regionIndex(u.GetRegion()); !ok || !validTime(u.GetObservedAt()) || i > 0 && v.GetUsage()[i-1].GetRegion() >= u.GetRegion() {
+				return fmt.Errorf("%s: usage %d: not sorted, unique regions of the keyset with a time", where, i)
+			}
+			for _, ts := range []*timestamppb.Timestamp{u.GetLastEncrypt(), u.GetLastUse()} {
+				if ts != nil && !validTime(ts) {
+					return fmt.Errorf("%s: usage %d: invalid time", where, i)
+				}
+			}
+		}
+		if v.GetEncryptCount() != encryptSum(v.GetUsage()) {
+			return fmt.Errorf("%s: encrypt_count %d, the usage sums to %d", where, v.GetEncryptCount(), encryptSum(v.GetUsage()))
+		}
+	}
+	if primaries != 1 {
+		return fmt.Errorf("keyset %q has %d primary versions, want 1", name, primaries)
+	}
+	return checkCopies(name, k.GetRegions(), vs, k.GetCopies(), func(region string, v uint32) error {
+		if r, _ := s.Region(region); v == 0 || uint64(v) > uint64(len(r.Versions)) {
+			return fmt.Errorf("region %q has no key version %d", region, v)
+		}
+		return nil
+	})
 }

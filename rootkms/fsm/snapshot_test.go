@@ -15,14 +15,14 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
 
-func decodeSnapshot(t testing.TB, b []byte) *rootkmsv1.Snapshot {
+func decodeSnapshot(t testing.TB, b []byte) *statev1.Snapshot {
 	t.Helper()
-	var s rootkmsv1.Snapshot
+	var s statev1.Snapshot
 	if err := proto.Unmarshal(b, &s); err != nil {
 		t.Fatalf("Unmarshal(snapshot) = %v", err)
 	}
@@ -41,8 +41,8 @@ func marshal(t testing.TB, m proto.Message) []byte {
 func TestPersist(t *testing.T) {
 	got := decodeSnapshot(t, rootkmstest.SnapshotBytes(t, setupFSM(t)))
 	ts := timestamppb.New
-	rec := func(region string, v uint32, hasKey bool, s cryptov1.KeyStatus, created, since, superseded, retired *timestamppb.Timestamp) *rootkmsv1.RegionKeyVersionRecord {
-		r := &rootkmsv1.RegionKeyVersionRecord{Info: &cryptov1.KeyVersionInfo{
+	rec := func(region string, v uint32, hasKey bool, s cryptov1.KeyStatus, created, since, superseded, retired *timestamppb.Timestamp) *statev1.RegionKeyVersionRecord {
+		r := &statev1.RegionKeyVersionRecord{Info: &cryptov1.KeyVersionInfo{
 			KeyId: v, Status: s, TypeUrl: fsm.TypeURL,
 			CreatedAt: created, PrimarySince: since, SupersededAt: superseded, RetiredAt: retired,
 		}}
@@ -51,23 +51,23 @@ func TestPersist(t *testing.T) {
 		}
 		return r
 	}
-	want := &rootkmsv1.Snapshot{
+	want := &statev1.Snapshot{
 		FormatVersion: 1,
 		GenesisId:     rootkmstest.GenesisID,
 		RmkKcv:        kcv,
-		Regions: []*rootkmsv1.RegionRecord{
-			{Name: "eu", CreatedAt: ts(at(0)), Versions: []*rootkmsv1.RegionKeyVersionRecord{
+		Regions: []*statev1.RegionRecord{
+			{Name: "eu", CreatedAt: ts(at(0)), Versions: []*statev1.RegionKeyVersionRecord{
 				rec("eu", 1, true, enabled, ts(at(0)), ts(at(0)), ts(at(10)), nil),
 				rec("eu", 2, true, primary, ts(at(10)), ts(at(10)), nil, nil),
 				rec("eu", 3, true, disabled, ts(at(20)), nil, nil, nil),
 				rec("eu", 4, false, destroyed, ts(at(40)), nil, nil, ts(at(42))),
 				rec("eu", 5, true, enabled, ts(at(50)), nil, nil, nil),
 			}},
-			{Name: "us", CreatedAt: ts(at(60)), Versions: []*rootkmsv1.RegionKeyVersionRecord{
+			{Name: "us", CreatedAt: ts(at(60)), Versions: []*statev1.RegionKeyVersionRecord{
 				rec("us", 1, true, primary, ts(at(60)), ts(at(60)), nil, nil),
 			}},
 		},
-		Members: []*rootkmsv1.MemberRecord{{Id: "node-1", ApiAddress: "10.0.0.1:8443"}},
+		Members: []*statev1.MemberRecord{{Id: "node-1", ApiAddress: "10.0.0.1:8443"}},
 	}
 	if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
 		t.Errorf("Persist() wrote (-want +got):\n%s", diff)
@@ -162,69 +162,69 @@ func TestRestoreRefuses(t *testing.T) {
 	base := decodeSnapshot(t, rootkmstest.SnapshotBytes(t, setupFSM(t)))
 	// In base, Regions[0] is eu with versions 1 ENABLED, 2 PRIMARY,
 	// 3 DISABLED, 4 DESTROYED, 5 ENABLED; Regions[1] is us.
-	eu := func(s *rootkmsv1.Snapshot) *rootkmsv1.RegionRecord { return s.Regions[0] }
-	ver := func(s *rootkmsv1.Snapshot, v int) *rootkmsv1.RegionKeyVersionRecord {
+	eu := func(s *statev1.Snapshot) *statev1.RegionRecord { return s.Regions[0] }
+	ver := func(s *statev1.Snapshot, v int) *statev1.RegionKeyVersionRecord {
 		return s.Regions[0].Versions[v-1]
 	}
 	readErr := errors.New("read failed")
 	tests := []struct {
 		name   string
-		mutate func(*rootkmsv1.Snapshot) // applied to a copy of base, or
-		raw    []byte                    // these bytes, or
-		reader io.Reader                 // this reader
-		want   error                     // nil: any error
+		mutate func(*statev1.Snapshot) // applied to a copy of base, or
+		raw    []byte                  // these bytes, or
+		reader io.Reader               // this reader
+		want   error                   // nil: any error
 	}{
-		{name: "other genesis", mutate: func(s *rootkmsv1.Snapshot) { s.GenesisId = "other" }, want: fsm.ErrWrongRMK},
-		{name: "no genesis", mutate: func(s *rootkmsv1.Snapshot) { s.GenesisId = "" }, want: fsm.ErrWrongRMK},
-		{name: "other KCV", mutate: func(s *rootkmsv1.Snapshot) { s.RmkKcv = []byte{1, 2, 3} }, want: fsm.ErrWrongRMK},
-		{name: "no KCV", mutate: func(s *rootkmsv1.Snapshot) { s.RmkKcv = nil }, want: fsm.ErrWrongRMK},
+		{name: "other genesis", mutate: func(s *statev1.Snapshot) { s.GenesisId = "other" }, want: fsm.ErrWrongRMK},
+		{name: "no genesis", mutate: func(s *statev1.Snapshot) { s.GenesisId = "" }, want: fsm.ErrWrongRMK},
+		{name: "other KCV", mutate: func(s *statev1.Snapshot) { s.RmkKcv = []byte{1, 2, 3} }, want: fsm.ErrWrongRMK},
+		{name: "no KCV", mutate: func(s *statev1.Snapshot) { s.RmkKcv = nil }, want: fsm.ErrWrongRMK},
 		{name: "truncated", raw: marshal(t, base)[:len(marshal(t, base))/2], want: fsm.ErrInvalidSnapshot},
 		{name: "garbage", raw: []byte("this is not a snapshot at all"), want: fsm.ErrInvalidSnapshot},
 		{name: "empty", raw: []byte{}, want: fsm.ErrInvalidSnapshot},
-		{name: "format 2", mutate: func(s *rootkmsv1.Snapshot) { s.FormatVersion = 2 }, want: fsm.ErrInvalidSnapshot},
-		{name: "format 0", mutate: func(s *rootkmsv1.Snapshot) { s.FormatVersion = 0 }, want: fsm.ErrInvalidSnapshot},
+		{name: "format 2", mutate: func(s *statev1.Snapshot) { s.FormatVersion = 2 }, want: fsm.ErrInvalidSnapshot},
+		{name: "format 0", mutate: func(s *statev1.Snapshot) { s.FormatVersion = 0 }, want: fsm.ErrInvalidSnapshot},
 		{name: "oversize", reader: io.LimitReader(zeros{}, fsm.MaxSnapshotSize+1), want: fsm.ErrInvalidSnapshot},
 		{name: "read error", reader: errReader{readErr}, want: readErr},
 
-		{name: "duplicate region", mutate: func(s *rootkmsv1.Snapshot) {
-			s.Regions = slices.Insert(s.Regions, 1, proto.Clone(s.Regions[0]).(*rootkmsv1.RegionRecord))
+		{name: "duplicate region", mutate: func(s *statev1.Snapshot) {
+			s.Regions = slices.Insert(s.Regions, 1, proto.Clone(s.Regions[0]).(*statev1.RegionRecord))
 		}, want: fsm.ErrInvalidSnapshot},
-		{name: "regions not sorted", mutate: func(s *rootkmsv1.Snapshot) { s.Regions[0], s.Regions[1] = s.Regions[1], s.Regions[0] }, want: fsm.ErrInvalidSnapshot},
-		{name: "invalid region name", mutate: func(s *rootkmsv1.Snapshot) { eu(s).Name = "EU" }, want: fsm.ErrInvalidName},
-		{name: "region without created_at", mutate: func(s *rootkmsv1.Snapshot) { eu(s).CreatedAt = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "region without versions", mutate: func(s *rootkmsv1.Snapshot) { eu(s).Versions = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "gap in versions", mutate: func(s *rootkmsv1.Snapshot) { eu(s).Versions = slices.Delete(eu(s).Versions, 2, 3) }, want: fsm.ErrInvalidSnapshot},
-		{name: "versions out of order", mutate: func(s *rootkmsv1.Snapshot) {
+		{name: "regions not sorted", mutate: func(s *statev1.Snapshot) { s.Regions[0], s.Regions[1] = s.Regions[1], s.Regions[0] }, want: fsm.ErrInvalidSnapshot},
+		{name: "invalid region name", mutate: func(s *statev1.Snapshot) { eu(s).Name = "EU" }, want: fsm.ErrInvalidName},
+		{name: "region without created_at", mutate: func(s *statev1.Snapshot) { eu(s).CreatedAt = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "region without versions", mutate: func(s *statev1.Snapshot) { eu(s).Versions = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "gap in versions", mutate: func(s *statev1.Snapshot) { eu(s).Versions = slices.Delete(eu(s).Versions, 2, 3) }, want: fsm.ErrInvalidSnapshot},
+		{name: "versions out of order", mutate: func(s *statev1.Snapshot) {
 			vs := eu(s).Versions
 			vs[2], vs[4] = vs[4], vs[2]
 		}, want: fsm.ErrInvalidSnapshot},
-		{name: "key numbered differently", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 3).Key.Version = 9 }, want: fsm.ErrBadVersion},
-		{name: "two primaries", mutate: func(s *rootkmsv1.Snapshot) {
+		{name: "key numbered differently", mutate: func(s *statev1.Snapshot) { ver(s, 3).Key.Version = 9 }, want: fsm.ErrBadVersion},
+		{name: "two primaries", mutate: func(s *statev1.Snapshot) {
 			ver(s, 5).Info.Status = primary
 			ver(s, 5).Info.PrimarySince = ver(s, 5).Info.CreatedAt
 		}, want: fsm.ErrInvalidSnapshot},
-		{name: "no primary", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 2).Info.Status = enabled }, want: fsm.ErrInvalidSnapshot},
-		{name: "destroyed with material", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 4).Key = key("eu", 4) }, want: fsm.ErrInvalidSnapshot},
-		{name: "destroyed without retired_at", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 4).Info.RetiredAt = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "disabled without material", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 3).Key = nil }, want: fsm.ErrBadVersion},
-		{name: "empty wrapped key", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 5).Key.WrappedKey = nil }, want: fsm.ErrBadVersion},
-		{name: "key under other RMK", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 5).Key.RmkKcv = []byte{1, 2, 3} }, want: fsm.ErrWrongRMK},
-		{name: "no info", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 1).Info = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "other type_url", mutate: func(s *rootkmsv1.Snapshot) {
+		{name: "no primary", mutate: func(s *statev1.Snapshot) { ver(s, 2).Info.Status = enabled }, want: fsm.ErrInvalidSnapshot},
+		{name: "destroyed with material", mutate: func(s *statev1.Snapshot) { ver(s, 4).Key = key("eu", 4) }, want: fsm.ErrInvalidSnapshot},
+		{name: "destroyed without retired_at", mutate: func(s *statev1.Snapshot) { ver(s, 4).Info.RetiredAt = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "disabled without material", mutate: func(s *statev1.Snapshot) { ver(s, 3).Key = nil }, want: fsm.ErrBadVersion},
+		{name: "empty wrapped key", mutate: func(s *statev1.Snapshot) { ver(s, 5).Key.WrappedKey = nil }, want: fsm.ErrBadVersion},
+		{name: "key under other RMK", mutate: func(s *statev1.Snapshot) { ver(s, 5).Key.RmkKcv = []byte{1, 2, 3} }, want: fsm.ErrWrongRMK},
+		{name: "no info", mutate: func(s *statev1.Snapshot) { ver(s, 1).Info = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "other type_url", mutate: func(s *statev1.Snapshot) {
 			ver(s, 1).Info.TypeUrl = "type.googleapis.com/google.crypto.tink.AesSivKey"
 		}, want: fsm.ErrInvalidSnapshot},
-		{name: "version without created_at", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 1).Info.CreatedAt = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "primary without primary_since", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 2).Info.PrimarySince = nil }, want: fsm.ErrInvalidSnapshot},
-		{name: "invalid superseded_at", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 1).Info.SupersededAt.Nanos = 2e9 }, want: fsm.ErrInvalidSnapshot},
-		{name: "status unspecified", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 5).Info.Status = unspecified }, want: fsm.ErrInvalidSnapshot},
-		{name: "status unknown", mutate: func(s *rootkmsv1.Snapshot) { ver(s, 5).Info.Status = 99 }, want: fsm.ErrInvalidSnapshot},
+		{name: "version without created_at", mutate: func(s *statev1.Snapshot) { ver(s, 1).Info.CreatedAt = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "primary without primary_since", mutate: func(s *statev1.Snapshot) { ver(s, 2).Info.PrimarySince = nil }, want: fsm.ErrInvalidSnapshot},
+		{name: "invalid superseded_at", mutate: func(s *statev1.Snapshot) { ver(s, 1).Info.SupersededAt.Nanos = 2e9 }, want: fsm.ErrInvalidSnapshot},
+		{name: "status unspecified", mutate: func(s *statev1.Snapshot) { ver(s, 5).Info.Status = unspecified }, want: fsm.ErrInvalidSnapshot},
+		{name: "status unknown", mutate: func(s *statev1.Snapshot) { ver(s, 5).Info.Status = 99 }, want: fsm.ErrInvalidSnapshot},
 
-		{name: "duplicate member", mutate: func(s *rootkmsv1.Snapshot) { s.Members = append(s.Members, s.Members[0]) }, want: fsm.ErrInvalidSnapshot},
-		{name: "members not sorted", mutate: func(s *rootkmsv1.Snapshot) {
-			s.Members = append(s.Members, &rootkmsv1.MemberRecord{Id: "a", ApiAddress: "a:1"})
+		{name: "duplicate member", mutate: func(s *statev1.Snapshot) { s.Members = append(s.Members, s.Members[0]) }, want: fsm.ErrInvalidSnapshot},
+		{name: "members not sorted", mutate: func(s *statev1.Snapshot) {
+			s.Members = append(s.Members, &statev1.MemberRecord{Id: "a", ApiAddress: "a:1"})
 		}, want: fsm.ErrInvalidSnapshot},
-		{name: "member without address", mutate: func(s *rootkmsv1.Snapshot) { s.Members[0].ApiAddress = "" }, want: fsm.ErrInvalidSnapshot},
-		{name: "member without id", mutate: func(s *rootkmsv1.Snapshot) { s.Members[0].Id = "" }, want: fsm.ErrInvalidSnapshot},
+		{name: "member without address", mutate: func(s *statev1.Snapshot) { s.Members[0].ApiAddress = "" }, want: fsm.ErrInvalidSnapshot},
+		{name: "member without id", mutate: func(s *statev1.Snapshot) { s.Members[0].Id = "" }, want: fsm.ErrInvalidSnapshot},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -235,7 +235,7 @@ func TestRestoreRefuses(t *testing.T) {
 			if r == nil {
 				b := tt.raw
 				if b == nil {
-					s := proto.Clone(base).(*rootkmsv1.Snapshot)
+					s := proto.Clone(base).(*statev1.Snapshot)
 					tt.mutate(s)
 					b = marshal(t, s)
 				}
@@ -279,12 +279,12 @@ func TestRestoreAcceptsMaxSize(t *testing.T) {
 // bigFSM returns an FSM holding n regions, restored from a snapshot.
 func bigFSM(t testing.TB, n int) *fsm.FSM {
 	t.Helper()
-	snap := &rootkmsv1.Snapshot{FormatVersion: 1, GenesisId: rootkmstest.GenesisID, RmkKcv: kcv}
+	snap := &statev1.Snapshot{FormatVersion: 1, GenesisId: rootkmstest.GenesisID, RmkKcv: kcv}
 	for i := range n {
 		name := fmt.Sprintf("r%05d", i)
-		snap.Regions = append(snap.Regions, &rootkmsv1.RegionRecord{
+		snap.Regions = append(snap.Regions, &statev1.RegionRecord{
 			Name: name, CreatedAt: timestamppb.New(at(0)),
-			Versions: []*rootkmsv1.RegionKeyVersionRecord{{Key: key(name, 1), Info: &cryptov1.KeyVersionInfo{
+			Versions: []*statev1.RegionKeyVersionRecord{{Key: key(name, 1), Info: &cryptov1.KeyVersionInfo{
 				KeyId: 1, Status: primary, TypeUrl: fsm.TypeURL, CreatedAt: timestamppb.New(at(0)), PrimarySince: timestamppb.New(at(0)),
 			}}},
 		})

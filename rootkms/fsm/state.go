@@ -8,7 +8,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 )
 
 // TypeURL is the Tink key type of every region master key version, reported in
@@ -25,7 +25,7 @@ type Version struct {
 	// Key is the version's material wrapped by the RMK. It is nil once the
 	// version is DESTROYED: the FSM forgets the wrapped material then, so no
 	// later snapshot carries it.
-	Key *rootkmsv1.WrappedRegionKeyVersion
+	Key *statev1.WrappedRegionKeyVersion
 	// Status is ENABLED, PRIMARY, DISABLED or DESTROYED.
 	Status cryptov1.KeyStatus
 	// CreatedAt is when the version was added. The times below are zero while
@@ -68,6 +68,14 @@ type Region struct {
 	// Versions holds versions 1..n in order: Versions[i].Version == i+1.
 	// Exactly one of them is PRIMARY.
 	Versions []Version
+	// ServedKeyVersions are the region key versions the region's KMS
+	// servers' bundles were last seen to need (from record_propagation),
+	// sorted and unique, at ServedObservedAt (zero: never observed). A
+	// version listed here is still in use.
+	ServedKeyVersions []uint32
+	// ServedObservedAt is the time of the record_propagation command that
+	// set ServedKeyVersions.
+	ServedObservedAt time.Time
 }
 
 // Primary returns the region's PRIMARY version. The second result is false
@@ -114,32 +122,54 @@ type Member struct {
 // FSM publishes a new State for every accepted command and never changes one
 // it has published, so a reader may keep and use a State as long as it likes.
 type State struct {
-	regions []*Region // sorted by Name, unique
-	members []Member  // sorted by ID, unique
-	index   uint64
+	regions  []*Region               // sorted by Name, unique
+	members  []Member                // sorted by ID, unique
+	keysets  []*statev1.KeysetRecord // sorted by name, unique; never modified
+	requests *requestTable           // nil when empty
+	// latest is what Latest returns, kept up to date by every command
+	// (computing it would scan every keyset on every Apply).
+	latest time.Time
+	index  uint64
 }
 
 // Latest returns the latest instant recorded anywhere in the state (zero for
-// an empty state). Apply never records an earlier time than this: proposers'
-// clocks may disagree across leader changes, and a supersession time that
-// went backwards would shorten the Safety Condition's ciphertext TTL window.
-func (s *State) Latest() time.Time {
-	var latest time.Time
-	for _, r := range s.regions {
-		for _, t := range []time.Time{r.CreatedAt} {
-			if t.After(latest) {
-				latest = t
-			}
+// an empty state): the region and region key version times, the times
+// ServedObservedAt, and every keyset time the FSM records (created_at,
+// updated_at, TTL period bounds, version created_at, primary_since,
+// superseded_at, disabled_at, destroyed_at, propagated and usage
+// observed_at). It leaves out the times that are not the FSM's clock: a
+// version's destroy_after (a future instant the proposer chose) and the
+// fleet's last_encrypt and last_use.
+//
+// Apply never records an earlier time than this: proposers' clocks may
+// disagree across leader changes, and a supersession time that went
+// backwards would shorten the Safety Condition's ciphertext TTL window.
+// Latest is O(1).
+func (s *State) Latest() time.Time { return s.latest }
+
+// regionLatest is the latest of r's times that Latest counts.
+func regionLatest(r *Region) time.Time {
+	latest := r.CreatedAt
+	later := func(t time.Time) {
+		if t.After(latest) {
+			latest = t
 		}
-		for _, v := range r.Versions {
-			for _, t := range []time.Time{v.CreatedAt, v.PrimarySince, v.SupersededAt, v.RetiredAt} {
-				if t.After(latest) {
-					latest = t
-				}
-			}
+	}
+	later(r.ServedObservedAt)
+	for _, v := range r.Versions {
+		for _, t := range []time.Time{v.CreatedAt, v.PrimarySince, v.SupersededAt, v.RetiredAt} {
+			later(t)
 		}
 	}
 	return latest
+}
+
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // Region returns the region called name, or false if there is none.
@@ -192,23 +222,33 @@ func (s *State) findMember(id string) (int, bool) {
 	})
 }
 
+// clone returns a shallow copy of s, to be changed and published as the next
+// State: its slices are s's, so replace them (never write through them).
+func (s *State) clone() *State {
+	c := *s
+	return &c
+}
+
 // withRegion returns a copy of s holding r in place of the region of the same
 // name, or in addition to the others if there is none. s is not changed.
 func (s *State) withRegion(r *Region) *State {
-	next := &State{regions: slices.Clone(s.regions), members: s.members}
+	next := s.clone()
+	next.regions = slices.Clone(s.regions)
 	i, ok := s.findRegion(r.Name)
 	if ok {
 		next.regions[i] = r
 	} else {
 		next.regions = slices.Insert(next.regions, i, r)
 	}
+	next.latest = later(s.latest, regionLatest(r))
 	return next
 }
 
 // withMember returns a copy of s holding m in place of the member of the same
 // ID, or in addition to the others if there is none. s is not changed.
 func (s *State) withMember(m Member) *State {
-	next := &State{regions: s.regions, members: slices.Clone(s.members)}
+	next := s.clone()
+	next.members = slices.Clone(s.members)
 	i, ok := s.findMember(m.ID)
 	if ok {
 		next.members[i] = m
@@ -220,7 +260,7 @@ func (s *State) withMember(m Member) *State {
 
 // withoutMember returns a copy of s without the member id. s is not changed.
 func (s *State) withoutMember(id string) *State {
-	next := &State{regions: s.regions, members: s.members}
+	next := s.clone()
 	if i, ok := s.findMember(id); ok {
 		next.members = slices.Delete(slices.Clone(s.members), i, i+1)
 	}

@@ -35,6 +35,11 @@ type Config struct {
 	SnapshotThreshold uint64
 	// Logger receives raft's logs.
 	Logger *slog.Logger
+	// WrapLogStore, if not nil, wraps the Raft log store Raft runs with (the
+	// bolt store): a seam for tests and fault injection (a slow or failing
+	// StoreLogs). Bootstrap and the start-up checks use the bolt store
+	// directly. Nil in production.
+	WrapLogStore func(raft.LogStore) raft.LogStore
 }
 
 // Node is an open Raft node and the stores it owns.
@@ -115,7 +120,11 @@ func Open(cfg Config) (*Node, error) {
 			}
 		}
 	}
-	r, err := raft.NewRaft(rc, cfg.FSM, store, store, snaps, cfg.Transport)
+	var logs raft.LogStore = store
+	if cfg.WrapLogStore != nil {
+		logs = cfg.WrapLogStore(store)
+	}
+	r, err := raft.NewRaft(rc, cfg.FSM, logs, store, snaps, cfg.Transport)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("raftnode: starting raft (a snapshot in %s may be corrupt or of another cluster): %w", filepath.Join(cfg.Dir, "snapshots"), err)

@@ -17,7 +17,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	"github.com/cairnkms/cairn/internal/secret"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 )
@@ -82,7 +82,7 @@ func (k *Key) gcm() (cipher.AEAD, error) {
 }
 
 // Wrap encrypts one region key version's material.
-func (k *Key) Wrap(region string, version uint32, material secret.Bytes) (*rootkmsv1.WrappedRegionKeyVersion, error) {
+func (k *Key) Wrap(region string, version uint32, material secret.Bytes) (*statev1.WrappedRegionKeyVersion, error) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	g, err := k.gcm()
@@ -93,7 +93,7 @@ func (k *Key) Wrap(region string, version uint32, material secret.Bytes) (*rootk
 	_, _ = rand.Read(nonce)
 	pt := material.Data()
 	defer clear(pt)
-	return &rootkmsv1.WrappedRegionKeyVersion{
+	return &statev1.WrappedRegionKeyVersion{
 		Version:    version,
 		WrappedKey: g.Seal(nonce, nonce, pt, k.associatedData(region, version)),
 		RmkKcv:     k.KCV(),
@@ -101,7 +101,7 @@ func (k *Key) Wrap(region string, version uint32, material secret.Bytes) (*rootk
 }
 
 // Unwrap decrypts one region key version's material.
-func (k *Key) Unwrap(region string, w *rootkmsv1.WrappedRegionKeyVersion) (secret.Bytes, error) {
+func (k *Key) Unwrap(region string, w *statev1.WrappedRegionKeyVersion) (secret.Bytes, error) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	g, err := k.gcm()

@@ -8,7 +8,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/cairnkms/cairn/internal/secret"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/rootkms/rootkey"
 	"github.com/cairnkms/cairn/safe"
@@ -58,7 +58,7 @@ func TestWrapUnwrap(t *testing.T) {
 		t.Errorf("Unwrap under another lineage = %v, want ErrUnwrap", err)
 	}
 	for _, bad := range [][]byte{nil, {1, 2, 3}, append(bytes.Clone(w.GetWrappedKey()[:len(w.GetWrappedKey())-1]), 0)} {
-		w2 := &rootkmsv1.WrappedRegionKeyVersion{Version: w.GetVersion(), WrappedKey: bad, RmkKcv: w.GetRmkKcv()}
+		w2 := &statev1.WrappedRegionKeyVersion{Version: w.GetVersion(), WrappedKey: bad, RmkKcv: w.GetRmkKcv()}
 		if _, err := k.Unwrap("us-east", w2); !errors.Is(err, rootkey.ErrUnwrap) {
 			t.Errorf("Unwrap(%x) = %v, want ErrUnwrap", bad, err)
 		}

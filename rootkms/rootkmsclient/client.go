@@ -1,11 +1,20 @@
 // Package rootkmsclient calls a root KMS cluster: it follows a follower's
-// redirect to the leader, tries the next replica when one is unreachable,
-// and remembers the leader. It is apart from package rootkms so that its
-// users (regional KMS servers, regionctl) do not link the Raft replica.
+// redirect to the leader, tries the next replica when one is unreachable or
+// the outcome of an attempt is unknown, and remembers the leader. It is apart
+// from package rootkms so that its users (regional KMS servers, regionctl) do
+// not link the Raft replica.
+//
+// Retrying writes is safe because every call of Do carries one request ID
+// (gRPC metadata RequestIDHeader) on all its attempts, and the root KMS
+// applies a write at most once per caller identity and request ID: the retry
+// of a write that was applied gets the answer of a successful write (the
+// record as it is now), not a second application.
 package rootkmsclient
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -15,8 +24,10 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 )
@@ -25,7 +36,8 @@ import (
 // with FAILED_PRECONDITION carrying an ErrorInfo of ErrorDomain and
 // ReasonNotLeader, whose metadata names the leader's API address under
 // LeaderAddressKey (when known); an error after which a write may or may not
-// have been applied carries ReasonOutcomeUnknown (read before retrying).
+// have been applied carries ReasonOutcomeUnknown: retrying it with the same
+// request ID (RequestIDHeader) is safe, the write is applied at most once.
 const (
 	ErrorDomain          = "cairn.rootkms.v1"
 	ReasonNotLeader      = "NOT_LEADER"
@@ -40,8 +52,9 @@ type Client struct {
 	creds credentials.TransportCredentials
 	addrs []string
 
-	// electionWait is ElectionWait (tests shorten it).
-	electionWait time.Duration
+	// electionWait is ElectionWait and attemptTimeout AttemptTimeout
+	// (tests shorten them).
+	electionWait, attemptTimeout time.Duration
 
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
@@ -58,14 +71,58 @@ const maxHops = 6
 const ElectionWait = 5 * time.Second
 
 // AttemptTimeout bounds one attempt against one replica, so a dead or paused
-// leader costs at most this much before the next replica is tried.
+// leader costs at most this much before the next replica is tried. The
+// attempt it cuts short may still be applied by the server: its retry carries
+// the same request ID, so it is not applied twice.
 const AttemptTimeout = 3 * time.Second
+
+// RequestIDHeader is the gRPC metadata key of a call's request ID (the audit
+// log's: audit.RequestIDHeader). The root KMS records it in the Raft command
+// of a write and applies a write at most once per caller identity and
+// request ID.
+const RequestIDHeader = audit.RequestIDHeader
+
+// MaxRequestIDLen bounds a request ID. A request ID is 1 to MaxRequestIDLen
+// characters of [A-Za-z0-9-_.:]; the server replaces any other by one of its
+// own, which makes a retry unrecognisable.
+const MaxRequestIDLen = 64
+
+// WithRequestID returns a context whose calls through Do carry id as their
+// request ID on every attempt, instead of one Do makes up. Pin one when the
+// same logical write may be sent by several Do calls (a controller that
+// resumes after a crash, a test that records the ID): the root KMS applies it
+// at most once. id must be valid (see MaxRequestIDLen); the same id for a
+// different write makes the second one answer as a retry of the first.
+func WithRequestID(ctx context.Context, id string) context.Context {
+	md, _ := metadata.FromOutgoingContext(ctx)
+	md = md.Copy()
+	md.Set(RequestIDHeader, id)
+	return metadata.NewOutgoingContext(ctx, md)
+}
+
+// RequestIDFrom returns the request ID ctx carries in its outgoing metadata
+// (set by WithRequestID or by Do), or "".
+func RequestIDFrom(ctx context.Context) string {
+	md, _ := metadata.FromOutgoingContext(ctx)
+	if v := md.Get(RequestIDHeader); len(v) > 0 {
+		return v[len(v)-1]
+	}
+	return ""
+}
+
+// NewRequestID returns a fresh random request ID (32 hex digits).
+func NewRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return hex.EncodeToString(b[:])
+}
 
 // NewClient returns a client that dials the given API addresses with src's
 // identity, accepting only root KMS replicas as servers.
 func New(src *identity.Source, addrs []string) *Client {
 	replicas, _ := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
-	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{}, electionWait: ElectionWait}
+	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{},
+		electionWait: ElectionWait, attemptTimeout: AttemptTimeout}
 }
 
 func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
@@ -85,7 +142,19 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 // Do runs call against the cluster: first the last known leader, then each
 // configured replica, following NOT_LEADER redirects. It returns call's last
 // error if no replica could serve it.
+//
+// Every attempt carries the same request ID (RequestIDHeader in the outgoing
+// metadata of the context call gets): the caller's, if ctx already carries
+// one (WithRequestID), otherwise a new one per Do. That makes an attempt of
+// unknown outcome safe to retry: one cut short by AttemptTimeout, a transport
+// failure after the request may have been sent, or an OUTCOME_UNKNOWN answer.
+// Do retries those (within ctx, maxHops and ElectionWait), and a write that
+// the server had applied is not applied again. call must make one RPC with
+// the context it is given, and must not set the request ID itself.
 func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.RootKMSClient) error) error {
+	if RequestIDFrom(ctx) == "" {
+		ctx = WithRequestID(ctx, NewRequestID())
+	}
 	c.mu.Lock()
 	order := append([]string(nil), c.addrs...)
 	if c.leader != "" {
@@ -103,7 +172,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			lastErr = err
 			continue
 		}
-		actx, cancel := context.WithTimeout(ctx, AttemptTimeout)
+		actx, cancel := context.WithTimeout(ctx, c.attemptTimeout)
 		err = call(actx, rootkmsv1.NewRootKMSClient(cc))
 		cancel()
 		if err == nil {
@@ -117,14 +186,14 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 			return err
 		}
 		st := status.Convert(err)
+		code := st.Code()
 		if hasReason(st, ReasonOutcomeUnknown) {
-			// The write may have been applied: never retry it blindly.
-			return err
+			code = codes.Unavailable // whatever its code: retried as below
 		}
-		if st.Code() != codes.FailedPrecondition {
+		if code != codes.FailedPrecondition {
 			c.forgetLeader(addr)
 		}
-		switch st.Code() {
+		switch code {
 		case codes.FailedPrecondition:
 			leader := leaderFrom(st)
 			if leader == "" {
@@ -147,6 +216,10 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 				order = append([]string{leader}, order...)
 			}
 		case codes.Unavailable, codes.DeadlineExceeded:
+			// The replica is unreachable, the attempt ran out of
+			// AttemptTimeout, or the outcome is unknown (OUTCOME_UNKNOWN
+			// is Unavailable): the write may have been applied, and the
+			// retry, with the same request ID, is not applied again.
 			tried[addr] = true
 			if len(order) == 0 {
 				// Every replica failed once: back off, go around again.

@@ -13,7 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 )
 
@@ -358,7 +358,7 @@ func (c *Cluster) WaitApplied(t testing.TB, index uint64) {
 // FSM's Result. It fails t if the command does not encode or raft does not
 // commit it (n not leader, leadership lost, timeout); a command the FSM
 // refuses is a Result with Err, not a failure.
-func (n *Node) Apply(t testing.TB, cmd *rootkmsv1.Command) *fsm.Result {
+func (n *Node) Apply(t testing.TB, cmd *statev1.Command) *fsm.Result {
 	t.Helper()
 	b, err := fsm.EncodeCommand(cmd)
 	if err != nil {

@@ -15,7 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 )
 
@@ -34,54 +34,54 @@ func Wrapped(region string, version uint32) []byte {
 	return fmt.Appendf(nil, "wrapped:%s:%d", region, version)
 }
 
-func command(at time.Time) *rootkmsv1.Command {
-	return &rootkmsv1.Command{FormatVersion: fsm.FormatVersion, Time: timestamppb.New(at)}
+func command(at time.Time) *statev1.Command {
+	return &statev1.Command{FormatVersion: fsm.FormatVersion, Time: timestamppb.New(at)}
 }
 
 // CreateRegion returns a create_region command whose version 1 is wrapped
 // under the RMK of kcv.
-func CreateRegion(name string, wrapped, kcv []byte, at time.Time) *rootkmsv1.Command {
+func CreateRegion(name string, wrapped, kcv []byte, at time.Time) *statev1.Command {
 	c := command(at)
-	c.Op = &rootkmsv1.Command_CreateRegion{CreateRegion: &rootkmsv1.CreateRegionCommand{
+	c.Op = &statev1.Command_CreateRegion{CreateRegion: &statev1.CreateRegionCommand{
 		Region:       name,
-		FirstVersion: &rootkmsv1.WrappedRegionKeyVersion{Version: 1, WrappedKey: wrapped, RmkKcv: kcv},
+		FirstVersion: &statev1.WrappedRegionKeyVersion{Version: 1, WrappedKey: wrapped, RmkKcv: kcv},
 	}}
 	return c
 }
 
 // AddVersion returns an add_region_key_version command.
-func AddVersion(region string, version uint32, wrapped, kcv []byte, makePrimary bool, at time.Time) *rootkmsv1.Command {
+func AddVersion(region string, version uint32, wrapped, kcv []byte, makePrimary bool, at time.Time) *statev1.Command {
 	c := command(at)
-	c.Op = &rootkmsv1.Command_AddRegionKeyVersion{AddRegionKeyVersion: &rootkmsv1.AddRegionKeyVersionCommand{
+	c.Op = &statev1.Command_AddRegionKeyVersion{AddRegionKeyVersion: &statev1.AddRegionKeyVersionCommand{
 		Region:      region,
-		Version:     &rootkmsv1.WrappedRegionKeyVersion{Version: version, WrappedKey: wrapped, RmkKcv: kcv},
+		Version:     &statev1.WrappedRegionKeyVersion{Version: version, WrappedKey: wrapped, RmkKcv: kcv},
 		MakePrimary: makePrimary,
 	}}
 	return c
 }
 
 // SetStatus returns a set_region_key_version_status command.
-func SetStatus(region string, version uint32, status cryptov1.KeyStatus, at time.Time) *rootkmsv1.Command {
+func SetStatus(region string, version uint32, status cryptov1.KeyStatus, at time.Time) *statev1.Command {
 	c := command(at)
-	c.Op = &rootkmsv1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &rootkmsv1.SetRegionKeyVersionStatusCommand{
+	c.Op = &statev1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &statev1.SetRegionKeyVersionStatusCommand{
 		Region: region, Version: version, Status: status,
 	}}
 	return c
 }
 
 // RegisterMember returns a register_member command.
-func RegisterMember(id, apiAddress string, at time.Time) *rootkmsv1.Command {
+func RegisterMember(id, apiAddress string, at time.Time) *statev1.Command {
 	c := command(at)
-	c.Op = &rootkmsv1.Command_RegisterMember{RegisterMember: &rootkmsv1.RegisterMemberCommand{
-		Member: &rootkmsv1.MemberRecord{Id: id, ApiAddress: apiAddress},
+	c.Op = &statev1.Command_RegisterMember{RegisterMember: &statev1.RegisterMemberCommand{
+		Member: &statev1.MemberRecord{Id: id, ApiAddress: apiAddress},
 	}}
 	return c
 }
 
 // DeregisterMember returns a deregister_member command.
-func DeregisterMember(id string, at time.Time) *rootkmsv1.Command {
+func DeregisterMember(id string, at time.Time) *statev1.Command {
 	c := command(at)
-	c.Op = &rootkmsv1.Command_DeregisterMember{DeregisterMember: &rootkmsv1.DeregisterMemberCommand{Id: id}}
+	c.Op = &statev1.Command_DeregisterMember{DeregisterMember: &statev1.DeregisterMemberCommand{Id: id}}
 	return c
 }
 

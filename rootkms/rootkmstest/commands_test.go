@@ -7,7 +7,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/rootkms/fsm"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest"
 )
@@ -18,7 +18,7 @@ func invariantFSM(t *testing.T) *fsm.FSM {
 	t.Helper()
 	f := rootkmstest.NewFSM()
 	kcv := rootkmstest.KCV()
-	for i, cmd := range []*rootkmsv1.Command{
+	for i, cmd := range []*statev1.Command{
 		rootkmstest.CreateRegion("eu", rootkmstest.Wrapped("eu", 1), kcv, at(0)),
 		rootkmstest.AddVersion("eu", 2, rootkmstest.Wrapped("eu", 2), kcv, true, at(1)),
 		rootkmstest.AddVersion("eu", 3, rootkmstest.Wrapped("eu", 3), kcv, false, at(2)),
@@ -59,12 +59,12 @@ func TestCheckInvariantsCatches(t *testing.T) {
 		{"version without CreatedAt", func(r *fsm.Region) { r.Versions[0].CreatedAt = time.Time{} }},
 		{"region without CreatedAt", func(r *fsm.Region) { r.CreatedAt = time.Time{} }},
 		{"destroyed with material", func(r *fsm.Region) {
-			r.Versions[2].Key = &rootkmsv1.WrappedRegionKeyVersion{Version: 3, WrappedKey: []byte{1}, RmkKcv: rootkmstest.KCV()}
+			r.Versions[2].Key = &statev1.WrappedRegionKeyVersion{Version: 3, WrappedKey: []byte{1}, RmkKcv: rootkmstest.KCV()}
 		}},
 		{"destroyed without RetiredAt", func(r *fsm.Region) { r.Versions[2].RetiredAt = time.Time{} }},
 		{"enabled without material", func(r *fsm.Region) { r.Versions[0].Key = nil }},
 		{"material under another RMK", func(r *fsm.Region) {
-			r.Versions[0].Key = &rootkmsv1.WrappedRegionKeyVersion{Version: 1, WrappedKey: []byte{1}, RmkKcv: []byte{9}}
+			r.Versions[0].Key = &statev1.WrappedRegionKeyVersion{Version: 1, WrappedKey: []byte{1}, RmkKcv: []byte{9}}
 		}},
 		{"unknown status", func(r *fsm.Region) { r.Versions[0].Status = 42 }},
 		{"no versions", func(r *fsm.Region) { r.Versions = r.Versions[:0] }},

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -77,15 +78,24 @@ func (r Outcome) String() string {
 type RegionOutput struct {
 	Outcome Outcome
 	Version uint32
+	// Retried: the write took more than one attempt (one request ID). Its
+	// success may then be the answer to a retry of a write an earlier
+	// attempt applied, which the root KMS gives from the region as it is at
+	// the retry: Version is that of the write or a later one.
+	Retried bool
 	// Err is the error's text, for the visualization.
 	Err string
 }
 
 // regionModel is a per-region register of the primary version (0: the
-// region does not exist). An operation of unknown outcome is given the
-// effect it would have had if it took effect; since it is given the end of
-// the history as its return time, the checker may also order it after every
-// other operation, which is the same as it never having happened.
+// region does not exist). An operation is one call through
+// rootkmsclient.Do, all its attempts with one request ID, from the first
+// attempt's call to Do's return: the root KMS applies it at most once. An
+// operation of unknown outcome is given the effect it would have had if it
+// took effect; since it is given the end of the history as its return time,
+// the checker may also order it after every other operation, which is the
+// same as it never having happened. A retried write that succeeded took
+// effect once, and its reply may show a later version (RegionOutput.Retried).
 var regionModel = porcupine.Model{
 	Partition: func(history []porcupine.Operation) [][]porcupine.Operation {
 		byRegion := map[string][]porcupine.Operation{}
@@ -112,7 +122,7 @@ var regionModel = porcupine.Model{
 		case OpCreate:
 			switch out.Outcome {
 			case OutcomeOK:
-				return v == 0 && out.Version == 1, uint32(1)
+				return v == 0 && (out.Version == 1 || out.Retried && out.Version > 1), uint32(1)
 			case OutcomeExists:
 				return v != 0, v
 			case OutcomeUnknown:
@@ -124,7 +134,7 @@ var regionModel = porcupine.Model{
 		case OpRotate:
 			switch out.Outcome {
 			case OutcomeOK:
-				return v != 0 && out.Version == v+1, v + 1
+				return v != 0 && (out.Version == v+1 || out.Retried && out.Version > v+1), v + 1
 			case OutcomeNotFound:
 				return v == 0, v
 			case OutcomeUnknown:
@@ -147,6 +157,9 @@ var regionModel = porcupine.Model{
 		in, out := input.(RegionInput), output.(RegionOutput)
 		switch out.Outcome {
 		case OutcomeOK:
+			if out.Retried {
+				return fmt.Sprintf("%s(%s) -> v%d (retried)", in.Op, in.Region, out.Version)
+			}
 			return fmt.Sprintf("%s(%s) -> v%d", in.Op, in.Region, out.Version)
 		case OutcomeUnknown:
 			return fmt.Sprintf("%s(%s) -> unknown (%s)", in.Op, in.Region, out.Err)
@@ -184,17 +197,20 @@ type History struct {
 // NewHistory starts an empty history; times are measured from now.
 func NewHistory() *History { return &History{start: time.Now()} }
 
-// Call is one operation in progress.
+// Call is one operation in progress: one call through rootkmsclient.Do,
+// however many attempts it makes.
 type Call struct {
-	h      *History
-	client int
-	in     RegionInput
-	id     string
-	at     int64
+	h        *History
+	client   int
+	in       RegionInput
+	id       string
+	at       int64
+	attempts atomic.Int32
 }
 
 // Begin records the invocation of in by client (a small integer naming
-// the caller, for the visualization).
+// the caller, for the visualization): call it once before Do, Attempt in
+// each attempt, and End with Do's result.
 func (h *History) Begin(client int, in RegionInput) *Call {
 	h.mu.Lock()
 	h.seq++
@@ -203,17 +219,23 @@ func (h *History) Begin(client int, in RegionInput) *Call {
 	return &Call{h: h, client: client, in: in, id: id, at: int64(time.Since(h.start))}
 }
 
-// RequestID is the call's own request ID. Send it as the request's
-// x-request-id (audit.RequestIDHeader): the root KMS puts it in the Raft
-// command of a write, which is how Resolve finds out whether a write of
+// RequestID is the call's own request ID. Send it as the x-request-id
+// (audit.RequestIDHeader) of every attempt: rootkmsclient.WithRequestID on
+// the context given to Do, or the metadata of a single direct call. The root
+// KMS applies a write at most once per request ID and puts the ID in the
+// write's Raft command, which is how Resolve finds out whether a write of
 // unknown outcome was committed.
 func (c *Call) RequestID() string { return c.id }
+
+// Attempt records that the call makes one more attempt.
+func (c *Call) Attempt() { c.attempts.Add(1) }
 
 // End records how the call ended: reply is the Region a successful call
 // returned, err the call's error. It returns the output recorded.
 func (c *Call) End(reply *rootkmsv1.Region, err error) RegionOutput {
 	ret := int64(time.Since(c.h.start))
 	out := Classify(c.in.Op, reply, err)
+	out.Retried = c.in.Op != OpGet && c.attempts.Load() > 1
 	c.h.mu.Lock()
 	defer c.h.mu.Unlock()
 	if out.Outcome == OutcomeUnknown && c.in.Op == OpGet {
@@ -328,6 +350,8 @@ type HistoryStats struct {
 	// unknown outcome that the log shows never took effect, PrunedCreates
 	// creates of unknown outcome that could have had none (see Checked).
 	DroppedReads, NeverCommitted, PrunedCreates int
+	// Retried counts the writes that took more than one attempt.
+	Retried int
 	// Resolved tells whether Resolve was called.
 	Resolved bool
 }
@@ -345,7 +369,7 @@ func (s HistoryStats) String() string {
 		}
 		out += fmt.Sprintf("%s %d", k, s.ByOutcome[k])
 	}
-	out += fmt.Sprintf("; left out: %d failed reads, ", s.DroppedReads)
+	out += fmt.Sprintf("; %d writes retried; left out: %d failed reads, ", s.Retried, s.DroppedReads)
 	if s.Resolved {
 		out += fmt.Sprintf("%d writes of unknown outcome never committed, ", s.NeverCommitted)
 	}
@@ -364,6 +388,9 @@ func (h *History) Stats() HistoryStats {
 		in, out := op.Input.(RegionInput), op.Output.(RegionOutput)
 		regions[in.Region] = true
 		s.ByOutcome[in.Op.String()+" "+out.Outcome.String()]++
+		if out.Retried {
+			s.Retried++
+		}
 	}
 	s.Regions = len(regions)
 	return s

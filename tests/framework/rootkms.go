@@ -15,6 +15,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/hpkeseal"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
@@ -312,7 +313,7 @@ func (r *Replica) CommittedRequestIDs(upTo uint64) map[string]bool {
 		if l.Type != raft.LogCommand {
 			continue
 		}
-		var cmd rootkmsv1.Command
+		var cmd statev1.Command
 		if err := proto.Unmarshal(l.Data, &cmd); err != nil {
 			r.w.T.Fatalf("%s: log entry %d: %v", path, i, err)
 		}

@@ -1,0 +1,535 @@
+package rootkms
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/keyset"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/internal/lifecycle"
+	"github.com/cairnkms/cairn/internal/safety"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/rootkms/fsm"
+	"github.com/cairnkms/cairn/rootkms/rootkey"
+)
+
+// The root KMS is the system of record for customer keysets: each keyset's
+// policy, the lifecycle of every version, and its copies, one per region,
+// encrypted under that region's master key. Every lifecycle step is made
+// here: the leader decrypts the copies, changes the keyset with Tink's
+// manager, re-encrypts a copy per region and proposes the step together
+// with the new copies, so the record and the copies never disagree. Steps
+// that could make a ciphertext undecryptable (promote, disable) are first
+// checked against the Safety Condition (internal/safety) with the record's
+// own propagation and usage observations.
+
+// keysetProto is the API view of a record; copies are left out unless asked.
+func keysetProto(r *statev1.KeysetRecord, withCopies bool, index uint64) *rootkmsv1.Keyset {
+	if !withCopies && len(r.GetCopies()) > 0 {
+		c := proto.CloneOf(r)
+		c.Copies = nil
+		r = c
+	}
+	return &rootkmsv1.Keyset{Record: r, CommitIndex: index}
+}
+
+// CreateKeyset implements RootKMS: the keyset is made here, recorded, and
+// leaves only encrypted under each region's primary key.
+func (s *Server) CreateKeyset(ctx context.Context, req *rootkmsv1.CreateKeysetRequest) (*rootkmsv1.Keyset, error) {
+	key, err := s.rootKey()
+	if err != nil {
+		return nil, err
+	}
+	name := req.GetName()
+	if err := keysets.ValidName(name); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	audit.AddTarget(ctx, audit.Target{Keyset: name})
+	regions := slices.Sorted(slices.Values(req.GetRegions()))
+	switch {
+	case len(regions) == 0:
+		return nil, status.Error(codes.InvalidArgument, "rootkms: a keyset needs at least one region")
+	case len(slices.Compact(slices.Clone(regions))) != len(regions):
+		return nil, status.Error(codes.InvalidArgument, "rootkms: a region is listed twice")
+	}
+	ttl, err := positiveDuration("ciphertext_ttl", req.GetCiphertextTtl(), true)
+	if err != nil {
+		return nil, err
+	}
+	rotation, err := positiveDuration("rotation_period", req.GetRotationPeriod(), false)
+	if err != nil {
+		return nil, err
+	}
+	template := req.GetTemplate()
+	if template == "" {
+		template = keysets.DefaultTemplate
+	}
+	h, err := keysets.Generate(template)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if dup, err := s.beginWrite(ctx, "keyset/"+name); dup != nil || err != nil {
+		return s.keysetAnswer(dup, err, true)
+	}
+	st := s.fsm.State()
+	if _, ok := st.Keyset(name); ok {
+		return nil, status.Errorf(codes.AlreadyExists, "rootkms: keyset %q exists; a keyset name is never reused (rotate it instead)", name)
+	}
+	copies, err := s.encryptCopies(key, st, h, name, regions, nil)
+	if err != nil {
+		return nil, err
+	}
+	primary := h.KeysetInfo().GetPrimaryKeyId()
+	caller, _ := identity.FromContext(ctx)
+	rec := &statev1.KeysetRecord{
+		Name:           name,
+		Regions:        regions,
+		CreatedBy:      caller.String(),
+		RotationPeriod: durationpb.New(rotation),
+		TtlHistory:     []*statev1.TtlPeriod{{Ttl: durationpb.New(ttl)}},
+		Versions:       []*statev1.KeysetVersionRecord{{KeyId: primary, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY, Template: template}},
+		Copies:         copies,
+		Revision:       1,
+		Purpose:        1,
+	}
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_CreateKeyset{CreateKeyset: &statev1.CreateKeysetCommand{Keyset: rec}}})
+	if err != nil {
+		return nil, err
+	}
+	audit.AddTarget(ctx, audit.Target{KeyVersion: primary})
+	return s.keysetAnswer(res, nil, true)
+}
+
+// keysetAnswer turns an apply result (or a replayed one) into the API answer.
+func (s *Server) keysetAnswer(res *fsm.Result, err error, withCopies bool) (*rootkmsv1.Keyset, error) {
+	if err != nil {
+		return nil, err
+	}
+	if res == nil || res.Keyset == nil {
+		return nil, status.Error(codes.Internal, "rootkms: the write was applied but its keyset is gone")
+	}
+	return keysetProto(res.Keyset, withCopies, s.fsm.State().Index()), nil
+}
+
+// positiveDuration checks an API duration: valid, not negative, and non-zero
+// if required.
+func positiveDuration(field string, d *durationpb.Duration, required bool) (time.Duration, error) {
+	if d == nil {
+		if required {
+			return 0, status.Errorf(codes.InvalidArgument, "rootkms: %s is required", field)
+		}
+		return 0, nil
+	}
+	if err := d.CheckValid(); err != nil {
+		return 0, status.Errorf(codes.InvalidArgument, "rootkms: %s: %v", field, err)
+	}
+	v := d.AsDuration()
+	if v < 0 || (required && v == 0) {
+		return 0, status.Errorf(codes.InvalidArgument, "rootkms: %s must be positive, got %v", field, v)
+	}
+	return v, nil
+}
+
+// encryptCopies encrypts h for every region, under the region key version
+// version(region) picks (nil: the region's primary).
+func (s *Server) encryptCopies(key *rootkey.Key, st *fsm.State, h *keyset.Handle, name string, regions []string, version func(region string) uint32) ([]*cryptov1.EncryptedKeyset, error) {
+	out := make([]*cryptov1.EncryptedKeyset, 0, len(regions))
+	for _, region := range regions {
+		r, ok := st.Region(region)
+		if !ok {
+			return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", region)
+		}
+		var v uint32
+		if version != nil {
+			v = version(region)
+		}
+		if v == 0 {
+			p, ok := r.Primary()
+			if !ok {
+				return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q has no primary key version", region)
+			}
+			v = p.Version
+		}
+		ek, err := s.encryptFor(key, st, h, name, region, v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ek)
+	}
+	return out, nil
+}
+
+// GetKeyset implements RootKMS (linearizable: via the leader).
+func (s *Server) GetKeyset(ctx context.Context, req *rootkmsv1.GetKeysetRequest) (*rootkmsv1.Keyset, error) {
+	audit.AddTarget(ctx, audit.Target{Keyset: req.GetName()})
+	if err := s.linearize(); err != nil {
+		return nil, err
+	}
+	st := s.fsm.State()
+	r, ok := st.Keyset(req.GetName())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no keyset %q", req.GetName())
+	}
+	return keysetProto(r, req.GetIncludeCopies(), st.Index()), nil
+}
+
+// ListKeysets implements RootKMS (linearizable: via the leader).
+func (s *Server) ListKeysets(ctx context.Context, req *rootkmsv1.ListKeysetsRequest) (*rootkmsv1.ListKeysetsResponse, error) {
+	if err := s.linearize(); err != nil {
+		return nil, err
+	}
+	st := s.fsm.State()
+	if req.GetRegion() != "" {
+		if _, ok := st.Region(req.GetRegion()); !ok {
+			return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
+		}
+	}
+	out := &rootkmsv1.ListKeysetsResponse{CommitIndex: st.Index()}
+	for _, r := range st.Keysets() {
+		if req.GetRegion() != "" && !slices.Contains(r.GetRegions(), req.GetRegion()) {
+			continue
+		}
+		out.Keysets = append(out.Keysets, keysetProto(r, req.GetIncludeCopies(), st.Index()))
+	}
+	return out, nil
+}
+
+// DefaultDestroyDelay is how long a scheduled destruction waits (and can be
+// undone) unless the request says otherwise.
+const DefaultDestroyDelay = 24 * time.Hour
+
+// UpdateKeyset implements RootKMS: one lifecycle step, checked against the
+// Safety Condition where it could lose data.
+func (s *Server) UpdateKeyset(ctx context.Context, req *rootkmsv1.UpdateKeysetRequest) (*rootkmsv1.Keyset, error) {
+	key, err := s.rootKey()
+	if err != nil {
+		return nil, err
+	}
+	step := req.GetStep()
+	audit.AddTarget(ctx, audit.Target{Keyset: req.GetName(), KeyVersion: req.GetKeyId(), Resource: "step " + stepName(step)})
+	var tmpl string
+	switch step {
+	case statev1.KeysetStep_KEYSET_STEP_ADD_VERSION:
+		tmpl = req.GetTemplate()
+		if tmpl == "" {
+			tmpl = keysets.DefaultTemplate
+		}
+		if _, err := keysets.Template(tmpl); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+	case statev1.KeysetStep_KEYSET_STEP_REWRAP:
+	case statev1.KeysetStep_KEYSET_STEP_PROMOTE, statev1.KeysetStep_KEYSET_STEP_DISABLE, statev1.KeysetStep_KEYSET_STEP_ENABLE,
+		statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, statev1.KeysetStep_KEYSET_STEP_UNDESTROY, statev1.KeysetStep_KEYSET_STEP_DESTROY:
+		if req.GetKeyId() == 0 {
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: step %s needs a key_id", stepName(step))
+		}
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "rootkms: unknown keyset step %v", step)
+	}
+	delay := DefaultDestroyDelay
+	if d := req.GetDestroyDelay(); d != nil {
+		if delay, err = positiveDuration("destroy_delay", d, false); err != nil {
+			return nil, err
+		}
+	}
+
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if dup, err := s.beginWrite(ctx, "keyset/"+req.GetName()); dup != nil || err != nil {
+		return s.keysetAnswer(dup, err, false)
+	}
+	st := s.fsm.State()
+	rec, ok := st.Keyset(req.GetName())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no keyset %q", req.GetName())
+	}
+	if rev := req.GetExpectedRevision(); rev != 0 && rev != rec.GetRevision() {
+		return nil, status.Errorf(codes.Aborted, "rootkms: keyset %q is at revision %d, not %d: someone else changed it; read it again", rec.GetName(), rec.GetRevision(), rev)
+	}
+	now := s.cfg.Now()
+	if err := s.checkStep(rec, step, req.GetKeyId(), now); err != nil {
+		return nil, err
+	}
+	h, err := s.openRecord(key, st, rec)
+	if err != nil {
+		return nil, err
+	}
+	cmd := &statev1.UpdateKeysetCommand{Name: rec.GetName(), ExpectedRevision: rec.GetRevision(), Step: step, KeyId: req.GetKeyId()}
+	m := keyset.NewManagerFromHandle(h)
+	var keyVersion func(region string) uint32 = copyVersion(rec) // REWRAP: nil (each region's primary)
+	switch step {
+	case statev1.KeysetStep_KEYSET_STEP_ADD_VERSION:
+		t, _ := keysets.Template(tmpl)
+		id, err := m.Add(t)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "rootkms: adding a key: %v", err)
+		}
+		cmd.KeyId, cmd.Template = id, tmpl
+	case statev1.KeysetStep_KEYSET_STEP_PROMOTE:
+		err = m.SetPrimary(req.GetKeyId())
+	case statev1.KeysetStep_KEYSET_STEP_DISABLE:
+		err = m.Disable(req.GetKeyId())
+	case statev1.KeysetStep_KEYSET_STEP_ENABLE:
+		err = m.Enable(req.GetKeyId())
+	case statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY:
+		cmd.DestroyAfter = timestamppb.New(now.Add(delay))
+	case statev1.KeysetStep_KEYSET_STEP_UNDESTROY:
+	case statev1.KeysetStep_KEYSET_STEP_DESTROY:
+		err = m.Delete(req.GetKeyId())
+	case statev1.KeysetStep_KEYSET_STEP_REWRAP:
+		keyVersion = nil
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: keyset %q key %d: %s: %v", rec.GetName(), req.GetKeyId(), stepName(step), err)
+	}
+	nh, err := m.Handle()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
+	}
+	if cmd.Copies, err = s.encryptCopies(key, st, nh, rec.GetName(), rec.GetRegions(), keyVersion); err != nil {
+		return nil, err
+	}
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_UpdateKeyset{UpdateKeyset: cmd}})
+	if err != nil {
+		return nil, err
+	}
+	if cmd.KeyId != 0 {
+		audit.AddTarget(ctx, audit.Target{KeyVersion: cmd.KeyId})
+	}
+	return s.keysetAnswer(res, nil, false)
+}
+
+// copyVersion keeps every copy under the region key version it is under.
+func copyVersion(rec *statev1.KeysetRecord) func(region string) uint32 {
+	return func(region string) uint32 {
+		for _, c := range rec.GetCopies() {
+			if c.GetRegion() == region {
+				return c.GetRegionKeyVersion()
+			}
+		}
+		return 0
+	}
+}
+
+// openRecord decrypts every copy of a recorded keyset and checks they hold
+// the same keys.
+func (s *Server) openRecord(key *rootkey.Key, st *fsm.State, rec *statev1.KeysetRecord) (*keyset.Handle, error) {
+	h, err := s.openCopies(key, st, rec.GetCopies())
+	if err != nil {
+		// The record is the leader's own; a copy that does not open is
+		// damage, not a caller's mistake.
+		return nil, status.Errorf(codes.Internal, "rootkms: keyset %q: the recorded copies do not open: %v", rec.GetName(), status.Convert(err).Message())
+	}
+	return h, nil
+}
+
+func stepName(s statev1.KeysetStep) string {
+	if n, ok := statev1.KeysetStep_name[int32(s)]; ok && s != 0 {
+		return n[len("KEYSET_STEP_"):]
+	}
+	return fmt.Sprintf("step(%d)", int32(s))
+}
+
+// SetKeysetPolicy implements RootKMS.
+func (s *Server) SetKeysetPolicy(ctx context.Context, req *rootkmsv1.SetKeysetPolicyRequest) (*rootkmsv1.Keyset, error) {
+	audit.AddTarget(ctx, audit.Target{Keyset: req.GetName()})
+	if req.GetRotationPeriod() == nil && req.GetCiphertextTtl() == nil {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: nothing to change: give a rotation_period or a ciphertext_ttl")
+	}
+	if _, err := positiveDuration("rotation_period", req.GetRotationPeriod(), false); err != nil {
+		return nil, err
+	}
+	if req.GetCiphertextTtl() != nil {
+		if _, err := positiveDuration("ciphertext_ttl", req.GetCiphertextTtl(), true); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := s.rootKey(); err != nil {
+		return nil, err
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if dup, err := s.beginWrite(ctx, "keyset/"+req.GetName()); dup != nil || err != nil {
+		return s.keysetAnswer(dup, err, false)
+	}
+	rec, ok := s.fsm.State().Keyset(req.GetName())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no keyset %q", req.GetName())
+	}
+	if rev := req.GetExpectedRevision(); rev != 0 && rev != rec.GetRevision() {
+		return nil, status.Errorf(codes.Aborted, "rootkms: keyset %q is at revision %d, not %d: someone else changed it; read it again", rec.GetName(), rec.GetRevision(), rev)
+	}
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_SetKeysetPolicy{SetKeysetPolicy: &statev1.SetKeysetPolicyCommand{
+		Name: rec.GetName(), ExpectedRevision: rec.GetRevision(), RotationPeriod: req.GetRotationPeriod(), CiphertextTtl: req.GetCiphertextTtl()}}})
+	return s.keysetAnswer(res, err, false)
+}
+
+// RecordPropagation implements RootKMS.
+func (s *Server) RecordPropagation(ctx context.Context, req *rootkmsv1.RecordPropagationRequest) (*rootkmsv1.RecordPropagationResponse, error) {
+	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
+	if len(req.GetRegionKeyVersions()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: an observation must list the region key versions the region's servers need (from KMSAdmin.GetStatus); none would let every old region key version retire")
+	}
+	if _, err := s.rootKey(); err != nil {
+		return nil, err
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+		if err != nil {
+			return nil, err
+		}
+		return &rootkmsv1.RecordPropagationResponse{CommitIndex: s.fsm.State().Index()}, nil
+	}
+	if _, ok := s.fsm.State().Region(req.GetRegion()); !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
+	}
+	if _, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_RecordPropagation{RecordPropagation: &statev1.RecordPropagationCommand{
+		Region: req.GetRegion(), Keysets: req.GetKeysets(), RegionKeyVersions: req.GetRegionKeyVersions()}}}); err != nil {
+		return nil, err
+	}
+	return &rootkmsv1.RecordPropagationResponse{CommitIndex: s.fsm.State().Index()}, nil
+}
+
+// RetireRegionKeyVersion implements RootKMS: an old region key version is
+// disabled once nothing needs it.
+func (s *Server) RetireRegionKeyVersion(ctx context.Context, req *rootkmsv1.RetireRegionKeyVersionRequest) (*rootkmsv1.Region, error) {
+	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion(), KeyVersion: req.GetVersion()})
+	if _, err := s.rootKey(); err != nil {
+		return nil, err
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+		return s.regionWriteAnswer(dup, err)
+	}
+	st := s.fsm.State()
+	r, ok := st.Region(req.GetRegion())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
+	}
+	v, ok := r.Version(req.GetVersion())
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: region %q has no key version %d", r.Name, req.GetVersion())
+	}
+	if v.Status == cryptov1.KeyStatus_KEY_STATUS_PRIMARY {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d is primary: rotate the region key first", r.Name, v.Version)
+	}
+	var users []string
+	for _, k := range st.Keysets() {
+		for _, c := range k.GetCopies() {
+			if c.GetRegion() == r.Name && c.GetRegionKeyVersion() == v.Version {
+				users = append(users, k.GetName())
+			}
+		}
+	}
+	if len(users) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d still encrypts the copies of %d keyset(s) (%s): rewrap them first (regionctl keyset rewrap)",
+			r.Name, v.Version, len(users), listSome(users))
+	}
+	if r.ServedObservedAt.IsZero() {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: what the region's KMS servers serve was never observed; push a rewrapped bundle and run regionctl status first", r.Name, v.Version)
+	}
+	if slices.Contains(r.ServedKeyVersions, v.Version) {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: the region's KMS servers were last seen (%s) serving a bundle that needs it; roll out a bundle with the rewrapped keysets first",
+			r.Name, v.Version, r.ServedObservedAt.UTC().Format(time.RFC3339))
+	}
+	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &statev1.SetRegionKeyVersionStatusCommand{
+		Region: r.Name, Version: v.Version, Status: cryptov1.KeyStatus_KEY_STATUS_DISABLED}}})
+	return s.regionWriteAnswer(res, err)
+}
+
+// listSome lists up to five names.
+func listSome(names []string) string {
+	if len(names) <= 5 {
+		return fmt.Sprint(names)
+	}
+	return fmt.Sprintf("%v and %d more", names[:5], len(names)-5)
+}
+
+// checkStep runs the Safety Condition on a step that could make a
+// ciphertext undecryptable: a promotion (servers lacking the version could
+// not decrypt what it encrypts) or a version leaving the decrypt set. The
+// evidence is the record's own: each version's propagation times and each
+// region's last usage observation (RecordPropagation), one "server" per
+// region standing for all of its KMS servers. A region whose observation of
+// the version is missing or older than ObservationMaxAge is unknown, and
+// unknown counts as in use.
+func (s *Server) checkStep(rec *statev1.KeysetRecord, step statev1.KeysetStep, keyID uint32, now time.Time) error {
+	var check func(safety.Keyset, uint32, safety.Fleet, safety.Scope, safety.Params, time.Time) error
+	switch step {
+	case statev1.KeysetStep_KEYSET_STEP_PROMOTE:
+		check = safety.CheckPromote
+	case statev1.KeysetStep_KEYSET_STEP_DISABLE:
+		check = safety.CheckRetire
+	default:
+		return nil // adds, re-enables, rewraps and steps on versions already out of the decrypt set lose nothing
+	}
+	k := lifecycle.Keyset(rec)
+	if _, ok := k.Version(keyID); !ok {
+		return status.Errorf(codes.NotFound, "rootkms: keyset %q has no version %d", rec.GetName(), keyID)
+	}
+	p := safety.Params{Window: s.cfg.Safety.Window}
+	err := check(k, keyID, s.observedFleet(rec, keyID, now), safety.ScopeFleet, p, now)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, safety.ErrUnsafe) {
+		return status.Errorf(codes.FailedPrecondition, "rootkms: %v", err)
+	}
+	return status.Errorf(codes.Internal, "rootkms: safety check: %v", err)
+}
+
+// observedFleet is the fleet as the record last saw it for one version: a
+// pseudo-server per region of the keyset.
+func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time.Time) safety.Fleet {
+	var v *statev1.KeysetVersionRecord
+	for _, x := range rec.GetVersions() {
+		if x.GetKeyId() == keyID {
+			v = x
+		}
+	}
+	maxAge := s.cfg.Safety.ObservationMaxAge
+	var fleet safety.Fleet
+	for _, region := range rec.GetRegions() {
+		srv := safety.Server{Region: region, Name: "all servers (as last observed)"}
+		var u *statev1.RegionUsage
+		for _, x := range v.GetUsage() {
+			if x.GetRegion() == region {
+				u = x
+			}
+		}
+		if u != nil && !u.GetObservedAt().AsTime().Add(maxAge).Before(now) {
+			srv.Known = true
+			sv := safety.ServedVersion{Decrypts: hasRegion(v.GetPropagated(), region)}
+			if t := u.GetLastEncrypt(); t != nil {
+				sv.LastEncrypt = t.AsTime()
+			}
+			if t := u.GetLastUse(); t != nil {
+				sv.LastUse = t.AsTime()
+			}
+			srv.Keysets = map[string]safety.ServedKeyset{rec.GetName(): {Versions: map[uint32]safety.ServedVersion{keyID: sv}}}
+		}
+		fleet.Servers = append(fleet.Servers, srv)
+	}
+	return fleet
+}
+
+func hasRegion(ts []*statev1.RegionTime, region string) bool {
+	return slices.ContainsFunc(ts, func(t *statev1.RegionTime) bool { return t.GetRegion() == region })
+}
