@@ -97,13 +97,16 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if err != nil {
 		return nil, err
 	}
-	next, err := keystore.Build(b, keys, curStore)
+	now := s.cfg.Now()
+	next, err := keystore.Build(b, keys, curStore, now)
 	if err != nil {
 		return nil, err
 	}
-	// The served store's usage, and the history of versions it does not
-	// hold (all of the persisted history while nothing is served).
-	if err := keystore.CheckUsage(s.safetyRecords(cur), next, s.cfg.Now()); err != nil {
+	// The Safety Condition, with this server's evidence: the served store's
+	// usage and TTL history, and the history of versions and keysets it does
+	// not hold (all of the persisted history while nothing is served).
+	// Never forceable.
+	if err := keystore.Check(s.cfg.Region, curStore, s.carried, next, now); err != nil {
 		return nil, err
 	}
 	resp := &kmsv1.ApplyBundleResponse{Applied: ref, Previous: floor, Warnings: warnings}
@@ -118,7 +121,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
 	}
 	s.floor = ref
-	s.carried = live(next.RestoreUsage(s.carried), s.cfg.Now())
+	s.carried = restoreHistory(next, s.carried, curStore, now)
 	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(), "force", req.GetForce())
@@ -188,14 +191,19 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	out.Bundle = cur.ref
 	out.BundleAppliedAt = timestamppb.New(cur.appliedAt)
 	out.KeysetCount = uint32(cur.store.Len())
+	out.RegionKeyVersions = slices.Sorted(maps.Keys(cur.regionKeys))
 	if req.GetIncludeKeysets() {
 		for _, k := range cur.store.Keysets() {
 			u := &kmsv1.KeysetUsage{Keyset: k.Name(), PrimaryKeyId: k.Primary().KeyID()}
 			for _, v := range k.Versions() {
 				use := v.Usage()
-				vu := &kmsv1.KeyVersionUsage{KeyId: v.KeyID(), Status: v.Status(), EncryptCount: use.Encrypts, DecryptCount: use.Decrypts}
+				vu := &kmsv1.KeyVersionUsage{KeyId: v.KeyID(), Status: v.Status(), EncryptCount: use.Encrypts, DecryptCount: use.Decrypts,
+					HistoryLost: use.HistoryLost}
 				if !use.LastUse.IsZero() {
 					vu.LastUsed = timestamppb.New(use.LastUse)
+				}
+				if !use.LastEncrypt.IsZero() {
+					vu.LastEncrypt = timestamppb.New(use.LastEncrypt)
 				}
 				u.Versions = append(u.Versions, vu)
 			}

@@ -82,11 +82,12 @@ func TestApplyBundleRefusalsChangeNothing(t *testing.T) {
 		}, codes.FailedPrecondition, "no replay: serial 2 is already applied with different content"},
 		{"drops a keyset used within its TTL", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(e.ks))}
-		}, codes.FailedPrecondition, `keyset "payments/other" version ` + fmt.Sprint(other.Primary()) + ` (keyset dropped): last used 2026-11-01T12:00:00Z, ciphertext TTL 24h0m0s`},
+		}, codes.FailedPrecondition, `keyset "payments/other" version ` + fmt.Sprint(other.Primary()) +
+			` cannot leave the decrypt set: region us-east server (this server) encrypted with it at 2026-11-01T12:00:00Z (effective TTL 24h0m0s, window 1ns); earliest safe time 2026-11-02T12:00:01Z`},
 		{"drops a version used within its TTL, even forced", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			k := kmstest.NewKeyset(t, ledger, e.ks.ACL) // the same name, none of its keys
 			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(k, other)), Force: true, ForceReason: "testing"}
-		}, codes.FailedPrecondition, fmt.Sprintf(`keyset "payments/ledger" version %d (version dropped)`, e.ks.Primary())},
+		}, codes.FailedPrecondition, fmt.Sprintf(`keyset "payments/ledger" version %d cannot leave the decrypt set`, e.ks.Primary())},
 		{"keyset does not decrypt under the region key", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			b := next(e.ks, other)
 			b.Keysets[0] = e.ks.Config(t, foreignKeys, region, 1)
@@ -172,8 +173,13 @@ func TestApplyBundleAccepted(t *testing.T) {
 		t.Errorf("re-applying serial 2 = %v, want applied = previous = serial 2", r)
 	}
 
-	// A dry run checks and builds, but changes nothing.
+	// A new version, served decrypt-only first.
 	next := e.ks.AddVersion(t)
+	e.apply(s, e.bundle(e.ks))
+	fileAfter2 = s.persisted(t)
+	served := s.status(t).GetBundle()
+
+	// A dry run checks and builds, but changes nothing.
 	e.ks.SetPrimary(t, next)
 	e.ks.Delete(t, old)
 	dry := e.bundle(e.ks)
@@ -182,12 +188,12 @@ func TestApplyBundleAccepted(t *testing.T) {
 		t.Errorf("dry run dropping a version used now = %v, want FailedPrecondition", err)
 	}
 	// Once the TTL has passed since the last use, dropping it is safe.
-	s.clock.Advance(kmstest.DefaultTTL)
+	s.clock.Advance(kmstest.DefaultTTL + time.Second)
 	r, err = s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: dry, DryRun: true})
 	if err != nil || !refEqual(r.GetApplied(), refOf(t, dry)) {
 		t.Fatalf("dry run after the TTL = %v, %v; want success", r, err)
 	}
-	if got := s.status(t).GetBundle(); !refEqual(got, refOf(t, second)) || !bytes.Equal(s.persisted(t), fileAfter2) {
+	if got := s.status(t).GetBundle(); !refEqual(got, served) || !bytes.Equal(s.persisted(t), fileAfter2) {
 		t.Errorf("a dry run changed the served bundle (%v) or the file", got)
 	}
 	r = e.apply(s, dry)
@@ -492,8 +498,8 @@ func TestUsageSurvivesRestart(t *testing.T) {
 		t.Errorf("usage after restart = %v, want 3 encrypts, 1 decrypt, a last use", got)
 	}
 	dropAll := e.bundle() // no keysets: drops the ledger keyset
-	if _, err := a2.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: dropAll}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
-		t.Errorf("ApplyBundle(dropping a keyset used before the restart) = %v, want FailedPrecondition (keyset dropped)", err)
+	if _, err := a2.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: dropAll}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
+		t.Errorf("ApplyBundle(dropping a keyset used before the restart) = %v, want FailedPrecondition (cannot leave the decrypt set)", err)
 	}
 	a2.Close()
 
@@ -501,8 +507,8 @@ func TestUsageSurvivesRestart(t *testing.T) {
 	// persisted history still refuses the drop.
 	e.keys.Fail(errors.New("connection refused"))
 	a3 := e.start(kms1ID, dir)
-	if _, err := a3.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
-		t.Errorf("ApplyBundle(dropping it) while nothing is served = %v, want FailedPrecondition (keyset dropped)", err)
+	if _, err := a3.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
+		t.Errorf("ApplyBundle(dropping it) while nothing is served = %v, want FailedPrecondition (cannot leave the decrypt set)", err)
 	}
 	if a3.Ready() {
 		t.Error("the refused bundle was served")
@@ -530,8 +536,8 @@ func TestUsageSurvivesRestart(t *testing.T) {
 		}
 		s := e.start(kms1ID, dir)
 		waitReady(t, s)
-		if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "keyset dropped") {
-			t.Errorf("history %s: ApplyBundle(dropping the keyset) = %v, want FailedPrecondition (keyset dropped)", lose.name, err)
+		if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
+			t.Errorf("history %s: ApplyBundle(dropping the keyset) = %v, want FailedPrecondition (cannot leave the decrypt set)", lose.name, err)
 		}
 		s.Close()
 	}

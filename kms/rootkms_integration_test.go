@@ -39,19 +39,29 @@ func TestWithRealRootKMS(t *testing.T) {
 	// regionctl's part: a region, a keyset made inside the root KMS, a bundle.
 	rc := rootkmsclient.New(pki.Source(adminID), []string{rootAddr})
 	defer rc.Close()
-	var ks *rootkmsv1.KeysetResponse
+	var ks *rootkmsv1.Keyset
+	// One write per Do: every attempt of a Do carries one request ID.
 	err := rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
-		if _, err := c.CreateRegion(ctx, &rootkmsv1.CreateRegionRequest{Region: region}); err != nil {
-			return err
-		}
-		var err error
-		ks, err = c.GenerateKeyset(ctx, &rootkmsv1.GenerateKeysetRequest{Name: ledger, Regions: []string{region}})
+		_, err := c.CreateRegion(ctx, &rootkmsv1.CreateRegionRequest{Region: region})
 		return err
 	})
 	if err != nil {
-		t.Fatalf("CreateRegion + GenerateKeyset = %v", err)
+		t.Fatalf("CreateRegion = %v", err)
 	}
-	ek := ks.GetKeysets()[0]
+	err = rc.Do(ctx(t), func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
+		var err error
+		ks, err = c.CreateKeyset(ctx, &rootkmsv1.CreateKeysetRequest{Name: ledger, Regions: []string{region},
+			CiphertextTtl: durationpb.New(24 * time.Hour), RotationPeriod: durationpb.New(720 * time.Hour)})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("CreateKeyset = %v", err)
+	}
+	copies := ks.GetRecord().GetCopies()
+	if len(copies) != 1 || copies[0].GetRegion() != region {
+		t.Fatalf("CreateKeyset copies = %v, want one for %s", copies, region)
+	}
+	ek := copies[0]
 	signer := kmstest.NewSigner(t)
 	sb := signer.Sign(t, &bundlev1.Bundle{
 		FormatVersion: bundle.FormatVersion, Region: region, Serial: 1, RegionKeyVersions: []uint32{ek.GetRegionKeyVersion()},

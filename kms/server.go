@@ -32,6 +32,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/grpcserver"
 	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/safety"
 	"github.com/cairnkms/cairn/kms/keystore"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
@@ -84,9 +85,11 @@ type Server struct {
 	floor *bundlev1.BundleRef
 	// carried is the usage history of key versions the served store does
 	// not hold (all of the history read at start, while nothing is served),
-	// still within their TTL: the Safety check counts them, and they are
-	// flushed with the served store's usage until their TTL passes.
-	carried []keystore.UsageRecord
+	// still within their TTL, and the TTL histories of keysets it does not
+	// hold whose ciphertexts may still be live: the Safety check counts
+	// them, and they are flushed with the served store's until they are
+	// over.
+	carried keystore.History
 
 	// swapped nudges the usage flush loop after a swap (capacity 1).
 	swapped chan struct{}
@@ -183,20 +186,21 @@ func (s *Server) start(lis net.Listener) error {
 	return nil
 }
 
-// readHistory returns the usage history to start from. A server that has
-// served a bundle but cannot read its history (the file damaged, or gone)
+// readHistory returns the usage and TTL history to start from. A server that
+// has served a bundle but cannot read its history (the file damaged, or gone)
 // fails closed: it assumes every version the bundle lists as decrypting was
-// used just now, so none leaves the decrypt set before its TTL has passed.
+// used and encrypted with just now (marked HistoryLost), so none leaves the
+// decrypt set before its TTL has passed.
 // An unusable file is set aside, not overwritten. A state dir with neither
 // bundle nor history is a first start: no history.
-func (s *Server) readHistory(p *pending) []keystore.UsageRecord {
+func (s *Server) readHistory(p *pending) keystore.History {
 	now := s.cfg.Now()
-	records, err := readUsageFile(s.cfg.StateDir, now)
+	h, err := readUsageFile(s.cfg.StateDir, now)
 	switch {
 	case err == nil:
-		return records
+		return h
 	case errors.Is(err, errNoUsageFile) && p == nil:
-		return nil
+		return keystore.History{}
 	case errors.Is(err, errNoUsageFile):
 		s.log.Error("kms: a bundle was served but there is no usage history; assuming every decrypting version was used now", "file", UsageFile)
 	default:
@@ -206,9 +210,9 @@ func (s *Server) readHistory(p *pending) []keystore.UsageRecord {
 	}
 	s.metrics.historyLost.Set(1)
 	if p == nil {
-		return nil // nothing is known to have been served
+		return keystore.History{} // nothing is known to have been served
 	}
-	return usageFromBundle(p.bundle, now)
+	return keystore.History{Usage: usageFromBundle(p.bundle, now)}
 }
 
 // readPersisted reads and verifies the persisted bundle (nil if none).
@@ -257,14 +261,15 @@ func (s *Server) loadPending(p *pending) error {
 	if s.cur.Load() != nil {
 		return nil // an ApplyBundle won the race
 	}
-	store, err := keystore.Build(p.bundle, keys, nil)
+	now := s.cfg.Now()
+	store, err := keystore.Build(p.bundle, keys, nil, now)
 	if err != nil {
 		return err
 	}
-	s.carried = live(store.RestoreUsage(s.carried), s.cfg.Now())
-	if len(s.carried) > 0 {
+	s.carried = restoreHistory(store, s.carried, nil, now)
+	if len(s.carried.Usage) > 0 {
 		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
-			"versions", len(s.carried))
+			"versions", len(s.carried.Usage))
 	}
 	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
@@ -362,20 +367,55 @@ func (s *Server) flushUsage() error {
 		return nil
 	}
 	now := s.cfg.Now()
-	s.carried = live(s.carried, now)
-	records := append(cur.store.UsageRecords(), s.carried...)
+	s.carried.Usage = live(s.carried.Usage, now)
+	s.carried.TTL = liveTTL(s.carried.TTL, now)
+	records := append(cur.store.UsageRecords(now), s.carried.Usage...)
+	ttl := cur.store.TTLHistories()
+	for name, h := range s.carried.TTL {
+		if _, served := ttl[name]; !served {
+			ttl[name] = h
+		}
+	}
 	s.applyMu.Unlock()
-	return writeUsageFile(s.cfg.StateDir, records)
+	return writeUsageFile(s.cfg.StateDir, records, ttl)
 }
 
-// safetyRecords is the usage the Safety check weighs a new bundle against:
-// the served store's and the carried records. Callers hold applyMu.
-func (s *Server) safetyRecords(cur *snapshot) []keystore.UsageRecord {
-	var records []keystore.UsageRecord
-	if cur != nil {
-		records = cur.store.UsageRecords()
+// restoreHistory gives next, a store nobody serves yet, the carried history
+// of its keysets and versions, and returns what is left to carry: the rest,
+// plus the TTL histories of the keysets of prev (the store served until now,
+// or nil) that next drops, closed at now; all without what is over at now.
+func restoreHistory(next *keystore.Store, carried keystore.History, prev *keystore.Store, now time.Time) keystore.History {
+	out := keystore.History{
+		Usage: live(next.RestoreUsage(carried.Usage), now),
+		TTL:   next.RestoreTTL(carried.TTL, now),
 	}
-	return append(records, s.carried...)
+	if prev != nil {
+		for _, k := range prev.Keysets() {
+			if _, kept := next.Keyset(k.Name()); !kept {
+				if out.TTL == nil {
+					out.TTL = map[string][]safety.TTLPeriod{}
+				}
+				out.TTL[k.Name()] = k.TTLHistory()
+			}
+		}
+	}
+	out.TTL = liveTTL(out.TTL, now)
+	return out
+}
+
+// liveTTL closes (at now) the TTL histories of keysets not served and keeps
+// those whose ciphertexts may still be live at now.
+func liveTTL(histories map[string][]safety.TTLPeriod, now time.Time) map[string][]safety.TTLPeriod {
+	var out map[string][]safety.TTLPeriod
+	for name, h := range histories {
+		if h = keystore.ClosedTTL(h, now); h != nil {
+			if out == nil {
+				out = map[string][]safety.TTLPeriod{}
+			}
+			out[name] = h
+		}
+	}
+	return out
 }
 
 // live keeps the records that still matter to the Safety check at now.

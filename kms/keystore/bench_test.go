@@ -31,7 +31,7 @@ func BenchmarkBuild(b *testing.B) {
 		b.Fatal(err)
 	}
 	for b.Loop() {
-		s, err := keystore.Build(bundle, rk, nil)
+		s, err := keystore.Build(bundle, rk, nil, time.Now())
 		if err != nil {
 			b.Fatalf("Build = %v", err)
 		}
@@ -54,7 +54,7 @@ func BenchmarkKeysetDecrypt(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s, err := keystore.Build(kmstest.Bundle(b, keys, region, 1, ks), rk, nil)
+	s, err := keystore.Build(kmstest.Bundle(b, keys, region, 1, ks), rk, nil, time.Now())
 	if err != nil {
 		b.Fatal(err)
 	}

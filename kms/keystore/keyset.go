@@ -8,6 +8,7 @@ import (
 	"github.com/tink-crypto/tink-go/v2/tink"
 
 	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/safety"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 )
 
@@ -57,6 +58,24 @@ type Keyset struct {
 	versions []*Version // in keyset order; a handful, so a scan beats a map
 	acl      [numOps]identity.Allowlist
 	ttl      time.Duration
+
+	// What the Safety check needs (see safety.go); never read by requests.
+	//
+	// ttlHistory is this server's own record of the keyset's TTL, carried
+	// from snapshot to snapshot and across restarts; recordTTL, lifecycle,
+	// window and regions are what the bundle carries from the root KMS
+	// record.
+	ttlHistory []safety.TTLPeriod
+	recordTTL  []safety.TTLPeriod
+	lifecycle  map[uint32]Lifecycle
+	window     time.Duration
+	regions    []string
+}
+
+// Lifecycle is one version's lifecycle times from the record, as a bundle
+// carries them (bundlev1.VersionLifecycle); zero times are unset.
+type Lifecycle struct {
+	PropagatedEverywhere, PrimarySince, SupersededAt time.Time
 }
 
 // Name returns the keyset's name.
@@ -66,8 +85,21 @@ func (k *Keyset) Name() string { return k.name }
 func (k *Keyset) Primary() *Version { return k.primary }
 
 // CiphertextTTL returns how long a ciphertext of the keyset must stay
-// decryptable.
+// decryptable, as the bundle says now.
 func (k *Keyset) CiphertextTTL() time.Duration { return k.ttl }
+
+// TTLHistory returns this server's own TTL history of the keyset, oldest
+// first (the last period is open and is CiphertextTTL). The caller must not
+// modify it.
+func (k *Keyset) TTLHistory() []safety.TTLPeriod { return k.ttlHistory }
+
+// EffectiveTTL is the TTL retirement must honour at now: the longest TTL of
+// the periods, in this server's own history or in the record's the bundle
+// carries, whose ciphertexts may still be live (safety.EffectiveTTL). A TTL
+// decrease so counts only once the old TTL has passed since it.
+func (k *Keyset) EffectiveTTL(now time.Time) time.Duration {
+	return max(k.ttl, safety.EffectiveTTL(k.ttlHistory, now), safety.EffectiveTTL(k.recordTTL, now))
+}
 
 // Versions returns the keyset's versions in keyset order. The caller must not
 // modify the slice.
@@ -175,6 +207,13 @@ type Usage struct {
 	encrypts atomic.Uint64
 	decrypts atomic.Uint64
 	last     atomic.Int64 // unix nanoseconds of the last use; 0: never
+	// lastEnc is the unix nanoseconds of the last encryption; 0: never. Kept
+	// apart from last: a version keeps producing ciphertexts only while a
+	// server encrypts with it, and those ciphertexts live for the TTL.
+	lastEnc atomic.Int64
+	// lost is set when the version's usage is not known: the server lost its
+	// usage history at a boot and assumed the version was just used.
+	lost atomic.Bool
 }
 
 type useKind int
@@ -199,14 +238,19 @@ func (u *Usage) record(kind useKind, now time.Time) {
 	// (the Safety check counts the TTL from it).
 	n += int64(lastUseGranularity) - 1
 	n -= n % int64(lastUseGranularity)
-	u.noteLastUse(n)
+	if kind == useEncrypt {
+		raise(&u.lastEnc, n)
+	}
+	raise(&u.last, n)
 }
 
-// noteLastUse raises the last use to n (unix nanoseconds) if it is later.
-func (u *Usage) noteLastUse(n int64) {
+// raise raises w to n (unix nanoseconds) if n is later. Under load it is one
+// load and no write (the word already holds this millisecond), so it costs
+// the hot path no shared-cache-line write and no allocation.
+func raise(w *atomic.Int64, n int64) {
 	for {
-		old := u.last.Load()
-		if old >= n || u.last.CompareAndSwap(old, n) {
+		old := w.Load()
+		if old >= n || w.CompareAndSwap(old, n) {
 			return
 		}
 	}
@@ -215,14 +259,24 @@ func (u *Usage) noteLastUse(n int64) {
 // UsageSnapshot is a copy of a version's usage counters.
 type UsageSnapshot struct {
 	Encrypts, Decrypts uint64
-	// LastUse is the last use, rounded up to the millisecond; zero if never.
+	// LastUse is the last use (encryption or decryption), rounded up to the
+	// millisecond; zero if never.
 	LastUse time.Time
+	// LastEncrypt is the last encryption, rounded up to the millisecond;
+	// zero if never.
+	LastEncrypt time.Time
+	// HistoryLost: the server lost its usage history at a boot and assumed
+	// the version used then; what it did before is unknown.
+	HistoryLost bool
 }
 
 func (u *Usage) snapshot() UsageSnapshot {
-	s := UsageSnapshot{Encrypts: u.encrypts.Load(), Decrypts: u.decrypts.Load()}
+	s := UsageSnapshot{Encrypts: u.encrypts.Load(), Decrypts: u.decrypts.Load(), HistoryLost: u.lost.Load()}
 	if n := u.last.Load(); n != 0 {
 		s.LastUse = time.Unix(0, n).UTC()
+	}
+	if n := u.lastEnc.Load(); n != 0 {
+		s.LastEncrypt = time.Unix(0, n).UTC()
 	}
 	return s
 }

@@ -18,14 +18,17 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/tink-crypto/tink-go/v2/aead"
 	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
 	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
@@ -70,7 +73,8 @@ func (s *Store) Keysets() []*Keyset {
 // Build decrypts every keyset of b (which bundle.Verify has validated) with
 // the region key versions in regionKeys and returns a new Store. Versions
 // that prev also holds (same keyset name and key ID) share prev's usage
-// counters. Any failure refuses the whole bundle, wrapping ErrBuild, with a
+// counters, and keysets prev holds carry on its TTL history, with the
+// bundle's ciphertext TTL in force from now (if it changed). Any failure refuses the whole bundle, wrapping ErrBuild, with a
 // message naming the keyset.
 //
 // What a keyset holds is taken from the decrypted keyset only; the
@@ -78,7 +82,7 @@ func (s *Store) Keysets() []*Keyset {
 // unauthenticated hint, and a hint that disagrees with the contents refuses
 // the bundle. Every key must use the TINK output prefix, which routes
 // ciphertexts to versions.
-func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store) (*Store, error) {
+func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store, now time.Time) (*Store, error) {
 	td, err := bundle.TrustDomain(b)
 	if err != nil {
 		return nil, fmt.Errorf("%w: created_by: %v", ErrBuild, err)
@@ -96,7 +100,7 @@ func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store) (*S
 		wg.Go(func() {
 			acls := aclCache{td: td, parsed: make(map[string]identity.Allowlist)}
 			for i := w; i < len(cfgs); i += workers {
-				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), &acls, regionKeys, prev)
+				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), &acls, regionKeys, prev, now)
 			}
 		})
 	}
@@ -143,7 +147,7 @@ func (c *aclCache) allowlist(patterns []string) (identity.Allowlist, error) {
 	return a, nil
 }
 
-func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regionKeys map[uint32]tink.AEAD, prev *Store) (*Keyset, error) {
+func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regionKeys map[uint32]tink.AEAD, prev *Store, now time.Time) (*Keyset, error) {
 	ek := cfg.GetKeyset()
 	switch {
 	case ek == nil:
@@ -166,6 +170,12 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 	if prev != nil {
 		before = prev.keysets[k.name]
 	}
+	var history []safety.TTLPeriod
+	if before != nil {
+		history = before.ttlHistory
+	}
+	k.ttlHistory = withTTL(history, k.ttl, now)
+	k.setRecord(cfg)
 	hints := ek.GetVersions()
 	if len(hints) != len(info.GetKeyInfo()) {
 		return nil, errors.New("public metadata does not match the keyset's contents")
@@ -225,4 +235,52 @@ func statusOf(ki *tinkpb.KeysetInfo_KeyInfo, primary uint32) (cryptov1.KeyStatus
 		return cryptov1.KeyStatus_KEY_STATUS_DESTROYED, nil
 	}
 	return 0, fmt.Errorf("unknown status %v", ki.GetStatus())
+}
+
+// setRecord keeps what cfg carries from the root KMS record for the Safety
+// check (bundle.Validate has checked it).
+func (k *Keyset) setRecord(cfg *bundlev1.KeysetConfig) {
+	for _, p := range cfg.GetTtlHistory() {
+		tp := safety.TTLPeriod{TTL: p.GetTtl().AsDuration(), From: p.GetFrom().AsTime()}
+		if p.GetUntil() != nil {
+			tp.Until = p.GetUntil().AsTime()
+		}
+		k.recordTTL = append(k.recordTTL, tp)
+	}
+	if lc := cfg.GetLifecycle(); len(lc) > 0 {
+		k.lifecycle = make(map[uint32]Lifecycle, len(lc))
+		for _, l := range lc {
+			k.lifecycle[l.GetKeyId()] = Lifecycle{
+				PropagatedEverywhere: timeOf(l.GetPropagatedEverywhere()),
+				PrimarySince:         timeOf(l.GetPrimarySince()),
+				SupersededAt:         timeOf(l.GetSupersededAt()),
+			}
+		}
+	}
+	k.window = cfg.GetPropagationWindow().AsDuration()
+	k.regions = cfg.GetRegions()
+}
+
+// timeOf is t as a time.Time, zero if unset.
+func timeOf(t *timestamppb.Timestamp) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return t.AsTime()
+}
+
+// withTTL is history with ttl in force from now (safety.WithTTL), without
+// the closed periods whose ciphertexts are all past their TTL at now (they
+// can no longer raise the effective TTL, and the history must not grow
+// without bound).
+func withTTL(history []safety.TTLPeriod, ttl time.Duration, now time.Time) []safety.TTLPeriod {
+	return pruneTTL(safety.WithTTL(history, ttl, now), now)
+}
+
+// pruneTTL drops, in place, the closed periods of history that are over at
+// now: Until + TTL ≤ now.
+func pruneTTL(history []safety.TTLPeriod, now time.Time) []safety.TTLPeriod {
+	return slices.DeleteFunc(history, func(tp safety.TTLPeriod) bool {
+		return !tp.Until.IsZero() && !tp.Until.Add(tp.TTL).After(now)
+	})
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
+	"github.com/cairnkms/cairn/internal/safety"
 	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
@@ -55,7 +56,7 @@ func (f *fixture) regionKeys(t *testing.T) map[uint32]tink.AEAD {
 
 func (f *fixture) build(t *testing.T, prev *keystore.Store, kss ...*kmstest.Keyset) *keystore.Store {
 	t.Helper()
-	s, err := keystore.Build(kmstest.Bundle(t, f.keys, region, 1, kss...), f.regionKeys(t), prev)
+	s, err := keystore.Build(kmstest.Bundle(t, f.keys, region, 1, kss...), f.regionKeys(t), prev, t0)
 	if err != nil {
 		t.Fatalf("Build = %v", err)
 	}
@@ -204,7 +205,7 @@ func TestBuildRefuses(t *testing.T) {
 			k.AddVersion(t)
 			b := kmstest.Bundle(t, f.keys, region, 1, k)
 			tt.mutate(t, b)
-			s, err := keystore.Build(b, f.regionKeys(t), nil)
+			s, err := keystore.Build(b, f.regionKeys(t), nil, t0)
 			if !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("Build(%s) = %v, %v; want ErrBuild containing %q", tt.name, s, err, tt.want)
 			}
@@ -295,7 +296,7 @@ func TestUsageCarriesOverSwaps(t *testing.T) {
 	s2 := f.build(t, s1, k1)
 	k = mustKeyset(t, s2, "payments/ledger")
 	v1, _ := k.Version(first)
-	want := keystore.UsageSnapshot{Encrypts: 2, Decrypts: 1, LastUse: t0.Add(2 * time.Second)}
+	want := keystore.UsageSnapshot{Encrypts: 2, Decrypts: 1, LastUse: t0.Add(2 * time.Second), LastEncrypt: t0.Add(time.Second)}
 	if got := v1.Usage(); got != want {
 		t.Errorf("Usage(%d) after swap = %+v, want %+v", first, got, want)
 	}
@@ -329,19 +330,25 @@ func TestLastUseRoundsUp(t *testing.T) {
 	}
 }
 
-func TestCheckSafety(t *testing.T) {
+func TestCheck(t *testing.T) {
 	const ttl = kmstest.DefaultTTL
-	type step func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset
-	keep := func(t *testing.T, k *kmstest.Keyset, _ uint32) []*kmstest.Keyset { return []*kmstest.Keyset{k} }
-	dropKeyset := func(*testing.T, *kmstest.Keyset, uint32) []*kmstest.Keyset { return nil }
-	rotateAndDelete := func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset {
-		k.SetPrimary(t, k.AddVersion(t))
+	// Every keyset starts with its first version primary and a second one
+	// decrypt-only, as a rotation leaves it before the promotion.
+	type step func(t *testing.T, k *kmstest.Keyset, first, second uint32) []*kmstest.Keyset
+	keep := func(t *testing.T, k *kmstest.Keyset, _, _ uint32) []*kmstest.Keyset { return []*kmstest.Keyset{k} }
+	dropKeyset := func(*testing.T, *kmstest.Keyset, uint32, uint32) []*kmstest.Keyset { return nil }
+	promoteAndDelete := func(t *testing.T, k *kmstest.Keyset, first, second uint32) []*kmstest.Keyset {
+		k.SetPrimary(t, second)
 		k.Delete(t, first)
 		return []*kmstest.Keyset{k}
 	}
-	rotateAndDisable := func(t *testing.T, k *kmstest.Keyset, first uint32) []*kmstest.Keyset {
-		k.SetPrimary(t, k.AddVersion(t))
+	promoteAndDisable := func(t *testing.T, k *kmstest.Keyset, first, second uint32) []*kmstest.Keyset {
+		k.SetPrimary(t, second)
 		k.Disable(t, first)
+		return []*kmstest.Keyset{k}
+	}
+	addAndPromote := func(t *testing.T, k *kmstest.Keyset, _, _ uint32) []*kmstest.Keyset {
+		k.SetPrimary(t, k.AddVersion(t))
 		return []*kmstest.Keyset{k}
 	}
 	tests := []struct {
@@ -352,67 +359,98 @@ func TestCheckSafety(t *testing.T) {
 		want   string // "" : safe
 	}{
 		{"unchanged", true, 0, keep, ""},
-		{"keyset dropped in TTL", true, time.Hour, dropKeyset, "(keyset dropped)"},
-		{"version deleted in TTL", true, ttl - time.Second, rotateAndDelete, "(version dropped)"},
-		{"version disabled in TTL", true, time.Minute, rotateAndDisable, "(version disabled)"},
-		{"version deleted after TTL", true, ttl, rotateAndDelete, ""},
+		{"keyset dropped in TTL", true, time.Hour, dropKeyset, "cannot leave the decrypt set"},
+		{"version deleted in TTL", true, ttl - time.Second, promoteAndDelete, "cannot leave the decrypt set"},
+		{"version disabled in TTL", true, time.Minute, promoteAndDisable, "cannot leave the decrypt set"},
+		{"version deleted after TTL", true, ttl + time.Second, promoteAndDelete, ""},
 		{"keyset dropped after TTL", true, ttl + time.Hour, dropKeyset, ""},
-		{"never used", false, 0, rotateAndDelete, ""},
+		{"never used", false, 0, promoteAndDelete, ""},
+		{"added and promoted at once", false, 0, addAndPromote, "ship it decrypt-only first"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFixture(t)
 			k := ks(t, "payments/ledger")
 			first := k.Primary()
+			second := k.AddVersion(t)
 			cur := f.build(t, nil, k)
 			if tt.used {
 				mustKeyset(t, cur, "payments/ledger").Encrypt([]byte("x"), nil, t0)
 			}
-			next := f.build(t, cur, tt.change(t, k, first)...)
-			err := keystore.CheckSafety(cur, next, t0.Add(tt.now))
+			next := f.build(t, cur, tt.change(t, k, first, second)...)
+			err := keystore.Check(region, cur, keystore.History{}, next, t0.Add(tt.now))
 			if tt.want == "" {
 				if err != nil {
-					t.Errorf("CheckSafety = %v, want nil", err)
+					t.Errorf("Check = %v, want nil", err)
 				}
 				return
 			}
-			var ue *keystore.UnsafeError
-			if !errors.As(err, &ue) || !errors.Is(err, keystore.ErrUnsafe) || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("CheckSafety = %v, want UnsafeError containing %q", err, tt.want)
+			var r *safety.Refusal
+			if !errors.As(err, &r) || !errors.Is(err, keystore.ErrUnsafe) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Check = %v, want a safety.Refusal containing %q", err, tt.want)
 			}
-			v := ue.Violations[0]
-			if len(ue.Violations) != 1 || v.Keyset != "payments/ledger" || v.KeyID != first || v.TTL != ttl || !v.LastUse.Equal(t0) {
-				t.Errorf("Violations = %+v, want one for version %d last used %v with TTL %v", ue.Violations, first, t0, ttl)
-			}
-			for _, part := range []string{`"payments/ledger"`, "last used 2026-11-01T12:00:00Z", "ciphertext TTL 24h0m0s", "until 2026-11-02T12:00:00Z"} {
-				if !strings.Contains(err.Error(), part) {
-					t.Errorf("CheckSafety error %q does not say %q", err, part)
+			if tt.used {
+				if r.Keyset != "payments/ledger" || r.KeyID != first || !r.Earliest.Equal(t0.Add(ttl+time.Nanosecond)) {
+					t.Errorf("Check refusal = %+v, want version %d, earliest %v", r, first, t0.Add(ttl+time.Nanosecond))
+				}
+				for _, part := range []string{`keyset "payments/ledger"`, fmt.Sprintf("version %d", first), "encrypted with it at 2026-11-01T12:00:00Z",
+					"effective TTL 24h0m0s", "earliest safe time 2026-11-02T12:00:01Z"} {
+					if !strings.Contains(err.Error(), part) {
+						t.Errorf("Check error %q does not say %q", err, part)
+					}
 				}
 			}
 		})
 	}
-	if err := keystore.CheckSafety(nil, newFixture(t).build(t, nil), t0); err != nil {
-		t.Errorf("CheckSafety(nil, next) = %v, want nil", err)
+	if err := keystore.Check(region, nil, keystore.History{}, newFixture(t).build(t, nil, ks(t, "a/b")), t0); err != nil {
+		t.Errorf("Check(nothing served, next) = %v, want nil", err)
 	}
 }
 
-func TestCheckSafetyUsesLongerTTL(t *testing.T) {
+func TestCheckUsesLongerTTL(t *testing.T) {
 	f := newFixture(t)
 	k := ks(t, "a/b")
 	first := k.Primary()
+	second := k.AddVersion(t)
 	cur := f.build(t, nil, k)
 	mustKeyset(t, cur, "a/b").Decrypt(nil, nil, t0) // a failed decrypt is not a use
 	mustKeyset(t, cur, "a/b").Encrypt(nil, nil, t0)
 	k.TTL = 48 * time.Hour // the new bundle lengthens the TTL
-	k.SetPrimary(t, k.AddVersion(t))
+	k.SetPrimary(t, second)
 	k.Delete(t, first)
 	next := f.build(t, cur, k)
-	if err := keystore.CheckSafety(cur, next, t0.Add(30*time.Hour)); !errors.Is(err, keystore.ErrUnsafe) {
-		t.Errorf("CheckSafety 30h after use with TTL 24h→48h = %v, want ErrUnsafe", err)
+	if err := keystore.Check(region, cur, keystore.History{}, next, t0.Add(30*time.Hour)); !errors.Is(err, keystore.ErrUnsafe) {
+		t.Errorf("Check 30h after use with TTL 24h→48h = %v, want ErrUnsafe", err)
 	}
 }
 
-func TestManyViolationsAreSummarised(t *testing.T) {
+// TestCheckTTLCutThenDrop: a TTL cut counts for retirement only once the
+// old TTL has passed since the cut (the store carries its own TTL history).
+func TestCheckTTLCutThenDrop(t *testing.T) {
+	f := newFixture(t)
+	k := ks(t, "a/b")
+	k.TTL = 90 * 24 * time.Hour
+	s1 := f.build(t, nil, k)
+	mustKeyset(t, s1, "a/b").Encrypt(nil, nil, t0)
+	k.TTL = time.Second
+	s2, err := keystore.Build(kmstest.Bundle(t, f.keys, region, 2, k), f.regionKeys(t), s1, t0.Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := mustKeyset(t, s2, "a/b").EffectiveTTL(t0.Add(time.Hour+2*time.Second)), 90*24*time.Hour; got != want {
+		t.Errorf("EffectiveTTL just after the cut = %v, want %v", got, want)
+	}
+	if got, want := mustKeyset(t, s2, "a/b").EffectiveTTL(t0.Add(time.Hour+90*24*time.Hour)), time.Second; got != want {
+		t.Errorf("EffectiveTTL once the old TTL passed since the cut = %v, want %v", got, want)
+	}
+	drop := f.build(t, s2)
+	if err := keystore.Check(region, s2, keystore.History{}, drop, t0.Add(time.Hour+2*time.Second)); !errors.Is(err, keystore.ErrUnsafe) ||
+		!strings.Contains(err.Error(), "effective TTL 2160h0m0s") {
+		t.Errorf("Check(drop 2s after a 90d→1s cut) = %v, want a refusal with effective TTL 2160h", err)
+	}
+}
+
+func TestManyRefusalsAreSummarised(t *testing.T) {
 	f := newFixture(t)
 	var kss []*kmstest.Keyset
 	for _, n := range []string{"a/1", "a/2", "a/3", "a/4", "a/5", "a/6", "a/7"} {
@@ -422,10 +460,10 @@ func TestManyViolationsAreSummarised(t *testing.T) {
 	for _, k := range cur.Keysets() {
 		k.Encrypt(nil, nil, t0)
 	}
-	err := keystore.CheckSafety(cur, f.build(t, cur), t0)
-	var ue *keystore.UnsafeError
-	if !errors.As(err, &ue) || len(ue.Violations) != 7 || !strings.HasSuffix(err.Error(), "; and 2 more") {
-		t.Errorf("CheckSafety(dropping 7 used keysets) = %v, want 7 violations, 5 listed", err)
+	err := keystore.Check(region, cur, keystore.History{}, f.build(t, cur), t0)
+	var rs safety.Refusals
+	if !errors.As(err, &rs) || len(rs) != 7 || !strings.HasSuffix(err.Error(), " | and 2 more") {
+		t.Errorf("Check(dropping 7 used keysets) = %v, want 7 refusals, 5 listed", err)
 	}
 }
 
@@ -474,7 +512,7 @@ func FuzzDecrypt(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	s, err := keystore.Build(kmstest.Bundle(f, fx.keys, region, 1, k1), m, nil)
+	s, err := keystore.Build(kmstest.Bundle(f, fx.keys, region, 1, k1), m, nil, t0)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -532,7 +570,7 @@ func TestSharedACLsStayPerKeyset(t *testing.T) {
 	valid := kmstest.NewKeyset(t, "team/a", &bundlev1.Acl{Decrypt: []string{"client/us-east/app", "client/us-east/intruder"}})
 	joined := kmstest.NewKeyset(t, "team/b", &bundlev1.Acl{Decrypt: []string{"client/us-east/app\nclient/us-east/intruder"}})
 	b := kmstest.Bundle(t, f.keys, region, 1, valid, joined)
-	if _, err := keystore.Build(b, f.regionKeys(t), nil); !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), "team/b") {
+	if _, err := keystore.Build(b, f.regionKeys(t), nil, t0); !errors.Is(err, keystore.ErrBuild) || !strings.Contains(err.Error(), "team/b") {
 		t.Errorf("Build(an ACL pattern holding a newline after its look-alike) = %v, want ErrBuild naming team/b", err)
 	}
 }
@@ -544,15 +582,16 @@ func TestUsageRecordsOutliveTheStore(t *testing.T) {
 	f := newFixture(t)
 	k1 := ks(t, "payments/ledger")
 	first := k1.Primary()
+	second := k1.AddVersion(t)
 	unused := ks(t, "search/index")
 	s1 := f.build(t, nil, k1, unused)
 	k := mustKeyset(t, s1, "payments/ledger")
 	ct, _, _ := k.Encrypt([]byte("x"), nil, t0)
 	k.Decrypt(ct, nil, t0.Add(time.Second))
 
-	recs := s1.UsageRecords()
+	recs := s1.UsageRecords(t0)
 	want := []keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, Decrypting: true, TTL: kmstest.DefaultTTL,
-		EncryptCount: 1, DecryptCount: 1, LastUse: t0.Add(time.Second)}}
+		EncryptCount: 1, DecryptCount: 1, LastUse: t0.Add(time.Second), LastEncrypt: t0}}
 	if diff := cmp.Diff(want, recs); diff != "" {
 		t.Fatalf("UsageRecords() mismatch (-want +got):\n%s", diff)
 	}
@@ -561,31 +600,58 @@ func TestUsageRecordsOutliveTheStore(t *testing.T) {
 	s2 := f.build(t, nil, k1, unused)
 	s2.RestoreUsage(append(recs, keystore.UsageRecord{Keyset: "gone/keyset", KeyID: 7, Decrypting: true, LastUse: t0}))
 	v, _ := mustKeyset(t, s2, "payments/ledger").Version(first)
-	if got := v.Usage(); got != (keystore.UsageSnapshot{Encrypts: 1, Decrypts: 1, LastUse: t0.Add(time.Second)}) {
-		t.Errorf("restored usage = %+v, want 1 encrypt, 1 decrypt, last use t0+1s", got)
+	if got := v.Usage(); got != (keystore.UsageSnapshot{Encrypts: 1, Decrypts: 1, LastUse: t0.Add(time.Second), LastEncrypt: t0}) {
+		t.Errorf("restored usage = %+v, want 1 encrypt, 1 decrypt, last use t0+1s, last encrypt t0", got)
 	}
-	// Restoring never moves the last use back, and adds counts.
-	s2.RestoreUsage([]keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, EncryptCount: 2, LastUse: t0}})
-	if got := v.Usage(); got.Encrypts != 3 || !got.LastUse.Equal(t0.Add(time.Second)) {
-		t.Errorf("usage after a second restore = %+v, want 3 encrypts, last use t0+1s", got)
+	// Restoring never moves the last use back, adds counts, and keeps a
+	// lost history lost.
+	s2.RestoreUsage([]keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, EncryptCount: 2, LastUse: t0, HistoryLost: true}})
+	if got := v.Usage(); got.Encrypts != 3 || !got.LastUse.Equal(t0.Add(time.Second)) || !got.HistoryLost {
+		t.Errorf("usage after a second restore = %+v, want 3 encrypts, last use t0+1s, history lost", got)
 	}
 
 	// The records refuse a bundle dropping the version within its TTL, as
 	// the live store does; after the TTL they do not.
-	k1.SetPrimary(t, k1.AddVersion(t))
+	k1.SetPrimary(t, second)
 	k1.Delete(t, first)
 	next := f.build(t, s1, k1)
 	now := t0.Add(time.Hour)
-	live, fromRecords := keystore.CheckSafety(s1, next, now), keystore.CheckUsage(recs, next, now)
-	if !errors.Is(live, keystore.ErrUnsafe) || fromRecords == nil || live.Error() != fromRecords.Error() {
-		t.Errorf("CheckSafety = %v\nCheckUsage = %v\nwant the same refusal", live, fromRecords)
+	liveErr, fromRecords := keystore.Check(region, s1, keystore.History{}, next, now), keystore.Check(region, nil, keystore.History{Usage: recs}, next, now)
+	if !errors.Is(liveErr, keystore.ErrUnsafe) || !errors.Is(fromRecords, keystore.ErrUnsafe) {
+		t.Errorf("Check(served) = %v\nCheck(records) = %v\nwant both refused", liveErr, fromRecords)
 	}
-	if err := keystore.CheckUsage(recs, next, t0.Add(time.Second+kmstest.DefaultTTL)); err != nil {
-		t.Errorf("CheckUsage after the TTL = %v, want nil", err)
+	if err := keystore.Check(region, nil, keystore.History{Usage: recs}, next, t0.Add(2*time.Second+kmstest.DefaultTTL)); err != nil {
+		t.Errorf("Check(records) after the TTL = %v, want nil", err)
 	}
 	// A record of a version that did not decrypt is no reason to refuse.
 	notDecrypting := []keystore.UsageRecord{{Keyset: "payments/ledger", KeyID: first, Decrypting: false, TTL: kmstest.DefaultTTL, LastUse: t0}}
-	if err := keystore.CheckUsage(notDecrypting, next, now); err != nil {
-		t.Errorf("CheckUsage(a record of a non-decrypting version) = %v, want nil", err)
+	if err := keystore.Check(region, nil, keystore.History{Usage: notDecrypting}, next, now); err != nil {
+		t.Errorf("Check(a record of a non-decrypting version) = %v, want nil", err)
+	}
+}
+
+// TestEncryptDoesNotAllocateMore: tracking the last encryption adds no
+// allocation to Keyset.Encrypt beyond the AEAD's own.
+func TestEncryptDoesNotAllocateMore(t *testing.T) {
+	f := newFixture(t)
+	src := ks(t, "payments/ledger")
+	s := f.build(t, nil, src)
+	k := mustKeyset(t, s, "payments/ledger")
+	bare, err := aead.New(src.Handle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt := []byte("0123456789abcdef0123456789abcdef")
+	aeadOnly := testing.AllocsPerRun(100, func() { bare.Encrypt(pt, nil) })
+	now := t0
+	full := testing.AllocsPerRun(100, func() {
+		now = now.Add(time.Millisecond) // a new millisecond: the last-encrypt word is written
+		k.Encrypt(pt, nil, now)
+	})
+	if full > aeadOnly {
+		t.Errorf("Keyset.Encrypt allocs = %v, want at most the AEAD's %v", full, aeadOnly)
+	}
+	if got := k.Primary().Usage().LastEncrypt; !got.Equal(now) {
+		t.Errorf("LastEncrypt = %v, want %v", got, now)
 	}
 }

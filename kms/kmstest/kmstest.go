@@ -133,6 +133,13 @@ type Keyset struct {
 	// keyset for (zero: the bundle's region and its newest version).
 	Region           string
 	RegionKeyVersion uint32
+	// TTLHistory, Lifecycle and Window are the record's Safety fields the
+	// bundle carries (KeysetConfig.ttl_history, lifecycle and
+	// propagation_window); nil and zero leave them out, as in a bundle built
+	// before they existed.
+	TTLHistory []*bundlev1.TtlPeriod
+	Lifecycle  []*bundlev1.VersionLifecycle
+	Window     *durationpb.Duration
 
 	h *keyset.Handle
 }
@@ -224,6 +231,7 @@ func (k *Keyset) Config(t testing.TB, keys *RegionKeys, region string, v uint32)
 	return &bundlev1.KeysetConfig{
 		Name: k.Name, OwnerTeam: "team-" + k.Name, Purpose: bundlev1.Purpose_PURPOSE_ENVELOPE, Keyset: ek, Acl: k.ACL,
 		RotationPeriod: durationpb.New(30 * 24 * time.Hour), CiphertextTtl: durationpb.New(k.TTL), Regions: []string{region},
+		TtlHistory: k.TTLHistory, Lifecycle: k.Lifecycle, PropagationWindow: k.Window,
 	}
 }
 

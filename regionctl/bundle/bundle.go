@@ -20,6 +20,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
@@ -229,6 +230,84 @@ func checkKeysets(b *bundlev1.Bundle, td spiffeid.TrustDomain, lo, hi int) error
 			for _, p := range op.patterns {
 				if _, err := identity.ParsePattern(p, td); err != nil {
 					return bad("%s: ACL %s: %v", where, op.name, err)
+				}
+			}
+		}
+		if err := checkSafetyFields(k); err != nil {
+			return bad("%s: %v", where, err)
+		}
+	}
+	return nil
+}
+
+// checkSafetyFields checks what a keyset carries from the record for the
+// Safety Condition: ttl_history (if present: periods in order, not
+// overlapping, positive TTLs, every one but the last closed, the last open
+// and equal to ciphertext_ttl), lifecycle (key IDs unique and held by the
+// copy) and propagation_window (not negative). All three are optional: a
+// bundle built before they existed has none.
+func checkSafetyFields(k *bundlev1.KeysetConfig) error {
+	if w := k.GetPropagationWindow(); w != nil {
+		if err := w.CheckValid(); err != nil {
+			return fmt.Errorf("propagation_window: %v", err)
+		}
+		if w.AsDuration() < 0 {
+			return fmt.Errorf("propagation_window %v is negative", w.AsDuration())
+		}
+	}
+	hist := k.GetTtlHistory()
+	var prevUntil time.Time
+	for i, p := range hist {
+		last := i == len(hist)-1
+		switch {
+		case p.GetTtl().CheckValid() != nil || p.GetTtl().AsDuration() <= 0:
+			return fmt.Errorf("ttl_history[%d]: TTL must be positive", i)
+		case p.GetFrom() == nil || p.GetFrom().CheckValid() != nil:
+			return fmt.Errorf("ttl_history[%d]: no valid from", i)
+		case i > 0 && p.GetFrom().AsTime().Before(prevUntil):
+			return fmt.Errorf("ttl_history[%d]: from %s is before the previous period's until %s (periods must be in order and not overlap)",
+				i, p.GetFrom().AsTime().Format(time.RFC3339Nano), prevUntil.Format(time.RFC3339Nano))
+		case last && p.GetUntil() != nil:
+			return fmt.Errorf("ttl_history[%d]: the last period must be open (no until)", i)
+		case last && p.GetTtl().AsDuration() != k.GetCiphertextTtl().AsDuration():
+			return fmt.Errorf("ttl_history[%d]: the period in force has TTL %v, ciphertext_ttl is %v", i, p.GetTtl().AsDuration(), k.GetCiphertextTtl().AsDuration())
+		case !last && (p.GetUntil() == nil || p.GetUntil().CheckValid() != nil):
+			return fmt.Errorf("ttl_history[%d]: only the last period may be open (no valid until)", i)
+		case !last && p.GetUntil().AsTime().Before(p.GetFrom().AsTime()):
+			return fmt.Errorf("ttl_history[%d]: until is before from", i)
+		}
+		if !last {
+			prevUntil = p.GetUntil().AsTime()
+		}
+	}
+	if len(k.GetLifecycle()) == 0 {
+		return nil
+	}
+	held := make(map[uint32]bool, len(k.GetKeyset().GetVersions()))
+	for _, v := range k.GetKeyset().GetVersions() {
+		held[v.GetKeyId()] = true
+	}
+	seen := make(map[uint32]bool, len(k.GetLifecycle()))
+	for i, l := range k.GetLifecycle() {
+		switch {
+		case seen[l.GetKeyId()]:
+			return fmt.Errorf("lifecycle[%d]: key %d appears twice", i, l.GetKeyId())
+		case !held[l.GetKeyId()]:
+			return fmt.Errorf("lifecycle[%d]: key %d is not a version of the encrypted keyset", i, l.GetKeyId())
+		}
+		seen[l.GetKeyId()] = true
+		for _, ts := range [...]struct {
+			name string
+			t    interface{ CheckValid() error }
+			set  bool
+		}{
+			{"propagated_everywhere", l.GetPropagatedEverywhere(), l.GetPropagatedEverywhere() != nil},
+			{"primary_since", l.GetPrimarySince(), l.GetPrimarySince() != nil},
+			{"superseded_at", l.GetSupersededAt(), l.GetSupersededAt() != nil},
+		} {
+			if ts.set {
+				if err := ts.t.CheckValid(); err != nil {
+					return fmt.Errorf("lifecycle[%d]: key %d: %s: %v", i, l.GetKeyId(), ts.name, err)
 				}
 			}
 		}

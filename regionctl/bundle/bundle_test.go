@@ -575,3 +575,90 @@ func TestValidateLargeBundleReportsFirstError(t *testing.T) {
 		}
 	}
 }
+
+// TestValidateSafetyFields covers what a keyset carries from the record for
+// the Safety Condition: ttl_history, lifecycle and propagation_window.
+func TestValidateSafetyFields(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	const year = 365 * 24 * time.Hour // keysetConfig's ciphertext TTL
+	period := func(ttl time.Duration, from, until time.Time) *bundlev1.TtlPeriod {
+		p := &bundlev1.TtlPeriod{Ttl: durationpb.New(ttl), From: timestamppb.New(from)}
+		if !until.IsZero() {
+			p.Until = timestamppb.New(until)
+		}
+		return p
+	}
+	keyOf := func(b *bundlev1.Bundle) uint32 { return b.Keysets[0].Keyset.Versions[0].KeyId }
+	tests := []struct {
+		name    string
+		mutate  func(*bundlev1.Bundle)
+		wantErr string // "" means valid
+	}{
+		{"none (a bundle built before the fields)", func(*bundlev1.Bundle) {}, ""},
+		{"one open period", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(year, t0, time.Time{})}
+		}, ""},
+		{"a cut, then the period in force", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0, t0.Add(time.Hour)), period(year, t0.Add(time.Hour), time.Time{})}
+		}, ""},
+		{"an empty closed period", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0, t0), period(year, t0, time.Time{})}
+		}, ""},
+		{"lifecycle of the copy's version", func(b *bundlev1.Bundle) {
+			b.Keysets[0].Lifecycle = []*bundlev1.VersionLifecycle{{KeyId: keyOf(b), PropagatedEverywhere: timestamppb.New(t0), PrimarySince: timestamppb.New(t0)}}
+		}, ""},
+		{"zero propagation window", func(b *bundlev1.Bundle) { b.Keysets[0].PropagationWindow = durationpb.New(0) }, ""},
+
+		{"zero TTL in a period", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(0, t0, t0.Add(time.Hour)), period(year, t0.Add(time.Hour), time.Time{})}
+		}, `keyset 0 ("payments/ledger"): ttl_history[0]: TTL must be positive`},
+		{"negative TTL", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(-time.Hour, t0, time.Time{})}
+		}, "ttl_history[0]: TTL must be positive"},
+		{"no from", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{{Ttl: durationpb.New(year)}}
+		}, "ttl_history[0]: no valid from"},
+		{"last period closed", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(year, t0, t0.Add(time.Hour))}
+		}, "ttl_history[0]: the last period must be open"},
+		{"last period not ciphertext_ttl", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(time.Hour, t0, time.Time{})}
+		}, "ttl_history[0]: the period in force has TTL 1h0m0s"},
+		{"an earlier period open", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0, time.Time{}), period(year, t0.Add(time.Hour), time.Time{})}
+		}, "ttl_history[0]: only the last period may be open"},
+		{"until before from", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0, t0.Add(-time.Hour)), period(year, t0, time.Time{})}
+		}, "ttl_history[0]: until is before from"},
+		{"overlapping periods", func(b *bundlev1.Bundle) {
+			b.Keysets[0].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0, t0.Add(time.Hour)), period(year, t0.Add(time.Minute), time.Time{})}
+		}, "ttl_history[1]: from 2026-01-01T00:01:00Z is before the previous period's until"},
+		{"periods out of order", func(b *bundlev1.Bundle) {
+			b.Keysets[1].TtlHistory = []*bundlev1.TtlPeriod{period(2*year, t0.Add(time.Hour), t0.Add(2*time.Hour)), period(year, t0, time.Time{})}
+		}, `keyset 1 ("payments/refunds"): ttl_history[1]`},
+		{"lifecycle key twice", func(b *bundlev1.Bundle) {
+			b.Keysets[0].Lifecycle = []*bundlev1.VersionLifecycle{{KeyId: keyOf(b)}, {KeyId: keyOf(b)}}
+		}, "lifecycle[1]: key"},
+		{"lifecycle of a key the copy lacks", func(b *bundlev1.Bundle) {
+			b.Keysets[0].Lifecycle = []*bundlev1.VersionLifecycle{{KeyId: keyOf(b) + 1}}
+		}, "is not a version of the encrypted keyset"},
+		{"invalid lifecycle time", func(b *bundlev1.Bundle) {
+			b.Keysets[0].Lifecycle = []*bundlev1.VersionLifecycle{{KeyId: keyOf(b), SupersededAt: &timestamppb.Timestamp{Nanos: -1}}}
+		}, "superseded_at"},
+		{"negative propagation window", func(b *bundlev1.Bundle) { b.Keysets[0].PropagationWindow = durationpb.New(-time.Second) },
+			`keyset 0 ("payments/ledger"): propagation_window -1s is negative`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := validBundle(t)
+			tt.mutate(b)
+			err := bundle.Validate(b)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("Validate(%s) = %v, want nil", tt.name, err)
+			case tt.wantErr != "" && (!errors.Is(err, bundle.ErrInvalid) || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Errorf("Validate(%s) = %v, want ErrInvalid containing %q", tt.name, err, tt.wantErr)
+			}
+		})
+	}
+}
