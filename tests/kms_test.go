@@ -20,8 +20,9 @@ import (
 
 	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/secret"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	kstore "github.com/cairnkms/cairn/regionctl/store"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -65,7 +66,7 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 
 	// regionctl: signing keys, the region, the keyset, the bundle.
 	rc := filepath.Join(w.Dir, "regionctl")
-	keysDir, teams, store := filepath.Join(rc, "keys"), filepath.Join(rc, "teams"), filepath.Join(rc, "store")
+	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
 	bundlePath := filepath.Join(rc, "us-east-1.bundle")
 	if err := os.MkdirAll(teams, 0o700); err != nil {
 		t.Fatal(err)
@@ -77,12 +78,12 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 	rootFlags := append([]string{"--rootkms", root.API}, rcID...)
 	w.RegionctlOK("keys", "generate", "--out", keysDir)
 	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
-	r := w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams, "--store", store}, rootFlags...)...)
+	r := w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
 	if !strings.Contains(r.Stdout, "1 created") {
 		t.Errorf("keyset create printed %q, want 1 created", r.Stdout)
 	}
-	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams, "--store", store,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rcID...)...)
+	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
+		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
 
 	kmss := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1", "kms/us-east/kms-2")
 	k1, k2 := kmss[0], kmss[1]
@@ -114,7 +115,7 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 	for _, v := range mat.GetVersions() {
 		keys[v.GetVersion()] = v.GetKey()
 	}
-	secrets := append(keysetSecrets(t, store, kmsKeyset, kmsRegion, keys), regionKeySecrets(t, map[string]regionKeys{kmsRegion: keys})...)
+	secrets := append(keysetSecrets(t, bundlePath, kmsKeyset, kmsRegion, keys), regionKeySecrets(t, map[string]regionKeys{kmsRegion: keys})...)
 	defer func() {
 		for _, s := range secrets {
 			clear(s.Value)
@@ -240,22 +241,31 @@ func roundTrip(enc, dec *framework.KMSServer, dek, ad []byte) error {
 	return nil
 }
 
-// keysetSecrets opens the stored copy of keyset name for region with the
+// keysetSecrets opens the bundle's copy of keyset name for region with the
 // region key version it is under (keys, by version) and returns, for the
 // scan, each key's serialized key data and, for AES-GCM keys, the raw key.
-func keysetSecrets(t *testing.T, storeDir, name, region string, keys regionKeys) []framework.Secret {
+func keysetSecrets(t *testing.T, bundlePath, name, region string, keys regionKeys) []framework.Secret {
 	t.Helper()
-	st, err := kstore.Open(storeDir)
+	data, err := os.ReadFile(bundlePath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	copies, err := st.Get(name)
-	if err != nil {
-		t.Fatalf("store Get(%s) = %v", name, err)
+	var sb bundlev1.SignedBundle
+	var b bundlev1.Bundle
+	if err := proto.Unmarshal(data, &sb); err != nil {
+		t.Fatal(err)
 	}
-	ek := kstore.ForRegion(copies, region)
+	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
+		t.Fatal(err)
+	}
+	var ek *cryptov1.EncryptedKeyset
+	for _, k := range b.GetKeysets() {
+		if k.GetName() == name && k.GetKeyset().GetRegion() == region {
+			ek = k.GetKeyset()
+		}
+	}
 	if ek == nil {
-		t.Fatalf("store holds no %s copy of %s", region, name)
+		t.Fatalf("bundle %s holds no %s copy of %s", bundlePath, region, name)
 	}
 	rk, ok := keys[ek.GetRegionKeyVersion()]
 	if !ok {

@@ -315,7 +315,7 @@ func TestInfoRoundTrip(t *testing.T) {
 		Regions: []Region{{Name: "us-east", KMS: []string{"127.0.0.1:7131", "127.0.0.1:7132"}, Keysets: []string{KeyURI("us-east", notesKeyset)}, Bundle: "/b",
 			Client: Identity{SPIFFEID: "spiffe://cairn.local/client/us-east/demo", Cert: "/cert", Key: "/key", CA: "/c/ca.pem"}}},
 		Regionctl: Regionctl{Identity: Identity{SPIFFEID: "spiffe://cairn.local/regionctl/global/regionctl"}, IdentityFlags: []string{"--name", "regionctl/global/regionctl"},
-			RootKMS: []string{"127.0.0.1:7111"}, Teams: "/t", Store: "/s", SigningKey: "/k"},
+			RootKMS: []string{"127.0.0.1:7111"}, Teams: "/t", SigningKey: "/k"},
 	}
 	if err := info.write(); err != nil {
 		t.Fatal(err)

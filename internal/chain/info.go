@@ -118,11 +118,14 @@ type Regionctl struct {
 	IdentityFlags []string `json:"identity_flags"`
 	// RootKMS are the root KMS voters' API addresses (--rootkms).
 	RootKMS []string `json:"rootkms"`
-	// Teams, Store and SigningKey are the team config directory, the keyset
-	// store and the bundle-signing private key (mode 0600).
+	// Teams and SigningKey are the team config directory and the
+	// bundle-signing private key (mode 0600). Keysets live in the root KMS
+	// record, not in a local store.
 	Teams      string `json:"teams"`
-	Store      string `json:"store"`
 	SigningKey string `json:"signing_key"`
+	// Config is regionctl's config file (REGIONCTL_CONFIG=… regionctl
+	// keyset list): identity, root KMS, every region's KMS servers.
+	Config string `json:"config"`
 }
 
 // Region returns the region named name.

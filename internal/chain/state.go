@@ -29,7 +29,6 @@ import (
 //	kms/<region>/kms-N/       KMS server state: the last applied (wrapped) bundle, audit log
 //	regionctl/keys/           the bundle-signing key pair
 //	regionctl/teams/demo.json the demo team's keysets
-//	regionctl/store/          keysets encrypted under region keys
 //	regionctl/bundles/        signed bundles, <region>-<serial>.bundle
 //	logs/                     every process's stdout and stderr
 type layout struct{ dir string }
@@ -52,7 +51,7 @@ func (l layout) keys() string               { return l.path("regionctl", "keys")
 func (l layout) signingKey() string         { return l.path("regionctl", "keys", "bundle-signing.key") }
 func (l layout) signingPub() string         { return l.path("regionctl", "keys", "bundle-signing.pub") }
 func (l layout) teams() string              { return l.path("regionctl", "teams") }
-func (l layout) store() string              { return l.path("regionctl", "store") }
+func (l layout) regionctlConfig() string    { return l.path("regionctl", "regionctl.json") }
 func (l layout) bundle(r string, serial int) string {
 	return l.path("regionctl", "bundles", fmt.Sprintf("%s-%d.bundle", r, serial))
 }

@@ -1,6 +1,8 @@
 package chain
 
 import (
+	"encoding/json"
+
 	"context"
 	"fmt"
 	"os"
@@ -9,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/cairnkms/cairn/internal/atomicfile"
 
 	"github.com/cairnkms/cairn/internal/devca"
 	"github.com/cairnkms/cairn/internal/identity"
@@ -411,7 +415,37 @@ func (c *Chain) regions(ctx context.Context) (string, error) {
 			return "", err
 		}
 	}
-	return fmt.Sprintf("signing key %s, %d regions", c.display(c.layout.signingPub()), len(c.s.Regions)), nil
+	if err := c.writeRegionctlConfig(); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("signing key %s, %d regions, %s", c.display(c.layout.signingPub()), len(c.s.Regions), c.display(c.layout.regionctlConfig())), nil
+}
+
+// writeRegionctlConfig writes the config file an SRE points regionctl at
+// (REGIONCTL_CONFIG): identity, root KMS, every region's KMS servers,
+// signing key and team files, so no call needs flags.
+func (c *Chain) writeRegionctlConfig() error {
+	regions := map[string][]string{}
+	for ri, r := range c.s.Regions {
+		regions[r] = c.ports.kms[ri]
+	}
+	f := map[string]any{
+		"trust_domain": c.s.TrustDomain.Name(),
+		"identity":     map[string]string{"dev_certs": c.layout.certs(), "name": regionctlName},
+		"rootkms":      c.ports.rootAPI,
+		"regions":      regions,
+		"signing_key":  c.layout.signingKey(),
+		"signing_pubs": []string{c.layout.signingPub()},
+		"teams":        c.layout.teams(),
+	}
+	data, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return fmt.Errorf("chain: %w", err)
+	}
+	if err := atomicfile.Create(c.layout.regionctlConfig(), append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("chain: writing the regionctl config: %w", err)
+	}
+	return nil
 }
 
 // keysets writes the demo team file and has the root KMS generate its
@@ -420,16 +454,16 @@ func (c *Chain) keysets(ctx context.Context) (string, error) {
 	if err := writeDemoTeam(c.layout.teams(), c.s.Regions); err != nil {
 		return "", err
 	}
-	out, err := c.regionctl(ctx, "keyset-create", append([]string{"keyset", "create", "--teams", c.layout.teams(), "--store", c.layout.store()}, c.rootFlags()...)...)
+	out, err := c.regionctl(ctx, "keyset-create", append([]string{"keyset", "create", "--teams", c.layout.teams()}, c.rootFlags()...)...)
 	if err != nil {
 		return "", err
 	}
-	want := fmt.Sprintf("%d created, 0 already in the store, 0 failed", len(demoKeysets))
+	want := fmt.Sprintf("%d created, 0 already in the record, 0 failed", len(demoKeysets))
 	if !strings.Contains(out, want) {
 		return "", &logError{err: fmt.Errorf("chain: regionctl keyset create did not report %q", want),
 			name: "regionctl-keyset-create", log: filepath.Join(c.layout.logs(), "regionctl-keyset-create.log")}
 	}
-	return fmt.Sprintf("team file %s, store %s", c.display(filepath.Join(c.layout.teams(), demoTeam+".json")), c.display(c.layout.store())), nil
+	return fmt.Sprintf("team file %s, keysets in the root KMS record", c.display(filepath.Join(c.layout.teams(), demoTeam+".json"))), nil
 }
 
 // buildBundles builds and signs bundle serial 1 of every region.
@@ -438,8 +472,8 @@ func (c *Chain) buildBundles(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("chain: %w", err)
 	}
 	for _, r := range c.s.Regions {
-		args := append([]string{"bundle", "build", "--region", r, "--serial", "1", "--teams", c.layout.teams(), "--store", c.layout.store(),
-			"--signing-key", c.layout.signingKey(), "--out", c.layout.bundle(r, 1)}, c.idFlags(regionctlName)...)
+		args := append([]string{"bundle", "build", "--region", r, "--serial", "1", "--teams", c.layout.teams(),
+			"--signing-key", c.layout.signingKey(), "--out", c.layout.bundle(r, 1)}, c.rootFlags()...)
 		if _, err := c.regionctl(ctx, "bundle-build-"+r, args...); err != nil {
 			return "", err
 		}
@@ -526,7 +560,7 @@ func (c *Chain) writeInfo() (string, error) {
 		Safes: c.s.Safes, LauncherPID: os.Getpid(), StartedAt: time.Now().UTC(), CA: ca, CertsDir: certs,
 		Manifest: c.layout.manifest(), BundleSigningPub: c.layout.signingPub(),
 		Regionctl: Regionctl{Identity: ident(regionctlName), IdentityFlags: c.idFlags(regionctlName), RootKMS: c.ports.rootAPI,
-			Teams: c.layout.teams(), Store: c.layout.store(), SigningKey: c.layout.signingKey()},
+			Teams: c.layout.teams(), SigningKey: c.layout.signingKey(), Config: c.layout.regionctlConfig()},
 	}
 	for _, p := range c.started() {
 		info.Components = append(info.Components, p.Component)

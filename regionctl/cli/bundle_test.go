@@ -2,13 +2,12 @@ package cli_test
 
 import (
 	"crypto/ed25519"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/hex"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/proto"
@@ -16,9 +15,8 @@ import (
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
-	"github.com/cairnkms/cairn/regionctl/store"
 )
 
 const paymentsTeam = `{"team":"payments","keysets":[
@@ -32,51 +30,10 @@ const searchTeam = `{"team":"search","keysets":[
   {"name":"search/index","regions":["us-east"],"purpose":"envelope","template":"CHACHA20_POLY1305","rotation_period":"720h","ciphertext_ttl":"48h",
    "acl":{"decrypt":["spiffe://cairn.test/client/us-east/indexer"],"rewrap":["regionctl/global/*"]}}]}`
 
-// brokenTeam has a bad ACL pattern: the whole file is left out.
+// brokenTeam has a bad ACL pattern: the whole file is invalid.
 const brokenTeam = `{"team":"ads","keysets":[
   {"name":"ads/clicks","regions":["us-east"],"purpose":"envelope","rotation_period":"720h","ciphertext_ttl":"24h",
    "acl":{"encrypt":["client/us-east"]}}]}`
-
-// fillStore stores real keysets encrypted under test region keys, as the
-// root KMS would: every configured keyset but payments/new, plus ads/clicks.
-// search/index is under us-east's region key version 2.
-func fillStore(t *testing.T, dir string, keys *regionKeys) {
-	t.Helper()
-	st, err := store.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range []struct {
-		name, template string
-		regions        []string
-		version        uint32
-	}{
-		{"payments/ledger", "AES256_GCM", []string{"us-east", "eu-west"}, 1},
-		{"payments/eu-only", "", []string{"eu-west"}, 1},
-		{"search/index", "CHACHA20_POLY1305", []string{"us-east"}, 2},
-		{"ads/clicks", "", []string{"us-east"}, 1},
-	} {
-		h, err := keysets.Generate(k.template)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var copies []*cryptov1.EncryptedKeyset
-		for _, r := range k.regions {
-			aead, ok := keys.get(r, k.version)
-			if !ok {
-				aead = keys.add(t, r, k.version)
-			}
-			ek, err := keysets.Encrypt(h, k.name, r, k.version, aead)
-			if err != nil {
-				t.Fatal(err)
-			}
-			copies = append(copies, ek)
-		}
-		if err := st.Put(k.name, copies); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
 
 func readBundle(t *testing.T, path string) *bundlev1.SignedBundle {
 	t.Helper()
@@ -99,179 +56,214 @@ func keysetNames(b *bundlev1.Bundle) []string {
 	return out
 }
 
-// TestBuildAndInspect runs the whole offline flow in process: a signing key,
-// team files (one bad), a store filled as the root KMS would, then bundle
-// build and bundle inspect.
-func TestBuildAndInspect(t *testing.T) {
-	dir := t.TempDir()
-	keysDir := filepath.Join(dir, "keys")
-	gen := mustRun(t, "keys", "generate", "--out", keysDir)
-	privPath, pubPath := filepath.Join(keysDir, "bundle-signing.key"), filepath.Join(keysDir, "bundle-signing.pub")
-	pub, err := bundle.ReadPublicKey(pubPath)
+// env is a fake root KMS with regions us-east and eu-west, the payments and
+// search teams created, a signing key, and a config file naming it all.
+type env struct {
+	pki              *identitytest.PKI
+	fake             *fakeRootKMS
+	keys             *regionKeys
+	dir, teams       string
+	priv, pub        string
+	rootAddr, config string
+	idFlags          []string
+}
+
+func newEnv(t *testing.T, kms map[string][]string) *env {
+	t.Helper()
+	return newEnvWithPKI(t, identitytest.New(t, identitytest.TrustDomain), kms)
+}
+
+func newEnvWithPKI(t *testing.T, pki *identitytest.PKI, kms map[string][]string) *env {
+	t.Helper()
+	e := &env{pki: pki, keys: &regionKeys{}, dir: t.TempDir()}
+	e.fake = &fakeRootKMS{keys: e.keys}
+	e.rootAddr = startFakeRootKMS(t, e.pki, e.fake)
+	e.idFlags = identityFlags(e.pki, regionctlID)
+	e.teams = filepath.Join(e.dir, "teams")
+	writeFile(t, filepath.Join(e.teams, "payments.json"), paymentsTeam)
+	writeFile(t, filepath.Join(e.teams, "search.json"), searchTeam)
+	keysDir := filepath.Join(e.dir, "keys")
+	mustRun(t, "keys", "generate", "--out", keysDir)
+	e.priv, e.pub = filepath.Join(keysDir, "bundle-signing.key"), filepath.Join(keysDir, "bundle-signing.pub")
+	var id struct{ cert, key, ca string }
+	for i := 0; i < len(e.idFlags); i += 2 {
+		switch e.idFlags[i] {
+		case "--cert":
+			id.cert = e.idFlags[i+1]
+		case "--key":
+			id.key = e.idFlags[i+1]
+		case "--ca":
+			id.ca = e.idFlags[i+1]
+		}
+	}
+	cfg := map[string]any{"trust_domain": "cairn.test", "identity": map[string]string{"cert": id.cert, "key": id.key, "ca": id.ca},
+		"rootkms": []string{e.rootAddr}, "signing_key": "keys/bundle-signing.key", "signing_pubs": []string{"keys/bundle-signing.pub"},
+		"teams": "teams", "propagation_window": "5m"}
+	if kms != nil {
+		cfg["regions"] = kms
+	}
+	data, _ := json.Marshal(cfg)
+	e.config = filepath.Join(e.dir, "regionctl.json")
+	writeFile(t, e.config, string(data))
+	for _, r := range []string{"us-east", "eu-west"} {
+		mustRun(t, "region", "create", "--region", r, "--config", e.config)
+	}
+	mustRun(t, "keyset", "create", "--config", e.config)
+	return e
+}
+
+func (e *env) verify(t *testing.T, path string) *bundlev1.Bundle {
+	t.Helper()
+	pub, err := bundle.ReadPublicKey(e.pub)
 	if err != nil {
 		t.Fatal(err)
 	}
-	contains(t, "keys generate stdout", gen.stdout, bundle.KeyID(pub), privPath, pubPath)
-	if fi, err := os.Stat(privPath); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Errorf("signing key mode = %v, %v; want 0600", fi.Mode().Perm(), err)
-	}
-	again := run(t, "keys", "generate", "--out", keysDir)
-	if again.code != 1 || !strings.Contains(again.stderr, "refusing to overwrite") {
-		t.Errorf("keys generate (again) = %d, %q; want 1, refusing to overwrite", again.code, again.stderr)
-	}
-	if got, _ := bundle.ReadPublicKey(pubPath); !got.Equal(pub) {
-		t.Errorf("keys generate (again) changed the public key")
-	}
-
-	teams := filepath.Join(dir, "teams")
-	writeFile(t, filepath.Join(teams, "payments.json"), paymentsTeam)
-	writeFile(t, filepath.Join(teams, "search.json"), searchTeam)
-	writeFile(t, filepath.Join(teams, "ads.json"), brokenTeam)
-	storeDir := filepath.Join(dir, "store")
-	var keys regionKeys
-	fillStore(t, storeDir, &keys)
-
-	out := filepath.Join(dir, "us-east.bundle")
-	build := mustRun(t, "bundle", "build", "--region", "us-east", "--serial", "3", "--teams", teams, "--store", storeDir,
-		"--signing-key", privPath, "--out", out, "--created-by", regionctlID)
-	contains(t, "bundle build stderr", build.stderr,
-		"WARNING: 1 team config file(s) are invalid", filepath.Join(teams, "ads.json"), "acl.encrypt", "their keysets are NOT in this bundle",
-		"WARNING: 1 keyset(s) configured for us-east are NOT in this bundle", "payments/new (team payments): not in the store")
-
-	sb := readBundle(t, out)
-	b, err := bundle.Verify(sb, []ed25519.PublicKey{pub})
+	b, err := bundle.Verify(readBundle(t, path), []ed25519.PublicKey{pub})
 	if err != nil {
-		t.Fatalf("Verify(built bundle) = %v", err)
+		t.Fatalf("Verify(%s) = %v", path, err)
 	}
-	sum := sha256.Sum256(sb.GetBundle())
-	contains(t, "bundle build stdout", build.stdout, "us-east serial 3 sha256 "+hex.EncodeToString(sum[:]), "2 keyset(s)", "region key versions [1 2]", out)
-	if got, want := keysetNames(b), []string{"payments/ledger", "search/index"}; !cmp.Equal(got, want) {
-		t.Errorf("built bundle keysets = %v, want %v", got, want)
+	return b
+}
+
+// TestBuildFromTheRecord builds from the team files and the record alone,
+// and inspects the result.
+func TestBuildFromTheRecord(t *testing.T) {
+	e := newEnv(t, nil)
+	out := filepath.Join(e.dir, "us-east.bundle")
+	r := mustRun(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--serial", "3", "--out", out)
+	contains(t, "bundle build stdout", r.stdout, "bundle us-east serial 3 sha256 ", "3 keyset(s), region key versions [1]", "written to "+out)
+	b := e.verify(t, out)
+	if got, want := keysetNames(b), []string{"payments/ledger", "payments/new", "search/index"}; !cmp.Equal(got, want) {
+		t.Errorf("bundle keysets = %v, want %v", got, want)
 	}
-	if got, want := b.GetRegionKeyVersions(), []uint32{1, 2}; !cmp.Equal(got, want) {
-		t.Errorf("built bundle region key versions = %v, want %v", got, want)
+	ledger := b.GetKeysets()[0]
+	if ledger.GetCiphertextTtl().AsDuration() != 8760*time.Hour || len(ledger.GetTtlHistory()) != 1 || ledger.GetPropagationWindow().AsDuration() != 5*time.Minute ||
+		len(ledger.GetLifecycle()) != 1 || ledger.GetLifecycle()[0].GetPrimarySince() == nil || !cmp.Equal(ledger.GetRegions(), []string{"eu-west", "us-east"}) {
+		t.Errorf("payments/ledger config = %v; want the record's TTL history, lifecycle, regions and the 5m window", ledger)
 	}
-	if b.GetCreatedBy() != regionctlID || b.GetFormatVersion() != 1 || b.GetSerial() != 3 {
-		t.Errorf("built bundle header = %q, v%d, serial %d; want %q, v1, serial 3", b.GetCreatedBy(), b.GetFormatVersion(), b.GetSerial(), regionctlID)
+	if ledger.GetOwnerTeam() != "payments" || !cmp.Equal(ledger.GetAcl().GetEncrypt(), []string{"client/us-east/*"}) {
+		t.Errorf("payments/ledger team/ACL = %q %v; want the team file's", ledger.GetOwnerTeam(), ledger.GetAcl())
 	}
-	// Every keyset in the bundle is the us-east copy and opens under the
-	// region key it names.
+	aead, _ := e.keys.get("us-east", 1)
 	for _, k := range b.GetKeysets() {
-		ek := k.GetKeyset()
-		aead, ok := keys.get(ek.GetRegion(), ek.GetRegionKeyVersion())
-		if ek.GetRegion() != "us-east" || !ok {
-			t.Errorf("keyset %s in the us-east bundle is for %s v%d", k.GetName(), ek.GetRegion(), ek.GetRegionKeyVersion())
-			continue
-		}
-		if _, err := keysets.Decrypt(ek, aead); err != nil {
+		if _, err := keysets.Decrypt(k.GetKeyset(), aead); err != nil {
 			t.Errorf("Decrypt(%s from the bundle) = %v", k.GetName(), err)
 		}
 	}
-	ledger := b.GetKeysets()[0]
-	if got, want := ledger.GetRegions(), []string{"eu-west", "us-east"}; !cmp.Equal(got, want) {
-		t.Errorf("payments/ledger regions = %v, want %v", got, want)
-	}
-	if got, want := ledger.GetAcl().GetDecrypt(), []string{"client/*/ledger"}; !cmp.Equal(got, want) || ledger.GetOwnerTeam() != "payments" {
-		t.Errorf("payments/ledger ACL decrypt = %v, owner %q; want %v, payments", got, ledger.GetOwnerTeam(), want)
-	}
-	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Errorf("bundle file mode = %v, %v; want 0600", fi.Mode().Perm(), err)
-	}
+	r = mustRun(t, "bundle", "inspect", "--config", e.config, "--bundle", out)
+	contains(t, "bundle inspect", r.stdout, "signature: valid", "payments/ledger  team payments", "propagation window 5m0s", "primary since 2026-03-01T12:00:00Z")
+}
 
-	// inspect: verifies, summarizes, never prints key material.
-	_, otherPriv, _ := ed25519.GenerateKey(nil)
-	otherPub := filepath.Join(dir, "other", "bundle-signing.pub")
-	if err := bundle.WriteKeys(filepath.Join(dir, "other", "bundle-signing.key"), otherPub, otherPriv); err != nil {
-		t.Fatal(err)
+// TestBuildRefuses: every problem is named in one run, the exit status is
+// 1, and no bundle is written.
+func TestBuildRefuses(t *testing.T) {
+	tests := []struct {
+		name   string
+		region string
+		setup  func(t *testing.T, e *env)
+		want   []string
+	}{
+		{"truncated team file", "us-east", func(t *testing.T, e *env) {
+			writeFile(t, filepath.Join(e.teams, "search.json"), searchTeam[:len(searchTeam)/2])
+		}, []string{"team file " + "", "search.json", "keyset search/index: the record serves it in us-east, but no valid team file lists it"}},
+		{"missing team file", "us-east", func(t *testing.T, e *env) {
+			os.Remove(filepath.Join(e.teams, "search.json"))
+		}, []string{"keyset search/index: the record serves it in us-east, but no valid team file lists it"}},
+		{"keyset missing from the record", "us-east", func(t *testing.T, e *env) {
+			writeFile(t, filepath.Join(e.teams, "maps.json"), `{"team":"maps","keysets":[{"name":"maps/tiles","regions":["us-east"],"purpose":"envelope","rotation_period":"1h","ciphertext_ttl":"1h"}]}`)
+		}, []string{"keyset maps/tiles (team maps): not in the root KMS record for us-east (run regionctl keyset create)"}},
+		{"unknown region", "ap-south", nil, []string{"region ap-south is unknown to the root KMS"}},
+		{"policy mismatch", "us-east", func(t *testing.T, e *env) {
+			writeFile(t, filepath.Join(e.teams, "search.json"), strings.Replace(strings.Replace(searchTeam, `"48h"`, `"72h"`, 1), `"720h"`, `"360h"`, 1))
+		}, []string{"ciphertext_ttl is 72h0m0s in the team file but 48h0m0s in the record; run regionctl keyset set-policy search/index --ttl 72h0m0s",
+			"rotation_period is 360h0m0s in the team file but 720h0m0s in the record; run regionctl keyset set-policy"}},
 	}
-	ins := mustRun(t, "bundle", "inspect", "--bundle", out, "--signing-pub", otherPub+","+pubPath)
-	contains(t, "bundle inspect stdout", ins.stdout,
-		"bundle us-east serial 3 sha256 "+hex.EncodeToString(sum[:]),
-		"signature: valid, key "+bundle.KeyID(pub),
-		"by "+regionctlID,
-		"region key versions: [1 2]",
-		"keysets: 2",
-		"payments/ledger  team payments, envelope, regions eu-west,us-east",
-		"region key version 1, primary key ",
-		"rotation period 2160h0m0s, ciphertext TTL 8760h0m0s",
-		"encrypt: client/us-east/*",
-		"generate_data_key: nobody",
-		"search/index  team search, envelope, regions us-east",
-		"decrypt: spiffe://cairn.test/client/us-east/indexer",
-	)
-	for _, k := range b.GetKeysets() {
-		ct := k.GetKeyset().GetCiphertext()
-		for _, enc := range []string{hex.EncodeToString(ct[:16]), base64.StdEncoding.EncodeToString(ct[:15]), string(ct[:16])} {
-			if strings.Contains(ins.stdout, enc) {
-				t.Errorf("bundle inspect printed %s's ciphertext", k.GetName())
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			if tt.setup != nil {
+				tt.setup(t, e)
+			}
+			out := filepath.Join(e.dir, "out.bundle")
+			r := run(t, "bundle", "build", "--config", e.config, "--region", tt.region, "--serial", "2", "--out", out)
+			if r.code != 1 {
+				t.Fatalf("bundle build = %d, want 1\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+			}
+			contains(t, "bundle build stderr", r.stderr, append([]string{"REFUSED", "no bundle written"}, tt.want...)...)
+			if _, err := os.Stat(out); !os.IsNotExist(err) {
+				t.Errorf("bundle build refused but %s exists (%v)", out, err)
+			}
+		})
+	}
+}
+
+// TestLosingLocalFilesLosesNothing: a fresh regionctl with another working
+// directory (a new copy of the team files, no other local state) sees and
+// rotates the same keysets, and builds the same bundle content.
+func TestLosingLocalFilesLosesNothing(t *testing.T) {
+	e := newEnv(t, nil)
+	first := filepath.Join(e.dir, "first.bundle")
+	mustRun(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--serial", "1", "--out", first)
+
+	other := t.TempDir()
+	teams := filepath.Join(other, "teams")
+	writeFile(t, filepath.Join(teams, "payments.json"), paymentsTeam)
+	writeFile(t, filepath.Join(teams, "search.json"), searchTeam)
+	flags := append([]string{"--rootkms", e.rootAddr}, e.idFlags...)
+	r := mustRun(t, append([]string{"keyset", "list"}, flags...)...)
+	contains(t, "keyset list (fresh)", r.stdout, "payments/eu-only", "payments/ledger", "payments/new", "search/index")
+	r = mustRun(t, append([]string{"keyset", "create", "--teams", teams}, flags...)...)
+	contains(t, "keyset create (fresh)", r.stdout, "0 created, 4 already in the record")
+	mustRun(t, append([]string{"keyset", "rotate", "payments/ledger"}, flags...)...)
+	second := filepath.Join(other, "second.bundle")
+	mustRun(t, append([]string{"bundle", "build", "--region", "us-east", "--serial", "2", "--teams", teams, "--signing-key", e.priv, "--out", second}, flags...)...)
+	b1, b2 := e.verify(t, first), e.verify(t, second)
+	if !cmp.Equal(keysetNames(b1), keysetNames(b2)) {
+		t.Errorf("fresh build keysets = %v, want %v", keysetNames(b2), keysetNames(b1))
+	}
+	aead, _ := e.keys.get("us-east", 1)
+	for i := range b1.GetKeysets() {
+		h1, err1 := keysets.Decrypt(b1.GetKeysets()[i].GetKeyset(), aead)
+		h2, err2 := keysets.Decrypt(b2.GetKeysets()[i].GetKeyset(), aead)
+		if err1 != nil || err2 != nil {
+			t.Fatalf("Decrypt = %v, %v", err1, err2)
+		}
+		// The same keys: every key of the first build is in the second.
+		ids := map[uint32]bool{}
+		for _, k := range h2.KeysetInfo().GetKeyInfo() {
+			ids[k.GetKeyId()] = true
+		}
+		for _, k := range h1.KeysetInfo().GetKeyInfo() {
+			if !ids[k.GetKeyId()] {
+				t.Errorf("keyset %s: key %d of the first build is gone from the fresh build", b1.GetKeysets()[i].GetName(), k.GetKeyId())
 			}
 		}
 	}
+	if n := len(b2.GetKeysets()[0].GetKeyset().GetVersions()); n != 2 {
+		t.Errorf("payments/ledger after rotate has %d versions in the fresh build, want 2", n)
+	}
+}
 
-	// inspect refuses a bundle that does not verify.
-	tampered := filepath.Join(dir, "tampered.bundle")
-	bad := proto.CloneOf(sb)
-	bad.Bundle[len(bad.Bundle)/2] ^= 1
-	data, _ := proto.Marshal(bad)
-	writeFile(t, tampered, string(data))
-	garbage := filepath.Join(dir, "garbage.bundle")
-	writeFile(t, garbage, "\xff\xff\xff")
-	for _, tt := range []struct {
-		name, bundle, pubs, want string
-	}{
-		{"another key", out, otherPub, "does not verify"},
-		{"tampered", tampered, pubPath, "does not verify"},
-		{"garbage", garbage, pubPath, "is not a signed bundle"},
-		{"a private key as public key", out, privPath, "not a Cairn bundle public key"},
-	} {
-		r := run(t, "bundle", "inspect", "--bundle", tt.bundle, "--signing-pub", tt.pubs)
-		if r.code != 1 || !strings.Contains(r.stderr, tt.want) {
-			t.Errorf("bundle inspect (%s) = %d, %q; want 1 containing %q", tt.name, r.code, r.stderr, tt.want)
-		}
-	}
-
-	// The other region's bundle gets that region's copies.
-	euOut := filepath.Join(dir, "eu-west.bundle")
-	mustRun(t, "bundle", "build", "--region", "eu-west", "--serial", "1", "--teams", teams, "--store", storeDir,
-		"--signing-key", privPath, "--out", euOut, "--created-by", regionctlID)
-	eu, err := bundle.Verify(readBundle(t, euOut), []ed25519.PublicKey{pub})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, want := keysetNames(eu), []string{"payments/eu-only", "payments/ledger"}; !cmp.Equal(got, want) {
-		t.Errorf("eu-west bundle keysets = %v, want %v", got, want)
-	}
-	for _, k := range eu.GetKeysets() {
-		if k.GetKeyset().GetRegion() != "eu-west" {
-			t.Errorf("eu-west bundle keyset %s is the %s copy", k.GetName(), k.GetKeyset().GetRegion())
-		}
-	}
-
-	// Rebuilding replaces the output file atomically.
-	mustRun(t, "bundle", "build", "--region", "eu-west", "--serial", "2", "--teams", teams, "--store", storeDir,
-		"--signing-key", privPath, "--out", euOut, "--created-by", regionctlID)
-	if eu2, err := bundle.Verify(readBundle(t, euOut), []ed25519.PublicKey{pub}); err != nil || eu2.GetSerial() != 2 {
-		t.Errorf("rebuilt bundle = serial %d, %v; want serial 2", eu2.GetSerial(), err)
-	}
-
-	// created_by defaults to the identity flags' ID.
+// TestSerialAuto: without --serial, the serial is one above the highest any
+// server of the region serves, and the parent is what they all serve.
+func TestSerialAuto(t *testing.T) {
 	pki := identitytest.New(t, identitytest.TrustDomain)
-	byID := filepath.Join(dir, "by-id.bundle")
-	args := append([]string{"bundle", "build", "--region", "us-east", "--serial", "4", "--teams", teams, "--store", storeDir,
-		"--signing-key", privPath, "--out", byID}, identityFlags(pki, "spiffe://cairn.test/regionctl/global/sre-1")...)
-	mustRun(t, args...)
-	if got, err := bundle.Verify(readBundle(t, byID), []ed25519.PublicKey{pub}); err != nil || got.GetCreatedBy() != "spiffe://cairn.test/regionctl/global/sre-1" {
-		t.Errorf("bundle built with identity flags: created_by %q, %v; want spiffe://cairn.test/regionctl/global/sre-1", got.GetCreatedBy(), err)
+	var addrs []string
+	for i, serial := range []uint64{7, 9} {
+		f := &fakeKMS{served: &bundlev1.BundleRef{Region: "us-east", Serial: serial, Sha256: []byte{byte(i)}}}
+		addrs = append(addrs, startFakeKMS(t, pki, f, i+1))
 	}
+	e := newEnvWithPKI(t, pki, map[string][]string{"us-east": addrs})
+	out := filepath.Join(e.dir, "auto.bundle")
+	r := mustRun(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--out", out)
+	contains(t, "bundle build stdout", r.stdout, "serial 10 ")
+	if b := e.verify(t, out); b.GetSerial() != 10 || b.GetParent() != nil {
+		t.Errorf("auto serial bundle = serial %d parent %v, want 10 and no parent (the servers disagree)", b.GetSerial(), b.GetParent())
+	}
+}
 
-	// A signing key readable by others is refused, and nothing is written.
-	if err := os.Chmod(privPath, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	loose := filepath.Join(dir, "loose.bundle")
-	r := run(t, "bundle", "build", "--region", "us-east", "--serial", "5", "--teams", teams, "--store", storeDir,
-		"--signing-key", privPath, "--out", loose, "--created-by", regionctlID)
-	if _, err := os.Stat(loose); r.code != 1 || !strings.Contains(r.stderr, "chmod 600") || err == nil {
-		t.Errorf("bundle build (signing key 0644) = %d, %q, output exists: %v; want 1, chmod 600, no output", r.code, r.stderr, err == nil)
-	}
+func startFakeKMS(t *testing.T, pki *identitytest.PKI, f *fakeKMS, i int) string {
+	srv := newServer(pki, "spiffe://cairn.test/kms/us-east/kms-"+string(rune('0'+i)))
+	kmsv1.RegisterKMSAdminServer(srv, f)
+	return serve(t, srv)
 }

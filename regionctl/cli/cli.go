@@ -13,36 +13,66 @@ import (
 	"slices"
 	"strings"
 	"time"
-
-	"github.com/cairnkms/cairn/internal/identity"
 )
 
 // Usage is the top-level help text.
-const Usage = `usage: regionctl <command> <verb> [flags]
+const Usage = `usage: regionctl <command> [<verb>] [NAME] [flags]
+
+The root KMS holds the record (keysets, their versions and lifecycle, TTL
+history, propagation); team config files (--teams) hold who may use each
+keyset. regionctl keeps no state of its own: losing its files loses nothing.
 
 Commands:
-  keys generate   --out DIR
-                  make a bundle-signing key pair: DIR/bundle-signing.key (mode 0600) and
-                  DIR/bundle-signing.pub; refuses to overwrite either
-  region create   --rootkms ADDR[,ADDR] --region NAME [identity flags]
-                  create a region and its first master key version in the root KMS
-  keyset create   --rootkms ADDR[,ADDR] --teams DIR --store DIR [--only NAME] [identity flags]
-                  generate through the root KMS every keyset of the valid team configs that
-                  the store does not hold yet, and store it; stored keysets are left alone
-  bundle build    --region NAME --serial N --teams DIR --store DIR --signing-key FILE --out FILE
-                  [--created-by SPIFFE-ID | identity flags]
-                  compile and sign the region's config bundle from the valid team configs
-                  and the stored keysets; invalid team files and keysets missing from the
-                  store are reported on stderr and left out
-  bundle inspect  --bundle FILE --signing-pub FILE[,FILE]
-                  verify a bundle and summarize it (never key material)
-  bundle push     --kms ADDR[,ADDR] --bundle FILE [--dry-run] [--force --reason TEXT]
-                  [identity flags]
-                  apply a bundle on each KMS server in turn, stopping at the first refusal
+  keys generate      --out DIR
+                     make a bundle-signing key pair: DIR/bundle-signing.key (0600) and .pub
+  region list        [--json]                       regions and their master key versions
+  region create      --region NAME                  create a region and its first master key
+  region rotate-key  --region NAME                  add a region master key version (primary)
+  region retire-key  --region NAME --version N      disable an old region master key version
+  keyset list        [--region R] [--json]          keysets in the record
+  keyset show        NAME [--json]                  policy, TTL history, every version's lifecycle
+                                                    (created, propagated per region, primary since,
+                                                    superseded, disabled, destroy after, encrypts)
+  keyset create      --teams DIR [--only NAME]      create in the root KMS every keyset of the team
+                                                    files the record lacks; existing ones are left alone
+  keyset rotate      NAME                           add a version (decrypt-only until promoted)
+  keyset promote     NAME --version ID              make a version primary (Safety Condition)
+  keyset disable     NAME --version ID              take a version out of the decrypt set (Safety Condition)
+  keyset enable      NAME --version ID              put a disabled version back
+  keyset destroy     NAME --version ID [--delay 24h]  schedule a disabled version's destruction
+  keyset undestroy   NAME --version ID              cancel a scheduled destruction
+  keyset rewrap      NAME                           re-encrypt the copies under each region's primary key
+  keyset set-policy  NAME [--ttl D] [--rotation-period D]
+  bundle build       --region R --out FILE [--serial N] [--teams DIR] [--signing-key FILE]
+                     compile and sign the region's bundle from the team files and the record;
+                     refuses (writes nothing) on any invalid team file, keyset missing from the
+                     record or from the team files, unknown region, or TTL/rotation mismatch;
+                     --serial defaults to one above the highest serial the region's servers serve
+  bundle inspect     --bundle FILE [--signing-pub FILE[,FILE]]
+                     verify a bundle and summarize it (never key material)
+  bundle push        --bundle FILE [--kms ADDR[,ADDR]] [--dry-run] [--force --reason TEXT]
+                     all or nothing: fleet-wide safety check, dry run on every server of the
+                     region, and only if none refuses, apply on each
+  status             [--region R] [--record] [--json]
+                     every KMS server's bundle and state, per-version usage summed per region,
+                     the record's state and the next safe step; --record also records it
+  observe            [--region R] [--json]         same as status --record
+  rotate             --due [--destroy-delay 24h] [--dry-run]
+                     observe and record every region, do every due lifecycle step of every
+                     keyset, then build and push the bundle of each affected region
+  cluster status     [--json]                       each root KMS replica's view of the Raft cluster
+  cluster add        --id ID --address HOST:PORT --api-address HOST:PORT [--nonvoter]
+  cluster remove     --id ID
+  cluster snapshot                                  take a Raft snapshot on each replica
 
+Common flags: --config FILE (default $REGIONCTL_CONFIG) supplies every flag below that
+is not given; --rootkms ADDR[,ADDR] (root KMS replicas), --kms ADDR[,ADDR] (one region's
+KMS servers; otherwise the config file's regions), --timeout D (each remote call),
+--json (machine-readable reads), --window D (propagation window, default 10m).
 Identity flags: --trust-domain TD, and --dev-certs DIR --name regionctl/global/NAME or
 --cert FILE --key FILE --ca FILE.
-Exit status: 0 done, 1 failed or refused, 2 bad command line.
+Exit status: 0 done (rotate --due: also when steps are not yet safe), 1 failed, refused
+or a server unreachable, 2 bad command line.
 Run "regionctl <command> <verb> -h" for a command's flags.
 `
 
@@ -56,9 +86,20 @@ type command func(ctx context.Context, args []string, stdout, stderr io.Writer) 
 
 var commands = map[string]map[string]command{
 	"keys":   {"generate": keysGenerate},
-	"region": {"create": regionCreate},
-	"keyset": {"create": keysetCreate},
-	"bundle": {"build": bundleBuild, "inspect": bundleInspect, "push": bundlePush},
+	"region": {"list": regionList, "create": regionCreate, "rotate-key": regionRotateKey, "retire-key": regionRetireKey},
+	"keyset": {"list": keysetList, "show": keysetShow, "create": keysetCreate, "rotate": keysetStep(stepRotate),
+		"promote": keysetStep(stepPromote), "disable": keysetStep(stepDisable), "enable": keysetStep(stepEnable),
+		"destroy": keysetStep(stepDestroy), "undestroy": keysetStep(stepUndestroy), "rewrap": keysetStep(stepRewrap),
+		"set-policy": keysetSetPolicy},
+	"bundle":  {"build": bundleBuild, "inspect": bundleInspect, "push": bundlePush},
+	"cluster": {"status": clusterStatus, "add": clusterAdd, "remove": clusterRemove, "snapshot": clusterSnapshot},
+}
+
+// single are the commands without a verb.
+var single = map[string]command{
+	"status":  statusCmd(false),
+	"observe": statusCmd(true),
+	"rotate":  rotateCmd,
 }
 
 // Run runs regionctl with args (without the program name) and returns the
@@ -71,6 +112,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
 		fmt.Fprint(stdout, Usage)
 		return 0
+	}
+	if cmd, ok := single[args[0]]; ok {
+		return finish(cmd(ctx, args[1:], stdout, stderr), stderr, args[0])
 	}
 	verbs, ok := commands[args[0]]
 	if !ok {
@@ -90,14 +134,23 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "regionctl %s: unknown verb %q (%s)\n", args[0], args[1], verbNames(verbs))
 		return 2
 	}
-	if err := cmd(ctx, args[2:], stdout, stderr); err != nil {
-		if errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp) {
-			return 2
-		}
-		fmt.Fprintf(stderr, "regionctl %s %s: %v\n", args[0], args[1], err)
+	return finish(cmd(ctx, args[2:], stdout, stderr), stderr, args[0]+" "+args[1])
+}
+
+// errReported is an error whose details were printed already.
+var errReported = errors.New("reported")
+
+func finish(err error, stderr io.Writer, name string) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp):
+		return 2
+	case errors.Is(err, errReported):
 		return 1
 	}
-	return 0
+	fmt.Fprintf(stderr, "regionctl %s: %v\n", name, err)
+	return 1
 }
 
 func verbNames(verbs map[string]command) string {
@@ -111,26 +164,40 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 }
 
 func parse(fs *flag.FlagSet, args []string) error {
+	_, err := parseNamed(fs, args, false)
+	return err
+}
+
+// parseNamed parses args, which may hold one NAME argument before or after
+// the flags when named is true.
+func parseNamed(fs *flag.FlagSet, args []string, named bool) (string, error) {
+	var name string
+	if named && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		name, args = args[0], args[1:]
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return flag.ErrHelp
+			return "", flag.ErrHelp
 		}
-		return errUsage
+		return "", errUsage
 	}
-	if fs.NArg() != 0 {
-		fmt.Fprintf(fs.Output(), "%s: unexpected arguments: %v\n", fs.Name(), fs.Args())
-		return errUsage
+	rest := fs.Args()
+	if named && name == "" && len(rest) > 0 {
+		name, rest = rest[0], rest[1:]
 	}
-	return nil
+	if len(rest) != 0 {
+		fmt.Fprintf(fs.Output(), "%s: unexpected arguments: %v\n", fs.Name(), rest)
+		return "", errUsage
+	}
+	if named && name == "" {
+		fmt.Fprintf(fs.Output(), "%s: the keyset NAME is required\n", fs.Name())
+		return "", errUsage
+	}
+	return name, nil
 }
 
 // usageError prints msg for the command and returns errUsage.
 func usageError(fs *flag.FlagSet, format string, a ...any) error {
 	fmt.Fprintf(fs.Output(), "%s: %s\n", fs.Name(), fmt.Sprintf(format, a...))
 	return errUsage
-}
-
-// source loads the identity the flags name.
-func source(id *identity.Flags) (*identity.Source, error) {
-	return id.Source(nil)
 }

@@ -56,6 +56,29 @@ func (f *fakeKMS) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest
 	return resp, nil
 }
 
+func (f *fakeKMS) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (*kmsv1.GetStatusResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := &kmsv1.GetStatusResponse{Region: "us-east", State: kmsv1.ServingState_SERVING_STATE_SERVING, Bundle: f.served}
+	if f.served == nil {
+		st.State = kmsv1.ServingState_SERVING_STATE_NOT_READY
+	}
+	return st, nil
+}
+
+// applied counts the ApplyBundle calls that were not dry runs.
+func (f *fakeKMS) applied() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, r := range f.reqs {
+		if !r.GetDryRun() {
+			n++
+		}
+	}
+	return n
+}
+
 func (f *fakeKMS) requests() ([]*kmsv1.ApplyBundleRequest, []string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -94,37 +117,32 @@ func TestBundlePush(t *testing.T) {
 	refusal := status.Error(codes.FailedPrecondition, `kms: bundle us-east serial 9 refused: it drops keyset "payments/ledger" (2 of 2 keysets, more than the 10% threshold); use --force with a reason`)
 
 	tests := []struct {
-		name       string
-		flags      []string
-		refuse     []error // per server; nil applies
-		wantCode   int
-		wantCalls  []int // ApplyBundle calls each server saw
-		wantOut    []string
-		wantErr    []string
-		wantDry    bool
-		wantForce  bool
-		wantReason string
+		name        string
+		flags       []string
+		refuse      []error // per server; nil applies
+		wantCode    int
+		wantApplied []int // real ApplyBundle calls each server saw
+		wantOut     []string
+		wantErr     []string
+		wantForce   bool
+		wantReason  string
 	}{
 		{
-			name: "applies on every server in order", refuse: []error{nil, nil}, wantCalls: []int{1, 1},
-			wantOut: []string{"applying bundle us-east serial 9 sha256 ", "on 2 server(s)", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
+			name: "dry run everywhere, then applies on every server in order", refuse: []error{nil, nil}, wantApplied: []int{1, 1},
+			wantOut: []string{"pushing bundle us-east serial 9 sha256 ", "to 2 server(s), all or nothing", ": dry run ok: would apply us-east serial 9", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
 		},
 		{
-			name: "dry run", flags: []string{"--dry-run"}, refuse: []error{nil, nil}, wantCalls: []int{1, 1}, wantDry: true,
-			wantOut: []string{"dry run of bundle us-east serial 9", ": would apply us-east serial 9"},
+			name: "dry run only", flags: []string{"--dry-run"}, refuse: []error{nil, nil}, wantApplied: []int{0, 0},
+			wantOut: []string{"dry run: every server would apply it; nothing applied"},
 		},
 		{
 			name: "force with a reason", flags: []string{"--force", "--reason", "retiring payments/ledger, ticket SRE-42"}, refuse: []error{nil},
-			wantCalls: []int{1}, wantForce: true, wantReason: "retiring payments/ledger, ticket SRE-42",
+			wantApplied: []int{1}, wantForce: true, wantReason: "retiring payments/ledger, ticket SRE-42",
 			wantOut: []string{"warning: bundle drops 1 of 2 keysets; applied because forced: retiring payments/ledger, ticket SRE-42"},
 		},
 		{
-			name: "a refusal stops the push and is shown verbatim", refuse: []error{refusal, nil}, wantCode: 1, wantCalls: []int{1, 0},
-			wantErr: []string{"REFUSED the bundle (FailedPrecondition): " + status.Convert(refusal).Message(), "stopped at"},
-		},
-		{
-			name: "a refusal after the first server says where it was applied", refuse: []error{nil, refusal, nil}, wantCode: 1, wantCalls: []int{1, 1, 0},
-			wantErr: []string{"REFUSED the bundle (FailedPrecondition)", "already applied on: ", "not pushed to: "},
+			name: "one refusal in the dry run: nothing applied anywhere", refuse: []error{nil, refusal, nil}, wantCode: 1, wantApplied: []int{0, 0, 0},
+			wantErr: []string{"REFUSED the bundle (FailedPrecondition): " + status.Convert(refusal).Message(), "1 of 3 server(s) refused or could not be reached in the dry run: nothing was applied anywhere"},
 		},
 	}
 	for _, tt := range tests {
@@ -146,17 +164,19 @@ func TestBundlePush(t *testing.T) {
 			contains(t, "bundle push stdout", r.stdout, tt.wantOut...)
 			contains(t, "bundle push stderr", r.stderr, tt.wantErr...)
 			for i, f := range fakes {
+				if got := f.applied(); got != tt.wantApplied[i] {
+					t.Errorf("server %d saw %d real ApplyBundle calls, want %d", i, got, tt.wantApplied[i])
+				}
 				reqs, callers := f.requests()
-				if len(reqs) != tt.wantCalls[i] {
-					t.Errorf("server %d saw %d ApplyBundle calls, want %d", i, len(reqs), tt.wantCalls[i])
-					continue
+				if len(reqs) == 0 || !reqs[0].GetDryRun() {
+					t.Errorf("server %d: first ApplyBundle call is not a dry run", i)
 				}
 				for j, req := range reqs {
 					if !proto.Equal(req.GetBundle(), sb) {
 						t.Errorf("server %d got a different signed bundle than the file's", i)
 					}
-					if req.GetDryRun() != tt.wantDry || req.GetForce() != tt.wantForce || req.GetForceReason() != tt.wantReason {
-						t.Errorf("server %d request = dry_run %t, force %t, reason %q; want %t, %t, %q", i, req.GetDryRun(), req.GetForce(), req.GetForceReason(), tt.wantDry, tt.wantForce, tt.wantReason)
+					if req.GetForce() != tt.wantForce || req.GetForceReason() != tt.wantReason {
+						t.Errorf("server %d request = force %t, reason %q; want %t, %q", i, req.GetForce(), req.GetForceReason(), tt.wantForce, tt.wantReason)
 					}
 					if callers[j] != regionctlID {
 						t.Errorf("server %d saw caller %q, want %q", i, callers[j], regionctlID)

@@ -24,16 +24,18 @@ func TestAgainstARealRootKMS(t *testing.T) {
 		mustRun(t, append([]string{"region", "create", "--region", region}, rootFlags...)...)
 	}
 	dir := t.TempDir()
-	teams, storeDir, keysDir := filepath.Join(dir, "teams"), filepath.Join(dir, "store"), filepath.Join(dir, "keys")
+	teams, keysDir := filepath.Join(dir, "teams"), filepath.Join(dir, "keys")
 	writeFile(t, filepath.Join(teams, "payments.json"), paymentsTeam)
 	writeFile(t, filepath.Join(teams, "search.json"), searchTeam)
-	r := mustRun(t, append([]string{"keyset", "create", "--teams", teams, "--store", storeDir}, rootFlags...)...)
-	contains(t, "keyset create stdout", r.stdout, "4 created, 0 already in the store, 0 failed")
+	r := mustRun(t, append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
+	contains(t, "keyset create stdout", r.stdout, "4 created, 0 already in the record, 0 failed")
+	r = mustRun(t, append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
+	contains(t, "keyset create (again) stdout", r.stdout, "0 created, 4 already in the record, 0 failed")
 
 	mustRun(t, "keys", "generate", "--out", keysDir)
 	out := filepath.Join(dir, "us-east.bundle")
-	mustRun(t, append([]string{"bundle", "build", "--region", "us-east", "--serial", "1", "--teams", teams, "--store", storeDir,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", out}, idFlags...)...)
+	mustRun(t, append([]string{"bundle", "build", "--region", "us-east", "--serial", "1", "--teams", teams,
+		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", out}, rootFlags...)...)
 	pub, err := bundle.ReadPublicKey(filepath.Join(keysDir, "bundle-signing.pub"))
 	if err != nil {
 		t.Fatal(err)

@@ -1,11 +1,17 @@
-// Package compile turns validated team configs and the stored, wrapped
-// keysets into one region's config bundle (cairn.bundle.v1.Bundle). It is
+// Package compile turns validated team configs and the root KMS's keyset
+// records into one region's config bundle (cairn.bundle.v1.Bundle). It is
 // pure: it neither signs, nor reads files, nor calls anything remote.
+//
+// The team configs say who may use a keyset and for what; the record (the
+// root KMS, the system of record) holds the encrypted copies, the TTL
+// history, the rotation period and every version's lifecycle. A bundle that
+// cannot hold every keyset of the region is not made: Compile reports every
+// Problem instead, so that one run shows everything to fix.
 package compile
 
 import (
-	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -16,17 +22,10 @@ import (
 
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/regionctl/bundle"
 	"github.com/cairnkms/cairn/regionctl/config"
-	"github.com/cairnkms/cairn/regionctl/store"
 )
-
-// Keysets gives the stored region copies of a keyset. Get returns an error
-// wrapping store.ErrNotFound for a keyset that was never generated.
-// *store.Store implements it.
-type Keysets interface {
-	Get(name string) ([]*cryptov1.EncryptedKeyset, error)
-}
 
 // Input is what a bundle is compiled from.
 type Input struct {
@@ -34,80 +33,114 @@ type Input struct {
 	Serial    uint64
 	CreatedBy string
 	CreatedAt time.Time
-	// Teams are the valid team configs (config.LoadDir's good teams).
+	// Parent, if set, is the bundle the region serves now.
+	Parent *bundlev1.BundleRef
+	// Teams are the valid team configs (config.LoadDir's good teams). The
+	// caller refuses to compile when any team file is invalid.
 	Teams []*config.Team
-	// Store holds the wrapped keysets.
-	Store Keysets
+	// Record holds the root KMS's records of the region's keysets, with
+	// their copies (ListKeysets with region and include_copies).
+	Record []*statev1.KeysetRecord
+	// Window is the propagation window written into every keyset
+	// (KeysetConfig.propagation_window); it must be positive.
+	Window time.Duration
 }
 
-// Result is a compiled bundle and what was left out of it.
+// Problem is one reason the bundle cannot be made.
+type Problem struct {
+	// Keyset names the keyset concerned ("" for the whole bundle).
+	Keyset string
+	// Team owns it in the configs ("" if no team file lists it).
+	Team   string
+	Reason string
+}
+
+func (p Problem) String() string {
+	switch {
+	case p.Keyset == "":
+		return p.Reason
+	case p.Team == "":
+		return fmt.Sprintf("keyset %s: %s", p.Keyset, p.Reason)
+	}
+	return fmt.Sprintf("keyset %s (team %s): %s", p.Keyset, p.Team, p.Reason)
+}
+
+// Result is a compiled bundle, or the problems that prevent it.
 type Result struct {
-	Bundle *bundlev1.Bundle
-	// Missing are keysets configured for the region that the store does
-	// not hold, or holds without a copy for the region: they are not in
-	// the bundle.
-	Missing []Missing
-	// Warnings are things that did not keep a keyset out but need a look.
-	Warnings []string
+	// Bundle is nil when Problems is not empty.
+	Bundle   *bundlev1.Bundle
+	Problems []Problem
 }
 
-// Missing is a configured keyset left out of the bundle.
-type Missing struct {
-	Keyset, Team, Reason string
-}
-
-// Compile builds the bundle of in.Region: every keyset of in.Teams that lists
-// the region and is in the store, sorted by name, with the store's copy for
-// the region. It fails on a store it cannot read (other than a keyset that is
-// not there) and on a bundle that does not validate.
+// Compile builds the bundle of in.Region: every keyset that a team config
+// lists for the region, sorted by name, with the record's copy for the
+// region and the record's policy and lifecycle. It reports a Problem (and
+// makes no bundle) for a configured keyset the record lacks or has without
+// a copy for the region, a record keyset of the region that no team file
+// lists, regions that differ between config and record, and a TTL or
+// rotation period that differs (the record is changed with set-policy, then
+// the file follows). It fails on a bundle that does not validate.
 func Compile(in Input) (*Result, error) {
-	var cfgs []config.Keyset
+	if in.Window <= 0 {
+		return nil, fmt.Errorf("compile: propagation window %v: must be positive", in.Window)
+	}
+	cfgs := map[string]config.Keyset{}
 	for _, t := range in.Teams {
 		for _, k := range t.Keysets {
 			if slices.Contains(k.Regions, in.Region) {
-				cfgs = append(cfgs, k)
+				cfgs[k.Name] = k
 			}
 		}
 	}
-	slices.SortFunc(cfgs, func(a, b config.Keyset) int { return strings.Compare(a.Name, b.Name) })
+	records := map[string]*statev1.KeysetRecord{}
+	for _, r := range in.Record {
+		if slices.Contains(r.GetRegions(), in.Region) {
+			records[r.GetName()] = r
+		}
+	}
 	res := &Result{}
+	for _, name := range slices.Sorted(maps.Keys(records)) {
+		if _, ok := cfgs[name]; !ok {
+			res.Problems = append(res.Problems, Problem{Keyset: name,
+				Reason: fmt.Sprintf("the record serves it in %s, but no valid team file lists it for %s (a keyset is never silently dropped)", in.Region, in.Region)})
+		}
+	}
 	b := &bundlev1.Bundle{
 		FormatVersion: bundle.FormatVersion,
 		Region:        in.Region,
 		Serial:        in.Serial,
 		CreatedAt:     timestamppb.New(in.CreatedAt),
 		CreatedBy:     in.CreatedBy,
+		Parent:        proto.CloneOf(in.Parent),
 	}
 	versions := map[uint32]bool{}
-	for _, k := range cfgs {
-		copies, err := in.Store.Get(k.Name)
-		if errors.Is(err, store.ErrNotFound) {
-			res.Missing = append(res.Missing, Missing{Keyset: k.Name, Team: k.Team, Reason: "not in the store (run regionctl keyset create)"})
+	for _, name := range slices.Sorted(maps.Keys(cfgs)) {
+		k := cfgs[name]
+		rec, ok := records[name]
+		if !ok {
+			res.Problems = append(res.Problems, Problem{Keyset: name, Team: k.Team, Reason: "not in the root KMS record for " + in.Region + " (run regionctl keyset create)"})
 			continue
 		}
-		if err != nil {
-			return nil, fmt.Errorf("compile: keyset %s: %w", k.Name, err)
+		var bad []string
+		if !sameSet(k.Regions, rec.GetRegions()) {
+			bad = append(bad, fmt.Sprintf("configured for %v but the record has %v; changing a keyset's regions is not supported", sorted(k.Regions), rec.GetRegions()))
 		}
-		stored := store.Regions(copies)
-		c := store.ForRegion(copies, in.Region)
+		ttl := TTLInForce(rec)
+		if ttl != k.CiphertextTTL {
+			bad = append(bad, fmt.Sprintf("ciphertext_ttl is %s in the team file but %s in the record; run regionctl keyset set-policy %s --ttl %s (or fix the file)", k.CiphertextTTL, ttl, name, k.CiphertextTTL))
+		}
+		if rp := rec.GetRotationPeriod().AsDuration(); rp != k.RotationPeriod {
+			bad = append(bad, fmt.Sprintf("rotation_period is %s in the team file but %s in the record; run regionctl keyset set-policy %s --rotation-period %s (or fix the file)", k.RotationPeriod, rp, name, k.RotationPeriod))
+		}
+		c := copyFor(rec, in.Region)
 		if c == nil {
-			res.Missing = append(res.Missing, Missing{Keyset: k.Name, Team: k.Team,
-				Reason: fmt.Sprintf("the store holds copies for %v only; adding a region to an existing keyset is not supported yet", stored)})
+			bad = append(bad, "the record holds no copy for "+in.Region)
+		}
+		for _, why := range bad {
+			res.Problems = append(res.Problems, Problem{Keyset: name, Team: k.Team, Reason: why})
+		}
+		if len(bad) > 0 {
 			continue
-		}
-		// regions is every region that serves or may serve the keyset: the
-		// configured ones and those holding a copy. The Safety Condition
-		// waits for all of them, so a region dropped from the config but
-		// still serving an older bundle is not forgotten.
-		regions := slices.Clone(k.Regions)
-		for _, r := range stored {
-			if !slices.Contains(regions, r) {
-				regions = append(regions, r)
-			}
-		}
-		slices.Sort(regions)
-		if !sameSet(k.Regions, stored) {
-			res.Warnings = append(res.Warnings, fmt.Sprintf("keyset %s: configured for %v but stored for %v; the bundle lists %v", k.Name, sorted(k.Regions), sorted(stored), regions))
 		}
 		versions[c.GetRegionKeyVersion()] = true
 		b.Keysets = append(b.Keysets, &bundlev1.KeysetConfig{
@@ -121,10 +154,16 @@ func Compile(in Input) (*Result, error) {
 				GenerateDataKey: slices.Clone(k.ACL.GenerateDataKey),
 				Rewrap:          slices.Clone(k.ACL.Rewrap),
 			},
-			RotationPeriod: durationpb.New(k.RotationPeriod),
-			CiphertextTtl:  durationpb.New(k.CiphertextTTL),
-			Regions:        regions,
+			RotationPeriod:    durationpb.New(rec.GetRotationPeriod().AsDuration()),
+			CiphertextTtl:     durationpb.New(ttl),
+			Regions:           slices.Clone(rec.GetRegions()),
+			TtlHistory:        ttlHistory(rec),
+			Lifecycle:         Lifecycle(rec, c),
+			PropagationWindow: durationpb.New(in.Window),
 		})
+	}
+	if len(res.Problems) > 0 {
+		return res, nil
 	}
 	for v := range versions {
 		b.RegionKeyVersions = append(b.RegionKeyVersions, v)
@@ -137,6 +176,72 @@ func Compile(in Input) (*Result, error) {
 	return res, nil
 }
 
+// TTLInForce is the ciphertext TTL of the record's open period (the last
+// one); 0 if the record has no history.
+func TTLInForce(rec *statev1.KeysetRecord) time.Duration {
+	h := rec.GetTtlHistory()
+	if len(h) == 0 {
+		return 0
+	}
+	return h[len(h)-1].GetTtl().AsDuration()
+}
+
+func ttlHistory(rec *statev1.KeysetRecord) []*bundlev1.TtlPeriod {
+	var out []*bundlev1.TtlPeriod
+	for _, p := range rec.GetTtlHistory() {
+		out = append(out, &bundlev1.TtlPeriod{Ttl: proto.CloneOf(p.GetTtl()), From: proto.CloneOf(p.GetFrom()), Until: proto.CloneOf(p.GetUntil())})
+	}
+	return out
+}
+
+// Lifecycle is the bundle's view of the lifecycle of every version the copy
+// holds, in record order. propagated_everywhere is the latest of the
+// version's per-region propagation times, set only when every region of the
+// keyset has one.
+func Lifecycle(rec *statev1.KeysetRecord, c *cryptov1.EncryptedKeyset) []*bundlev1.VersionLifecycle {
+	held := map[uint32]bool{}
+	for _, v := range c.GetVersions() {
+		held[v.GetKeyId()] = true
+	}
+	var out []*bundlev1.VersionLifecycle
+	for _, v := range rec.GetVersions() {
+		if !held[v.GetKeyId()] {
+			continue
+		}
+		l := &bundlev1.VersionLifecycle{KeyId: v.GetKeyId(), PrimarySince: proto.CloneOf(v.GetPrimarySince()), SupersededAt: proto.CloneOf(v.GetSupersededAt())}
+		if t, ok := PropagatedEverywhere(rec, v); ok {
+			l.PropagatedEverywhere = timestamppb.New(t)
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// PropagatedEverywhere is the latest of v's per-region propagation times if
+// every region of rec has one.
+func PropagatedEverywhere(rec *statev1.KeysetRecord, v *statev1.KeysetVersionRecord) (time.Time, bool) {
+	var latest time.Time
+	for _, r := range rec.GetRegions() {
+		i := slices.IndexFunc(v.GetPropagated(), func(t *statev1.RegionTime) bool { return t.GetRegion() == r })
+		if i < 0 || v.GetPropagated()[i].GetAt() == nil {
+			return time.Time{}, false
+		}
+		if t := v.GetPropagated()[i].GetAt().AsTime(); t.After(latest) {
+			latest = t
+		}
+	}
+	return latest, len(rec.GetRegions()) > 0
+}
+
+func copyFor(rec *statev1.KeysetRecord, region string) *cryptov1.EncryptedKeyset {
+	for _, c := range rec.GetCopies() {
+		if c.GetRegion() == region {
+			return c
+		}
+	}
+	return nil
+}
+
 func sorted(s []string) []string {
 	out := slices.Clone(s)
 	slices.Sort(out)
@@ -144,3 +249,12 @@ func sorted(s []string) []string {
 }
 
 func sameSet(a, b []string) bool { return slices.Equal(sorted(a), sorted(b)) }
+
+// Join formats problems one per line.
+func Join(ps []Problem) string {
+	var lines []string
+	for _, p := range ps {
+		lines = append(lines, "  "+p.String())
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,241 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/cairnkms/cairn/internal/lifecycle"
+	"github.com/cairnkms/cairn/internal/safety"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+)
+
+// rotateCmd is rotate --due: every due lifecycle step of every keyset,
+// idempotent, safe to run from cron.
+func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("rotate", stderr)
+	o := &options{}
+	o.register(fs, withRoot|withTeams|withSigningKey|withWindow)
+	var (
+		due, dryRun  bool
+		destroyDelay time.Duration
+		outDir       string
+	)
+	fs.BoolVar(&due, "due", false, "do every step that is due (required)")
+	fs.BoolVar(&dryRun, "dry-run", false, "observe and record, print the due steps, change nothing else")
+	fs.DurationVar(&destroyDelay, "destroy-delay", 24*time.Hour, "delay of scheduled destructions")
+	fs.StringVar(&outDir, "out-dir", "", "where to write the bundles built (default: a temporary directory)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if !due {
+		return usageError(fs, "--due is required (rotating one keyset is regionctl keyset rotate NAME)")
+	}
+	if destroyDelay <= 0 {
+		return usageError(fs, "--destroy-delay must be positive")
+	}
+	if err := o.load(); err != nil {
+		return err
+	}
+	regions, err := o.regions("")
+	if err != nil {
+		return err
+	}
+	r, err := o.root()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	var errs []error
+
+	// 1. Observe and record every region.
+	obs, err := observe(ctx, r.src, regions, o.timeout)
+	if err != nil {
+		return err
+	}
+	records, err := r.listKeysets(ctx, "", true)
+	if err != nil {
+		return fmt.Errorf("reading the record: %w", err)
+	}
+	if err := obs.record(ctx, r, records, stdout); err != nil {
+		errs = append(errs, err)
+	}
+	for _, region := range sortedRegions(regions) {
+		for _, s := range obs.unreachable(region) {
+			errs = append(errs, fmt.Errorf("region %s: %s unreachable: %v", region, s.Addr, s.Err))
+		}
+	}
+	// Read again: the record now holds what was just observed.
+	if records, err = r.listKeysets(ctx, "", false); err != nil {
+		return fmt.Errorf("reading the record: %w", err)
+	}
+
+	// 2. Every due step of every keyset.
+	now := time.Now()
+	p := safety.Params{Window: o.propagationWindow()}
+	fleet := obs.fleet()
+	affected := map[string]bool{}
+	for _, rec := range records {
+		changed, err := dueSteps(ctx, r, rec, fleet, p, now, destroyDelay, dryRun, stdout)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if changed {
+			for _, region := range rec.GetRegions() {
+				affected[region] = true
+			}
+		}
+	}
+
+	// 3. Build and push every affected region's bundle.
+	if len(affected) > 0 && !dryRun {
+		if o.teams == "" || o.signingKey == "" {
+			errs = append(errs, fmt.Errorf("regions %v need a new bundle, but teams and signing_key are not configured", slices.Sorted(maps.Keys(affected))))
+			return errors.Join(errs...)
+		}
+		dir := outDir
+		if dir == "" {
+			if dir, err = os.MkdirTemp("", "regionctl-rotate-"); err != nil {
+				return err
+			}
+			defer os.RemoveAll(dir)
+		}
+		for _, region := range slices.Sorted(maps.Keys(affected)) {
+			servers, ok := regions[region]
+			if !ok {
+				errs = append(errs, fmt.Errorf("region %s: no KMS servers configured; its bundle was not pushed", region))
+				continue
+			}
+			if err := buildAndPush(ctx, o, r, region, servers, filepath.Join(dir, region+".bundle"), stdout, stderr); err != nil {
+				errs = append(errs, fmt.Errorf("region %s: %w", region, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func buildAndPush(ctx context.Context, o *options, r *root, region string, servers []string, out string, stdout, stderr io.Writer) error {
+	obs, err := observe(ctx, r.src, map[string][]string{region: servers}, o.timeout)
+	if err != nil {
+		return err
+	}
+	sb, err := buildBundle(ctx, o, r, buildRequest{region: region, out: out, obs: obs}, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	var b bundlev1.Bundle
+	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
+		return err
+	}
+	return pushBundle(ctx, o, r.src, r, sb, &b, servers, pushOptions{}, stdout, stderr)
+}
+
+// dueSteps does the due steps of one keyset and reports whether the record
+// changed in a way the bundles must follow. Refusals from the root KMS
+// (FAILED_PRECONDITION) are "not yet", not errors.
+func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet safety.Fleet, p safety.Params, now time.Time, destroyDelay time.Duration, dryRun bool, w io.Writer) (bool, error) {
+	name := rec.GetName()
+	changed := false
+	var errs []error
+	do := func(step statev1.KeysetStep, keyID uint32, what string) {
+		if dryRun {
+			fmt.Fprintf(w, "due: keyset %s: %s\n", name, what)
+			return
+		}
+		req := &rootkmsv1.UpdateKeysetRequest{Name: name, Step: step, KeyId: keyID}
+		if step == statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY {
+			req.DestroyDelay = durationpb.New(destroyDelay)
+		}
+		if step == statev1.KeysetStep_KEYSET_STEP_ADD_VERSION {
+			for _, v := range rec.GetVersions() {
+				if v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY {
+					req.Template = v.GetTemplate()
+				}
+			}
+		}
+		got, err := r.update(ctx, req)
+		switch {
+		case status.Code(err) == codes.FailedPrecondition:
+			fmt.Fprintf(w, "not yet: keyset %s: %s: %s\n", name, what, status.Convert(err).Message())
+		case err != nil:
+			errs = append(errs, fmt.Errorf("keyset %s: %s: %w", name, what, err))
+		default:
+			fmt.Fprintf(w, "done: keyset %s: %s\n", name, describeStep(req, got))
+			if step != statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY {
+				changed = true
+			}
+		}
+	}
+	notYet := func(what string, err error) {
+		var ref *safety.Refusal
+		if errors.As(err, &ref) && !ref.Earliest.IsZero() {
+			fmt.Fprintf(w, "not yet: keyset %s: %s: earliest safe time %s (%s)\n", name, what, tsTime(ref.Earliest), blockers(ref))
+			return
+		}
+		fmt.Fprintf(w, "not yet: keyset %s: %s: %v\n", name, what, err)
+	}
+	k := lifecycle.Keyset(rec)
+	var primary, newestWaiting *statev1.KeysetVersionRecord
+	for _, v := range rec.GetVersions() {
+		switch {
+		case v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
+			primary = v
+		case waiting(v):
+			newestWaiting = v
+		}
+	}
+	// Add a version when the primary's rotation period has run out and
+	// no newer version is waiting.
+	if rp := rec.GetRotationPeriod().AsDuration(); rp > 0 && primary != nil && newestWaiting == nil &&
+		primary.GetPrimarySince() != nil && !primary.GetPrimarySince().AsTime().Add(rp).After(now) {
+		do(statev1.KeysetStep_KEYSET_STEP_ADD_VERSION, 0, "add a version (primary since "+ts(primary.GetPrimarySince())+", rotation period "+rp.String()+")")
+	}
+	// Promote the waiting version once every region served it for the
+	// window (the root KMS checks again).
+	if newestWaiting != nil {
+		id := newestWaiting.GetKeyId()
+		what := fmt.Sprintf("promote version %d", id)
+		if err := safety.CheckPromote(k, id, fleet, safety.ScopeFleet, p, now); err != nil {
+			notYet(what, err)
+		} else {
+			do(statev1.KeysetStep_KEYSET_STEP_PROMOTE, id, what)
+		}
+	}
+	for _, v := range rec.GetVersions() {
+		id := v.GetKeyId()
+		switch v.GetState() {
+		case statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED:
+			if waiting(v) {
+				continue
+			}
+			what := fmt.Sprintf("disable version %d", id)
+			if err := safety.CheckRetire(k, id, fleet, safety.ScopeFleet, p, now); err != nil {
+				notYet(what, err)
+				continue
+			}
+			do(statev1.KeysetStep_KEYSET_STEP_DISABLE, id, what)
+		case statev1.KeysetVersionState_KEYSET_VERSION_STATE_DISABLED:
+			do(statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, id, fmt.Sprintf("schedule version %d for destruction in %s", id, destroyDelay))
+		case statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROY_SCHEDULED:
+			if t := lifecycle.Time(v.GetDestroyAfter()); t.After(now) {
+				fmt.Fprintf(w, "not yet: keyset %s: destroy version %d: earliest safe time %s\n", name, id, tsTime(t))
+				continue
+			}
+			do(statev1.KeysetStep_KEYSET_STEP_DESTROY, id, fmt.Sprintf("destroy version %d", id))
+		}
+	}
+	return changed, errors.Join(errs...)
+}
