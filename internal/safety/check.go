@@ -18,6 +18,8 @@ import (
 //     serves the version decrypting, except a Known server that serves
 //     nothing at all (it answers no request).
 //
+// A keyset's first version (Primary, PrimarySince equal to Created, never
+// superseded) was never promoted over another and always passes.
 // Invalid p or scope give a non-refusal error.
 func CheckPromote(k Keyset, keyID uint32, fleet Fleet, scope Scope, p Params, now time.Time) error {
 	if err := validate(p, scope); err != nil {
@@ -69,9 +71,9 @@ func CheckRetire(k Keyset, keyID uint32, fleet Fleet, scope Scope, p Params, now
 //     or its keyset dropped) is judged as CheckRetire would, with region
 //     counted among the keyset's regions;
 //   - every version primary in next but not in cur is judged as CheckPromote
-//     would, with region counted among the keyset's regions; moreover, when
-//     cur is not empty, a version that next adds and makes primary at once is
-//     refused whatever the record says (ship it decrypt-only first);
+//     would, with region counted among the keyset's regions; moreover, for a
+//     keyset cur serves, a version that next adds and makes primary at once
+//     is refused whatever the record says (ship it decrypt-only first);
 //   - a keyset missing from record is judged on what there is: a retirement
 //     on server usage only, refusing whenever a TTL would be needed; a
 //     promotion is refused. The blockers say so.
@@ -112,7 +114,9 @@ func CheckBundle(region string, cur, next Content, record map[string]Keyset, fle
 			}
 			if will.Primary && !was.Primary {
 				r := c.promote(id, region)
-				if len(cur) > 0 && !was.decrypting() {
+				// A keyset new to this server (absent from cur) necessarily
+				// adds its primary; only the record judges it.
+				if cv != nil && !was.decrypting() {
 					if r == nil {
 						r = &Refusal{Keyset: name, KeyID: id, Step: StepPromote}
 					}
@@ -202,6 +206,11 @@ func (c *checker) promote(keyID uint32, extraRegion string) *Refusal {
 		return r.done()
 	case v.State != Enabled && v.State != Primary:
 		r.add("", "", fmt.Sprintf("the version is %s in the record, not enabled", v.State), time.Time{})
+	case v.firstPrimary():
+		// The keyset's first version: primary from the keyset's creation,
+		// never promoted over another, so no server could have served an
+		// older primary that cannot decrypt what it makes.
+		return nil
 	}
 	regions := c.regions(extraRegion)
 	if len(regions) == 0 {

@@ -102,3 +102,9 @@ func (k Keyset) Version(keyID uint32) (Version, bool) {
 	}
 	return Version{}, false
 }
+
+// firstPrimary reports whether v is a keyset's first version, primary since
+// its creation and never superseded: it was never promoted over another.
+func (v *Version) firstPrimary() bool {
+	return v.State == Primary && !v.Created.IsZero() && v.PrimarySince.Equal(v.Created) && v.SupersededAt.IsZero()
+}

@@ -130,7 +130,11 @@ func (c *keysetCheck) run(serving bool) []*safety.Refusal {
 			out = append(out, refusalOf(err))
 		}
 	}
-	if c.next == nil {
+	if c.next == nil || c.cur == nil {
+		// A keyset new to this server is not a promotion here: it never
+		// served the keyset, so it holds no clients' ciphertexts of it, and
+		// the first version is primary from the keyset's creation (see
+		// safety.CheckBundle).
 		return out
 	}
 	id := c.next.primary.keyID
@@ -144,10 +148,7 @@ func (c *keysetCheck) run(serving bool) []*safety.Refusal {
 			r = refusalOf(err)
 		}
 	}
-	// (a) is for keysets the served bundle holds: a keyset new to this
-	// server has no version it could have served first, and is judged on
-	// its lifecycle alone.
-	if serving && c.cur != nil && !(inCur && cv.Decrypts()) {
+	if serving && !(inCur && cv.Decrypts()) {
 		if r == nil {
 			r = &safety.Refusal{Keyset: c.name, KeyID: id, Step: safety.StepPromote}
 		}
