@@ -109,6 +109,18 @@ func TestCheckPromote(t *testing.T) {
 		{name: "server does not serve it", id: 3, now: t0.Add(time.Hour),
 			edit: func(_ *safety.Keyset, f *safety.Fleet) { delete(f.Servers[2].Keysets["demo/notes"].Versions, 3) },
 			want: outcome{regions: []string{"eu-west"}, servers: []string{"eu-west/kms-1"}, text: "does not serve it decrypting"}},
+		{name: "a keyset's first version, primary since creation, was never promoted", id: 3, now: t0,
+			edit: func(k *safety.Keyset, _ *safety.Fleet) {
+				v := &k.Versions[2]
+				v.State, v.PrimarySince, v.SupersededAt, v.Propagated = safety.Primary, v.Created, time.Time{}, nil
+			},
+			want: outcome{ok: true}},
+		{name: "a primary promoted after its creation is judged", id: 3, now: t0,
+			edit: func(k *safety.Keyset, _ *safety.Fleet) {
+				v := &k.Versions[2]
+				v.State, v.PrimarySince, v.Propagated = safety.Primary, v.Created.Add(time.Second), nil
+			},
+			want: outcome{regions: []string{"eu-west", "us-east"}, text: "has not served it decrypting on every server yet"}},
 		{name: "server serving nothing is not waited for", id: 3, now: t0.Add(time.Hour),
 			edit: func(_ *safety.Keyset, f *safety.Fleet) { f.Servers[2].Keysets = nil },
 			want: outcome{ok: true}},
