@@ -180,8 +180,8 @@ func TestRestoreRefusesKeysets(t *testing.T) {
 		f, _ := keysetFSM(t)
 		mustApply(t, f, rootkmstest.SetStatus("eu", 5, disabled, at(7000)))
 		k, _ := f.State().Keyset(ledger)
-		if k.GetCopies()[0].GetRegionKeyVersion() != 2 {
-			t.Skip("fixture changed")
+		if got := k.GetCopies()[0].GetRegionKeyVersion(); got != 2 {
+			t.Fatalf("fixture: the first copy is under region key version %d, want 2 (the test disables version 2)", got)
 		}
 		mustApply(t, f, rootkmstest.AddVersion("eu", 6, rootkmstest.Wrapped("eu", 6), kcv, true, at(7001)),
 			rootkmstest.SetStatus("eu", 2, disabled, at(7002)))
