@@ -92,6 +92,7 @@ func samples() map[string]proto.Message {
 			TtlHistory:        []*bundlev1.TtlPeriod{{Ttl: durationpb.New(730 * 24 * time.Hour), From: t0, Until: t1}},
 			Lifecycle:         []*bundlev1.VersionLifecycle{{KeyId: 7, PropagatedEverywhere: t0, PrimarySince: t1, SupersededAt: t1}},
 			PropagationWindow: durationpb.New(10 * time.Minute),
+			EncryptLimit:      1 << 32,
 		}},
 		Parent: &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
 	}

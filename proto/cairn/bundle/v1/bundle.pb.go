@@ -283,8 +283,15 @@ type KeysetConfig struct {
 	Lifecycle []*VersionLifecycle `protobuf:"bytes,10,rep,name=lifecycle,proto3" json:"lifecycle,omitempty"`
 	// propagation_window is the window the record's checks use.
 	PropagationWindow *durationpb.Duration `protobuf:"bytes,11,opt,name=propagation_window,json=propagationWindow,proto3" json:"propagation_window,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// encrypt_limit is the hard limit of encryptions per key version,
+	// fleet-wide (AES-GCM with random 96-bit nonces is safe for about 2^32
+	// messages per key). A KMS server refuses to encrypt with a version once
+	// the version's recorded fleet count plus its own encryptions since it
+	// applied the bundle reach it; the version still decrypts. 0 means the
+	// KMS default (2^32).
+	EncryptLimit  uint64 `protobuf:"varint,12,opt,name=encrypt_limit,json=encryptLimit,proto3" json:"encrypt_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KeysetConfig) Reset() {
@@ -394,6 +401,13 @@ func (x *KeysetConfig) GetPropagationWindow() *durationpb.Duration {
 	return nil
 }
 
+func (x *KeysetConfig) GetEncryptLimit() uint64 {
+	if x != nil {
+		return x.EncryptLimit
+	}
+	return 0
+}
+
 type TtlPeriod struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Ttl   *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
@@ -465,8 +479,11 @@ type VersionLifecycle struct {
 	PropagatedEverywhere *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=propagated_everywhere,json=propagatedEverywhere,proto3" json:"propagated_everywhere,omitempty"`
 	PrimarySince         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=primary_since,json=primarySince,proto3" json:"primary_since,omitempty"`
 	SupersededAt         *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=superseded_at,json=supersededAt,proto3" json:"superseded_at,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// encrypt_count is the version's fleet-wide encryption count the record
+	// held when the bundle was built.
+	EncryptCount  uint64 `protobuf:"varint,5,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VersionLifecycle) Reset() {
@@ -525,6 +542,13 @@ func (x *VersionLifecycle) GetSupersededAt() *timestamppb.Timestamp {
 		return x.SupersededAt
 	}
 	return nil
+}
+
+func (x *VersionLifecycle) GetEncryptCount() uint64 {
+	if x != nil {
+		return x.EncryptCount
+	}
+	return 0
 }
 
 // Acl lists, per operation, the SPIFFE ID patterns allowed to call it.
@@ -679,7 +703,7 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x06 \x01(\tR\tcreatedBy\x127\n" +
 	"\akeysets\x18\a \x03(\v2\x1d.cairn.bundle.v1.KeysetConfigR\akeysets\x122\n" +
-	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\"\xbf\x04\n" +
+	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\"\xe4\x04\n" +
 	"\fKeysetConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -694,16 +718,18 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"ttlHistory\x12?\n" +
 	"\tlifecycle\x18\n" +
 	" \x03(\v2!.cairn.bundle.v1.VersionLifecycleR\tlifecycle\x12H\n" +
-	"\x12propagation_window\x18\v \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\"\x9a\x01\n" +
+	"\x12propagation_window\x18\v \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\x12#\n" +
+	"\rencrypt_limit\x18\f \x01(\x04R\fencryptLimit\"\x9a\x01\n" +
 	"\tTtlPeriod\x12+\n" +
 	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12.\n" +
 	"\x04from\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x120\n" +
-	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"\xfc\x01\n" +
+	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"\xa1\x02\n" +
 	"\x10VersionLifecycle\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\rR\x05keyId\x12O\n" +
 	"\x15propagated_everywhere\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x14propagatedEverywhere\x12?\n" +
 	"\rprimary_since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\fprimarySince\x12?\n" +
-	"\rsuperseded_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\fsupersededAt\"}\n" +
+	"\rsuperseded_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\fsupersededAt\x12#\n" +
+	"\rencrypt_count\x18\x05 \x01(\x04R\fencryptCount\"}\n" +
 	"\x03Acl\x12\x18\n" +
 	"\aencrypt\x18\x01 \x03(\tR\aencrypt\x12\x18\n" +
 	"\adecrypt\x18\x02 \x03(\tR\adecrypt\x12*\n" +
