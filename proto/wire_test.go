@@ -90,7 +90,7 @@ func samples() map[string]proto.Message {
 			RotationPeriod: durationpb.New(90 * 24 * time.Hour), CiphertextTtl: durationpb.New(365 * 24 * time.Hour),
 			Regions:           []string{"us-east", "eu-west"},
 			TtlHistory:        []*bundlev1.TtlPeriod{{Ttl: durationpb.New(730 * 24 * time.Hour), From: t0, Until: t1}},
-			Lifecycle:         []*bundlev1.VersionLifecycle{{KeyId: 7, PropagatedEverywhere: t0, PrimarySince: t1, SupersededAt: t1}},
+			Lifecycle:         []*bundlev1.VersionLifecycle{{KeyId: 7, PropagatedEverywhere: t0, PrimarySince: t1, SupersededAt: t1, EncryptCount: 3}},
 			PropagationWindow: durationpb.New(10 * time.Minute),
 			EncryptLimit:      1 << 32,
 		}},
