@@ -128,9 +128,11 @@ func servedContent(st *kmsv1.GetStatusResponse) safety.Content {
 }
 
 // fleet is the observation as the Safety Condition reads it. A server that
-// did not answer is not Known (it counts as in use). A version whose usage
-// the server lost (history_lost) counts as used at the observation time:
-// unknown counts as in use.
+// did not answer is not Known (it counts as in use). A server that lost its
+// usage history at a boot reports every version it served then as used and
+// encrypted with at that boot (history_lost), which is what the Safety
+// Condition needs: no later use is unknown. Counting it as used at every
+// observation instead would keep the version from ever retiring.
 func (o *observation) fleet() safety.Fleet {
 	var f safety.Fleet
 	for _, region := range slices.Sorted(maps.Keys(o.Regions)) {
@@ -143,9 +145,6 @@ func (o *observation) fleet() safety.Fleet {
 					for _, v := range k.GetVersions() {
 						sv := safety.ServedVersion{Decrypts: decrypts(v.GetStatus()), Primary: v.GetStatus() == cryptov1.KeyStatus_KEY_STATUS_PRIMARY,
 							LastEncrypt: lifecycle.Time(v.GetLastEncrypt()), LastUse: lifecycle.Time(v.GetLastUsed())}
-						if v.GetHistoryLost() {
-							sv.LastEncrypt, sv.LastUse = o.At, o.At
-						}
 						vs[v.GetKeyId()] = sv
 					}
 					srv.Keysets[k.GetKeyset()] = safety.ServedKeyset{Versions: vs}
@@ -202,9 +201,6 @@ func (o *observation) usage(region string) []*versionUsage {
 				}
 				if t := lifecycle.Time(v.GetLastEncrypt()); t.After(u.LastEncrypt) {
 					u.LastEncrypt = t
-				}
-				if v.GetHistoryLost() {
-					u.LastUse, u.LastEncrypt = o.At, o.At // unknown counts as in use
 				}
 			}
 		}

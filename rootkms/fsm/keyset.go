@@ -505,12 +505,19 @@ func recordPropagation(s *State, c *statev1.RecordPropagationCommand, at time.Ti
 			k.Versions = slices.Clone(k.GetVersions())
 		}
 		touched := false
-		for _, vo := range ko.GetVersions() {
-			j := slices.IndexFunc(k.Versions, func(v *statev1.KeysetVersionRecord) bool { return v.GetKeyId() == vo.GetKeyId() })
-			if j < 0 {
+		for j, v := range k.Versions {
+			// A version the observation does not list is served by no
+			// server of the region: observe(nil) drops its propagation.
+			var vo *statev1.VersionObservation
+			for _, o := range ko.GetVersions() {
+				if o.GetKeyId() == v.GetKeyId() {
+					vo = o
+				}
+			}
+			if vo == nil && !hasPropagated(v, region) {
 				continue
 			}
-			k.Versions[j] = observe(k.Versions[j], region, vo, ts)
+			k.Versions[j] = observe(v, region, vo, ts)
 			touched = true
 		}
 		if touched {
@@ -527,31 +534,69 @@ func recordPropagation(s *State, c *statev1.RecordPropagationCommand, at time.Ti
 }
 
 // observe returns v with region's observation vo at ts recorded.
+//
+// Propagation: the first observation with every server of the region
+// serving the version decrypting sets propagated[region]; one without
+// (vo nil: the region's servers serve the keyset but none this version)
+// drops it, so a later promotion waits for the region to serve it again for
+// the whole window.
+//
+// Usage: last_encrypt and last_use never move back. A server replaced by a
+// fresh one (a new state directory) reports none of its predecessor's use,
+// and forgetting that use would let a version retire before the TTL of a
+// ciphertext the predecessor made. Counts are the region's sum as observed.
 func observe(v *statev1.KeysetVersionRecord, region string, vo *statev1.VersionObservation, ts *timestamppb.Timestamp) *statev1.KeysetVersionRecord {
 	v = shallowVersion(v)
 	cmp := func(r string) int { return strings.Compare(r, region) }
-	if vo.GetServedByAll() {
-		if i, found := slices.BinarySearchFunc(v.Propagated, region, func(p *statev1.RegionTime, r string) int { return cmp(p.GetRegion()) }); !found {
-			v.Propagated = slices.Insert(slices.Clone(v.Propagated), i, &statev1.RegionTime{Region: region, At: ts})
-		}
+	i, found := slices.BinarySearchFunc(v.Propagated, region, func(p *statev1.RegionTime, r string) int { return cmp(p.GetRegion()) })
+	switch {
+	case vo.GetServedByAll() && !found:
+		v.Propagated = slices.Insert(slices.Clone(v.Propagated), i, &statev1.RegionTime{Region: region, At: ts})
+	case !vo.GetServedByAll() && found:
+		v.Propagated = slices.Delete(slices.Clone(v.Propagated), i, i+1)
+	}
+	if vo == nil {
+		return v
+	}
+	usage := slices.Clone(v.Usage)
+	j, found := slices.BinarySearchFunc(usage, region, func(p *statev1.RegionUsage, r string) int { return cmp(p.GetRegion()) })
+	var prev *statev1.RegionUsage
+	if found {
+		prev = usage[j]
 	}
 	u := &statev1.RegionUsage{
 		Region:       region,
 		ObservedAt:   ts,
-		LastEncrypt:  vo.GetLastEncrypt(),
-		LastUse:      vo.GetLastUse(),
+		LastEncrypt:  laterStamp(prev.GetLastEncrypt(), vo.GetLastEncrypt()),
+		LastUse:      laterStamp(prev.GetLastUse(), vo.GetLastUse()),
 		EncryptCount: vo.GetEncryptCount(),
 		DecryptCount: vo.GetDecryptCount(),
 	}
-	usage := slices.Clone(v.Usage)
-	if i, found := slices.BinarySearchFunc(usage, region, func(p *statev1.RegionUsage, r string) int { return cmp(p.GetRegion()) }); found {
-		usage[i] = u
+	if found {
+		usage[j] = u
 	} else {
-		usage = slices.Insert(usage, i, u)
+		usage = slices.Insert(usage, j, u)
 	}
 	v.Usage = usage
 	v.EncryptCount = encryptSum(usage)
 	return v
+}
+
+// laterStamp is the later of two optional times (nil is unset).
+func laterStamp(a, b *timestamppb.Timestamp) *timestamppb.Timestamp {
+	switch {
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	case b.AsTime().After(a.AsTime()):
+		return b
+	}
+	return a
+}
+
+func hasPropagated(v *statev1.KeysetVersionRecord, region string) bool {
+	return slices.ContainsFunc(v.GetPropagated(), func(p *statev1.RegionTime) bool { return p.GetRegion() == region })
 }
 
 // encryptSum is the fleet-wide encrypt count of a version: the sum of its

@@ -608,6 +608,28 @@ func TestRecordPropagation(t *testing.T) {
 		t.Errorf("Latest() = %v, want %v", l, at(400))
 	}
 
+	// eu's servers stop serving k2 (a rollback) while they serve k1: its eu
+	// propagation is dropped, and a promotion waits for eu again. A fresh
+	// server reports less use than its predecessor: the last use and last
+	// encrypt never move back.
+	mustApply(t, x.f, recordPropagation("eu", []uint32{2}, []*statev1.KeysetObservation{
+		{Keyset: ledger, Versions: []*statev1.VersionObservation{obs(k1, true, 1, 1, 250)}},
+	}, at(410)))
+	got, _ = x.f.State().Keyset(ledger)
+	if p := got.GetVersions()[1].GetPropagated(); len(p) != 0 {
+		t.Errorf("k2 propagated after eu stopped serving it = %v, want none", p)
+	}
+	if p := got.GetVersions()[0].GetPropagated(); len(p) != 1 || !p[0].GetAt().AsTime().Equal(at(200)) {
+		t.Errorf("k1 propagated = %v, want eu at %v kept", p, at(200))
+	}
+	u := got.GetVersions()[0].GetUsage()[0]
+	if !u.GetLastUse().AsTime().Equal(at(290)) || !u.GetLastEncrypt().AsTime().Equal(at(290)) || !u.GetObservedAt().AsTime().Equal(at(410)) {
+		t.Errorf("k1 eu usage after an observation of older use = %v, want last use and encrypt kept at %v, observed %v", u, at(290), at(410))
+	}
+	if l := x.f.State().Latest(); !l.Equal(at(410)) {
+		t.Errorf("Latest() = %v, want %v", l, at(410))
+	}
+
 	refusals := []struct {
 		name string
 		cmd  *statev1.Command
