@@ -507,7 +507,7 @@ func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time
 	maxAge := s.cfg.Safety.ObservationMaxAge
 	var fleet safety.Fleet
 	for _, region := range rec.GetRegions() {
-		srv := safety.Server{Region: region, Name: "all servers (as last observed)"}
+		srv := safety.Server{Region: region} // no name: the whole region, as last observed
 		var u *statev1.RegionUsage
 		for _, x := range v.GetUsage() {
 			if x.GetRegion() == region {

@@ -380,6 +380,13 @@ func statusCmd(alwaysRecord bool) command {
 		} else if record {
 			return fmt.Errorf("--record needs the root KMS (give --rootkms or rootkms in the config file)")
 		}
+		if record && r != nil {
+			if err := obs.record(ctx, r, records, stderrOr(o.json, stdout, stderr)); err != nil {
+				errs = append(errs, err)
+			} else if fresh, err := r.listKeysets(ctx, "", true); err == nil {
+				records = fresh // the next steps as the record now stands
+			}
+		}
 		p := safety.Params{Window: o.propagationWindow()}
 		report := buildReport(obs, records, p)
 		if o.json {
@@ -390,11 +397,6 @@ func statusCmd(alwaysRecord bool) command {
 			}
 		} else {
 			printReport(stdout, report, records != nil)
-		}
-		if record && r != nil {
-			if err := obs.record(ctx, r, records, stderrOr(o.json, stdout, stderr)); err != nil {
-				errs = append(errs, err)
-			}
 		}
 		for _, region := range slices.Sorted(maps.Keys(obs.Regions)) {
 			if n := len(obs.unreachable(region)); n > 0 {
