@@ -4,14 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/hashicorp/raft"
-	"github.com/tink-crypto/tink-go/v2/keyset"
-	"github.com/tink-crypto/tink-go/v2/tink"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -22,7 +18,6 @@ import (
 	"github.com/cairnkms/cairn/internal/hpkeseal"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
-	"github.com/cairnkms/cairn/internal/secret"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -143,31 +138,30 @@ func (s *Server) applyTimeout(ctx context.Context) time.Duration {
 // recognises a retry (duplicateOf). A non-nil Result is a Duplicate: the
 // handler answers with it at once, before checks that the write's own
 // effect would fail ("exists") and before making key material for a write
-// that will not be proposed. subject is what the write changes, as in
-// fsm.RequestRecord.Subject ("region/<name>", "keyset/<name>",
-// "member/<id>"). The caller holds writeMu.
-func (s *Server) beginWrite(ctx context.Context, subject string) (*fsm.Result, error) {
+// that will not be proposed. intent is the command the handler is about to
+// propose, with at least the fields that name its operation, subject and
+// key (see fsm.MatchRequest). The caller holds writeMu.
+func (s *Server) beginWrite(ctx context.Context, intent *statev1.Command) (*fsm.Result, error) {
 	if err := checkDeadline(ctx); err != nil {
 		return nil, err
 	}
 	if err := s.linearize(); err != nil {
 		return nil, err
 	}
-	return s.duplicateOf(ctx, subject)
+	return s.duplicateOf(ctx, intent)
 }
 
-// duplicateOf is the one place a retried write is recognised before it is
-// proposed. If the state remembers a write of this caller (identity) with
-// this call's request ID (audit.RequestID), that write was applied: the
-// answer is a Duplicate Result with the current record of its subject, as
-// the FSM answers a duplicate proposal. Otherwise it returns nil, nil. The
-// state must hold every committed entry (after linearize): an earlier
-// attempt still in flight is then either applied or never will be.
-//
-// subject, if not empty, must be the remembered write's: the same request ID
-// for a write of something else is refused (InvalidArgument) rather than
-// answered with the other write's record.
-func (s *Server) duplicateOf(ctx context.Context, subject string) (*fsm.Result, error) {
+// duplicateOf recognises a retried write before it is proposed (the FSM
+// recognises one proposed twice). If the state remembers a write of this
+// caller (identity) with this call's request ID (audit.RequestID), and it is
+// the same operation on the same subject (fsm.MatchRequest), that write was
+// applied: the answer is a Duplicate Result with the current record of its
+// subject. A request ID reused for another write is refused
+// (InvalidArgument) rather than answered with the other write's record.
+// Otherwise it returns nil, nil. The state must hold every committed entry
+// (after linearize): an earlier attempt still in flight is then either
+// applied or never will be.
+func (s *Server) duplicateOf(ctx context.Context, intent *statev1.Command) (*fsm.Result, error) {
 	rid := audit.RequestID(ctx)
 	if rid == "" {
 		return nil, nil
@@ -178,34 +172,24 @@ func (s *Server) duplicateOf(ctx context.Context, subject string) (*fsm.Result, 
 	if !ok {
 		return nil, nil
 	}
-	if subject != "" && rec.Subject != subject {
-		return nil, status.Errorf(codes.InvalidArgument, "rootkms: request ID %q was already used for a write of %s; a write of %s needs its own request ID", rid, rec.Subject, subject)
+	if err := fsm.MatchRequest(rec, intent); err != nil {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: "+err.Error())
 	}
 	audit.AddTarget(ctx, audit.Target{KeyVersion: rec.KeyID})
-	res := &fsm.Result{Duplicate: true}
-	switch kind, name, _ := strings.Cut(rec.Subject, "/"); kind {
-	case "region":
-		res.Region, _ = st.Region(name)
-	case "keyset":
-		res.Keyset, _ = st.Keyset(name)
-	}
-	return res, nil
+	return st.Duplicate(rec), nil
 }
 
 // applyLocal proposes a command through this replica's Raft (it must lead,
-// and linearize must have succeeded). A Duplicate Result (the caller's
-// request ID names a write already applied, found here or by the FSM) is a
-// success: nothing was proposed or applied again. A caller out of time is
+// and beginWrite must have succeeded). A Duplicate Result (the FSM found the
+// caller's request ID on a write already applied) is a success: nothing was
+// applied again. A caller out of time is
 // refused before anything is proposed.
 func (s *Server) applyLocal(ctx context.Context, cmd *statev1.Command) (*fsm.Result, error) {
 	if err := checkDeadline(ctx); err != nil {
 		return nil, err
 	}
-	if dup, err := s.duplicateOf(ctx, ""); dup != nil || err != nil {
-		return dup, err
-	}
 	caller, _ := identity.FromContext(ctx)
-	cmd.FormatVersion = 1
+	cmd.FormatVersion = fsm.FormatVersion
 	cmd.Time = timestamppb.New(s.cfg.Now())
 	cmd.RequestId = audit.RequestID(ctx)
 	cmd.Identity = caller.String()
@@ -363,7 +347,7 @@ func (s *Server) CreateRegion(ctx context.Context, req *rootkmsv1.CreateRegionRe
 	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_CreateRegion{CreateRegion: &statev1.CreateRegionCommand{Region: req.GetRegion()}}}); dup != nil || err != nil {
 		return s.regionWriteAnswer(dup, err)
 	}
 	if _, ok := s.fsm.State().Region(req.GetRegion()); ok {
@@ -403,7 +387,7 @@ func (s *Server) RotateRegionKey(ctx context.Context, req *rootkmsv1.RotateRegio
 	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_AddRegionKeyVersion{AddRegionKeyVersion: &statev1.AddRegionKeyVersionCommand{Region: req.GetRegion()}}}); dup != nil || err != nil {
 		return s.regionWriteAnswer(dup, err)
 	}
 	r, ok := s.fsm.State().Region(req.GetRegion())
@@ -424,93 +408,6 @@ func (s *Server) RotateRegionKey(ctx context.Context, req *rootkmsv1.RotateRegio
 		audit.AddTarget(ctx, audit.Target{KeyVersion: next})
 	}
 	return s.regionWriteAnswer(res, nil)
-}
-
-// regionAEAD unwraps one region key version into an AEAD. The caller must
-// not keep it beyond the request.
-func (s *Server) regionAEAD(key *rootkey.Key, st *fsm.State, region string, version uint32) (tink.AEAD, error) {
-	r, ok := st.Region(region)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", region)
-	}
-	v, ok := r.Version(version)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "rootkms: region %q has no key version %d", region, version)
-	}
-	if v.Status != cryptov1.KeyStatus_KEY_STATUS_PRIMARY && v.Status != cryptov1.KeyStatus_KEY_STATUS_ENABLED {
-		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d is %s", region, version, v.Status)
-	}
-	m, err := key.Unwrap(region, v.Key)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	defer m.Wipe()
-	a, err := keysets.RegionAEAD(m)
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	return a, nil
-}
-
-func sortStrings(s []string) []string { slices.Sort(s); return s }
-
-func (s *Server) encryptFor(key *rootkey.Key, st *fsm.State, h *keyset.Handle, name, region string, version uint32) (*cryptov1.EncryptedKeyset, error) {
-	a, err := s.regionAEAD(key, st, region, version)
-	if err != nil {
-		return nil, err
-	}
-	ek, err := keysets.Encrypt(h, name, region, version, a)
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	return ek, nil
-}
-
-// openCopies decrypts every region copy of one keyset and checks that they
-// hold the same keys. It returns the first copy's handle.
-func (s *Server) openCopies(key *rootkey.Key, st *fsm.State, copies []*cryptov1.EncryptedKeyset) (*keyset.Handle, error) {
-	if len(copies) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "rootkms: no keyset copies given")
-	}
-	name := copies[0].GetName()
-	if err := keysets.ValidName(name); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	var first *keyset.Handle
-	var firstPrint secret.Bytes
-	defer firstPrint.Wipe()
-	regions := map[string]bool{}
-	for _, c := range copies {
-		if c.GetName() != name {
-			return nil, status.Errorf(codes.InvalidArgument, "rootkms: copies of different keysets (%q and %q)", name, c.GetName())
-		}
-		if regions[c.GetRegion()] {
-			return nil, status.Errorf(codes.InvalidArgument, "rootkms: two copies for region %q", c.GetRegion())
-		}
-		regions[c.GetRegion()] = true
-		a, err := s.regionAEAD(key, st, c.GetRegion(), c.GetRegionKeyVersion())
-		if err != nil {
-			return nil, err
-		}
-		h, err := keysets.Decrypt(c, a)
-		if err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "rootkms: keyset %s for %s: %v", name, c.GetRegion(), err)
-		}
-		fp, err := keysets.Fingerprint(h)
-		if err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
-		}
-		if first == nil {
-			first, firstPrint = h, fp
-			continue
-		}
-		same := fp.Equal(firstPrint)
-		fp.Wipe()
-		if !same {
-			return nil, status.Errorf(codes.InvalidArgument, "rootkms: the copies of keyset %s for %s and %s hold different keys", name, copies[0].GetRegion(), c.GetRegion())
-		}
-	}
-	return first, nil
 }
 
 // GetClusterStatus implements RootKMS: this replica's view, always served.
@@ -569,7 +466,7 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 	audit.AddTarget(ctx, audit.Target{Resource: "member/" + req.GetId()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "member/"+req.GetId()); err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_RegisterMember{RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: req.GetId()}}}}); err != nil {
 		return nil, err
 	} else if dup != nil {
 		return s.GetClusterStatus(ctx, nil)
@@ -601,7 +498,7 @@ func (s *Server) Remove(ctx context.Context, req *rootkmsv1.RemoveRequest) (*roo
 	audit.AddTarget(ctx, audit.Target{Resource: "member/" + req.GetId()})
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "member/"+req.GetId()); err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_DeregisterMember{DeregisterMember: &statev1.DeregisterMemberCommand{Id: req.GetId()}}}); err != nil {
 		return nil, err
 	} else if dup != nil {
 		return s.GetClusterStatus(ctx, nil)

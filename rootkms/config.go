@@ -29,6 +29,7 @@ import (
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/safety"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 )
 
 // Config configures a root KMS replica.
@@ -82,6 +83,11 @@ type Config struct {
 	// StoreLogs like a slow disk (see raftnode.Config.WrapLogStore).
 	WrapLogStore func(raft.LogStore) raft.LogStore
 }
+
+// MaxMessageSize bounds a request to the root KMS (rootkmsclient's, the
+// same, bounds its answers): a RecordPropagation of a large region's keyset
+// versions, far above the 64 KiB default.
+const MaxMessageSize = rootkmsclient.MaxMessageSize
 
 // SafetyConfig configures the root KMS's Safety Condition checks.
 type SafetyConfig struct {

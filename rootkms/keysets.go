@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/keyset"
+	"github.com/tink-crypto/tink-go/v2/tink"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -19,6 +20,7 @@ import (
 	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/lifecycle"
 	"github.com/cairnkms/cairn/internal/safety"
+	"github.com/cairnkms/cairn/internal/secret"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -44,6 +46,12 @@ func keysetProto(r *statev1.KeysetRecord, withCopies bool, index uint64) *rootkm
 		r = c
 	}
 	return &rootkmsv1.Keyset{Record: r, CommitIndex: index}
+}
+
+// withWindow adds the Safety Condition window regionctl judges with.
+func (s *Server) withWindow(k *rootkmsv1.Keyset) *rootkmsv1.Keyset {
+	k.PropagationWindow = durationpb.New(s.cfg.Safety.Window)
+	return k
 }
 
 // CreateKeyset implements RootKMS: the keyset is made here, recorded, and
@@ -83,7 +91,7 @@ func (s *Server) CreateKeyset(ctx context.Context, req *rootkmsv1.CreateKeysetRe
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "keyset/"+name); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_CreateKeyset{CreateKeyset: &statev1.CreateKeysetCommand{Keyset: &statev1.KeysetRecord{Name: name}}}}); dup != nil || err != nil {
 		return s.keysetAnswer(dup, err, true)
 	}
 	st := s.fsm.State()
@@ -123,7 +131,7 @@ func (s *Server) keysetAnswer(res *fsm.Result, err error, withCopies bool) (*roo
 	if res == nil || res.Keyset == nil {
 		return nil, status.Error(codes.Internal, "rootkms: the write was applied but its keyset is gone")
 	}
-	return keysetProto(res.Keyset, withCopies, s.fsm.State().Index()), nil
+	return s.withWindow(keysetProto(res.Keyset, withCopies, s.fsm.State().Index())), nil
 }
 
 // positiveDuration checks an API duration: valid, not negative, and non-zero
@@ -185,7 +193,7 @@ func (s *Server) GetKeyset(ctx context.Context, req *rootkmsv1.GetKeysetRequest)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "rootkms: no keyset %q", req.GetName())
 	}
-	return keysetProto(r, req.GetIncludeCopies(), st.Index()), nil
+	return s.withWindow(keysetProto(r, req.GetIncludeCopies(), st.Index())), nil
 }
 
 // ListKeysets implements RootKMS (linearizable: via the leader).
@@ -199,7 +207,7 @@ func (s *Server) ListKeysets(ctx context.Context, req *rootkmsv1.ListKeysetsRequ
 			return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
 		}
 	}
-	out := &rootkmsv1.ListKeysetsResponse{CommitIndex: st.Index()}
+	out := &rootkmsv1.ListKeysetsResponse{CommitIndex: st.Index(), PropagationWindow: durationpb.New(s.cfg.Safety.Window)}
 	for _, r := range st.Keysets() {
 		if req.GetRegion() != "" && !slices.Contains(r.GetRegions(), req.GetRegion()) {
 			continue
@@ -243,14 +251,16 @@ func (s *Server) UpdateKeyset(ctx context.Context, req *rootkmsv1.UpdateKeysetRe
 	}
 	delay := DefaultDestroyDelay
 	if d := req.GetDestroyDelay(); d != nil {
-		if delay, err = positiveDuration("destroy_delay", d, false); err != nil {
+		// Required positive: a zero delay would leave no time to undo.
+		if delay, err = positiveDuration("destroy_delay", d, true); err != nil {
 			return nil, err
 		}
 	}
 
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "keyset/"+req.GetName()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_UpdateKeyset{UpdateKeyset: &statev1.UpdateKeysetCommand{
+		Name: req.GetName(), Step: step, KeyId: req.GetKeyId()}}}); dup != nil || err != nil {
 		return s.keysetAnswer(dup, err, false)
 	}
 	st := s.fsm.State()
@@ -364,7 +374,7 @@ func (s *Server) SetKeysetPolicy(ctx context.Context, req *rootkmsv1.SetKeysetPo
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "keyset/"+req.GetName()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_SetKeysetPolicy{SetKeysetPolicy: &statev1.SetKeysetPolicyCommand{Name: req.GetName()}}}); dup != nil || err != nil {
 		return s.keysetAnswer(dup, err, false)
 	}
 	rec, ok := s.fsm.State().Keyset(req.GetName())
@@ -390,7 +400,7 @@ func (s *Server) RecordPropagation(ctx context.Context, req *rootkmsv1.RecordPro
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_RecordPropagation{RecordPropagation: &statev1.RecordPropagationCommand{Region: req.GetRegion()}}}); dup != nil || err != nil {
 		if err != nil {
 			return nil, err
 		}
@@ -415,7 +425,8 @@ func (s *Server) RetireRegionKeyVersion(ctx context.Context, req *rootkmsv1.Reti
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	if dup, err := s.beginWrite(ctx, "region/"+req.GetRegion()); dup != nil || err != nil {
+	if dup, err := s.beginWrite(ctx, &statev1.Command{Op: &statev1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &statev1.SetRegionKeyVersionStatusCommand{
+		Region: req.GetRegion(), Version: req.GetVersion()}}}); dup != nil || err != nil {
 		return s.regionWriteAnswer(dup, err)
 	}
 	st := s.fsm.State()
@@ -532,4 +543,89 @@ func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time
 
 func hasRegion(ts []*statev1.RegionTime, region string) bool {
 	return slices.ContainsFunc(ts, func(t *statev1.RegionTime) bool { return t.GetRegion() == region })
+}
+
+// regionAEAD unwraps one region key version into an AEAD. The caller must
+// not keep it beyond the request.
+func (s *Server) regionAEAD(key *rootkey.Key, st *fsm.State, region string, version uint32) (tink.AEAD, error) {
+	r, ok := st.Region(region)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", region)
+	}
+	v, ok := r.Version(version)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "rootkms: region %q has no key version %d", region, version)
+	}
+	if v.Status != cryptov1.KeyStatus_KEY_STATUS_PRIMARY && v.Status != cryptov1.KeyStatus_KEY_STATUS_ENABLED {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d is %s", region, version, v.Status)
+	}
+	m, err := key.Unwrap(region, v.Key)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer m.Wipe()
+	a, err := keysets.RegionAEAD(m)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return a, nil
+}
+
+func (s *Server) encryptFor(key *rootkey.Key, st *fsm.State, h *keyset.Handle, name, region string, version uint32) (*cryptov1.EncryptedKeyset, error) {
+	a, err := s.regionAEAD(key, st, region, version)
+	if err != nil {
+		return nil, err
+	}
+	ek, err := keysets.Encrypt(h, name, region, version, a)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return ek, nil
+}
+
+// openCopies decrypts every region copy of one keyset and checks that they
+// hold the same keys. It returns the first copy's handle.
+func (s *Server) openCopies(key *rootkey.Key, st *fsm.State, copies []*cryptov1.EncryptedKeyset) (*keyset.Handle, error) {
+	if len(copies) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: no keyset copies given")
+	}
+	name := copies[0].GetName()
+	if err := keysets.ValidName(name); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	var first *keyset.Handle
+	var firstPrint secret.Bytes
+	defer func() { firstPrint.Wipe() }() // the value assigned below, not the zero one
+	regions := map[string]bool{}
+	for _, c := range copies {
+		if c.GetName() != name {
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: copies of different keysets (%q and %q)", name, c.GetName())
+		}
+		if regions[c.GetRegion()] {
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: two copies for region %q", c.GetRegion())
+		}
+		regions[c.GetRegion()] = true
+		a, err := s.regionAEAD(key, st, c.GetRegion(), c.GetRegionKeyVersion())
+		if err != nil {
+			return nil, err
+		}
+		h, err := keysets.Decrypt(c, a)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: keyset %s for %s: %v", name, c.GetRegion(), err)
+		}
+		fp, err := keysets.Fingerprint(h)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		if first == nil {
+			first, firstPrint = h, fp
+			continue
+		}
+		same := fp.Equal(firstPrint)
+		fp.Wipe()
+		if !same {
+			return nil, status.Errorf(codes.InvalidArgument, "rootkms: the copies of keyset %s for %s and %s hold different keys", name, copies[0].GetRegion(), c.GetRegion())
+		}
+	}
+	return first, nil
 }

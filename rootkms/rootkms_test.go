@@ -29,6 +29,7 @@ import (
 	"github.com/cairnkms/cairn/internal/secret"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/rootkms"
@@ -392,6 +393,37 @@ func TestAccessControl(t *testing.T) {
 	})
 	if status.Code(err) != codes.PermissionDenied {
 		t.Errorf("CreateKeyset as a KMS = %v, want PermissionDenied", err)
+	}
+	// Nor read or change the keyset record, or the evidence it is judged on.
+	for name, call := range map[string]func(context.Context, rootkmsv1.RootKMSClient) error{
+		"GetKeyset": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.GetKeyset(ctx, &rootkmsv1.GetKeysetRequest{Name: "x"})
+			return err
+		},
+		"ListKeysets": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{})
+			return err
+		},
+		"UpdateKeyset": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.UpdateKeyset(ctx, &rootkmsv1.UpdateKeysetRequest{Name: "x", Step: statev1.KeysetStep_KEYSET_STEP_ADD_VERSION})
+			return err
+		},
+		"SetKeysetPolicy": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.SetKeysetPolicy(ctx, &rootkmsv1.SetKeysetPolicyRequest{Name: "x", CiphertextTtl: durationpb.New(time.Second)})
+			return err
+		},
+		"RecordPropagation": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.RecordPropagation(ctx, &rootkmsv1.RecordPropagationRequest{Region: "us-east", RegionKeyVersions: []uint32{1}})
+			return err
+		},
+		"RetireRegionKeyVersion": func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.RetireRegionKeyVersion(ctx, &rootkmsv1.RetireRegionKeyVersionRequest{Region: "us-east", Version: 1})
+			return err
+		},
+	} {
+		if err := kms.Do(bg(t), call); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("%s as a KMS = %v, want PermissionDenied", name, err)
+		}
 	}
 	recs, err := audit.ReadFile(r1.auditLog)
 	if err != nil {

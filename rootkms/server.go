@@ -96,7 +96,10 @@ func New(cfg Config) (*Server, error) {
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
-			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "Join", svc + "Remove", svc + "Snapshot"},
+			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "Join", svc + "Remove", svc + "Snapshot"},
+		// A usage observation of a region with thousands of keysets, or a
+		// keyset record with its copies, is far above the 64 KiB default.
+		MaxRecvMsgSize: MaxMessageSize,
 		Unaudited: []string{svc + "GetClusterStatus"},
 	})
 	if err != nil {

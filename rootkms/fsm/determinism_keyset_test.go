@@ -26,8 +26,9 @@ import (
 type keysetGenerator struct {
 	r    *rand.Rand
 	now  time.Time
-	ids  []string // request IDs used so far
-	next uint32   // next key ID
+	ids  []string                    // request IDs used so far
+	sent map[string]*statev1.Command // the command first sent with each
+	next uint32                      // next key ID
 }
 
 var genKeysets = []string{"payments/ledger", "a", "b/c", "mail", "search/index", "BAD"}
@@ -179,14 +180,28 @@ func (g *keysetGenerator) command(s *fsm.State) *statev1.Command {
 		cmd = rootkmstest.AddVersion(region, n, rootkmstest.Wrapped(region, n), kcv, true, g.now)
 	}
 	switch g.pick(4) {
-	case 0: // a retry of an earlier request, when there is one
+	case 0: // a request ID used before, when there is one
 		if len(g.ids) > 0 {
-			cmd.Identity, cmd.RequestId = alice, g.ids[g.pick(len(g.ids))]
+			id := g.ids[g.pick(len(g.ids))]
+			if g.pick(3) != 0 {
+				// A retry: the same command again (at a later time). It is
+				// a Duplicate if the first was accepted.
+				cmd = proto.CloneOf(g.sent[id])
+				cmd.Time = timestamppb.New(g.now)
+			} else {
+				// The ID reused for whatever comes next: refused if the
+				// first was accepted and this is another write.
+				cmd.Identity, cmd.RequestId = g.sent[id].GetIdentity(), id
+			}
 		}
 	case 1, 2:
 		id := fmt.Sprintf("req-%d", len(g.ids))
 		g.ids = append(g.ids, id)
 		cmd.Identity, cmd.RequestId = []string{alice, bob}[g.pick(2)], id
+		if g.sent == nil {
+			g.sent = map[string]*statev1.Command{}
+		}
+		g.sent[id] = proto.CloneOf(cmd)
 	}
 	return cmd
 }

@@ -165,8 +165,10 @@ func (f *FSM) AppliedIndex() uint64 { return f.applied.Load() }
 //
 // An accepted command with a request_id is remembered in the State's request
 // table (see RequestRecord and MaxRequests). A later well-formed command with
-// the same identity and request_id is not applied, whatever its operation:
-// Apply returns a Result with Duplicate set and leaves the State untouched.
+// the same identity and request_id is not applied: if it is the same
+// operation on the same subject (MatchRequest), Apply returns a Result with
+// Duplicate set; otherwise the request ID was reused and it is refused. Both
+// leave the State untouched.
 func (f *FSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
@@ -198,7 +200,10 @@ func (f *FSM) applyCommand(l *raft.Log) *Result {
 	}
 	if id := cmd.GetRequestId(); id != "" {
 		if r, ok := prev.requests.lookup(cmd.GetIdentity(), id); ok {
-			return prev.duplicate(r)
+			if err := MatchRequest(r, &cmd); err != nil {
+				return &Result{Err: err}
+			}
+			return prev.Duplicate(r)
 		}
 	}
 	next, res := f.apply(prev, &cmd, at)
@@ -207,7 +212,7 @@ func (f *FSM) applyCommand(l *raft.Log) *Result {
 		if id := cmd.GetRequestId(); id != "" {
 			subject, keyID := requestSubject(&cmd)
 			next.requests = prev.requests.with(RequestRecord{
-				Identity: cmd.GetIdentity(), RequestID: id, Index: l.Index, Subject: subject, KeyID: keyID,
+				Identity: cmd.GetIdentity(), RequestID: id, Index: l.Index, Subject: subject, KeyID: keyID, Operation: Operation(&cmd),
 			})
 		}
 		f.state.Store(next)

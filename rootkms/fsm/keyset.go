@@ -400,7 +400,9 @@ func stepVersion(name string, versions []*statev1.KeysetVersionRecord, i int, c 
 		if from != ksEnabled {
 			return bad(ksDisabled, "")
 		}
-		v.State, v.DisabledAt = ksDisabled, ts
+		// Its propagation is over: once re-enabled, it must be served
+		// everywhere for the window again before it can be promoted.
+		v.State, v.DisabledAt, v.Propagated = ksDisabled, ts, nil
 	case statev1.KeysetStep_KEYSET_STEP_ENABLE:
 		if from != ksDisabled {
 			return bad(ksEnabled, "")
@@ -544,7 +546,11 @@ func recordPropagation(s *State, c *statev1.RecordPropagationCommand, at time.Ti
 // Usage: last_encrypt and last_use never move back. A server replaced by a
 // fresh one (a new state directory) reports none of its predecessor's use,
 // and forgetting that use would let a version retire before the TTL of a
-// ciphertext the predecessor made. Counts are the region's sum as observed.
+// ciphertext the predecessor made. A time after the command's is taken as
+// the command's (a server's clock running ahead must not block retirement
+// for as long as it is ahead). Counts never move back either, so the
+// message budget does not grow when a server is replaced: they are a lower
+// bound of the region's count.
 func observe(v *statev1.KeysetVersionRecord, region string, vo *statev1.VersionObservation, ts *timestamppb.Timestamp) *statev1.KeysetVersionRecord {
 	v = shallowVersion(v)
 	cmp := func(r string) int { return strings.Compare(r, region) }
@@ -567,10 +573,10 @@ func observe(v *statev1.KeysetVersionRecord, region string, vo *statev1.VersionO
 	u := &statev1.RegionUsage{
 		Region:       region,
 		ObservedAt:   ts,
-		LastEncrypt:  laterStamp(prev.GetLastEncrypt(), vo.GetLastEncrypt()),
-		LastUse:      laterStamp(prev.GetLastUse(), vo.GetLastUse()),
-		EncryptCount: vo.GetEncryptCount(),
-		DecryptCount: vo.GetDecryptCount(),
+		LastEncrypt:  laterStamp(prev.GetLastEncrypt(), notAfter(vo.GetLastEncrypt(), ts)),
+		LastUse:      laterStamp(prev.GetLastUse(), notAfter(vo.GetLastUse(), ts)),
+		EncryptCount: max(prev.GetEncryptCount(), vo.GetEncryptCount()),
+		DecryptCount: max(prev.GetDecryptCount(), vo.GetDecryptCount()),
 	}
 	if found {
 		usage[j] = u
@@ -580,6 +586,14 @@ func observe(v *statev1.KeysetVersionRecord, region string, vo *statev1.VersionO
 	v.Usage = usage
 	v.EncryptCount = encryptSum(usage)
 	return v
+}
+
+// notAfter is t, or limit if t is later (nil stays nil).
+func notAfter(t, limit *timestamppb.Timestamp) *timestamppb.Timestamp {
+	if t != nil && t.AsTime().After(limit.AsTime()) {
+		return limit
+	}
+	return t
 }
 
 // laterStamp is the later of two optional times (nil is unset).

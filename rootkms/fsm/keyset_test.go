@@ -103,7 +103,7 @@ func TestCreateKeyset(t *testing.T) {
 		t.Errorf("Latest() = %v, want %v", got, at(100))
 	}
 	if r, ok := f.State().Request("spiffe://cairn.test/ops", "req-1"); !ok || r != (fsm.RequestRecord{
-		Identity: "spiffe://cairn.test/ops", RequestID: "req-1", Index: f.AppliedIndex(), Subject: "keyset/" + ledger, KeyID: id}) {
+		Identity: "spiffe://cairn.test/ops", RequestID: "req-1", Index: f.AppliedIndex(), Subject: "keyset/" + ledger, KeyID: id, Operation: "create_keyset"}) {
 		t.Errorf("Request(req-1) = %+v, %v", r, ok)
 	}
 	// created_by defaults to the command's identity.
@@ -628,6 +628,29 @@ func TestRecordPropagation(t *testing.T) {
 	}
 	if l := x.f.State().Latest(); !l.Equal(at(410)) {
 		t.Errorf("Latest() = %v, want %v", l, at(410))
+	}
+	if n := u.GetEncryptCount(); n != 15 {
+		t.Errorf("k1 eu encrypt count after an observation of 1 = %d, want 15 kept (the message budget never grows back)", n)
+	}
+	// A server clock running ahead: a use after the command's time counts
+	// at the command's time, so it cannot block retirement for longer.
+	mustApply(t, x.f, recordPropagation("eu", []uint32{2}, []*statev1.KeysetObservation{
+		{Keyset: ledger, Versions: []*statev1.VersionObservation{obs(k1, true, 15, 30, 9000), obs(k2, true, 0, 0, 0)}},
+	}, at(420)))
+	got, _ = x.f.State().Keyset(ledger)
+	if u := got.GetVersions()[0].GetUsage()[0]; !u.GetLastUse().AsTime().Equal(at(420)) || !u.GetLastEncrypt().AsTime().Equal(at(420)) {
+		t.Errorf("k1 eu usage after a use reported in the future = %v, want it at the command time %v", u, at(420))
+	}
+	// Disabling k2 ends its propagation: re-enabled, it must propagate again.
+	if p := got.GetVersions()[1].GetPropagated(); len(p) != 1 {
+		t.Fatalf("k2 propagated = %v, want eu", p)
+	}
+	if res := x.step(t, stepDisable, k2, at(430)); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	got, _ = x.f.State().Keyset(ledger)
+	if p := got.GetVersions()[1].GetPropagated(); len(p) != 0 {
+		t.Errorf("k2 propagated after DISABLE = %v, want none", p)
 	}
 
 	refusals := []struct {

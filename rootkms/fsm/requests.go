@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"fmt"
 	"strings"
 	"sync/atomic"
 
@@ -28,6 +29,8 @@ type RequestRecord struct {
 	// KeyID is the region key version or keyset key ID the command added or
 	// changed, 0 if none.
 	KeyID uint32
+	// Operation names the command (see Operation).
+	Operation string
 }
 
 func (r RequestRecord) key() requestKey { return requestKey{r.Identity, r.RequestID} }
@@ -169,6 +172,52 @@ func requestSubject(cmd *statev1.Command) (string, uint32) {
 	return "", 0
 }
 
+// Operation names cmd's operation for RequestRecord.Operation: the name of
+// its oneof field ("create_region", "set_keyset_policy", ...), and for
+// update_keyset also the step ("update_keyset/PROMOTE").
+func Operation(cmd *statev1.Command) string {
+	m := cmd.ProtoReflect()
+	fd := m.WhichOneof(m.Descriptor().Oneofs().ByName("op"))
+	if fd == nil {
+		return ""
+	}
+	name := string(fd.Name())
+	if u := cmd.GetUpdateKeyset(); u != nil {
+		name += "/" + strings.TrimPrefix(u.GetStep().String(), "KEYSET_STEP_")
+	}
+	return name
+}
+
+// callerKeyID reports whether cmd's key ID is the caller's choice (the same
+// on every attempt), rather than minted per attempt (a new key, the next
+// region key version).
+func callerKeyID(cmd *statev1.Command) bool {
+	switch op := cmd.GetOp().(type) {
+	case *statev1.Command_SetRegionKeyVersionStatus:
+		return true
+	case *statev1.Command_UpdateKeyset:
+		return op.UpdateKeyset.GetStep() != statev1.KeysetStep_KEYSET_STEP_ADD_VERSION
+	}
+	return false
+}
+
+// MatchRequest reports whether cmd is a retry of the write remembered as r
+// (the same identity and request ID): it must be the same operation on the
+// same subject (and, where the caller chose it, the same key). Otherwise the
+// request ID was reused for another write, and the error (wrapping
+// ErrInvalidCommand) says so: answering it with r's result would report a
+// write that never happened.
+func MatchRequest(r RequestRecord, cmd *statev1.Command) error {
+	subject, keyID := requestSubject(cmd)
+	op := Operation(cmd)
+	switch {
+	case r.Subject != subject, r.Operation != "" && r.Operation != op, callerKeyID(cmd) && r.KeyID != keyID:
+		return fmt.Errorf("%w: request ID %q was already used for %s of %s (key %d); %s of %s (key %d) needs its own request ID",
+			ErrInvalidCommand, r.RequestID, r.Operation, r.Subject, r.KeyID, op, subject, keyID)
+	}
+	return nil
+}
+
 // The subject prefixes of RequestRecord.Subject.
 const (
 	subjectRegion = "region/"
@@ -176,9 +225,9 @@ const (
 	subjectMember = "member/"
 )
 
-// duplicate returns the Result of a command already applied as r: the current
-// record of its subject, if it still exists.
-func (s *State) duplicate(r RequestRecord) *Result {
+// Duplicate returns the Result of a command already applied as r: Duplicate
+// set, and the current record of its subject if it still exists.
+func (s *State) Duplicate(r RequestRecord) *Result {
 	res := &Result{Duplicate: true}
 	switch {
 	case strings.HasPrefix(r.Subject, subjectRegion):

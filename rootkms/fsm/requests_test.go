@@ -31,9 +31,8 @@ func TestDuplicateRequest(t *testing.T) {
 				t.Errorf("duplicate Result = %+v, want the current keyset record", res)
 			}
 		}},
-		{"create_region then another command", withRequest(rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(300)), alice, "ap"),
-			// A retry is recognised by its pair alone.
-			withRequest(rootkmstest.RegisterMember("node-7", "a:1", at(301)), alice, "ap"),
+		{"create_region", withRequest(rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(300)), alice, "ap"),
+			withRequest(rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(301)), alice, "ap"),
 			func(t *testing.T, res *fsm.Result) {
 				if r, _ := f.State().Region("ap"); res.Region != r || res.Keyset != nil {
 					t.Errorf("duplicate Result = %+v, want the current region ap", res)
@@ -70,7 +69,7 @@ func TestDuplicateRequest(t *testing.T) {
 			t.Errorf("%s: AppliedIndex() after the retry = %d, want %d", tt.name, f.AppliedIndex(), index+1)
 		}
 	}
-	if r, _ := f.State().Request(alice, "add-k2"); r != (fsm.RequestRecord{Identity: alice, RequestID: "add-k2", Index: r.Index, Subject: "keyset/" + ledger, KeyID: k2}) {
+	if r, _ := f.State().Request(alice, "add-k2"); r != (fsm.RequestRecord{Identity: alice, RequestID: "add-k2", Index: r.Index, Subject: "keyset/" + ledger, KeyID: k2, Operation: "update_keyset/ADD_VERSION"}) {
 		t.Errorf("Request(add-k2) = %+v", r)
 	}
 	if r, _ := f.State().Request(alice, "ap"); r.Subject != "region/ap" || r.KeyID != 1 {
@@ -86,6 +85,30 @@ func TestDuplicateRequest(t *testing.T) {
 	mustApply(t, f, rootkmstest.RegisterMember("n", "a:1", at(600)), rootkmstest.RegisterMember("n", "a:1", at(601)))
 	if _, ok := f.State().Request(alice, ""); ok {
 		t.Errorf("Request(alice, \"\") = _, true, want false")
+	}
+}
+
+// TestReusedRequestIDRefused: a request ID already used by an accepted
+// write, sent with another write, is refused rather than answered with the
+// first write's result (which would report a write that never happened).
+func TestReusedRequestIDRefused(t *testing.T) {
+	x := newKeysetFixture(t)
+	f := x.f
+	k2 := x.k.add()
+	mustApply(t, f, withRequest(updateKeyset(ledger, 1, stepAdd, k2, x.k.copies(euUS, usable), at(200)), alice, "r"))
+	mustApply(t, f, withRequest(rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(201)), alice, "c"))
+	for _, tt := range []struct {
+		name string
+		cmd  *statev1.Command
+	}{
+		{"another step on the same keyset", withRequest(updateKeyset(ledger, 2, stepPromote, k2, x.k.copies(euUS, usable), at(300)), alice, "r")},
+		{"another operation", withRequest(rootkmstest.RegisterMember("node-9", "a:1", at(300)), alice, "c")},
+		{"the same operation on another subject", withRequest(rootkmstest.CreateRegion("zz", rootkmstest.Wrapped("zz", 1), kcv, at(300)), alice, "c")},
+	} {
+		before := f.State()
+		if res := apply(t, f, tt.cmd); !errors.Is(res.Err, fsm.ErrInvalidCommand) || res.Duplicate || f.State() != before {
+			t.Errorf("%s: Apply = %+v, want ErrInvalidCommand, no Duplicate, State unchanged", tt.name, res)
+		}
 	}
 }
 
@@ -134,8 +157,9 @@ func TestRequestTableBound(t *testing.T) {
 	if res := apply(t, f, withRequest(rootkmstest.RegisterMember("node-0", "a:1", at(1e6)), alice, id(0))); res.Err != nil || res.Duplicate {
 		t.Errorf("Apply(evicted request) = %+v, want applied", res)
 	}
-	// which evicted the oldest, id(extra).
-	if res := apply(t, f, withRequest(rootkmstest.RegisterMember("node-0", "a:1", at(1e6)), alice, id(extra+1))); !res.Duplicate {
+	// which evicted the oldest, id(extra). A retry of the oldest remembered
+	// one (the same command) is a Duplicate.
+	if res := apply(t, f, withRequest(rootkmstest.RegisterMember(fmt.Sprintf("node-%d", (extra+1)%7), "a:1", at(1e6)), alice, id(extra+1))); !res.Duplicate {
 		t.Errorf("Apply(oldest remembered request) = %+v, want Duplicate", res)
 	}
 	if _, ok := f.State().Request(alice, id(extra)); ok {

@@ -88,7 +88,7 @@ func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
 	}
 	for _, r := range s.requests.all() {
 		out.Requests = append(out.Requests, &statev1.RequestRecord{
-			Identity: r.Identity, RequestId: r.RequestID, Index: r.Index, Subject: r.Subject, KeyId: r.KeyID,
+			Identity: r.Identity, RequestId: r.RequestID, Index: r.Index, Subject: r.Subject, KeyId: r.KeyID, Operation: r.Operation,
 		})
 	}
 	return out
@@ -200,7 +200,7 @@ func decodeRequests(rs []*statev1.RequestRecord) ([]RequestRecord, error) {
 	out := make([]RequestRecord, len(rs))
 	seen := make(map[requestKey]bool, len(rs))
 	for i, rr := range rs {
-		r := RequestRecord{Identity: rr.GetIdentity(), RequestID: rr.GetRequestId(), Index: rr.GetIndex(), Subject: rr.GetSubject(), KeyID: rr.GetKeyId()}
+		r := RequestRecord{Identity: rr.GetIdentity(), RequestID: rr.GetRequestId(), Index: rr.GetIndex(), Subject: rr.GetSubject(), KeyID: rr.GetKeyId(), Operation: rr.GetOperation()}
 		bad := func(why string) ([]RequestRecord, error) {
 			return nil, fmt.Errorf("%w: request %d (%q, %q): %s", ErrInvalidSnapshot, i, r.Identity, r.RequestID, why)
 		}

@@ -131,13 +131,19 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 	if cc, ok := c.conns[addr]; ok {
 		return cc, nil
 	}
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(c.creds))
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(c.creds),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)))
 	if err != nil {
 		return nil, err
 	}
 	c.conns[addr] = cc
 	return cc, nil
 }
+
+// MaxMessageSize bounds a message to or from the root KMS (its server takes
+// requests up to the same size): a usage observation of a large region, or
+// the keyset records with their copies.
+const MaxMessageSize = 16 << 20
 
 // Do runs call against the cluster: first the last known leader, then each
 // configured replica, following NOT_LEADER redirects. It returns call's last

@@ -46,7 +46,9 @@ type Chain struct {
 
 // Start starts the chain with identities from pki: the distributor is
 // distributor/global/distributor-1, the replica rootkms/global/rootkms-1.
-func Start(t testing.TB, pki *identitytest.PKI) *Chain {
+// Each opt may change the replica's Config before it starts (e.g. its Now
+// and Safety for a simulation on a fake clock).
+func Start(t testing.TB, pki *identitytest.PKI, opts ...func(*rootkms.Config)) *Chain {
 	t.Helper()
 	td := pki.CA.TrustDomain()
 	id := func(name string) string { return fmt.Sprintf("spiffe://%s/%s", td.Name(), name) }
@@ -101,12 +103,16 @@ func Start(t testing.TB, pki *identitytest.PKI) *Chain {
 	if err != nil {
 		t.Fatal(err)
 	}
-	root, err := rootkms.New(rootkms.Config{
+	cfg := rootkms.Config{
 		ID: "rootkms-1", DataDir: filepath.Join(dir, "rootkms", "raft"), Bootstrap: true,
 		Manifest: manifest, Distributors: []string{distLis.Addr().String()},
 		Source: pki.Source(id("rootkms/global/rootkms-1")), Audit: rootLog,
 		HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond,
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	root, err := rootkms.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -718,9 +718,12 @@ type Keyset struct {
 	// request) its encrypted copies; never plaintext key material.
 	Record *v11.KeysetRecord `protobuf:"bytes,1,opt,name=record,proto3" json:"record,omitempty"`
 	// commit_index is the Raft index this view reflects.
-	CommitIndex   uint64 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CommitIndex uint64 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	// propagation_window is the root KMS's Safety Condition window: what
+	// regionctl judges with and compiles into bundles.
+	PropagationWindow *durationpb.Duration `protobuf:"bytes,3,opt,name=propagation_window,json=propagationWindow,proto3" json:"propagation_window,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Keyset) Reset() {
@@ -765,6 +768,13 @@ func (x *Keyset) GetCommitIndex() uint64 {
 		return x.CommitIndex
 	}
 	return 0
+}
+
+func (x *Keyset) GetPropagationWindow() *durationpb.Duration {
+	if x != nil {
+		return x.PropagationWindow
+	}
+	return nil
 }
 
 type CreateKeysetRequest struct {
@@ -956,11 +966,13 @@ func (x *ListKeysetsRequest) GetIncludeCopies() bool {
 }
 
 type ListKeysetsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keysets       []*Keyset              `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
-	CommitIndex   uint64                 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Keysets     []*Keyset              `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
+	CommitIndex uint64                 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	// propagation_window is the root KMS's Safety Condition window.
+	PropagationWindow *durationpb.Duration `protobuf:"bytes,3,opt,name=propagation_window,json=propagationWindow,proto3" json:"propagation_window,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ListKeysetsResponse) Reset() {
@@ -1005,6 +1017,13 @@ func (x *ListKeysetsResponse) GetCommitIndex() uint64 {
 		return x.CommitIndex
 	}
 	return 0
+}
+
+func (x *ListKeysetsResponse) GetPropagationWindow() *durationpb.Duration {
+	if x != nil {
+		return x.PropagationWindow
+	}
+	return nil
 }
 
 type UpdateKeysetRequest struct {
@@ -1769,10 +1788,11 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x06region\x18\x01 \x01(\tR\x06region\"Q\n" +
 	"\x1dRetireRegionKeyVersionRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\rR\aversion\"i\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"\xb3\x01\n" +
 	"\x06Keyset\x12<\n" +
 	"\x06record\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.KeysetRecordR\x06record\x12!\n" +
-	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\"\xe5\x01\n" +
+	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\x12H\n" +
+	"\x12propagation_window\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\"\xe5\x01\n" +
 	"\x13CreateKeysetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aregions\x18\x02 \x03(\tR\aregions\x12\x1a\n" +
@@ -1784,10 +1804,11 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"S\n" +
 	"\x12ListKeysetsRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12%\n" +
-	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"l\n" +
+	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"\xb6\x01\n" +
 	"\x13ListKeysetsResponse\x122\n" +
 	"\akeysets\x18\x01 \x03(\v2\x18.cairn.rootkms.v1.KeysetR\akeysets\x12!\n" +
-	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\"\x81\x02\n" +
+	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\x12H\n" +
+	"\x12propagation_window\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\"\x81\x02\n" +
 	"\x13UpdateKeysetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x126\n" +
@@ -1935,55 +1956,57 @@ var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
 	33, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
 	6,  // 7: cairn.rootkms.v1.ListRegionsResponse.regions:type_name -> cairn.rootkms.v1.Region
 	34, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	35, // 9: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
-	35, // 10: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
-	13, // 11: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
-	36, // 12: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	35, // 13: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
-	35, // 14: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
-	35, // 15: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
-	37, // 16: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	0,  // 17: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	1,  // 18: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
-	22, // 19: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
-	0,  // 20: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	2,  // 21: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
-	7,  // 22: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
-	8,  // 23: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
-	10, // 24: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
-	11, // 25: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
-	12, // 26: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
-	14, // 27: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
-	15, // 28: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
-	16, // 29: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
-	18, // 30: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
-	19, // 31: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
-	20, // 32: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
-	24, // 33: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
-	25, // 34: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
-	26, // 35: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
-	27, // 36: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
-	3,  // 37: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 38: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 39: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 40: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 41: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	6,  // 42: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
-	13, // 43: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 44: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
-	17, // 45: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
-	13, // 46: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 47: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
-	21, // 48: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
-	23, // 49: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	23, // 50: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	23, // 51: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 52: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	37, // [37:53] is the sub-list for method output_type
-	21, // [21:37] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	35, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
+	35, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
+	35, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	13, // 12: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
+	35, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
+	36, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	35, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
+	35, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
+	35, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	37, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	0,  // 19: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	1,  // 20: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
+	22, // 21: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
+	0,  // 22: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	2,  // 23: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
+	7,  // 24: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
+	8,  // 25: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
+	10, // 26: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
+	11, // 27: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
+	12, // 28: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
+	14, // 29: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
+	15, // 30: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
+	16, // 31: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
+	18, // 32: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
+	19, // 33: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
+	20, // 34: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
+	24, // 35: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
+	25, // 36: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
+	26, // 37: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
+	27, // 38: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
+	3,  // 39: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 40: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 41: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 42: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 43: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 44: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 45: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 46: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 47: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 48: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 49: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 50: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	23, // 51: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	23, // 52: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	23, // 53: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 54: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	39, // [39:55] is the sub-list for method output_type
+	23, // [23:39] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_v1_rootkms_proto_init() }

@@ -1070,7 +1070,11 @@ type RequestRecord struct {
 	Subject string `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
 	// key_id is the key (or region key version) the command added or changed,
 	// 0 if none.
-	KeyId         uint32 `protobuf:"varint,7,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyId uint32 `protobuf:"varint,7,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// operation names the command ("create_region", "update_keyset/PROMOTE",
+	// ...): a request ID reused for another operation is refused, never
+	// answered with the first one's result.
+	Operation     string `protobuf:"bytes,8,opt,name=operation,proto3" json:"operation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1152,6 +1156,13 @@ func (x *RequestRecord) GetKeyId() uint32 {
 		return x.KeyId
 	}
 	return 0
+}
+
+func (x *RequestRecord) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
 }
 
 // KeysetRecord is one customer keyset: its policy, its lifecycle and its
@@ -2134,7 +2145,7 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\aregions\x18\x04 \x03(\v2$.cairn.rootkms.state.v1.RegionRecordR\aregions\x12>\n" +
 	"\amembers\x18\x05 \x03(\v2$.cairn.rootkms.state.v1.MemberRecordR\amembers\x12>\n" +
 	"\akeysets\x18\x06 \x03(\v2$.cairn.rootkms.state.v1.KeysetRecordR\akeysets\x12A\n" +
-	"\brequests\x18\a \x03(\v2%.cairn.rootkms.state.v1.RequestRecordR\brequests\"\xc6\x01\n" +
+	"\brequests\x18\a \x03(\v2%.cairn.rootkms.state.v1.RequestRecordR\brequests\"\xe4\x01\n" +
 	"\rRequestRecord\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x1d\n" +
 	"\n" +
@@ -2144,7 +2155,8 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"error_kind\x18\x04 \x01(\tR\terrorKind\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12\x18\n" +
 	"\asubject\x18\x06 \x01(\tR\asubject\x12\x15\n" +
-	"\x06key_id\x18\a \x01(\rR\x05keyId\"\x92\x04\n" +
+	"\x06key_id\x18\a \x01(\rR\x05keyId\x12\x1c\n" +
+	"\toperation\x18\b \x01(\tR\toperation\"\x92\x04\n" +
 	"\fKeysetRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aregions\x18\x02 \x03(\tR\aregions\x129\n" +
