@@ -100,7 +100,7 @@ func New(cfg Config) (*Server, error) {
 		// A usage observation of a region with thousands of keysets, or a
 		// keyset record with its copies, is far above the 64 KiB default.
 		MaxRecvMsgSize: MaxMessageSize,
-		Unaudited: []string{svc + "GetClusterStatus"},
+		Unaudited:      []string{svc + "GetClusterStatus"},
 	})
 	if err != nil {
 		return nil, err
