@@ -143,7 +143,8 @@ func (s *Server) auditForce(ctx context.Context, ref *bundlev1.BundleRef, reason
 	return nil
 }
 
-// regionKeysFor returns the region key versions b's keysets need: those
+// regionKeysFor returns the region key versions b's keysets need, and only
+// those (GetStatus reports them as what the served bundle needs): those
 // held, plus a fetch from RegionKeys if any is missing. held is not changed.
 func (s *Server) regionKeysFor(ctx context.Context, b *bundlev1.Bundle, held map[uint32]tink.AEAD) (map[uint32]tink.AEAD, error) {
 	missing := func(have map[uint32]tink.AEAD) []uint32 {
@@ -157,7 +158,7 @@ func (s *Server) regionKeysFor(ctx context.Context, b *bundlev1.Bundle, held map
 		return out
 	}
 	if len(missing(held)) == 0 {
-		return held, nil
+		return neededKeys(b, held), nil
 	}
 	fctx, cancel := context.WithTimeout(ctx, s.cfg.FetchTimeout)
 	defer cancel()
@@ -174,7 +175,21 @@ func (s *Server) regionKeysFor(ctx context.Context, b *bundlev1.Bundle, held map
 		slices.Sort(m)
 		return nil, fmt.Errorf("%w: region %s key versions %v are not available", errRegionKeys, s.cfg.Region, m)
 	}
-	return keys, nil
+	return neededKeys(b, keys), nil
+}
+
+// neededKeys returns the versions of keys that b's keysets are encrypted
+// under: a region key version the root KMS still serves but the bundle does
+// not need must not be reported as needed, or it could never retire.
+func neededKeys(b *bundlev1.Bundle, keys map[uint32]tink.AEAD) map[uint32]tink.AEAD {
+	out := make(map[uint32]tink.AEAD, len(keys))
+	for _, k := range b.GetKeysets() {
+		v := k.GetKeyset().GetRegionKeyVersion()
+		if a, ok := keys[v]; ok {
+			out[v] = a
+		}
+	}
+	return out
 }
 
 // GetStatus implements kms.v1.KMSAdmin.

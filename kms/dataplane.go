@@ -114,10 +114,12 @@ func (a *kmsAPI) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (resp *
 		return nil, toStatus(err)
 	}
 	ct, v, err := k.Encrypt(req.GetPlaintext(), req.GetAssociatedData(), s.cfg.Now())
+	if v != nil {
+		audit.AddTarget(ctx, audit.Target{KeyVersion: v.KeyID()})
+	}
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	audit.AddTarget(ctx, audit.Target{KeyVersion: v.KeyID()})
 	return &kmsv1.EncryptResponse{Ciphertext: ct, KeyId: v.KeyID()}, nil
 }
 
@@ -234,11 +236,13 @@ func (a *kmsAPI) GenerateDataKey(ctx context.Context, req *kmsv1.GenerateDataKey
 		return nil, toStatus(err)
 	}
 	wrapped, v, err := k.Encrypt(key, req.GetAssociatedData(), s.cfg.Now())
+	if v != nil {
+		audit.AddTarget(ctx, audit.Target{KeyVersion: v.KeyID()})
+	}
 	if err != nil {
 		clear(key)
 		return nil, toStatus(err)
 	}
-	audit.AddTarget(ctx, audit.Target{KeyVersion: v.KeyID()})
 	return &kmsv1.GenerateDataKeyResponse{PlaintextKey: key, WrappedKey: wrapped, KeyId: v.KeyID()}, nil
 }
 

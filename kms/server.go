@@ -271,7 +271,7 @@ func (s *Server) loadPending(p *pending) error {
 		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
 			"versions", len(s.carried.Usage))
 	}
-	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: keys})
+	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: neededKeys(p.bundle, keys)})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
 	return nil
 }

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"encoding/binary"
+	"fmt"
 	"sync/atomic"
 	"time"
 
@@ -76,6 +77,9 @@ type Keyset struct {
 // carries them (bundlev1.VersionLifecycle); zero times are unset.
 type Lifecycle struct {
 	PropagatedEverywhere, PrimarySince, SupersededAt time.Time
+	// EncryptCount is the version's fleet-wide encryption count the record
+	// held when the bundle was built.
+	EncryptCount uint64
 }
 
 // Name returns the keyset's name.
@@ -126,13 +130,30 @@ func (k *Keyset) Allows(op Op, id identity.ID) bool {
 
 // Encrypt encrypts plaintext under the primary version and records the use
 // at now. It returns the ciphertext (TINK prefix first) and the primary.
+//
+// It refuses, wrapping ErrBudget, once the primary has used up its message
+// budget (see Version.Budget); the primary is then returned too, for the
+// audit record. The check is one atomic load and a compare: no lock, no
+// allocation. Concurrent encryptions may overshoot the limit by at most the
+// number of them in flight (each checks before it counts).
 func (k *Keyset) Encrypt(plaintext, associatedData []byte, now time.Time) ([]byte, *Version, error) {
+	p := k.primary
+	if p.usage.encrypts.Load()-p.encBase >= p.budget {
+		return nil, p, k.budgetError(p)
+	}
 	ct, err := k.aead.Encrypt(plaintext, associatedData)
 	if err != nil {
 		return nil, nil, ErrEncrypt
 	}
-	k.primary.usage.record(useEncrypt, now)
-	return ct, k.primary, nil
+	p.usage.record(useEncrypt, now)
+	return ct, p, nil
+}
+
+// budgetError is the refusal of an encryption with v, whose message budget
+// is used up. It names no plaintext; the caller may encrypt with the keyset.
+func (k *Keyset) budgetError(v *Version) error {
+	return fmt.Errorf("%w: keyset %q version %d reached its AES-GCM message budget (limit %d encryptions); it still decrypts; rotate the keyset: regionctl keyset rotate %s, then promote the new version",
+		ErrBudget, k.name, v.keyID, v.limit, k.name)
 }
 
 // Decrypt decrypts a ciphertext made under any version the keyset holds
@@ -181,6 +202,17 @@ type Version struct {
 	keyID  uint32
 	status cryptov1.KeyStatus
 	usage  *Usage // shared with the same version of earlier and later snapshots
+
+	// The message budget, fixed when the snapshot is built (see
+	// setBudget). limit is the keyset's encrypt_limit; used is the
+	// fleet-wide count of encryptions with the version known then; budget
+	// is limit − used (0 if used ≥ limit): how many more encryptions this
+	// server may make with the version under this snapshot. encBase is
+	// usage.encrypts when the snapshot was built, plus what RestoreUsage
+	// added since (history of earlier runs, not new encryptions): the
+	// counter minus encBase is this server's encryptions with the version
+	// since it applied the bundle.
+	limit, used, budget, encBase uint64
 }
 
 // KeyID returns the version's Tink key ID.
@@ -196,6 +228,16 @@ func (v *Version) Decrypts() bool { return decrypts(v.status) }
 // Usage returns the version's usage so far (on this server, since it was
 // first loaded).
 func (v *Version) Usage() UsageSnapshot { return v.usage.snapshot() }
+
+// Budget returns the version's AES-GCM message budget: the keyset's limit
+// of encryptions per version, fleet-wide, and the encryptions counted
+// against it now (the fleet count the bundle's record held, or the count
+// this server carried from the snapshot before if higher, plus this
+// server's encryptions with the version since). The server refuses to
+// encrypt with the version once used ≥ limit.
+func (v *Version) Budget() (used, limit uint64) {
+	return addSat(v.used, v.usage.encrypts.Load()-v.encBase), v.limit
+}
 
 func decrypts(s cryptov1.KeyStatus) bool {
 	return s == cryptov1.KeyStatus_KEY_STATUS_PRIMARY || s == cryptov1.KeyStatus_KEY_STATUS_ENABLED

@@ -44,6 +44,10 @@ var (
 	ErrEncrypt = errors.New("keystore: encryption failed")
 	// ErrBuild wraps every reason Build refuses a bundle.
 	ErrBuild = errors.New("keystore: bundle refused")
+	// ErrBudget refuses an encryption with a version that used up its
+	// AES-GCM message budget (Version.Budget). The version still decrypts;
+	// the keyset needs a new primary.
+	ErrBudget = errors.New("keystore: encryption refused")
 )
 
 // Store is one immutable snapshot of every keyset a bundle holds.
@@ -176,6 +180,7 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 	}
 	k.ttlHistory = withTTL(history, k.ttl, now)
 	k.setRecord(cfg)
+	limit := bundle.EncryptLimit(cfg)
 	hints := ek.GetVersions()
 	if len(hints) != len(info.GetKeyInfo()) {
 		return nil, errors.New("public metadata does not match the keyset's contents")
@@ -192,14 +197,16 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 			return nil, fmt.Errorf("public metadata says key %d is %v; the keyset says key %d is %v", hints[i].GetKeyId(), hints[i].GetStatus(), ki.GetKeyId(), st)
 		}
 		v := &Version{keyID: ki.GetKeyId(), status: st}
+		var old *Version
 		if before != nil {
-			if old, ok := before.Version(v.keyID); ok {
-				v.usage = old.usage
-			}
+			old, _ = before.Version(v.keyID)
 		}
-		if v.usage == nil {
+		if old != nil {
+			v.usage = old.usage
+		} else {
 			v.usage = new(Usage)
 		}
+		v.setBudget(limit, k.lifecycle[v.keyID].EncryptCount, old)
 		if st == cryptov1.KeyStatus_KEY_STATUS_PRIMARY {
 			k.primary = v
 		}
@@ -218,6 +225,46 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 		}
 	}
 	return k, nil
+}
+
+// setBudget fixes v's message budget for a new snapshot (see Version):
+// the keyset's limit, and the fleet count to start from: the record's
+// (recorded), or, if higher, what before (the same version in the snapshot
+// served until now, or nil) counted: its starting count plus this server's
+// encryptions with the version since. A bundle built from an older record
+// (a rollback, a stale observation) so never hands back encryptions this
+// server already counted.
+//
+// encBase is captured here, in Build, which runs just before the swap under
+// the server's apply lock: the few encryptions the snapshot served until
+// now makes in between count against both snapshots, the safe side. What
+// is not counted is this server's encryptions after the observation the
+// record's count comes from and before it applied the bundle, and, after a
+// restart, those of the previous run after that observation (restored
+// counters are history, not budget: RestoreUsage raises encBase with them).
+// Rotating at a fraction of the limit (regionctl rotate --due) covers that
+// gap, as it covers every server of the fleet spending the same remaining
+// budget at once.
+func (v *Version) setBudget(limit, recorded uint64, before *Version) {
+	v.limit = limit
+	v.encBase = v.usage.encrypts.Load()
+	v.used = recorded
+	if before != nil && v.encBase >= before.encBase {
+		if carried := addSat(before.used, v.encBase-before.encBase); carried > v.used {
+			v.used = carried
+		}
+	}
+	if v.used < limit {
+		v.budget = limit - v.used
+	}
+}
+
+// addSat is a + b, or the largest uint64 if that overflows.
+func addSat(a, b uint64) uint64 {
+	if s := a + b; s >= a {
+		return s
+	}
+	return ^uint64(0)
 }
 
 // statusOf is a key's status as cryptov1 names it, the way keysets.Encrypt
@@ -254,6 +301,7 @@ func (k *Keyset) setRecord(cfg *bundlev1.KeysetConfig) {
 				PropagatedEverywhere: timeOf(l.GetPropagatedEverywhere()),
 				PrimarySince:         timeOf(l.GetPrimarySince()),
 				SupersededAt:         timeOf(l.GetSupersededAt()),
+				EncryptCount:         l.GetEncryptCount(),
 			}
 		}
 	}

@@ -56,9 +56,12 @@ func (s *Store) UsageRecords(now time.Time) []UsageRecord {
 
 // RestoreUsage adds records of an earlier run to the usage of the versions
 // of s they name: counts are added, the last use and last encryption are the
-// later of the two, and a lost history stays lost. It returns the records of
-// keysets or versions s does not hold, which the caller keeps (their
-// ciphertexts still count for the Safety check until their TTL passes).
+// later of the two, and a lost history stays lost. Restored encryptions are
+// history, not new encryptions since s was built: they do not count against
+// the versions' message budgets (see Version.setBudget). It returns the
+// records of keysets or versions s does not hold, which the caller keeps
+// (their ciphertexts still count for the Safety check until their TTL
+// passes).
 // Call it on a store nobody serves yet.
 func (s *Store) RestoreUsage(records []UsageRecord) (unmatched []UsageRecord) {
 	for _, r := range records {
@@ -68,6 +71,7 @@ func (s *Store) RestoreUsage(records []UsageRecord) (unmatched []UsageRecord) {
 			continue
 		}
 		v.usage.encrypts.Add(r.EncryptCount)
+		v.encBase += r.EncryptCount
 		v.usage.decrypts.Add(r.DecryptCount)
 		if !r.LastUse.IsZero() {
 			raise(&v.usage.last, r.LastUse.UnixNano())

@@ -140,6 +140,10 @@ type Keyset struct {
 	TTLHistory []*bundlev1.TtlPeriod
 	Lifecycle  []*bundlev1.VersionLifecycle
 	Window     *durationpb.Duration
+	// EncryptLimit is the keyset's message budget (KeysetConfig.
+	// encrypt_limit; 0: the KMS default). The recorded counts it is
+	// measured against are Lifecycle's encrypt_count.
+	EncryptLimit uint64
 
 	h *keyset.Handle
 }
@@ -231,7 +235,7 @@ func (k *Keyset) Config(t testing.TB, keys *RegionKeys, region string, v uint32)
 	return &bundlev1.KeysetConfig{
 		Name: k.Name, OwnerTeam: "team-" + k.Name, Purpose: bundlev1.Purpose_PURPOSE_ENVELOPE, Keyset: ek, Acl: k.ACL,
 		RotationPeriod: durationpb.New(30 * 24 * time.Hour), CiphertextTtl: durationpb.New(k.TTL), Regions: []string{region},
-		TtlHistory: k.TTLHistory, Lifecycle: k.Lifecycle, PropagationWindow: k.Window,
+		TtlHistory: k.TTLHistory, Lifecycle: k.Lifecycle, PropagationWindow: k.Window, EncryptLimit: k.EncryptLimit,
 	}
 }
 

@@ -38,6 +38,20 @@ const FormatVersion = 1
 // fit comfortably).
 const MaxSize = 256 << 20
 
+// DefaultEncryptLimit is the AES-GCM message budget of a key version when a
+// keyset's encrypt_limit is 0: Tink's AES-GCM draws a random 96-bit nonce
+// per message, which keeps the chance of a nonce collision acceptable (below
+// 2^-32) for about 2^32 messages under one key.
+const DefaultEncryptLimit uint64 = 1 << 32
+
+// EncryptLimit is k's encrypt_limit, or DefaultEncryptLimit if it is 0.
+func EncryptLimit(k *bundlev1.KeysetConfig) uint64 {
+	if l := k.GetEncryptLimit(); l != 0 {
+		return l
+	}
+	return DefaultEncryptLimit
+}
+
 // signingContext prefixes the signed bytes, so a bundle signature can never
 // be replayed as a signature over anything else.
 const signingContext = "cairn/bundle/v1\x00"
@@ -246,6 +260,11 @@ func checkKeysets(b *bundlev1.Bundle, td spiffeid.TrustDomain, lo, hi int) error
 // and equal to ciphertext_ttl), lifecycle (key IDs unique and held by the
 // copy) and propagation_window (not negative). All three are optional: a
 // bundle built before they existed has none.
+//
+// The message budget needs no check: every encrypt_limit is meaningful (0
+// is DefaultEncryptLimit, any other value a limit), and a lifecycle
+// encrypt_count at or past the limit is no bad bundle but a version the
+// KMS refuses to encrypt with (it still decrypts).
 func checkSafetyFields(k *bundlev1.KeysetConfig) error {
 	if w := k.GetPropagationWindow(); w != nil {
 		if err := w.CheckValid(); err != nil {

@@ -44,6 +44,10 @@ type Input struct {
 	// Window is the propagation window written into every keyset
 	// (KeysetConfig.propagation_window); it must be positive.
 	Window time.Duration
+	// EncryptLimit is the AES-GCM message budget written into every keyset
+	// (KeysetConfig.encrypt_limit): the encryptions a key version may make
+	// fleet-wide. 0 means bundle.DefaultEncryptLimit (2^32).
+	EncryptLimit uint64
 }
 
 // Problem is one reason the bundle cannot be made.
@@ -74,12 +78,14 @@ type Result struct {
 
 // Compile builds the bundle of in.Region: every keyset that a team config
 // lists for the region, sorted by name, with the record's copy for the
-// region and the record's policy and lifecycle. It reports a Problem (and
-// makes no bundle) for a configured keyset the record lacks or has without
-// a copy for the region, a record keyset of the region that no team file
-// lists, regions that differ between config and record, and a TTL or
-// rotation period that differs (the record is changed with set-policy, then
-// the file follows). It fails on a bundle that does not validate.
+// region, the record's policy and lifecycle, and the message budget
+// (in.EncryptLimit, and every version's recorded encrypt_count). It reports
+// a Problem (and makes no bundle) for a configured keyset the record lacks
+// or has without a copy for the region, a record keyset of the region that
+// no team file lists, regions that differ between config and record, and a
+// TTL or rotation period that differs (the record is changed with
+// set-policy, then the file follows). It fails on a bundle that does not
+// validate.
 func Compile(in Input) (*Result, error) {
 	if in.Window <= 0 {
 		return nil, fmt.Errorf("compile: propagation window %v: must be positive", in.Window)
@@ -112,6 +118,10 @@ func Compile(in Input) (*Result, error) {
 		CreatedAt:     timestamppb.New(in.CreatedAt),
 		CreatedBy:     in.CreatedBy,
 		Parent:        proto.CloneOf(in.Parent),
+	}
+	limit := in.EncryptLimit
+	if limit == 0 {
+		limit = bundle.DefaultEncryptLimit
 	}
 	versions := map[uint32]bool{}
 	for _, name := range slices.Sorted(maps.Keys(cfgs)) {
@@ -160,6 +170,7 @@ func Compile(in Input) (*Result, error) {
 			TtlHistory:        ttlHistory(rec),
 			Lifecycle:         Lifecycle(rec, c),
 			PropagationWindow: durationpb.New(in.Window),
+			EncryptLimit:      limit,
 		})
 	}
 	if len(res.Problems) > 0 {
@@ -197,7 +208,7 @@ func ttlHistory(rec *statev1.KeysetRecord) []*bundlev1.TtlPeriod {
 // Lifecycle is the bundle's view of the lifecycle of every version the copy
 // holds, in record order. propagated_everywhere is the latest of the
 // version's per-region propagation times, set only when every region of the
-// keyset has one.
+// keyset has one; encrypt_count is the record's fleet-wide count.
 func Lifecycle(rec *statev1.KeysetRecord, c *cryptov1.EncryptedKeyset) []*bundlev1.VersionLifecycle {
 	held := map[uint32]bool{}
 	for _, v := range c.GetVersions() {
@@ -208,7 +219,8 @@ func Lifecycle(rec *statev1.KeysetRecord, c *cryptov1.EncryptedKeyset) []*bundle
 		if !held[v.GetKeyId()] {
 			continue
 		}
-		l := &bundlev1.VersionLifecycle{KeyId: v.GetKeyId(), PrimarySince: proto.CloneOf(v.GetPrimarySince()), SupersededAt: proto.CloneOf(v.GetSupersededAt())}
+		l := &bundlev1.VersionLifecycle{KeyId: v.GetKeyId(), PrimarySince: proto.CloneOf(v.GetPrimarySince()), SupersededAt: proto.CloneOf(v.GetSupersededAt()),
+			EncryptCount: v.GetEncryptCount()}
 		if t, ok := PropagatedEverywhere(rec, v); ok {
 			l.PropagatedEverywhere = timestamppb.New(t)
 		}
