@@ -21,6 +21,7 @@ import (
 	"github.com/cairnkms/cairn/internal/lifecycle"
 	"github.com/cairnkms/cairn/internal/safety"
 	"github.com/cairnkms/cairn/internal/secret"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -113,7 +114,7 @@ func (s *Server) CreateKeyset(ctx context.Context, req *rootkmsv1.CreateKeysetRe
 		Versions:       []*statev1.KeysetVersionRecord{{KeyId: primary, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY, Template: template}},
 		Copies:         copies,
 		Revision:       1,
-		Purpose:        1,
+		Purpose:        uint32(bundlev1.Purpose_PURPOSE_ENVELOPE),
 	}
 	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_CreateKeyset{CreateKeyset: &statev1.CreateKeysetCommand{Keyset: rec}}})
 	if err != nil {
@@ -270,6 +271,15 @@ func (s *Server) UpdateKeyset(ctx context.Context, req *rootkmsv1.UpdateKeysetRe
 	}
 	if rev := req.GetExpectedRevision(); rev != 0 && rev != rec.GetRevision() {
 		return nil, status.Errorf(codes.Aborted, "rootkms: keyset %q is at revision %d, not %d: someone else changed it; read it again", rec.GetName(), rec.GetRevision(), rev)
+	}
+	if step != statev1.KeysetStep_KEYSET_STEP_ADD_VERSION && step != statev1.KeysetStep_KEYSET_STEP_REWRAP {
+		v := recordVersion(rec, req.GetKeyId())
+		switch {
+		case v == nil:
+			return nil, status.Errorf(codes.NotFound, "rootkms: keyset %q has no version %d", rec.GetName(), req.GetKeyId())
+		case step == statev1.KeysetStep_KEYSET_STEP_PROMOTE && v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
+			return s.withWindow(keysetProto(rec, false, st.Index())), nil // already primary: nothing to do
+		}
 	}
 	now := s.cfg.Now()
 	if err := s.checkStep(rec, step, req.GetKeyId(), now); err != nil {
@@ -492,9 +502,6 @@ func (s *Server) checkStep(rec *statev1.KeysetRecord, step statev1.KeysetStep, k
 		return nil // adds, re-enables, rewraps and steps on versions already out of the decrypt set lose nothing
 	}
 	k := lifecycle.Keyset(rec)
-	if _, ok := k.Version(keyID); !ok {
-		return status.Errorf(codes.NotFound, "rootkms: keyset %q has no version %d", rec.GetName(), keyID)
-	}
 	p := safety.Params{Window: s.cfg.Safety.Window}
 	err := check(k, keyID, s.observedFleet(rec, keyID, now), safety.ScopeFleet, p, now)
 	if err == nil {
@@ -509,12 +516,7 @@ func (s *Server) checkStep(rec *statev1.KeysetRecord, step statev1.KeysetStep, k
 // observedFleet is the fleet as the record last saw it for one version: a
 // pseudo-server per region of the keyset.
 func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time.Time) safety.Fleet {
-	var v *statev1.KeysetVersionRecord
-	for _, x := range rec.GetVersions() {
-		if x.GetKeyId() == keyID {
-			v = x
-		}
-	}
+	v := recordVersion(rec, keyID)
 	maxAge := s.cfg.Safety.ObservationMaxAge
 	var fleet safety.Fleet
 	for _, region := range rec.GetRegions() {
@@ -527,7 +529,7 @@ func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time
 		}
 		if u != nil && !u.GetObservedAt().AsTime().Add(maxAge).Before(now) {
 			srv.Known = true
-			sv := safety.ServedVersion{Decrypts: hasRegion(v.GetPropagated(), region)}
+			sv := safety.ServedVersion{Decrypts: slices.ContainsFunc(v.GetPropagated(), func(t *statev1.RegionTime) bool { return t.GetRegion() == region })}
 			if t := u.GetLastEncrypt(); t != nil {
 				sv.LastEncrypt = t.AsTime()
 			}
@@ -541,8 +543,14 @@ func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time
 	return fleet
 }
 
-func hasRegion(ts []*statev1.RegionTime, region string) bool {
-	return slices.ContainsFunc(ts, func(t *statev1.RegionTime) bool { return t.GetRegion() == region })
+// recordVersion is version keyID of rec, nil if it has none.
+func recordVersion(rec *statev1.KeysetRecord, keyID uint32) *statev1.KeysetVersionRecord {
+	for _, v := range rec.GetVersions() {
+		if v.GetKeyId() == keyID {
+			return v
+		}
+	}
+	return nil
 }
 
 // regionAEAD unwraps one region key version into an AEAD. The caller must

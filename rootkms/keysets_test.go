@@ -170,6 +170,16 @@ func TestKeysetLifecycle(t *testing.T) {
 	if versionOf(ks, second).GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY || versionOf(ks, first).GetSupersededAt() == nil {
 		t.Fatalf("after PROMOTE: %v", ks.GetRecord().GetVersions())
 	}
+	// Promoting the primary again changes nothing; an unknown version is
+	// NotFound.
+	if again, err := keysetCall(t, admin, step(name, statev1.KeysetStep_KEYSET_STEP_PROMOTE, second)); err != nil || again.GetRecord().GetRevision() != ks.GetRecord().GetRevision() {
+		t.Errorf("PROMOTE(the primary) = %v, %v; want the record unchanged at revision %d", again.GetRecord().GetRevision(), err, ks.GetRecord().GetRevision())
+	}
+	for _, s := range []statev1.KeysetStep{statev1.KeysetStep_KEYSET_STEP_ENABLE, statev1.KeysetStep_KEYSET_STEP_DESTROY, statev1.KeysetStep_KEYSET_STEP_PROMOTE} {
+		if _, err := keysetCall(t, admin, step(name, s, 42)); status.Code(err) != codes.NotFound {
+			t.Errorf("%v of an unknown version = %v, want NotFound", s, err)
+		}
+	}
 
 	// The old primary cannot leave the decrypt set within its TTL, nor while
 	// a region's usage is unknown (observation too old).
