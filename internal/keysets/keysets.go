@@ -32,7 +32,7 @@ import (
 // (wrong region key, wrong name/region/version binding, tampered).
 var ErrDecrypt = errors.New("keysets: encrypted keyset does not decrypt under this region key")
 
-// DefaultTemplate is the template GenerateKeyset uses when none is named.
+// DefaultTemplate is the template CreateKeyset uses when none is named.
 const DefaultTemplate = "AES256_GCM"
 
 // templates are the AEAD key templates a Cairn keyset may use. All produce
