@@ -97,7 +97,7 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 		t.Logf("%s before the push: %v (%s)", k.Identity, st.GetState(), st.GetNotReadyReason())
 	}
 	pushStart := time.Now()
-	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k1.Addr + "," + k2.Addr, "--bundle", bundlePath}, rcID...)...)
+	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k1.Addr + "," + k2.Addr, "--bundle", bundlePath}, rootFlags...)...)
 	for _, k := range kmss {
 		st, _ := k.WaitServing(1)
 		if st.GetKeysetCount() != 1 || st.GetRegion() != kmsRegion {

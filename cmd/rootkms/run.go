@@ -29,6 +29,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		regionctl, operators                string
 		bootstrap, nonVoter, verbose        bool
 		heartbeat, election, lease, applyTO time.Duration
+		safetyWindow                        time.Duration
 	)
 	id.Register(fs)
 	fs.StringVar(&replicaID, "id", "", "Raft server ID of this replica, e.g. rootkms-1 (required)")
@@ -47,6 +48,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.DurationVar(&election, "election-timeout", 0, "Raft election timeout (0: 1s)")
 	fs.DurationVar(&lease, "leader-lease-timeout", 0, "Raft leader lease timeout (0: 500ms)")
 	fs.DurationVar(&applyTO, "apply-timeout", 0, "Raft write timeout (0: 5s)")
+	fs.DurationVar(&safetyWindow, "safety-window", 0, "propagation window of the Safety Condition checks on keyset lifecycle steps (0: 10m)")
 	fs.BoolVar(&verbose, "v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -91,6 +93,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			ID: replicaID, DataDir: dataDir, Bootstrap: bootstrap, Join: identity.SplitList(join), NonVoter: nonVoter,
 			Manifest: m, Distributors: identity.SplitList(distributors), Source: src, Regionctl: rc, Operators: ops,
 			Audit: alog, Logger: log, HeartbeatTimeout: heartbeat, ElectionTimeout: election, LeaderLeaseTimeout: lease, ApplyTimeout: applyTO,
+			Safety: rootkms.SafetyConfig{Window: safetyWindow},
 		})
 		if err != nil {
 			return err

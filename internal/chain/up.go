@@ -518,7 +518,7 @@ func (c *Chain) pushBundles(ctx context.Context) (string, error) {
 		for _, p := range c.kms[ri] {
 			addrs = append(addrs, p.Address)
 		}
-		args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", c.layout.bundle(r, 1)}, c.idFlags(regionctlName)...)
+		args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", c.layout.bundle(r, 1)}, c.rootFlags()...)
 		if _, err := c.regionctl(ctx, "bundle-push-"+r, args...); err != nil {
 			return "", err
 		}

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -134,8 +135,8 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 		parent = commonRef(obs.Regions[req.region])
 	}
 	if len(problems) == 0 || records != nil {
-		res, err := compile.Compile(compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: time.Now(),
-			Parent: parent, Teams: good, Record: records, Window: o.propagationWindow()})
+		res, err := compile.Compile(compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: clockNow(ctx),
+			Parent: parent, Teams: good, Record: records, Window: o.propagationWindow(), EncryptLimit: o.file.encryptLimit()})
 		if err != nil {
 			return nil, err
 		}
@@ -329,13 +330,16 @@ func bundlePush(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	var r *root
-	if len(o.rootAddrs()) > 0 {
-		if r, err = o.root(); err != nil {
-			return err
-		}
-		defer r.Close()
+	// The fleet-wide Safety Condition needs the record: without the root
+	// KMS there is no push (each KMS server's own check sees only itself).
+	if len(o.rootAddrs()) == 0 {
+		return usageError(fs, "bundle push needs the root KMS (--rootkms, or rootkms in the config file) for the fleet-wide Safety Condition check")
 	}
+	r, err := o.root()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
 	return pushBundle(ctx, o, src, r, sb, &b, regions[b.GetRegion()], pushOptions{dryRun: dryRun, force: force, reason: why}, stdout, stderr)
 }
 
@@ -344,8 +348,8 @@ type pushOptions struct {
 	reason        string
 }
 
-// pushBundle pushes all or nothing: the fleet-wide Safety Condition (when
-// the root KMS is known), then a dry run on every server; only if every
+// pushBundle pushes all or nothing: the fleet-wide Safety Condition, then a
+// dry run on every server; only if every
 // server accepts is the bundle applied, server by server.
 func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, sb *bundlev1.SignedBundle, b *bundlev1.Bundle, servers []string, po pushOptions, stdout, stderr io.Writer) error {
 	region := b.GetRegion()
@@ -357,12 +361,8 @@ func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, 
 		return err
 	}
 	fmt.Fprintf(stdout, "pushing bundle %s (signing key %s) to %d server(s), all or nothing\n", refString(bundle.Ref(sb, b)), sb.GetSigningKeyId(), len(servers))
-	if r != nil {
-		if err := fleetCheck(ctx, o, src, r, b, servers, stderr); err != nil {
-			return err
-		}
-	} else {
-		fmt.Fprintln(stderr, "note: no root KMS configured: the fleet-wide safety check is skipped (every KMS server still checks its own)")
+	if err := fleetCheck(ctx, o, src, r, b, servers, stderr); err != nil {
+		return err
 	}
 	// Dry run everywhere first.
 	type answer struct {
@@ -432,18 +432,30 @@ func printApplyError(w io.Writer, addr string, err error) {
 
 // fleetCheck runs the Safety Condition in fleet scope for going from what
 // each server of the region serves to b, with the record and every
-// configured server's usage.
+// configured server's usage. The region's servers are those pushed to plus
+// every server the config file lists for it: a push to some of them (a
+// canary, or a fresh server that has no usage of its own) is judged on what
+// the others used too.
 func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, b *bundlev1.Bundle, servers []string, stderr io.Writer) error {
 	regions := maps.Clone(o.file.Regions)
 	if regions == nil {
 		regions = map[string][]string{}
 	}
-	regions[b.GetRegion()] = servers
+	all := slices.Clone(servers)
+	for _, s := range regions[b.GetRegion()] {
+		if !slices.Contains(all, s) {
+			all = append(all, s)
+		}
+	}
+	regions[b.GetRegion()] = all
 	obs, err := observe(ctx, src, regions, o.timeout)
 	if err != nil {
 		return err
 	}
-	if down := obs.unreachable(b.GetRegion()); len(down) > 0 {
+	// A server pushed to must answer; one only listed in the config file is
+	// judged by the Safety Condition (unknown counts as in use).
+	down := slices.DeleteFunc(obs.unreachable(b.GetRegion()), func(s serverObs) bool { return !slices.Contains(servers, s.Addr) })
+	if len(down) > 0 {
 		for _, s := range down {
 			fmt.Fprintf(stderr, "%s: unreachable: %v\n", s.Addr, s.Err)
 		}
@@ -461,7 +473,7 @@ func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, 
 	next := bundleContent(b)
 	fleet := obs.fleet()
 	p := safety.Params{Window: o.propagationWindow()}
-	now := time.Now()
+	now := clockNow(ctx)
 	seen := map[string]bool{}
 	var refusals []string
 	for _, s := range obs.Regions[b.GetRegion()] {

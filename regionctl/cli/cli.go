@@ -57,9 +57,10 @@ Commands:
                      every KMS server's bundle and state, per-version usage summed per region,
                      the record's state and the next safe step; --record also records it
   observe            [--region R] [--json]         same as status --record
-  rotate             --due [--destroy-delay 24h] [--dry-run]
+  rotate             --due [--destroy-delay 24h] [--dry-run] [--no-push R[,R]] [--encrypt-limit N] [--rotate-at F]
                      observe and record every region, do every due lifecycle step of every
-                     keyset, then build and push the bundle of each affected region
+                     keyset (rotation period passed, or the primary used --rotate-at of its
+                     AES-GCM message budget), then build and push each affected region
   cluster status     [--json]                       each root KMS replica's view of the Raft cluster
   cluster add        --id ID --address HOST:PORT --api-address HOST:PORT [--nonvoter]
   cluster remove     --id ID
@@ -105,6 +106,23 @@ var single = map[string]command{
 // Run runs regionctl with args (without the program name) and returns the
 // exit status.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return RunWith(ctx, args, stdout, stderr, RunOptions{})
+}
+
+// RunOptions are the seams of RunWith.
+type RunOptions struct {
+	// Now is the clock of every decision regionctl makes: observation times,
+	// due checks, the Safety Condition's now and bundles' created_at (nil:
+	// time.Now). Simulations run regionctl on a fake clock shared with the
+	// servers.
+	Now func() time.Time
+}
+
+// RunWith is Run with opts.
+func RunWith(ctx context.Context, args []string, stdout, stderr io.Writer, opts RunOptions) int {
+	if opts.Now != nil {
+		ctx = context.WithValue(ctx, clockKey{}, opts.Now)
+	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, Usage)
 		return 2

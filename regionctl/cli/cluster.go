@@ -121,7 +121,7 @@ func clusterWrite(ctx context.Context, o *options, stdout io.Writer, call func(c
 	}
 	defer r.Close()
 	var st *rootkmsv1.ClusterStatus
-	if err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		st, err = call(ctx, c)
 		return err
 	}); err != nil {

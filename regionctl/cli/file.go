@@ -12,6 +12,7 @@ import (
 	"time"
 
 	regionname "github.com/cairnkms/cairn/internal/region"
+	"github.com/cairnkms/cairn/regionctl/bundle"
 )
 
 // ConfigEnv names the environment variable holding the default --config.
@@ -28,7 +29,8 @@ const ConfigEnv = "REGIONCTL_CONFIG"
 //	 "signing_key": "keys/bundle-signing.key",
 //	 "signing_pubs": ["keys/bundle-signing.pub"],
 //	 "teams": "teams",
-//	 "propagation_window": "10m"}
+//	 "propagation_window": "10m",
+//	 "message_budget": {"limit": 4294967296, "rotate_at": 0.25}}
 type File struct {
 	TrustDomain string       `json:"trust_domain"`
 	Identity    FileIdentity `json:"identity"`
@@ -45,8 +47,62 @@ type File struct {
 	// PropagationWindow is a Go duration ("10m"); empty means
 	// safety.DefaultWindow.
 	PropagationWindow string `json:"propagation_window"`
+	// MessageBudget is the AES-GCM message budget; absent means the
+	// defaults (see FileBudget).
+	MessageBudget *FileBudget `json:"message_budget"`
 
 	window time.Duration
+}
+
+// FileBudget is the AES-GCM message budget of every keyset: Tink's AES-GCM
+// draws a random 96-bit nonce per message, safe for about 2^32 messages
+// under one key version.
+type FileBudget struct {
+	// Limit is the encryptions a key version may make fleet-wide, written
+	// into every bundle (encrypt_limit): a KMS server refuses to encrypt
+	// with a version past it. 0 or absent: bundle.DefaultEncryptLimit
+	// (2^32).
+	Limit uint64 `json:"limit"`
+	// RotateAt is the fraction of Limit, in (0, 1], at which rotate --due
+	// adds a version (absent: DefaultRotateAt).
+	RotateAt *float64 `json:"rotate_at"`
+}
+
+// DefaultRotateAt is the fraction of the message budget at which rotate
+// --due adds a version: early enough that the new version propagates and is
+// promoted long before the limit, even while every KMS server spends the
+// remaining budget it last heard of.
+const DefaultRotateAt = 0.25
+
+// messageBudget is the message budget regionctl works with.
+type messageBudget struct {
+	limit    uint64  // never 0
+	rotateAt float64 // in (0, 1]
+}
+
+// budget returns the file's message budget, defaults filled in.
+func (f *File) budget() messageBudget {
+	b := messageBudget{limit: bundle.DefaultEncryptLimit, rotateAt: DefaultRotateAt}
+	if mb := f.MessageBudget; mb != nil {
+		if mb.Limit != 0 {
+			b.limit = mb.Limit
+		}
+		if mb.RotateAt != nil {
+			b.rotateAt = *mb.RotateAt
+		}
+	}
+	return b
+}
+
+// encryptLimit is the encrypt_limit bundles carry (compile.Input.EncryptLimit).
+func (f *File) encryptLimit() uint64 { return f.budget().limit }
+
+// checkRotateAt refuses a rotate-at fraction (named name) outside (0, 1].
+func checkRotateAt(name string, x float64) error {
+	if !(x > 0 && x <= 1) {
+		return fmt.Errorf("%s %v: want a fraction of the limit in (0, 1], such as 0.25", name, x)
+	}
+	return nil
 }
 
 // FileIdentity is either dev_certs + name or cert + key + ca.
@@ -59,8 +115,9 @@ type FileIdentity struct {
 }
 
 var (
-	fileKeys     = []string{"trust_domain", "identity", "rootkms", "regions", "signing_key", "signing_pub", "signing_pubs", "teams", "propagation_window"}
+	fileKeys     = []string{"trust_domain", "identity", "rootkms", "regions", "signing_key", "signing_pub", "signing_pubs", "teams", "propagation_window", "message_budget"}
 	identityKeys = []string{"dev_certs", "name", "cert", "key", "ca"}
+	budgetKeys   = []string{"limit", "rotate_at"}
 )
 
 // LoadFile reads and checks a config file.
@@ -91,6 +148,11 @@ func ParseFile(data []byte) (*File, error) {
 			return nil, err
 		}
 	}
+	if mb, ok := top["message_budget"]; ok {
+		if err := checkObjectKeys(mb, "message_budget.", budgetKeys); err != nil {
+			return nil, err
+		}
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	var f File
@@ -114,6 +176,11 @@ func ParseFile(data []byte) (*File, error) {
 			return nil, fmt.Errorf("propagation_window: %q: want a positive Go duration such as \"10m\"", f.PropagationWindow)
 		}
 		f.window = d
+	}
+	if mb := f.MessageBudget; mb != nil && mb.RotateAt != nil {
+		if err := checkRotateAt("message_budget.rotate_at", *mb.RotateAt); err != nil {
+			return nil, err
+		}
 	}
 	id := f.Identity
 	if id.DevCerts != "" && (id.Cert != "" || id.Key != "" || id.CA != "") {

@@ -63,7 +63,7 @@ func kmsCall[T any](ctx context.Context, addr string, creds *identity.Credential
 // observe asks every server of every region for its status, concurrently,
 // each call with its own timeout.
 func observe(ctx context.Context, src *identity.Source, regions map[string][]string, timeout time.Duration) (*observation, error) {
-	obs := &observation{At: time.Now(), Regions: map[string][]serverObs{}}
+	obs := &observation{At: clockNow(ctx), Regions: map[string][]serverObs{}}
 	var wg sync.WaitGroup
 	for region, addrs := range regions {
 		creds, err := kmsCreds(src, region)
@@ -268,7 +268,7 @@ func (o *observation) record(ctx context.Context, r *root, records []*statev1.Ke
 				region, len(o.unreachable(region)), len(o.Regions[region]))
 			continue
 		}
-		if err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
+		if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
 			_, err := c.RecordPropagation(ctx, req)
 			return err
 		}); err != nil {

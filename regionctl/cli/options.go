@@ -2,8 +2,6 @@ package cli
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"flag"
 	"fmt"
 	"maps"
@@ -11,9 +9,6 @@ import (
 	"slices"
 	"time"
 
-	"google.golang.org/grpc/metadata"
-
-	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/safety"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -116,6 +111,18 @@ func (o *options) load() error {
 
 func (o *options) source() (*identity.Source, error) { return o.id.Source(nil) }
 
+// clockKey carries RunOptions.Now in a command's context.
+type clockKey struct{}
+
+// clockNow is the time of regionctl's decisions: RunOptions.Now, else
+// time.Now.
+func clockNow(ctx context.Context) time.Time {
+	if now, ok := ctx.Value(clockKey{}).(func() time.Time); ok {
+		return now()
+	}
+	return time.Now()
+}
+
 func (o *options) rootAddrs() []string {
 	if a := identity.SplitList(o.rootkms); len(a) > 0 {
 		return a
@@ -189,20 +196,13 @@ func (o *options) root() (*root, error) {
 
 func (r *root) Close() { r.c.Close() }
 
-// read runs a read-only call through the cluster client.
-func (r *root) read(ctx context.Context, call func(context.Context, rootkmsv1.RootKMSClient) error) error {
+// do runs one call (one RPC) through the cluster client. Every attempt of a
+// write carries one request ID (rootkmsclient.Do), so a retry after a lost
+// answer is applied once.
+func (r *root) do(ctx context.Context, call func(context.Context, rootkmsv1.RootKMSClient) error) error {
 	return r.c.Do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
 		ctx, cancel := context.WithTimeout(ctx, r.timeout)
 		defer cancel()
 		return call(ctx, c)
 	})
-}
-
-// write runs a write with one request ID for every attempt, so that a
-// retry after a lost answer is applied once (the root KMS replays it).
-func (r *root) write(ctx context.Context, call func(context.Context, rootkmsv1.RootKMSClient) error) error {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	ctx = metadata.AppendToOutgoingContext(ctx, audit.RequestIDHeader, "regionctl-"+hex.EncodeToString(b[:]))
-	return r.read(ctx, call)
 }

@@ -113,7 +113,9 @@ func TestBundlePush(t *testing.T) {
 		t.Fatal(err)
 	}
 	ref := bundle.Ref(sb, b)
-	idFlags := identityFlags(pki, regionctlID)
+	// The fleet-wide Safety check reads the record (empty here, as is the
+	// bundle).
+	idFlags := append([]string{"--rootkms", startFakeRootKMS(t, pki, &fakeRootKMS{keys: &regionKeys{}})}, identityFlags(pki, regionctlID)...)
 	refusal := status.Error(codes.FailedPrecondition, `kms: bundle us-east serial 9 refused: it drops keyset "payments/ledger" (2 of 2 keysets, more than the 10% threshold); use --force with a reason`)
 
 	tests := []struct {
@@ -195,15 +197,25 @@ func TestBundlePush(t *testing.T) {
 // TLS handshake, before any bundle byte is sent), and that an unreachable
 // server stops the push.
 func TestBundlePushOnlyToTheRegionsKMS(t *testing.T) {
+	t.Run("no root KMS", func(t *testing.T) {
+		pki := identitytest.New(t, identitytest.TrustDomain)
+		_, priv, _ := ed25519.GenerateKey(nil)
+		path, _ := signedBundleFile(t, priv, 1)
+		r := run(t, append([]string{"bundle", "push", "--kms", "127.0.0.1:1", "--bundle", path}, identityFlags(pki, regionctlID)...)...)
+		if r.code != 2 || !strings.Contains(r.stderr, "bundle push needs the root KMS") {
+			t.Errorf("bundle push without a root KMS = %d, %q; want 2, needs the root KMS", r.code, r.stderr)
+		}
+	})
 	pki := identitytest.New(t, identitytest.TrustDomain)
 	pub, priv, _ := ed25519.GenerateKey(nil)
 	path, _ := signedBundleFile(t, priv, 1)
+	idFlags := append([]string{"--rootkms", startFakeRootKMS(t, pki, &fakeRootKMS{keys: &regionKeys{}})}, identityFlags(pki, regionctlID)...)
 	for _, id := range []string{"spiffe://cairn.test/kms/eu-west/kms-1", "spiffe://cairn.test/rootkms/global/rootkms-1"} {
 		f := &fakeKMS{pinned: pub}
 		srv := newServer(pki, id)
 		kmsv1.RegisterKMSAdminServer(srv, f)
 		addr := serve(t, srv)
-		r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path}, identityFlags(pki, regionctlID)...)...)
+		r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path}, idFlags...)...)
 		if reqs, _ := f.requests(); r.code != 1 || len(reqs) != 0 || !strings.Contains(r.stderr, "not on the allowlist") {
 			t.Errorf("bundle push to %s = %d, %q, %d calls; want 1, not on the allowlist, 0 calls", id, r.code, r.stderr, len(reqs))
 		}
@@ -212,8 +224,8 @@ func TestBundlePushOnlyToTheRegionsKMS(t *testing.T) {
 	srv := newServer(pki, "spiffe://cairn.test/kms/us-east/kms-1")
 	addr := serve(t, srv)
 	srv.Stop()
-	r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path, "--timeout", "2s"}, identityFlags(pki, regionctlID)...)...)
-	if r.code != 1 || !strings.Contains(r.stderr, "the call failed (Unavailable)") {
-		t.Errorf("bundle push to a closed port = %d, %q; want 1, the call failed (Unavailable)", r.code, r.stderr)
+	r := run(t, append([]string{"bundle", "push", "--kms", addr, "--bundle", path, "--timeout", "2s"}, idFlags...)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "unreachable: nothing was applied anywhere") {
+		t.Errorf("bundle push to a closed port = %d, %q; want 1, unreachable: nothing was applied anywhere", r.code, r.stderr)
 	}
 }

@@ -94,7 +94,7 @@ func regionList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	defer r.Close()
 	var resp *rootkmsv1.ListRegionsResponse
-	if err := r.read(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		resp, err = c.ListRegions(ctx, &rootkmsv1.ListRegionsRequest{})
 		return err
 	}); err != nil {
@@ -153,7 +153,7 @@ func regionWrite(ctx context.Context, name string, args []string, stdout, stderr
 	}
 	defer r.Close()
 	var reg *rootkmsv1.Region
-	if err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		reg, err = call(ctx, c, region, uint32(version))
 		return err
 	}); err != nil {
@@ -190,7 +190,7 @@ func regionRetireKey(ctx context.Context, args []string, stdout, stderr io.Write
 // listKeysets reads the record: every keyset, or a region's.
 func (r *root) listKeysets(ctx context.Context, region string, copies bool) ([]*statev1.KeysetRecord, error) {
 	var resp *rootkmsv1.ListKeysetsResponse
-	if err := r.read(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		resp, err = c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: copies})
 		return err
 	}); err != nil {
@@ -219,7 +219,7 @@ func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	defer r.Close()
 	var resp *rootkmsv1.ListKeysetsResponse
-	if err := r.read(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		resp, err = c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region})
 		return err
 	}); err != nil {
@@ -248,7 +248,7 @@ func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 func (r *root) getKeyset(ctx context.Context, name string) (*statev1.KeysetRecord, error) {
 	var k *rootkmsv1.Keyset
-	if err := r.read(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		k, err = c.GetKeyset(ctx, &rootkmsv1.GetKeysetRequest{Name: name})
 		return err
 	}); err != nil {
@@ -371,7 +371,7 @@ func keysetCreate(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			continue
 		}
 		var ks *rootkmsv1.Keyset
-		err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+		err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 			ks, err = c.CreateKeyset(ctx, &rootkmsv1.CreateKeysetRequest{Name: k.Name, Regions: k.Regions, Template: k.Template,
 				CiphertextTtl: durationpb.New(k.CiphertextTTL), RotationPeriod: durationpb.New(k.RotationPeriod)})
 			return err
@@ -483,7 +483,7 @@ func keysetStep(kind stepKind) command {
 
 func (r *root) update(ctx context.Context, req *rootkmsv1.UpdateKeysetRequest) (*statev1.KeysetRecord, error) {
 	var k *rootkmsv1.Keyset
-	if err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		k, err = c.UpdateKeyset(ctx, req)
 		return err
 	}); err != nil {
@@ -550,7 +550,7 @@ func keysetSetPolicy(ctx context.Context, args []string, stdout, stderr io.Write
 		req.RotationPeriod = durationpb.New(rotation)
 	}
 	var k *rootkmsv1.Keyset
-	if err := r.write(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
 		k, err = c.SetKeysetPolicy(ctx, req)
 		return err
 	}); err != nil {

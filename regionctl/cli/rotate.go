@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -16,9 +18,11 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lifecycle"
 	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 )
@@ -33,11 +37,17 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		due, dryRun  bool
 		destroyDelay time.Duration
 		outDir       string
+		noPush       string
+		encLimit     uint64
+		rotateAt     float64
 	)
 	fs.BoolVar(&due, "due", false, "do every step that is due (required)")
 	fs.BoolVar(&dryRun, "dry-run", false, "observe and record, print the due steps, change nothing else")
 	fs.DurationVar(&destroyDelay, "destroy-delay", 24*time.Hour, "delay of scheduled destructions")
 	fs.StringVar(&outDir, "out-dir", "", "where to write the bundles built (default: a temporary directory)")
+	fs.StringVar(&noPush, "no-push", "", "comma-separated regions whose bundles are not pushed (rolled out later by bundle build/push or a later rotate); the Safety Condition waits for them")
+	fs.Uint64Var(&encLimit, "encrypt-limit", 0, "AES-GCM message budget: encryptions per key version, fleet-wide, written into the bundles built (default: the config file's message_budget.limit, else 2^32)")
+	fs.Float64Var(&rotateAt, "rotate-at", 0, "add a version once the primary's recorded encryptions reach this fraction of the message budget (default: the config file's message_budget.rotate_at, else 0.25)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -50,6 +60,26 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := o.load(); err != nil {
 		return err
 	}
+	// The flags win over the file. Set into it, they reach whatever reads
+	// the budget from it: the due check below and the bundles built
+	// (compile.Input.EncryptLimit is o.file.encryptLimit()).
+	if o.set["encrypt-limit"] || o.set["rotate-at"] {
+		mb := FileBudget{}
+		if o.file.MessageBudget != nil {
+			mb = *o.file.MessageBudget
+		}
+		o.file.MessageBudget = &mb
+		if o.set["encrypt-limit"] {
+			o.file.MessageBudget.Limit = encLimit
+		}
+		if o.set["rotate-at"] {
+			if err := checkRotateAt("--rotate-at", rotateAt); err != nil {
+				return usageError(fs, "%v", err)
+			}
+			o.file.MessageBudget.RotateAt = &rotateAt
+		}
+	}
+	budget := o.file.budget()
 	regions, err := o.regions("")
 	if err != nil {
 		return err
@@ -84,17 +114,30 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 
 	// 2. Every due step of every keyset.
-	now := time.Now()
+	now := clockNow(ctx)
 	p := safety.Params{Window: o.propagationWindow()}
 	fleet := obs.fleet()
 	affected := map[string]bool{}
 	for _, rec := range records {
-		changed, err := dueSteps(ctx, r, rec, fleet, p, now, destroyDelay, dryRun, stdout)
+		changed, err := dueSteps(ctx, r, rec, fleet, p, budget, now, destroyDelay, dryRun, stdout)
 		if err != nil {
 			errs = append(errs, err)
 		}
 		if changed {
 			for _, region := range rec.GetRegions() {
+				affected[region] = true
+			}
+		}
+	}
+
+	// A region with a reachable server that serves nothing (restarted with
+	// an empty state directory) needs its bundle again: until then the
+	// region's usage cannot be recorded and the root KMS refuses every
+	// promotion and retirement of its keysets.
+	for _, region := range sortedRegions(regions) {
+		for _, srv := range obs.Regions[region] {
+			if srv.Err == nil && srv.Status.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY && srv.Status.GetBundle() == nil {
+				fmt.Fprintf(stdout, "serves nothing: region %s: %s; its bundle is pushed again\n", region, srv.Addr)
 				affected[region] = true
 			}
 		}
@@ -113,8 +156,13 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			}
 			defer os.RemoveAll(dir)
 		}
+		held := identity.SplitList(noPush)
 		for _, region := range slices.Sorted(maps.Keys(affected)) {
 			servers, ok := regions[region]
+			if slices.Contains(held, region) {
+				fmt.Fprintf(stdout, "not pushed: region %s (--no-push): roll its bundle out with bundle build and bundle push\n", region)
+				continue
+			}
 			if !ok {
 				errs = append(errs, fmt.Errorf("region %s: no KMS servers configured; its bundle was not pushed", region))
 				continue
@@ -146,7 +194,7 @@ func buildAndPush(ctx context.Context, o *options, r *root, region string, serve
 // dueSteps does the due steps of one keyset and reports whether the record
 // changed in a way the bundles must follow. Refusals from the root KMS
 // (FAILED_PRECONDITION) are "not yet", not errors.
-func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet safety.Fleet, p safety.Params, now time.Time, destroyDelay time.Duration, dryRun bool, w io.Writer) (bool, error) {
+func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet safety.Fleet, p safety.Params, mb messageBudget, now time.Time, destroyDelay time.Duration, dryRun bool, w io.Writer) (bool, error) {
 	name := rec.GetName()
 	changed := false
 	var errs []error
@@ -188,20 +236,16 @@ func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet saf
 		fmt.Fprintf(w, "not yet: keyset %s: %s: %v\n", name, what, err)
 	}
 	k := lifecycle.Keyset(rec)
-	var primary, newestWaiting *statev1.KeysetVersionRecord
+	var newestWaiting *statev1.KeysetVersionRecord
 	for _, v := range rec.GetVersions() {
-		switch {
-		case v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
-			primary = v
-		case waiting(v):
+		if waiting(v) {
 			newestWaiting = v
 		}
 	}
-	// Add a version when the primary's rotation period has run out and
-	// no newer version is waiting.
-	if rp := rec.GetRotationPeriod().AsDuration(); rp > 0 && primary != nil && newestWaiting == nil &&
-		primary.GetPrimarySince() != nil && !primary.GetPrimarySince().AsTime().Add(rp).After(now) {
-		do(statev1.KeysetStep_KEYSET_STEP_ADD_VERSION, 0, "add a version (primary since "+ts(primary.GetPrimarySince())+", rotation period "+rp.String()+")")
+	// Add a version when the primary's rotation period has run out or its
+	// message budget is spent to rotate_at, and no newer version is waiting.
+	if why, due := rotationDue(rec, mb, now); due {
+		do(statev1.KeysetStep_KEYSET_STEP_ADD_VERSION, 0, "add a version ("+why+")")
 	}
 	// Promote the waiting version once every region served it for the
 	// window (the root KMS checks again).
@@ -238,4 +282,47 @@ func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet saf
 		}
 	}
 	return changed, errors.Join(errs...)
+}
+
+// rotationDue reports whether keyset rec needs a new version at now, and
+// why: its primary's rotation period has run out, or the primary's recorded
+// fleet-wide encryptions reached mb.rotateAt of the message budget. Never
+// while a newer version waits to be promoted (its promotion is the
+// rotation) or without a primary.
+func rotationDue(rec *statev1.KeysetRecord, mb messageBudget, now time.Time) (why string, due bool) {
+	var primary *statev1.KeysetVersionRecord
+	for _, v := range rec.GetVersions() {
+		switch {
+		case v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
+			primary = v
+		case waiting(v):
+			return "", false
+		}
+	}
+	if primary == nil {
+		return "", false
+	}
+	var whys []string
+	// The period runs from the primary's creation, not its promotion: the
+	// promotion waits for every region to serve the version for the window
+	// (a day or more with a lagging region), and counting from it would add
+	// that wait to every period (11 rotations a year at 30 days).
+	if rp := rec.GetRotationPeriod().AsDuration(); rp > 0 && primary.GetCreatedAt() != nil && !primary.GetCreatedAt().AsTime().Add(rp).After(now) {
+		whys = append(whys, "primary created "+ts(primary.GetCreatedAt())+", rotation period "+rp.String())
+	}
+	if n := primary.GetEncryptCount(); float64(n) >= mb.rotateAt*float64(mb.limit) {
+		whys = append(whys, fmt.Sprintf("message budget: %s of %s encryptions, rotate at %g", count(n), count(mb.limit), mb.rotateAt))
+	}
+	return strings.Join(whys, "; "), len(whys) > 0
+}
+
+// count formats an encryption count: exact below a million, else in short
+// scientific notation (1.1e9).
+func count(n uint64) string {
+	if n < 1_000_000 {
+		return strconv.FormatUint(n, 10)
+	}
+	m, e, _ := strings.Cut(strconv.FormatFloat(float64(n), 'e', 1, 64), "e")
+	exp, _ := strconv.Atoi(e)
+	return m + "e" + strconv.Itoa(exp)
 }

@@ -42,6 +42,10 @@ type RootKMSOptions struct {
 	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's
 	// timing; zero leaves the binary's defaults (1s, 1s, 500ms).
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// SafetyWindow is the propagation window of the Safety Condition
+	// checks on keyset lifecycle steps (--safety-window); zero leaves the
+	// binary's default (10m).
+	SafetyWindow time.Duration
 }
 
 // FastRaft is RootKMSOptions with timeouts short enough for fault tests:
@@ -103,6 +107,7 @@ func (w *World) RootKMSCluster(opts RootKMSOptions, specs ...ReplicaSpec) []*Rep
 			"--data-dir", r.DataDir, "--manifest", opts.Manifest, "--distributors", strings.Join(opts.Distributors, ","), "-v")
 		for flag, d := range map[string]time.Duration{
 			"--heartbeat-timeout": opts.HeartbeatTimeout, "--election-timeout": opts.ElectionTimeout, "--leader-lease-timeout": opts.LeaderLeaseTimeout,
+			"--safety-window": opts.SafetyWindow,
 		} {
 			if d > 0 {
 				args = append(args, flag, d.String())
