@@ -65,6 +65,9 @@ Commands:
   cluster add        --id ID --address HOST:PORT --api-address HOST:PORT [--nonvoter]
   cluster remove     --id ID
   cluster snapshot                                  take a Raft snapshot on each replica
+                     add, remove and snapshot need an operator identity (by default
+                     rootkms/*/*, e.g. --name rootkms/global/operator): regionctl's own
+                     identity may manage regions and keysets, not the cluster
 
 Common flags: --config FILE (default $REGIONCTL_CONFIG) supplies every flag below that
 is not given; --rootkms ADDR[,ADDR] (root KMS replicas), --kms ADDR[,ADDR] (one region's
