@@ -407,6 +407,38 @@ func TestCheck(t *testing.T) {
 	}
 }
 
+// TestCheckDecryptCountsAgainstTheWindow: the TTL runs from the last
+// encryption; a decryption near the end of the TTL makes no ciphertext and
+// holds a retirement back only for the window (the simulated year found a
+// server refusing every later bundle of its region for a whole TTL when
+// decryptions counted as encryptions).
+func TestCheckDecryptCountsAgainstTheWindow(t *testing.T) {
+	const ttl = kmstest.DefaultTTL
+	f := newFixture(t)
+	k := ks(t, "payments/ledger")
+	first := k.Primary()
+	second := k.AddVersion(t)
+	cur := f.build(t, nil, k)
+	served := mustKeyset(t, cur, "payments/ledger")
+	ct, _, err := served.Encrypt([]byte("x"), nil, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAt := t0.Add(ttl - time.Hour)
+	if _, _, err := served.Decrypt(ct, nil, readAt); err != nil {
+		t.Fatal(err)
+	}
+	k.SetPrimary(t, second)
+	k.Disable(t, first)
+	next := f.build(t, cur, k)
+	if err := keystore.Check(region, cur, keystore.History{}, next, readAt); err == nil || !strings.Contains(err.Error(), "used it at") {
+		t.Errorf("Check at the decryption = %v, want a refusal for the use within the window", err)
+	}
+	if err := keystore.Check(region, cur, keystore.History{}, next, t0.Add(ttl+time.Second)); err != nil {
+		t.Errorf("Check after the encryption's TTL, an hour after a decryption = %v, want nil", err)
+	}
+}
+
 func TestCheckUsesLongerTTL(t *testing.T) {
 	f := newFixture(t)
 	k := ks(t, "a/b")

@@ -244,12 +244,14 @@ func (c *keysetCheck) fleet() safety.Fleet {
 	note := func(id uint32, decrypts bool, lastEnc, lastUse time.Time) {
 		sv := vs[id]
 		sv.Decrypts = sv.Decrypts || decrypts
-		// A use is evidence of a ciphertext made at most then, by any
-		// server: count it as an encryption (last use + TTL, as before).
-		for _, t := range []time.Time{lastEnc, lastUse} {
-			if t.After(sv.LastEncrypt) {
-				sv.LastEncrypt = t
-			}
+		// The TTL runs from the last encryption: a decryption makes no
+		// ciphertext (it counts against the window, as last use). Counting
+		// decryptions as encryptions would let a client reading old data
+		// near the end of its TTL hold a retirement back by another TTL,
+		// and this server would then refuse every later bundle of its
+		// region although the fleet-wide check allowed the retirement.
+		if lastEnc.After(sv.LastEncrypt) {
+			sv.LastEncrypt = lastEnc
 		}
 		if lastUse.After(sv.LastUse) {
 			sv.LastUse = lastUse

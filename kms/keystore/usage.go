@@ -76,8 +76,10 @@ func (s *Store) RestoreUsage(records []UsageRecord) (unmatched []UsageRecord) {
 		if !r.LastUse.IsZero() {
 			raise(&v.usage.last, r.LastUse.UnixNano())
 		}
-		if !r.LastEncrypt.IsZero() {
-			raise(&v.usage.lastEnc, r.LastEncrypt.UnixNano())
+		if t := r.lastEncrypt(); !t.IsZero() {
+			// A record that does not tell encryptions apart (usage file
+			// version 1) counts its last use as one.
+			raise(&v.usage.lastEnc, t.UnixNano())
 		}
 		if r.HistoryLost {
 			v.usage.lost.Store(true)
