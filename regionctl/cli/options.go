@@ -41,6 +41,7 @@ type options struct {
 	signingKey string
 	signingPub string
 	window     time.Duration
+	rootWindow time.Duration // the root KMS's, from its last keyset answer
 
 	file *File
 	set  map[string]bool
@@ -70,7 +71,7 @@ func (o *options) register(fs *flag.FlagSet, what int) {
 		fs.StringVar(&o.signingPub, "signing-pub", "", "comma-separated bundle-signing public key files (default: the config file's signing_pubs)")
 	}
 	if what&withWindow != 0 {
-		fs.DurationVar(&o.window, "window", 0, "propagation window (default: the config file's propagation_window, else 10m)")
+		fs.DurationVar(&o.window, "window", 0, "propagation window (default: the root KMS's; this or the config file's propagation_window can only lengthen it)")
 	}
 }
 
@@ -141,14 +142,22 @@ func (o *options) signingPubs() []string {
 	return append(out, o.file.SigningPubs...)
 }
 
+// propagationWindow is the Safety Condition window regionctl judges with
+// and compiles into bundles. The root KMS's (learnt from its keyset
+// answers) rules: --window or the config file's propagation_window can only
+// lengthen it. Without either answer or setting it is safety.DefaultWindow.
 func (o *options) propagationWindow() time.Duration {
-	if o.window > 0 {
-		return o.window
+	local := o.window
+	if local == 0 {
+		local = o.file.window
 	}
-	if o.file.window > 0 {
-		return o.file.window
+	switch {
+	case local == 0 && o.rootWindow > 0:
+		return o.rootWindow
+	case local == 0:
+		return safety.DefaultWindow
 	}
-	return safety.DefaultWindow
+	return max(local, o.rootWindow)
 }
 
 // regions returns the KMS servers of each region to look at: --kms (which
@@ -180,6 +189,8 @@ type root struct {
 	c       *rootkmsclient.Client
 	src     *identity.Source
 	timeout time.Duration
+	// window receives the root KMS's propagation window from its answers.
+	window *time.Duration
 }
 
 func (o *options) root() (*root, error) {
@@ -191,7 +202,7 @@ func (o *options) root() (*root, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &root{c: rootkmsclient.New(src, addrs), src: src, timeout: o.timeout}, nil
+	return &root{c: rootkmsclient.New(src, addrs), src: src, timeout: o.timeout, window: &o.rootWindow}, nil
 }
 
 func (r *root) Close() { r.c.Close() }

@@ -196,6 +196,9 @@ func (r *root) listKeysets(ctx context.Context, region string, copies bool) ([]*
 	}); err != nil {
 		return nil, err
 	}
+	if w := resp.GetPropagationWindow(); w != nil && r.window != nil {
+		*r.window = w.AsDuration()
+	}
 	var out []*statev1.KeysetRecord
 	for _, k := range resp.GetKeysets() {
 		out = append(out, k.GetRecord())
