@@ -120,11 +120,10 @@ func clusterWrite(ctx context.Context, o *options, stdout io.Writer, call func(c
 		return err
 	}
 	defer r.Close()
-	var st *rootkmsv1.ClusterStatus
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		st, err = call(ctx, c)
-		return err
-	}); err != nil {
+	st, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ClusterStatus, error) {
+		return call(ctx, c)
+	})
+	if err != nil {
 		return refused(err)
 	}
 	if o.json {

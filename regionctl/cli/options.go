@@ -207,6 +207,16 @@ func (o *options) root() (*root, error) {
 
 func (r *root) Close() { r.c.Close() }
 
+// rootCall makes one call (one RPC) through r and returns its answer.
+func rootCall[T any](ctx context.Context, r *root, call func(context.Context, rootkmsv1.RootKMSClient) (T, error)) (T, error) {
+	var out T
+	err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
+		out, err = call(ctx, c)
+		return err
+	})
+	return out, err
+}
+
 // do runs one call (one RPC) through the cluster client. Every attempt of a
 // write carries one request ID (rootkmsclient.Do), so a retry after a lost
 // answer is applied once.

@@ -93,11 +93,10 @@ func regionList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer r.Close()
-	var resp *rootkmsv1.ListRegionsResponse
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		resp, err = c.ListRegions(ctx, &rootkmsv1.ListRegionsRequest{})
-		return err
-	}); err != nil {
+	resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListRegionsResponse, error) {
+		return c.ListRegions(ctx, &rootkmsv1.ListRegionsRequest{})
+	})
+	if err != nil {
 		return err
 	}
 	if o.json {
@@ -152,11 +151,10 @@ func regionWrite(ctx context.Context, name string, args []string, stdout, stderr
 		return err
 	}
 	defer r.Close()
-	var reg *rootkmsv1.Region
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		reg, err = call(ctx, c, region, uint32(version))
-		return err
-	}); err != nil {
+	reg, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.Region, error) {
+		return call(ctx, c, region, uint32(version))
+	})
+	if err != nil {
 		return refused(err)
 	}
 	if o.json {
@@ -189,11 +187,10 @@ func regionRetireKey(ctx context.Context, args []string, stdout, stderr io.Write
 
 // listKeysets reads the record: every keyset, or a region's.
 func (r *root) listKeysets(ctx context.Context, region string, copies bool) ([]*statev1.KeysetRecord, error) {
-	var resp *rootkmsv1.ListKeysetsResponse
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		resp, err = c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: copies})
-		return err
-	}); err != nil {
+	resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListKeysetsResponse, error) {
+		return c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: copies})
+	})
+	if err != nil {
 		return nil, err
 	}
 	if w := resp.GetPropagationWindow(); w != nil && r.window != nil {
@@ -221,11 +218,10 @@ func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer r.Close()
-	var resp *rootkmsv1.ListKeysetsResponse
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		resp, err = c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region})
-		return err
-	}); err != nil {
+	resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListKeysetsResponse, error) {
+		return c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region})
+	})
+	if err != nil {
 		return err
 	}
 	if o.json {
@@ -250,11 +246,10 @@ func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 }
 
 func (r *root) getKeyset(ctx context.Context, name string) (*statev1.KeysetRecord, error) {
-	var k *rootkmsv1.Keyset
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		k, err = c.GetKeyset(ctx, &rootkmsv1.GetKeysetRequest{Name: name})
-		return err
-	}); err != nil {
+	k, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.Keyset, error) {
+		return c.GetKeyset(ctx, &rootkmsv1.GetKeysetRequest{Name: name})
+	})
+	if err != nil {
 		return nil, err
 	}
 	return k.GetRecord(), nil
@@ -485,11 +480,10 @@ func keysetStep(kind stepKind) command {
 }
 
 func (r *root) update(ctx context.Context, req *rootkmsv1.UpdateKeysetRequest) (*statev1.KeysetRecord, error) {
-	var k *rootkmsv1.Keyset
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		k, err = c.UpdateKeyset(ctx, req)
-		return err
-	}); err != nil {
+	k, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.Keyset, error) {
+		return c.UpdateKeyset(ctx, req)
+	})
+	if err != nil {
 		return nil, err
 	}
 	return k.GetRecord(), nil
@@ -552,11 +546,10 @@ func keysetSetPolicy(ctx context.Context, args []string, stdout, stderr io.Write
 	if rotation > 0 {
 		req.RotationPeriod = durationpb.New(rotation)
 	}
-	var k *rootkmsv1.Keyset
-	if err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) (err error) {
-		k, err = c.SetKeysetPolicy(ctx, req)
-		return err
-	}); err != nil {
+	k, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.Keyset, error) {
+		return c.SetKeysetPolicy(ctx, req)
+	})
+	if err != nil {
 		return refused(err)
 	}
 	if o.json {
