@@ -200,7 +200,13 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	cur := s.cur.Load()
 	if cur == nil {
 		out.State, out.NotReadyReason = s.State()
-		return out, nil
+		s.applyMu.Lock()
+		out.PendingBundle = s.floor
+		s.applyMu.Unlock()
+		if cur = s.cur.Load(); cur == nil { // it may have loaded meanwhile
+			return out, nil
+		}
+		out.PendingBundle = nil
 	}
 	out.State = kmsv1.ServingState_SERVING_STATE_SERVING
 	out.Bundle = cur.ref

@@ -293,6 +293,10 @@ func TestRestart(t *testing.T) {
 	if st.GetState() != kmsv1.ServingState_SERVING_STATE_NOT_READY || !strings.Contains(st.GetNotReadyReason(), "connection refused") || a3.Ready() {
 		t.Errorf("GetStatus with the root KMS down = %v, want NOT_READY naming the cause", st)
 	}
+	// It holds a bundle it will serve: regionctl must count it as unknown.
+	if p := st.GetPendingBundle(); p.GetSerial() == 0 || len(p.GetSha256()) == 0 {
+		t.Errorf("GetStatus with the root KMS down: pending_bundle = %v, want the persisted bundle", p)
+	}
 	_, err := e.client(appID, a3).Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: ct})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "connection refused") {
 		t.Errorf("Decrypt on the not-ready server = %v, want Unavailable naming the cause", err)

@@ -383,6 +383,9 @@ func TestNotReady(t *testing.T) {
 	if st.GetState() != kmsv1.ServingState_SERVING_STATE_NOT_READY || !strings.Contains(st.GetNotReadyReason(), "no bundle applied yet") {
 		t.Errorf("GetStatus = %v, want NOT_READY: no bundle applied yet", st)
 	}
+	if st.GetPendingBundle() != nil {
+		t.Errorf("GetStatus of a server with no bundle: pending_bundle = %v, want none", st.GetPendingBundle())
+	}
 	if s.Ready() {
 		t.Errorf("Ready() = true without a bundle")
 	}

@@ -128,7 +128,8 @@ func servedContent(st *kmsv1.GetStatusResponse) safety.Content {
 }
 
 // fleet is the observation as the Safety Condition reads it. A server that
-// did not answer is not Known (it counts as in use). A server that lost its
+// did not answer, or that is still loading a persisted bundle, is not Known
+// (it counts as in use). A server that lost its
 // usage history at a boot reports every version it served then as used and
 // encrypted with at that boot (history_lost), which is what the Safety
 // Condition needs: no later use is unknown. Counting it as used at every
@@ -137,7 +138,10 @@ func (o *observation) fleet() safety.Fleet {
 	var f safety.Fleet
 	for _, region := range slices.Sorted(maps.Keys(o.Regions)) {
 		for _, s := range o.Regions[region] {
-			srv := safety.Server{Region: region, Name: s.Addr, Known: s.Err == nil}
+			// A server that serves nothing but holds a persisted bundle will
+			// serve it (with its persisted usage) as soon as it can load it:
+			// what it serves and has used is unknown, not nothing.
+			srv := safety.Server{Region: region, Name: s.Addr, Known: s.Err == nil && s.Status.GetPendingBundle() == nil}
 			if s.Err == nil {
 				srv.Keysets = map[string]safety.ServedKeyset{}
 				for _, k := range s.Status.GetKeysets() {

@@ -272,8 +272,13 @@ type GetStatusResponse struct {
 	// bundle needs (a restart must be able to unwrap them), so a region key
 	// version is retired only once no server needs it.
 	RegionKeyVersions []uint32 `protobuf:"varint,8,rep,packed,name=region_key_versions,json=regionKeyVersions,proto3" json:"region_key_versions,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// pending_bundle is, while the server serves nothing, the bundle it has
+	// persisted and will serve once it can load it (e.g. when the root KMS is
+	// reachable again). Such a server's usage and content are about to matter:
+	// regionctl counts it as unknown, never as a server serving nothing.
+	PendingBundle *v1.BundleRef `protobuf:"bytes,9,opt,name=pending_bundle,json=pendingBundle,proto3" json:"pending_bundle,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -358,6 +363,13 @@ func (x *GetStatusResponse) GetKeysets() []*KeysetUsage {
 func (x *GetStatusResponse) GetRegionKeyVersions() []uint32 {
 	if x != nil {
 		return x.RegionKeyVersions
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetPendingBundle() *v1.BundleRef {
+	if x != nil {
+		return x.PendingBundle
 	}
 	return nil
 }
@@ -757,7 +769,7 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\bprevious\x18\x02 \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\bprevious\x12\x1a\n" +
 	"\bwarnings\x18\x03 \x03(\tR\bwarnings\";\n" +
 	"\x10GetStatusRequest\x12'\n" +
-	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\"\x8b\x03\n" +
+	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\"\xce\x03\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -766,7 +778,8 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\x11bundle_applied_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x0fbundleAppliedAt\x12!\n" +
 	"\fkeyset_count\x18\x06 \x01(\rR\vkeysetCount\x123\n" +
 	"\akeysets\x18\a \x03(\v2\x19.cairn.kms.v1.KeysetUsageR\akeysets\x12.\n" +
-	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\"\x86\x01\n" +
+	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\x12A\n" +
+	"\x0epending_bundle\x18\t \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\rpendingBundle\"\x86\x01\n" +
 	"\vKeysetUsage\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12$\n" +
 	"\x0eprimary_key_id\x18\x02 \x01(\rR\fprimaryKeyId\x129\n" +
@@ -843,23 +856,24 @@ var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
 	12, // 4: cairn.kms.v1.GetStatusResponse.bundle:type_name -> cairn.bundle.v1.BundleRef
 	13, // 5: cairn.kms.v1.GetStatusResponse.bundle_applied_at:type_name -> google.protobuf.Timestamp
 	5,  // 6: cairn.kms.v1.GetStatusResponse.keysets:type_name -> cairn.kms.v1.KeysetUsage
-	6,  // 7: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
-	14, // 8: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
-	13, // 9: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	13, // 10: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	8,  // 11: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	10, // 12: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 13: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 14: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	7,  // 15: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 16: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 17: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	9,  // 18: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	16, // [16:19] is the sub-list for method output_type
-	13, // [13:16] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	12, // 7: cairn.kms.v1.GetStatusResponse.pending_bundle:type_name -> cairn.bundle.v1.BundleRef
+	6,  // 8: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
+	14, // 9: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
+	13, // 10: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
+	13, // 11: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	8,  // 12: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	10, // 13: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 14: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 15: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	7,  // 16: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 17: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 18: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	9,  // 19: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	17, // [17:20] is the sub-list for method output_type
+	14, // [14:17] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }

@@ -1,0 +1,28 @@
+package cli
+
+import (
+	"errors"
+	"testing"
+
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+)
+
+// TestFleetKnown: a server is Known to the Safety Condition only when it
+// answered and is not about to load a persisted bundle; a server with no
+// bundle at all is Known and serves nothing.
+func TestFleetKnown(t *testing.T) {
+	notReady := kmsv1.ServingState_SERVING_STATE_NOT_READY
+	o := &observation{Regions: map[string][]serverObs{"us-east": {
+		{Addr: "serving", Status: &kmsv1.GetStatusResponse{State: kmsv1.ServingState_SERVING_STATE_SERVING}},
+		{Addr: "empty", Status: &kmsv1.GetStatusResponse{State: notReady}},
+		{Addr: "loading", Status: &kmsv1.GetStatusResponse{State: notReady, PendingBundle: &bundlev1.BundleRef{Region: "us-east", Serial: 7}}},
+		{Addr: "down", Err: errors.New("connection refused")},
+	}}}
+	want := map[string]bool{"serving": true, "empty": true, "loading": false, "down": false}
+	for _, s := range o.fleet().Servers {
+		if s.Known != want[s.Name] {
+			t.Errorf("fleet(): server %s Known = %v, want %v", s.Name, s.Known, want[s.Name])
+		}
+	}
+}
