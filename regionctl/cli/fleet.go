@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/identity"
@@ -29,8 +30,10 @@ import (
 // serverObs is one KMS server's GetStatus answer, or why there is none.
 type serverObs struct {
 	Region, Addr string
-	Status       *kmsv1.GetStatusResponse
-	Err          error
+	// ID is the SPIFFE ID the server proved in the TLS handshake.
+	ID     string
+	Status *kmsv1.GetStatusResponse
+	Err    error
 }
 
 // observation is what every configured KMS server reported, by region.
@@ -77,9 +80,13 @@ func observe(ctx context.Context, src *identity.Source, regions map[string][]str
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				var p peer.Peer
 				servers[i].Status, servers[i].Err = kmsCall(ctx, addr, creds, timeout, func(ctx context.Context, c kmsv1.KMSAdminClient) (*kmsv1.GetStatusResponse, error) {
-					return c.GetStatus(ctx, &kmsv1.GetStatusRequest{IncludeKeysets: true})
+					return c.GetStatus(ctx, &kmsv1.GetStatusRequest{IncludeKeysets: true}, grpc.Peer(&p))
 				})
+				if info, ok := p.AuthInfo.(identity.AuthInfo); ok {
+					servers[i].ID = info.ID.String()
+				}
 				if servers[i].Err == nil && servers[i].Status.GetRegion() != "" && servers[i].Status.GetRegion() != region {
 					servers[i].Err = fmt.Errorf("serves region %s, not %s", servers[i].Status.GetRegion(), region)
 				}
@@ -87,7 +94,28 @@ func observe(ctx context.Context, src *identity.Source, regions map[string][]str
 		}
 	}
 	wg.Wait()
+	for _, servers := range obs.Regions {
+		sameServer(servers)
+	}
 	return obs, nil
+}
+
+// sameServer fails every server whose address reached the same server as
+// another address of the region (two addresses of one server, or a load
+// balancer in front of several): counted twice, one server would stand in
+// for another nobody looked at, and "every server serves it" could be wrong.
+func sameServer(servers []serverObs) {
+	addrs := map[string][]string{}
+	for _, s := range servers {
+		if s.Err == nil && s.ID != "" {
+			addrs[s.ID] = append(addrs[s.ID], s.Addr)
+		}
+	}
+	for i, s := range servers {
+		if a := addrs[s.ID]; s.Err == nil && len(a) > 1 {
+			servers[i].Err = fmt.Errorf("%s answers at %v: list each KMS server of the region once, by its own address", s.ID, a)
+		}
+	}
 }
 
 func (o *observation) unreachable(region string) []serverObs {
@@ -426,6 +454,7 @@ type regionReport struct {
 
 type serverReport struct {
 	Address string `json:"address"`
+	ID      string `json:"id,omitempty"` // the SPIFFE ID it proved
 	State   string `json:"state"`
 	Serial  uint64 `json:"serial"`
 	SHA256  string `json:"sha256,omitempty"`
@@ -442,7 +471,7 @@ func buildReport(obs *observation, records []*statev1.KeysetRecord, p safety.Par
 	for _, region := range slices.Sorted(maps.Keys(obs.Regions)) {
 		rr := regionReport{Region: region}
 		for _, s := range obs.Regions[region] {
-			sr := serverReport{Address: s.Addr}
+			sr := serverReport{Address: s.Addr, ID: s.ID}
 			if s.Err != nil {
 				sr.State, sr.Error = "UNREACHABLE", s.Err.Error()
 			} else {

@@ -26,3 +26,21 @@ func TestFleetKnown(t *testing.T) {
 		}
 	}
 }
+
+// TestSameServer: two addresses reaching one server are both failed, so the
+// region counts as unknown instead of one server standing in for two.
+func TestSameServer(t *testing.T) {
+	ok := &kmsv1.GetStatusResponse{State: kmsv1.ServingState_SERVING_STATE_SERVING}
+	servers := []serverObs{
+		{Addr: "a:1", ID: "spiffe://cairn.test/kms/us-east/kms-1", Status: ok},
+		{Addr: "lb:1", ID: "spiffe://cairn.test/kms/us-east/kms-1", Status: ok},
+		{Addr: "b:1", ID: "spiffe://cairn.test/kms/us-east/kms-2", Status: ok},
+		{Addr: "c:1", Err: errors.New("down")},
+	}
+	sameServer(servers)
+	for i, wantErr := range []bool{true, true, false, true} {
+		if got := servers[i].Err != nil; got != wantErr {
+			t.Errorf("sameServer: %s failed = %v (%v), want %v", servers[i].Addr, got, servers[i].Err, wantErr)
+		}
+	}
+}

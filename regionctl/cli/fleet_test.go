@@ -333,8 +333,8 @@ func TestStatus(t *testing.T) {
 	var report []struct {
 		Region  string `json:"region"`
 		Servers []struct {
-			Address, State, SHA256, Error string
-			Serial                        uint64
+			Address, ID, State, SHA256, Error string
+			Serial                            uint64
 		} `json:"servers"`
 		Versions []struct {
 			Keyset   string `json:"keyset"`
@@ -355,8 +355,9 @@ func TestStatus(t *testing.T) {
 		t.Fatalf("status --json = %+v, want us-east with 2 servers and 1 version", report)
 	}
 	for _, s := range report[0].Servers {
-		if s.State != "SERVING" || s.Serial != 1 || s.SHA256 != fmt.Sprintf("%x", st.GetBundle().GetSha256()) || s.Error != "" {
-			t.Errorf("status --json server %+v, want SERVING serial 1 with the bundle's sha256", s)
+		if s.State != "SERVING" || s.Serial != 1 || s.SHA256 != fmt.Sprintf("%x", st.GetBundle().GetSha256()) || s.Error != "" ||
+			!strings.HasPrefix(s.ID, "spiffe://cairn.test/kms/us-east/") {
+			t.Errorf("status --json server %+v, want SERVING serial 1 with the bundle's sha256 and the SPIFFE ID it proved", s)
 		}
 	}
 	if v := report[0].Versions[0]; v.Keyset != fleetKeyset || v.KeyID != v1 || v.ServedBy != 2 || v.Servers != 2 || v.Primary != 2 ||
