@@ -58,8 +58,12 @@ const (
 	// DESTROY_SCHEDULED: disabled, and its material is wiped at destroy_after
 	// unless undestroyed before.
 	KeysetVersionState_KEYSET_VERSION_STATE_DESTROY_SCHEDULED KeysetVersionState = 4
-	// DESTROYED: the material is gone from every copy; only this metadata
-	// remains.
+	// DESTROYED: the material is gone from every current copy; only this
+	// metadata remains. Copies in Raft log entries and snapshots taken before
+	// still hold it, encrypted under a region key, until the log is compacted
+	// past them; the region key versions stay (disabled) in the state, so
+	// whoever holds the root master key and an old snapshot could still open
+	// them.
 	KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED KeysetVersionState = 5
 )
 
