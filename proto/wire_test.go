@@ -120,7 +120,7 @@ func samples() map[string]proto.Message {
 			Members: []*statev1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
 			Keysets: []*statev1.KeysetRecord{keysetRecord()},
 			Requests: []*statev1.RequestRecord{{Identity: "spiffe://cairn.test/regionctl/global/regionctl", RequestId: "req-1", Index: 9,
-				ErrorKind: "reserved", Error: "reserved", Subject: "keyset/payments/ledger", KeyId: 7}},
+				ErrorKind: "reserved", Error: "reserved", Subject: "keyset/payments/ledger", KeyId: 7, Operation: "update_keyset/PROMOTE"}},
 		},
 		"rootkms_command_create_keyset": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_CreateKeyset{CreateKeyset: &statev1.CreateKeysetCommand{Keyset: keysetRecord()}}
