@@ -325,22 +325,24 @@ func TestRestart(t *testing.T) {
 }
 
 func TestCorruptStateRefusedAtBoot(t *testing.T) {
-	e := newEnv(t)
 	for _, tt := range []struct {
 		name string
-		file func(t *testing.T) []byte
+		file func(t *testing.T, e *env) []byte
 		want string
 	}{
-		{"garbage", func(*testing.T) []byte { return []byte("\xff\xff\xff") }, "does not decode"},
-		{"unsigned", func(t *testing.T) []byte {
+		{"garbage", func(*testing.T, *env) []byte { return []byte("\xff\xff\xff") }, "does not decode"},
+		{"unsigned", func(t *testing.T, e *env) []byte {
 			sb := e.bundle(e.ks)
 			sb.Signature = nil
 			return mustMarshal(t, sb)
 		}, "signature does not verify"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			// The env (and so the server's Close) belongs to the subtest:
+			// its state directory must outlive the server.
+			e := newEnv(t)
 			dir := t.TempDir()
-			if err := os.WriteFile(filepath.Join(dir, kms.BundleFile), tt.file(t), 0o600); err != nil {
+			if err := os.WriteFile(filepath.Join(dir, kms.BundleFile), tt.file(t, e), 0o600); err != nil {
 				t.Fatal(err)
 			}
 			s := e.start(kms1ID, dir)
