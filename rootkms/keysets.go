@@ -402,8 +402,8 @@ func (s *Server) SetKeysetPolicy(ctx context.Context, req *rootkmsv1.SetKeysetPo
 // RecordPropagation implements RootKMS.
 func (s *Server) RecordPropagation(ctx context.Context, req *rootkmsv1.RecordPropagationRequest) (*rootkmsv1.RecordPropagationResponse, error) {
 	audit.AddTarget(ctx, audit.Target{Region: req.GetRegion()})
-	if len(req.GetRegionKeyVersions()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "rootkms: an observation must list the region key versions the region's servers need (from KMSAdmin.GetStatus); none would let every old region key version retire")
+	if len(req.GetRegionKeyVersions()) == 0 && len(req.GetKeysets()) > 0 {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: an observation of keysets must list the region key versions the region's servers need (from KMSAdmin.GetStatus); none would let every old region key version retire")
 	}
 	if _, err := s.rootKey(); err != nil {
 		return nil, err

@@ -276,5 +276,19 @@ func TestKeysetLifecycle(t *testing.T) {
 	if err := retire(); err != nil {
 		t.Errorf("RetireRegionKeyVersion once nothing needs it = %v", err)
 	}
+	// An observation of keysets must say which region keys the servers
+	// need; servers serving a bundle without keysets need none.
+	record := func(req *rootkmsv1.RecordPropagationRequest) error {
+		return admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.RecordPropagation(ctx, req)
+			return err
+		})
+	}
+	if err := record(&rootkmsv1.RecordPropagationRequest{Region: "eu-west", Keysets: []*statev1.KeysetObservation{{Keyset: name}}}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("RecordPropagation(keysets, no region key versions) = %v, want InvalidArgument", err)
+	}
+	if err := record(&rootkmsv1.RecordPropagationRequest{Region: "eu-west"}); err != nil {
+		t.Errorf("RecordPropagation(an empty bundle's region) = %v, want nil", err)
+	}
 	scanNoSecrets(t, c, []*replica{r1})
 }

@@ -1193,9 +1193,10 @@ type RecordPropagationRequest struct {
 	// version (versions of keysets not in the record are ignored).
 	Keysets []*v11.KeysetObservation `protobuf:"bytes,2,rep,name=keysets,proto3" json:"keysets,omitempty"`
 	// region_key_versions: the union of the region key versions every
-	// server's served bundle needs (KMSAdmin.GetStatus). Required: an
-	// observation that lists none is refused, since it would let every old
-	// region key version retire.
+	// server's served bundle needs (KMSAdmin.GetStatus). Required when
+	// keysets are listed: an observation of keysets that lists none is
+	// refused, since it would let every old region key version retire (servers
+	// serving a bundle without keysets need none).
 	RegionKeyVersions []uint32 `protobuf:"varint,3,rep,packed,name=region_key_versions,json=regionKeyVersions,proto3" json:"region_key_versions,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
