@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/keyset"
@@ -208,15 +209,46 @@ func (s *Server) ListKeysets(ctx context.Context, req *rootkmsv1.ListKeysetsRequ
 			return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
 		}
 	}
+	size := int(req.GetPageSize())
+	switch {
+	case size == 0:
+		size = DefaultListPageSize
+	case size > MaxListPageSize:
+		return nil, status.Errorf(codes.InvalidArgument, "rootkms: page_size %d is above %d", size, MaxListPageSize)
+	}
 	out := &rootkmsv1.ListKeysetsResponse{CommitIndex: st.Index(), PropagationWindow: durationpb.New(s.cfg.Safety.Window)}
-	for _, r := range st.Keysets() {
+	all := st.Keysets() // sorted by name
+	// Resume after the token's name (a keyset may have been created since).
+	start, _ := slices.BinarySearchFunc(all, req.GetPageToken(), func(r *statev1.KeysetRecord, name string) int { return strings.Compare(r.GetName(), name) })
+	if start < len(all) && req.GetPageToken() != "" && all[start].GetName() == req.GetPageToken() {
+		start++
+	}
+	bytes := 0
+	for _, r := range all[start:] {
 		if req.GetRegion() != "" && !slices.Contains(r.GetRegions(), req.GetRegion()) {
 			continue
 		}
-		out.Keysets = append(out.Keysets, keysetProto(r, req.GetIncludeCopies(), st.Index()))
+		k := keysetProto(r, req.GetIncludeCopies(), st.Index())
+		// Stop at the page size, or before the answer outgrows half the
+		// message limit; the next page starts after the last one listed.
+		n := proto.Size(k)
+		if len(out.Keysets) == size || (len(out.Keysets) > 0 && bytes+n > MaxMessageSize/2) {
+			out.NextPageToken = out.Keysets[len(out.Keysets)-1].GetRecord().GetName()
+			break
+		}
+		bytes += n
+		out.Keysets = append(out.Keysets, k)
 	}
 	return out, nil
 }
+
+// ListKeysets pages: DefaultListPageSize keysets unless the request asks for
+// another size, at most MaxListPageSize, and never more than half the
+// message limit in bytes.
+const (
+	DefaultListPageSize = 1000
+	MaxListPageSize     = 10000
+)
 
 // DefaultDestroyDelay is how long a scheduled destruction waits (and can be
 // undone) unless the request says otherwise.

@@ -2,6 +2,8 @@ package rootkms_test
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/cairnkms/cairn/internal/keysets"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/rootkms"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )
@@ -291,4 +294,69 @@ func TestKeysetLifecycle(t *testing.T) {
 		t.Errorf("RecordPropagation(an empty bundle's region) = %v, want nil", err)
 	}
 	scanNoSecrets(t, c, []*replica{r1})
+}
+
+// TestListKeysetsPages: ListKeysets pages through the record in name order,
+// each keyset once, within the region asked for.
+func TestListKeysetsPages(t *testing.T) {
+	c := newChain(t)
+	r1 := c.startReplica("rootkms-1", true, false)
+	if err := r1.srv.WaitReady(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	admin := c.client(regionctlID, r1.api)
+	createRegion(t, admin, "us-east")
+	createRegion(t, admin, "eu-west")
+	var want, wantEast []string
+	for i := range 5 {
+		name := fmt.Sprintf("team/k%d", i)
+		regions := []string{"eu-west"}
+		if i%2 == 0 {
+			regions = append(regions, "us-east")
+			wantEast = append(wantEast, name)
+		}
+		want = append(want, name)
+		if _, err := keysetCall(t, admin, func(ctx context.Context, cl rootkmsv1.RootKMSClient) (*rootkmsv1.Keyset, error) {
+			return cl.CreateKeyset(ctx, &rootkmsv1.CreateKeysetRequest{Name: name, Regions: regions, CiphertextTtl: durationpb.New(time.Hour)})
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	list := func(region string, size uint32) (names []string, pages int) {
+		for token := ""; ; {
+			var resp *rootkmsv1.ListKeysetsResponse
+			if err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) (err error) {
+				resp, err = cl.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: true, PageSize: size, PageToken: token})
+				return err
+			}); err != nil {
+				t.Fatalf("ListKeysets(%q, page %q) = %v", region, token, err)
+			}
+			if len(resp.GetKeysets()) > int(size) {
+				t.Errorf("ListKeysets(page_size %d) listed %d", size, len(resp.GetKeysets()))
+			}
+			if resp.GetPropagationWindow().AsDuration() != testWindow {
+				t.Errorf("ListKeysets window = %v, want %v", resp.GetPropagationWindow().AsDuration(), testWindow)
+			}
+			pages++
+			for _, k := range resp.GetKeysets() {
+				names = append(names, k.GetRecord().GetName())
+			}
+			if token = resp.GetNextPageToken(); token == "" {
+				return names, pages
+			}
+		}
+	}
+	if got, pages := list("", 2); !slices.Equal(got, want) || pages != 3 {
+		t.Errorf("ListKeysets by 2 = %v in %d pages, want %v in 3", got, pages, want)
+	}
+	if got, _ := list("us-east", 1); !slices.Equal(got, wantEast) {
+		t.Errorf("ListKeysets(us-east) by 1 = %v, want %v", got, wantEast)
+	}
+	err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+		_, err := cl.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{PageSize: rootkms.MaxListPageSize + 1})
+		return err
+	})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ListKeysets(page_size above the maximum) = %v, want InvalidArgument", err)
+	}
 }

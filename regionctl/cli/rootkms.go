@@ -187,20 +187,24 @@ func regionRetireKey(ctx context.Context, args []string, stdout, stderr io.Write
 
 // listKeysets reads the record: every keyset, or a region's.
 func (r *root) listKeysets(ctx context.Context, region string, copies bool) ([]*statev1.KeysetRecord, error) {
-	resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListKeysetsResponse, error) {
-		return c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: copies})
-	})
-	if err != nil {
-		return nil, err
-	}
-	if w := resp.GetPropagationWindow(); w != nil && r.window != nil {
-		*r.window = w.AsDuration()
-	}
 	var out []*statev1.KeysetRecord
-	for _, k := range resp.GetKeysets() {
-		out = append(out, k.GetRecord())
+	for token := ""; ; {
+		resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListKeysetsResponse, error) {
+			return c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region, IncludeCopies: copies, PageToken: token})
+		})
+		if err != nil {
+			return nil, err
+		}
+		if w := resp.GetPropagationWindow(); w != nil && r.window != nil {
+			*r.window = w.AsDuration()
+		}
+		for _, k := range resp.GetKeysets() {
+			out = append(out, k.GetRecord())
+		}
+		if token = resp.GetNextPageToken(); token == "" {
+			return out, nil
+		}
 	}
-	return out, nil
 }
 
 func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -218,19 +222,20 @@ func keysetList(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer r.Close()
-	resp, err := rootCall(ctx, r, func(ctx context.Context, c rootkmsv1.RootKMSClient) (*rootkmsv1.ListKeysetsResponse, error) {
-		return c.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{Region: region})
-	})
+	records, err := r.listKeysets(ctx, region, false)
 	if err != nil {
 		return err
 	}
 	if o.json {
+		resp := &rootkmsv1.ListKeysetsResponse{PropagationWindow: durationpb.New(o.rootWindow)}
+		for _, rec := range records {
+			resp.Keysets = append(resp.Keysets, &rootkmsv1.Keyset{Record: rec})
+		}
 		return printJSON(stdout, resp)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEYSET\tREGIONS\tPRIMARY\tVERSIONS\tTTL\tROTATION\tREVISION")
-	for _, k := range resp.GetKeysets() {
-		rec := k.GetRecord()
+	for _, rec := range records {
 		var primary string = "-"
 		var vs []string
 		for _, v := range rec.GetVersions() {

@@ -917,6 +917,12 @@ type ListKeysetsRequest struct {
 	// region, if set, lists only the keysets served in that region.
 	Region        string `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
 	IncludeCopies bool   `protobuf:"varint,2,opt,name=include_copies,json=includeCopies,proto3" json:"include_copies,omitempty"`
+	// page_size bounds the keysets of one answer (0: the server's default,
+	// 1,000; at most 10,000). A region's records with their copies do not fit
+	// one message at scale.
+	PageSize uint32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// page_token is a previous answer's next_page_token.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -965,14 +971,32 @@ func (x *ListKeysetsRequest) GetIncludeCopies() bool {
 	return false
 }
 
+func (x *ListKeysetsRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListKeysetsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListKeysetsResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Keysets     []*Keyset              `protobuf:"bytes,1,rep,name=keysets,proto3" json:"keysets,omitempty"`
 	CommitIndex uint64                 `protobuf:"varint,2,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
 	// propagation_window is the root KMS's Safety Condition window.
 	PropagationWindow *durationpb.Duration `protobuf:"bytes,3,opt,name=propagation_window,json=propagationWindow,proto3" json:"propagation_window,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// next_page_token, if set, asks for the next page (the name of the last
+	// keyset listed: pages follow name order, so a keyset created meanwhile
+	// is listed once, or not at all if it sorts before the page).
+	NextPageToken string `protobuf:"bytes,4,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListKeysetsResponse) Reset() {
@@ -1024,6 +1048,13 @@ func (x *ListKeysetsResponse) GetPropagationWindow() *durationpb.Duration {
 		return x.PropagationWindow
 	}
 	return nil
+}
+
+func (x *ListKeysetsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type UpdateKeysetRequest struct {
@@ -1802,14 +1833,18 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x0eciphertext_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl\"M\n" +
 	"\x10GetKeysetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
-	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"S\n" +
+	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"\x8f\x01\n" +
 	"\x12ListKeysetsRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12%\n" +
-	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\"\xb6\x01\n" +
+	"\x0einclude_copies\x18\x02 \x01(\bR\rincludeCopies\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"\xde\x01\n" +
 	"\x13ListKeysetsResponse\x122\n" +
 	"\akeysets\x18\x01 \x03(\v2\x18.cairn.rootkms.v1.KeysetR\akeysets\x12!\n" +
 	"\fcommit_index\x18\x02 \x01(\x04R\vcommitIndex\x12H\n" +
-	"\x12propagation_window\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\"\x81\x02\n" +
+	"\x12propagation_window\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\x12&\n" +
+	"\x0fnext_page_token\x18\x04 \x01(\tR\rnextPageToken\"\x81\x02\n" +
 	"\x13UpdateKeysetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x126\n" +
