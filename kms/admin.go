@@ -20,7 +20,7 @@ import (
 	"github.com/cairnkms/cairn/kms/keystore"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // adminAPI is kms.v1.KMSAdmin; the access policy lets only Config.Admins

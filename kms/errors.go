@@ -7,7 +7,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/cairnkms/cairn/kms/keystore"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Errors of the server, wrapped with the details; statusTable maps them to

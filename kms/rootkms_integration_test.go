@@ -18,7 +18,7 @@ import (
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )

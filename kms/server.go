@@ -36,7 +36,7 @@ import (
 	"github.com/cairnkms/cairn/kms/keystore"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Full method names, for the access policy and the audit options.

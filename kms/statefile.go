@@ -10,7 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // BundleFile is the name, in Config.StateDir, of the last applied signed

@@ -27,7 +27,7 @@ import (
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 	"github.com/cairnkms/cairn/tests/framework"

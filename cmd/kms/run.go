@@ -17,7 +17,7 @@ import (
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	"github.com/cairnkms/cairn/kms"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {

@@ -16,7 +16,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/devca"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

@@ -52,3 +52,26 @@ func TestServingPathLinksNoConsensus(t *testing.T) {
 		t.Error("go list -deps ./cmd/rootkms has no github.com/hashicorp/raft; the check above cannot see what it looks for")
 	}
 }
+
+// TestNoTierLinksTheOperatorsTool: the serving tiers (regional KMS, root
+// KMS, distributors, safes) and the client never link regionctl, the
+// operator's tool; what both sides read (the bundle format, the Safety
+// Condition) lives in internal/. regionctl's own binary does link it, which
+// shows the check can see it.
+func TestNoTierLinksTheOperatorsTool(t *testing.T) {
+	const tool = "github.com/cairnkms/cairn/regionctl/"
+	for _, pkg := range []string{"./cmd/kms", "./cmd/rootkms", "./cmd/distributor", "./cmd/safe", "./kmsclient"} {
+		for p := range deps(t, pkg) {
+			if strings.HasPrefix(p, tool) {
+				t.Errorf("%s links %s; share the format through internal/ instead", pkg, p)
+			}
+		}
+	}
+	linked := false
+	for p := range deps(t, "./cmd/regionctl") {
+		linked = linked || strings.HasPrefix(p, tool)
+	}
+	if !linked {
+		t.Error("go list -deps ./cmd/regionctl has no regionctl package; the check above cannot see what it looks for")
+	}
+}

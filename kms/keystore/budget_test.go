@@ -11,7 +11,7 @@ import (
 	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // budgeted is a keyset with message budget limit whose record counts

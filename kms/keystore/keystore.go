@@ -31,7 +31,7 @@ import (
 	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Errors callers branch on (the KMS maps them to gRPC codes in one table).

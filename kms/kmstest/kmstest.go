@@ -22,7 +22,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // CreatedBy is the regionctl identity test bundles name; relative ACL

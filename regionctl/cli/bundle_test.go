@@ -16,7 +16,7 @@ import (
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 const paymentsTeam = `{"team":"payments","keysets":[

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	regionname "github.com/cairnkms/cairn/internal/region"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // ConfigEnv names the environment variable holding the default --config.

@@ -8,7 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Key file names under keys generate's --out.

@@ -7,7 +7,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/internal/keysets"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )
 

@@ -23,7 +23,7 @@ import (
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/regionctl/config"
 )
 

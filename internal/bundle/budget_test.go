@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/regionctl/bundle"
+	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // TestValidateMessageBudget: every encrypt_limit and encrypt_count is
