@@ -16,11 +16,11 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/kms/keystore"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // adminAPI is kms.v1.KMSAdmin; the access policy lets only Config.Admins

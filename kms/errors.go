@@ -6,8 +6,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/cairnkms/cairn/internal/bundle"
+	"github.com/cairnkms/cairn/kms/keystore"
 )
 
 // Errors of the server, wrapped with the details; statusTable maps them to

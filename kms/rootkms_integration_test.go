@@ -12,13 +12,13 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/kms"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )

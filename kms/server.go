@@ -30,13 +30,13 @@ import (
 	"github.com/tink-crypto/tink-go/v2/tink"
 	"google.golang.org/grpc"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/grpcserver"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/safety"
 	"github.com/cairnkms/cairn/kms/keystore"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Full method names, for the access policy and the audit options.

@@ -9,8 +9,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	"github.com/cairnkms/cairn/internal/bundle"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 )
 
 // BundleFile is the name, in Config.StateDir, of the last applied signed

@@ -14,10 +14,10 @@ import (
 	"time"
 
 	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	"github.com/cairnkms/cairn/kms"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {

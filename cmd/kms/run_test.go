@@ -14,9 +14,9 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/devca"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

@@ -3,8 +3,8 @@ package bundle_test
 import (
 	"testing"
 
-	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	"github.com/cairnkms/cairn/internal/bundle"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 )
 
 // TestValidateMessageBudget: every encrypt_limit and encrypt_count is

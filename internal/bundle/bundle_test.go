@@ -24,10 +24,10 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // umask is the process's file creation mask, read once before any test.

@@ -8,8 +8,8 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	"github.com/cairnkms/cairn/internal/bundle"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 )
 
 // A bundle is signed by regionctl and verified, against the pinned public

@@ -8,10 +8,10 @@ import (
 
 	"github.com/tink-crypto/tink-go/v2/aead"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/cairnkms/cairn/kms/kmstest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // budgeted is a keyset with message budget limit whose record counts

@@ -26,12 +26,12 @@ import (
 	"github.com/tink-crypto/tink-go/v2/tink"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // Errors callers branch on (the KMS maps them to gRPC codes in one table).

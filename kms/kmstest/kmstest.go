@@ -20,9 +20,9 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // CreatedBy is the regionctl identity test bundles name; relative ACL

@@ -8,8 +8,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/internal/bundle"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 )
 
 func TestParseFileMessageBudget(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/atomicfile"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lifecycle"
 	regionname "github.com/cairnkms/cairn/internal/region"
@@ -27,7 +28,6 @@ import (
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 )

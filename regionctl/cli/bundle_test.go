@@ -12,11 +12,11 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/internal/keysets"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 const paymentsTeam = `{"team":"payments","keysets":[

@@ -11,8 +11,8 @@ import (
 	"slices"
 	"time"
 
-	regionname "github.com/cairnkms/cairn/internal/region"
 	"github.com/cairnkms/cairn/internal/bundle"
+	regionname "github.com/cairnkms/cairn/internal/region"
 )
 
 // ConfigEnv names the environment variable holding the default --config.

@@ -14,11 +14,11 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 )
 
 // fakeKMS is a KMSAdmin that verifies the bundle against its pinned key,

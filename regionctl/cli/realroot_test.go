@@ -5,9 +5,9 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/internal/keysets"
-	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/rootkms/rootkmstest/live"
 )
 

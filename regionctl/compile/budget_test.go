@@ -6,8 +6,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/internal/bundle"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 )

@@ -20,10 +20,10 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
-	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/regionctl/config"
 )
 
