@@ -70,7 +70,8 @@ func keysetRecord() *statev1.KeysetRecord {
 			KeyId: 7, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED, Template: "AES256_GCM", CreatedAt: t0,
 			Propagated: []*statev1.RegionTime{{Region: "us-east", At: t0}}, PrimarySince: t0, SupersededAt: t1, DisabledAt: t1,
 			DestroyAfter: t1, DestroyedAt: t1, EncryptCount: 11,
-			Usage: []*statev1.RegionUsage{{Region: "us-east", ObservedAt: t1, LastEncrypt: t0, LastUse: t1, EncryptCount: 11, DecryptCount: 12}},
+			Usage:  []*statev1.RegionUsage{{Region: "us-east", ObservedAt: t1, LastEncrypt: t0, LastUse: t1, EncryptCount: 11, DecryptCount: 12}},
+			Golden: &statev1.GoldenCiphertext{Ciphertext: []byte("golden-ciphertext"), AssociatedData: []byte("cairn/golden"), PlaintextSha256: []byte("sha256-of-plaintext")},
 		}},
 		Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()}, Revision: 5, UpdatedAt: t1, Purpose: 1,
 	}
@@ -94,7 +95,9 @@ func samples() map[string]proto.Message {
 			PropagationWindow: durationpb.New(10 * time.Minute),
 			EncryptLimit:      1 << 32,
 		}},
-		Parent: &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
+		Parent:         &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
+		ShrinkOverride: &bundlev1.ShrinkOverride{Reason: "retiring payments/old, ticket SRE-42", ForcedBy: "spiffe://cairn.test/regionctl/global/regionctl"},
+		Partial:        &bundlev1.PartialBuild{Reason: "incident 7", BuiltBy: "spiffe://cairn.test/regionctl/global/regionctl", LeftOut: []string{"search/index: not in the record"}},
 	}
 	bundleBytes, err := proto.MarshalOptions{Deterministic: true}.Marshal(bundle)
 	if err != nil {
@@ -128,7 +131,8 @@ func samples() map[string]proto.Message {
 		"rootkms_command_update_keyset": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_UpdateKeyset{UpdateKeyset: &statev1.UpdateKeysetCommand{Name: "payments/ledger", ExpectedRevision: 3,
 				Step: statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, KeyId: 7, Template: "AES256_GCM", DestroyAfter: t1,
-				Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()}}}
+				Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()},
+				Golden: &statev1.GoldenCiphertext{Ciphertext: []byte("golden-ciphertext"), AssociatedData: []byte("cairn/golden"), PlaintextSha256: []byte("sha256-of-plaintext")}}}
 		}),
 		"rootkms_command_record_propagation": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_RecordPropagation{RecordPropagation: &statev1.RecordPropagationCommand{Region: "us-east", ObservedAt: t1,

@@ -162,7 +162,17 @@ type Bundle struct {
 	// keysets sorted by name.
 	Keysets []*KeysetConfig `protobuf:"bytes,7,rep,name=keysets,proto3" json:"keysets,omitempty"`
 	// parent is the bundle this one was compiled against, if any.
-	Parent        *BundleRef `protobuf:"bytes,8,opt,name=parent,proto3" json:"parent,omitempty"`
+	Parent *BundleRef `protobuf:"bytes,8,opt,name=parent,proto3" json:"parent,omitempty"`
+	// shrink_override, if set, lets this bundle drop more keysets, ACL
+	// entries or versions (or bytes) than the shrink guard allows against the
+	// bundle a server serves. It is signed with the rest, and every server
+	// that applies the bundle audits it. It never overrides the Safety
+	// Condition.
+	ShrinkOverride *ShrinkOverride `protobuf:"bytes,9,opt,name=shrink_override,json=shrinkOverride,proto3" json:"shrink_override,omitempty"`
+	// partial, if set, says the bundle was built without some keysets of the
+	// team files (regionctl bundle build --allow-partial); signed and audited
+	// like shrink_override.
+	Partial       *PartialBuild `protobuf:"bytes,10,opt,name=partial,proto3" json:"partial,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -253,6 +263,139 @@ func (x *Bundle) GetParent() *BundleRef {
 	return nil
 }
 
+func (x *Bundle) GetShrinkOverride() *ShrinkOverride {
+	if x != nil {
+		return x.ShrinkOverride
+	}
+	return nil
+}
+
+func (x *Bundle) GetPartial() *PartialBuild {
+	if x != nil {
+		return x.Partial
+	}
+	return nil
+}
+
+// ShrinkOverride is an operator's signed permission for one bundle to
+// shrink past the guard.
+type ShrinkOverride struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// reason is why, in words (a ticket, an incident); required.
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// forced_by is the SPIFFE ID that built the bundle with the override.
+	ForcedBy      string `protobuf:"bytes,2,opt,name=forced_by,json=forcedBy,proto3" json:"forced_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShrinkOverride) Reset() {
+	*x = ShrinkOverride{}
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShrinkOverride) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShrinkOverride) ProtoMessage() {}
+
+func (x *ShrinkOverride) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShrinkOverride.ProtoReflect.Descriptor instead.
+func (*ShrinkOverride) Descriptor() ([]byte, []int) {
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ShrinkOverride) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ShrinkOverride) GetForcedBy() string {
+	if x != nil {
+		return x.ForcedBy
+	}
+	return ""
+}
+
+// PartialBuild records what a partial build left out and why.
+type PartialBuild struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Reason  string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	BuiltBy string                 `protobuf:"bytes,2,opt,name=built_by,json=builtBy,proto3" json:"built_by,omitempty"`
+	// left_out names every keyset of the team files the bundle lacks, with
+	// why ("payments/ledger: not in the record").
+	LeftOut       []string `protobuf:"bytes,3,rep,name=left_out,json=leftOut,proto3" json:"left_out,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PartialBuild) Reset() {
+	*x = PartialBuild{}
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PartialBuild) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PartialBuild) ProtoMessage() {}
+
+func (x *PartialBuild) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PartialBuild.ProtoReflect.Descriptor instead.
+func (*PartialBuild) Descriptor() ([]byte, []int) {
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *PartialBuild) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *PartialBuild) GetBuiltBy() string {
+	if x != nil {
+		return x.BuiltBy
+	}
+	return ""
+}
+
+func (x *PartialBuild) GetLeftOut() []string {
+	if x != nil {
+		return x.LeftOut
+	}
+	return nil
+}
+
 type KeysetConfig struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -296,7 +439,7 @@ type KeysetConfig struct {
 
 func (x *KeysetConfig) Reset() {
 	*x = KeysetConfig{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -308,7 +451,7 @@ func (x *KeysetConfig) String() string {
 func (*KeysetConfig) ProtoMessage() {}
 
 func (x *KeysetConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -321,7 +464,7 @@ func (x *KeysetConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysetConfig.ProtoReflect.Descriptor instead.
 func (*KeysetConfig) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{2}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KeysetConfig) GetName() string {
@@ -420,7 +563,7 @@ type TtlPeriod struct {
 
 func (x *TtlPeriod) Reset() {
 	*x = TtlPeriod{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -432,7 +575,7 @@ func (x *TtlPeriod) String() string {
 func (*TtlPeriod) ProtoMessage() {}
 
 func (x *TtlPeriod) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -445,7 +588,7 @@ func (x *TtlPeriod) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtlPeriod.ProtoReflect.Descriptor instead.
 func (*TtlPeriod) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TtlPeriod) GetTtl() *durationpb.Duration {
@@ -488,7 +631,7 @@ type VersionLifecycle struct {
 
 func (x *VersionLifecycle) Reset() {
 	*x = VersionLifecycle{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +643,7 @@ func (x *VersionLifecycle) String() string {
 func (*VersionLifecycle) ProtoMessage() {}
 
 func (x *VersionLifecycle) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +656,7 @@ func (x *VersionLifecycle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionLifecycle.ProtoReflect.Descriptor instead.
 func (*VersionLifecycle) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *VersionLifecycle) GetKeyId() uint32 {
@@ -566,7 +709,7 @@ type Acl struct {
 
 func (x *Acl) Reset() {
 	*x = Acl{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -578,7 +721,7 @@ func (x *Acl) String() string {
 func (*Acl) ProtoMessage() {}
 
 func (x *Acl) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -591,7 +734,7 @@ func (x *Acl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Acl.ProtoReflect.Descriptor instead.
 func (*Acl) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{5}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Acl) GetEncrypt() []string {
@@ -635,7 +778,7 @@ type BundleRef struct {
 
 func (x *BundleRef) Reset() {
 	*x = BundleRef{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -647,7 +790,7 @@ func (x *BundleRef) String() string {
 func (*BundleRef) ProtoMessage() {}
 
 func (x *BundleRef) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -660,7 +803,7 @@ func (x *BundleRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BundleRef.ProtoReflect.Descriptor instead.
 func (*BundleRef) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{6}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *BundleRef) GetRegion() string {
@@ -692,7 +835,7 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\fSignedBundle\x12\x16\n" +
 	"\x06bundle\x18\x01 \x01(\fR\x06bundle\x12\x1c\n" +
 	"\tsignature\x18\x02 \x01(\fR\tsignature\x12$\n" +
-	"\x0esigning_key_id\x18\x03 \x01(\tR\fsigningKeyId\"\xd6\x02\n" +
+	"\x0esigning_key_id\x18\x03 \x01(\tR\fsigningKeyId\"\xd9\x03\n" +
 	"\x06Bundle\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x16\n" +
@@ -703,7 +846,17 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x06 \x01(\tR\tcreatedBy\x127\n" +
 	"\akeysets\x18\a \x03(\v2\x1d.cairn.bundle.v1.KeysetConfigR\akeysets\x122\n" +
-	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\"\xe4\x04\n" +
+	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\x12H\n" +
+	"\x0fshrink_override\x18\t \x01(\v2\x1f.cairn.bundle.v1.ShrinkOverrideR\x0eshrinkOverride\x127\n" +
+	"\apartial\x18\n" +
+	" \x01(\v2\x1d.cairn.bundle.v1.PartialBuildR\apartial\"E\n" +
+	"\x0eShrinkOverride\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x1b\n" +
+	"\tforced_by\x18\x02 \x01(\tR\bforcedBy\"\\\n" +
+	"\fPartialBuild\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x19\n" +
+	"\bbuilt_by\x18\x02 \x01(\tR\abuiltBy\x12\x19\n" +
+	"\bleft_out\x18\x03 \x03(\tR\aleftOut\"\xe4\x04\n" +
 	"\fKeysetConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -756,43 +909,47 @@ func file_cairn_bundle_v1_bundle_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_bundle_v1_bundle_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_cairn_bundle_v1_bundle_proto_goTypes = []any{
 	(Purpose)(0),                  // 0: cairn.bundle.v1.Purpose
 	(*SignedBundle)(nil),          // 1: cairn.bundle.v1.SignedBundle
 	(*Bundle)(nil),                // 2: cairn.bundle.v1.Bundle
-	(*KeysetConfig)(nil),          // 3: cairn.bundle.v1.KeysetConfig
-	(*TtlPeriod)(nil),             // 4: cairn.bundle.v1.TtlPeriod
-	(*VersionLifecycle)(nil),      // 5: cairn.bundle.v1.VersionLifecycle
-	(*Acl)(nil),                   // 6: cairn.bundle.v1.Acl
-	(*BundleRef)(nil),             // 7: cairn.bundle.v1.BundleRef
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
-	(*v1.EncryptedKeyset)(nil),    // 9: cairn.crypto.v1.EncryptedKeyset
-	(*durationpb.Duration)(nil),   // 10: google.protobuf.Duration
+	(*ShrinkOverride)(nil),        // 3: cairn.bundle.v1.ShrinkOverride
+	(*PartialBuild)(nil),          // 4: cairn.bundle.v1.PartialBuild
+	(*KeysetConfig)(nil),          // 5: cairn.bundle.v1.KeysetConfig
+	(*TtlPeriod)(nil),             // 6: cairn.bundle.v1.TtlPeriod
+	(*VersionLifecycle)(nil),      // 7: cairn.bundle.v1.VersionLifecycle
+	(*Acl)(nil),                   // 8: cairn.bundle.v1.Acl
+	(*BundleRef)(nil),             // 9: cairn.bundle.v1.BundleRef
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*v1.EncryptedKeyset)(nil),    // 11: cairn.crypto.v1.EncryptedKeyset
+	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
 }
 var file_cairn_bundle_v1_bundle_proto_depIdxs = []int32{
-	8,  // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
-	3,  // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
-	7,  // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
-	0,  // 3: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
-	9,  // 4: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
-	6,  // 5: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
-	10, // 6: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
-	10, // 7: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
-	4,  // 8: cairn.bundle.v1.KeysetConfig.ttl_history:type_name -> cairn.bundle.v1.TtlPeriod
-	5,  // 9: cairn.bundle.v1.KeysetConfig.lifecycle:type_name -> cairn.bundle.v1.VersionLifecycle
-	10, // 10: cairn.bundle.v1.KeysetConfig.propagation_window:type_name -> google.protobuf.Duration
-	10, // 11: cairn.bundle.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
-	8,  // 12: cairn.bundle.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
-	8,  // 13: cairn.bundle.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
-	8,  // 14: cairn.bundle.v1.VersionLifecycle.propagated_everywhere:type_name -> google.protobuf.Timestamp
-	8,  // 15: cairn.bundle.v1.VersionLifecycle.primary_since:type_name -> google.protobuf.Timestamp
-	8,  // 16: cairn.bundle.v1.VersionLifecycle.superseded_at:type_name -> google.protobuf.Timestamp
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	10, // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
+	5,  // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
+	9,  // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
+	3,  // 3: cairn.bundle.v1.Bundle.shrink_override:type_name -> cairn.bundle.v1.ShrinkOverride
+	4,  // 4: cairn.bundle.v1.Bundle.partial:type_name -> cairn.bundle.v1.PartialBuild
+	0,  // 5: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
+	11, // 6: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
+	8,  // 7: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
+	12, // 8: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
+	12, // 9: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
+	6,  // 10: cairn.bundle.v1.KeysetConfig.ttl_history:type_name -> cairn.bundle.v1.TtlPeriod
+	7,  // 11: cairn.bundle.v1.KeysetConfig.lifecycle:type_name -> cairn.bundle.v1.VersionLifecycle
+	12, // 12: cairn.bundle.v1.KeysetConfig.propagation_window:type_name -> google.protobuf.Duration
+	12, // 13: cairn.bundle.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	10, // 14: cairn.bundle.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	10, // 15: cairn.bundle.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	10, // 16: cairn.bundle.v1.VersionLifecycle.propagated_everywhere:type_name -> google.protobuf.Timestamp
+	10, // 17: cairn.bundle.v1.VersionLifecycle.primary_since:type_name -> google.protobuf.Timestamp
+	10, // 18: cairn.bundle.v1.VersionLifecycle.superseded_at:type_name -> google.protobuf.Timestamp
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_cairn_bundle_v1_bundle_proto_init() }
@@ -806,7 +963,7 @@ func file_cairn_bundle_v1_bundle_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_bundle_v1_bundle_proto_rawDesc), len(file_cairn_bundle_v1_bundle_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   7,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -218,8 +218,12 @@ type GetStatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// include_keysets asks for per-keyset usage (can be large).
 	IncludeKeysets bool `protobuf:"varint,1,opt,name=include_keysets,json=includeKeysets,proto3" json:"include_keysets,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// include_bundle asks for the signed bundle served (its keysets are
+	// encrypted under the region key; no plaintext key material): what the
+	// shrink guard and a rollback compare against.
+	IncludeBundle bool `protobuf:"varint,2,opt,name=include_bundle,json=includeBundle,proto3" json:"include_bundle,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusRequest) Reset() {
@@ -259,6 +263,13 @@ func (x *GetStatusRequest) GetIncludeKeysets() bool {
 	return false
 }
 
+func (x *GetStatusRequest) GetIncludeBundle() bool {
+	if x != nil {
+		return x.IncludeBundle
+	}
+	return false
+}
+
 type GetStatusResponse struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Region          string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
@@ -277,6 +288,8 @@ type GetStatusResponse struct {
 	// reachable again). Such a server's usage and content are about to matter:
 	// regionctl counts it as unknown, never as a server serving nothing.
 	PendingBundle *v1.BundleRef `protobuf:"bytes,9,opt,name=pending_bundle,json=pendingBundle,proto3" json:"pending_bundle,omitempty"`
+	// served_bundle is the signed bundle served (include_bundle).
+	ServedBundle  *v1.SignedBundle `protobuf:"bytes,10,opt,name=served_bundle,json=servedBundle,proto3" json:"served_bundle,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -370,6 +383,13 @@ func (x *GetStatusResponse) GetRegionKeyVersions() []uint32 {
 func (x *GetStatusResponse) GetPendingBundle() *v1.BundleRef {
 	if x != nil {
 		return x.PendingBundle
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetServedBundle() *v1.SignedBundle {
+	if x != nil {
+		return x.ServedBundle
 	}
 	return nil
 }
@@ -767,9 +787,10 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\x13ApplyBundleResponse\x124\n" +
 	"\aapplied\x18\x01 \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\aapplied\x126\n" +
 	"\bprevious\x18\x02 \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\bprevious\x12\x1a\n" +
-	"\bwarnings\x18\x03 \x03(\tR\bwarnings\";\n" +
+	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"b\n" +
 	"\x10GetStatusRequest\x12'\n" +
-	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\"\xce\x03\n" +
+	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\x12%\n" +
+	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\x92\x04\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -779,7 +800,9 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\fkeyset_count\x18\x06 \x01(\rR\vkeysetCount\x123\n" +
 	"\akeysets\x18\a \x03(\v2\x19.cairn.kms.v1.KeysetUsageR\akeysets\x12.\n" +
 	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\x12A\n" +
-	"\x0epending_bundle\x18\t \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\rpendingBundle\"\x86\x01\n" +
+	"\x0epending_bundle\x18\t \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\rpendingBundle\x12B\n" +
+	"\rserved_bundle\x18\n" +
+	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\"\x86\x01\n" +
 	"\vKeysetUsage\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12$\n" +
 	"\x0eprimary_key_id\x18\x02 \x01(\rR\fprimaryKeyId\x129\n" +
@@ -857,23 +880,24 @@ var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
 	13, // 5: cairn.kms.v1.GetStatusResponse.bundle_applied_at:type_name -> google.protobuf.Timestamp
 	5,  // 6: cairn.kms.v1.GetStatusResponse.keysets:type_name -> cairn.kms.v1.KeysetUsage
 	12, // 7: cairn.kms.v1.GetStatusResponse.pending_bundle:type_name -> cairn.bundle.v1.BundleRef
-	6,  // 8: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
-	14, // 9: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
-	13, // 10: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	13, // 11: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	8,  // 12: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	10, // 13: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 14: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 15: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	7,  // 16: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 17: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 18: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	9,  // 19: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	17, // [17:20] is the sub-list for method output_type
-	14, // [14:17] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	11, // 8: cairn.kms.v1.GetStatusResponse.served_bundle:type_name -> cairn.bundle.v1.SignedBundle
+	6,  // 9: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
+	14, // 10: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
+	13, // 11: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
+	13, // 12: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	8,  // 13: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	10, // 14: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 15: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 16: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	7,  // 17: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 18: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 19: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	9,  // 20: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	18, // [18:21] is the sub-list for method output_type
+	15, // [15:18] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }

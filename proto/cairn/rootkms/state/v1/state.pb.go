@@ -1397,7 +1397,11 @@ type KeysetVersionRecord struct {
 	EncryptCount uint64 `protobuf:"varint,11,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
 	// usage holds, per region, the last fleet observation of the version's
 	// use, sorted by region.
-	Usage         []*RegionUsage `protobuf:"bytes,12,rep,name=usage,proto3" json:"usage,omitempty"`
+	Usage []*RegionUsage `protobuf:"bytes,12,rep,name=usage,proto3" json:"usage,omitempty"`
+	// golden is the version's golden ciphertext, made by the root KMS when
+	// the version was added: every KMS server serving the version must
+	// decrypt it (KMSAdmin.Probe) after every rollout stage.
+	Golden        *GoldenCiphertext `protobuf:"bytes,13,opt,name=golden,proto3" json:"golden,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1516,6 +1520,76 @@ func (x *KeysetVersionRecord) GetUsage() []*RegionUsage {
 	return nil
 }
 
+func (x *KeysetVersionRecord) GetGolden() *GoldenCiphertext {
+	if x != nil {
+		return x.Golden
+	}
+	return nil
+}
+
+// GoldenCiphertext is a ciphertext of a random plaintext made with one key
+// version (the same key in every region's copy). Only the plaintext's
+// SHA-256 is kept: the golden plaintext itself is thrown away.
+type GoldenCiphertext struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Ciphertext      []byte                 `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	AssociatedData  []byte                 `protobuf:"bytes,2,opt,name=associated_data,json=associatedData,proto3" json:"associated_data,omitempty"`
+	PlaintextSha256 []byte                 `protobuf:"bytes,3,opt,name=plaintext_sha256,json=plaintextSha256,proto3" json:"plaintext_sha256,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *GoldenCiphertext) Reset() {
+	*x = GoldenCiphertext{}
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GoldenCiphertext) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GoldenCiphertext) ProtoMessage() {}
+
+func (x *GoldenCiphertext) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GoldenCiphertext.ProtoReflect.Descriptor instead.
+func (*GoldenCiphertext) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GoldenCiphertext) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *GoldenCiphertext) GetAssociatedData() []byte {
+	if x != nil {
+		return x.AssociatedData
+	}
+	return nil
+}
+
+func (x *GoldenCiphertext) GetPlaintextSha256() []byte {
+	if x != nil {
+		return x.PlaintextSha256
+	}
+	return nil
+}
+
 type RegionTime struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Region        string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
@@ -1526,7 +1600,7 @@ type RegionTime struct {
 
 func (x *RegionTime) Reset() {
 	*x = RegionTime{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[15]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1538,7 +1612,7 @@ func (x *RegionTime) String() string {
 func (*RegionTime) ProtoMessage() {}
 
 func (x *RegionTime) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[15]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1551,7 +1625,7 @@ func (x *RegionTime) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionTime.ProtoReflect.Descriptor instead.
 func (*RegionTime) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{15}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RegionTime) GetRegion() string {
@@ -1586,7 +1660,7 @@ type RegionUsage struct {
 
 func (x *RegionUsage) Reset() {
 	*x = RegionUsage{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[16]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1598,7 +1672,7 @@ func (x *RegionUsage) String() string {
 func (*RegionUsage) ProtoMessage() {}
 
 func (x *RegionUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[16]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1611,7 +1685,7 @@ func (x *RegionUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionUsage.ProtoReflect.Descriptor instead.
 func (*RegionUsage) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{16}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RegionUsage) GetRegion() string {
@@ -1669,7 +1743,7 @@ type CreateKeysetCommand struct {
 
 func (x *CreateKeysetCommand) Reset() {
 	*x = CreateKeysetCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[17]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +1755,7 @@ func (x *CreateKeysetCommand) String() string {
 func (*CreateKeysetCommand) ProtoMessage() {}
 
 func (x *CreateKeysetCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[17]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +1768,7 @@ func (x *CreateKeysetCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeysetCommand.ProtoReflect.Descriptor instead.
 func (*CreateKeysetCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{17}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateKeysetCommand) GetKeyset() *KeysetRecord {
@@ -1720,14 +1794,16 @@ type UpdateKeysetCommand struct {
 	// destroy_after for SCHEDULE_DESTROY.
 	DestroyAfter *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=destroy_after,json=destroyAfter,proto3" json:"destroy_after,omitempty"`
 	// copies replace the record's copies (one per region, sorted by region).
-	Copies        []*v1.EncryptedKeyset `protobuf:"bytes,7,rep,name=copies,proto3" json:"copies,omitempty"`
+	Copies []*v1.EncryptedKeyset `protobuf:"bytes,7,rep,name=copies,proto3" json:"copies,omitempty"`
+	// golden is the added version's golden ciphertext (ADD_VERSION).
+	Golden        *GoldenCiphertext `protobuf:"bytes,8,opt,name=golden,proto3" json:"golden,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateKeysetCommand) Reset() {
 	*x = UpdateKeysetCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[18]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +1815,7 @@ func (x *UpdateKeysetCommand) String() string {
 func (*UpdateKeysetCommand) ProtoMessage() {}
 
 func (x *UpdateKeysetCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[18]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +1828,7 @@ func (x *UpdateKeysetCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKeysetCommand.ProtoReflect.Descriptor instead.
 func (*UpdateKeysetCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{18}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UpdateKeysetCommand) GetName() string {
@@ -1804,6 +1880,13 @@ func (x *UpdateKeysetCommand) GetCopies() []*v1.EncryptedKeyset {
 	return nil
 }
 
+func (x *UpdateKeysetCommand) GetGolden() *GoldenCiphertext {
+	if x != nil {
+		return x.Golden
+	}
+	return nil
+}
+
 // RecordPropagationCommand records what the fleet of one region serves and
 // has used: regionctl observes every KMS server of the region and reports.
 type RecordPropagationCommand struct {
@@ -1820,7 +1903,7 @@ type RecordPropagationCommand struct {
 
 func (x *RecordPropagationCommand) Reset() {
 	*x = RecordPropagationCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[19]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1832,7 +1915,7 @@ func (x *RecordPropagationCommand) String() string {
 func (*RecordPropagationCommand) ProtoMessage() {}
 
 func (x *RecordPropagationCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[19]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1845,7 +1928,7 @@ func (x *RecordPropagationCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordPropagationCommand.ProtoReflect.Descriptor instead.
 func (*RecordPropagationCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{19}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RecordPropagationCommand) GetRegion() string {
@@ -1886,7 +1969,7 @@ type KeysetObservation struct {
 
 func (x *KeysetObservation) Reset() {
 	*x = KeysetObservation{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1898,7 +1981,7 @@ func (x *KeysetObservation) String() string {
 func (*KeysetObservation) ProtoMessage() {}
 
 func (x *KeysetObservation) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1911,7 +1994,7 @@ func (x *KeysetObservation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysetObservation.ProtoReflect.Descriptor instead.
 func (*KeysetObservation) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{20}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *KeysetObservation) GetKeyset() string {
@@ -1944,7 +2027,7 @@ type VersionObservation struct {
 
 func (x *VersionObservation) Reset() {
 	*x = VersionObservation{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2039,7 @@ func (x *VersionObservation) String() string {
 func (*VersionObservation) ProtoMessage() {}
 
 func (x *VersionObservation) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2052,7 @@ func (x *VersionObservation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionObservation.ProtoReflect.Descriptor instead.
 func (*VersionObservation) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{21}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VersionObservation) GetKeyId() uint32 {
@@ -2029,7 +2112,7 @@ type SetKeysetPolicyCommand struct {
 
 func (x *SetKeysetPolicyCommand) Reset() {
 	*x = SetKeysetPolicyCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2124,7 @@ func (x *SetKeysetPolicyCommand) String() string {
 func (*SetKeysetPolicyCommand) ProtoMessage() {}
 
 func (x *SetKeysetPolicyCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2137,7 @@ func (x *SetKeysetPolicyCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeysetPolicyCommand.ProtoReflect.Descriptor instead.
 func (*SetKeysetPolicyCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{22}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SetKeysetPolicyCommand) GetName() string {
@@ -2181,7 +2264,7 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\tTtlPeriod\x12+\n" +
 	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12.\n" +
 	"\x04from\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x120\n" +
-	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"\xa8\x05\n" +
+	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"\xea\x05\n" +
 	"\x13KeysetVersionRecord\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\rR\x05keyId\x12@\n" +
 	"\x05state\x18\x02 \x01(\x0e2*.cairn.rootkms.state.v1.KeysetVersionStateR\x05state\x12\x1a\n" +
@@ -2199,7 +2282,14 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\fdestroyed_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\vdestroyedAt\x12#\n" +
 	"\rencrypt_count\x18\v \x01(\x04R\fencryptCount\x129\n" +
-	"\x05usage\x18\f \x03(\v2#.cairn.rootkms.state.v1.RegionUsageR\x05usage\"P\n" +
+	"\x05usage\x18\f \x03(\v2#.cairn.rootkms.state.v1.RegionUsageR\x05usage\x12@\n" +
+	"\x06golden\x18\r \x01(\v2(.cairn.rootkms.state.v1.GoldenCiphertextR\x06golden\"\x86\x01\n" +
+	"\x10GoldenCiphertext\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x01 \x01(\fR\n" +
+	"ciphertext\x12'\n" +
+	"\x0fassociated_data\x18\x02 \x01(\fR\x0eassociatedData\x12)\n" +
+	"\x10plaintext_sha256\x18\x03 \x01(\fR\x0fplaintextSha256\"P\n" +
 	"\n" +
 	"RegionTime\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12*\n" +
@@ -2213,7 +2303,7 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\rencrypt_count\x18\x05 \x01(\x04R\fencryptCount\x12#\n" +
 	"\rdecrypt_count\x18\x06 \x01(\x04R\fdecryptCount\"S\n" +
 	"\x13CreateKeysetCommand\x12<\n" +
-	"\x06keyset\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.KeysetRecordR\x06keyset\"\xbc\x02\n" +
+	"\x06keyset\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.KeysetRecordR\x06keyset\"\xfe\x02\n" +
 	"\x13UpdateKeysetCommand\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x126\n" +
@@ -2221,7 +2311,8 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\x06key_id\x18\x04 \x01(\rR\x05keyId\x12\x1a\n" +
 	"\btemplate\x18\x05 \x01(\tR\btemplate\x12?\n" +
 	"\rdestroy_after\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\fdestroyAfter\x128\n" +
-	"\x06copies\x18\a \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\x06copies\"\xe4\x01\n" +
+	"\x06copies\x18\a \x03(\v2 .cairn.crypto.v1.EncryptedKeysetR\x06copies\x12@\n" +
+	"\x06golden\x18\b \x01(\v2(.cairn.rootkms.state.v1.GoldenCiphertextR\x06golden\"\xe4\x01\n" +
 	"\x18RecordPropagationCommand\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12;\n" +
 	"\vobserved_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
@@ -2275,7 +2366,7 @@ func file_cairn_rootkms_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(KeysetVersionState)(0),                  // 0: cairn.rootkms.state.v1.KeysetVersionState
 	(KeysetStep)(0),                          // 1: cairn.rootkms.state.v1.KeysetStep
@@ -2294,82 +2385,85 @@ var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(*KeysetRecord)(nil),                     // 14: cairn.rootkms.state.v1.KeysetRecord
 	(*TtlPeriod)(nil),                        // 15: cairn.rootkms.state.v1.TtlPeriod
 	(*KeysetVersionRecord)(nil),              // 16: cairn.rootkms.state.v1.KeysetVersionRecord
-	(*RegionTime)(nil),                       // 17: cairn.rootkms.state.v1.RegionTime
-	(*RegionUsage)(nil),                      // 18: cairn.rootkms.state.v1.RegionUsage
-	(*CreateKeysetCommand)(nil),              // 19: cairn.rootkms.state.v1.CreateKeysetCommand
-	(*UpdateKeysetCommand)(nil),              // 20: cairn.rootkms.state.v1.UpdateKeysetCommand
-	(*RecordPropagationCommand)(nil),         // 21: cairn.rootkms.state.v1.RecordPropagationCommand
-	(*KeysetObservation)(nil),                // 22: cairn.rootkms.state.v1.KeysetObservation
-	(*VersionObservation)(nil),               // 23: cairn.rootkms.state.v1.VersionObservation
-	(*SetKeysetPolicyCommand)(nil),           // 24: cairn.rootkms.state.v1.SetKeysetPolicyCommand
-	(*timestamppb.Timestamp)(nil),            // 25: google.protobuf.Timestamp
-	(v1.KeyStatus)(0),                        // 26: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),                // 27: cairn.crypto.v1.KeyVersionInfo
-	(*durationpb.Duration)(nil),              // 28: google.protobuf.Duration
-	(*v1.EncryptedKeyset)(nil),               // 29: cairn.crypto.v1.EncryptedKeyset
+	(*GoldenCiphertext)(nil),                 // 17: cairn.rootkms.state.v1.GoldenCiphertext
+	(*RegionTime)(nil),                       // 18: cairn.rootkms.state.v1.RegionTime
+	(*RegionUsage)(nil),                      // 19: cairn.rootkms.state.v1.RegionUsage
+	(*CreateKeysetCommand)(nil),              // 20: cairn.rootkms.state.v1.CreateKeysetCommand
+	(*UpdateKeysetCommand)(nil),              // 21: cairn.rootkms.state.v1.UpdateKeysetCommand
+	(*RecordPropagationCommand)(nil),         // 22: cairn.rootkms.state.v1.RecordPropagationCommand
+	(*KeysetObservation)(nil),                // 23: cairn.rootkms.state.v1.KeysetObservation
+	(*VersionObservation)(nil),               // 24: cairn.rootkms.state.v1.VersionObservation
+	(*SetKeysetPolicyCommand)(nil),           // 25: cairn.rootkms.state.v1.SetKeysetPolicyCommand
+	(*timestamppb.Timestamp)(nil),            // 26: google.protobuf.Timestamp
+	(v1.KeyStatus)(0),                        // 27: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),                // 28: cairn.crypto.v1.KeyVersionInfo
+	(*durationpb.Duration)(nil),              // 29: google.protobuf.Duration
+	(*v1.EncryptedKeyset)(nil),               // 30: cairn.crypto.v1.EncryptedKeyset
 }
 var file_cairn_rootkms_state_v1_state_proto_depIdxs = []int32{
-	25, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
+	26, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
 	6,  // 1: cairn.rootkms.state.v1.Command.create_region:type_name -> cairn.rootkms.state.v1.CreateRegionCommand
 	7,  // 2: cairn.rootkms.state.v1.Command.add_region_key_version:type_name -> cairn.rootkms.state.v1.AddRegionKeyVersionCommand
 	8,  // 3: cairn.rootkms.state.v1.Command.set_region_key_version_status:type_name -> cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand
 	3,  // 4: cairn.rootkms.state.v1.Command.register_member:type_name -> cairn.rootkms.state.v1.RegisterMemberCommand
 	4,  // 5: cairn.rootkms.state.v1.Command.deregister_member:type_name -> cairn.rootkms.state.v1.DeregisterMemberCommand
-	19, // 6: cairn.rootkms.state.v1.Command.create_keyset:type_name -> cairn.rootkms.state.v1.CreateKeysetCommand
-	20, // 7: cairn.rootkms.state.v1.Command.update_keyset:type_name -> cairn.rootkms.state.v1.UpdateKeysetCommand
-	21, // 8: cairn.rootkms.state.v1.Command.record_propagation:type_name -> cairn.rootkms.state.v1.RecordPropagationCommand
-	24, // 9: cairn.rootkms.state.v1.Command.set_keyset_policy:type_name -> cairn.rootkms.state.v1.SetKeysetPolicyCommand
+	20, // 6: cairn.rootkms.state.v1.Command.create_keyset:type_name -> cairn.rootkms.state.v1.CreateKeysetCommand
+	21, // 7: cairn.rootkms.state.v1.Command.update_keyset:type_name -> cairn.rootkms.state.v1.UpdateKeysetCommand
+	22, // 8: cairn.rootkms.state.v1.Command.record_propagation:type_name -> cairn.rootkms.state.v1.RecordPropagationCommand
+	25, // 9: cairn.rootkms.state.v1.Command.set_keyset_policy:type_name -> cairn.rootkms.state.v1.SetKeysetPolicyCommand
 	5,  // 10: cairn.rootkms.state.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.state.v1.MemberRecord
 	9,  // 11: cairn.rootkms.state.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
 	9,  // 12: cairn.rootkms.state.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	26, // 13: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
-	25, // 14: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
+	27, // 13: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
+	26, // 14: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
 	11, // 15: cairn.rootkms.state.v1.RegionRecord.versions:type_name -> cairn.rootkms.state.v1.RegionKeyVersionRecord
-	25, // 16: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
+	26, // 16: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
 	9,  // 17: cairn.rootkms.state.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	27, // 18: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
+	28, // 18: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
 	10, // 19: cairn.rootkms.state.v1.Snapshot.regions:type_name -> cairn.rootkms.state.v1.RegionRecord
 	5,  // 20: cairn.rootkms.state.v1.Snapshot.members:type_name -> cairn.rootkms.state.v1.MemberRecord
 	14, // 21: cairn.rootkms.state.v1.Snapshot.keysets:type_name -> cairn.rootkms.state.v1.KeysetRecord
 	13, // 22: cairn.rootkms.state.v1.Snapshot.requests:type_name -> cairn.rootkms.state.v1.RequestRecord
-	25, // 23: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
-	28, // 24: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
+	26, // 23: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
+	29, // 24: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
 	15, // 25: cairn.rootkms.state.v1.KeysetRecord.ttl_history:type_name -> cairn.rootkms.state.v1.TtlPeriod
 	16, // 26: cairn.rootkms.state.v1.KeysetRecord.versions:type_name -> cairn.rootkms.state.v1.KeysetVersionRecord
-	29, // 27: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	25, // 28: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
-	28, // 29: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
-	25, // 30: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
-	25, // 31: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	30, // 27: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	26, // 28: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
+	29, // 29: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	26, // 30: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	26, // 31: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
 	0,  // 32: cairn.rootkms.state.v1.KeysetVersionRecord.state:type_name -> cairn.rootkms.state.v1.KeysetVersionState
-	25, // 33: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
-	17, // 34: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
-	25, // 35: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
-	25, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
-	25, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
-	25, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
-	25, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
-	18, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
-	25, // 41: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
-	25, // 42: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
-	25, // 43: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	25, // 44: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
-	14, // 45: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	1,  // 46: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	25, // 47: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
-	29, // 48: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	25, // 49: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
-	22, // 50: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	23, // 51: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
-	25, // 52: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
-	25, // 53: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
-	28, // 54: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
-	28, // 55: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
-	56, // [56:56] is the sub-list for method output_type
-	56, // [56:56] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	26, // 33: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
+	18, // 34: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
+	26, // 35: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
+	26, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
+	26, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
+	26, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
+	26, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
+	19, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
+	17, // 41: cairn.rootkms.state.v1.KeysetVersionRecord.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	26, // 42: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
+	26, // 43: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
+	26, // 44: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	26, // 45: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
+	14, // 46: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	1,  // 47: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	26, // 48: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
+	30, // 49: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	17, // 50: cairn.rootkms.state.v1.UpdateKeysetCommand.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	26, // 51: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
+	23, // 52: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	24, // 53: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
+	26, // 54: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
+	26, // 55: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
+	29, // 56: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
+	29, // 57: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
+	58, // [58:58] is the sub-list for method output_type
+	58, // [58:58] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_state_v1_state_proto_init() }
@@ -2394,7 +2488,7 @@ func file_cairn_rootkms_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_state_v1_state_proto_rawDesc), len(file_cairn_rootkms_state_v1_state_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   23,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
