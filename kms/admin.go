@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -46,8 +47,8 @@ func (a *adminAPI) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleReques
 // side, and (unless dry run) persists the signed bundle and swaps. Every
 // refusal happens before the persist, so a refused bundle changes nothing.
 func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kmsv1.ApplyBundleResponse, error) {
-	if req.GetForce() && strings.TrimSpace(req.GetForceReason()) == "" {
-		return nil, fmt.Errorf("%w: force needs a force_reason (it is audited)", errInvalid)
+	if req.GetForce() || req.GetForceReason() != "" {
+		return nil, fmt.Errorf("%w: %s", errInvalid, forceGone)
 	}
 	sb := req.GetBundle()
 	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
@@ -85,12 +86,41 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		}
 	}
 
+	// The shrink guard, against the bundle served (or, while nothing is
+	// served, the persisted one waiting to load). Only the bundle's own
+	// signed override lets it pass.
+	served, servedSize, err := s.servedBundle(cur)
+	if err != nil {
+		return nil, err
+	}
+	report, err := bundle.CheckShrink(served, b, servedSize, len(sb.GetBundle()), s.cfg.ShrinkGuard)
+	if err != nil {
+		return nil, fmt.Errorf("%w; if that is meant, build the bundle with regionctl bundle build --force-shrink --reason TEXT (the override is signed into it and audited by every server)", err)
+	}
+	// Signed overrides are audited before anything changes (fail closed),
+	// dry runs included: each is a use of the override.
 	var warnings []string
-	if req.GetForce() {
-		if err := s.auditForce(ctx, ref, req.GetForceReason()); err != nil {
+	if o := b.GetShrinkOverride(); o != nil {
+		if err := s.auditOverride(ctx, ref, req.GetDryRun(), fmt.Sprintf("shrink override by %s: %s", o.GetForcedBy(), o.GetReason())); err != nil {
 			return nil, err
 		}
-		warnings = append(warnings, "force given (its reason is audited): this server has no shrink guard to override, and signature, region, serial and the Safety Condition are never overridden")
+		w := fmt.Sprintf("the bundle carries a shrink override by %s (reason: %s), audited", o.GetForcedBy(), o.GetReason())
+		switch {
+		case served == nil:
+			w += "; nothing was served to compare with"
+		case report.Exceeded():
+			w += "; it passed the shrink guard only by the override: " + strings.Join(report.Problems(), "; ")
+		default:
+			w += fmt.Sprintf("; not needed against serial %d (within the guard)", served.GetSerial())
+		}
+		warnings = append(warnings, w+"; the Safety Condition is never overridden")
+	}
+	if p := b.GetPartial(); p != nil {
+		left := strings.Join(p.GetLeftOut(), "; ")
+		if err := s.auditOverride(ctx, ref, req.GetDryRun(), fmt.Sprintf("partial build by %s: %s; left out: %s", p.GetBuiltBy(), p.GetReason(), left)); err != nil {
+			return nil, err
+		}
+		warnings = append(warnings, fmt.Sprintf("the bundle is a partial build by %s (reason: %s), audited; left out: %s", p.GetBuiltBy(), p.GetReason(), left))
 	}
 
 	keys, err := s.regionKeysFor(ctx, b, held)
@@ -124,21 +154,55 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	s.carried = restoreHistory(next, s.carried, curStore, now)
 	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
-		"keysets", next.Len(), "previous_serial", floor.GetSerial(), "force", req.GetForce())
+		"keysets", next.Len(), "previous_serial", floor.GetSerial(),
+		"shrink_override", b.GetShrinkOverride().GetReason(), "partial", b.GetPartial().GetReason())
 	return resp, nil
 }
 
-// auditForce records a forced apply and its reason before anything else is
-// done (fail closed: no record, no apply).
-func (s *Server) auditForce(ctx context.Context, ref *bundlev1.BundleRef, reason string) error {
+// forceGone is the refusal of a request that sets force or force_reason.
+// Since the shrink guard came to the KMS, its override is part of the
+// signed bundle, so that every server of every region sees, and audits, the
+// same override with the same reason; a per-request force would let one
+// caller bypass the guard on one server unsigned. The request's fields stay
+// on the wire, refused, so an old regionctl is told rather than ignored.
+const forceGone = "force in the request is no longer accepted: a shrink override is signed into the bundle " +
+	"(regionctl bundle build --force-shrink --reason TEXT) and audited by every server that applies it; " +
+	"signature, region, serial and the Safety Condition are never overridden"
+
+// servedBundle returns the bundle the shrink guard compares with and its
+// size: the one served, or while nothing is served the persisted one waiting
+// to load (nil, 0 if none). Callers hold applyMu.
+func (s *Server) servedBundle(cur *snapshot) (*bundlev1.Bundle, int, error) {
+	if cur == nil {
+		if p := s.floorBundle; p != nil && proto.Equal(p.ref, s.floor) {
+			return p.bundle, len(p.signed.GetBundle()), nil
+		}
+		return nil, 0, nil
+	}
+	// Verified when applied; decoded here rather than kept decoded, which
+	// would hold every keyset's ciphertext twice.
+	var b bundlev1.Bundle
+	if err := (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(cur.signed.GetBundle(), &b); err != nil {
+		return nil, 0, fmt.Errorf("kms: decoding the served bundle for the shrink guard: %w", err)
+	}
+	return &b, len(cur.signed.GetBundle()), nil
+}
+
+// auditOverride records an apply under a signed override (a shrink override
+// or a partial build) and its reason before anything else is done (fail
+// closed: no record, no apply).
+func (s *Server) auditOverride(ctx context.Context, ref *bundlev1.BundleRef, dryRun bool, reason string) error {
+	if dryRun {
+		reason = "dry run: " + reason
+	}
 	caller, _ := identity.FromContext(ctx)
 	rec := audit.Record{
 		RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: adminService + "ApplyBundle",
 		Target:  audit.Target{Region: s.cfg.Region, Resource: fmt.Sprintf("bundle serial %d sha256 %x", ref.GetSerial(), ref.GetSha256())},
-		Outcome: audit.OutcomeAttempt, Reason: "force: " + reason,
+		Outcome: audit.OutcomeAttempt, Reason: reason,
 	}
 	if err := s.cfg.Audit.Write(context.WithoutCancel(ctx), rec); err != nil {
-		return fmt.Errorf("%w: cannot record the forced apply: %v", errAudit, err)
+		return fmt.Errorf("%w: cannot record the apply under a signed override: %v", errAudit, err)
 	}
 	return nil
 }
@@ -213,6 +277,9 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	out.BundleAppliedAt = timestamppb.New(cur.appliedAt)
 	out.KeysetCount = uint32(cur.store.Len())
 	out.RegionKeyVersions = slices.Sorted(maps.Keys(cur.regionKeys))
+	if req.GetIncludeBundle() {
+		out.ServedBundle = cur.signed
+	}
 	if req.GetIncludeKeysets() {
 		for _, k := range cur.store.Keysets() {
 			u := &kmsv1.KeysetUsage{Keyset: k.Name(), PrimaryKeyId: k.Primary().KeyID()}

@@ -84,10 +84,15 @@ func TestApplyBundleRefusalsChangeNothing(t *testing.T) {
 			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(e.ks))}
 		}, codes.FailedPrecondition, `keyset "payments/other" version ` + fmt.Sprint(other.Primary()) +
 			` cannot leave the decrypt set: region us-east server (this server) encrypted with it at 2026-11-01T12:00:00Z (effective TTL 24h0m0s, window 1ns); earliest safe time 2026-11-02T12:00:01Z`},
-		{"drops a version used within its TTL, even forced", func(t *testing.T) *kmsv1.ApplyBundleRequest {
+		{"drops a version used within its TTL, even with a shrink override", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			k := kmstest.NewKeyset(t, ledger, e.ks.ACL) // the same name, none of its keys
-			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(k, other)), Force: true, ForceReason: "testing"}
+			b := next(k, other)
+			b.ShrinkOverride = &bundlev1.ShrinkOverride{Reason: "testing", ForcedBy: adminID}
+			return &kmsv1.ApplyBundleRequest{Bundle: sign(b)}
 		}, codes.FailedPrecondition, fmt.Sprintf(`keyset "payments/ledger" version %d cannot leave the decrypt set`, e.ks.Primary())},
+		{"drops every keyset (the shrink guard)", func(t *testing.T) *kmsv1.ApplyBundleRequest {
+			return &kmsv1.ApplyBundleRequest{Bundle: sign(next())}
+		}, codes.FailedPrecondition, "bundle: shrink guard: against the served serial 2, the bundle drops 2 of 2 keysets (100%, more than 10% and more than 1): payments/ledger, payments/other"},
 		{"keyset does not decrypt under the region key", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			b := next(e.ks, other)
 			b.Keysets[0] = e.ks.Config(t, foreignKeys, region, 1)
@@ -98,9 +103,12 @@ func TestApplyBundleRefusalsChangeNothing(t *testing.T) {
 			k.Region, k.RegionKeyVersion = "eu-west", 1
 			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(k, other))}
 		}, codes.InvalidArgument, `keyset "payments/ledger": region key version 1`},
-		{"force without reason", func(t *testing.T) *kmsv1.ApplyBundleRequest {
-			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(e.ks, other)), Force: true, ForceReason: "  "}
-		}, codes.InvalidArgument, "force needs a force_reason"},
+		{"force in the request", func(t *testing.T) *kmsv1.ApplyBundleRequest {
+			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(e.ks, other)), Force: true, ForceReason: "INC-42"}
+		}, codes.InvalidArgument, "force in the request is no longer accepted: a shrink override is signed into the bundle (regionctl bundle build --force-shrink --reason TEXT)"},
+		{"a force reason in the request", func(t *testing.T) *kmsv1.ApplyBundleRequest {
+			return &kmsv1.ApplyBundleRequest{Bundle: sign(next(e.ks, other)), ForceReason: "INC-42"}
+		}, codes.InvalidArgument, "force in the request is no longer accepted"},
 		{"region key version unavailable", func(t *testing.T) *kmsv1.ApplyBundleRequest {
 			k := clone(e.ks)
 			k.RegionKeyVersion = e.keys.AddVersion(t, region)
@@ -207,11 +215,15 @@ func TestApplyBundleAccepted(t *testing.T) {
 		t.Errorf("Encrypt after the swap used %d, want %d", got, next)
 	}
 
-	// Force with a reason is accepted, warned about and audited.
-	forced := e.bundle(e.ks)
-	r, err = s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: forced, Force: true, ForceReason: "INC-42 emergency"})
-	if err != nil || len(r.GetWarnings()) != 1 {
-		t.Fatalf("forced ApplyBundle = %v, %v; want success with a warning", r, err)
+	// A shrink override is accepted even where not needed, warned about
+	// and audited.
+	e.serial++
+	ob := kmstest.Bundle(t, e.keys, region, e.serial, e.ks)
+	ob.ShrinkOverride = &bundlev1.ShrinkOverride{Reason: "INC-42 emergency", ForcedBy: adminID}
+	forced := e.signer.Sign(t, ob)
+	r, err = s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: forced})
+	if err != nil || len(r.GetWarnings()) != 1 || !strings.Contains(r.GetWarnings()[0], "not needed against serial") {
+		t.Fatalf("ApplyBundle(with a shrink override) = %v, %v; want success with a warning that it was not needed", r, err)
 	}
 	recs, err := audit.ReadFile(s.auditPath)
 	if err != nil {
@@ -219,12 +231,12 @@ func TestApplyBundleAccepted(t *testing.T) {
 	}
 	found := false
 	for _, rec := range recs {
-		if rec.Reason == "force: INC-42 emergency" && rec.Identity == adminID && strings.Contains(rec.Target.Resource, fmt.Sprintf("bundle serial %d sha256 %x", refOf(t, forced).GetSerial(), refOf(t, forced).GetSha256())) {
+		if rec.Reason == "shrink override by "+adminID+": INC-42 emergency" && rec.Identity == adminID && strings.Contains(rec.Target.Resource, fmt.Sprintf("bundle serial %d sha256 %x", refOf(t, forced).GetSerial(), refOf(t, forced).GetSha256())) {
 			found = true
 		}
 	}
 	if !found {
-		t.Errorf("no audit record of the forced apply with its reason")
+		t.Errorf("no audit record of the shrink override with its reason")
 	}
 	// A keyset never used may be dropped at once.
 	unused := kmstest.NewKeyset(t, "payments/unused", nil)
@@ -503,7 +515,7 @@ func TestUsageSurvivesRestart(t *testing.T) {
 	if got.GetEncryptCount() != 3 || got.GetDecryptCount() != 1 || got.GetLastUsed() == nil {
 		t.Errorf("usage after restart = %v, want 3 encrypts, 1 decrypt, a last use", got)
 	}
-	dropAll := e.bundle() // no keysets: drops the ledger keyset
+	dropAll := e.emptied() // no keysets: drops the ledger keyset
 	if _, err := a2.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: dropAll}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
 		t.Errorf("ApplyBundle(dropping a keyset used before the restart) = %v, want FailedPrecondition (cannot leave the decrypt set)", err)
 	}
@@ -513,7 +525,7 @@ func TestUsageSurvivesRestart(t *testing.T) {
 	// persisted history still refuses the drop.
 	e.keys.Fail(errors.New("connection refused"))
 	a3 := e.start(kms1ID, dir)
-	if _, err := a3.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
+	if _, err := a3.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.emptied()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
 		t.Errorf("ApplyBundle(dropping it) while nothing is served = %v, want FailedPrecondition (cannot leave the decrypt set)", err)
 	}
 	if a3.Ready() {
@@ -542,7 +554,7 @@ func TestUsageSurvivesRestart(t *testing.T) {
 		}
 		s := e.start(kms1ID, dir)
 		waitReady(t, s)
-		if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
+		if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.emptied()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot leave the decrypt set") {
 			t.Errorf("history %s: ApplyBundle(dropping the keyset) = %v, want FailedPrecondition (cannot leave the decrypt set)", lose.name, err)
 		}
 		s.Close()
@@ -559,5 +571,5 @@ func TestFirstStartHasNoHistory(t *testing.T) {
 	e := newEnv(t)
 	s := e.start(kms1ID, "")
 	e.apply(s, e.bundle(e.ks))
-	e.apply(s, e.bundle()) // unused: may be dropped
+	e.apply(s, e.emptied()) // unused: may be dropped
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/region"
 )
@@ -61,6 +62,11 @@ type Config struct {
 	// TTL (0: 10s; it is also written at Close). A crash loses at most this
 	// much history, which the Safety check's TTLs (days) dwarf.
 	UsageFlushInterval time.Duration
+	// ShrinkGuard bounds how much a bundle may shrink against the one served
+	// (zero fields: bundle.ShrinkGuard's defaults). A bundle past it is
+	// refused unless it carries a signed shrink override
+	// (regionctl bundle build --force-shrink --reason).
+	ShrinkGuard bundle.ShrinkGuard
 }
 
 // Defaults.
@@ -101,6 +107,9 @@ func (c Config) Validate() error {
 	}
 	if c.Audit == nil {
 		errs = append(errs, errors.New("kms: no audit log"))
+	}
+	if err := c.ShrinkGuard.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("kms: %w", err))
 	}
 	for _, f := range []struct {
 		name string

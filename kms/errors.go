@@ -48,6 +48,7 @@ var statusTable = []struct {
 	{keystore.ErrBuild, codes.InvalidArgument},
 	{errReplay, codes.FailedPrecondition},
 	{keystore.ErrUnsafe, codes.FailedPrecondition},
+	{bundle.ErrShrink, codes.FailedPrecondition},
 	{keystore.ErrBudget, codes.FailedPrecondition},
 	{errRegionKeys, codes.Unavailable},
 	{errAudit, codes.Unavailable},

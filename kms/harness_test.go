@@ -73,6 +73,17 @@ func (e *env) bundle(kss ...*kmstest.Keyset) *bundlev1.SignedBundle {
 	return e.signer.Sign(e.t, kmstest.Bundle(e.t, e.keys, region, e.serial, kss...))
 }
 
+// emptied signs the next serial's bundle without keysets. Dropping every
+// keyset is past the shrink guard, so it carries a shrink override: what is
+// left to refuse it is the Safety Condition, which no override overrides.
+func (e *env) emptied() *bundlev1.SignedBundle {
+	e.t.Helper()
+	e.serial++
+	b := kmstest.Bundle(e.t, e.keys, region, e.serial)
+	b.ShrinkOverride = &bundlev1.ShrinkOverride{Reason: "test: drop every keyset", ForcedBy: adminID}
+	return e.signer.Sign(e.t, b)
+}
+
 type server struct {
 	*kms.Server
 	addr      string

@@ -80,14 +80,14 @@ func TestTTLCutThenDropRefused(t *testing.T) {
 				s.clock.Advance(time.Minute)
 			}
 			s.clock.Advance(2 * time.Second)
-			refuse(t, s, e.bundle(), // drops the keyset
+			refuse(t, s, e.emptied(), // drops the keyset
 				fmt.Sprintf(`keyset "payments/ledger" version %d cannot leave the decrypt set`, e.ks.Primary()),
 				"encrypted with it at 2026-11-01T12:00:00Z (effective TTL 2160h0m0s",
 				"earliest safe time 2027-01-30T12:00:01Z")
 			// Once the old TTL has passed since the cut (and since the last
 			// encryption), the drop is safe.
 			s.clock.Advance(90 * day)
-			e.apply(s, e.bundle())
+			e.apply(s, e.emptied())
 		})
 	}
 }
@@ -254,5 +254,5 @@ func TestUsageFileVersion1Boots(t *testing.T) {
 	if v.GetEncryptCount() != 5 || v.GetDecryptCount() != 6 || !v.GetLastUsed().AsTime().Equal(t0) || v.GetHistoryLost() {
 		t.Errorf("usage from a version 1 file = %v, want 5 encrypts, 6 decrypts, last used %v, history kept", v, t0)
 	}
-	refuse(t, s, e.bundle(), "cannot leave the decrypt set", "earliest safe time 2026-11-02T12:00:01Z")
+	refuse(t, s, e.emptied(), "cannot leave the decrypt set", "earliest safe time 2026-11-02T12:00:01Z")
 }

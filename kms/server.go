@@ -83,6 +83,9 @@ type Server struct {
 	// floor is the bundle a new one must be newer than while nothing is
 	// served: the verified persisted bundle, if any.
 	floor *bundlev1.BundleRef
+	// floorBundle is the persisted bundle floor names while nothing is
+	// served: the shrink guard's comparison until it is loaded.
+	floorBundle *pending
 	// carried is the usage history of key versions the served store does
 	// not hold (all of the history read at start, while nothing is served),
 	// still within their TTL, and the TTL histories of keysets it does not
@@ -171,7 +174,7 @@ func (s *Server) start(lis net.Listener) error {
 		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, "no bundle applied yet; waiting for ApplyBundle")
 	default:
 		s.applyMu.Lock()
-		s.floor = p.ref
+		s.floor, s.floorBundle = p.ref, p
 		s.applyMu.Unlock()
 		s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, fmt.Sprintf("fetching region keys for bundle serial %d", p.ref.GetSerial()))
 		s.wg.Go(func() { s.bootLoop(p) })

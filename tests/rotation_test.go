@@ -372,16 +372,33 @@ func (c *rotChain) rewriteKeyset(b *bundlev1.Bundle, rec *statev1.KeysetRecord, 
 	kc.Lifecycle = compile.Lifecycle(rec, nek)
 }
 
+// overridden returns sb re-signed with a shrink override: the strongest
+// force there is, which must still not get past the Safety Condition.
+func (c *rotChain) overridden(sb *bundlev1.SignedBundle) *bundlev1.SignedBundle {
+	c.t.Helper()
+	var b bundlev1.Bundle
+	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
+		c.t.Fatal(err)
+	}
+	b.ShrinkOverride = &bundlev1.ShrinkOverride{Reason: "e2e: the Safety Condition is never forceable", ForcedBy: framework.SPIFFEID(framework.Regionctl)}
+	key, err := bundle.ReadPrivateKey(filepath.Join(c.keys, "bundle-signing.key"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer clear(key)
+	out, err := bundle.Sign(&b, key)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return out
+}
+
 // applyDirect sends sb straight to k's ApplyBundle as regionctl, as a
 // script or a buggy tool could, bypassing regionctl's checks.
-func applyDirect(k *framework.KMSServer, sb *bundlev1.SignedBundle, dryRun, force bool) (*kmsv1.ApplyBundleResponse, error) {
+func applyDirect(k *framework.KMSServer, sb *bundlev1.SignedBundle, dryRun bool) (*kmsv1.ApplyBundleResponse, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
 	defer cancel()
-	req := &kmsv1.ApplyBundleRequest{Bundle: sb, DryRun: dryRun}
-	if force {
-		req.Force, req.ForceReason = true, "e2e: the Safety Condition is never forceable"
-	}
-	return k.Admin(framework.Regionctl).ApplyBundle(ctx, req)
+	return k.Admin(framework.Regionctl).ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb, DryRun: dryRun})
 }
 
 // encryptOn encrypts through k as the region's demo client and returns the
@@ -566,8 +583,12 @@ func TestRotationTTLCutThenDrop(t *testing.T) {
 
 	for _, k := range c.kms["us-east"] {
 		for _, force := range []bool{false, true} {
-			_, err := applyDirect(k, sb, false, force)
-			what := fmt.Sprintf("ApplyBundle(no version %d, force %t) on %s", v1, force, k.Identity)
+			b := sb
+			if force {
+				b = c.overridden(sb)
+			}
+			_, err := applyDirect(k, b, false)
+			what := fmt.Sprintf("ApplyBundle(no version %d, shrink override %t) on %s", v1, force, k.Identity)
 			if status.Code(err) != codes.FailedPrecondition {
 				t.Errorf("%s = %v, want FailedPrecondition", what, err)
 				continue
@@ -619,7 +640,7 @@ func TestRotationPartialPush(t *testing.T) {
 		})
 	})
 	// kms-2 alone would take it: it has no evidence of the use.
-	if _, err := applyDirect(k2, sb, true, false); err != nil {
+	if _, err := applyDirect(k2, sb, true); err != nil {
 		t.Errorf("dry run of the bundle without version %d on the fresh kms-2 = %v; want accepted (it has no usage of its own)", v1, err)
 	}
 
@@ -692,8 +713,12 @@ func TestRotationPromoteBeforePropagate(t *testing.T) {
 		}
 	}
 	for _, force := range []bool{false, true} {
-		_, err := applyDirect(east, sb, false, force)
-		what := fmt.Sprintf("ApplyBundle(add and promote %d, force %t) on %s", v2, force, east.Identity)
+		b := sb
+		if force {
+			b = c.overridden(sb)
+		}
+		_, err := applyDirect(east, b, false)
+		what := fmt.Sprintf("ApplyBundle(add and promote %d, shrink override %t) on %s", v2, force, east.Identity)
 		if status.Code(err) != codes.FailedPrecondition {
 			t.Errorf("%s = %v, want FailedPrecondition", what, err)
 			continue

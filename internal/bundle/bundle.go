@@ -141,9 +141,10 @@ func Verify(sb *bundlev1.SignedBundle, pinned []ed25519.PublicKey) (*bundlev1.Bu
 	return &b, nil
 }
 
-// Validate checks a bundle's content: format, region, serial, and every
-// keyset (sorted, unique, encrypted for this region under a listed region key
-// version, purpose, TTL, ACL patterns parse).
+// Validate checks a bundle's content: format, region, serial, the shrink
+// override and partial-build record if present (a reason and a SPIFFE ID
+// each), and every keyset (sorted, unique, encrypted for this region under a
+// listed region key version, purpose, TTL, ACL patterns parse).
 func Validate(b *bundlev1.Bundle) error {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
@@ -163,6 +164,9 @@ func Validate(b *bundlev1.Bundle) error {
 	td, err := trustDomainOf(b.GetCreatedBy())
 	if err != nil {
 		return bad("created_by %q: %v", b.GetCreatedBy(), err)
+	}
+	if err := checkOverrides(b); err != nil {
+		return bad("%v", err)
 	}
 	return validateKeysets(b, td)
 }

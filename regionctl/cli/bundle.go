@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -14,7 +16,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -37,18 +41,28 @@ func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	o := &options{}
 	o.register(fs, withRoot|withKMS|withTeams|withSigningKey|withWindow)
 	var (
-		region, out, by string
-		serial          uint64
+		region, out, by, why      string
+		serial                    uint64
+		allowPartial, forceShrink bool
 	)
 	fs.StringVar(&region, "region", "", "the bundle's region (required)")
 	fs.Uint64Var(&serial, "serial", 0, "the bundle's serial (default: one above the highest serial any server of the region serves)")
 	fs.StringVar(&out, "out", "", "where to write the signed bundle (required)")
 	fs.StringVar(&by, "created-by", "", "SPIFFE ID recorded as the bundle's author (default: the identity's ID)")
+	fs.BoolVar(&allowPartial, "allow-partial", false, "leave out the keysets that cannot be built, recorded with --reason in the signed bundle (audited by every KMS server)")
+	fs.BoolVar(&forceShrink, "force-shrink", false, "let the bundle shrink past the shrink guard: the override and --reason are signed into it and audited by every KMS server; never overrides the Safety Condition")
+	fs.StringVar(&why, "reason", "", "why --allow-partial or --force-shrink (a ticket, an incident); signed into the bundle")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if region == "" || out == "" {
 		return usageError(fs, "--region and --out are required")
+	}
+	if (allowPartial || forceShrink) != (strings.TrimSpace(why) != "") {
+		return usageError(fs, "--reason goes with --allow-partial or --force-shrink, and they need it")
+	}
+	if err := checkReasonFlag(why); err != nil {
+		return usageError(fs, "--reason: %v", err)
 	}
 	if err := regionname.ValidName(region); err != nil {
 		return usageError(fs, "--region: %v", err)
@@ -69,16 +83,33 @@ func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer r.Close()
-	_, err = buildBundle(ctx, o, r, buildRequest{region: region, serial: serial, out: out, createdBy: by}, stdout, stderr)
+	_, err = buildBundle(ctx, o, r, buildRequest{region: region, serial: serial, out: out, createdBy: by,
+		allowPartial: allowPartial, forceShrink: forceShrink, reason: why}, stdout, stderr)
 	return err
+}
+
+// checkReasonFlag checks a --reason the way the bundle format does, so a bad
+// one is a usage error rather than a signing failure.
+func checkReasonFlag(why string) error {
+	switch {
+	case len(why) > bundle.MaxReasonLen:
+		return fmt.Errorf("%d bytes, more than %d", len(why), bundle.MaxReasonLen)
+	case strings.ContainsFunc(why, unicode.IsControl):
+		return errors.New("contains a control character")
+	}
+	return nil
 }
 
 type buildRequest struct {
 	region, out, createdBy string
 	serial                 uint64
 	// obs, if set, is a fresh observation of the region's servers (for the
-	// serial and the parent).
+	// serial, the parent and the shrink guard).
 	obs *observation
+	// allowPartial leaves out the keysets that cannot be built; forceShrink
+	// signs a shrink override into the bundle. Both record reason.
+	allowPartial, forceShrink bool
+	reason                    string
 }
 
 // buildBundle compiles, signs and writes one region's bundle, or refuses
@@ -103,7 +134,14 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 		return nil, err
 	}
 	for _, e := range bad {
-		problems = append(problems, fmt.Sprintf("team file %s: %s", e.File, strings.ReplaceAll(e.Err.Error(), "\n", "\n    ")))
+		msg := fmt.Sprintf("team file %s: %s", e.File, strings.ReplaceAll(e.Err.Error(), "\n", "\n    "))
+		if req.allowPartial {
+			// Its keysets the record serves are left out (and recorded) as
+			// keysets no valid team file lists.
+			fmt.Fprintf(stderr, "PARTIAL: %s\n", msg)
+			continue
+		}
+		problems = append(problems, msg)
 	}
 	records, err := r.listKeysets(ctx, req.region, true)
 	if status.Code(err) == codes.NotFound {
@@ -111,18 +149,21 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 	} else if err != nil {
 		return nil, fmt.Errorf("reading the record: %w", err)
 	}
-	serial, parent := req.serial, (*bundlev1.BundleRef)(nil)
-	if serial == 0 || req.obs != nil {
-		obs := req.obs
-		if obs == nil {
-			regions, err := o.regions(req.region)
-			if err != nil {
-				return nil, fmt.Errorf("no --serial, and the region's servers are unknown to ask for theirs: %w", err)
-			}
+	// The region's servers, if known: for the serial, the parent and the
+	// shrink guard.
+	serial, parent, obs := req.serial, (*bundlev1.BundleRef)(nil), req.obs
+	if obs == nil {
+		regions, rerr := o.regions(req.region)
+		switch {
+		case rerr == nil:
 			if obs, err = observe(ctx, r.src, regions, o.timeout); err != nil {
 				return nil, err
 			}
+		case serial == 0:
+			return nil, fmt.Errorf("no --serial, and the region's servers are unknown to ask for theirs: %w", rerr)
 		}
+	}
+	if obs != nil {
 		if down := obs.unreachable(req.region); len(down) > 0 && serial == 0 {
 			for _, s := range down {
 				fmt.Fprintf(stderr, "%s: unreachable: %v\n", s.Addr, s.Err)
@@ -135,8 +176,12 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 		parent = commonRef(obs.Regions[req.region])
 	}
 	if len(problems) == 0 || records != nil {
-		res, err := compile.Compile(compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: clockNow(ctx),
-			Parent: parent, Teams: good, Record: records, Window: o.propagationWindow(), EncryptLimit: o.file.encryptLimit()})
+		in := compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: clockNow(ctx),
+			Parent: parent, Teams: good, Record: records, Window: o.propagationWindow(), EncryptLimit: o.file.encryptLimit()}
+		if req.allowPartial {
+			in.AllowPartial, in.PartialReason = true, req.reason
+		}
+		res, err := compile.Compile(in)
 		if err != nil {
 			return nil, err
 		}
@@ -144,14 +189,177 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 			problems = append(problems, p.String())
 		}
 		if len(problems) == 0 {
+			if err := guardShrink(ctx, r.src, o.timeout, obs, res.Bundle, author, req, stdout, stderr); err != nil {
+				return nil, err
+			}
+			if p := res.Bundle.GetPartial(); p != nil {
+				fmt.Fprintf(stderr, "PARTIAL: the %s bundle leaves out %d keyset(s), recorded with the reason %q (every KMS server audits it):\n", req.region, len(p.GetLeftOut()), p.GetReason())
+				for _, l := range p.GetLeftOut() {
+					fmt.Fprintf(stderr, "  %s\n", l)
+				}
+			} else if req.allowPartial {
+				fmt.Fprintln(stdout, "--allow-partial: nothing left out; the bundle is whole and records no partial build")
+			}
 			return writeBundle(res.Bundle, key, req.out, stdout)
 		}
 	}
-	fmt.Fprintf(stderr, "REFUSED: the %s bundle cannot hold every keyset; no bundle written. %d problem(s):\n", req.region, len(problems))
+	what := "cannot hold every keyset"
+	if req.allowPartial {
+		what = "cannot be built, even partially"
+	}
+	fmt.Fprintf(stderr, "REFUSED: the %s bundle %s; no bundle written. %d problem(s):\n", req.region, what, len(problems))
 	for _, p := range problems {
 		fmt.Fprintf(stderr, "  %s\n", p)
 	}
+	if !req.allowPartial {
+		fmt.Fprintln(stderr, "(to leave the keysets with problems out, on purpose: --allow-partial --reason TEXT)")
+	}
 	return nil, errReported
+}
+
+// guardShrink runs the shrink guard of next against every bundle the
+// region's servers serve (obs; nil if the servers are unknown) and refuses,
+// printing the reports, unless req.forceShrink, which signs a shrink
+// override into next. What it cannot see (a server down, the servers
+// unknown) it says it did not check: every KMS server checks again against
+// what it serves when the bundle is pushed.
+func guardShrink(ctx context.Context, src *identity.Source, timeout time.Duration, obs *observation, next *bundlev1.Bundle, author identity.ID,
+	req buildRequest, stdout, stderr io.Writer) error {
+	if req.forceShrink {
+		next.ShrinkOverride = &bundlev1.ShrinkOverride{Reason: req.reason, ForcedBy: author.String()}
+	}
+	raw, err := bundle.Marshal(next)
+	if err != nil {
+		return fmt.Errorf("encoding the bundle: %w", err)
+	}
+	if obs == nil {
+		fmt.Fprintf(stderr, "shrink guard: no KMS servers known for %s, so not checked here; every KMS server checks it when it is pushed\n", req.region)
+		return nil
+	}
+	served := fetchServed(ctx, src, timeout, obs, req.region)
+	refused, exceeded := printShrink(stdout, served, obs.unreachable(req.region), next, len(raw))
+	switch {
+	case refused:
+		fmt.Fprintf(stderr, "REFUSED: the %s bundle shrinks past the shrink guard against what the region serves (above); no bundle written.\n", req.region)
+		fmt.Fprintln(stderr, "If that is meant: --force-shrink --reason TEXT (the override is signed into the bundle and audited by every KMS server; the Safety Condition still applies)")
+		return errReported
+	case req.forceShrink && !exceeded:
+		fmt.Fprintln(stdout, "--force-shrink: not needed against what the region's servers serve; the override is recorded anyway")
+	}
+	return nil
+}
+
+// servedBundle is one bundle a region's servers serve, and who serves it.
+type servedBundle struct {
+	ref     *bundlev1.BundleRef
+	servers []string
+	bundle  *bundlev1.Bundle // nil if it could not be read (err)
+	size    int
+	err     error
+}
+
+// fetchServed reads each distinct bundle the region's servers serve (by
+// obs), lowest serial first, from the first of its servers that returns it.
+func fetchServed(ctx context.Context, src *identity.Source, timeout time.Duration, obs *observation, region string) []servedBundle {
+	var out []servedBundle
+	for _, s := range obs.Regions[region] {
+		ref := s.Status.GetBundle()
+		if s.Err != nil || ref == nil {
+			continue
+		}
+		i := slices.IndexFunc(out, func(b servedBundle) bool { return proto.Equal(b.ref, ref) })
+		if i < 0 {
+			out = append(out, servedBundle{ref: ref})
+			i = len(out) - 1
+		}
+		out[i].servers = append(out[i].servers, s.Addr)
+	}
+	slices.SortFunc(out, func(a, b servedBundle) int { return cmpSerial(a.ref, b.ref) })
+	creds, err := kmsCreds(src, region)
+	for i := range out {
+		sb := &out[i]
+		if err != nil {
+			sb.err = err
+			continue
+		}
+		var errs []string
+		for _, addr := range sb.servers {
+			b, size, ferr := fetchBundle(ctx, addr, creds, timeout, sb.ref)
+			if ferr == nil {
+				sb.bundle, sb.size = b, size
+				break
+			}
+			errs = append(errs, fmt.Sprintf("%s: %v", addr, ferr))
+		}
+		if sb.bundle == nil {
+			sb.err = errors.New(strings.Join(errs, "; "))
+		}
+	}
+	return out
+}
+
+func cmpSerial(a, b *bundlev1.BundleRef) int {
+	switch {
+	case a.GetSerial() < b.GetSerial():
+		return -1
+	case a.GetSerial() > b.GetSerial():
+		return 1
+	}
+	return strings.Compare(hex.EncodeToString(a.GetSha256()), hex.EncodeToString(b.GetSha256()))
+}
+
+// fetchBundle asks addr for the signed bundle it serves and decodes it; it
+// must be ref (the server may have moved on since it was observed).
+func fetchBundle(ctx context.Context, addr string, creds *identity.Credentials, timeout time.Duration, ref *bundlev1.BundleRef) (*bundlev1.Bundle, int, error) {
+	st, err := kmsCall(ctx, addr, creds, timeout, func(ctx context.Context, c kmsv1.KMSAdminClient) (*kmsv1.GetStatusResponse, error) {
+		return c.GetStatus(ctx, &kmsv1.GetStatusRequest{IncludeBundle: true}, grpc.MaxCallRecvMsgSize(bundle.MaxSize+1<<20))
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	sb := st.GetServedBundle()
+	if sb == nil {
+		return nil, 0, errors.New("it returned no served bundle (a KMS server too old to?)")
+	}
+	sum := sha256.Sum256(sb.GetBundle())
+	if !bytes.Equal(sum[:], ref.GetSha256()) {
+		return nil, 0, fmt.Errorf("it now serves %s, not %s", refString(st.GetBundle()), refString(ref))
+	}
+	var b bundlev1.Bundle
+	if err := (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(sb.GetBundle(), &b); err != nil {
+		return nil, 0, fmt.Errorf("its served bundle does not decode: %w", err)
+	}
+	return &b, len(sb.GetBundle()), nil
+}
+
+// printShrink prints the shrink guard's report of next against each served
+// bundle, and what it could not check. refused: some served bundle refuses
+// next; exceeded: next is past the guard against some (with or without an
+// override).
+func printShrink(w io.Writer, served []servedBundle, down []serverObs, next *bundlev1.Bundle, nextSize int) (refused, exceeded bool) {
+	if len(served) == 0 && len(down) == 0 {
+		fmt.Fprintln(w, "shrink guard: the region's servers serve nothing yet: no shrink to check")
+	}
+	for _, sb := range served {
+		who := strings.Join(sb.servers, ", ")
+		if sb.err != nil {
+			fmt.Fprintf(w, "shrink guard: %s (served by %s) could not be read, so not checked here: %v; each KMS server checks it when it is pushed\n", refString(sb.ref), who, sb.err)
+			continue
+		}
+		r, err := bundle.CheckShrink(sb.bundle, next, sb.size, nextSize, bundle.ShrinkGuard{})
+		if r == nil { // an invalid guard: not with the defaults
+			fmt.Fprintf(w, "shrink guard: %v\n", err)
+			refused = true
+			continue
+		}
+		refused = refused || err != nil
+		exceeded = exceeded || r.Exceeded()
+		fmt.Fprintf(w, "shrink guard (served by %s): %s\n", who, r)
+	}
+	for _, s := range down {
+		fmt.Fprintf(w, "shrink guard: %s did not answer, so not checked here; it checks the bundle itself when it is pushed\n", s.Addr)
+	}
+	return refused, exceeded
 }
 
 // commonRef is the bundle every server serves, if they all serve the same.
@@ -295,16 +503,19 @@ func bundlePush(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	)
 	fs.StringVar(&path, "bundle", "", "signed bundle file (required)")
 	fs.BoolVar(&dryRun, "dry-run", false, "run every check and the dry run on each server, apply nothing")
-	fs.BoolVar(&force, "force", false, "apply a bundle the shrink guards refuse (needs --reason; audited; never overrides the Safety Condition)")
-	fs.StringVar(&why, "reason", "", "why --force is needed (audited)")
+	// --force and --reason are kept only to say where they went.
+	fs.BoolVar(&force, "force", false, "gone: a shrink override is signed into the bundle (bundle build --force-shrink --reason)")
+	fs.StringVar(&why, "reason", "", "gone, with --force")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if path == "" {
 		return usageError(fs, "--bundle is required")
 	}
-	if force != (strings.TrimSpace(why) != "") {
-		return usageError(fs, "--force and --reason go together")
+	if force || why != "" {
+		return usageError(fs, "--force and --reason are gone from bundle push: a shrink override is signed into the bundle, "+
+			"so every KMS server sees and audits the same one: regionctl bundle build --force-shrink --reason TEXT, then push that bundle "+
+			"(the Safety Condition is never forceable)")
 	}
 	if err := o.load(); err != nil {
 		return err
@@ -340,12 +551,11 @@ func bundlePush(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer r.Close()
-	return pushBundle(ctx, o, src, r, sb, &b, regions[b.GetRegion()], pushOptions{dryRun: dryRun, force: force, reason: why}, stdout, stderr)
+	return pushBundle(ctx, o, src, r, sb, &b, regions[b.GetRegion()], pushOptions{dryRun: dryRun}, stdout, stderr)
 }
 
 type pushOptions struct {
-	dryRun, force bool
-	reason        string
+	dryRun bool
 }
 
 // pushBundle pushes all or nothing: the fleet-wide Safety Condition, then a
@@ -361,9 +571,16 @@ func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, 
 		return err
 	}
 	fmt.Fprintf(stdout, "pushing bundle %s (signing key %s) to %d server(s), all or nothing\n", refString(bundle.Ref(sb, b)), sb.GetSigningKeyId(), len(servers))
-	if err := fleetCheck(ctx, o, src, r, b, servers, stderr); err != nil {
+	obs, err := fleetCheck(ctx, o, src, r, b, servers, stderr)
+	if err != nil {
 		return err
 	}
+	// The shrink guard, for information: each server decides against what
+	// it serves (in the dry run below), and the bundle's signed override,
+	// if any, is the only way past it.
+	pushed := &observation{At: obs.At, Regions: map[string][]serverObs{region: slices.DeleteFunc(slices.Clone(obs.Regions[region]),
+		func(s serverObs) bool { return !slices.Contains(servers, s.Addr) })}}
+	printShrink(stdout, fetchServed(ctx, src, o.timeout, pushed, region), nil, b, len(sb.GetBundle()))
 	// Dry run everywhere first.
 	type answer struct {
 		resp *kmsv1.ApplyBundleResponse
@@ -376,7 +593,7 @@ func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, 
 		go func() {
 			defer wg.Done()
 			answers[i].resp, answers[i].err = kmsCall(ctx, addr, creds, o.timeout, func(ctx context.Context, c kmsv1.KMSAdminClient) (*kmsv1.ApplyBundleResponse, error) {
-				return c.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb, Force: po.force, ForceReason: po.reason, DryRun: true})
+				return c.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb, DryRun: true})
 			})
 		}()
 	}
@@ -403,7 +620,7 @@ func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, 
 	}
 	for i, addr := range servers {
 		resp, err := kmsCall(ctx, addr, creds, o.timeout, func(ctx context.Context, c kmsv1.KMSAdminClient) (*kmsv1.ApplyBundleResponse, error) {
-			return c.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb, Force: po.force, ForceReason: po.reason})
+			return c.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb})
 		})
 		if err != nil {
 			printApplyError(stderr, addr, err)
@@ -436,7 +653,9 @@ func printApplyError(w io.Writer, addr string, err error) {
 // every server the config file lists for it: a push to some of them (a
 // canary, or a fresh server that has no usage of its own) is judged on what
 // the others used too.
-func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, b *bundlev1.Bundle, servers []string, stderr io.Writer) error {
+//
+// It returns the observation it made.
+func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, b *bundlev1.Bundle, servers []string, stderr io.Writer) (*observation, error) {
 	regions := maps.Clone(o.file.Regions)
 	if regions == nil {
 		regions = map[string][]string{}
@@ -450,7 +669,7 @@ func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, 
 	regions[b.GetRegion()] = all
 	obs, err := observe(ctx, src, regions, o.timeout)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// A server pushed to must answer; one only listed in the config file is
 	// judged by the Safety Condition (unknown counts as in use).
@@ -460,11 +679,11 @@ func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, 
 			fmt.Fprintf(stderr, "%s: unreachable: %v\n", s.Addr, s.Err)
 		}
 		fmt.Fprintf(stderr, "%d server(s) of %s unreachable: nothing was applied anywhere\n", len(down), b.GetRegion())
-		return errReported
+		return nil, errReported
 	}
 	records, err := r.listKeysets(ctx, "", false)
 	if err != nil {
-		return fmt.Errorf("reading the record for the safety check: %w", err)
+		return nil, fmt.Errorf("reading the record for the safety check: %w", err)
 	}
 	record := map[string]safety.Keyset{}
 	for _, rec := range records {
@@ -483,7 +702,7 @@ func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, 
 		}
 		var rs safety.Refusals
 		if !errors.As(err, &rs) {
-			return fmt.Errorf("safety check: %w", err)
+			return nil, fmt.Errorf("safety check: %w", err)
 		}
 		for _, ref := range rs {
 			if msg := ref.Error(); !seen[msg] {
@@ -497,9 +716,9 @@ func fleetCheck(ctx context.Context, o *options, src *identity.Source, r *root, 
 			fmt.Fprintf(stderr, "REFUSED (Safety Condition, fleet-wide): %s\n", m)
 		}
 		fmt.Fprintln(stderr, "nothing was applied anywhere")
-		return errReported
+		return nil, errReported
 	}
-	return nil
+	return obs, nil
 }
 
 // bundleContent is what b makes a server serve.

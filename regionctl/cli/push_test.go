@@ -31,6 +31,9 @@ type fakeKMS struct {
 	reqs    []*kmsv1.ApplyBundleRequest
 	callers []string
 	served  *bundlev1.BundleRef
+	// signed is the signed bundle served, if known (GetStatus
+	// include_bundle returns it).
+	signed *bundlev1.SignedBundle
 }
 
 func (f *fakeKMS) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kmsv1.ApplyBundleResponse, error) {
@@ -47,11 +50,11 @@ func (f *fakeKMS) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	resp := &kmsv1.ApplyBundleResponse{Applied: bundle.Ref(req.GetBundle(), b), Previous: f.served}
-	if req.GetForce() {
-		resp.Warnings = []string{"bundle drops 1 of 2 keysets; applied because forced: " + req.GetForceReason()}
+	if o := b.GetShrinkOverride(); o != nil {
+		resp.Warnings = []string{"the bundle carries a shrink override by " + o.GetForcedBy() + " (reason: " + o.GetReason() + "), audited"}
 	}
 	if !req.GetDryRun() {
-		f.served = resp.GetApplied()
+		f.served, f.signed = resp.GetApplied(), req.GetBundle()
 	}
 	return resp, nil
 }
@@ -60,6 +63,9 @@ func (f *fakeKMS) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (*
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	st := &kmsv1.GetStatusResponse{Region: "us-east", State: kmsv1.ServingState_SERVING_STATE_SERVING, Bundle: f.served}
+	if req.GetIncludeBundle() {
+		st.ServedBundle = f.signed
+	}
 	if f.served == nil {
 		st.State = kmsv1.ServingState_SERVING_STATE_NOT_READY
 	}
@@ -126,21 +132,14 @@ func TestBundlePush(t *testing.T) {
 		wantApplied []int // real ApplyBundle calls each server saw
 		wantOut     []string
 		wantErr     []string
-		wantForce   bool
-		wantReason  string
 	}{
 		{
 			name: "dry run everywhere, then applies on every server in order", refuse: []error{nil, nil}, wantApplied: []int{1, 1},
-			wantOut: []string{"pushing bundle us-east serial 9 sha256 ", "to 2 server(s), all or nothing", ": dry run ok: would apply us-east serial 9", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
+			wantOut: []string{"pushing bundle us-east serial 9 sha256 ", "to 2 server(s), all or nothing", "shrink guard: the region's servers serve nothing yet: no shrink to check", ": dry run ok: would apply us-east serial 9", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
 		},
 		{
 			name: "dry run only", flags: []string{"--dry-run"}, refuse: []error{nil, nil}, wantApplied: []int{0, 0},
 			wantOut: []string{"dry run: every server would apply it; nothing applied"},
-		},
-		{
-			name: "force with a reason", flags: []string{"--force", "--reason", "retiring payments/ledger, ticket SRE-42"}, refuse: []error{nil},
-			wantApplied: []int{1}, wantForce: true, wantReason: "retiring payments/ledger, ticket SRE-42",
-			wantOut: []string{"warning: bundle drops 1 of 2 keysets; applied because forced: retiring payments/ledger, ticket SRE-42"},
 		},
 		{
 			name: "one refusal in the dry run: nothing applied anywhere", refuse: []error{nil, refusal, nil}, wantCode: 1, wantApplied: []int{0, 0, 0},
@@ -177,8 +176,8 @@ func TestBundlePush(t *testing.T) {
 					if !proto.Equal(req.GetBundle(), sb) {
 						t.Errorf("server %d got a different signed bundle than the file's", i)
 					}
-					if req.GetForce() != tt.wantForce || req.GetForceReason() != tt.wantReason {
-						t.Errorf("server %d request = force %t, reason %q; want %t, %q", i, req.GetForce(), req.GetForceReason(), tt.wantForce, tt.wantReason)
+					if req.GetForce() || req.GetForceReason() != "" {
+						t.Errorf("server %d request = force %t, reason %q; want neither (an override is signed into the bundle)", i, req.GetForce(), req.GetForceReason())
 					}
 					if callers[j] != regionctlID {
 						t.Errorf("server %d saw caller %q, want %q", i, callers[j], regionctlID)

@@ -6,7 +6,9 @@
 // root KMS, the system of record) holds the encrypted copies, the TTL
 // history, the rotation period and every version's lifecycle. A bundle that
 // cannot hold every keyset of the region is not made: Compile reports every
-// Problem instead, so that one run shows everything to fix.
+// Problem instead, so that one run shows everything to fix. Only an explicit
+// partial build (Input.AllowPartial) leaves keysets out, and it records them,
+// with its reason, in the signed bundle.
 package compile
 
 import (
@@ -48,6 +50,12 @@ type Input struct {
 	// (KeysetConfig.encrypt_limit): the encryptions a key version may make
 	// fleet-wide. 0 means bundle.DefaultEncryptLimit (2^32).
 	EncryptLimit uint64
+	// AllowPartial lets the bundle leave out the keysets it cannot build
+	// (every Problem naming a keyset) instead of not being made; they are
+	// recorded in Bundle.partial with PartialReason (required with it) and
+	// CreatedBy. Problems of the whole bundle still prevent it.
+	AllowPartial  bool
+	PartialReason string
 }
 
 // Problem is one reason the bundle cannot be made.
@@ -74,6 +82,9 @@ type Result struct {
 	// Bundle is nil when Problems is not empty.
 	Bundle   *bundlev1.Bundle
 	Problems []Problem
+	// LeftOut are the problems of the keysets a partial build left out
+	// (Input.AllowPartial); Bundle.partial lists the same.
+	LeftOut []Problem
 }
 
 // Compile builds the bundle of in.Region: every keyset that a team config
@@ -89,6 +100,9 @@ type Result struct {
 func Compile(in Input) (*Result, error) {
 	if in.Window <= 0 {
 		return nil, fmt.Errorf("compile: propagation window %v: must be positive", in.Window)
+	}
+	if in.AllowPartial && strings.TrimSpace(in.PartialReason) == "" {
+		return nil, fmt.Errorf("compile: a partial build needs a reason")
 	}
 	cfgs := map[string]config.Keyset{}
 	for _, t := range in.Teams {
@@ -173,6 +187,12 @@ func Compile(in Input) (*Result, error) {
 			EncryptLimit:      limit,
 		})
 	}
+	if in.AllowPartial {
+		res.Problems, res.LeftOut = partition(res.Problems)
+		if len(res.LeftOut) > 0 {
+			b.Partial = &bundlev1.PartialBuild{Reason: in.PartialReason, BuiltBy: in.CreatedBy, LeftOut: leftOut(res.LeftOut)}
+		}
+	}
 	if len(res.Problems) > 0 {
 		return res, nil
 	}
@@ -185,6 +205,37 @@ func Compile(in Input) (*Result, error) {
 	}
 	res.Bundle = b
 	return res, nil
+}
+
+// partition splits problems into those of the whole bundle and those of a
+// keyset.
+func partition(ps []Problem) (whole, keysets []Problem) {
+	for _, p := range ps {
+		if p.Keyset == "" {
+			whole = append(whole, p)
+		} else {
+			keysets = append(keysets, p)
+		}
+	}
+	return whole, keysets
+}
+
+// leftOut is the partial-build record of the keyset problems: one entry per
+// keyset, "name: why; why", sorted by name.
+func leftOut(ps []Problem) []string {
+	why := map[string][]string{}
+	for _, p := range ps {
+		r := p.Reason
+		if p.Team != "" {
+			r = fmt.Sprintf("(team %s) %s", p.Team, r)
+		}
+		why[p.Keyset] = append(why[p.Keyset], r)
+	}
+	var out []string
+	for _, name := range slices.Sorted(maps.Keys(why)) {
+		out = append(out, name+": "+strings.Join(why[name], "; "))
+	}
+	return out
 }
 
 // TTLInForce is the ciphertext TTL of the record's open period (the last

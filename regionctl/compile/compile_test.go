@@ -88,6 +88,58 @@ func TestCompileProblems(t *testing.T) {
 	}
 }
 
+// TestCompilePartial: with AllowPartial the keysets with problems are left
+// out and recorded, one entry per keyset, with the reason and the builder.
+func TestCompilePartial(t *testing.T) {
+	teams := []*config.Team{team("pay",
+		config.Keyset{Name: "pay/a", Regions: []string{"us-east"}, CiphertextTTL: time.Hour, RotationPeriod: 2 * time.Hour},
+		config.Keyset{Name: "pay/missing", Regions: []string{"us-east"}, CiphertextTTL: time.Hour, RotationPeriod: time.Hour},
+		config.Keyset{Name: "pay/ttl", Regions: []string{"us-east"}, CiphertextTTL: 3 * time.Hour, RotationPeriod: 2 * time.Hour},
+	)}
+	primary := &statev1.KeysetVersionRecord{KeyId: 1, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY}
+	record := []*statev1.KeysetRecord{
+		rec("pay/a", []string{"us-east"}, time.Hour, 2*time.Hour, primary),
+		rec("pay/ttl", []string{"us-east"}, time.Hour, time.Hour, primary),
+		rec("other/orphan", []string{"us-east"}, time.Hour, time.Hour, primary),
+	}
+	in := compile.Input{Region: "us-east", Serial: 1, CreatedBy: createdBy, CreatedAt: at, Teams: teams, Record: record, Window: time.Minute, AllowPartial: true}
+	if _, err := compile.Compile(in); err == nil || !strings.Contains(err.Error(), "a partial build needs a reason") {
+		t.Errorf("Compile(AllowPartial, no reason) = %v, want an error", err)
+	}
+	in.PartialReason = "INC-9: the pay team fixes pay/ttl tomorrow"
+	res, err := compile.Compile(in)
+	if err != nil || len(res.Problems) != 0 || res.Bundle == nil {
+		t.Fatalf("Compile(AllowPartial) = %v, %v; want a bundle", res, err)
+	}
+	var names []string
+	for _, k := range res.Bundle.GetKeysets() {
+		names = append(names, k.GetName())
+	}
+	if !cmp.Equal(names, []string{"pay/a"}) {
+		t.Errorf("partial bundle keysets = %v, want [pay/a]", names)
+	}
+	p := res.Bundle.GetPartial()
+	wantLeft := []string{
+		"other/orphan: the record serves it in us-east, but no valid team file lists it for us-east (a keyset is never silently dropped)",
+		"pay/missing: (team pay) not in the root KMS record for us-east (run regionctl keyset create)",
+		"pay/ttl: (team pay) ciphertext_ttl is 3h0m0s in the team file but 1h0m0s in the record; run regionctl keyset set-policy pay/ttl --ttl 3h0m0s (or fix the file); " +
+			"(team pay) rotation_period is 2h0m0s in the team file but 1h0m0s in the record; run regionctl keyset set-policy pay/ttl --rotation-period 2h0m0s (or fix the file)",
+	}
+	if p.GetReason() != in.PartialReason || p.GetBuiltBy() != createdBy || !cmp.Equal(p.GetLeftOut(), wantLeft) {
+		t.Errorf("partial = %v, want reason %q, built_by %s, left_out %q", p, in.PartialReason, createdBy, wantLeft)
+	}
+	if len(res.LeftOut) != 4 {
+		t.Errorf("LeftOut = %v, want the 4 keyset problems", res.LeftOut)
+	}
+
+	// Nothing to leave out: a whole bundle, no partial record.
+	in.Teams, in.Record = teams[:0], nil
+	res, err = compile.Compile(in)
+	if err != nil || res.Bundle == nil || res.Bundle.GetPartial() != nil {
+		t.Errorf("Compile(AllowPartial, nothing to leave out) = %v, %v; want a bundle without a partial record", res, err)
+	}
+}
+
 func TestLifecycle(t *testing.T) {
 	t1, t2 := timestamppb.New(at), timestamppb.New(at.Add(time.Hour))
 	v := &statev1.KeysetVersionRecord{KeyId: 5, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED,
