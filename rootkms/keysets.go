@@ -35,10 +35,12 @@ import (
 // encrypted under that region's master key. Every lifecycle step is made
 // here: the leader decrypts the copies, changes the keyset with Tink's
 // manager, re-encrypts a copy per region and proposes the step together
-// with the new copies, so the record and the copies never disagree. Steps
-// that could make a ciphertext undecryptable (promote, disable) are first
-// checked against the Safety Condition (internal/safety) with the record's
-// own propagation and usage observations.
+// with the new copies, so the record and the copies never disagree. A
+// version added (the first at creation, or by ADD_VERSION) gets its golden
+// ciphertext (golden.go) in the same command. Steps that could make a
+// ciphertext undecryptable (promote, disable) are first checked against the
+// Safety Condition (internal/safety) with the record's own propagation and
+// usage observations.
 
 // keysetProto is the API view of a record; copies are left out unless asked.
 func keysetProto(r *statev1.KeysetRecord, withCopies bool, index uint64) *rootkmsv1.Keyset {
@@ -105,6 +107,11 @@ func (s *Server) CreateKeyset(ctx context.Context, req *rootkmsv1.CreateKeysetRe
 		return nil, err
 	}
 	primary := h.KeysetInfo().GetPrimaryKeyId()
+	golden, err := makeGolden(h, name, primary)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	first := &statev1.KeysetVersionRecord{KeyId: primary, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY, Template: template, Golden: golden}
 	caller, _ := identity.FromContext(ctx)
 	rec := &statev1.KeysetRecord{
 		Name:           name,
@@ -112,7 +119,7 @@ func (s *Server) CreateKeyset(ctx context.Context, req *rootkmsv1.CreateKeysetRe
 		CreatedBy:      caller.String(),
 		RotationPeriod: durationpb.New(rotation),
 		TtlHistory:     []*statev1.TtlPeriod{{Ttl: durationpb.New(ttl)}},
-		Versions:       []*statev1.KeysetVersionRecord{{KeyId: primary, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY, Template: template}},
+		Versions:       []*statev1.KeysetVersionRecord{first},
 		Copies:         copies,
 		Revision:       1,
 		Purpose:        uint32(bundlev1.Purpose_PURPOSE_ENVELOPE),
@@ -352,6 +359,11 @@ func (s *Server) UpdateKeyset(ctx context.Context, req *rootkmsv1.UpdateKeysetRe
 	nh, err := m.Handle()
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "rootkms: %v", err)
+	}
+	if step == statev1.KeysetStep_KEYSET_STEP_ADD_VERSION {
+		if cmd.Golden, err = makeGolden(nh, rec.GetName(), cmd.KeyId); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
 	}
 	if cmd.Copies, err = s.encryptCopies(key, st, nh, rec.GetName(), rec.GetRegions(), keyVersion); err != nil {
 		return nil, err

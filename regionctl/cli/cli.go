@@ -44,19 +44,31 @@ Commands:
   keyset rewrap      NAME                           re-encrypt the copies under each region's primary key
   keyset set-policy  NAME [--ttl D] [--rotation-period D]
   bundle build       --region R --out FILE [--serial N] [--teams DIR] [--signing-key FILE]
+                     [--allow-partial] [--force-shrink] [--reason TEXT]
                      compile and sign the region's bundle from the team files and the record;
                      refuses (writes nothing) on any invalid team file, keyset missing from the
-                     record or from the team files, unknown region, or TTL/rotation mismatch;
-                     --serial defaults to one above the highest serial the region's servers serve
+                     record or from the team files, unknown region, or TTL/rotation mismatch,
+                     unless --allow-partial --reason: then it leaves those keysets out and
+                     records them, with the reason, in the signed bundle; refuses a bundle that
+                     shrinks past the shrink guard against what the region's servers serve
+                     (keysets, ACL entries or versions dropped, or much smaller) unless
+                     --force-shrink --reason, signed into the bundle; every KMS server checks
+                     the guard again and audits either record; --serial defaults to one above
+                     the highest serial the region's servers serve
   bundle inspect     --bundle FILE [--signing-pub FILE[,FILE]]
                      verify a bundle and summarize it (never key material)
-  bundle push        --bundle FILE [--kms ADDR[,ADDR]] [--dry-run] [--force --reason TEXT]
-                     all or nothing: fleet-wide safety check, dry run on every server of the
-                     region, and only if none refuses, apply on each
+  bundle push        --bundle FILE [--kms ADDR[,ADDR]] [--dry-run]
+                     all or nothing: fleet-wide safety check, the shrink guard's report, dry
+                     run on every server of the region, and only if none refuses, apply on
+                     each (no --force: a shrink override is signed in by bundle build)
   status             [--region R] [--record] [--json]
                      every KMS server's bundle and state, per-version usage summed per region,
                      the record's state and the next safe step; --record also records it
   observe            [--region R] [--json]         same as status --record
+  probe              [--region R] [--json]
+                     golden probes: every KMS server of each region must decrypt the golden
+                     ciphertext of every version the record says decrypts (enabled or primary)
+                     of every keyset it serves; exit 1 on any failure or unreachable server
   rotate             --due [--destroy-delay 24h] [--dry-run] [--no-push R[,R]] [--encrypt-limit N] [--rotate-at F]
                      observe and record every region, do every due lifecycle step of every
                      keyset (rotation period passed, or the primary used --rotate-at of its
@@ -104,6 +116,7 @@ var single = map[string]command{
 	"status":  statusCmd(false),
 	"observe": statusCmd(true),
 	"rotate":  rotateCmd,
+	"probe":   probeCmd,
 }
 
 // Run runs regionctl with args (without the program name) and returns the

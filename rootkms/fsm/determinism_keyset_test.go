@@ -102,6 +102,9 @@ func (g *keysetGenerator) command(s *fsm.State) *statev1.Command {
 		rec := &statev1.KeysetRecord{Name: name, Regions: regions, Revision: 1,
 			TtlHistory: []*statev1.TtlPeriod{{Ttl: dur(time.Duration(1+g.pick(48)) * time.Hour)}},
 			Versions:   []*statev1.KeysetVersionRecord{{KeyId: g.next, State: ksPrimary, Template: "AES256_GCM"}}}
+		if g.pick(2) == 0 {
+			rec.Versions[0].Golden = fakeGolden(g.next)
+		}
 		rec.Copies = fakeCopies(name, regions, rec.Versions, regionKeys)
 		cmd = createKeyset(rec, g.now)
 	case op < 12:
@@ -147,6 +150,14 @@ func (g *keysetGenerator) command(s *fsm.State) *statev1.Command {
 		cmd = updateKeyset(k.GetName(), rev, step, id, fakeCopies(k.GetName(), k.GetRegions(), versions, regionKeys), g.now)
 		// Mostly a destroy_after that has passed by the next commands.
 		cmd.GetUpdateKeyset().DestroyAfter = timestamppb.New(g.now.Add(time.Duration(g.pick(2)) * time.Hour))
+		// Mostly a golden ciphertext with an added version (records made
+		// before golden ciphertexts have none); sometimes a bad one.
+		switch n := g.pick(32); {
+		case n == 0:
+			cmd.GetUpdateKeyset().Golden = fakeGolden(id + 1)
+		case n < 24 && step == stepAdd:
+			cmd.GetUpdateKeyset().Golden = fakeGolden(id)
+		}
 	case op < 14:
 		k := ks[g.pick(len(ks))]
 		rot, ttl := dur(time.Duration(g.pick(100))*time.Hour), dur(time.Duration(1+g.pick(3))*time.Hour)

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"slices"
@@ -167,6 +168,39 @@ func checkCopies(name string, regions []string, versions []*statev1.KeysetVersio
 	return nil
 }
 
+// MaxGoldenField bounds each field of a golden ciphertext. A golden
+// ciphertext of a 32-byte plaintext is well under 100 bytes with every
+// template Cairn allows; the bound keeps a record from growing by a bug.
+const MaxGoldenField = 1024
+
+// tinkPrefixSize is the size of a TINK output prefix: 0x01 and the key ID
+// (big-endian).
+const tinkPrefixSize = 5
+
+// checkGolden checks the golden ciphertext of version keyID, if any: golden
+// ciphertexts are optional (versions added before they existed have none),
+// but one that is present has a ciphertext carrying keyID's TINK prefix (so
+// a KMS routes it to that version), associated data, and a 32-byte SHA-256,
+// each at most MaxGoldenField bytes. It returns a message for the caller to
+// wrap.
+func checkGolden(keyID uint32, g *statev1.GoldenCiphertext) error {
+	if g == nil {
+		return nil
+	}
+	ct, ad := g.GetCiphertext(), g.GetAssociatedData()
+	switch {
+	case len(ct) <= tinkPrefixSize || len(ct) > MaxGoldenField:
+		return fmt.Errorf("golden ciphertext of %d bytes, want %d to %d", len(ct), tinkPrefixSize+1, MaxGoldenField)
+	case ct[0] != 1 || binary.BigEndian.Uint32(ct[1:tinkPrefixSize]) != keyID:
+		return fmt.Errorf("golden ciphertext without the TINK prefix of key %d", keyID)
+	case len(ad) == 0 || len(ad) > MaxGoldenField:
+		return fmt.Errorf("golden associated data of %d bytes, want 1 to %d", len(ad), MaxGoldenField)
+	case len(g.GetPlaintextSha256()) != 32:
+		return fmt.Errorf("golden plaintext_sha256 of %d bytes, want 32", len(g.GetPlaintextSha256()))
+	}
+	return nil
+}
+
 // usableRegionKey accepts a region key version of s that is PRIMARY or
 // ENABLED: what a new copy may be encrypted under.
 func (s *State) usableRegionKey(region string, v uint32) error {
@@ -252,6 +286,9 @@ func createKeyset(s *State, c *statev1.CreateKeysetCommand, identity string, at 
 	if len(vs) != 1 || vs[0].GetState() != ksPrimary || vs[0].GetKeyId() == 0 {
 		return invalid("keyset %q: want exactly one version, PRIMARY, with a key ID", name)
 	}
+	if err := checkGolden(vs[0].GetKeyId(), vs[0].GetGolden()); err != nil {
+		return invalid("keyset %q version %d: %v", name, vs[0].GetKeyId(), err)
+	}
 	ts := timestamppb.New(at)
 	createdBy := k.GetCreatedBy()
 	if createdBy == "" {
@@ -272,6 +309,7 @@ func createKeyset(s *State, c *statev1.CreateKeysetCommand, identity string, at 
 			Template:     vs[0].GetTemplate(),
 			CreatedAt:    ts,
 			PrimarySince: ts,
+			Golden:       vs[0].GetGolden(),
 		}},
 		Copies:    k.GetCopies(),
 		Revision:  1,
@@ -335,6 +373,7 @@ func shallowVersion(v *statev1.KeysetVersionRecord) *statev1.KeysetVersionRecord
 		DestroyedAt:  v.GetDestroyedAt(),
 		EncryptCount: v.GetEncryptCount(),
 		Usage:        v.GetUsage(),
+		Golden:       v.GetGolden(),
 	}
 }
 
@@ -348,12 +387,18 @@ func updateKeyset(s *State, c *statev1.UpdateKeysetCommand, at time.Time) (*Stat
 	versions := slices.Clone(k.GetVersions())
 	// i is the index of key id in versions, -1 if absent.
 	i := slices.IndexFunc(versions, func(v *statev1.KeysetVersionRecord) bool { return v.GetKeyId() == id })
+	if c.GetGolden() != nil && step != statev1.KeysetStep_KEYSET_STEP_ADD_VERSION {
+		return invalid("keyset %q: %v carries a golden ciphertext; only add_version does", k.GetName(), step)
+	}
 	switch step {
 	case statev1.KeysetStep_KEYSET_STEP_ADD_VERSION:
 		if id == 0 || i >= 0 {
 			return invalid("keyset %q: add_version needs a new non-zero key ID, got %d", k.GetName(), id)
 		}
-		versions = append(versions, &statev1.KeysetVersionRecord{KeyId: id, State: ksEnabled, Template: c.GetTemplate(), CreatedAt: ts})
+		if err := checkGolden(id, c.GetGolden()); err != nil {
+			return invalid("keyset %q version %d: %v", k.GetName(), id, err)
+		}
+		versions = append(versions, &statev1.KeysetVersionRecord{KeyId: id, State: ksEnabled, Template: c.GetTemplate(), CreatedAt: ts, Golden: c.GetGolden()})
 	case statev1.KeysetStep_KEYSET_STEP_REWRAP:
 	case statev1.KeysetStep_KEYSET_STEP_PROMOTE, statev1.KeysetStep_KEYSET_STEP_DISABLE, statev1.KeysetStep_KEYSET_STEP_ENABLE,
 		statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, statev1.KeysetStep_KEYSET_STEP_UNDESTROY, statev1.KeysetStep_KEYSET_STEP_DESTROY:
@@ -430,7 +475,9 @@ func stepVersion(name string, versions []*statev1.KeysetVersionRecord, i int, c 
 		if after := v.GetDestroyAfter().AsTime(); after.After(at) {
 			return bad(ksDestroyed, fmt.Sprintf(" before destroy_after %v", after))
 		}
-		v.State, v.DestroyedAt = ksDestroyed, ts
+		// Its key is gone from every copy: its golden ciphertext can never
+		// decrypt again, by design.
+		v.State, v.DestroyedAt, v.Golden = ksDestroyed, ts, nil
 	}
 	versions[i] = v
 	return nil

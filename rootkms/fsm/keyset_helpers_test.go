@@ -1,6 +1,9 @@
 package fsm_test
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -187,6 +190,15 @@ func recordPropagation(region string, served []uint32, obs []*statev1.KeysetObse
 		Region: region, ObservedAt: ts(at), Keysets: obs, RegionKeyVersions: served,
 	}}
 	return c
+}
+
+// fakeGolden is a golden ciphertext the FSM accepts for key id: the
+// ciphertext starts with id's TINK prefix. The FSM never decrypts it.
+func fakeGolden(id uint32) *statev1.GoldenCiphertext {
+	ct := binary.BigEndian.AppendUint32([]byte{1}, id)
+	ct = append(ct, "golden-ciphertext"...)
+	sum := sha256.Sum256(ct)
+	return &statev1.GoldenCiphertext{Ciphertext: ct, AssociatedData: []byte(fmt.Sprintf("cairn/golden/v1\x00%d", id)), PlaintextSha256: sum[:]}
 }
 
 // withRequest returns cmd carrying identity and request ID id.

@@ -44,14 +44,17 @@ func (x *keysetFixture) rev(t testing.TB) uint64 {
 	return k.GetRevision()
 }
 
-// step proposes step on id with copies matching the Tink keyset after it,
-// and returns the result.
+// step proposes step on id with copies matching the Tink keyset after it
+// (and a golden ciphertext for an added version), and returns the result.
 func (x *keysetFixture) step(t testing.TB, step statev1.KeysetStep, id uint32, at time.Time) *fsm.Result {
 	t.Helper()
 	x.k.step(step, id)
 	cmd := updateKeyset(ledger, x.rev(t), step, id, x.k.copies(euUS, usable), at)
-	if step == stepScheduleDestroy {
+	switch step {
+	case stepScheduleDestroy:
 		cmd.GetUpdateKeyset().DestroyAfter = ts(at.Add(time.Hour))
+	case stepAdd:
+		cmd.GetUpdateKeyset().Golden = fakeGolden(id)
 	}
 	return apply(t, x.f, cmd)
 }
@@ -212,6 +215,11 @@ func TestKeysetLifecycle(t *testing.T) {
 	versions := func(vs ...*statev1.KeysetVersionRecord) []*statev1.KeysetVersionRecord { return vs }
 	v := func(id uint32, st statev1.KeysetVersionState, created int, opts func(*statev1.KeysetVersionRecord)) *statev1.KeysetVersionRecord {
 		r := &statev1.KeysetVersionRecord{KeyId: id, State: st, Template: "AES256_GCM", CreatedAt: ts(at(created))}
+		if id != k1 && st != ksDestroyed {
+			// Added with a golden ciphertext, kept until DESTROYED; k1 was
+			// created without one, as before golden ciphertexts.
+			r.Golden = fakeGolden(id)
+		}
 		if opts != nil {
 			opts(r)
 		}
@@ -595,7 +603,7 @@ func TestRecordPropagation(t *testing.T) {
 		{KeyId: k2, State: ksEnabled, Template: "AES256_GCM", CreatedAt: ts(at(110)),
 			Propagated:   []*statev1.RegionTime{{Region: "eu", At: ts(at(300))}},
 			Usage:        []*statev1.RegionUsage{usage("eu", 300, 295, 2, 2)},
-			EncryptCount: 2},
+			EncryptCount: 2, Golden: fakeGolden(k2)},
 	}
 	if diff := cmp.Diff(want, got.GetVersions(), protocmp.Transform()); diff != "" {
 		t.Errorf("versions after three observations differ (-want +got):\n%s", diff)

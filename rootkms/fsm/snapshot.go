@@ -329,10 +329,12 @@ func (f *FSM) decodeVersion(region string, n uint32, vr *statev1.RegionKeyVersio
 // last; versions have unique non-zero key IDs, valid states, exactly one
 // PRIMARY, and the times their states imply; propagated and usage are sorted
 // by region, one per region of the keyset, with valid times, and encrypt_count
-// is the sum of the usage counts; copies are one per region, named right,
-// under an existing region key version, with public metadata matching the
-// states (the region key version need not be usable any more: a region key
-// may be disabled after the copies were made under it).
+// is the sum of the usage counts; a golden ciphertext, where there is one,
+// passes checkGolden and is on a version not DESTROYED; copies are one per
+// region, named right, under an existing region key version, with public
+// metadata matching the states (the region key version need not be usable
+// any more: a region key may be disabled after the copies were made under
+// it).
 func checkKeyset(s *State, k *statev1.KeysetRecord) error {
 	name := k.GetName()
 	if err := keysets.ValidName(name); err != nil {
@@ -415,6 +417,12 @@ func checkKeyset(s *State, k *statev1.KeysetRecord) error {
 					return fmt.Errorf("%s: usage %d: invalid time", where, i)
 				}
 			}
+		}
+		if err := checkGolden(v.GetKeyId(), v.GetGolden()); err != nil {
+			return fmt.Errorf("%s: %w", where, err)
+		}
+		if st == ksDestroyed && v.GetGolden() != nil {
+			return fmt.Errorf("%s: DESTROYED with a golden ciphertext", where)
 		}
 		if v.GetEncryptCount() != encryptSum(v.GetUsage()) {
 			return fmt.Errorf("%s: encrypt_count %d, the usage sums to %d", where, v.GetEncryptCount(), encryptSum(v.GetUsage()))

@@ -2,6 +2,7 @@ package fsm_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"testing"
@@ -41,9 +42,16 @@ func keysetFSM(t testing.TB) (*fsm.FSM, map[statev1.KeysetVersionState]uint32) {
 var ttlHour = dur(time.Hour)
 
 func TestKeysetSnapshotRoundTrip(t *testing.T) {
-	src, _ := keysetFSM(t)
+	src, ids := keysetFSM(t)
 	b := rootkmstest.SnapshotBytes(t, src)
 	snap := decodeSnapshot(t, b)
+	for _, v := range snap.GetKeysets()[1].GetVersions() {
+		// Golden ciphertexts on the versions added, none on the one created
+		// before them or on the one destroyed.
+		if want := v.GetKeyId() != ids[ksPrimary] && v.GetKeyId() != ids[ksDestroyed]; (v.GetGolden() != nil) != want {
+			t.Errorf("snapshot: version %d (%v) has golden ciphertext %v, want one: %t", v.GetKeyId(), v.GetState(), v.GetGolden(), want)
+		}
+	}
 	if len(snap.GetKeysets()) != 2 || snap.GetKeysets()[0].GetName() != "a/other" || len(snap.GetRequests()) != 3 {
 		t.Fatalf("snapshot holds keysets %d (first %q) and %d requests, want 2 sorted and 3", len(snap.GetKeysets()), snap.GetKeysets()[0].GetName(), len(snap.GetRequests()))
 	}
@@ -139,6 +147,13 @@ func TestRestoreRefusesKeysets(t *testing.T) {
 		{"copy status not the state", func(s *statev1.Snapshot) { ver(s, ksDisabled).State = ksEnabled }},
 		{"copy holding a destroyed key", func(s *statev1.Snapshot) {
 			lg(s).Copies[0].Versions = append(lg(s).Copies[0].Versions, &cryptov1.KeyVersionInfo{KeyId: ids[ksDestroyed], Status: disabled})
+		}},
+		{"golden without plaintext_sha256", func(s *statev1.Snapshot) { ver(s, ksEnabled).Golden.PlaintextSha256 = nil }},
+		{"golden of another key", func(s *statev1.Snapshot) { ver(s, ksDisabled).Golden = ver(s, ksEnabled).Golden }},
+		{"golden on a destroyed version", func(s *statev1.Snapshot) {
+			v := ver(s, ksDestroyed)
+			v.Golden = proto.Clone(ver(s, ksEnabled).Golden).(*statev1.GoldenCiphertext)
+			binary.BigEndian.PutUint32(v.Golden.Ciphertext[1:5], v.GetKeyId())
 		}},
 		{"served version unknown", func(s *statev1.Snapshot) { s.Regions[0].ServedKeyVersions = []uint32{2, 6} }},
 		{"served versions not sorted", func(s *statev1.Snapshot) { s.Regions[0].ServedKeyVersions = []uint32{5, 2} }},
