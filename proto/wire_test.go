@@ -60,6 +60,16 @@ func command(op func(*statev1.Command)) *statev1.Command {
 	return c
 }
 
+// rolloutRecord is a rollout record with every field set.
+func rolloutRecord() *statev1.RolloutRecord {
+	return &statev1.RolloutRecord{
+		Id: "r-20261203-1", Regions: []string{"eu-west", "us-east"}, InFlight: true, Epoch: 2,
+		Owner: "spiffe://cairn.test/regionctl/global/regionctl#host-1", Revision: 7, CreatedAt: t0, UpdatedAt: t1,
+		StartedBy: "spiffe://cairn.test/regionctl/global/regionctl", Reason: "ticket SRE-42",
+		BodyFormat: "cairn.rollout.v1+json", Body: []byte(`{"stage":1}`),
+	}
+}
+
 // keysetRecord is a keyset record with every field set.
 func keysetRecord() *statev1.KeysetRecord {
 	return &statev1.KeysetRecord{
@@ -120,8 +130,9 @@ func samples() map[string]proto.Message {
 				Versions:          []*statev1.RegionKeyVersionRecord{{Key: wrapped(1), Info: keyVersion(1)}},
 				ServedKeyVersions: []uint32{1}, ServedObservedAt: t1,
 			}},
-			Members: []*statev1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
-			Keysets: []*statev1.KeysetRecord{keysetRecord()},
+			Members:  []*statev1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
+			Keysets:  []*statev1.KeysetRecord{keysetRecord()},
+			Rollouts: []*statev1.RolloutRecord{rolloutRecord()},
 			Requests: []*statev1.RequestRecord{{Identity: "spiffe://cairn.test/regionctl/global/regionctl", RequestId: "req-1", Index: 9,
 				ErrorKind: "reserved", Error: "reserved", Subject: "keyset/payments/ledger", KeyId: 7, Operation: "update_keyset/PROMOTE"}},
 		},
@@ -139,6 +150,9 @@ func samples() map[string]proto.Message {
 				Keysets: []*statev1.KeysetObservation{{Keyset: "payments/ledger", Versions: []*statev1.VersionObservation{{
 					KeyId: 7, ServedByAll: true, LastEncrypt: t0, LastUse: t1, EncryptCount: 5, DecryptCount: 6}}}},
 				RegionKeyVersions: []uint32{1, 2}}}
+		}),
+		"rootkms_command_put_rollout": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_PutRollout{PutRollout: &statev1.PutRolloutCommand{Rollout: rolloutRecord(), ExpectedRevision: 6}}
 		}),
 		"rootkms_command_set_keyset_policy": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_SetKeysetPolicy{SetKeysetPolicy: &statev1.SetKeysetPolicyCommand{Name: "payments/ledger", ExpectedRevision: 4,

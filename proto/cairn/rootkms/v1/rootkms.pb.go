@@ -1328,6 +1328,193 @@ func (x *RecordPropagationResponse) GetCommitIndex() uint64 {
 	return 0
 }
 
+type PutRolloutRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// rollout is the record to write; revision, created_at and updated_at are
+	// set by the root KMS.
+	Rollout          *v11.RolloutRecord `protobuf:"bytes,1,opt,name=rollout,proto3" json:"rollout,omitempty"`
+	ExpectedRevision uint64             `protobuf:"varint,2,opt,name=expected_revision,json=expectedRevision,proto3" json:"expected_revision,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *PutRolloutRequest) Reset() {
+	*x = PutRolloutRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutRolloutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutRolloutRequest) ProtoMessage() {}
+
+func (x *PutRolloutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutRolloutRequest.ProtoReflect.Descriptor instead.
+func (*PutRolloutRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PutRolloutRequest) GetRollout() *v11.RolloutRecord {
+	if x != nil {
+		return x.Rollout
+	}
+	return nil
+}
+
+func (x *PutRolloutRequest) GetExpectedRevision() uint64 {
+	if x != nil {
+		return x.ExpectedRevision
+	}
+	return 0
+}
+
+type GetRolloutRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRolloutRequest) Reset() {
+	*x = GetRolloutRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRolloutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRolloutRequest) ProtoMessage() {}
+
+func (x *GetRolloutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRolloutRequest.ProtoReflect.Descriptor instead.
+func (*GetRolloutRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetRolloutRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ListRolloutsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// in_flight_only leaves out finished rollouts.
+	InFlightOnly  bool `protobuf:"varint,1,opt,name=in_flight_only,json=inFlightOnly,proto3" json:"in_flight_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRolloutsRequest) Reset() {
+	*x = ListRolloutsRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRolloutsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRolloutsRequest) ProtoMessage() {}
+
+func (x *ListRolloutsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRolloutsRequest.ProtoReflect.Descriptor instead.
+func (*ListRolloutsRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ListRolloutsRequest) GetInFlightOnly() bool {
+	if x != nil {
+		return x.InFlightOnly
+	}
+	return false
+}
+
+type ListRolloutsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rollouts      []*v11.RolloutRecord   `protobuf:"bytes,1,rep,name=rollouts,proto3" json:"rollouts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRolloutsResponse) Reset() {
+	*x = ListRolloutsResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRolloutsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRolloutsResponse) ProtoMessage() {}
+
+func (x *ListRolloutsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRolloutsResponse.ProtoReflect.Descriptor instead.
+func (*ListRolloutsResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListRolloutsResponse) GetRollouts() []*v11.RolloutRecord {
+	if x != nil {
+		return x.Rollouts
+	}
+	return nil
+}
+
 type Member struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// id is the Raft server ID (the replica's name).
@@ -1344,7 +1531,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1543,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1556,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Member) GetId() string {
@@ -1426,7 +1613,7 @@ type ClusterStatus struct {
 
 func (x *ClusterStatus) Reset() {
 	*x = ClusterStatus{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1438,7 +1625,7 @@ func (x *ClusterStatus) String() string {
 func (*ClusterStatus) ProtoMessage() {}
 
 func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1451,7 +1638,7 @@ func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatus.ProtoReflect.Descriptor instead.
 func (*ClusterStatus) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ClusterStatus) GetId() string {
@@ -1553,7 +1740,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1565,7 +1752,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1578,7 +1765,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{22}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{26}
 }
 
 type JoinRequest struct {
@@ -1595,7 +1782,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1607,7 +1794,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1620,7 +1807,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{23}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *JoinRequest) GetId() string {
@@ -1660,7 +1847,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1672,7 +1859,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1685,7 +1872,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{24}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RemoveRequest) GetId() string {
@@ -1703,7 +1890,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1715,7 +1902,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1728,7 +1915,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{25}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{29}
 }
 
 type SnapshotResponse struct {
@@ -1741,7 +1928,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1753,7 +1940,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1766,7 +1953,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{26}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SnapshotResponse) GetIndex() uint64 {
@@ -1862,7 +2049,16 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\akeysets\x18\x02 \x03(\v2).cairn.rootkms.state.v1.KeysetObservationR\akeysets\x12.\n" +
 	"\x13region_key_versions\x18\x03 \x03(\rR\x11regionKeyVersions\">\n" +
 	"\x19RecordPropagationResponse\x12!\n" +
-	"\fcommit_index\x18\x01 \x01(\x04R\vcommitIndex\"\x8b\x01\n" +
+	"\fcommit_index\x18\x01 \x01(\x04R\vcommitIndex\"\x81\x01\n" +
+	"\x11PutRolloutRequest\x12?\n" +
+	"\arollout\x18\x01 \x01(\v2%.cairn.rootkms.state.v1.RolloutRecordR\arollout\x12+\n" +
+	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\"#\n" +
+	"\x11GetRolloutRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\";\n" +
+	"\x13ListRolloutsRequest\x12$\n" +
+	"\x0ein_flight_only\x18\x01 \x01(\bR\finFlightOnly\"Y\n" +
+	"\x14ListRolloutsResponse\x12A\n" +
+	"\brollouts\x18\x01 \x03(\v2%.cairn.rootkms.state.v1.RolloutRecordR\brollouts\"\x8b\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
@@ -1908,8 +2104,7 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x16REPLICA_STATE_FOLLOWER\x10\x01\x12\x1b\n" +
 	"\x17REPLICA_STATE_CANDIDATE\x10\x02\x12\x18\n" +
 	"\x14REPLICA_STATE_LEADER\x10\x03\x12\x1a\n" +
-	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\xfa\n" +
-	"\n" +
+	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\x8d\r\n" +
 	"\aRootKMS\x12f\n" +
 	"\x0fUnwrapRegionKey\x12(.cairn.rootkms.v1.UnwrapRegionKeyRequest\x1a).cairn.rootkms.v1.UnwrapRegionKeyResponse\x12I\n" +
 	"\tGetRegion\x12\".cairn.rootkms.v1.GetRegionRequest\x1a\x18.cairn.rootkms.v1.Region\x12Z\n" +
@@ -1922,7 +2117,12 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\vListKeysets\x12$.cairn.rootkms.v1.ListKeysetsRequest\x1a%.cairn.rootkms.v1.ListKeysetsResponse\x12O\n" +
 	"\fUpdateKeyset\x12%.cairn.rootkms.v1.UpdateKeysetRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12U\n" +
 	"\x0fSetKeysetPolicy\x12(.cairn.rootkms.v1.SetKeysetPolicyRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12l\n" +
-	"\x11RecordPropagation\x12*.cairn.rootkms.v1.RecordPropagationRequest\x1a+.cairn.rootkms.v1.RecordPropagationResponse\x12^\n" +
+	"\x11RecordPropagation\x12*.cairn.rootkms.v1.RecordPropagationRequest\x1a+.cairn.rootkms.v1.RecordPropagationResponse\x12X\n" +
+	"\n" +
+	"PutRollout\x12#.cairn.rootkms.v1.PutRolloutRequest\x1a%.cairn.rootkms.state.v1.RolloutRecord\x12X\n" +
+	"\n" +
+	"GetRollout\x12#.cairn.rootkms.v1.GetRolloutRequest\x1a%.cairn.rootkms.state.v1.RolloutRecord\x12]\n" +
+	"\fListRollouts\x12%.cairn.rootkms.v1.ListRolloutsRequest\x1a&.cairn.rootkms.v1.ListRolloutsResponse\x12^\n" +
 	"\x10GetClusterStatus\x12).cairn.rootkms.v1.GetClusterStatusRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12F\n" +
 	"\x04Join\x12\x1d.cairn.rootkms.v1.JoinRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12J\n" +
 	"\x06Remove\x12\x1f.cairn.rootkms.v1.RemoveRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12Q\n" +
@@ -1941,7 +2141,7 @@ func file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_v1_rootkms_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(Suffrage)(0),                         // 0: cairn.rootkms.v1.Suffrage
 	(ReplicaState)(0),                     // 1: cairn.rootkms.v1.ReplicaState
@@ -1965,84 +2165,97 @@ var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(*SetKeysetPolicyRequest)(nil),        // 19: cairn.rootkms.v1.SetKeysetPolicyRequest
 	(*RecordPropagationRequest)(nil),      // 20: cairn.rootkms.v1.RecordPropagationRequest
 	(*RecordPropagationResponse)(nil),     // 21: cairn.rootkms.v1.RecordPropagationResponse
-	(*Member)(nil),                        // 22: cairn.rootkms.v1.Member
-	(*ClusterStatus)(nil),                 // 23: cairn.rootkms.v1.ClusterStatus
-	(*GetClusterStatusRequest)(nil),       // 24: cairn.rootkms.v1.GetClusterStatusRequest
-	(*JoinRequest)(nil),                   // 25: cairn.rootkms.v1.JoinRequest
-	(*RemoveRequest)(nil),                 // 26: cairn.rootkms.v1.RemoveRequest
-	(*SnapshotRequest)(nil),               // 27: cairn.rootkms.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),              // 28: cairn.rootkms.v1.SnapshotResponse
-	(*v1.HpkePublicKey)(nil),              // 29: cairn.crypto.v1.HpkePublicKey
-	(*v1.HpkeSealed)(nil),                 // 30: cairn.crypto.v1.HpkeSealed
-	(v1.KeyStatus)(0),                     // 31: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),             // 32: cairn.crypto.v1.KeyVersionInfo
-	(*timestamppb.Timestamp)(nil),         // 33: google.protobuf.Timestamp
-	(*v11.KeysetRecord)(nil),              // 34: cairn.rootkms.state.v1.KeysetRecord
-	(*durationpb.Duration)(nil),           // 35: google.protobuf.Duration
-	(v11.KeysetStep)(0),                   // 36: cairn.rootkms.state.v1.KeysetStep
-	(*v11.KeysetObservation)(nil),         // 37: cairn.rootkms.state.v1.KeysetObservation
+	(*PutRolloutRequest)(nil),             // 22: cairn.rootkms.v1.PutRolloutRequest
+	(*GetRolloutRequest)(nil),             // 23: cairn.rootkms.v1.GetRolloutRequest
+	(*ListRolloutsRequest)(nil),           // 24: cairn.rootkms.v1.ListRolloutsRequest
+	(*ListRolloutsResponse)(nil),          // 25: cairn.rootkms.v1.ListRolloutsResponse
+	(*Member)(nil),                        // 26: cairn.rootkms.v1.Member
+	(*ClusterStatus)(nil),                 // 27: cairn.rootkms.v1.ClusterStatus
+	(*GetClusterStatusRequest)(nil),       // 28: cairn.rootkms.v1.GetClusterStatusRequest
+	(*JoinRequest)(nil),                   // 29: cairn.rootkms.v1.JoinRequest
+	(*RemoveRequest)(nil),                 // 30: cairn.rootkms.v1.RemoveRequest
+	(*SnapshotRequest)(nil),               // 31: cairn.rootkms.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),              // 32: cairn.rootkms.v1.SnapshotResponse
+	(*v1.HpkePublicKey)(nil),              // 33: cairn.crypto.v1.HpkePublicKey
+	(*v1.HpkeSealed)(nil),                 // 34: cairn.crypto.v1.HpkeSealed
+	(v1.KeyStatus)(0),                     // 35: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),             // 36: cairn.crypto.v1.KeyVersionInfo
+	(*timestamppb.Timestamp)(nil),         // 37: google.protobuf.Timestamp
+	(*v11.KeysetRecord)(nil),              // 38: cairn.rootkms.state.v1.KeysetRecord
+	(*durationpb.Duration)(nil),           // 39: google.protobuf.Duration
+	(v11.KeysetStep)(0),                   // 40: cairn.rootkms.state.v1.KeysetStep
+	(*v11.KeysetObservation)(nil),         // 41: cairn.rootkms.state.v1.KeysetObservation
+	(*v11.RolloutRecord)(nil),             // 42: cairn.rootkms.state.v1.RolloutRecord
 }
 var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
-	29, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	33, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
 	6,  // 1: cairn.rootkms.v1.UnwrapRegionKeyResponse.region:type_name -> cairn.rootkms.v1.Region
-	30, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
+	34, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
 	5,  // 3: cairn.rootkms.v1.RegionKeyMaterial.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionMaterial
-	31, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
-	32, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
-	33, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
+	35, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
+	36, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
+	37, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
 	6,  // 7: cairn.rootkms.v1.ListRegionsResponse.regions:type_name -> cairn.rootkms.v1.Region
-	34, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	35, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
-	35, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
-	35, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	38, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	39, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
+	39, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
+	39, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
 	13, // 12: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
-	35, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
-	36, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	35, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
-	35, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
-	35, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
-	37, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	0,  // 19: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	1,  // 20: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
-	22, // 21: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
-	0,  // 22: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	2,  // 23: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
-	7,  // 24: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
-	8,  // 25: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
-	10, // 26: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
-	11, // 27: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
-	12, // 28: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
-	14, // 29: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
-	15, // 30: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
-	16, // 31: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
-	18, // 32: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
-	19, // 33: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
-	20, // 34: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
-	24, // 35: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
-	25, // 36: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
-	26, // 37: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
-	27, // 38: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
-	3,  // 39: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 40: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 41: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 42: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 43: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	6,  // 44: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
-	13, // 45: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 46: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
-	17, // 47: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
-	13, // 48: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 49: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
-	21, // 50: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
-	23, // 51: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	23, // 52: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	23, // 53: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 54: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	39, // [39:55] is the sub-list for method output_type
-	23, // [23:39] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	39, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
+	40, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	39, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
+	39, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
+	39, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	41, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	42, // 19: cairn.rootkms.v1.PutRolloutRequest.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	42, // 20: cairn.rootkms.v1.ListRolloutsResponse.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	0,  // 21: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	1,  // 22: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
+	26, // 23: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
+	0,  // 24: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	2,  // 25: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
+	7,  // 26: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
+	8,  // 27: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
+	10, // 28: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
+	11, // 29: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
+	12, // 30: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
+	14, // 31: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
+	15, // 32: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
+	16, // 33: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
+	18, // 34: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
+	19, // 35: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
+	20, // 36: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
+	22, // 37: cairn.rootkms.v1.RootKMS.PutRollout:input_type -> cairn.rootkms.v1.PutRolloutRequest
+	23, // 38: cairn.rootkms.v1.RootKMS.GetRollout:input_type -> cairn.rootkms.v1.GetRolloutRequest
+	24, // 39: cairn.rootkms.v1.RootKMS.ListRollouts:input_type -> cairn.rootkms.v1.ListRolloutsRequest
+	28, // 40: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
+	29, // 41: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
+	30, // 42: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
+	31, // 43: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
+	3,  // 44: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 45: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 46: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 47: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 48: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 49: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 50: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 51: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 52: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 53: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 54: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 55: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	42, // 56: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	42, // 57: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	25, // 58: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
+	27, // 59: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	27, // 60: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	27, // 61: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	32, // 62: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	44, // [44:63] is the sub-list for method output_type
+	25, // [25:44] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_v1_rootkms_proto_init() }
@@ -2056,7 +2269,7 @@ func file_cairn_rootkms_v1_rootkms_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_v1_rootkms_proto_rawDesc), len(file_cairn_rootkms_v1_rootkms_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

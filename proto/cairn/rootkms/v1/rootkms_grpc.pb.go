@@ -16,6 +16,7 @@ package rootkmsv1
 
 import (
 	context "context"
+	v1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	grpc "google.golang.org/grpc"
 	codes "google.golang.org/grpc/codes"
 	status "google.golang.org/grpc/status"
@@ -39,6 +40,9 @@ const (
 	RootKMS_UpdateKeyset_FullMethodName           = "/cairn.rootkms.v1.RootKMS/UpdateKeyset"
 	RootKMS_SetKeysetPolicy_FullMethodName        = "/cairn.rootkms.v1.RootKMS/SetKeysetPolicy"
 	RootKMS_RecordPropagation_FullMethodName      = "/cairn.rootkms.v1.RootKMS/RecordPropagation"
+	RootKMS_PutRollout_FullMethodName             = "/cairn.rootkms.v1.RootKMS/PutRollout"
+	RootKMS_GetRollout_FullMethodName             = "/cairn.rootkms.v1.RootKMS/GetRollout"
+	RootKMS_ListRollouts_FullMethodName           = "/cairn.rootkms.v1.RootKMS/ListRollouts"
 	RootKMS_GetClusterStatus_FullMethodName       = "/cairn.rootkms.v1.RootKMS/GetClusterStatus"
 	RootKMS_Join_FullMethodName                   = "/cairn.rootkms.v1.RootKMS/Join"
 	RootKMS_Remove_FullMethodName                 = "/cairn.rootkms.v1.RootKMS/Remove"
@@ -93,6 +97,16 @@ type RootKMSClient interface {
 	// and has used, as observed by regionctl: it sets each version's
 	// propagation time and usage, which the Safety Condition reads.
 	RecordPropagation(ctx context.Context, in *RecordPropagationRequest, opts ...grpc.CallOption) (*RecordPropagationResponse, error)
+	// PutRollout creates (expected_revision 0) or updates a staged rollout's
+	// durable record. ALREADY_EXISTS for a new rollout whose id exists;
+	// FAILED_PRECONDITION, naming it, while another rollout is in flight for
+	// one of its regions; ABORTED for a stale revision or epoch (another
+	// controller wrote since: read it again).
+	PutRollout(ctx context.Context, in *PutRolloutRequest, opts ...grpc.CallOption) (*v1.RolloutRecord, error)
+	// GetRollout returns one rollout's record.
+	GetRollout(ctx context.Context, in *GetRolloutRequest, opts ...grpc.CallOption) (*v1.RolloutRecord, error)
+	// ListRollouts returns the rollouts the record keeps, sorted by id.
+	ListRollouts(ctx context.Context, in *ListRolloutsRequest, opts ...grpc.CallOption) (*ListRolloutsResponse, error)
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
@@ -236,6 +250,36 @@ func (c *rootKMSClient) RecordPropagation(ctx context.Context, in *RecordPropaga
 	return out, nil
 }
 
+func (c *rootKMSClient) PutRollout(ctx context.Context, in *PutRolloutRequest, opts ...grpc.CallOption) (*v1.RolloutRecord, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(v1.RolloutRecord)
+	err := c.cc.Invoke(ctx, RootKMS_PutRollout_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) GetRollout(ctx context.Context, in *GetRolloutRequest, opts ...grpc.CallOption) (*v1.RolloutRecord, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(v1.RolloutRecord)
+	err := c.cc.Invoke(ctx, RootKMS_GetRollout_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) ListRollouts(ctx context.Context, in *ListRolloutsRequest, opts ...grpc.CallOption) (*ListRolloutsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListRolloutsResponse)
+	err := c.cc.Invoke(ctx, RootKMS_ListRollouts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *rootKMSClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatus, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ClusterStatus)
@@ -324,6 +368,16 @@ type RootKMSServer interface {
 	// and has used, as observed by regionctl: it sets each version's
 	// propagation time and usage, which the Safety Condition reads.
 	RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error)
+	// PutRollout creates (expected_revision 0) or updates a staged rollout's
+	// durable record. ALREADY_EXISTS for a new rollout whose id exists;
+	// FAILED_PRECONDITION, naming it, while another rollout is in flight for
+	// one of its regions; ABORTED for a stale revision or epoch (another
+	// controller wrote since: read it again).
+	PutRollout(context.Context, *PutRolloutRequest) (*v1.RolloutRecord, error)
+	// GetRollout returns one rollout's record.
+	GetRollout(context.Context, *GetRolloutRequest) (*v1.RolloutRecord, error)
+	// ListRollouts returns the rollouts the record keeps, sorted by id.
+	ListRollouts(context.Context, *ListRolloutsRequest) (*ListRolloutsResponse, error)
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
@@ -382,6 +436,15 @@ func (UnimplementedRootKMSServer) SetKeysetPolicy(context.Context, *SetKeysetPol
 }
 func (UnimplementedRootKMSServer) RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RecordPropagation not implemented")
+}
+func (UnimplementedRootKMSServer) PutRollout(context.Context, *PutRolloutRequest) (*v1.RolloutRecord, error) {
+	return nil, status.Error(codes.Unimplemented, "method PutRollout not implemented")
+}
+func (UnimplementedRootKMSServer) GetRollout(context.Context, *GetRolloutRequest) (*v1.RolloutRecord, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetRollout not implemented")
+}
+func (UnimplementedRootKMSServer) ListRollouts(context.Context, *ListRolloutsRequest) (*ListRolloutsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListRollouts not implemented")
 }
 func (UnimplementedRootKMSServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetClusterStatus not implemented")
@@ -632,6 +695,60 @@ func _RootKMS_RecordPropagation_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RootKMS_PutRollout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PutRolloutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).PutRollout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_PutRollout_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).PutRollout(ctx, req.(*PutRolloutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_GetRollout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetRolloutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).GetRollout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_GetRollout_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).GetRollout(ctx, req.(*GetRolloutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_ListRollouts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListRolloutsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).ListRollouts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_ListRollouts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).ListRollouts(ctx, req.(*ListRolloutsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _RootKMS_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetClusterStatusRequest)
 	if err := dec(in); err != nil {
@@ -758,6 +875,18 @@ var RootKMS_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordPropagation",
 			Handler:    _RootKMS_RecordPropagation_Handler,
+		},
+		{
+			MethodName: "PutRollout",
+			Handler:    _RootKMS_PutRollout_Handler,
+		},
+		{
+			MethodName: "GetRollout",
+			Handler:    _RootKMS_GetRollout_Handler,
+		},
+		{
+			MethodName: "ListRollouts",
+			Handler:    _RootKMS_ListRollouts_Handler,
 		},
 		{
 			MethodName: "GetClusterStatus",

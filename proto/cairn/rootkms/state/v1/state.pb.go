@@ -224,6 +224,7 @@ type Command struct {
 	//	*Command_UpdateKeyset
 	//	*Command_RecordPropagation
 	//	*Command_SetKeysetPolicy
+	//	*Command_PutRollout
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -375,6 +376,15 @@ func (x *Command) GetSetKeysetPolicy() *SetKeysetPolicyCommand {
 	return nil
 }
 
+func (x *Command) GetPutRollout() *PutRolloutCommand {
+	if x != nil {
+		if x, ok := x.Op.(*Command_PutRollout); ok {
+			return x.PutRollout
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -415,6 +425,10 @@ type Command_SetKeysetPolicy struct {
 	SetKeysetPolicy *SetKeysetPolicyCommand `protobuf:"bytes,18,opt,name=set_keyset_policy,json=setKeysetPolicy,proto3,oneof"`
 }
 
+type Command_PutRollout struct {
+	PutRollout *PutRolloutCommand `protobuf:"bytes,19,opt,name=put_rollout,json=putRollout,proto3,oneof"`
+}
+
 func (*Command_CreateRegion) isCommand_Op() {}
 
 func (*Command_AddRegionKeyVersion) isCommand_Op() {}
@@ -432,6 +446,8 @@ func (*Command_UpdateKeyset) isCommand_Op() {}
 func (*Command_RecordPropagation) isCommand_Op() {}
 
 func (*Command_SetKeysetPolicy) isCommand_Op() {}
+
+func (*Command_PutRollout) isCommand_Op() {}
 
 // RegisterMemberCommand records where a replica serves its gRPC API, so that
 // any replica can send a caller to the leader's API (Raft itself only knows
@@ -969,7 +985,10 @@ type Snapshot struct {
 	Keysets []*KeysetRecord `protobuf:"bytes,6,rep,name=keysets,proto3" json:"keysets,omitempty"`
 	// requests are the outcomes of the most recent commands, oldest first,
 	// bounded in number (see RequestRecord).
-	Requests      []*RequestRecord `protobuf:"bytes,7,rep,name=requests,proto3" json:"requests,omitempty"`
+	Requests []*RequestRecord `protobuf:"bytes,7,rep,name=requests,proto3" json:"requests,omitempty"`
+	// rollouts sorted by id: every rollout in flight, and the most recent
+	// finished ones (bounded).
+	Rollouts      []*RolloutRecord `protobuf:"bytes,8,rep,name=rollouts,proto3" json:"rollouts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1049,6 +1068,13 @@ func (x *Snapshot) GetKeysets() []*KeysetRecord {
 func (x *Snapshot) GetRequests() []*RequestRecord {
 	if x != nil {
 		return x.Requests
+	}
+	return nil
+}
+
+func (x *Snapshot) GetRollouts() []*RolloutRecord {
+	if x != nil {
+		return x.Rollouts
 	}
 	return nil
 }
@@ -2168,11 +2194,211 @@ func (x *SetKeysetPolicyCommand) GetCiphertextTtl() *durationpb.Duration {
 	return nil
 }
 
+// RolloutRecord is one staged rollout, durable and fenced: a controller
+// killed mid-stage resumes from it, a stale controller cannot overwrite a
+// newer one's progress, and a region has at most one rollout in flight.
+type RolloutRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// regions the rollout changes, sorted; while in_flight, no other rollout
+	// may be started for any of them.
+	Regions  []string `protobuf:"bytes,2,rep,name=regions,proto3" json:"regions,omitempty"`
+	InFlight bool     `protobuf:"varint,3,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// epoch fences controllers: a write must carry the record's epoch or a
+	// higher one (a controller taking over raises it); a lower one is
+	// refused.
+	Epoch uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// owner names the controller holding the epoch (SPIFFE ID and instance).
+	Owner string `protobuf:"bytes,5,opt,name=owner,proto3" json:"owner,omitempty"`
+	// revision counts the writes (1 after the first); a write names the
+	// revision it read.
+	Revision  uint64                 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	StartedBy string                 `protobuf:"bytes,9,opt,name=started_by,json=startedBy,proto3" json:"started_by,omitempty"`
+	Reason    string                 `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	// body is the rollout's whole state (plan, stage, per-server results) as
+	// the controller encodes it, in body_format (e.g.
+	// "cairn.rollout.v1+json"); the root KMS keeps and fences it, and does
+	// not interpret it. At most 1 MiB.
+	BodyFormat    string `protobuf:"bytes,11,opt,name=body_format,json=bodyFormat,proto3" json:"body_format,omitempty"`
+	Body          []byte `protobuf:"bytes,12,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RolloutRecord) Reset() {
+	*x = RolloutRecord{}
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RolloutRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RolloutRecord) ProtoMessage() {}
+
+func (x *RolloutRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RolloutRecord.ProtoReflect.Descriptor instead.
+func (*RolloutRecord) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *RolloutRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RolloutRecord) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+func (x *RolloutRecord) GetInFlight() bool {
+	if x != nil {
+		return x.InFlight
+	}
+	return false
+}
+
+func (x *RolloutRecord) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *RolloutRecord) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *RolloutRecord) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *RolloutRecord) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *RolloutRecord) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *RolloutRecord) GetStartedBy() string {
+	if x != nil {
+		return x.StartedBy
+	}
+	return ""
+}
+
+func (x *RolloutRecord) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *RolloutRecord) GetBodyFormat() string {
+	if x != nil {
+		return x.BodyFormat
+	}
+	return ""
+}
+
+func (x *RolloutRecord) GetBody() []byte {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// PutRolloutCommand creates (expected_revision 0) or updates a rollout.
+type PutRolloutCommand struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Rollout          *RolloutRecord         `protobuf:"bytes,1,opt,name=rollout,proto3" json:"rollout,omitempty"`
+	ExpectedRevision uint64                 `protobuf:"varint,2,opt,name=expected_revision,json=expectedRevision,proto3" json:"expected_revision,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *PutRolloutCommand) Reset() {
+	*x = PutRolloutCommand{}
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutRolloutCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutRolloutCommand) ProtoMessage() {}
+
+func (x *PutRolloutCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutRolloutCommand.ProtoReflect.Descriptor instead.
+func (*PutRolloutCommand) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *PutRolloutCommand) GetRollout() *RolloutRecord {
+	if x != nil {
+		return x.Rollout
+	}
+	return nil
+}
+
+func (x *PutRolloutCommand) GetExpectedRevision() uint64 {
+	if x != nil {
+		return x.ExpectedRevision
+	}
+	return 0
+}
+
 var File_cairn_rootkms_state_v1_state_proto protoreflect.FileDescriptor
 
 const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\"cairn/rootkms/state/v1/state.proto\x12\x16cairn.rootkms.state.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\b\n" +
+	"\"cairn/rootkms/state/v1/state.proto\x12\x16cairn.rootkms.state.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\b\n" +
 	"\aCommand\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1d\n" +
@@ -2188,7 +2414,9 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\rcreate_keyset\x18\x0f \x01(\v2+.cairn.rootkms.state.v1.CreateKeysetCommandH\x00R\fcreateKeyset\x12R\n" +
 	"\rupdate_keyset\x18\x10 \x01(\v2+.cairn.rootkms.state.v1.UpdateKeysetCommandH\x00R\fupdateKeyset\x12a\n" +
 	"\x12record_propagation\x18\x11 \x01(\v20.cairn.rootkms.state.v1.RecordPropagationCommandH\x00R\x11recordPropagation\x12\\\n" +
-	"\x11set_keyset_policy\x18\x12 \x01(\v2..cairn.rootkms.state.v1.SetKeysetPolicyCommandH\x00R\x0fsetKeysetPolicyB\x04\n" +
+	"\x11set_keyset_policy\x18\x12 \x01(\v2..cairn.rootkms.state.v1.SetKeysetPolicyCommandH\x00R\x0fsetKeysetPolicy\x12L\n" +
+	"\vput_rollout\x18\x13 \x01(\v2).cairn.rootkms.state.v1.PutRolloutCommandH\x00R\n" +
+	"putRolloutB\x04\n" +
 	"\x02op\"U\n" +
 	"\x15RegisterMemberCommand\x12<\n" +
 	"\x06member\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.MemberRecordR\x06member\")\n" +
@@ -2223,7 +2451,7 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\x12served_observed_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x10servedObservedAt\"\x90\x01\n" +
 	"\x16RegionKeyVersionRecord\x12A\n" +
 	"\x03key\x18\x01 \x01(\v2/.cairn.rootkms.state.v1.WrappedRegionKeyVersionR\x03key\x123\n" +
-	"\x04info\x18\x02 \x01(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\x04info\"\xec\x02\n" +
+	"\x04info\x18\x02 \x01(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\x04info\"\xaf\x03\n" +
 	"\bSnapshot\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\x1d\n" +
 	"\n" +
@@ -2232,7 +2460,8 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\aregions\x18\x04 \x03(\v2$.cairn.rootkms.state.v1.RegionRecordR\aregions\x12>\n" +
 	"\amembers\x18\x05 \x03(\v2$.cairn.rootkms.state.v1.MemberRecordR\amembers\x12>\n" +
 	"\akeysets\x18\x06 \x03(\v2$.cairn.rootkms.state.v1.KeysetRecordR\akeysets\x12A\n" +
-	"\brequests\x18\a \x03(\v2%.cairn.rootkms.state.v1.RequestRecordR\brequests\"\xe4\x01\n" +
+	"\brequests\x18\a \x03(\v2%.cairn.rootkms.state.v1.RequestRecordR\brequests\x12A\n" +
+	"\brollouts\x18\b \x03(\v2%.cairn.rootkms.state.v1.RolloutRecordR\brollouts\"\xe4\x01\n" +
 	"\rRequestRecord\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x1d\n" +
 	"\n" +
@@ -2333,7 +2562,28 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x12B\n" +
 	"\x0frotation_period\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x12@\n" +
-	"\x0eciphertext_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl*\xf1\x01\n" +
+	"\x0eciphertext_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\rciphertextTtl\"\x80\x03\n" +
+	"\rRolloutRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\aregions\x18\x02 \x03(\tR\aregions\x12\x1b\n" +
+	"\tin_flight\x18\x03 \x01(\bR\binFlight\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x14\n" +
+	"\x05owner\x18\x05 \x01(\tR\x05owner\x12\x1a\n" +
+	"\brevision\x18\x06 \x01(\x04R\brevision\x129\n" +
+	"\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1d\n" +
+	"\n" +
+	"started_by\x18\t \x01(\tR\tstartedBy\x12\x16\n" +
+	"\x06reason\x18\n" +
+	" \x01(\tR\x06reason\x12\x1f\n" +
+	"\vbody_format\x18\v \x01(\tR\n" +
+	"bodyFormat\x12\x12\n" +
+	"\x04body\x18\f \x01(\fR\x04body\"\x81\x01\n" +
+	"\x11PutRolloutCommand\x12?\n" +
+	"\arollout\x18\x01 \x01(\v2%.cairn.rootkms.state.v1.RolloutRecordR\arollout\x12+\n" +
+	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision*\xf1\x01\n" +
 	"\x12KeysetVersionState\x12$\n" +
 	" KEYSET_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cKEYSET_VERSION_STATE_ENABLED\x10\x01\x12 \n" +
@@ -2366,7 +2616,7 @@ func file_cairn_rootkms_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(KeysetVersionState)(0),                  // 0: cairn.rootkms.state.v1.KeysetVersionState
 	(KeysetStep)(0),                          // 1: cairn.rootkms.state.v1.KeysetStep
@@ -2394,14 +2644,16 @@ var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(*KeysetObservation)(nil),                // 23: cairn.rootkms.state.v1.KeysetObservation
 	(*VersionObservation)(nil),               // 24: cairn.rootkms.state.v1.VersionObservation
 	(*SetKeysetPolicyCommand)(nil),           // 25: cairn.rootkms.state.v1.SetKeysetPolicyCommand
-	(*timestamppb.Timestamp)(nil),            // 26: google.protobuf.Timestamp
-	(v1.KeyStatus)(0),                        // 27: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),                // 28: cairn.crypto.v1.KeyVersionInfo
-	(*durationpb.Duration)(nil),              // 29: google.protobuf.Duration
-	(*v1.EncryptedKeyset)(nil),               // 30: cairn.crypto.v1.EncryptedKeyset
+	(*RolloutRecord)(nil),                    // 26: cairn.rootkms.state.v1.RolloutRecord
+	(*PutRolloutCommand)(nil),                // 27: cairn.rootkms.state.v1.PutRolloutCommand
+	(*timestamppb.Timestamp)(nil),            // 28: google.protobuf.Timestamp
+	(v1.KeyStatus)(0),                        // 29: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),                // 30: cairn.crypto.v1.KeyVersionInfo
+	(*durationpb.Duration)(nil),              // 31: google.protobuf.Duration
+	(*v1.EncryptedKeyset)(nil),               // 32: cairn.crypto.v1.EncryptedKeyset
 }
 var file_cairn_rootkms_state_v1_state_proto_depIdxs = []int32{
-	26, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
+	28, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
 	6,  // 1: cairn.rootkms.state.v1.Command.create_region:type_name -> cairn.rootkms.state.v1.CreateRegionCommand
 	7,  // 2: cairn.rootkms.state.v1.Command.add_region_key_version:type_name -> cairn.rootkms.state.v1.AddRegionKeyVersionCommand
 	8,  // 3: cairn.rootkms.state.v1.Command.set_region_key_version_status:type_name -> cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand
@@ -2411,59 +2663,64 @@ var file_cairn_rootkms_state_v1_state_proto_depIdxs = []int32{
 	21, // 7: cairn.rootkms.state.v1.Command.update_keyset:type_name -> cairn.rootkms.state.v1.UpdateKeysetCommand
 	22, // 8: cairn.rootkms.state.v1.Command.record_propagation:type_name -> cairn.rootkms.state.v1.RecordPropagationCommand
 	25, // 9: cairn.rootkms.state.v1.Command.set_keyset_policy:type_name -> cairn.rootkms.state.v1.SetKeysetPolicyCommand
-	5,  // 10: cairn.rootkms.state.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.state.v1.MemberRecord
-	9,  // 11: cairn.rootkms.state.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	9,  // 12: cairn.rootkms.state.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	27, // 13: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
-	26, // 14: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
-	11, // 15: cairn.rootkms.state.v1.RegionRecord.versions:type_name -> cairn.rootkms.state.v1.RegionKeyVersionRecord
-	26, // 16: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
-	9,  // 17: cairn.rootkms.state.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	28, // 18: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
-	10, // 19: cairn.rootkms.state.v1.Snapshot.regions:type_name -> cairn.rootkms.state.v1.RegionRecord
-	5,  // 20: cairn.rootkms.state.v1.Snapshot.members:type_name -> cairn.rootkms.state.v1.MemberRecord
-	14, // 21: cairn.rootkms.state.v1.Snapshot.keysets:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	13, // 22: cairn.rootkms.state.v1.Snapshot.requests:type_name -> cairn.rootkms.state.v1.RequestRecord
-	26, // 23: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
-	29, // 24: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
-	15, // 25: cairn.rootkms.state.v1.KeysetRecord.ttl_history:type_name -> cairn.rootkms.state.v1.TtlPeriod
-	16, // 26: cairn.rootkms.state.v1.KeysetRecord.versions:type_name -> cairn.rootkms.state.v1.KeysetVersionRecord
-	30, // 27: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	26, // 28: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
-	29, // 29: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
-	26, // 30: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
-	26, // 31: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
-	0,  // 32: cairn.rootkms.state.v1.KeysetVersionRecord.state:type_name -> cairn.rootkms.state.v1.KeysetVersionState
-	26, // 33: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
-	18, // 34: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
-	26, // 35: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
-	26, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
-	26, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
-	26, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
-	26, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
-	19, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
-	17, // 41: cairn.rootkms.state.v1.KeysetVersionRecord.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
-	26, // 42: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
-	26, // 43: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
-	26, // 44: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	26, // 45: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
-	14, // 46: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	1,  // 47: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	26, // 48: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
-	30, // 49: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	17, // 50: cairn.rootkms.state.v1.UpdateKeysetCommand.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
-	26, // 51: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
-	23, // 52: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	24, // 53: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
-	26, // 54: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
-	26, // 55: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
-	29, // 56: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
-	29, // 57: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
-	58, // [58:58] is the sub-list for method output_type
-	58, // [58:58] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	27, // 10: cairn.rootkms.state.v1.Command.put_rollout:type_name -> cairn.rootkms.state.v1.PutRolloutCommand
+	5,  // 11: cairn.rootkms.state.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.state.v1.MemberRecord
+	9,  // 12: cairn.rootkms.state.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	9,  // 13: cairn.rootkms.state.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	29, // 14: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
+	28, // 15: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
+	11, // 16: cairn.rootkms.state.v1.RegionRecord.versions:type_name -> cairn.rootkms.state.v1.RegionKeyVersionRecord
+	28, // 17: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
+	9,  // 18: cairn.rootkms.state.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	30, // 19: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
+	10, // 20: cairn.rootkms.state.v1.Snapshot.regions:type_name -> cairn.rootkms.state.v1.RegionRecord
+	5,  // 21: cairn.rootkms.state.v1.Snapshot.members:type_name -> cairn.rootkms.state.v1.MemberRecord
+	14, // 22: cairn.rootkms.state.v1.Snapshot.keysets:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	13, // 23: cairn.rootkms.state.v1.Snapshot.requests:type_name -> cairn.rootkms.state.v1.RequestRecord
+	26, // 24: cairn.rootkms.state.v1.Snapshot.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	28, // 25: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
+	31, // 26: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
+	15, // 27: cairn.rootkms.state.v1.KeysetRecord.ttl_history:type_name -> cairn.rootkms.state.v1.TtlPeriod
+	16, // 28: cairn.rootkms.state.v1.KeysetRecord.versions:type_name -> cairn.rootkms.state.v1.KeysetVersionRecord
+	32, // 29: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	28, // 30: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
+	31, // 31: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	28, // 32: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	28, // 33: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	0,  // 34: cairn.rootkms.state.v1.KeysetVersionRecord.state:type_name -> cairn.rootkms.state.v1.KeysetVersionState
+	28, // 35: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
+	18, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
+	28, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
+	28, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
+	28, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
+	28, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
+	28, // 41: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
+	19, // 42: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
+	17, // 43: cairn.rootkms.state.v1.KeysetVersionRecord.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	28, // 44: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
+	28, // 45: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
+	28, // 46: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	28, // 47: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
+	14, // 48: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	1,  // 49: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	28, // 50: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
+	32, // 51: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	17, // 52: cairn.rootkms.state.v1.UpdateKeysetCommand.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	28, // 53: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
+	23, // 54: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	24, // 55: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
+	28, // 56: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
+	28, // 57: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
+	31, // 58: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
+	31, // 59: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
+	28, // 60: cairn.rootkms.state.v1.RolloutRecord.created_at:type_name -> google.protobuf.Timestamp
+	28, // 61: cairn.rootkms.state.v1.RolloutRecord.updated_at:type_name -> google.protobuf.Timestamp
+	26, // 62: cairn.rootkms.state.v1.PutRolloutCommand.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	63, // [63:63] is the sub-list for method output_type
+	63, // [63:63] is the sub-list for method input_type
+	63, // [63:63] is the sub-list for extension type_name
+	63, // [63:63] is the sub-list for extension extendee
+	0,  // [0:63] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_state_v1_state_proto_init() }
@@ -2481,6 +2738,7 @@ func file_cairn_rootkms_state_v1_state_proto_init() {
 		(*Command_UpdateKeyset)(nil),
 		(*Command_RecordPropagation)(nil),
 		(*Command_SetKeysetPolicy)(nil),
+		(*Command_PutRollout)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2488,7 +2746,7 @@ func file_cairn_rootkms_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_state_v1_state_proto_rawDesc), len(file_cairn_rootkms_state_v1_state_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
