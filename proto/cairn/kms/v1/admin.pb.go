@@ -289,7 +289,10 @@ type GetStatusResponse struct {
 	// regionctl counts it as unknown, never as a server serving nothing.
 	PendingBundle *v1.BundleRef `protobuf:"bytes,9,opt,name=pending_bundle,json=pendingBundle,proto3" json:"pending_bundle,omitempty"`
 	// served_bundle is the signed bundle served (include_bundle).
-	ServedBundle  *v1.SignedBundle `protobuf:"bytes,10,opt,name=served_bundle,json=servedBundle,proto3" json:"served_bundle,omitempty"`
+	ServedBundle *v1.SignedBundle `protobuf:"bytes,10,opt,name=served_bundle,json=servedBundle,proto3" json:"served_bundle,omitempty"`
+	// stats are the server's data-plane counters since it started: what a
+	// rollout's gates compare before and after a stage.
+	Stats         *RequestStats `protobuf:"bytes,11,opt,name=stats,proto3" json:"stats,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -394,6 +397,141 @@ func (x *GetStatusResponse) GetServedBundle() *v1.SignedBundle {
 	return nil
 }
 
+func (x *GetStatusResponse) GetStats() *RequestStats {
+	if x != nil {
+		return x.Stats
+	}
+	return nil
+}
+
+// RequestStats counts the data-plane calls (Encrypt, Decrypt, their batch
+// forms, GenerateDataKey, Rewrap) a server answered since it started.
+type RequestStats struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Requests uint64                 `protobuf:"varint,1,opt,name=requests,proto3" json:"requests,omitempty"`
+	// errors counts the calls answered with any code but OK (a refused
+	// identity counts: an ACL that locks out a real client must show).
+	Errors uint64 `protobuf:"varint,2,opt,name=errors,proto3" json:"errors,omitempty"`
+	// latency is the cumulative histogram of the calls' durations.
+	Latency       []*LatencyBucket `protobuf:"bytes,3,rep,name=latency,proto3" json:"latency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestStats) Reset() {
+	*x = RequestStats{}
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestStats) ProtoMessage() {}
+
+func (x *RequestStats) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestStats.ProtoReflect.Descriptor instead.
+func (*RequestStats) Descriptor() ([]byte, []int) {
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RequestStats) GetRequests() uint64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+func (x *RequestStats) GetErrors() uint64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *RequestStats) GetLatency() []*LatencyBucket {
+	if x != nil {
+		return x.Latency
+	}
+	return nil
+}
+
+type LatencyBucket struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// le_seconds is the bucket's upper bound; the last bucket is +Inf
+	// (le_seconds 0 and infinite set).
+	LeSeconds float64 `protobuf:"fixed64,1,opt,name=le_seconds,json=leSeconds,proto3" json:"le_seconds,omitempty"`
+	Infinite  bool    `protobuf:"varint,2,opt,name=infinite,proto3" json:"infinite,omitempty"`
+	// count is the number of calls that took at most le_seconds.
+	Count         uint64 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LatencyBucket) Reset() {
+	*x = LatencyBucket{}
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LatencyBucket) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LatencyBucket) ProtoMessage() {}
+
+func (x *LatencyBucket) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LatencyBucket.ProtoReflect.Descriptor instead.
+func (*LatencyBucket) Descriptor() ([]byte, []int) {
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *LatencyBucket) GetLeSeconds() float64 {
+	if x != nil {
+		return x.LeSeconds
+	}
+	return 0
+}
+
+func (x *LatencyBucket) GetInfinite() bool {
+	if x != nil {
+		return x.Infinite
+	}
+	return false
+}
+
+func (x *LatencyBucket) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 type KeysetUsage struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Keyset        string                 `protobuf:"bytes,1,opt,name=keyset,proto3" json:"keyset,omitempty"`
@@ -405,7 +543,7 @@ type KeysetUsage struct {
 
 func (x *KeysetUsage) Reset() {
 	*x = KeysetUsage{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[4]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -417,7 +555,7 @@ func (x *KeysetUsage) String() string {
 func (*KeysetUsage) ProtoMessage() {}
 
 func (x *KeysetUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[4]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -430,7 +568,7 @@ func (x *KeysetUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysetUsage.ProtoReflect.Descriptor instead.
 func (*KeysetUsage) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeysetUsage) GetKeyset() string {
@@ -475,7 +613,7 @@ type KeyVersionUsage struct {
 
 func (x *KeyVersionUsage) Reset() {
 	*x = KeyVersionUsage{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[5]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -487,7 +625,7 @@ func (x *KeyVersionUsage) String() string {
 func (*KeyVersionUsage) ProtoMessage() {}
 
 func (x *KeyVersionUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[5]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -500,7 +638,7 @@ func (x *KeyVersionUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersionUsage.ProtoReflect.Descriptor instead.
 func (*KeyVersionUsage) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KeyVersionUsage) GetKeyId() uint32 {
@@ -561,7 +699,7 @@ type ProbeRequest struct {
 
 func (x *ProbeRequest) Reset() {
 	*x = ProbeRequest{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[6]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +711,7 @@ func (x *ProbeRequest) String() string {
 func (*ProbeRequest) ProtoMessage() {}
 
 func (x *ProbeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[6]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +724,7 @@ func (x *ProbeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeRequest.ProtoReflect.Descriptor instead.
 func (*ProbeRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ProbeRequest) GetProbes() []*GoldenProbe {
@@ -612,7 +750,7 @@ type GoldenProbe struct {
 
 func (x *GoldenProbe) Reset() {
 	*x = GoldenProbe{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[7]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +762,7 @@ func (x *GoldenProbe) String() string {
 func (*GoldenProbe) ProtoMessage() {}
 
 func (x *GoldenProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[7]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +775,7 @@ func (x *GoldenProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GoldenProbe.ProtoReflect.Descriptor instead.
 func (*GoldenProbe) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GoldenProbe) GetKeyset() string {
@@ -678,7 +816,7 @@ type ProbeResponse struct {
 
 func (x *ProbeResponse) Reset() {
 	*x = ProbeResponse{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[8]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -690,7 +828,7 @@ func (x *ProbeResponse) String() string {
 func (*ProbeResponse) ProtoMessage() {}
 
 func (x *ProbeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[8]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -703,7 +841,7 @@ func (x *ProbeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeResponse.ProtoReflect.Descriptor instead.
 func (*ProbeResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ProbeResponse) GetResults() []*ProbeResult {
@@ -725,7 +863,7 @@ type ProbeResult struct {
 
 func (x *ProbeResult) Reset() {
 	*x = ProbeResult{}
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[9]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +875,7 @@ func (x *ProbeResult) String() string {
 func (*ProbeResult) ProtoMessage() {}
 
 func (x *ProbeResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_kms_v1_admin_proto_msgTypes[9]
+	mi := &file_cairn_kms_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,7 +888,7 @@ func (x *ProbeResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeResult.ProtoReflect.Descriptor instead.
 func (*ProbeResult) Descriptor() ([]byte, []int) {
-	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_cairn_kms_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ProbeResult) GetOk() bool {
@@ -790,7 +928,7 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"b\n" +
 	"\x10GetStatusRequest\x12'\n" +
 	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\x12%\n" +
-	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\x92\x04\n" +
+	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\xc4\x04\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -802,7 +940,17 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\x12A\n" +
 	"\x0epending_bundle\x18\t \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\rpendingBundle\x12B\n" +
 	"\rserved_bundle\x18\n" +
-	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\"\x86\x01\n" +
+	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\x120\n" +
+	"\x05stats\x18\v \x01(\v2\x1a.cairn.kms.v1.RequestStatsR\x05stats\"y\n" +
+	"\fRequestStats\x12\x1a\n" +
+	"\brequests\x18\x01 \x01(\x04R\brequests\x12\x16\n" +
+	"\x06errors\x18\x02 \x01(\x04R\x06errors\x125\n" +
+	"\alatency\x18\x03 \x03(\v2\x1b.cairn.kms.v1.LatencyBucketR\alatency\"`\n" +
+	"\rLatencyBucket\x12\x1d\n" +
+	"\n" +
+	"le_seconds\x18\x01 \x01(\x01R\tleSeconds\x12\x1a\n" +
+	"\binfinite\x18\x02 \x01(\bR\binfinite\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\x04R\x05count\"\x86\x01\n" +
 	"\vKeysetUsage\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12$\n" +
 	"\x0eprimary_key_id\x18\x02 \x01(\rR\fprimaryKeyId\x129\n" +
@@ -853,51 +1001,55 @@ func file_cairn_kms_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_kms_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cairn_kms_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_cairn_kms_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_cairn_kms_v1_admin_proto_goTypes = []any{
 	(ServingState)(0),             // 0: cairn.kms.v1.ServingState
 	(*ApplyBundleRequest)(nil),    // 1: cairn.kms.v1.ApplyBundleRequest
 	(*ApplyBundleResponse)(nil),   // 2: cairn.kms.v1.ApplyBundleResponse
 	(*GetStatusRequest)(nil),      // 3: cairn.kms.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),     // 4: cairn.kms.v1.GetStatusResponse
-	(*KeysetUsage)(nil),           // 5: cairn.kms.v1.KeysetUsage
-	(*KeyVersionUsage)(nil),       // 6: cairn.kms.v1.KeyVersionUsage
-	(*ProbeRequest)(nil),          // 7: cairn.kms.v1.ProbeRequest
-	(*GoldenProbe)(nil),           // 8: cairn.kms.v1.GoldenProbe
-	(*ProbeResponse)(nil),         // 9: cairn.kms.v1.ProbeResponse
-	(*ProbeResult)(nil),           // 10: cairn.kms.v1.ProbeResult
-	(*v1.SignedBundle)(nil),       // 11: cairn.bundle.v1.SignedBundle
-	(*v1.BundleRef)(nil),          // 12: cairn.bundle.v1.BundleRef
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
-	(v11.KeyStatus)(0),            // 14: cairn.crypto.v1.KeyStatus
+	(*RequestStats)(nil),          // 5: cairn.kms.v1.RequestStats
+	(*LatencyBucket)(nil),         // 6: cairn.kms.v1.LatencyBucket
+	(*KeysetUsage)(nil),           // 7: cairn.kms.v1.KeysetUsage
+	(*KeyVersionUsage)(nil),       // 8: cairn.kms.v1.KeyVersionUsage
+	(*ProbeRequest)(nil),          // 9: cairn.kms.v1.ProbeRequest
+	(*GoldenProbe)(nil),           // 10: cairn.kms.v1.GoldenProbe
+	(*ProbeResponse)(nil),         // 11: cairn.kms.v1.ProbeResponse
+	(*ProbeResult)(nil),           // 12: cairn.kms.v1.ProbeResult
+	(*v1.SignedBundle)(nil),       // 13: cairn.bundle.v1.SignedBundle
+	(*v1.BundleRef)(nil),          // 14: cairn.bundle.v1.BundleRef
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(v11.KeyStatus)(0),            // 16: cairn.crypto.v1.KeyStatus
 }
 var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
-	11, // 0: cairn.kms.v1.ApplyBundleRequest.bundle:type_name -> cairn.bundle.v1.SignedBundle
-	12, // 1: cairn.kms.v1.ApplyBundleResponse.applied:type_name -> cairn.bundle.v1.BundleRef
-	12, // 2: cairn.kms.v1.ApplyBundleResponse.previous:type_name -> cairn.bundle.v1.BundleRef
+	13, // 0: cairn.kms.v1.ApplyBundleRequest.bundle:type_name -> cairn.bundle.v1.SignedBundle
+	14, // 1: cairn.kms.v1.ApplyBundleResponse.applied:type_name -> cairn.bundle.v1.BundleRef
+	14, // 2: cairn.kms.v1.ApplyBundleResponse.previous:type_name -> cairn.bundle.v1.BundleRef
 	0,  // 3: cairn.kms.v1.GetStatusResponse.state:type_name -> cairn.kms.v1.ServingState
-	12, // 4: cairn.kms.v1.GetStatusResponse.bundle:type_name -> cairn.bundle.v1.BundleRef
-	13, // 5: cairn.kms.v1.GetStatusResponse.bundle_applied_at:type_name -> google.protobuf.Timestamp
-	5,  // 6: cairn.kms.v1.GetStatusResponse.keysets:type_name -> cairn.kms.v1.KeysetUsage
-	12, // 7: cairn.kms.v1.GetStatusResponse.pending_bundle:type_name -> cairn.bundle.v1.BundleRef
-	11, // 8: cairn.kms.v1.GetStatusResponse.served_bundle:type_name -> cairn.bundle.v1.SignedBundle
-	6,  // 9: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
-	14, // 10: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
-	13, // 11: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	13, // 12: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	8,  // 13: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	10, // 14: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 15: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 16: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	7,  // 17: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 18: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 19: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	9,  // 20: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	18, // [18:21] is the sub-list for method output_type
-	15, // [15:18] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	14, // 4: cairn.kms.v1.GetStatusResponse.bundle:type_name -> cairn.bundle.v1.BundleRef
+	15, // 5: cairn.kms.v1.GetStatusResponse.bundle_applied_at:type_name -> google.protobuf.Timestamp
+	7,  // 6: cairn.kms.v1.GetStatusResponse.keysets:type_name -> cairn.kms.v1.KeysetUsage
+	14, // 7: cairn.kms.v1.GetStatusResponse.pending_bundle:type_name -> cairn.bundle.v1.BundleRef
+	13, // 8: cairn.kms.v1.GetStatusResponse.served_bundle:type_name -> cairn.bundle.v1.SignedBundle
+	5,  // 9: cairn.kms.v1.GetStatusResponse.stats:type_name -> cairn.kms.v1.RequestStats
+	6,  // 10: cairn.kms.v1.RequestStats.latency:type_name -> cairn.kms.v1.LatencyBucket
+	8,  // 11: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
+	16, // 12: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
+	15, // 13: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
+	15, // 14: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	10, // 15: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	12, // 16: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 17: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 18: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	9,  // 19: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 20: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 21: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	11, // 22: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	20, // [20:23] is the sub-list for method output_type
+	17, // [17:20] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }
@@ -911,7 +1063,7 @@ func file_cairn_kms_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_kms_v1_admin_proto_rawDesc), len(file_cairn_kms_v1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   10,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
