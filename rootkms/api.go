@@ -227,15 +227,16 @@ func (s *Server) regionWriteAnswer(res *fsm.Result, err error) (*rootkmsv1.Regio
 func toStatus(err error) error {
 	code := codes.Internal
 	switch {
-	case errors.Is(err, fsm.ErrRegionExists), errors.Is(err, fsm.ErrKeysetExists):
+	case errors.Is(err, fsm.ErrRegionExists), errors.Is(err, fsm.ErrKeysetExists), errors.Is(err, fsm.ErrRolloutExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, fsm.ErrNoRegion), errors.Is(err, fsm.ErrNoVersion), errors.Is(err, fsm.ErrNoKeyset), errors.Is(err, fsm.ErrNoKeysetVersion):
+	case errors.Is(err, fsm.ErrNoRegion), errors.Is(err, fsm.ErrNoVersion), errors.Is(err, fsm.ErrNoKeyset), errors.Is(err, fsm.ErrNoKeysetVersion),
+		errors.Is(err, fsm.ErrNoRollout):
 		code = codes.NotFound
-	case errors.Is(err, fsm.ErrStaleRevision):
+	case errors.Is(err, fsm.ErrStaleRevision), errors.Is(err, fsm.ErrStaleEpoch):
 		code = codes.Aborted
 	case errors.Is(err, fsm.ErrInvalidName), errors.Is(err, fsm.ErrInvalidCommand):
 		code = codes.InvalidArgument
-	case errors.Is(err, fsm.ErrBadVersion), errors.Is(err, fsm.ErrBadTransition):
+	case errors.Is(err, fsm.ErrBadVersion), errors.Is(err, fsm.ErrBadTransition), errors.Is(err, fsm.ErrRegionBusy):
 		code = codes.FailedPrecondition
 	case errors.Is(err, fsm.ErrWrongRMK), errors.Is(err, rootkey.ErrUnwrap):
 		code = codes.Internal

@@ -88,6 +88,9 @@ func New(cfg Config) (*Server, error) {
 		svc + "UpdateKeyset":           cfg.Regionctl.Authorize,
 		svc + "SetKeysetPolicy":        cfg.Regionctl.Authorize,
 		svc + "RecordPropagation":      cfg.Regionctl.Authorize,
+		svc + "PutRollout":             cfg.Regionctl.Authorize,
+		svc + "GetRollout":             cfg.Regionctl.Authorize,
+		svc + "ListRollouts":           cfg.Regionctl.Authorize,
 		svc + "Join":                   joinAuth, // a replica may only join itself: see Join
 		svc + "Remove":                 cfg.Operators.Authorize,
 		svc + "Snapshot":               cfg.Operators.Authorize,
@@ -96,7 +99,7 @@ func New(cfg Config) (*Server, error) {
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
-			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "Join", svc + "Remove", svc + "Snapshot"},
+			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot"},
 		// A usage observation of a region with thousands of keysets, or a
 		// keyset record with its copies, is far above the 64 KiB default.
 		MaxRecvMsgSize: MaxMessageSize,

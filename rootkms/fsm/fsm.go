@@ -2,7 +2,8 @@
 // keys, each version wrapped (encrypted) by the root master key (RMK), the
 // customer keysets (the system of record: policy, version lifecycle, and one
 // copy per region encrypted under the region key), the replicas' API
-// addresses, and the request table that makes writes idempotent.
+// addresses, the staged rollouts' durable records, and the request table
+// that makes writes idempotent.
 //
 // The FSM never sees plaintext keys and imports no gRPC. It follows
 // hashicorp/raft's contract: Apply is deterministic (it uses only the command's
@@ -71,10 +72,23 @@ var (
 	// ErrNoKeysetVersion: update_keyset names a key ID the keyset does not
 	// have.
 	ErrNoKeysetVersion = errors.New("fsm: no such keyset version")
-	// ErrStaleRevision: a keyset change was made against another revision
-	// than the record's (another change came first); read the keyset again
-	// and redo the change.
-	ErrStaleRevision = errors.New("fsm: stale keyset revision")
+	// ErrStaleRevision: a keyset or rollout change was made against another
+	// revision than the record's (another change came first); read the
+	// record again and redo the change.
+	ErrStaleRevision = errors.New("fsm: stale revision")
+	// ErrRolloutExists: put_rollout creates a rollout whose ID the state
+	// holds.
+	ErrRolloutExists = errors.New("fsm: rollout exists")
+	// ErrNoRollout: put_rollout updates a rollout the state does not hold
+	// (never created, or finished and evicted).
+	ErrNoRollout = errors.New("fsm: no such rollout")
+	// ErrRegionBusy: put_rollout would put a region in flight in two
+	// rollouts; the message names the other rollout and the region.
+	ErrRegionBusy = errors.New("fsm: region busy with another rollout")
+	// ErrStaleEpoch: a rollout write carries a lower epoch than the
+	// record's, or the record's epoch with another owner: another controller
+	// took the rollout over.
+	ErrStaleEpoch = errors.New("fsm: stale rollout epoch")
 	// ErrUnsupportedCommand is what Apply panics with (wrapped) when a log
 	// entry was written by a newer binary: a format version above
 	// FormatVersion, or an operation this binary does not know.
@@ -92,11 +106,16 @@ type Result struct {
 	// commands (create_keyset, update_keyset, set_keyset_policy); nil
 	// otherwise. It is shared with the published State: read-only.
 	Keyset *statev1.KeysetRecord
+	// Rollout is the rollout record after the change, for an accepted
+	// put_rollout; nil otherwise. It is shared with the published State:
+	// read-only.
+	Rollout *statev1.RolloutRecord
 	// Duplicate is true if the command was not applied because the State
 	// remembers an accepted command with the same identity and request_id
-	// (State.Request). Err is then nil, the State is unchanged, and Region or
-	// Keyset is the current record of the remembered command's subject, if it
-	// is a region or keyset (it may have changed since).
+	// (State.Request). Err is then nil, the State is unchanged, and Region, Keyset
+	// or Rollout is the current record of the remembered command's subject,
+	// if it is a region, keyset or rollout still held (it may have changed
+	// since).
 	Duplicate bool
 	// Err is nil if the command was applied (or is a Duplicate). Otherwise it
 	// wraps one of the package's sentinel errors and the state did not
@@ -285,6 +304,8 @@ func (f *FSM) apply(s *State, cmd *statev1.Command, at time.Time) (*State, *Resu
 		return setKeysetPolicy(s, op.SetKeysetPolicy, at)
 	case *statev1.Command_RecordPropagation:
 		return recordPropagation(s, op.RecordPropagation, at)
+	case *statev1.Command_PutRollout:
+		return putRollout(s, op.PutRollout, cmd.GetIdentity(), at)
 	default:
 		// A oneof case the generated code knows but this switch does not:
 		// a programming error in this package, caught by the tests.

@@ -31,6 +31,7 @@ func FuzzApply(f *testing.F) {
 	for _, cmd := range keysetSeeds() {
 		f.Add(encode(f, cmd))
 	}
+	f.Add(encode(f, putRollout(newRollout("r", euUS, true, 1, ctlA), 0, at(100))))
 	noOp := &statev1.Command{FormatVersion: 1, Time: timestamppb.New(at(100))}
 	f.Add(withUnknownField(f, noOp))
 	f.Add(encode(f, modify(noOp, func(c *statev1.Command) { c.FormatVersion = 2 })))

@@ -24,7 +24,8 @@ type RequestRecord struct {
 	// Index is the Raft log index of the command that first carried the pair.
 	Index uint64
 	// Subject names what the command changed: "region/<name>" (region
-	// commands and record_propagation), "keyset/<name>" or "member/<id>".
+	// commands and record_propagation), "keyset/<name>", "member/<id>" or
+	// "rollout/<id>".
 	Subject string
 	// KeyID is the region key version or keyset key ID the command added or
 	// changed, 0 if none.
@@ -168,12 +169,15 @@ func requestSubject(cmd *statev1.Command) (string, uint32) {
 		return subjectKeyset + op.SetKeysetPolicy.GetName(), 0
 	case *statev1.Command_RecordPropagation:
 		return subjectRegion + op.RecordPropagation.GetRegion(), 0
+	case *statev1.Command_PutRollout:
+		return subjectRollout + op.PutRollout.GetRollout().GetId(), 0
 	}
 	return "", 0
 }
 
 // Operation names cmd's operation for RequestRecord.Operation: the name of
-// its oneof field ("create_region", "set_keyset_policy", ...), and for
+// its oneof field ("create_region", "set_keyset_policy", "put_rollout", ...),
+// and for
 // update_keyset also the step ("update_keyset/PROMOTE").
 func Operation(cmd *statev1.Command) string {
 	m := cmd.ProtoReflect()
@@ -220,9 +224,10 @@ func MatchRequest(r RequestRecord, cmd *statev1.Command) error {
 
 // The subject prefixes of RequestRecord.Subject.
 const (
-	subjectRegion = "region/"
-	subjectKeyset = "keyset/"
-	subjectMember = "member/"
+	subjectRegion  = "region/"
+	subjectKeyset  = "keyset/"
+	subjectMember  = "member/"
+	subjectRollout = "rollout/"
 )
 
 // Duplicate returns the Result of a command already applied as r: Duplicate
@@ -238,6 +243,10 @@ func (s *State) Duplicate(r RequestRecord) *Result {
 		if k, ok := s.Keyset(strings.TrimPrefix(r.Subject, subjectKeyset)); ok {
 			res.Keyset = k
 		}
+	case strings.HasPrefix(r.Subject, subjectRollout):
+		if ro, ok := s.Rollout(strings.TrimPrefix(r.Subject, subjectRollout)); ok {
+			res.Rollout = ro
+		}
 	}
 	return res
 }
@@ -245,7 +254,7 @@ func (s *State) Duplicate(r RequestRecord) *Result {
 // validSubject reports whether subject is one of the forms requestSubject
 // makes.
 func validSubject(subject string) bool {
-	for _, p := range []string{subjectRegion, subjectKeyset, subjectMember} {
+	for _, p := range []string{subjectRegion, subjectKeyset, subjectMember, subjectRollout} {
 		if rest, ok := strings.CutPrefix(subject, p); ok {
 			return rest != ""
 		}

@@ -37,7 +37,8 @@ type snapshot struct {
 }
 
 // Persist writes one statev1.Snapshot (format version 1, this FSM's lineage,
-// regions sorted by name, members sorted by ID) in deterministic proto
+// regions sorted by name, members sorted by ID, keysets by name, rollouts
+// by ID) in deterministic proto
 // encoding to sink, then closes it; on any error it cancels the sink instead.
 // Equal States of the same lineage give equal bytes.
 func (s *snapshot) Persist(sink raft.SnapshotSink) error {
@@ -60,7 +61,7 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 func (s *snapshot) Release() {}
 
 // record returns s as a Snapshot message. It shares the wrapped keys and the
-// keyset records with s: the message must only be read.
+// keyset and rollout records with s: the message must only be read.
 func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
 	out := &statev1.Snapshot{
 		FormatVersion: FormatVersion,
@@ -69,6 +70,7 @@ func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
 		Regions:       make([]*statev1.RegionRecord, len(s.regions)),
 		Members:       make([]*statev1.MemberRecord, len(s.members)),
 		Keysets:       s.keysets,
+		Rollouts:      s.rollouts,
 	}
 	for i, r := range s.regions {
 		rr := &statev1.RegionRecord{
@@ -102,7 +104,9 @@ func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
 // per region; DESTROYED versions without material and the others with material
 // under this FSM's RMK; served region key versions sorted, unique and
 // existing; members with an id and an address, sorted and unique; keysets as
-// checkKeyset describes; at most MaxRequests requests, oldest first (strictly
+// checkKeyset describes; rollouts as checkRollouts describes (sorted unique
+// IDs, at most one in flight per region, at most MaxFinishedRollouts
+// finished); at most MaxRequests requests, oldest first (strictly
 // increasing index), with unique (identity, request_id) pairs, a request_id,
 // a subject and no error (this binary remembers only accepted commands).
 // A snapshot of another genesis ID or RMK KCV, or holding a key under another
@@ -181,6 +185,15 @@ func (f *FSM) decodeSnapshot(b []byte) (*State, error) {
 	}
 	if len(s.keysets) == 0 {
 		s.keysets = nil
+	}
+	if err := checkRollouts(s, snap.GetRollouts()); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidSnapshot, err)
+	}
+	if rs := snap.GetRollouts(); len(rs) > 0 {
+		s.rollouts = rs
+		for _, r := range rs {
+			s.latest = later(s.latest, rolloutLatest(r))
+		}
 	}
 	reqs, err := decodeRequests(snap.GetRequests())
 	if err != nil {

@@ -122,10 +122,11 @@ type Member struct {
 // FSM publishes a new State for every accepted command and never changes one
 // it has published, so a reader may keep and use a State as long as it likes.
 type State struct {
-	regions  []*Region               // sorted by Name, unique
-	members  []Member                // sorted by ID, unique
-	keysets  []*statev1.KeysetRecord // sorted by name, unique; never modified
-	requests *requestTable           // nil when empty
+	regions  []*Region                // sorted by Name, unique
+	members  []Member                 // sorted by ID, unique
+	keysets  []*statev1.KeysetRecord  // sorted by name, unique; never modified
+	rollouts []*statev1.RolloutRecord // sorted by id, unique; never modified
+	requests *requestTable            // nil when empty
 	// latest is what Latest returns, kept up to date by every command
 	// (computing it would scan every keyset on every Apply).
 	latest time.Time
@@ -137,7 +138,7 @@ type State struct {
 // ServedObservedAt, and every keyset time the FSM records (created_at,
 // updated_at, TTL period bounds, version created_at, primary_since,
 // superseded_at, disabled_at, destroyed_at, propagated and usage
-// observed_at). It leaves out the times that are not the FSM's clock: a
+// observed_at), and every rollout's created_at and updated_at. It leaves out the times that are not the FSM's clock: a
 // version's destroy_after (a future instant the proposer chose) and the
 // fleet's last_encrypt and last_use.
 //
