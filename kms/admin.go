@@ -260,7 +260,7 @@ func neededKeys(b *bundlev1.Bundle, keys map[uint32]tink.AEAD) map[uint32]tink.A
 func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (resp *kmsv1.GetStatusResponse, err error) {
 	s := a.s
 	defer s.observe(opGetStatus, time.Now(), &err)
-	out := &kmsv1.GetStatusResponse{Region: s.cfg.Region}
+	out := &kmsv1.GetStatusResponse{Region: s.cfg.Region, Stats: s.metrics.requestStats()}
 	cur := s.cur.Load()
 	if cur == nil {
 		out.State, out.NotReadyReason = s.State()

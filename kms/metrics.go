@@ -10,7 +10,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
+
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
 
 // promRegistry is the type of Config.Registry.
@@ -29,9 +32,11 @@ type metrics struct {
 	// does no label lookup (and no allocation) after a series' first use.
 	counters [numOps][numCodes]atomic.Pointer[counter]
 	duration [numOps]prometheus.Observer
-	keysets  prometheus.Gauge
-	serial   prometheus.Gauge
-	readyG   prometheus.Gauge
+	// durationVec is the histogram behind duration, read by requestStats.
+	durationVec *prometheus.HistogramVec
+	keysets     prometheus.Gauge
+	serial      prometheus.Gauge
+	readyG      prometheus.Gauge
 	// historyLost is 1 when the server started without its usage history
 	// (and so assumed every version of its bundle was just used).
 	historyLost prometheus.Gauge
@@ -70,7 +75,70 @@ func newMetrics(reg *prometheus.Registry) (*metrics, error) {
 	for o := range numOps {
 		m.duration[o] = duration.WithLabelValues(opNames[o])
 	}
+	m.durationVec = duration
 	return m, nil
+}
+
+// dataOps are the data-plane operations RequestStats counts.
+var dataOps = []op{opEncrypt, opDecrypt, opEncryptBatch, opDecryptBatch, opGenerateDataKey, opRewrap}
+
+// requestStats reads the data-plane calls from the server's own metrics
+// (requests_total and request_duration_seconds) for GetStatus: calls and
+// errors (every code but OK) summed over dataOps, and their latency
+// histograms summed bucket by bucket (cumulative counts, +Inf last). The
+// counters and the histogram are read one after the other, not atomically:
+// a call in flight may show in one and not yet in the other.
+func (m *metrics) requestStats() *kmsv1.RequestStats {
+	out := &kmsv1.RequestStats{}
+	var pb dto.Metric
+	for _, o := range dataOps {
+		for code := range numCodes {
+			c := m.counters[o][code].Load()
+			if c == nil {
+				continue // never used: no series
+			}
+			pb.Reset()
+			if c.Write(&pb) != nil {
+				continue
+			}
+			n := uint64(pb.GetCounter().GetValue())
+			out.Requests += n
+			if codes.Code(code) != codes.OK {
+				out.Errors += n
+			}
+		}
+	}
+	var bounds []float64
+	var counts []uint64
+	var total uint64
+	for _, o := range dataOps {
+		h, ok := m.durationVec.WithLabelValues(opNames[o]).(prometheus.Metric)
+		if !ok {
+			continue
+		}
+		pb.Reset()
+		if h.Write(&pb) != nil {
+			continue
+		}
+		hist := pb.GetHistogram()
+		if bounds == nil {
+			for _, b := range hist.GetBucket() {
+				bounds = append(bounds, b.GetUpperBound())
+			}
+			counts = make([]uint64, len(bounds))
+		}
+		for i, b := range hist.GetBucket() {
+			if i < len(counts) {
+				counts[i] += b.GetCumulativeCount()
+			}
+		}
+		total += hist.GetSampleCount()
+	}
+	for i, le := range bounds {
+		out.Latency = append(out.Latency, &kmsv1.LatencyBucket{LeSeconds: le, Count: counts[i]})
+	}
+	out.Latency = append(out.Latency, &kmsv1.LatencyBucket{Infinite: true, Count: total})
+	return out
 }
 
 // observe counts a call of o that started at start and ended with *err.

@@ -73,6 +73,23 @@ Commands:
                      observe and record every region, do every due lifecycle step of every
                      keyset (rotation period passed, or the primary used --rotate-at of its
                      AES-GCM message budget), then build and push each affected region
+  rollout start      --change-dir DIR | --bundles FILE[,FILE] --reason TEXT [--dry-run]
+                     [--regions R1,R2] [--canary N] [--wave N] [--bake D] [--id ID]
+                     stage the change's signed bundles (one per region, from bundle build):
+                     the canary server(s) of the first region, the rest of it, then the
+                     other regions in waves, never all at once; each stage is dry-run on
+                     all its servers first, then applied, baked and gated (readiness, error
+                     rate and p99 against before, golden probes); a failed gate rolls the
+                     stage back to its last good content at a new serial. Prints the plan
+                     first (--dry-run: only that). The record is kept in the root KMS.
+  rollout status     [ID] [--json]                 one rollout, or every rollout the record keeps
+  rollout pause      ID --reason TEXT              hold it: nothing new starts; a bake's clock stops
+  rollout resume     ID [--bundles FILE[,FILE] | --change-dir DIR]
+                     take the rollout over (a new epoch fences its old controller) and go on
+                     from the record: after a pause, or a controller that died
+  rollout abort      ID --reason TEXT              stop it; nothing is rolled back
+  rollout rollback   ID --reason TEXT              take it over and roll back every server it
+                     applied, last stage first
   cluster status     [--json]                       each root KMS replica's view of the Raft cluster
   cluster add        --id ID --address HOST:PORT --api-address HOST:PORT [--nonvoter]
   cluster remove     --id ID
@@ -109,6 +126,7 @@ var commands = map[string]map[string]command{
 		"set-policy": keysetSetPolicy},
 	"bundle":  {"build": bundleBuild, "inspect": bundleInspect, "push": bundlePush},
 	"cluster": {"status": clusterStatus, "add": clusterAdd, "remove": clusterRemove, "snapshot": clusterSnapshot},
+	"rollout": rolloutCommands,
 }
 
 // single are the commands without a verb.
