@@ -38,7 +38,10 @@ import (
 
 	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/internal/lifecycle"
+	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
@@ -660,11 +663,15 @@ func (c *controller) gate(ctx context.Context, a rollout.ProbeAction) error {
 
 // rollback makes a.Servers serve a.To's content again: the signed bundle
 // they served before (kept when the stage applied, or read from a server
-// still serving it), re-signed at serial a.MinSerial, checked fleet-wide
-// against the Safety Condition, then applied on each server. A rollback
-// that cannot be built, or that the Safety Condition or a server refuses,
-// is reported failed (the record keeps asking for it: rollout resume
-// retries).
+// still serving it), merged with what the change (a.From) made them serve
+// so that the rollback too obeys the Safety Condition (rollbackContent:
+// every version the change served decrypting stays decryptable, a keyset
+// the change added stays while the Safety Condition refuses to drop it),
+// re-signed at serial a.MinSerial, checked fleet-wide against the Safety
+// Condition, then applied on each server. What could not be rolled back is
+// said on stdout. A rollback that cannot be built, or that the Safety
+// Condition or a server still refuses after all this, is reported failed
+// (the record keeps asking for it: rollout resume retries).
 func (c *controller) rollback(ctx context.Context, a rollout.RollbackAction) error {
 	fail := func(servers []string, reason string) error {
 		for _, s := range servers {
@@ -685,9 +692,32 @@ func (c *controller) rollback(ctx context.Context, a rollout.RollbackAction) err
 	if err != nil {
 		return fail(a.Servers, "the last good content: "+err.Error())
 	}
+	// The change's content: what the servers may have served, and used,
+	// since they applied it. Without it the rollback is the last good
+	// content alone, which the fleet-wide check below judges against what
+	// every server serves.
+	var cur *bundlev1.Bundle
+	if !a.From.IsZero() {
+		if _, cur, err = c.signedBundle(ctx, a.From); err != nil {
+			fmt.Fprintf(c.stderr, "rollback of %s: the change's content: %v; rolling back to the last good content alone\n", a.Region, err)
+			cur = nil
+		}
+	}
 	b, err := c.rollbackBundle(ctx, last, a)
 	if err != nil {
 		return fail(a.Servers, err.Error())
+	}
+	rb := rollbackContent(b, cur)
+	if len(rb.added) > 0 {
+		keep, err := c.refusedDrops(ctx, rb.bundle, rb.added, a.Servers)
+		if err != nil {
+			return fail(a.Servers, "judging the keysets the change added: "+err.Error())
+		}
+		rb.keepAdded(keep)
+	}
+	b = rb.bundle
+	for _, n := range rb.notes {
+		fmt.Fprintf(c.stdout, "rollback of %s: %s\n", a.Region, n)
 	}
 	key, err := bundle.ReadPrivateKey(c.o.signingKey)
 	if err != nil {
@@ -746,6 +776,190 @@ func (c *controller) rollbackBundle(ctx context.Context, last *bundlev1.Bundle, 
 		b.Parent = &bundlev1.BundleRef{Region: a.From.Region, Serial: a.From.Serial, Sha256: sum}
 	}
 	return b, nil
+}
+
+// rollbackMerge is a rollback bundle being built: the last good content
+// merged with the change's (rollbackContent).
+type rollbackMerge struct {
+	bundle *bundlev1.Bundle
+	// added are the keysets the change added, as it serves them; the
+	// bundle lacks them until keepAdded puts some back.
+	added []*bundlev1.KeysetConfig
+	// notes say what the rollback does not restore, for the operator.
+	notes []string
+}
+
+// rollbackContent merges into b (the last good content, re-stamped as the
+// rollback bundle; changed in place) what cur (the change's content, the
+// one the servers may have served and used since) requires for the
+// rollback to obey the Safety Condition: a version the change served
+// decrypting stays decryptable. regionctl cannot decrypt a keyset's copy,
+// so it cannot re-status one; per keyset:
+//
+//   - in both: if cur's copy decrypts a version b's copy does not, the
+//     rollback keeps cur's copy (with the lifecycle of its versions) and
+//     b's config (ACL, TTL and its history, rotation period, regions,
+//     encrypt limit): the keys stay as the change made them, the config is
+//     rolled back; if cur's primary is another version than b's, the old
+//     primary cannot be restored without the root KMS, and the notes say
+//     so. Otherwise b's copy is restored as it was (a version the change
+//     only promoted still decrypts there).
+//   - only in b (the change removed it): restored from b.
+//   - only in cur (the change added it): left out of b and returned in
+//     added; the caller keeps those the Safety Condition refuses to drop
+//     (keepAdded).
+//
+// With cur nil, b is the rollback as it is.
+func rollbackContent(b, cur *bundlev1.Bundle) *rollbackMerge {
+	m := &rollbackMerge{bundle: b}
+	if cur == nil {
+		return m
+	}
+	inLast := map[string]bool{}
+	for _, k := range b.GetKeysets() {
+		inLast[k.GetName()] = true
+	}
+	curBy := map[string]*bundlev1.KeysetConfig{}
+	for _, k := range cur.GetKeysets() {
+		curBy[k.GetName()] = k
+		if !inLast[k.GetName()] {
+			m.added = append(m.added, k)
+		}
+	}
+	for _, k := range b.GetKeysets() {
+		ck := curBy[k.GetName()]
+		if ck == nil {
+			continue
+		}
+		extra := decryptingOnlyIn(ck.GetKeyset(), k.GetKeyset())
+		if len(extra) == 0 {
+			continue
+		}
+		lastCopy := k.GetKeyset()
+		lastPrimary, curPrimary := lastCopy.GetPrimaryKeyId(), ck.GetKeyset().GetPrimaryKeyId()
+		k.Keyset = proto.Clone(ck.GetKeyset()).(*cryptov1.EncryptedKeyset)
+		k.Lifecycle = nil
+		for _, l := range ck.GetLifecycle() {
+			k.Lifecycle = append(k.Lifecycle, proto.Clone(l).(*bundlev1.VersionLifecycle))
+		}
+		m.useRegionKey(k.GetKeyset().GetRegionKeyVersion())
+		note := fmt.Sprintf("keyset %s: kept the keys the change made it serve (version(s) %s it added stay decryptable); its config is rolled back", k.GetName(), keyIDs(extra))
+		if gone := decryptingOnlyIn(lastCopy, ck.GetKeyset()); len(gone) > 0 {
+			note += fmt.Sprintf("; version(s) %s the change took out are not restored", keyIDs(gone))
+		}
+		if curPrimary != lastPrimary {
+			note += fmt.Sprintf("; its primary stays version %d, not %d as before the change: only its config was rolled back (restoring the old primary needs a copy from the root KMS)", curPrimary, lastPrimary)
+		}
+		m.notes = append(m.notes, note)
+	}
+	return m
+}
+
+// keepAdded puts back, as the change serves them, the added keysets named
+// in keep, and notes what the rollback keeps and drops.
+func (m *rollbackMerge) keepAdded(keep map[string]bool) {
+	for _, k := range m.added {
+		if !keep[k.GetName()] {
+			m.notes = append(m.notes, fmt.Sprintf("keyset %s, added by the change, is dropped (the Safety Condition allows it)", k.GetName()))
+			continue
+		}
+		m.bundle.Keysets = append(m.bundle.Keysets, proto.Clone(k).(*bundlev1.KeysetConfig))
+		m.useRegionKey(k.GetKeyset().GetRegionKeyVersion())
+		m.notes = append(m.notes, fmt.Sprintf("keyset %s, added by the change, is kept as the change serves it: the Safety Condition refuses to drop it (it was used, or its use is unknown)", k.GetName()))
+	}
+	slices.SortFunc(m.bundle.Keysets, func(a, b *bundlev1.KeysetConfig) int { return strings.Compare(a.GetName(), b.GetName()) })
+}
+
+// useRegionKey lists region key version v in the bundle if it is not.
+func (m *rollbackMerge) useRegionKey(v uint32) {
+	if !slices.Contains(m.bundle.RegionKeyVersions, v) {
+		m.bundle.RegionKeyVersions = append(m.bundle.RegionKeyVersions, v)
+		slices.Sort(m.bundle.RegionKeyVersions)
+	}
+}
+
+// decryptingOnlyIn returns the key IDs that decrypt in copy a and not in
+// copy b, sorted.
+func decryptingOnlyIn(a, b *cryptov1.EncryptedKeyset) []uint32 {
+	inB := map[uint32]bool{}
+	for _, v := range b.GetVersions() {
+		if v.GetKeyId() == b.GetPrimaryKeyId() || decrypts(v.GetStatus()) {
+			inB[v.GetKeyId()] = true
+		}
+	}
+	var out []uint32
+	for _, v := range a.GetVersions() {
+		if (v.GetKeyId() == a.GetPrimaryKeyId() || decrypts(v.GetStatus())) && !inB[v.GetKeyId()] {
+			out = append(out, v.GetKeyId())
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func keyIDs(ids []uint32) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = fmt.Sprint(id)
+	}
+	return strings.Join(s, ", ")
+}
+
+// refusedDrops returns the names of the keysets of added (keysets the
+// change added) that the fleet-wide Safety Condition refuses to drop: b (the
+// rollback without them) is judged against what every server of its region
+// serves now, as fleetCheck judges a bundle, and every added keyset a
+// refusal names is kept. A server that cannot be reached counts as in use
+// (the fleet marks it unknown), so its added keysets are kept. Refusals of
+// other keysets are left to the final fleetCheck.
+func (c *controller) refusedDrops(ctx context.Context, b *bundlev1.Bundle, added []*bundlev1.KeysetConfig, servers []string) (map[string]bool, error) {
+	regions := maps.Clone(c.o.file.Regions)
+	if regions == nil {
+		regions = map[string][]string{}
+	}
+	all := slices.Clone(servers)
+	for _, s := range regions[b.GetRegion()] {
+		if !slices.Contains(all, s) {
+			all = append(all, s)
+		}
+	}
+	regions[b.GetRegion()] = all
+	obs, err := observe(ctx, c.src, regions, c.o.timeout)
+	if err != nil {
+		return nil, err
+	}
+	records, err := c.r.listKeysets(ctx, "", false)
+	if err != nil {
+		return nil, fmt.Errorf("reading the record for the safety check: %w", err)
+	}
+	record := map[string]safety.Keyset{}
+	for _, rec := range records {
+		record[rec.GetName()] = lifecycle.Keyset(rec)
+	}
+	isAdded := map[string]bool{}
+	for _, k := range added {
+		isAdded[k.GetName()] = true
+	}
+	next, fleet := bundleContent(b), obs.fleet()
+	p := safety.Params{Window: c.o.propagationWindow()}
+	now := clockNow(ctx)
+	keep := map[string]bool{}
+	for _, s := range obs.Regions[b.GetRegion()] {
+		err := safety.CheckBundle(b.GetRegion(), servedContent(s.Status), next, record, fleet, safety.ScopeFleet, p, now)
+		if err == nil {
+			continue
+		}
+		var rs safety.Refusals
+		if !errors.As(err, &rs) {
+			return nil, fmt.Errorf("safety check: %w", err)
+		}
+		for _, r := range rs {
+			if isAdded[r.Keyset] {
+				keep[r.Keyset] = true
+			}
+		}
+	}
+	return keep, nil
 }
 
 // --- commands -------------------------------------------------------------

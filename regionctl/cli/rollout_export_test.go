@@ -18,9 +18,9 @@ import (
 
 // MemRollouts is an in-memory rolloutStore with the root KMS's contract
 // (PutRollout's fencing by revision, epoch and owner, its refusal of a
-// second rollout in flight for a region and of a finished rollout in
-// flight again; not its eviction of finished rollouts), for tests that do
-// not need the root KMS's.
+// second rollout in flight for a region, also when a finished rollout goes
+// back in flight to be rolled back; not its eviction of finished
+// rollouts), for tests that do not need the root KMS's.
 type MemRollouts struct {
 	mu   sync.Mutex
 	now  func() time.Time
@@ -75,8 +75,18 @@ func (s *MemRollouts) Put(_ context.Context, rec *statev1.RolloutRecord, expecte
 		return nil, status.Errorf(codes.Aborted, "rollout %s is at revision %d, not %d", rec.GetId(), cur.GetRevision(), expected)
 	case rec.GetEpoch() < cur.GetEpoch() || rec.GetEpoch() == cur.GetEpoch() && rec.GetOwner() != cur.GetOwner():
 		return nil, status.Errorf(codes.Aborted, "rollout %s is at epoch %d held by %s, the write has %d by %s", rec.GetId(), cur.GetEpoch(), cur.GetOwner(), rec.GetEpoch(), rec.GetOwner())
-	case rec.GetInFlight() && !cur.GetInFlight():
-		return nil, status.Errorf(codes.FailedPrecondition, "rollout %s is finished and cannot be in flight again", rec.GetId())
+	}
+	// A finished rollout goes back in flight (a rollback) only while none of
+	// its regions is in another rollout in flight, as a create.
+	if ok && rec.GetInFlight() && !cur.GetInFlight() {
+		for _, id := range slices.Sorted(maps.Keys(s.recs)) {
+			o := s.recs[id]
+			for _, r := range cur.GetRegions() {
+				if id != rec.GetId() && o.GetInFlight() && slices.Contains(o.GetRegions(), r) {
+					return nil, status.Errorf(codes.FailedPrecondition, "region %s has rollout %s in flight", r, id)
+				}
+			}
+		}
 	}
 	next := proto.Clone(rec).(*statev1.RolloutRecord)
 	now := timestamppb.New(s.now())

@@ -22,8 +22,14 @@ import (
 //     higher one (a takeover, which may change the owner); a lower one is
 //     refused, so a stale controller cannot overwrite a newer one's progress;
 //   - writes are ordered by revision: a write names the revision it read;
-//   - a finished rollout never runs again, and its regions, start and reason
-//     never change.
+//   - a rollout's regions, start and reason never change;
+//   - a finished rollout runs again only to be rolled back (regionctl rollout
+//     rollback of a completed or aborted rollout), and only while none of its
+//     regions is in another rollout in flight, the rule a create follows.
+//     The FSM does not read the body, so it does not judge the transition
+//     itself (the controller's state machine does); it keeps the regions
+//     exclusive. A finished rollout may have been evicted (below): rolling
+//     it back is then ErrNoRollout (NotFound), like any unknown ID.
 //
 // The record is bounded: every rollout in flight is kept, and at most
 // MaxFinishedRollouts finished ones, the least recently updated evicted
@@ -224,8 +230,10 @@ func checkRolloutFields(s *State, r *statev1.RolloutRecord) error {
 // epoch the owner may not change (a takeover raises the epoch). Regions,
 // started_by, reason and created_at may be left unset, meaning unchanged;
 // set, they must equal the record's. A finished rollout (in_flight false)
-// never becomes in flight again (ErrBadTransition). The revision advances
-// and updated_at is the command's time.
+// may become in flight again (a rollback of a completed or aborted rollout)
+// if none of its regions is held by another rollout in flight
+// (ErrRegionBusy otherwise, as for a create); one already evicted is
+// ErrNoRollout. The revision advances and updated_at is the command's time.
 func putRollout(s *State, c *statev1.PutRolloutCommand, identity string, at time.Time) (*State, *Result) {
 	in := c.GetRollout()
 	id := in.GetId()
@@ -284,9 +292,8 @@ func putRollout(s *State, c *statev1.PutRolloutCommand, identity string, at time
 		if ca := in.GetCreatedAt(); ca != nil && !ca.AsTime().Equal(old.GetCreatedAt().AsTime()) {
 			return invalid("rollout %q: created_at %v cannot change to %v", id, old.GetCreatedAt().AsTime(), ca.AsTime())
 		}
-		if in.GetInFlight() && !old.GetInFlight() {
-			return refuse(fmt.Errorf("%w: rollout %q is finished and cannot be in flight again; start a new rollout", ErrBadTransition, id))
-		}
+		// A finished rollout back in flight (a rollback) is judged below,
+		// with every write in flight: its regions must be free.
 		rec = &statev1.RolloutRecord{
 			Id:         id,
 			Regions:    old.GetRegions(),

@@ -113,7 +113,7 @@ func TestPutRolloutUpdate(t *testing.T) {
 	if res.Err != nil || res.Rollout.GetRevision() != 3 || res.Rollout.GetInFlight() || !res.Rollout.GetUpdatedAt().AsTime().Equal(at(300)) {
 		t.Fatalf("Apply(finish) = %+v, want revision 3, finished, updated at 300", res)
 	}
-	// A finished rollout may still be written (not put in flight again).
+	// A finished rollout may still be written (staying finished).
 	res = apply(t, f, putRollout(edited(res.Rollout, func(r *statev1.RolloutRecord) { r.Body = []byte(`{"note":"x"}`) }), 3, at(400)))
 	if res.Err != nil || res.Rollout.GetRevision() != 4 {
 		t.Errorf("Apply(write finished) = %+v, want revision 4", res)
@@ -157,7 +157,9 @@ func TestPutRolloutRefuses(t *testing.T) {
 		{"update: created_at change", putRollout(edited(base(), func(r *statev1.RolloutRecord) { r.CreatedAt = ts(at(1)) }), 1, at(500)), fsm.ErrInvalidCommand},
 		{"update: epoch 0", putRollout(edited(base(), func(r *statev1.RolloutRecord) { r.Epoch = 0 }), 1, at(500)), fsm.ErrStaleEpoch},
 		{"update: no body_format", putRollout(edited(base(), func(r *statev1.RolloutRecord) { r.BodyFormat = "" }), 1, at(500)), fsm.ErrInvalidCommand},
-		{"update: finished back in flight", putRollout(newRollout("f1", []string{"us"}, true, 1, ctlA), 2, at(500)), fsm.ErrBadTransition},
+		// A rollback of f1 while r1 holds us: refused as a create would be.
+		{"update: finished back in flight, its region in flight elsewhere", putRollout(newRollout("f1", []string{"us"}, true, 1, ctlA), 2, at(500)), fsm.ErrRegionBusy},
+		{"update: finished back in flight at a takeover, its region in flight elsewhere", putRollout(newRollout("f1", []string{"us"}, true, 2, ctlB), 2, at(500)), fsm.ErrRegionBusy},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -205,6 +207,72 @@ func TestRolloutRegionExclusive(t *testing.T) {
 	second := res.Rollout
 	if res := apply(t, f, putRollout(second, second.GetRevision(), at(150))); res.Err != nil {
 		t.Errorf("update of second = %v, want accepted", res.Err)
+	}
+}
+
+// TestRolloutFinishedBackInFlight: a finished (completed or aborted)
+// rollout goes back in flight to be rolled back when none of its regions is
+// held by another rollout in flight, and then holds them again; it is
+// refused (ErrRegionBusy) while one is; a finished rollout that was evicted
+// cannot be rolled back (ErrNoRollout, NotFound at the API).
+func TestRolloutFinishedBackInFlight(t *testing.T) {
+	tests := []struct {
+		name  string
+		other *statev1.RolloutRecord // created before the rollback, if not nil
+		evict bool                   // evict done before the rollback
+		want  error
+	}{
+		{name: "regions free", want: nil},
+		{name: "another region in flight", other: newRollout("other", []string{"ap"}, true, 1, ctlB), want: nil},
+		{name: "another finished rollout of the regions", other: newRollout("other", euUS, false, 1, ctlB), want: nil},
+		{name: "one of its regions in flight elsewhere", other: newRollout("other", []string{"us"}, true, 1, ctlB), want: fsm.ErrRegionBusy},
+		{name: "all its regions in flight elsewhere", other: newRollout("other", euUS, true, 1, ctlB), want: fsm.ErrRegionBusy},
+		{name: "evicted", evict: true, want: fsm.ErrNoRollout},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := setupFSM(t)
+			mustApply(t, f, rootkmstest.CreateRegion("ap", rootkmstest.Wrapped("ap", 1), kcv, at(80)))
+			mustApply(t, f,
+				putRollout(newRollout("done", euUS, true, 1, ctlA), 0, at(100)),
+				putRollout(newRollout("done", euUS, false, 1, ctlA), 1, at(110)))
+			if tt.other != nil {
+				mustApply(t, f, putRollout(tt.other, 0, at(120)))
+			}
+			if tt.evict {
+				for i := range fsm.MaxFinishedRollouts {
+					mustApply(t, f, putRollout(newRollout(fmt.Sprintf("later-%03d", i), euUS, false, 1, ctlB), 0, at(200+i)))
+				}
+				if _, ok := f.State().Rollout("done"); ok {
+					t.Fatalf("done was not evicted by %d later finished rollouts", fsm.MaxFinishedRollouts)
+				}
+			}
+			// regionctl rollout rollback: a takeover at a new epoch, then
+			// the record rolling back (in flight).
+			back := newRollout("done", euUS, true, 2, ctlB)
+			before, index := f.State(), f.AppliedIndex()
+			res := apply(t, f, putRollout(back, 2, at(1000)))
+			if !errors.Is(res.Err, tt.want) || (tt.want == nil) != (res.Err == nil) {
+				t.Fatalf("Apply(done back in flight) = %v, want %v", res.Err, tt.want)
+			}
+			if tt.want != nil {
+				if res.Rollout != nil || f.State() != before || f.AppliedIndex() != index+1 {
+					t.Errorf("refused Apply = %+v, State changed: %t", res, f.State() != before)
+				}
+				return
+			}
+			got := rolloutOf(t, f, "done")
+			if !got.GetInFlight() || got.GetRevision() != 3 || got.GetEpoch() != 2 || got.GetOwner() != ctlB || !got.GetCreatedAt().AsTime().Equal(at(100)) {
+				t.Fatalf("done after the rollback write = %v, want in flight, revision 3, epoch 2 by %q, created at 100", got, ctlB)
+			}
+			// In flight again, it holds its regions: a new rollout of us is
+			// refused until it finishes again.
+			if res := apply(t, f, putRollout(newRollout("next", []string{"us"}, true, 1, ctlA), 0, at(1010))); !errors.Is(res.Err, fsm.ErrRegionBusy) || !strings.Contains(res.Err.Error(), `"done"`) {
+				t.Errorf("a new rollout of us while done rolls back = %v, want %v naming done", res.Err, fsm.ErrRegionBusy)
+			}
+			mustApply(t, f, putRollout(edited(got, func(r *statev1.RolloutRecord) { r.InFlight = false }), 3, at(1020)))
+			mustApply(t, f, putRollout(newRollout("next", []string{"us"}, true, 1, ctlA), 0, at(1030)))
+		})
 	}
 }
 
