@@ -97,7 +97,8 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 	out := l1.Stdout()
 	kms1 := framework.PlanAddr(t, plan, "us-east/kms-1", "gRPC").Addr()
 	kms2 := framework.PlanAddr(t, plan, "us-east/kms-2", "gRPC").Addr()
-	for _, want := range []string{"new chain in", fmt.Sprintf("genesis: 2-of-%d into %d insecure file safes", upSafes, upSafes), "distributor-2 by peer:", "push: bundle serial 1",
+	for _, want := range []string{"new chain in", fmt.Sprintf("genesis: 2-of-%d into %d insecure file safes", upSafes, upSafes), "distributor-2 by peer:",
+		"rollout: bundle serial 1, canary us-east/kms-1", "    +", "stage 1/3 canary", "rollout cairn-up-first-bundles completed;",
 		"demo: Tink envelope encryption", "through " + kms1 + "; decrypted through " + kms2 + ": matched", "decrypted in eu-west as", "chain.json"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("first run output does not contain %q:\n%s", want, out)

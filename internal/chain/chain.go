@@ -7,8 +7,10 @@
 // distributors in a peer mesh, a 2-of-3 genesis into distributor-1 (the other
 // two unseal from it), a 3-voter root KMS, regionctl's signing key, the
 // regions, the demo team's keysets (see demoTeamFile for their ACLs), a
-// signed bundle per region, and two KMS servers per region that serve it.
-// It then records what it made in setup.json.
+// signed bundle per region, and two KMS servers per region, to which it
+// rolls the bundles out as an SRE rolls out a change: `regionctl rollout
+// start`, canary first, with a short bake (see rolloutBundles). It then
+// records what it made in setup.json.
 //
 // A re-run on that state dir reuses all of it: the certificates are kept,
 // the distributors start sealed and officers 1 and 2 unseal distributor-1 in
@@ -318,6 +320,7 @@ func (c *Chain) nextCommands() []string {
 		bin("cairn") + " kms status" + chainFlag,
 		bin("cairn") + " kms encrypt" + chainFlag + " --key " + notes + " 'hello, cairn' | " + bin("cairn") + " kms decrypt" + chainFlag + " --key " + notes,
 		"go run ./examples/blobstore" + chainFlag + blobs + " put notes.txt README.md && go run ./examples/blobstore" + chainFlag + blobs + " get notes.txt | head -3",
+		bin("regionctl") + " rollout status --config " + c.display(c.layout.regionctlConfig()) + " " + rolloutID,
 		bin("regionctl") + " bundle inspect --bundle " + c.display(c.layout.bundle(r0, 1)) + " --signing-pub " + c.display(c.layout.signingPub()),
 		bin("regionctl") + " region create --rootkms " + strings.Join(c.ports.rootAPI, ",") + " --region ap-south " + id,
 		bin("safe") + " ceremony status --distributor " + c.ports.distributors[0] + " " + officer,

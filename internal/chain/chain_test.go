@@ -575,3 +575,74 @@ func waitForLog(t *testing.T, path, s string) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func TestWatchedStep(t *testing.T) {
+	var out bytes.Buffer
+	steps := []step{
+		{"first", func() (string, error) { return "", nil }},
+		{"second", watched(&out, func(progress func(string)) (string, error) {
+			progress("stage 1/2")
+			progress("stage 2/2")
+			return "done", nil
+		})},
+		{"third", func() (string, error) { return "", nil }},
+	}
+	if err := runSteps(&out, steps); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	want := []string{"[1/3] first ... ok (", "[2/3] second ... ", progressIndent + " +0.0s  stage 1/2", progressIndent + " +0.0s  stage 2/2",
+		progressIndent + "ok (", "[3/3] third ... ok ("}
+	if len(lines) != len(want) {
+		t.Fatalf("runSteps output:\n%s\nwant %d lines", out.String(), len(want))
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(lines[i], w) {
+			t.Errorf("line %d = %q, want it to start with %q", i+1, lines[i], w)
+		}
+	}
+	if !strings.HasSuffix(lines[4], "s): done") {
+		t.Errorf("line 5 = %q, want the outcome with its detail", lines[4])
+	}
+}
+
+func TestRolloutProgress(t *testing.T) {
+	for _, tc := range []struct {
+		line, want string
+		ok         bool
+	}{
+		{"2026-01-02T15:04:05Z  stage 1/3 canary: us-east [127.0.0.1:7131]", "stage 1/3 canary: us-east [127.0.0.1:7131]", true},
+		{"2026-01-02T15:04:07Z  stage 1/3 canary passed its gates", "stage 1/3 canary passed its gates", true},
+		{"2026-01-02T15:04:07Z  HALTED: stage 1/3 canary failed its gates: error rate rose", "HALTED: stage 1/3 canary failed its gates: error rate rose", true},
+		{"2026-01-02T15:04:09Z  rollout x completed: every stage passed", "rollout x completed: every stage passed", true},
+		{"2026-01-02T15:04:05Z  rollout x by spiffe://cairn.local/regionctl/global/regionctl started: why", "", false},
+		{"2026-01-02T15:04:05Z  stage 1/3 canary: dry run passed on all 1 server(s)", "", false},
+		{"2026-01-02T15:04:05Z  stage 1/3 canary: applying to 1 server(s)", "", false},
+		{"2026-01-02T15:04:05Z  stage 1/3 canary: applied on all 1 server(s); baking until 2026-01-02T15:04:07Z", "", false},
+		{"2026-01-02T15:04:07Z  stage 1/3 canary: baked; evaluating the gates", "", false},
+		{"rollout x stored (epoch 1, owner o)", "", false},
+		{"  stage 1/3 canary: us-east [127.0.0.1:7131]; bake 2s", "", false},
+		{"", "", false},
+	} {
+		if got, ok := rolloutProgress(tc.line); got != tc.want || ok != tc.ok {
+			t.Errorf("rolloutProgress(%q) = %q, %v, want %q, %v", tc.line, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestLineWriter(t *testing.T) {
+	var got []string
+	w := &lineWriter{fn: func(l string) { got = append(got, l) }}
+	for _, p := range []string{"a", "b\nc", "\n\nd\ne", "f"} {
+		if n, err := w.Write([]byte(p)); n != len(p) || err != nil {
+			t.Fatalf("Write(%q) = %d, %v, want %d, nil", p, n, err, len(p))
+		}
+	}
+	w.flush()
+	if want := []string{"ab", "c", "", "d", "ef"}; !slices.Equal(got, want) {
+		t.Errorf("lines = %q, want %q", got, want)
+	}
+	if _, err := (&lineWriter{}).Write([]byte("x\n")); err != nil {
+		t.Errorf("Write on a lineWriter without fn = %v, want nil", err)
+	}
+}

@@ -188,6 +188,13 @@ func exitString(err error) string {
 // stdout and stderr in logs/<name>.log, and returns its stdout. A failure is
 // a *logError naming the log.
 func (c *Chain) run(ctx context.Context, name, path string, args []string, env ...string) (string, error) {
+	return c.runWatching(ctx, name, path, args, env, nil)
+}
+
+// runWatching is run that also hands each line the command prints on
+// stdout, as it prints it, to line (when not nil), on one goroutine at a
+// time, before runWatching returns.
+func (c *Chain) runWatching(ctx context.Context, name, path string, args, env []string, line func(string)) (string, error) {
 	logPath := filepath.Join(c.layout.logs(), name+".log")
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
 		return "", fmt.Errorf("chain: %w", err)
@@ -200,14 +207,16 @@ func (c *Chain) run(ctx context.Context, name, path string, args []string, env .
 	ctx, cancel := context.WithTimeout(ctx, commandTimeout)
 	defer cancel()
 	var stdout bytes.Buffer
+	lines := &lineWriter{fn: line}
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = io.MultiWriter(f, &stdout), f
+	cmd.Stdout, cmd.Stderr = io.MultiWriter(f, &stdout, lines), f
 	cmd.SysProcAttr = childAttr()
 	cmd.WaitDelay = killTimeout
 	// Not the arguments: softhsm2-util takes PINs as arguments.
 	c.log.Debug("chain: running", "name", name, "cmd", path)
 	err = cmd.Run()
+	lines.flush()
 	if err == nil {
 		return stdout.String(), nil
 	}
@@ -238,4 +247,34 @@ func firstWords(args []string, n int) []string {
 		out = append(out, a)
 	}
 	return out
+}
+
+// lineWriter hands every complete line written to it, without its newline,
+// to fn (nil: drops them); flush hands over a last unterminated line.
+type lineWriter struct {
+	fn      func(string)
+	partial []byte
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	if w.fn == nil {
+		return len(p), nil
+	}
+	w.partial = append(w.partial, p...)
+	for {
+		i := bytes.IndexByte(w.partial, '\n')
+		if i < 0 {
+			break
+		}
+		w.fn(string(w.partial[:i]))
+		w.partial = w.partial[i+1:]
+	}
+	return len(p), nil
+}
+
+func (w *lineWriter) flush() {
+	if w.fn != nil && len(w.partial) > 0 {
+		w.fn(string(w.partial))
+	}
+	w.partial = nil
 }

@@ -46,6 +46,34 @@ func runSteps(out io.Writer, steps []step) error {
 	return nil
 }
 
+// progressIndent starts the lines a watched step prints.
+const progressIndent = "    "
+
+// watched makes do the body of a step that prints progress lines while it
+// runs. runSteps has printed the step's title ("[12/14] title ... ") when
+// the body starts: the body ends that line, hands do a function that
+// prints one indented line with the time since the step began, and, once
+// do returns, indents the outcome runSteps prints next ("ok (6.3s): ...")
+// to match:
+//
+//	[12/14] rollout: ... ...
+//	    +0.0s  stage 1/3 canary: us-east [us-east/kms-1]
+//	    +2.0s  stage 1/3 canary passed its gates
+//	    ok (6.1s): ...
+//
+// progress must not be called after do returns.
+func watched(out io.Writer, do func(progress func(line string)) (string, error)) func() (string, error) {
+	return func() (string, error) {
+		fmt.Fprintln(out)
+		start := time.Now()
+		detail, err := do(func(line string) {
+			fmt.Fprintf(out, "%s%6s  %s\n", progressIndent, "+"+formatDuration(time.Since(start)), line)
+		})
+		fmt.Fprint(out, progressIndent)
+		return detail, err
+	}
+}
+
 // formatDuration prints d as seconds with one decimal: "0.8s", "12.3s".
 func formatDuration(d time.Duration) string {
 	return fmt.Sprintf("%.1fs", d.Seconds())

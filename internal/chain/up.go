@@ -142,9 +142,9 @@ func (c *Chain) firstRunSteps(ctx context.Context) []step {
 		{fmt.Sprintf("KMS: start %d servers per region, waiting for a bundle", kmsPerRegion), func() (string, error) {
 			return c.startKMS(ctx, "NOT_READY, waiting for a bundle", answering)
 		}},
-		{"push: bundle serial 1 to the KMS servers of each region", func() (string, error) {
-			return c.pushBundles(ctx)
-		}},
+		{c.rolloutTitle(), watched(c.out, func(progress func(string)) (string, error) {
+			return c.rolloutBundles(ctx, progress)
+		})},
 		{"chain.json: what runs where", c.writeInfo},
 	}
 	return c.withDemo(ctx, steps)
@@ -392,9 +392,14 @@ func (c *Chain) startDataDir(p *proc) error {
 	return c.start(p)
 }
 
+// regionctlEnv is regionctl's environment beyond the launcher's: no config
+// file but the one a command names with --config (an SRE's exported
+// REGIONCTL_CONFIG may point at another chain).
+var regionctlEnv = []string{"REGIONCTL_CONFIG="}
+
 // regionctl runs regionctl with args; name names its log.
 func (c *Chain) regionctl(ctx context.Context, name string, args ...string) (string, error) {
-	return c.run(ctx, "regionctl-"+name, c.bin("regionctl"), args)
+	return c.run(ctx, "regionctl-"+name, c.bin("regionctl"), args, regionctlEnv...)
 }
 
 // rootFlags are regionctl's flags for commands that call the root KMS.
@@ -509,19 +514,56 @@ func kmsState(p *proc, st *kmsv1.GetStatusResponse) string {
 	return s
 }
 
-// pushBundles pushes each region's bundle to its KMS servers, waits until
-// they serve it, and records the completed first run.
-func (c *Chain) pushBundles(ctx context.Context) (string, error) {
+// Bounds of the first run's rollout.
+const (
+	// rolloutID is the ID of the first run's rollout in the root KMS's
+	// record (regionctl rollout status cairn-up-first-bundles).
+	rolloutID = "cairn-up-first-bundles"
+	// rolloutReason is its reason, recorded and audited.
+	rolloutReason = "cairn up: first bundles"
+	// rolloutBake is the bake of each of its stages: long enough to see
+	// the stages go one after the other, short enough for a quick start
+	// (a real rollout bakes for 10m to 1h per stage). No traffic reaches
+	// the servers during it: the gates see 0 requests, 0 errors.
+	rolloutBake = 2 * time.Second
+)
+
+// rolloutTitle is the progress line of the first run's rollout.
+func (c *Chain) rolloutTitle() string {
+	r0 := c.s.Regions[0]
+	t := fmt.Sprintf("rollout: bundle serial 1, canary %s, then the rest of %s", c.kms[0][0].Name, r0)
+	if rest := c.s.Regions[1:]; len(rest) > 0 {
+		t += ", then " + strings.Join(rest, ", then ")
+	}
+	return t + fmt.Sprintf("; %s bake per stage", rolloutBake)
+}
+
+// rolloutBundles rolls every region's bundle serial 1 out with `regionctl
+// rollout start`, as an SRE rolls out a change: the regions in config
+// order, the first server of the first region as the canary, then the
+// rest of that region, then one region per stage, each stage dry-run
+// everywhere first, applied, baked and gated (readiness, error rate, p99,
+// golden probes), the record in the root KMS. It hands each stage's
+// progress to progress, waits until every server serves serial 1, and
+// records the completed first run.
+func (c *Chain) rolloutBundles(ctx context.Context, progress func(string)) (string, error) {
+	var bundles []string
+	for _, r := range c.s.Regions {
+		bundles = append(bundles, c.layout.bundle(r, 1))
+	}
+	args := []string{"rollout", "start", "--config", c.layout.regionctlConfig(), "--id", rolloutID,
+		"--bundles", strings.Join(bundles, ","), "--regions", strings.Join(c.s.Regions, ","),
+		"--bake", rolloutBake.String(), "--reason", rolloutReason}
+	names := c.kmsNames()
+	if _, err := c.runWatching(ctx, "regionctl-rollout-start", c.bin("regionctl"), args, regionctlEnv, func(line string) {
+		if text, ok := rolloutProgress(line); ok {
+			progress(names.Replace(text))
+		}
+	}); err != nil {
+		return "", err
+	}
 	var states []string
-	for ri, r := range c.s.Regions {
-		var addrs []string
-		for _, p := range c.kms[ri] {
-			addrs = append(addrs, p.Address)
-		}
-		args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", c.layout.bundle(r, 1)}, c.rootFlags()...)
-		if _, err := c.regionctl(ctx, "bundle-push-"+r, args...); err != nil {
-			return "", err
-		}
+	for ri := range c.s.Regions {
 		for _, p := range c.kms[ri] {
 			st, err := c.waitKMS(ctx, p, "SERVING bundle serial 1", func(st *kmsv1.GetStatusResponse) bool {
 				return serving(st) && st.GetBundle().GetSerial() == 1
@@ -543,7 +585,37 @@ func (c *Chain) pushBundles(ctx context.Context) (string, error) {
 	if err := writeSetupRecord(c.layout.setup(), rec); err != nil {
 		return "", err
 	}
-	return strings.Join(states, "; "), nil
+	return fmt.Sprintf("rollout %s completed; %s", rolloutID, strings.Join(states, "; ")), nil
+}
+
+// kmsNames replaces every KMS server's address with its name.
+func (c *Chain) kmsNames() *strings.Replacer {
+	var oldnew []string
+	for _, p := range c.allKMS() {
+		oldnew = append(oldnew, p.Address, p.Name)
+	}
+	return strings.NewReplacer(oldnew...)
+}
+
+// rolloutProgress picks the lines of `regionctl rollout start`'s output
+// that show a rollout going stage by stage: of its timestamped report lines
+// ("2026-01-02T15:04:05Z  stage 1/3 canary: ..."), without the time, all
+// but the steps inside a stage that pass (its start, dry run, apply and
+// bake): a stage's servers, its gates passed, a halt, a rollback, the end.
+func rolloutProgress(line string) (string, bool) {
+	stamp, text, ok := strings.Cut(line, "  ")
+	if !ok {
+		return "", false
+	}
+	if _, err := time.Parse(time.RFC3339, stamp); err != nil {
+		return "", false
+	}
+	for _, quiet := range []string{" started: ", ": dry run passed on all ", ": applying to ", ": applied on all ", ": baked; evaluating the gates"} {
+		if strings.Contains(text, quiet) {
+			return "", false
+		}
+	}
+	return text, true
 }
 
 // writeInfo builds the Info of the running chain and writes chain.json.
