@@ -143,7 +143,16 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if req.GetDryRun() {
 		return resp, nil
 	}
-	if err := writeBundleFile(s.cfg.StateDir, sb); err != nil {
+	// Keep what was served for a rollback; losing it only loses that
+	// convenience (the bundle can still be given to regionctl).
+	previous := s.previous
+	if cur != nil && !bytes.Equal(cur.ref.GetSha256(), ref.GetSha256()) {
+		previous = cur.signed
+		if err := writeBundleFile(s.cfg.StateDir, PreviousBundleFile, previous); err != nil && !errors.Is(err, errNotDurable) {
+			s.log.Warn("kms: the previous bundle could not be kept for a rollback", "err", err)
+		}
+	}
+	if err := writeBundleFile(s.cfg.StateDir, BundleFile, sb); err != nil {
 		if !errors.Is(err, errNotDurable) {
 			return nil, fmt.Errorf("%w: %v", errPersist, err)
 		}
@@ -151,6 +160,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
 	}
 	s.floor = ref
+	s.previous = previous
 	s.carried = restoreHistory(next, s.carried, curStore, now)
 	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
@@ -279,6 +289,9 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	out.RegionKeyVersions = slices.Sorted(maps.Keys(cur.regionKeys))
 	if req.GetIncludeBundle() {
 		out.ServedBundle = cur.signed
+		s.applyMu.Lock()
+		out.PreviousBundle = s.previous
+		s.applyMu.Unlock()
 	}
 	if req.GetIncludeKeysets() {
 		for _, k := range cur.store.Keysets() {

@@ -83,6 +83,9 @@ type Server struct {
 	// floor is the bundle a new one must be newer than while nothing is
 	// served: the verified persisted bundle, if any.
 	floor *bundlev1.BundleRef
+	// previous is the signed bundle served before the current one (nil if
+	// none): kept, and persisted, so that a rollback can restore it.
+	previous *bundlev1.SignedBundle
 	// floorBundle is the persisted bundle floor names while nothing is
 	// served: the shrink guard's comparison until it is loaded.
 	floorBundle *pending
@@ -220,9 +223,16 @@ func (s *Server) readHistory(p *pending) keystore.History {
 
 // readPersisted reads and verifies the persisted bundle (nil if none).
 func (s *Server) readPersisted() (*pending, error) {
-	sb, err := readBundleFile(s.cfg.StateDir)
+	sb, err := readBundleFile(s.cfg.StateDir, BundleFile)
 	if err != nil || sb == nil {
 		return nil, err
+	}
+	// The bundle served before, for a rollback: best effort, and only one
+	// this server would accept.
+	if prev, err := readBundleFile(s.cfg.StateDir, PreviousBundleFile); err == nil && prev != nil {
+		if pb, err := bundle.Verify(prev, s.cfg.SigningKeys); err == nil && pb.GetRegion() == s.cfg.Region {
+			s.previous = prev
+		}
 	}
 	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -162,5 +163,49 @@ func TestStatusIncludeBundle(t *testing.T) {
 	}
 	if st := s.status(t); st.GetServedBundle() != nil {
 		t.Errorf("GetStatus() without include_bundle returned served_bundle")
+	}
+}
+
+// TestStatusPreviousBundle: a server keeps the bundle it served before the
+// current one (also across a restart), so a rollback can restore it after
+// every server moved on.
+func TestStatusPreviousBundle(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	s := e.start(kms1ID, dir)
+	first, second := e.bundle(e.ks), e.bundle(e.ks)
+	e.apply(s, first)
+	st, err := s.admin.GetStatus(ctx(t), &kmsv1.GetStatusRequest{IncludeBundle: true})
+	if err != nil || st.GetPreviousBundle() != nil {
+		t.Errorf("GetStatus after the first bundle: previous_bundle = %v, %v; want none", st.GetPreviousBundle(), err)
+	}
+	e.apply(s, second)
+	e.apply(s, second) // applying the served bundle again keeps the previous one
+	st, err = s.admin.GetStatus(ctx(t), &kmsv1.GetStatusRequest{IncludeBundle: true})
+	if err != nil || !proto.Equal(st.GetPreviousBundle(), first) || !proto.Equal(st.GetServedBundle(), second) {
+		t.Errorf("GetStatus after the second bundle: previous %v, served %v, %v; want the first and the second", st.GetPreviousBundle() != nil, st.GetServedBundle() != nil, err)
+	}
+	s.Close()
+	s = e.start(kms1ID, dir)
+	st = waitServingStatus(t, s)
+	if !proto.Equal(st.GetPreviousBundle(), first) {
+		t.Errorf("GetStatus after a restart: previous_bundle kept = %v, want the first bundle", st.GetPreviousBundle() != nil)
+	}
+}
+
+// waitServingStatus waits until s serves and returns its status with the
+// bundles.
+func waitServingStatus(t *testing.T, s *server) *kmsv1.GetStatusResponse {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := s.admin.GetStatus(ctx(t), &kmsv1.GetStatusRequest{IncludeBundle: true})
+		if err == nil && st.GetState() == kmsv1.ServingState_SERVING_STATE_SERVING {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server not serving after 10s: %v, %v", st, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

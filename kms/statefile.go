@@ -17,14 +17,18 @@ import (
 // bundle.
 const BundleFile = "bundle.pb"
 
+// PreviousBundleFile is the name, in Config.StateDir, of the signed bundle
+// served before the last applied one: what a rollback restores.
+const PreviousBundleFile = "previous-bundle.pb"
+
 // maxBundleFile bounds what readBundleFile reads: a signed bundle is the
 // bundle plus a signature and a key ID.
 const maxBundleFile = bundle.MaxSize + 4096
 
-// readBundleFile reads the persisted signed bundle; (nil, nil) if there is
-// none.
-func readBundleFile(dir string) (*bundlev1.SignedBundle, error) {
-	path := filepath.Join(dir, BundleFile)
+// readBundleFile reads the persisted signed bundle name (BundleFile or
+// PreviousBundleFile); (nil, nil) if there is none.
+func readBundleFile(dir, name string) (*bundlev1.SignedBundle, error) {
+	path := filepath.Join(dir, name)
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -53,12 +57,12 @@ func readBundleFile(dir string) (*bundlev1.SignedBundle, error) {
 // (mode 0600) is written and synced, renamed over the old one, and the
 // directory synced. A failure leaves the old file in place, except
 // errNotDurable, returned (wrapped) after the rename.
-func writeBundleFile(dir string, sb *bundlev1.SignedBundle) error {
+func writeBundleFile(dir, name string, sb *bundlev1.SignedBundle) error {
 	data, err := proto.MarshalOptions{Deterministic: true}.Marshal(sb)
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(dir, BundleFile+".tmp-*")
+	f, err := os.CreateTemp(dir, name+".tmp-*")
 	if err != nil {
 		return err
 	}
@@ -82,7 +86,7 @@ func writeBundleFile(dir string, sb *bundlev1.SignedBundle) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, BundleFile)); err != nil {
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 		return err
 	}
 	ok = true

@@ -154,6 +154,9 @@ type controller struct {
 
 	rec      rollout.Record
 	revision uint64 // of rec in the store; 0: not stored yet
+	// rollbackAsked: this run is an operator's rollback, so ending rolled
+	// back is its success.
+	rollbackAsked bool
 
 	// bundles are the change's signed bundles, by region.
 	bundles map[string]*bundlev1.SignedBundle
@@ -310,6 +313,8 @@ func (c *controller) run(ctx context.Context) error {
 	case c.rec.Phase == rollout.PhaseRollingBack:
 		fmt.Fprintf(c.stderr, "rollout %s: a rollback failed; fix it and run regionctl rollout resume %s to retry\n", c.rec.ID, c.rec.ID)
 		return errReported
+	case c.rec.Phase == rollout.PhaseRolledBack && c.rollbackAsked:
+		return nil // the operator's rollback is done: success
 	}
 	fmt.Fprintf(c.stderr, "rollout %s ended %s: %s\n", c.rec.ID, c.rec.Phase, c.rec.Halt)
 	return errReported
@@ -400,8 +405,8 @@ func (c *controller) signedBundle(ctx context.Context, ref rollout.BundleRef) (*
 	return sb, &b, nil
 }
 
-// fetchSigned asks servers, in turn, for the signed bundle they serve until
-// one serves ref.
+// fetchSigned asks servers, in turn, for the signed bundle they serve or
+// served before, until one has ref.
 func (c *controller) fetchSigned(ctx context.Context, ref rollout.BundleRef, servers []string) (*bundlev1.SignedBundle, error) {
 	creds, err := kmsCreds(c.src, ref.Region)
 	if err != nil {
@@ -411,11 +416,15 @@ func (c *controller) fetchSigned(ctx context.Context, ref rollout.BundleRef, ser
 		st, err := kmsCall(ctx, addr, creds, c.o.timeout, func(ctx context.Context, a kmsv1.KMSAdminClient) (*kmsv1.GetStatusResponse, error) {
 			return a.GetStatus(ctx, &kmsv1.GetStatusRequest{IncludeBundle: true}, grpc.MaxCallRecvMsgSize(bundle.MaxSize+1<<20))
 		})
-		if err == nil && st.GetServedBundle() != nil && sumOf(st.GetServedBundle()) == ref.SHA256 {
-			return st.GetServedBundle(), nil
+		// The bundle a server serves, or the one it served before (each
+		// server keeps that one for a rollback).
+		for _, sb := range []*bundlev1.SignedBundle{st.GetServedBundle(), st.GetPreviousBundle()} {
+			if err == nil && sb != nil && sumOf(sb) == ref.SHA256 {
+				return sb, nil
+			}
 		}
 	}
-	return nil, fmt.Errorf("no server of %s serves it", ref.Region)
+	return nil, fmt.Errorf("no server of %s serves it or served it last", ref.Region)
 }
 
 // dryRun runs the Safety Condition fleet-wide, then ApplyBundle with
@@ -1226,6 +1235,7 @@ func rolloutRollback(ctx context.Context, args []string, stdout, stderr io.Write
 	if err := c.feed(ctx, rollout.RollbackRequested{Epoch: c.rec.Epoch, By: c.src.ID().String(), Why: why}); err != nil {
 		return err
 	}
+	c.rollbackAsked = true
 	return c.run(ctx)
 }
 

@@ -365,4 +365,18 @@ func TestRolloutRootStore(t *testing.T) {
 	} else if strings.Contains(r.stdout, "r5") {
 		contains(t, "rollout status stdout", r.stdout, "completed")
 	}
+	// A rollback of the completed rollout, by another controller once every
+	// server moved on: each server still keeps the bundle it served before,
+	// so the last good content is found; the rollback's success exits 0.
+	r = e.rollout(nil, nil, "rollback", "r5", "--reason", "undo the rotation")
+	if r.code != 0 {
+		t.Fatalf("rollout rollback of the completed rollout = %d, want 0\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	for _, region := range []string{"us-east", "eu-west"} {
+		for _, k := range e.kms[region] {
+			if got := e.serial(k); got <= 2 {
+				t.Errorf("%s/%s serves serial %d after the rollback, want a new serial above 2", region, k.name, got)
+			}
+		}
+	}
 }

@@ -290,6 +290,10 @@ type GetStatusResponse struct {
 	PendingBundle *v1.BundleRef `protobuf:"bytes,9,opt,name=pending_bundle,json=pendingBundle,proto3" json:"pending_bundle,omitempty"`
 	// served_bundle is the signed bundle served (include_bundle).
 	ServedBundle *v1.SignedBundle `protobuf:"bytes,10,opt,name=served_bundle,json=servedBundle,proto3" json:"served_bundle,omitempty"`
+	// previous_bundle is the signed bundle served before it (include_bundle),
+	// kept (also across restarts) so a rollback can restore it after every
+	// server moved on.
+	PreviousBundle *v1.SignedBundle `protobuf:"bytes,12,opt,name=previous_bundle,json=previousBundle,proto3" json:"previous_bundle,omitempty"`
 	// stats are the server's data-plane counters since it started: what a
 	// rollout's gates compare before and after a stage.
 	Stats         *RequestStats `protobuf:"bytes,11,opt,name=stats,proto3" json:"stats,omitempty"`
@@ -393,6 +397,13 @@ func (x *GetStatusResponse) GetPendingBundle() *v1.BundleRef {
 func (x *GetStatusResponse) GetServedBundle() *v1.SignedBundle {
 	if x != nil {
 		return x.ServedBundle
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetPreviousBundle() *v1.SignedBundle {
+	if x != nil {
+		return x.PreviousBundle
 	}
 	return nil
 }
@@ -928,7 +939,7 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"b\n" +
 	"\x10GetStatusRequest\x12'\n" +
 	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\x12%\n" +
-	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\xc4\x04\n" +
+	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\x8c\x05\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -940,7 +951,8 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\x13region_key_versions\x18\b \x03(\rR\x11regionKeyVersions\x12A\n" +
 	"\x0epending_bundle\x18\t \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\rpendingBundle\x12B\n" +
 	"\rserved_bundle\x18\n" +
-	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\x120\n" +
+	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\x12F\n" +
+	"\x0fprevious_bundle\x18\f \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\x0epreviousBundle\x120\n" +
 	"\x05stats\x18\v \x01(\v2\x1a.cairn.kms.v1.RequestStatsR\x05stats\"y\n" +
 	"\fRequestStats\x12\x1a\n" +
 	"\brequests\x18\x01 \x01(\x04R\brequests\x12\x16\n" +
@@ -1031,25 +1043,26 @@ var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
 	7,  // 6: cairn.kms.v1.GetStatusResponse.keysets:type_name -> cairn.kms.v1.KeysetUsage
 	14, // 7: cairn.kms.v1.GetStatusResponse.pending_bundle:type_name -> cairn.bundle.v1.BundleRef
 	13, // 8: cairn.kms.v1.GetStatusResponse.served_bundle:type_name -> cairn.bundle.v1.SignedBundle
-	5,  // 9: cairn.kms.v1.GetStatusResponse.stats:type_name -> cairn.kms.v1.RequestStats
-	6,  // 10: cairn.kms.v1.RequestStats.latency:type_name -> cairn.kms.v1.LatencyBucket
-	8,  // 11: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
-	16, // 12: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
-	15, // 13: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	15, // 14: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	10, // 15: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	12, // 16: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 17: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 18: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	9,  // 19: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 20: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 21: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	11, // 22: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	20, // [20:23] is the sub-list for method output_type
-	17, // [17:20] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	13, // 9: cairn.kms.v1.GetStatusResponse.previous_bundle:type_name -> cairn.bundle.v1.SignedBundle
+	5,  // 10: cairn.kms.v1.GetStatusResponse.stats:type_name -> cairn.kms.v1.RequestStats
+	6,  // 11: cairn.kms.v1.RequestStats.latency:type_name -> cairn.kms.v1.LatencyBucket
+	8,  // 12: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
+	16, // 13: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
+	15, // 14: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
+	15, // 15: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	10, // 16: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	12, // 17: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 18: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 19: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	9,  // 20: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 21: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 22: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	11, // 23: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	21, // [21:24] is the sub-list for method output_type
+	18, // [18:21] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }
