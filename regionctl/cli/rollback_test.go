@@ -10,9 +10,11 @@ import (
 	"time"
 
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	"github.com/cairnkms/cairn/regionctl/cli"
 	"github.com/cairnkms/cairn/regionctl/rollout"
+	"google.golang.org/protobuf/proto"
 )
 
 const cardsKeyset = "payments/cards"
@@ -99,6 +101,17 @@ func TestRolloutRollbackKeepsUsedKeyset(t *testing.T) {
 	}
 	if sr := rec.Servers[c1.addr]; sr.Applied != 2 || sr.RolledBack != 3 {
 		t.Errorf("canary result %+v, want applied 2, rolled back at 3", sr)
+	}
+	// The rollback says what it is, signed: a shrink override naming it
+	// (going back to served content is an intended shrink of the change).
+	{
+		cc := e.dial(regionctlID, c1.addr)
+		st, err := kmsv1.NewKMSAdminClient(cc).GetStatus(context.Background(), &kmsv1.GetStatusRequest{IncludeBundle: true})
+		cc.Close()
+		var b bundlev1.Bundle
+		if err != nil || proto.Unmarshal(st.GetServedBundle().GetBundle(), &b) != nil || !strings.Contains(b.GetShrinkOverride().GetReason(), "rollback of rollout rb1") {
+			t.Errorf("the canary's rollback bundle: shrink override %q, %v; want one naming rollout rb1", b.GetShrinkOverride().GetReason(), err)
+		}
 	}
 	if got := e.serial(c1); got != 3 {
 		t.Errorf("the canary serves serial %d, want the rollback's 3", got)

@@ -769,9 +769,10 @@ func (c *controller) rollback(ctx context.Context, a rollout.RollbackAction) err
 }
 
 // rollbackBundle is last's content as a new bundle at serial a.MinSerial,
-// by this controller, now, with the bundle it replaces as parent. A shrink
-// override last carried is dropped (it was signed for another change); a
-// partial build record stays (it describes the content).
+// by this controller, now, with the bundle it replaces as parent, and a
+// shrink override naming the rollback (any override last carried was
+// signed for another change); a partial build record stays (it describes
+// the content).
 func (c *controller) rollbackBundle(ctx context.Context, last *bundlev1.Bundle, a rollout.RollbackAction) (*bundlev1.Bundle, error) {
 	b := proto.Clone(last).(*bundlev1.Bundle)
 	if b.GetRegion() != a.Region {
@@ -780,7 +781,13 @@ func (c *controller) rollbackBundle(ctx context.Context, last *bundlev1.Bundle, 
 	b.Serial = a.MinSerial
 	b.CreatedAt = timestamppb.New(clockNow(ctx))
 	b.CreatedBy = c.src.ID().String()
-	b.ShrinkOverride = nil
+	// Going back to content the region served before is an intended shrink
+	// of the change's bundle: the override says so, signed and audited by
+	// every server (the Safety Condition still judges the rollback).
+	b.ShrinkOverride = &bundlev1.ShrinkOverride{
+		Reason:   fmt.Sprintf("rollback of rollout %s to the content of serial %d, served before it", c.rec.ID, last.GetSerial()),
+		ForcedBy: c.src.ID().String(),
+	}
 	if sum, err := hex.DecodeString(a.From.SHA256); err == nil && !a.From.IsZero() {
 		b.Parent = &bundlev1.BundleRef{Region: a.From.Region, Serial: a.From.Serial, Sha256: sum}
 	}
