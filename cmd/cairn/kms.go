@@ -18,7 +18,7 @@ import (
 	"golang.org/x/term"
 	"google.golang.org/grpc"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/kmsclient"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"

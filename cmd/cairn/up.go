@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 )
 
 // stopTimeout bounds stopping the whole chain after Ctrl-C; each component

@@ -36,7 +36,7 @@ import (
 
 	"github.com/tink-crypto/tink-go/v2/tink"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 	"github.com/cairnkms/cairn/kmsclient"
 )
 

@@ -75,3 +75,37 @@ func TestNoTierLinksTheOperatorsTool(t *testing.T) {
 		t.Error("go list -deps ./cmd/regionctl has no regionctl package; the check above cannot see what it looks for")
 	}
 }
+
+// TestInternalImportsNoTier: internal/ is the lower floor (identity, audit,
+// the bundle format, the Safety Condition ...). Nothing there links a tier
+// (rootkms, kms, distributor, safe, regionctl), the client, or a binary's
+// code under cmd/; an application built on the tiers (the `cairn up`
+// launcher) lives with its binary. The generated persisted formats under
+// proto/ are shared by both sides and allowed.
+func TestInternalImportsNoTier(t *testing.T) {
+	const mod = "github.com/cairnkms/cairn/"
+	tiers := []string{"rootkms", "kms", "distributor", "safe", "regionctl", "kmsclient", "cmd", "tests", "examples"}
+	cmd := exec.Command("go", "list", "./internal/...")
+	cmd.Dir = moduleRoot(t)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list ./internal/...: %v", err)
+	}
+	pkgs := strings.Fields(string(out))
+	if len(pkgs) < 5 {
+		t.Fatalf("go list ./internal/... = %v; the check cannot see the packages it looks at", pkgs)
+	}
+	for _, pkg := range pkgs {
+		for p := range deps(t, pkg) {
+			rest, ok := strings.CutPrefix(p, mod)
+			if !ok {
+				continue
+			}
+			for _, tier := range tiers {
+				if rest == tier || strings.HasPrefix(rest, tier+"/") {
+					t.Errorf("%s links %s; internal/ holds foundations that import no tier", pkg, p)
+				}
+			}
+		}
+	}
+}

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 )
 
 // Bounds of a launcher and its chain.
@@ -33,7 +33,7 @@ const (
 	ComponentsGoneTimeout = 10 * time.Second
 )
 
-// Launcher is one `cairn up` process (cmd/cairn, internal/chain): it starts
+// Launcher is one `cairn up` process (cmd/cairn, cmd/cairn/chain): it starts
 // a whole chain as its own children, each in its own process group and
 // killed by the kernel if the launcher dies, and writes chain.json into its
 // state dir once the chain is ready. Its stdout and stderr are in the log
@@ -328,11 +328,11 @@ var basePorts struct {
 // below the kernel's ephemeral range, so no outgoing connection or listener
 // on port 0 takes one of its ports meanwhile; below [20000, ...), where
 // FreePorts picks ports for the tests of other packages that may run at the
-// same time; and above [10000, 11000), where internal/chain's unit tests
+// same time; and above [10000, 11000), where cmd/cairn/chain's unit tests
 // check and briefly listen on port plans. Only launcher tests use this
 // range. If the ephemeral range reaches below 20000, it looks above it, in
 // the lower half of the ports there (FreePorts uses the upper half), past
-// the 1000 ports internal/chain's tests take. Every range it returns is
+// the 1000 ports cmd/cairn/chain's tests take. Every range it returns is
 // disjoint from those it returned before in this process.
 func FreeBasePort(t testing.TB, regions []string) int {
 	t.Helper()

@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 )
 
 // exitTimeout bounds how long a signalled process may take to exit.

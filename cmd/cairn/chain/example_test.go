@@ -6,7 +6,7 @@ import (
 	"os"
 	"os/signal"
 
-	"github.com/cairnkms/cairn/internal/chain"
+	"github.com/cairnkms/cairn/cmd/cairn/chain"
 )
 
 // Up starts the chain and returns once it serves; Wait returns when the
