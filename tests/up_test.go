@@ -33,8 +33,8 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
-	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/cmd/cairn/chain"
+	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/loadgen"
 	"github.com/cairnkms/cairn/kmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
