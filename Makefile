@@ -22,6 +22,8 @@ help: ## list targets
 
 .PHONY: build
 build: ## build every binary into bin/
+	@if [ -x $(BIN)/cairn ]; then echo "building the binaries into $(BIN)/ ..."; \
+	  else echo "building the binaries into $(BIN)/ (first run: about a minute) ..."; fi
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 .PHONY: deps
@@ -53,10 +55,15 @@ lint: $(BUF) ## gofmt, go vet, house rules (internal/lint), buf lint and breakin
 	@scripts/buf-breaking.sh $(BUF)
 
 .PHONY: tools
-tools: $(BUF) $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc ## build the pinned code generators into bin/tools
+tools: $(BUF) $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/grpcurl ## build the pinned code generators and grpcurl into bin/tools
 
 $(BUF): tools/go.mod tools/go.sum
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) $(GO) install github.com/bufbuild/buf/cmd/buf
+
+# grpcurl, pinned with buf in tools/go.mod: every server of `make up` answers
+# it (gRPC reflection is on in the dev chain).
+$(TOOLS)/grpcurl: tools/go.mod tools/go.sum
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) $(GO) install github.com/fullstorydev/grpcurl/cmd/grpcurl
 
 # The protoc plugins are pinned by go.mod's tool directives, so they always
 # match the protobuf and gRPC runtime Cairn builds with.

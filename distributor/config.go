@@ -20,6 +20,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 )
@@ -48,6 +50,12 @@ type Config struct {
 	Audit *audit.Log
 	// Logger receives operational logs (nil: discard).
 	Logger *slog.Logger
+	// Registry receives the server's Prometheus metrics (nil: a registry
+	// of its own that nothing serves).
+	Registry *prometheus.Registry
+	// Reflection serves gRPC server reflection, so grpcurl can list and
+	// describe the API (see grpcserver.Options.Reflection).
+	Reflection bool
 	// CeremonyTTL is how long a ceremony accepts shares unless its opener
 	// asks for less (0: 30 minutes). MaxCeremonyTTL caps requests (0: 24h).
 	CeremonyTTL, MaxCeremonyTTL time.Duration

@@ -51,6 +51,8 @@ type world struct {
 	safes    []safe.Safe
 	manifest *safev1.GenesisManifest
 	rmk      secret.Bytes
+	// configure, if set, adjusts each distributor's config (by name).
+	configure func(name string, c *distributor.Config)
 }
 
 func newWorld(t testing.TB, k, n int) *world {
@@ -129,7 +131,7 @@ func (w *world) startWith(dir, name string, lis net.Listener, log *audit.Log, pe
 		}
 		return a
 	}
-	srv, err := distributor.New(distributor.Config{
+	cfg := distributor.Config{
 		ManifestPath:   filepath.Join(dir, "genesis.json"),
 		Source:         w.pki.Source("spiffe://cairn.test/distributor/global/" + name),
 		Officers:       allow("officer/global/*"),
@@ -138,7 +140,11 @@ func (w *world) startWith(dir, name string, lis net.Listener, log *audit.Log, pe
 		PeerAddrs:      peers,
 		Audit:          log,
 		PeerRetryMin:   20 * time.Millisecond, PeerRetryMax: 200 * time.Millisecond, PeerPollInterval: 200 * time.Millisecond,
-	})
+	}
+	if w.configure != nil {
+		w.configure(name, &cfg)
+	}
+	srv, err := distributor.New(cfg)
 	if err != nil {
 		w.t.Fatalf("distributor.New = %v", err)
 	}

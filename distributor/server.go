@@ -46,6 +46,8 @@ type Server struct {
 	peers       map[string]*distributorv1.PeerStatus
 	changed     chan struct{} // closed and replaced whenever seal state changes
 
+	metrics *metrics
+
 	grpc    *grpc.Server
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -72,10 +74,13 @@ func New(cfg Config) (*Server, error) {
 	for _, a := range cfg.PeerAddrs {
 		s.peers[a] = &distributorv1.PeerStatus{Address: a, State: distributorv1.SealState_SEAL_STATE_UNSPECIFIED}
 	}
+	if s.metrics, err = newMetrics(s, cfg.Registry); err != nil {
+		return nil, err
+	}
 	policy := identity.Policy{
 		svc + "GetStatus":        identity.AllowAny(),
 		svc + "GetCeremony":      identity.AllowAny(),
-		svc + "FetchRootKey":     anyOf(cfg.RootKeyReaders, cfg.Peers),
+		svc + "FetchRootKey":     s.metrics.countDenied(anyOf(cfg.RootKeyReaders, cfg.Peers)),
 		svc + "OpenCeremony":     cfg.Officers.Authorize,
 		svc + "SubmitShare":      cfg.Officers.Authorize,
 		svc + "ProvisionRootKey": cfg.Officers.Authorize,
@@ -84,6 +89,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Ready: s.Readiness, Reflection: cfg.Reflection,
 		Mutating:  []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal"},
 		Unaudited: []string{svc + "GetStatus", svc + "GetCeremony"},
 	})
@@ -133,6 +139,59 @@ func (s *Server) Sealed() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.key == nil
+}
+
+// Readiness reports whether the distributor is ready: unsealed (it holds
+// the root key). When not, the reason says what it waits for (a ceremony's
+// progress, peers, provisioning). It is cheap: health checks poll it.
+func (s *Server) Readiness() (ready bool, reason string) {
+	st := s.state()
+	c := st.ceremony
+	switch {
+	case st.closed:
+		return false, "shut down"
+	case st.ready:
+		return true, ""
+	case c != nil && c.kind == distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL:
+		return false, fmt.Sprintf("sealed: unseal ceremony %s open, %d of %d shares received", c.id, c.received, c.required)
+	case c != nil:
+		return false, fmt.Sprintf("sealed: provisioning ceremony %s open, waiting for the root key from genesis", c.id)
+	case !st.provisioned:
+		return false, "sealed: not provisioned (no genesis manifest); run a provisioning ceremony"
+	case st.peers > 0:
+		return false, fmt.Sprintf("sealed: no ceremony open; fetching the root key from %d peer distributor(s) until one hands it out, or open an unseal ceremony", st.peers)
+	}
+	return false, "sealed: no ceremony open; open an unseal ceremony"
+}
+
+// serverState is a consistent view of the seal and ceremony state, for
+// Readiness and the metrics.
+type serverState struct {
+	sealed, ready, closed, provisioned bool
+	peers                              int
+	ceremony                           *ceremonyState // the open ceremony; nil if none
+}
+
+type ceremonyState struct {
+	id                 string
+	kind               distributorv1.CeremonyKind
+	received, required int
+}
+
+func (s *Server) state() serverState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := serverState{sealed: s.key == nil, provisioned: s.manifest != nil, peers: len(s.cfg.PeerAddrs)}
+	select {
+	case <-s.stop:
+		st.closed = true
+	default:
+	}
+	st.ready = !st.sealed && !st.closed
+	if c := s.ceremony; c != nil && c.checkOpen(s.cfg.Now()) == nil {
+		st.ceremony = &ceremonyState{id: c.id, kind: c.kind, received: len(c.accepted), required: int(c.manifest.GetThreshold())}
+	}
+	return st
 }
 
 // WaitUnsealed blocks until the distributor holds the key or ctx ends.
@@ -219,17 +278,29 @@ func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusReques
 // FetchRootKey implements the Distributor service.
 func (s *Server) FetchRootKey(ctx context.Context, req *distributorv1.FetchRootKeyRequest) (*distributorv1.FetchRootKeyResponse, error) {
 	caller, _ := identity.FromContext(ctx)
+	resp, refusal, err := s.fetchRootKey(ctx, caller, req)
+	if err != nil {
+		s.metrics.refused(refusal)
+		return nil, err
+	}
+	s.metrics.handedOut(caller)
+	return resp, nil
+}
+
+// fetchRootKey is FetchRootKey; a refusal comes with its reason for the
+// metrics.
+func (s *Server) fetchRootKey(ctx context.Context, caller identity.ID, req *distributorv1.FetchRootKeyRequest) (*distributorv1.FetchRootKeyResponse, string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.key == nil {
-		return nil, status.Error(codes.FailedPrecondition, "distributor: sealed; it has no root key to hand out (unseal it by ceremony or from a peer)")
+		return nil, refusedSealed, status.Error(codes.FailedPrecondition, "distributor: sealed; it has no root key to hand out (unseal it by ceremony or from a peer)")
 	}
 	if req.GetGenesisId() != s.manifest.GetGenesisId() {
-		return nil, status.Errorf(codes.InvalidArgument, "distributor: this distributor holds genesis %s, not %q", s.manifest.GetGenesisId(), req.GetGenesisId())
+		return nil, refusedInvalid, status.Errorf(codes.InvalidArgument, "distributor: this distributor holds genesis %s, not %q", s.manifest.GetGenesisId(), req.GetGenesisId())
 	}
 	info, err := hpkeseal.Info(infoRootKey, s.manifest.GetGenesisId(), caller.String())
 	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return nil, refusedOther, status.Error(codes.Internal, err.Error())
 	}
 	key := s.key.secret()
 	raw := key.Data()
@@ -237,11 +308,11 @@ func (s *Server) FetchRootKey(ctx context.Context, req *distributorv1.FetchRootK
 	clear(raw)
 	key.Wipe()
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "distributor: bad recipient key: %v", err)
+		return nil, refusedInvalid, status.Errorf(codes.InvalidArgument, "distributor: bad recipient key: %v", err)
 	}
 	s.lastHandout = &distributorv1.Handout{Identity: caller.String(), Time: timestamppb.New(s.cfg.Now())}
 	audit.AddTarget(ctx, audit.Target{Resource: "genesis/" + s.manifest.GetGenesisId()})
-	return &distributorv1.FetchRootKeyResponse{SealedRootKey: sealed, GenesisId: s.manifest.GetGenesisId(), Kcv: s.manifest.GetKcv()}, nil
+	return &distributorv1.FetchRootKeyResponse{SealedRootKey: sealed, GenesisId: s.manifest.GetGenesisId(), Kcv: s.manifest.GetKcv()}, "", nil
 }
 
 // OpenCeremony implements the Distributor service.

@@ -162,7 +162,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	s.floor = ref
 	s.previous = previous
 	s.carried = restoreHistory(next, s.carried, curStore, now)
-	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), regionKeys: keys})
+	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), createdAt: createdAt(b), regionKeys: keys})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(),
 		"shrink_override", b.GetShrinkOverride().GetReason(), "partial", b.GetPartial().GetReason())

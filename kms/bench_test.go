@@ -204,7 +204,8 @@ func (w *benchWorld) startEcho(b *testing.B, resp *kmsv1.DecryptResponse, alog *
 	var srv *grpc.Server
 	if alog != nil {
 		var err error
-		srv, err = grpcserver.New(grpcserver.Options{Source: src, Policy: policy, Audit: alog, MaxRecvMsgSize: kms.DefaultMaxRecvMsgSize})
+		srv, err = grpcserver.New(grpcserver.Options{Source: src, Policy: policy, Audit: alog, MaxRecvMsgSize: kms.DefaultMaxRecvMsgSize,
+			Ready: func() (bool, string) { return true, "" }})
 		if err != nil {
 			b.Fatal(err)
 		}

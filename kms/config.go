@@ -37,6 +37,9 @@ type Config struct {
 	Audit *audit.Log
 	// Logger receives operational logs (nil: discard).
 	Logger *slog.Logger
+	// Reflection serves gRPC server reflection, so grpcurl can list and
+	// describe the API (see grpcserver.Options.Reflection).
+	Reflection bool
 	// MaxBatch bounds the items of EncryptBatch and DecryptBatch (0: 1000).
 	MaxBatch int
 	// MaxPayload bounds a plaintext and an associated data, and (plus the
@@ -54,6 +57,16 @@ type Config struct {
 	// Registry is a *prometheus.Registry that receives the server's metrics
 	// (nil: a registry of its own; never the global one). Handler serves it.
 	Registry *promRegistry
+	// MetricsKeysetLimit bounds the keysets that get a series of their own in
+	// cairn_kms_keyset_requests_total{keyset,op,outcome} (0: 100). Only
+	// keysets named in the served bundle ever become labels, the first
+	// MetricsKeysetLimit by name (a keyset keeps its label while it stays in
+	// the bundles served; one dropped from the bundle loses its series and
+	// frees its place). Calls on other keysets, on names the bundle does not
+	// hold, and before a bundle is served count under keyset="_other". At
+	// most MetricsKeysetLimit x 6 data-plane ops x 3 outcomes series, plus
+	// _other's. Negative is an error.
+	MetricsKeysetLimit int
 	// Now is the clock of usage records and the Safety check (nil: time.Now).
 	Now func() time.Time
 	// UsageFlushInterval is how often the usage history (per key version:
@@ -78,6 +91,8 @@ const (
 	DefaultRetryMin       = 200 * time.Millisecond
 	DefaultRetryMax       = 5 * time.Second
 	DefaultUsageFlush     = 10 * time.Second
+	// DefaultMetricsKeysetLimit is MetricsKeysetLimit's default.
+	DefaultMetricsKeysetLimit = 100
 )
 
 // Validate reports a configuration that cannot work.
@@ -116,7 +131,7 @@ func (c Config) Validate() error {
 		v    int64
 	}{{"MaxBatch", int64(c.MaxBatch)}, {"MaxPayload", int64(c.MaxPayload)}, {"MaxRecvMsgSize", int64(c.MaxRecvMsgSize)},
 		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)},
-		{"UsageFlushInterval", int64(c.UsageFlushInterval)}} {
+		{"UsageFlushInterval", int64(c.UsageFlushInterval)}, {"MetricsKeysetLimit", int64(c.MetricsKeysetLimit)}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("kms: negative %s", f.name))
 		}
@@ -143,6 +158,7 @@ func (c *Config) setDefaults() error {
 	def(&c.MaxBatch, DefaultMaxBatch)
 	def(&c.MaxPayload, DefaultMaxPayload)
 	def(&c.MaxRecvMsgSize, DefaultMaxRecvMsgSize)
+	def(&c.MetricsKeysetLimit, DefaultMetricsKeysetLimit)
 	defd := func(p *time.Duration, v time.Duration) {
 		if *p == 0 {
 			*p = v

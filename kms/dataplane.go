@@ -105,7 +105,7 @@ func (s *Server) checkCiphertext(ct, ad []byte) error {
 // Encrypt implements kms.v1.KMS.
 func (a *kmsAPI) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (resp *kmsv1.EncryptResponse, err error) {
 	s := a.s
-	defer s.observe(opEncrypt, time.Now(), &err)
+	defer s.observeData(opEncrypt, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpEncrypt)
 	if err != nil {
 		return nil, toStatus(err)
@@ -126,7 +126,7 @@ func (a *kmsAPI) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (resp *
 // Decrypt implements kms.v1.KMS.
 func (a *kmsAPI) Decrypt(ctx context.Context, req *kmsv1.DecryptRequest) (resp *kmsv1.DecryptResponse, err error) {
 	s := a.s
-	defer s.observe(opDecrypt, time.Now(), &err)
+	defer s.observeData(opDecrypt, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpDecrypt)
 	if err != nil {
 		return nil, toStatus(err)
@@ -153,7 +153,7 @@ func itemError(err error) *kmsv1.ItemError {
 // EncryptBatch implements kms.v1.KMS.
 func (a *kmsAPI) EncryptBatch(ctx context.Context, req *kmsv1.EncryptBatchRequest) (resp *kmsv1.EncryptBatchResponse, err error) {
 	s := a.s
-	defer s.observe(opEncryptBatch, time.Now(), &err)
+	defer s.observeData(opEncryptBatch, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpEncrypt)
 	if err != nil {
 		return nil, toStatus(err)
@@ -183,7 +183,7 @@ func (a *kmsAPI) EncryptBatch(ctx context.Context, req *kmsv1.EncryptBatchReques
 // DecryptBatch implements kms.v1.KMS.
 func (a *kmsAPI) DecryptBatch(ctx context.Context, req *kmsv1.DecryptBatchRequest) (resp *kmsv1.DecryptBatchResponse, err error) {
 	s := a.s
-	defer s.observe(opDecryptBatch, time.Now(), &err)
+	defer s.observeData(opDecryptBatch, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpDecrypt)
 	if err != nil {
 		return nil, toStatus(err)
@@ -223,7 +223,7 @@ func (a *kmsAPI) DecryptBatch(ctx context.Context, req *kmsv1.DecryptBatchReques
 // GenerateDataKey implements kms.v1.KMS.
 func (a *kmsAPI) GenerateDataKey(ctx context.Context, req *kmsv1.GenerateDataKeyRequest) (resp *kmsv1.GenerateDataKeyResponse, err error) {
 	s := a.s
-	defer s.observe(opGenerateDataKey, time.Now(), &err)
+	defer s.observeData(opGenerateDataKey, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpGenerateDataKey)
 	if err != nil {
 		return nil, toStatus(err)
@@ -285,7 +285,7 @@ func newDataKey(template string, format kmsv1.DataKeyFormat) ([]byte, error) {
 // primary, inside the server.
 func (a *kmsAPI) Rewrap(ctx context.Context, req *kmsv1.RewrapRequest) (resp *kmsv1.RewrapResponse, err error) {
 	s := a.s
-	defer s.observe(opRewrap, time.Now(), &err)
+	defer s.observeData(opRewrap, req.GetKeyset(), time.Now(), &err)
 	k, err := s.keyset(ctx, req.GetKeyset(), keystore.OpRewrap)
 	if err != nil {
 		return nil, toStatus(err)

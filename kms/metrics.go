@@ -5,6 +5,7 @@ package kms
 import (
 	"fmt"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,9 +23,10 @@ type promRegistry = prometheus.Registry
 // numCodes is the number of gRPC codes (OK .. Unauthenticated).
 const numCodes = int(codes.Unauthenticated) + 1
 
-// metrics are a server's Prometheus metrics, in a registry of its own. No
-// metric has a keyset label: there can be 100k keysets (per-keyset usage is
-// in GetStatus).
+// metrics are a server's Prometheus metrics, in a registry of its own. Only
+// keyset_requests_total has a keyset label, for at most
+// Config.MetricsKeysetLimit keysets of the served bundle: there can be 100k
+// keysets (per-keyset usage is in GetStatus).
 type metrics struct {
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
@@ -40,18 +42,85 @@ type metrics struct {
 	// historyLost is 1 when the server started without its usage history
 	// (and so assumed every version of its bundle was just used).
 	historyLost prometheus.Gauge
+	// appliedAt and createdAt are the served bundle's times (unix seconds).
+	appliedAt, createdAt prometheus.Gauge
+
+	// keysetRequests counts data-plane calls by keyset, op and outcome. The
+	// request path finds a keyset's cached children in the served
+	// snapshot's keysetTable (built at swap time); other names use other.
+	keysetRequests *prometheus.CounterVec
+	keysetLimit    int
+	other          keysetCounters
+	// keysetMu serialises creating keyset_requests_total children and
+	// retiring a table's keysets, so that no series is made for a keyset
+	// after it was retired. The request path takes it only on a series'
+	// first use.
+	keysetMu sync.Mutex
+	// table is the keyset table of the snapshot served (guarded by the
+	// server's applyMu: only swap reads and replaces it).
+	table *keysetTable
 }
 
 type counter struct{ prometheus.Counter }
 
+// outcome is a data-plane call's outcome, for keyset_requests_total.
+type outcome int
+
+const (
+	outcomeOK outcome = iota
+	outcomeDenied
+	outcomeError
+	numOutcomes
+)
+
+var outcomeNames = [numOutcomes]string{"ok", "denied", "error"}
+
+// outcomeOf classifies a call's gRPC code: OK, PermissionDenied (the
+// keyset's ACL refused the caller), or anything else.
+func outcomeOf(code codes.Code) outcome {
+	switch code {
+	case codes.OK:
+		return outcomeOK
+	case codes.PermissionDenied:
+		return outcomeDenied
+	}
+	return outcomeError
+}
+
+// otherKeyset is the keyset label of calls on keysets without a series of
+// their own (over the limit, not in the served bundle, or nothing served).
+// A keyset really named "_other" counts there too.
+const otherKeyset = "_other"
+
+// numDataOps is the number of data-plane ops: opEncrypt .. opRewrap.
+const numDataOps = int(opRewrap) + 1
+
+// keysetCounters caches one keyset's keyset_requests_total children by op
+// and outcome, created on first use.
+type keysetCounters struct {
+	name     string
+	counters [numDataOps][numOutcomes]atomic.Pointer[counter]
+	// retired is set (under keysetMu) when the keyset left the served
+	// bundle and its series were deleted.
+	retired bool
+}
+
+// keysetTable maps the served bundle's labelled keysets (at most
+// MetricsKeysetLimit) to their counters. Immutable once published.
+type keysetTable struct {
+	byName map[string]*keysetCounters
+}
+
 // newMetrics registers the server's metrics in reg (nil: a new registry).
-func newMetrics(reg *prometheus.Registry) (*metrics, error) {
+// keysetLimit bounds the keysets with a keyset_requests_total series of
+// their own.
+func newMetrics(reg *prometheus.Registry, keysetLimit int) (*metrics, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
 	const ns, sub = "cairn", "kms"
 	m := &metrics{
-		reg: reg,
+		reg: reg, keysetLimit: keysetLimit, other: keysetCounters{name: otherKeyset},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "requests_total",
 			Help: "Calls handled, by operation and gRPC code."}, []string{"op", "code"}),
 		keysets: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "keysets",
@@ -62,12 +131,20 @@ func newMetrics(reg *prometheus.Registry) (*metrics, error) {
 			Help: "1 while the server serves a bundle."}),
 		historyLost: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "usage_history_lost",
 			Help: "1 if the server started without its usage history: the Safety check then keeps every version of its last bundle for a TTL."}),
+		appliedAt: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "bundle_applied_timestamp_seconds",
+			Help: "When the bundle served was applied (or loaded at boot), unix seconds; 0: none served. Its age is time() - this."}),
+		createdAt: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "bundle_created_timestamp_seconds",
+			Help: "When the bundle served was compiled (its created_at), unix seconds; 0: none served. Its age is time() - this."}),
+		keysetRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "keyset_requests_total",
+			Help: "Data-plane calls by keyset, operation and outcome (ok, denied, error). Only keysets of the served bundle get a label, at most MetricsKeysetLimit of them; other calls count under keyset=\"_other\"."},
+			[]string{"keyset", "op", "outcome"}),
 	}
 	duration := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "request_duration_seconds",
 		Help: "Handler latency by operation (after authentication, before the audit record).",
 		// 25µs .. ~0.8s: a DEK unwrap takes microseconds; bundles take longer.
 		Buckets: prometheus.ExponentialBuckets(25e-6, 2, 16)}, []string{"op"})
-	for _, c := range []prometheus.Collector{m.requests, duration, m.keysets, m.serial, m.readyG, m.historyLost} {
+	for _, c := range []prometheus.Collector{m.requests, duration, m.keysets, m.serial, m.readyG, m.historyLost,
+		m.appliedAt, m.createdAt, m.keysetRequests} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("kms: registering metrics: %w", err)
 		}
@@ -159,11 +236,113 @@ func (s *Server) observe(o op, start time.Time, err *error) {
 	c.Inc()
 }
 
+// observeData is observe for a data-plane call on keyset name (as the
+// client sent it): it also counts the call in keyset_requests_total, under
+// name only if the served bundle's keyset table holds it. After a series'
+// first use it allocates nothing.
+func (s *Server) observeData(o op, name string, start time.Time, err *error) {
+	s.observe(o, start, err)
+	var t *keysetTable
+	if cur := s.cur.Load(); cur != nil {
+		t = cur.keysetMetrics
+	}
+	s.metrics.countKeyset(t, name, o, outcomeOf(codeOf(*err)))
+}
+
+// countKeyset counts one call of o on keyset name with outcome out.
+func (m *metrics) countKeyset(t *keysetTable, name string, o op, out outcome) {
+	if int(o) >= numDataOps {
+		return
+	}
+	kc := &m.other
+	if t != nil {
+		if c, ok := t.byName[name]; ok {
+			kc = c
+		}
+	}
+	c := kc.counters[o][out].Load()
+	if c == nil {
+		c = m.keysetCounter(kc, o, out)
+	}
+	c.Inc()
+}
+
+// keysetCounter makes kc's child for o and out on its first use (or, if kc
+// was retired meanwhile, returns _other's).
+func (m *metrics) keysetCounter(kc *keysetCounters, o op, out outcome) *counter {
+	m.keysetMu.Lock()
+	defer m.keysetMu.Unlock()
+	if kc.retired {
+		kc = &m.other
+	}
+	slot := &kc.counters[o][out]
+	if c := slot.Load(); c != nil {
+		return c
+	}
+	c := &counter{m.keysetRequests.WithLabelValues(kc.name, opNames[o], outcomeNames[out])}
+	slot.Store(c)
+	return c
+}
+
+// keysetTableFor returns the keyset table for a store about to be served
+// (names in name order): the keysets labelled now that it still holds keep
+// their counters, then its other keysets get one, in name order, up to the
+// limit. The keysets labelled now that it lacks are retired: their series
+// are deleted. Callers hold the server's applyMu.
+func (m *metrics) keysetTableFor(names []string) *keysetTable {
+	prev := m.table
+	next := &keysetTable{byName: make(map[string]*keysetCounters, min(len(names), m.keysetLimit))}
+	if prev != nil {
+		for _, n := range names {
+			if kc, ok := prev.byName[n]; ok {
+				next.byName[n] = kc
+			}
+		}
+	}
+	for _, n := range names {
+		if len(next.byName) >= m.keysetLimit {
+			break
+		}
+		if _, ok := next.byName[n]; !ok && n != otherKeyset {
+			next.byName[n] = &keysetCounters{name: n}
+		}
+	}
+	if prev != nil {
+		m.keysetMu.Lock()
+		for n, kc := range prev.byName {
+			if _, kept := next.byName[n]; kept {
+				continue
+			}
+			kc.retired = true
+			for o := range numDataOps {
+				for out := range numOutcomes {
+					if kc.counters[o][out].Load() != nil {
+						m.keysetRequests.DeleteLabelValues(n, opNames[o], outcomeNames[out])
+					}
+				}
+			}
+		}
+		m.keysetMu.Unlock()
+	}
+	m.table = next
+	return next
+}
+
 // served records the bundle now served.
-func (m *metrics) served(keysets int, serial uint64) {
-	m.keysets.Set(float64(keysets))
-	m.serial.Set(float64(serial))
+func (m *metrics) served(snap *snapshot) {
+	m.keysets.Set(float64(snap.store.Len()))
+	m.serial.Set(float64(snap.ref.GetSerial()))
+	m.appliedAt.Set(unixSeconds(snap.appliedAt))
+	m.createdAt.Set(unixSeconds(snap.createdAt))
 	m.readyG.Set(1)
+}
+
+// unixSeconds is t in unix seconds (0 for the zero time).
+func unixSeconds(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
+	}
+	return float64(t.UnixNano()) / 1e9
 }
 
 // ready records readiness.

@@ -53,7 +53,11 @@ type snapshot struct {
 	signed     *bundlev1.SignedBundle
 	ref        *bundlev1.BundleRef
 	appliedAt  time.Time
+	createdAt  time.Time // the bundle's created_at
 	regionKeys map[uint32]tink.AEAD
+	// keysetMetrics holds the counters of the keysets with a series of
+	// their own (set by swap).
+	keysetMetrics *keysetTable
 }
 
 // pending is a verified bundle read from the state directory at Start that
@@ -70,6 +74,7 @@ type Server struct {
 	log     *slog.Logger
 	grpc    *grpc.Server
 	metrics *metrics
+	policy  identity.Policy // the gRPC API's access policy
 
 	cur atomic.Pointer[snapshot] // nil until the first bundle is loaded
 
@@ -116,7 +121,7 @@ func New(cfg Config) (*Server, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	m, err := newMetrics(cfg.Registry)
+	m, err := newMetrics(cfg.Registry, cfg.MetricsKeysetLimit)
 	if err != nil {
 		return nil, err
 	}
@@ -136,8 +141,10 @@ func New(cfg Config) (*Server, error) {
 		adminService + "GetStatus":     cfg.Admins.Authorize,
 		adminService + "Probe":         cfg.Admins.Authorize,
 	}
+	s.policy = policy // Transit authorizes with it too
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Ready: s.Readiness, Reflection: cfg.Reflection,
 		Mutating:       []string{adminService + "ApplyBundle"},
 		Unaudited:      []string{adminService + "GetStatus"},
 		MaxRecvMsgSize: cfg.MaxRecvMsgSize,
@@ -284,13 +291,26 @@ func (s *Server) loadPending(p *pending) error {
 		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
 			"versions", len(s.carried.Usage))
 	}
-	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), regionKeys: neededKeys(p.bundle, keys)})
+	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), createdAt: createdAt(p.bundle), regionKeys: neededKeys(p.bundle, keys)})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
 	return nil
 }
 
+// createdAt is b's created_at (the zero time if unset).
+func createdAt(b *bundlev1.Bundle) time.Time {
+	if b.GetCreatedAt() == nil {
+		return time.Time{}
+	}
+	return b.GetCreatedAt().AsTime()
+}
+
 // swap serves next. Callers hold applyMu.
 func (s *Server) swap(next *snapshot) {
+	names := make([]string, 0, next.store.Len())
+	for _, k := range next.store.Keysets() {
+		names = append(names, k.Name())
+	}
+	next.keysetMetrics = s.metrics.keysetTableFor(names)
 	s.cur.Store(next)
 	select {
 	case s.swapped <- struct{}{}: // the flush loop writes the history
@@ -298,7 +318,7 @@ func (s *Server) swap(next *snapshot) {
 	}
 	s.phase.Store(int32(kmsv1.ServingState_SERVING_STATE_SERVING))
 	s.reason.Store(new(string))
-	s.metrics.served(next.store.Len(), next.ref.GetSerial())
+	s.metrics.served(next)
 }
 
 // setNotReady records why nothing is served yet. It takes applyMu, so it
@@ -316,6 +336,19 @@ func (s *Server) setNotReady(phase kmsv1.ServingState, reason string) {
 
 // Ready reports whether the server serves a bundle.
 func (s *Server) Ready() bool { return s.cur.Load() != nil }
+
+// Readiness reports whether the server serves a bundle and, when not, why
+// (for grpc.health.v1 and /readyz).
+func (s *Server) Readiness() (bool, string) {
+	if s.ctx.Err() != nil {
+		return false, "shut down"
+	}
+	if s.Ready() {
+		return true, ""
+	}
+	_, reason := s.State()
+	return false, reason
+}
 
 // State returns the serving state and, unless serving, why not.
 func (s *Server) State() (kmsv1.ServingState, string) {
@@ -341,6 +374,7 @@ func (s *Server) Close() error {
 		}
 		t.Stop()
 		s.wg.Wait()
+		s.metrics.ready(false)
 		// The handlers have returned (grpcserver waits for them): the
 		// history is complete.
 		if err := s.flushUsage(); err != nil {

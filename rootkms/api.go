@@ -197,10 +197,12 @@ func (s *Server) applyLocal(ctx context.Context, cmd *statev1.Command) (*fsm.Res
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "rootkms: encoding command: %v", err)
 	}
+	start := time.Now()
 	f := s.node.Raft.Apply(b, s.applyTimeout(ctx))
 	if err := f.Error(); err != nil {
 		return nil, s.raftError(err)
 	}
+	s.metrics.applied(start)
 	res, ok := f.Response().(*fsm.Result)
 	if !ok {
 		return nil, status.Errorf(codes.Internal, "rootkms: unexpected apply result %T", f.Response())

@@ -23,6 +23,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/hashicorp/raft"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -67,6 +69,12 @@ type Config struct {
 	Audit *audit.Log
 	// Logger receives operational logs (nil: discard).
 	Logger *slog.Logger
+	// Registry receives the server's Prometheus metrics (nil: a registry
+	// of its own that nothing serves).
+	Registry *prometheus.Registry
+	// Reflection serves gRPC server reflection, so grpcurl can list and
+	// describe the API (see grpcserver.Options.Reflection).
+	Reflection bool
 	// Raft timing (0: raft defaults: 1s, 1s, 500ms).
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// ApplyTimeout bounds a Raft write (0: 5s).

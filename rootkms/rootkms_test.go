@@ -64,6 +64,8 @@ type chain struct {
 	// skew moves every replica's clock forward (Advance), so lifecycle
 	// tests can pass TTLs and windows without waiting for them.
 	skew atomic.Int64
+	// configure, if set, adjusts each replica's config (by replica ID).
+	configure func(id string, cfg *rootkms.Config)
 }
 
 // testWindow is the replicas' propagation window.
@@ -153,13 +155,17 @@ func (c *chain) startReplica(id string, bootstrap bool, nonVoter bool, join ...s
 	if nonVoter {
 		region = "us-east"
 	}
-	srv, err := rootkms.New(rootkms.Config{
+	cfg := rootkms.Config{
 		ID: id, DataDir: filepath.Join(dir, "raft"), Bootstrap: bootstrap, Join: join, NonVoter: nonVoter,
 		Manifest: c.manifest, Distributors: []string{c.distAddr},
 		Source: c.pki.Source(fmt.Sprintf("spiffe://cairn.test/rootkms/%s/%s", region, id)), Audit: log,
 		HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond,
 		Safety: rootkms.SafetyConfig{Window: testWindow}, Now: c.now,
-	})
+	}
+	if c.configure != nil {
+		c.configure(id, &cfg)
+	}
+	srv, err := rootkms.New(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}

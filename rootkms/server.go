@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,6 +46,13 @@ type Server struct {
 	key       atomic.Pointer[rootkey.Key]
 	keyStatus atomic.Value // string: why the root key is not loaded yet
 
+	metrics *metrics
+	// running is the Raft node's raft once Start opened it, for Readiness
+	// and the metrics (which may run before Start); startedAt is when
+	// Start began (unix nanoseconds).
+	running   atomic.Pointer[raft.Raft]
+	startedAt atomic.Int64
+
 	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
 
 	stop      chan struct{}
@@ -67,6 +75,10 @@ func New(cfg Config) (*Server, error) {
 		stop: make(chan struct{}), serveErr: make(chan error, 1),
 	}
 	s.keyStatus.Store("waiting for the root key from the distributors")
+	var err error
+	if s.metrics, err = newMetrics(s, cfg.Registry); err != nil {
+		return nil, err
+	}
 	joinAuth := func(id identity.ID) error {
 		if cfg.Operators.Allows(id) || cfg.Replicas.Allows(id) {
 			return nil
@@ -95,9 +107,9 @@ func New(cfg Config) (*Server, error) {
 		svc + "Remove":                 cfg.Operators.Authorize,
 		svc + "Snapshot":               cfg.Operators.Authorize,
 	}
-	var err error
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
+		Ready: s.Readiness, Reflection: cfg.Reflection,
 		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
 			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot"},
 		// A usage observation of a region with thousands of keysets, or a
@@ -129,9 +141,10 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 		advertise = a
 	}
 	s.raftAddr = advertise.String()
+	s.startedAt.Store(time.Now().UnixNano())
 	s.layer = raftnode.NewStreamLayer(raftLis, advertise, s.cfg.Source, s.cfg.Replicas.Authorize, s.log)
 	node, err := raftnode.Open(raftnode.Config{
-		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: s.fsm, Transport: raftnode.NewTransport(s.layer, s.log),
+		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: timedFSM{FSM: s.fsm, m: s.metrics}, Transport: raftnode.NewTransport(s.layer, s.log),
 		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
 		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
 		WrapLogStore: s.cfg.WrapLogStore,
@@ -141,6 +154,7 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 		return err
 	}
 	s.node = node
+	s.running.Store(node.Raft)
 	s.wg.Add(3)
 	go func() { defer s.wg.Done(); s.serveErr <- s.grpc.Serve(apiLis) }()
 	go func() { defer s.wg.Done(); s.rootKeyLoop() }()
@@ -180,6 +194,40 @@ func (s *Server) AppliedIndex() uint64 { return s.fsm.AppliedIndex() }
 
 // HasRootKey reports whether the replica fetched and verified the RMK.
 func (s *Server) HasRootKey() bool { return s.key.Load() != nil }
+
+// Readiness reports whether the replica is ready: started, holding the
+// verified root key, a member of a cluster, and knowing its leader. When
+// not, the reason says which is missing. It is cheap (no Raft round trip):
+// health checks poll it.
+func (s *Server) Readiness() (ready bool, reason string) {
+	select {
+	case <-s.stop:
+		return false, "shut down"
+	default:
+	}
+	r := s.running.Load()
+	if r == nil {
+		return false, "not started"
+	}
+	if !s.HasRootKey() {
+		return false, fmt.Sprint(s.keyStatus.Load())
+	}
+	state := r.State()
+	if state == raft.Shutdown {
+		return false, "raft has shut down"
+	}
+	if !inConfiguration(r, s.cfg.ID) {
+		if len(s.cfg.Join) > 0 {
+			return false, "not a member of the cluster yet: joining through " + strings.Join(s.cfg.Join, ", ")
+		}
+		return false, "not a member of a cluster: this replica's Raft configuration does not name it (bootstrap a new cluster, join it to one, or it was removed)"
+	}
+	if addr, _ := r.LeaderWithID(); addr == "" {
+		return false, fmt.Sprintf("no Raft leader known (this replica is a %s in term %d: an election is running, or it is cut off from a quorum)",
+			strings.ToLower(state.String()), r.CurrentTerm())
+	}
+	return true, ""
+}
 
 // WaitReady blocks until the replica holds the root key or ctx ends.
 func (s *Server) WaitReady(ctx context.Context) error {
@@ -315,13 +363,17 @@ func (s *Server) memberLoop() {
 	}
 }
 
-func (s *Server) inConfiguration() bool {
-	f := s.node.Raft.GetConfiguration()
+func (s *Server) inConfiguration() bool { return inConfiguration(s.node.Raft, s.cfg.ID) }
+
+// inConfiguration reports whether r's latest configuration names id (a
+// lock-free read in raft).
+func inConfiguration(r *raft.Raft, id string) bool {
+	f := r.GetConfiguration()
 	if f.Error() != nil {
 		return false
 	}
 	for _, srv := range f.Configuration().Servers {
-		if srv.ID == raft.ServerID(s.cfg.ID) {
+		if srv.ID == raft.ServerID(id) {
 			return true
 		}
 	}

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -55,8 +57,10 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 	d := w.Distributors(1, false)[0]
 	d.Start()
 	d.WaitState(sealed)
+	requireHealth(t, "sealed distributor", d.Health, healthpb.HealthCheckResponse_NOT_SERVING)
 	m := w.Genesis(2, safes, d)
 	waitUnsealed(t, d, m)
+	requireHealth(t, "unsealed distributor", d.Health, healthpb.HealthCheckResponse_SERVING)
 
 	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
 	root.Start()
@@ -95,6 +99,7 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 			return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
 		})
 		t.Logf("%s before the push: %v (%s)", k.Identity, st.GetState(), st.GetNotReadyReason())
+		requireHealth(t, k.Identity+" without a bundle", k.Health, healthpb.HealthCheckResponse_NOT_SERVING)
 	}
 	pushStart := time.Now()
 	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k1.Addr + "," + k2.Addr, "--bundle", bundlePath}, rootFlags...)...)
@@ -103,6 +108,7 @@ func TestKMSServesWithRootKMSDown(t *testing.T) {
 		if st.GetKeysetCount() != 1 || st.GetRegion() != kmsRegion {
 			t.Errorf("%s: status %v, want region %s with 1 keyset", k.Identity, st, kmsRegion)
 		}
+		requireHealth(t, k.Identity+" serving", k.Health, healthpb.HealthCheckResponse_SERVING)
 	}
 	t.Logf("bundle pushed and both KMS servers SERVING in %s", time.Since(pushStart).Round(time.Millisecond))
 
@@ -295,4 +301,12 @@ func keysetSecrets(t *testing.T, bundlePath, name, region string, keys regionKey
 		t.Fatalf("keyset %s holds no keys", name)
 	}
 	return out
+}
+
+// requireHealth checks a server's grpc.health.v1 status.
+func requireHealth(t *testing.T, what string, check func() (healthpb.HealthCheckResponse_ServingStatus, error), want healthpb.HealthCheckResponse_ServingStatus) {
+	t.Helper()
+	if got, err := check(); err != nil || got != want {
+		t.Errorf("grpc.health.v1 Check of the %s = %v, %v; want %v", what, got, err, want)
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -145,6 +146,20 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 	info = l2.Info()
 	checkUpInfo(t, info, plan)
 	framework.RequireComponentsRunning(t, info.Components)
+	// `make up` again while it runs: the hint says it runs, and how to
+	// stop it; nothing else happens.
+	twice := framework.StartLauncher(t, bin, "cairn-up-twice", logs, state)
+	if code := twice.ExitCode(); code != 1 {
+		t.Errorf("a second cairn up on the running chain's state dir: exit %d, want 1", code)
+	}
+	if want := fmt.Sprintf("is already running (cairn up, pid %d, ready since", l2.PID()); !strings.Contains(twice.Stdout()+twice.Stderr(), want) ||
+		!strings.Contains(twice.Stdout()+twice.Stderr(), fmt.Sprintf("kill %d", l2.PID())) {
+		t.Errorf("a second cairn up on the running chain's state dir does not say %q and how to stop it:\n%s%s", want, twice.Stdout(), twice.Stderr())
+	}
+	if after := l2.Info(); !slices.Equal(after.Components, info.Components) {
+		t.Errorf("chain.json changed after the refused second cairn up: %+v, was %+v", after.Components, info.Components)
+	}
+	framework.RequireComponentsRunning(t, info.Components)
 	// kill -9 of the launcher: the kernel ends its components.
 	l2.Send(syscall.SIGKILL)
 	if code := l2.ExitCode(); code != -1 {
@@ -173,6 +188,20 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 	for _, notWant := range []string{"[ 2/", "stopping"} {
 		if strings.Contains(all, notWant) {
 			t.Errorf("with port %d taken, the output contains %q (something ran):\n%s", taken.Port, notWant, all)
+		}
+	}
+	// The base port it suggests has every port of its plan free.
+	if m := regexp.MustCompile(`--base-port (\d+) \(ports \d+-\d+\)`).FindStringSubmatch(all); m == nil {
+		t.Errorf("with port %d taken, the output suggests no base port it checked:\n%s", taken.Port, all)
+	} else {
+		suggested, _ := strconv.Atoi(m[1])
+		for _, p := range chain.PortPlan(suggested, regions) {
+			l, err := net.Listen("tcp", p.Addr())
+			if err != nil {
+				t.Errorf("suggested --base-port %d: port %d (%s %s) is not free: %v", suggested, p.Port, p.Component, p.Purpose, err)
+				continue
+			}
+			l.Close()
 		}
 	}
 	if _, err := os.Stat(fresh); !errors.Is(err, fs.ErrNotExist) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,7 +25,9 @@ import (
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
 
-const kmsUsage = `Usage: cairn kms <command> [flags] [argument]
+const kmsUsage = `cairn kms: encrypt, decrypt and show status against a running chain, without writing Go
+
+Usage: cairn kms <command> [flags] [argument]
 
 Poke a running chain (started with "make up") without writing Go. Endpoints
 and identities come from the chain's state dir (--chain, default .state/up).
@@ -70,19 +73,31 @@ type kmsFlags struct {
 	timeout *time.Duration
 }
 
+// kmsSummaries are the first lines of the cairn kms commands' help.
+var kmsSummaries = map[string]string{
+	"encrypt": "encrypt TEXT (or standard input) with a keyset of the running chain; prints the ciphertext in base64",
+	"decrypt": "decrypt a ciphertext (BASE64, or standard input) with a keyset of the running chain; prints the plaintext",
+	"status":  "every KMS server of the running chain: its state, bundle and per-key-version usage, and what to do next",
+}
+
 func newKMSFlags(cmd string) kmsFlags {
 	fs := flag.NewFlagSet("cairn kms "+cmd, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	return kmsFlags{fs: fs,
-		chain:   fs.String("chain", ".state/up", "`state dir` of the chain (make up writes .state/up/chain.json)"),
+		chain:   fs.String("chain", chain.DefaultStateDir, "`state dir` of the chain (make up writes .state/up/chain.json)"),
 		timeout: fs.Duration("timeout", 10*time.Second, "deadline of a KMS call (status: of each server's)"),
 	}
 }
 
-// parse parses args; it returns -1 to go on, or the exit code.
-func (f kmsFlags) parse(args []string, maxArgs int, stdout, stderr io.Writer, synopsis string) int {
+// parse parses args; it returns -1 to go on, or the exit code. The help is
+// the command's summary line, synopsis, more (if any) and the flags.
+func (f kmsFlags) parse(args []string, maxArgs int, stdout, stderr io.Writer, synopsis string, more ...string) int {
 	printUsage := func(w io.Writer) {
-		fmt.Fprintf(w, "Usage: %s %s\n\nFlags:\n", f.fs.Name(), synopsis)
+		fmt.Fprintf(w, "%s: %s\n\nUsage: %s %s\n\n", f.fs.Name(), kmsSummaries[strings.TrimPrefix(f.fs.Name(), "cairn kms ")], f.fs.Name(), synopsis)
+		for _, m := range more {
+			fmt.Fprint(w, m)
+		}
+		fmt.Fprint(w, "Flags:\n")
 		f.fs.SetOutput(w)
 		f.fs.PrintDefaults()
 		f.fs.SetOutput(io.Discard)
@@ -209,9 +224,74 @@ func regionNames(info *chain.Info) string {
 	return strings.Join(names, ", ")
 }
 
+// kmsStatusMore documents cairn kms status's output and its --json fields,
+// which are stable (new fields may be added; none is renamed or removed).
+const kmsStatusMore = `Prints a table of the chain's KMS servers, a table of the key versions each
+has used, and, when something needs doing, "next:" lines with the commands to
+run (an unreachable server: cairn up restart NAME). It exits 1 when a server
+is unreachable.
+
+--json prints one JSON object instead:
+  chain             the chain's state dir
+  servers           one object per KMS server, in chain.json's order:
+    name, region, address, pid   as in chain.json
+    state           STARTING, SERVING, NOT_READY or UNREACHABLE
+    error           why it is unreachable (UNREACHABLE only)
+    not_ready_reason             why it does not serve (if it says)
+    bundle_serial   the serial of the bundle it serves (0: none)
+    keysets         how many keysets it serves
+    versions        one object per key version it serves: keyset, key_id,
+                    status (PRIMARY, ENABLED, ...), encrypts, decrypts,
+                    last_used (RFC 3339; absent if never)
+  unreachable       how many servers did not answer
+  next              the commands to run next, each {"why": ..., "command": ...};
+                    [] when there is nothing to do
+
+`
+
+// statusReport is what cairn kms status prints; its JSON field names are
+// stable (kmsStatusMore documents them).
+type statusReport struct {
+	Chain       string         `json:"chain"`
+	Servers     []serverStatus `json:"servers"`
+	Unreachable int            `json:"unreachable"`
+	Next        []nextCommand  `json:"next"`
+}
+
+// serverStatus is one KMS server's status.
+type serverStatus struct {
+	Name           string          `json:"name"`
+	Region         string          `json:"region"`
+	Address        string          `json:"address"`
+	PID            int             `json:"pid"`
+	State          string          `json:"state"`
+	Error          string          `json:"error,omitempty"`
+	NotReadyReason string          `json:"not_ready_reason,omitempty"`
+	BundleSerial   uint64          `json:"bundle_serial"`
+	Keysets        int             `json:"keysets"`
+	Versions       []versionStatus `json:"versions"`
+}
+
+// versionStatus is one key version a server serves, and its use there.
+type versionStatus struct {
+	Keyset   string    `json:"keyset"`
+	KeyID    uint32    `json:"key_id"`
+	Status   string    `json:"status"`
+	Encrypts uint64    `json:"encrypts"`
+	Decrypts uint64    `json:"decrypts"`
+	LastUsed time.Time `json:"last_used,omitzero"`
+}
+
+// nextCommand is a command to run next, and why.
+type nextCommand struct {
+	Why     string `json:"why"`
+	Command string `json:"command"`
+}
+
 func runKMSStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	f := newKMSFlags("status")
-	if code := f.parse(args, 0, stdout, stderr, ""); code >= 0 {
+	asJSON := f.fs.Bool("json", false, "print one JSON object (its fields are above)")
+	if code := f.parse(args, 0, stdout, stderr, "[--chain DIR] [--json]", kmsStatusMore); code >= 0 {
 		return code
 	}
 	fail := func(err error) int {
@@ -255,51 +335,124 @@ func runKMSStatus(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	wg.Wait()
 
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVER\tADDRESS\tSTATE\tBUNDLE\tKEYSETS\tDETAIL")
-	var usage []string
-	down := 0
+	r := statusReport{Chain: info.StateDir, Servers: []serverStatus{}, Next: []nextCommand{}}
 	for i, c := range servers {
-		st, err := replies[i].st, replies[i].err
-		if err != nil {
-			down++
-			fmt.Fprintf(tw, "%s\t%s\tUNREACHABLE\t-\t-\t%v\n", c.Name, c.Address, err)
+		r.Servers = append(r.Servers, serverStatusOf(c, replies[i].st, replies[i].err))
+	}
+	r.Next = statusNext(r.Servers, *f.chain, info.Running())
+	for _, s := range r.Servers {
+		if s.State == "UNREACHABLE" {
+			r.Unreachable++
+		}
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(r); err != nil {
+			return fail(err)
+		}
+	} else if err := r.printText(stdout); err != nil {
+		return fail(err)
+	}
+	if r.Unreachable > 0 {
+		return fail(fmt.Errorf("%d KMS servers unreachable", r.Unreachable))
+	}
+	return exitOK
+}
+
+// serverStatusOf is c's status from its GetStatus reply (or the error).
+func serverStatusOf(c chain.Component, st *kmsv1.GetStatusResponse, err error) serverStatus {
+	s := serverStatus{Name: c.Name, Region: c.Region, Address: c.Address, PID: c.PID, Versions: []versionStatus{}}
+	if err != nil {
+		s.State, s.Error = "UNREACHABLE", err.Error()
+		return s
+	}
+	s.State = strings.TrimPrefix(st.GetState().String(), "SERVING_STATE_")
+	s.NotReadyReason = st.GetNotReadyReason()
+	s.BundleSerial = st.GetBundle().GetSerial()
+	s.Keysets = int(st.GetKeysetCount())
+	for _, k := range st.GetKeysets() {
+		for _, v := range k.GetVersions() {
+			vs := versionStatus{Keyset: k.GetKeyset(), KeyID: v.GetKeyId(), Status: strings.TrimPrefix(v.GetStatus().String(), "KEY_STATUS_"),
+				Encrypts: v.GetEncryptCount(), Decrypts: v.GetDecryptCount()}
+			if v.GetLastUsed() != nil {
+				vs.LastUsed = v.GetLastUsed().AsTime().UTC()
+			}
+			s.Versions = append(s.Versions, vs)
+		}
+	}
+	return s
+}
+
+// statusNext are the commands to run next: an unreachable server is
+// restarted by the running cairn up, or the whole chain started again when
+// its launcher is gone (running is false). chainDir is the --chain given.
+func statusNext(servers []serverStatus, chainDir string, running bool) []nextCommand {
+	flag := ""
+	if chainDir != chain.DefaultStateDir {
+		flag = " --state-dir " + chainDir
+	}
+	next := []nextCommand{}
+	for _, s := range servers {
+		if s.State != "UNREACHABLE" {
 			continue
 		}
-		state := strings.TrimPrefix(st.GetState().String(), "SERVING_STATE_")
-		fmt.Fprintf(tw, "%s\t%s\t%s\tserial %d\t%d\t%s\n", c.Name, c.Address, state, st.GetBundle().GetSerial(), st.GetKeysetCount(), st.GetNotReadyReason())
-		for _, k := range st.GetKeysets() {
-			for _, v := range k.GetVersions() {
-				if v.GetEncryptCount()+v.GetDecryptCount() == 0 {
-					continue
-				}
-				last := "-"
-				if v.GetLastUsed() != nil {
-					last = v.GetLastUsed().AsTime().Format(time.RFC3339)
-				}
-				usage = append(usage, fmt.Sprintf("%s\t%s\t%d\t%s\t%d\t%d\t%s",
-					c.Name, k.GetKeyset(), v.GetKeyId(), strings.TrimPrefix(v.GetStatus().String(), "KEY_STATUS_"), v.GetEncryptCount(), v.GetDecryptCount(), last))
+		if !running {
+			start := "make up"
+			if flag != "" {
+				start = "cairn up" + flag
 			}
+			return []nextCommand{{Why: "the chain's launcher (cairn up) is not running: start the chain again", Command: start}}
+		}
+		next = append(next, nextCommand{Why: s.Name + " is unreachable: restart it in the running chain",
+			Command: "cairn up restart" + flag + " " + s.Name})
+	}
+	return next
+}
+
+// printText prints the report as tables and "next:" lines.
+func (r statusReport) printText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVER\tADDRESS\tSTATE\tBUNDLE\tKEYSETS\tDETAIL")
+	var usage []string
+	for _, s := range r.Servers {
+		if s.State == "UNREACHABLE" {
+			fmt.Fprintf(tw, "%s\t%s\tUNREACHABLE\t-\t-\t%s\n", s.Name, s.Address, s.Error)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\tserial %d\t%d\t%s\n", s.Name, s.Address, s.State, s.BundleSerial, s.Keysets, s.NotReadyReason)
+		for _, v := range s.Versions {
+			if v.Encrypts+v.Decrypts == 0 {
+				continue
+			}
+			last := "-"
+			if !v.LastUsed.IsZero() {
+				last = v.LastUsed.Format(time.RFC3339)
+			}
+			usage = append(usage, fmt.Sprintf("%s\t%s\t%d\t%s\t%d\t%d\t%s", s.Name, v.Keyset, v.KeyID, v.Status, v.Encrypts, v.Decrypts, last))
 		}
 	}
 	if err := tw.Flush(); err != nil {
-		return fail(err)
+		return err
 	}
 	if len(usage) > 0 {
-		fmt.Fprintln(stdout)
-		tw = tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "SERVER\tKEYSET\tKEY VERSION\tSTATUS\tENCRYPTS\tDECRYPTS\tLAST USED")
 		for _, u := range usage {
 			fmt.Fprintln(tw, u)
 		}
 		if err := tw.Flush(); err != nil {
-			return fail(err)
+			return err
 		}
 	}
-	if down > 0 {
-		return fail(fmt.Errorf("%d KMS servers unreachable", down))
+	if len(r.Next) > 0 {
+		fmt.Fprintln(w)
 	}
-	return exitOK
+	for _, n := range r.Next {
+		fmt.Fprintf(w, "next: %s\n  %s\n", n.Why, n.Command)
+	}
+	return nil
 }
 
 // kmsStatus asks one KMS server for its status, as regionctl, accepting

@@ -22,18 +22,23 @@ const (
 	exitUsage = 2 // the command line was wrong
 )
 
-const usage = `Usage: cairn <command> [arguments]
+const usage = `cairn: the Cairn command-line tool for people: a dev CA, the whole chain on this machine, calls to a running chain
+
+Usage: cairn <command> [arguments]
 
 Commands:
   dev certs   write a development CA and a certificate for every component
   up          start the whole chain on this machine (make up)
+  up restart  restart one component of the running chain
   kms         encrypt, decrypt and show status against a running chain
   help        show this help
 
-Run "cairn dev certs -h", "cairn up -h" or "cairn kms -h" for the flags of a command.
+Run "cairn dev certs -h", "cairn up -h", "cairn up restart -h" or "cairn kms -h" for the flags of a command.
 `
 
-const devUsage = `Usage: cairn dev <command> [arguments]
+const devUsage = `cairn dev: development helpers: a dev CA and a certificate for every component of a local chain
+
+Usage: cairn dev <command> [arguments]
 
 Commands:
   certs   write a development CA and a certificate for every component
@@ -93,7 +98,8 @@ func runDevCerts(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	kmsPerRegion := fs.Int("kms-per-region", def.KMSPerRegion, "number of KMS nodes in each region")
 	officers := fs.Int("officers", def.Officers, "number of security officers")
 	printUsage := func(w io.Writer) {
-		fmt.Fprint(w, "Usage: cairn dev certs --out DIR --trust-domain DOMAIN [flags]\n\n"+
+		fmt.Fprint(w, "cairn dev certs: write a development CA and an X.509-SVID for every component of a local chain\n\n"+
+			"Usage: cairn dev certs --out DIR --trust-domain DOMAIN [flags]\n\n"+
 			"Writes DIR/ca.pem (the trust bundle), DIR/ca-key.pem and, for every\n"+
 			"component, DIR/<tier>/<region>/<name>/cert.pem and key.pem. Existing\n"+
 			"certificates are kept while valid for at least 7 more days.\n\nFlags:\n")

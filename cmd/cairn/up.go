@@ -19,7 +19,10 @@ import (
 // gets SIGKILL once it runs out.
 const stopTimeout = 60 * time.Second
 
-const upUsage = `Usage: cairn up [flags]
+const upUsage = `cairn up: start the whole Cairn chain on this machine as real processes, run a demo and wait (make up)
+
+Usage: cairn up [flags]
+       cairn up restart [--state-dir DIR] COMPONENT   (see "cairn up restart -h")
 
 Starts the whole chain on this machine as real processes: dev certs, 3 safes
 (SoftHSM2 tokens when SoftHSM2 is installed, else insecure file safes),
@@ -41,6 +44,9 @@ Flags:
 // signal, it stops everything. It exits 0 after a clean run, 1 if a
 // component died (or could not be stopped).
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "restart" {
+		return runUpRestart(ctx, args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("cairn up", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors and usage are printed below
 	stateDir := fs.String("state-dir", chain.DefaultStateDir, "`directory` of the chain's state, logs and chain.json")
@@ -142,5 +148,74 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	fmt.Fprintln(stdout, "cairn up: stopped")
+	return exitOK
+}
+
+const upRestartUsage = `cairn up restart: restart one component of the running chain; the cairn up that runs it stops it and starts it again
+
+Usage: cairn up restart [--state-dir DIR] COMPONENT
+
+COMPONENT is a name from the table cairn up printed (and chain.json):
+distributor-1..3, rootkms-1..3 or REGION/kms-1..2 (e.g. us-east/kms-1). The
+running cairn up stops it (SIGTERM by its PID, SIGKILL after 10 s; one that
+died is just started again), starts it with the same flags and state dir, and
+waits until it is ready: a distributor unsealed from its peers, a root KMS
+voter serving in the cluster, a KMS server serving its persisted bundle.
+chain.json then records its new PID. Each step is printed here and in cairn
+up's output. It fails, changing nothing, if no chain runs in the state dir or
+it has no such component.
+
+Flags:
+`
+
+// runUpRestart implements "cairn up restart COMPONENT": it asks the running
+// launcher of the state dir's chain to restart the component (see
+// chain.RestartComponent) and prints its progress.
+func runUpRestart(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("cairn up restart", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors and usage are printed below
+	stateDir := fs.String("state-dir", chain.DefaultStateDir, "`directory` of the running chain (its chain.json)")
+	timeout := fs.Duration("timeout", chain.RestartTimeout, "how long to wait for the restart")
+	printUsage := func(w io.Writer) {
+		fmt.Fprint(w, upRestartUsage)
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
+	usageError := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "cairn up restart: "+format+"\nRun \"cairn up restart -h\" for usage.\n", a...)
+		return exitUsage
+	}
+	// COMPONENT may come before or after the flags.
+	var name string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		name, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			printUsage(stdout)
+			return exitOK
+		}
+		return usageError("%v", err)
+	}
+	rest := fs.Args()
+	if name == "" && len(rest) > 0 {
+		name, rest = rest[0], rest[1:]
+	}
+	switch {
+	case len(rest) > 0:
+		return usageError("unexpected arguments %q", rest)
+	case name == "":
+		return usageError("give the COMPONENT to restart, e.g. us-east/kms-1")
+	case *timeout <= 0:
+		return usageError("--timeout must be positive")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	if err := chain.RestartComponent(ctx, *stateDir, name, stdout); err != nil {
+		fmt.Fprintf(stderr, "cairn up restart: %s\n", strings.ReplaceAll(err.Error(), "\n", "\ncairn up restart: "))
+		return exitError
+	}
+	fmt.Fprintf(stdout, "restarted %s\n", name)
 	return exitOK
 }

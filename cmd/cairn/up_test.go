@@ -65,3 +65,47 @@ func TestRunUpUnfinishedStateDir(t *testing.T) {
 		t.Errorf("cairn up on an unfinished state dir: stderr %q, want %q and how to remove it", stderr, want)
 	}
 }
+
+// TestRunUpRestartCommandLine covers what `cairn up restart` decides before
+// it asks a launcher: usage errors, and a missing, stopped or unknown chain
+// or component named clearly. (Restarts of a running chain's components
+// are in tests/, with the real binaries.)
+func TestRunUpRestartCommandLine(t *testing.T) {
+	noChain := t.TempDir()
+	stopped := t.TempDir()
+	if err := os.WriteFile(filepath.Join(stopped, "chain.json"), []byte(`{"version":1,"trust_domain":"cairn.local","ca":"/x","launcher_pid":1,`+
+		`"stopped_at":"2026-01-02T03:04:05Z","components":[{"name":"us-east/kms-1","kind":"kms"}],`+
+		`"regions":[{"name":"us-east","kms":["127.0.0.1:1"]}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	gone := t.TempDir()
+	if err := os.WriteFile(filepath.Join(gone, "chain.json"), []byte(`{"version":1,"trust_domain":"cairn.local","ca":"/x","launcher_pid":0,`+
+		`"components":[{"name":"us-east/kms-1","kind":"kms"}],"control":"`+filepath.Join(gone, "run", "launcher.sock")+`",`+
+		`"regions":[{"name":"us-east","kms":["127.0.0.1:1"]}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStderr string
+	}{
+		{"no component", []string{"up", "restart", "--state-dir", noChain}, exitUsage, "give the COMPONENT to restart"},
+		{"two components", []string{"up", "restart", "us-east/kms-1", "rootkms-1"}, exitUsage, `unexpected arguments ["rootkms-1"]`},
+		{"bad flag", []string{"up", "restart", "--frob", "x"}, exitUsage, "flag provided but not defined: -frob"},
+		{"bad timeout", []string{"up", "restart", "--timeout", "0s", "x"}, exitUsage, "--timeout must be positive"},
+		{"no chain", []string{"up", "restart", "--state-dir", noChain, "us-east/kms-1"}, exitError, "make up"},
+		{"stopped chain", []string{"up", "restart", "us-east/kms-1", "--state-dir", stopped}, exitError, "the chain is not running: the chain in " + stopped + " was stopped at"},
+		{"launcher gone", []string{"up", "restart", "--state-dir", gone, "us-east/kms-1"}, exitError, "the chain is not running: its launcher (pid 0) is gone"},
+		{"unknown component of a chain", []string{"up", "restart", "--state-dir", gone, "us-east/kms-9"}, exitError, `no component "us-east/kms-9" in the chain in ` + gone + "; it has us-east/kms-1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, stdout, stderr := runArgs(t, tt.args...)
+			if code != tt.wantCode || !strings.Contains(stderr, tt.wantStderr) || stdout != "" {
+				t.Errorf("cairn %s = exit %d, stdout %q, stderr %q; want exit %d, nothing on stdout, stderr containing %q",
+					strings.Join(tt.args, " "), code, stdout, stderr, tt.wantCode, tt.wantStderr)
+			}
+		})
+	}
+}

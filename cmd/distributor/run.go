@@ -15,21 +15,27 @@ import (
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
+	"github.com/cairnkms/cairn/internal/ops"
 	"github.com/cairnkms/cairn/safe"
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("distributor", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "distributor: a Cairn root-key distributor: holds the root master key in locked memory only and hands it to root KMS replicas\n\nUsage: distributor [flags]\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
 	var (
 		id                          identity.Flags
 		listen, stateDir, auditPath string
 		officers, readers, peerIDs  string
 		peers, manifest             string
 		ceremonyTTL                 time.Duration
-		verbose                     bool
+		opsFlags                    ops.Flags
 	)
 	id.Register(fs)
+	opsFlags.Register(fs)
 	fs.StringVar(&listen, "listen", "127.0.0.1:7101", "gRPC listen address")
 	fs.StringVar(&stateDir, "state-dir", "", "directory for the pinned genesis manifest (genesis.json) and the audit log (required)")
 	fs.StringVar(&auditPath, "audit-log", "", "audit log path (default <state-dir>/audit.log)")
@@ -39,23 +45,25 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&peers, "peers", "", "comma-separated host:port of peer distributors to unseal from")
 	fs.StringVar(&manifest, "manifest", "", "public genesis manifest `file` to pin in the state dir at start (a distributor joining a fleet can then unseal from --peers); a pinned manifest of another root key is never replaced")
 	fs.DurationVar(&ceremonyTTL, "ceremony-ttl", 30*time.Minute, "default ceremony lifetime")
-	fs.BoolVar(&verbose, "v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // -h: the help is printed
+		}
 		return 2
 	}
-	level := slog.LevelInfo
-	if verbose {
-		level = slog.LevelDebug
+	log, err := opsFlags.Logger(stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "distributor: "+err.Error())
+		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := serve(ctx, log, &id, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest, ceremonyTTL); err != nil {
+	if err := serve(ctx, log, &id, &opsFlags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest, ceremonyTTL); err != nil {
 		log.Error("distributor: " + err.Error())
 		return 1
 	}
 	return 0
 }
 
-func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest string, ttl time.Duration) error {
+func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, opsFlags *ops.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest string, ttl time.Duration) error {
 	if stateDir == "" {
 		return errors.New("--state-dir is required")
 	}
@@ -111,7 +119,12 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, st
 		return err
 	}
 	defer alog.Close()
+	reg, err := ops.NewRegistry("distributor")
+	if err != nil {
+		return err
+	}
 	srv, err := distributor.New(distributor.Config{
+		Registry: reg, Reflection: opsFlags.Reflection,
 		ManifestPath: manifestPath,
 		Source:       src, Officers: officerList, RootKeyReaders: readerList, Peers: peerList,
 		PeerAddrs: identity.SplitList(peers), Audit: alog, Logger: log, CeremonyTTL: ttl,
@@ -121,8 +134,16 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, listen, st
 	}
 	lis, err := net.Listen("tcp", listen)
 	if err != nil {
+		srv.Close()
 		return fmt.Errorf("listening on %s: %w", listen, err)
 	}
+	opsLis, err := opsFlags.Listen(log, reg, srv.Readiness)
+	if err != nil {
+		lis.Close()
+		srv.Close()
+		return err
+	}
+	defer opsLis.Close()
 	log.Info("distributor: serving", "addr", lis.Addr().String(), "id", src.ID().String(), "sealed", srv.Sealed())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(lis) }()

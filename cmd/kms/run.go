@@ -9,29 +9,34 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"path/filepath"
-	"time"
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
+	"github.com/cairnkms/cairn/internal/ops"
 	"github.com/cairnkms/cairn/kms"
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("kms", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "kms: a Cairn regional KMS server: serves one region's keysets from RAM to Tink clients (wrap and unwrap data keys) over gRPC with mTLS\n\nUsage: kms [flags]\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
 	var (
 		id                                 identity.Flags
 		region, listen, stateDir, auditLog string
 		rootKMS, signingKeys, admins       string
-		metricsListen                      string
+		opsFlags                           ops.Flags
 		maxBatch, maxPayload               int
-		verbose, auditSync                 bool
+		auditSync                          bool
 	)
 	id.Register(fs)
+	tf := registerTransitFlags(fs)
+	opsFlags.Register(fs)
 	fs.StringVar(&region, "region", "", "the region this server serves, e.g. us-east (required; --name must be kms/<region>/<name>)")
 	fs.StringVar(&listen, "listen", "127.0.0.1:7401", "gRPC listen address (data plane and admin, mTLS)")
 	fs.StringVar(&stateDir, "state-dir", "", "directory of the last applied bundle (required; wrapped material only)")
@@ -39,25 +44,26 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&rootKMS, "rootkms", "", "comma-separated host:port of root KMS replicas (required)")
 	fs.StringVar(&signingKeys, "signing-key", "", "comma-separated bundle-signing public key files to pin (required)")
 	fs.StringVar(&admins, "admins", "regionctl/*/*", "comma-separated SPIFFE ID patterns allowed to call KMSAdmin")
-	fs.StringVar(&metricsListen, "metrics-listen", "", "address to serve Prometheus metrics on, plain HTTP at /metrics (empty: none)")
 	fs.IntVar(&maxBatch, "max-batch", 0, "most items in a batch call (0: 1000)")
 	fs.IntVar(&maxPayload, "max-payload", 0, "largest plaintext or associated data in bytes (0: 65536)")
 	fs.BoolVar(&auditSync, "audit-sync", false, "fsync the audit log before answering each call (see the comment in run.go)")
-	fs.BoolVar(&verbose, "v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // -h: the help is printed
+		}
 		return 2
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "kms: unexpected arguments %v\n", fs.Args())
 		return 2
 	}
-	level := slog.LevelInfo
-	if verbose {
-		level = slog.LevelDebug
+	log, err := opsFlags.Logger(stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "kms: "+err.Error())
+		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := serve(ctx, log, config{id: id, region: region, listen: listen, stateDir: stateDir, auditLog: auditLog, rootKMS: rootKMS,
-		signingKeys: signingKeys, admins: admins, metricsListen: metricsListen, maxBatch: maxBatch, maxPayload: maxPayload, auditSync: auditSync}); err != nil {
+	if err := serve(ctx, log, config{transit: *tf, id: id, region: region, listen: listen, stateDir: stateDir, auditLog: auditLog, rootKMS: rootKMS,
+		signingKeys: signingKeys, admins: admins, ops: opsFlags, maxBatch: maxBatch, maxPayload: maxPayload, auditSync: auditSync}); err != nil {
 		log.Error("kms: " + err.Error())
 		return 1
 	}
@@ -65,10 +71,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 type config struct {
-	id                                                                              identity.Flags
-	region, listen, stateDir, auditLog, rootKMS, signingKeys, admins, metricsListen string
-	maxBatch, maxPayload                                                            int
-	auditSync                                                                       bool
+	id                                                               identity.Flags
+	ops                                                              ops.Flags
+	region, listen, stateDir, auditLog, rootKMS, signingKeys, admins string
+	maxBatch, maxPayload                                             int
+	auditSync                                                        bool
+
+	transit transitFlags // the Vault transit listener (transit.go)
 }
 
 func serve(ctx context.Context, log *slog.Logger, c config) error {
@@ -111,9 +120,14 @@ func serve(ctx context.Context, log *slog.Logger, c config) error {
 	defer alog.Close()
 	keys := kms.NewRootKMSRegionKeys(src, identity.SplitList(c.rootKMS))
 	defer keys.Close()
+	reg, err := ops.NewRegistry("kms")
+	if err != nil {
+		return err
+	}
 	srv, err := kms.New(kms.Config{
 		Region: c.region, StateDir: c.stateDir, Source: src, RegionKeys: keys, SigningKeys: pinned, Admins: adm,
 		Audit: alog, Logger: log, MaxBatch: c.maxBatch, MaxPayload: c.maxPayload,
+		Registry: reg, Reflection: c.ops.Reflection,
 	})
 	if err != nil {
 		return err
@@ -123,44 +137,20 @@ func serve(ctx context.Context, log *slog.Logger, c config) error {
 		srv.Close()
 		return fmt.Errorf("listening on %s: %w", c.listen, err)
 	}
-	var metrics *http.Server
-	metricsDone := make(chan struct{})
-	if c.metricsListen == "" {
-		close(metricsDone)
-	} else {
-		mlis, err := net.Listen("tcp", c.metricsListen)
-		if err != nil {
-			lis.Close()
-			srv.Close()
-			return fmt.Errorf("listening on %s: %w", c.metricsListen, err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", srv.Handler())
-		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() {
-			defer close(metricsDone)
-			if err := metrics.Serve(mlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("kms: metrics listener stopped", "err", err)
-			}
-		}()
-		log.Info("kms: metrics", "addr", mlis.Addr().String())
-	}
-	if err := srv.Start(lis); err != nil {
+	opsLis, err := c.ops.Listen(log, reg, srv.Readiness)
+	if err != nil {
 		lis.Close()
-		if metrics != nil {
-			metrics.Close()
-		}
-		<-metricsDone
 		srv.Close()
 		return err
 	}
-	<-ctx.Done()
-	log.Info("kms: shutting down")
-	if metrics != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = metrics.Shutdown(sctx)
-		cancel()
+	if err := srv.Start(lis); err != nil {
+		lis.Close()
+		opsLis.Close()
+		srv.Close()
+		return err
 	}
-	<-metricsDone
-	return srv.Close()
+	err = serveTransit(ctx, log, c.transit, srv, src) // until ctx is done
+	log.Info("kms: shutting down")
+	opsLis.Close()
+	return errors.Join(err, srv.Close())
 }

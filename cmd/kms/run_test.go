@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -87,8 +88,9 @@ func TestRunRefusesBadConfig(t *testing.T) {
 	}
 }
 
-// TestRunServesUntilCanceled starts the binary's run with a metrics
-// listener, sees it answer (not ready: no bundle yet), and stops it.
+// TestRunServesUntilCanceled starts the binary's run with an ops listener
+// and JSON logs, sees it answer (alive, not ready: no bundle yet), and stops
+// it.
 func TestRunServesUntilCanceled(t *testing.T) {
 	certs, pub := fixture(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -103,7 +105,7 @@ func TestRunServesUntilCanceled(t *testing.T) {
 	done := make(chan int)
 	go func() {
 		done <- run(ctx, []string{"--trust-domain", "cairn.test", "--dev-certs", certs, "--name", "kms/us-east/kms-1", "--region", "us-east",
-			"--state-dir", t.TempDir(), "--rootkms", "127.0.0.1:1", "--signing-key", pub, "--listen", "127.0.0.1:0", "--metrics-listen", metricsAddr}, &out)
+			"--state-dir", t.TempDir(), "--rootkms", "127.0.0.1:1", "--signing-key", pub, "--listen", "127.0.0.1:0", "--metrics-listen", metricsAddr, "--log-format", "json"}, &out)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	client := &http.Client{Timeout: time.Second}
@@ -122,9 +124,33 @@ func TestRunServesUntilCanceled(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	for path, want := range map[string]int{"/healthz": http.StatusOK, "/readyz": http.StatusServiceUnavailable} {
+		resp, err := client.Get("http://" + metricsAddr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s = %d %q, want %d", path, resp.StatusCode, body, want)
+		}
+		if path == "/readyz" && !strings.Contains(string(body), "fetching region keys") && !strings.Contains(string(body), "no bundle") {
+			t.Errorf("GET /readyz = %q, want the reason it is not ready", body)
+		}
+	}
 	client.CloseIdleConnections()
 	cancel()
 	if code := <-done; code != 0 {
 		t.Errorf("run after cancel = %d, want 0\n%s", code, out.String())
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) < 2 {
+		t.Fatalf("logged %q, want several lines", out.String())
+	}
+	for _, line := range lines {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil || rec["msg"] == nil {
+			t.Errorf("--log-format json logged a line that is not a JSON record: %q", line)
+		}
 	}
 }

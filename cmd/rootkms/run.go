@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"path/filepath"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
+	"github.com/cairnkms/cairn/internal/ops"
 	"github.com/cairnkms/cairn/rootkms"
 	"github.com/cairnkms/cairn/safe"
 )
@@ -21,17 +21,23 @@ import (
 func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("rootkms", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "rootkms: a Cairn root KMS replica: a Raft member that holds the region master keys, wrapped by the root master key\n\nUsage: rootkms [flags]\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
 	var (
 		id                                  identity.Flags
 		replicaID, listen, raftListen       string
 		dataDir, manifest, auditPath        string
 		distributors, join                  string
 		regionctl, operators                string
-		bootstrap, nonVoter, verbose        bool
+		bootstrap, nonVoter                 bool
+		opsFlags                            ops.Flags
 		heartbeat, election, lease, applyTO time.Duration
 		safetyWindow                        time.Duration
 	)
 	id.Register(fs)
+	opsFlags.Register(fs)
 	fs.StringVar(&replicaID, "id", "", "Raft server ID of this replica, e.g. rootkms-1 (required)")
 	fs.StringVar(&listen, "listen", "127.0.0.1:7201", "gRPC API listen address")
 	fs.StringVar(&raftListen, "raft-listen", "127.0.0.1:7301", "Raft transport listen address (mTLS)")
@@ -49,16 +55,18 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.DurationVar(&lease, "leader-lease-timeout", 0, "Raft leader lease timeout (0: 500ms)")
 	fs.DurationVar(&applyTO, "apply-timeout", 0, "Raft write timeout (0: 5s)")
 	fs.DurationVar(&safetyWindow, "safety-window", 0, "propagation window of the Safety Condition checks on keyset lifecycle steps (0: 10m)")
-	fs.BoolVar(&verbose, "v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // -h: the help is printed
+		}
 		return 2
 	}
-	level := slog.LevelInfo
-	if verbose {
-		level = slog.LevelDebug
+	log, err := opsFlags.Logger(stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "rootkms: "+err.Error())
+		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	err := func() error {
+	err = func() error {
 		if replicaID == "" || dataDir == "" || manifest == "" || distributors == "" {
 			return errors.New("--id, --data-dir, --manifest and --distributors are required")
 		}
@@ -77,7 +85,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		if err != nil {
 			return fmt.Errorf("--regionctl: %w", err)
 		}
-		ops, err := identity.ParseAllowlist(src.TrustDomain(), identity.SplitList(operators)...)
+		opList, err := identity.ParseAllowlist(src.TrustDomain(), identity.SplitList(operators)...)
 		if err != nil {
 			return fmt.Errorf("--operators: %w", err)
 		}
@@ -89,9 +97,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			return err
 		}
 		defer alog.Close()
+		reg, err := ops.NewRegistry("rootkms")
+		if err != nil {
+			return err
+		}
 		srv, err := rootkms.New(rootkms.Config{
+			Registry: reg, Reflection: opsFlags.Reflection,
 			ID: replicaID, DataDir: dataDir, Bootstrap: bootstrap, Join: identity.SplitList(join), NonVoter: nonVoter,
-			Manifest: m, Distributors: identity.SplitList(distributors), Source: src, Regionctl: rc, Operators: ops,
+			Manifest: m, Distributors: identity.SplitList(distributors), Source: src, Regionctl: rc, Operators: opList,
 			Audit: alog, Logger: log, HeartbeatTimeout: heartbeat, ElectionTimeout: election, LeaderLeaseTimeout: lease, ApplyTimeout: applyTO,
 			Safety: rootkms.SafetyConfig{Window: safetyWindow},
 		})
@@ -112,8 +125,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			raftLis.Close()
 			return err
 		}
+		opsLis, err := opsFlags.Listen(log, reg, srv.Readiness)
+		if err != nil {
+			srv.Close()
+			return err
+		}
 		<-ctx.Done()
 		log.Info("rootkms: shutting down")
+		opsLis.Close()
 		return srv.Close()
 	}()
 	if err != nil {

@@ -15,13 +15,17 @@ import (
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
-	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/officer"
 	"github.com/cairnkms/cairn/safe/safeconfig"
 )
 
-const usage = `usage: safe <command> [flags]
+// summary is the first line of every help: what the tool is.
+const summary = "safe: the security officers' tool: the root master key's genesis into HSM safes, unseal ceremonies, rekey and restore drills"
+
+const usage = summary + `
+
+Usage: safe <command> [flags]
 
 Commands:
   genesis   create the root master key, split it K-of-N into safes, write the manifest,
@@ -40,16 +44,17 @@ Run "safe <command> -h" for a command's flags.
 // errUsage marks a bad command line (exit 2).
 var errUsage = errors.New("usage")
 
+// progName is how the next commands a command prints call this tool:
+// "safe", or the path it was run by (main sets it).
+var progName = "safe"
+
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		w := stdout
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "-help" || args[0] == "--help" {
 		if len(args) == 0 {
-			w = stderr
-		}
-		fmt.Fprint(w, usage)
-		if len(args) == 0 {
+			fmt.Fprint(stderr, usage)
 			return 2
 		}
+		fmt.Fprint(stdout, usage)
 		return 0
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
@@ -66,7 +71,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if err := cmd(ctx, args[1:], stdout, stderr); err != nil {
-		if errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp) {
+		switch {
+		case errors.Is(err, flag.ErrHelp):
+			return 0
+		case errors.Is(err, errUsage):
 			return 2
 		}
 		fmt.Fprintf(stderr, "safe %s: %v\n", args[0], err)
@@ -81,21 +89,74 @@ type multi []string
 func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
-func newFlags(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("safe "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	return fs
+// commandHelp is each command's help: the line that says what it does, and
+// its synopsis.
+var commandHelp = map[string]struct{ summary, synopsis string }{
+	"genesis": {"create the root master key, split it K-of-N into safes, write the public manifest and hand the key to distributors",
+		"--threshold K --safe FILE (N times) --manifest FILE [--officers IDS] [--distributor ADDR]... [identity flags]"},
+	"ceremony open": {"open an unseal ceremony on a sealed distributor; prints its ID and the release command each officer runs next",
+		"--distributor ADDR [--ttl D] [--json] [identity flags]"},
+	"ceremony status": {"show a distributor's seal state and its unseal ceremony: shares accepted, shares still needed, the next command",
+		"--distributor ADDR [--ceremony ID] [--json] [identity flags]"},
+	"ceremony cancel": {"cancel an unseal ceremony; the shares it accepted are wiped",
+		"--distributor ADDR --ceremony ID [--reason TEXT] [--json] [identity flags]"},
+	"release": {"release this officer's share from their safe into an open unseal ceremony",
+		"--distributor ADDR --ceremony ID --safe FILE --manifest FILE [--json] [identity flags]"},
+	"rekey": {"re-split the same root key into new safes (new K and N), then destroy the old shares",
+		"--threshold K --old-safe FILE (K times) --safe FILE (N' times) --manifest FILE --out FILE [--keep-old-shares]"},
+	"drill": {"prove that the given safes restore the root key, in a throwaway ceremony; nothing in production is touched",
+		"--manifest FILE --safe FILE (K times)"},
+	"list": {"list the shares a safe holds (genesis, epoch, index; never a share)",
+		"--safe FILE"},
 }
 
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
+// cmdFlags is a command's flag set, with its help.
+type cmdFlags struct {
+	*flag.FlagSet
+	summary, synopsis string
+	stdout, stderr    io.Writer
+}
+
+func newFlags(name string, stdout, stderr io.Writer) *cmdFlags {
+	h := commandHelp[name]
+	fs := flag.NewFlagSet("safe "+name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // help and errors are printed by parse
+	return &cmdFlags{FlagSet: fs, summary: h.summary, synopsis: h.synopsis, stdout: stdout, stderr: stderr}
+}
+
+// usage prints the command's help: one line saying what it does, the
+// synopsis and the flags.
+func (f *cmdFlags) usage(w io.Writer) {
+	fmt.Fprintf(w, "%s: %s\n\nUsage: %s %s\n\nFlags:\n", f.Name(), f.summary, f.Name(), f.synopsis)
+	f.SetOutput(w)
+	f.PrintDefaults()
+	f.SetOutput(io.Discard)
+}
+
+// parse parses args. -h prints the help on stdout and returns flag.ErrHelp
+// (exit 0); a bad command line prints the error and the help on stderr and
+// returns errUsage (exit 2).
+func (f *cmdFlags) parse(args []string) error {
+	if err := f.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			f.usage(f.stdout)
+			return flag.ErrHelp
+		}
+		fmt.Fprintf(f.stderr, "%s: %v\n", f.Name(), err)
+		f.usage(f.stderr)
 		return errUsage
 	}
-	if fs.NArg() != 0 {
-		fmt.Fprintf(fs.Output(), "unexpected arguments: %v\n", fs.Args())
+	if f.NArg() != 0 {
+		fmt.Fprintf(f.stderr, "%s: unexpected arguments: %v\n", f.Name(), f.Args())
 		return errUsage
 	}
 	return nil
+}
+
+// required prints that flags are required and returns errUsage.
+func (f *cmdFlags) required(what string) error {
+	fmt.Fprintf(f.stderr, "%s: %s\nRun \"%s -h\" for usage.\n", f.Name(), what, f.Name())
+	return errUsage
 }
 
 func openSafes(ctx context.Context, paths []string) ([]safe.Safe, func(), error) {
@@ -133,7 +194,7 @@ func dial(id *identity.Flags, addr string) (distributorv1.DistributorClient, fun
 }
 
 func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("genesis", stderr)
+	fs := newFlags("genesis", stdout, stderr)
 	var (
 		id                  identity.Flags
 		safes, distributors multi
@@ -141,18 +202,17 @@ func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		threshold           int
 		manifestPath        string
 	)
-	id.Register(fs)
+	id.Register(fs.FlagSet)
 	fs.IntVar(&threshold, "threshold", 0, "K: shares needed to restore the key (required)")
 	fs.Var(&safes, "safe", "safe config file; repeat once per safe (N times)")
 	fs.StringVar(&officers, "officers", "", "comma-separated officer SPIFFE IDs, one per safe in order (optional)")
 	fs.StringVar(&manifestPath, "manifest", "", "where to write the public genesis manifest (required)")
 	fs.Var(&distributors, "distributor", "host:port of a distributor to hand the key to; repeatable")
-	if err := parse(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if threshold == 0 || len(safes) == 0 || manifestPath == "" {
-		fmt.Fprintln(stderr, "safe genesis: --threshold, --safe (N times) and --manifest are required")
-		return errUsage
+		return fs.required("--threshold, --safe (N times) and --manifest are required")
 	}
 	opened, closeAll, err := openSafes(ctx, safes)
 	if err != nil {
@@ -185,93 +245,24 @@ func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return nil
 }
 
-func ceremony(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: safe ceremony open|status|cancel --distributor ADDR [--ceremony ID] [identity flags]")
-		return errUsage
-	}
-	verb := args[0]
-	fs := newFlags("ceremony "+verb, stderr)
-	var (
-		id        identity.Flags
-		addr, cid string
-		reason    string
-		ttl       time.Duration
-	)
-	id.Register(fs)
-	fs.StringVar(&addr, "distributor", "", "host:port of the distributor (required)")
-	fs.StringVar(&cid, "ceremony", "", "ceremony id (status, cancel)")
-	fs.StringVar(&reason, "reason", "", "why (cancel; audited)")
-	fs.DurationVar(&ttl, "ttl", 0, "ceremony lifetime (open; default the distributor's)")
-	if err := parse(fs, args[1:]); err != nil {
-		return err
-	}
-	if addr == "" {
-		fmt.Fprintln(stderr, "safe ceremony: --distributor is required")
-		return errUsage
-	}
-	client, closeConn, err := dial(&id, addr)
-	if err != nil {
-		return err
-	}
-	defer closeConn()
-	var c *distributorv1.Ceremony
-	switch verb {
-	case "open":
-		c, err = client.OpenCeremony(ctx, &distributorv1.OpenCeremonyRequest{Kind: distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL, TtlSeconds: uint32(ttl / time.Second)})
-	case "status":
-		if cid == "" {
-			var st *distributorv1.GetStatusResponse
-			if st, err = client.GetStatus(ctx, &distributorv1.GetStatusRequest{}); err == nil {
-				fmt.Fprintf(stdout, "distributor %s: %s, genesis %s, KCV %x, unsealed by %q\n", addr, st.GetState(), st.GetGenesisId(), st.GetKcv(), st.GetUnsealedBy())
-				c = st.GetCeremony()
-				if c == nil {
-					return nil
-				}
-			}
-		} else {
-			c, err = client.GetCeremony(ctx, &distributorv1.GetCeremonyRequest{CeremonyId: cid})
-		}
-	case "cancel":
-		c, err = client.CancelCeremony(ctx, &distributorv1.CancelCeremonyRequest{CeremonyId: cid, Reason: reason})
-	default:
-		fmt.Fprintf(stderr, "safe ceremony: unknown verb %q (open, status, cancel)\n", verb)
-		return errUsage
-	}
-	if err != nil {
-		return err
-	}
-	printCeremony(stdout, c)
-	return nil
-}
-
-func printCeremony(w io.Writer, c *distributorv1.Ceremony) {
-	fmt.Fprintf(w, "ceremony %s (%s): %s, %d of %d shares %v from %v, expires %s",
-		c.GetId(), strings.TrimPrefix(c.GetKind().String(), "CEREMONY_KIND_"), strings.TrimPrefix(c.GetState().String(), "CEREMONY_STATE_"),
-		len(c.GetAcceptedIndices()), c.GetThreshold(), c.GetAcceptedIndices(), c.GetOfficers(), c.GetExpiresAt().AsTime().UTC().Format(time.RFC3339))
-	if c.GetDetail() != "" {
-		fmt.Fprintf(w, " (%s)", c.GetDetail())
-	}
-	fmt.Fprintln(w)
-}
-
 func release(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("release", stderr)
+	fs := newFlags("release", stdout, stderr)
 	var (
 		id                            identity.Flags
 		addr, cid, safePath, manifest string
+		asJSON                        bool
 	)
-	id.Register(fs)
+	id.Register(fs.FlagSet)
 	fs.StringVar(&addr, "distributor", "", "host:port of the distributor (required)")
 	fs.StringVar(&cid, "ceremony", "", "ceremony id (required)")
 	fs.StringVar(&safePath, "safe", "", "this officer's safe config file (required)")
 	fs.StringVar(&manifest, "manifest", "", "the genesis manifest (required)")
-	if err := parse(fs, args); err != nil {
+	fs.BoolVar(&asJSON, "json", false, "print the ceremony and the next step as JSON (see \"safe ceremony -h\")")
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if addr == "" || cid == "" || safePath == "" || manifest == "" {
-		fmt.Fprintln(stderr, "safe release: --distributor, --ceremony, --safe and --manifest are required")
-		return errUsage
+		return fs.required("--distributor, --ceremony, --safe and --manifest are required")
 	}
 	m, err := safe.ReadManifest(manifest)
 	if err != nil {
@@ -291,12 +282,13 @@ func release(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	printCeremony(stdout, c)
-	return nil
+	r := ceremonyReport{Distributor: addr, Ceremony: ceremonyOf(c)}
+	r.Next = nextStep(addr, c, nil, &id, manifest)
+	return r.write(stdout, asJSON)
 }
 
 func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("rekey", stderr)
+	fs := newFlags("rekey", stdout, stderr)
 	var (
 		oldSafes, newSafes multi
 		officers           string
@@ -311,12 +303,11 @@ func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&manifest, "manifest", "", "the current manifest (required)")
 	fs.StringVar(&out, "out", "", "where to write the new manifest (required; then install it on every distributor)")
 	fs.BoolVar(&keepOld, "keep-old-shares", false, "do not destroy the old shares (they stay valid until destroyed)")
-	if err := parse(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if threshold == 0 || len(oldSafes) == 0 || len(newSafes) == 0 || manifest == "" || out == "" {
-		fmt.Fprintln(stderr, "safe rekey: --threshold, --old-safe, --safe, --manifest and --out are required")
-		return errUsage
+		return fs.required("--threshold, --old-safe, --safe, --manifest and --out are required")
 	}
 	prev, err := safe.ReadManifest(manifest)
 	if err != nil {
@@ -357,19 +348,18 @@ func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 func drill(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("drill", stderr)
+	fs := newFlags("drill", stdout, stderr)
 	var (
 		safes    multi
 		manifest string
 	)
 	fs.Var(&safes, "safe", "safe config file; repeat for at least K safes")
 	fs.StringVar(&manifest, "manifest", "", "the genesis manifest (required)")
-	if err := parse(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if manifest == "" || len(safes) == 0 {
-		fmt.Fprintln(stderr, "safe drill: --manifest and --safe are required")
-		return errUsage
+		return fs.required("--manifest and --safe are required")
 	}
 	m, err := safe.ReadManifest(manifest)
 	if err != nil {
@@ -390,15 +380,14 @@ func drill(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 func list(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("list", stderr)
+	fs := newFlags("list", stdout, stderr)
 	var safePath string
 	fs.StringVar(&safePath, "safe", "", "safe config file (required)")
-	if err := parse(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if safePath == "" {
-		fmt.Fprintln(stderr, "safe list: --safe is required")
-		return errUsage
+		return fs.required("--safe is required")
 	}
 	opened, closeAll, err := openSafes(ctx, []string{safePath})
 	if err != nil {
@@ -415,5 +404,3 @@ func list(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	return nil
 }
-
-var _ = (*safev1.GenesisManifest)(nil)

@@ -3,8 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
 )
 
 func TestRunUsage(t *testing.T) {
@@ -13,14 +22,18 @@ func TestRunUsage(t *testing.T) {
 		code     int
 		contains string
 	}{
-		{nil, 2, "usage: safe"},
+		{nil, 2, "Usage: safe <command>"},
 		{[]string{"help"}, 0, "Commands:"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{[]string{"genesis"}, 2, "--threshold, --safe (N times) and --manifest are required"},
 		{[]string{"genesis", "--threshold", "2", "--pin", "1234"}, 2, "flag provided but not defined: -pin"},
 		{[]string{"release", "--ceremony", "x"}, 2, "--distributor, --ceremony, --safe and --manifest are required"},
-		{[]string{"ceremony"}, 2, "usage: safe ceremony"},
+		{[]string{"ceremony"}, 2, "Usage: safe ceremony open|status|cancel"},
+		{[]string{"ceremony", "unseal"}, 2, `unknown verb "unseal" (open, status, cancel)`},
 		{[]string{"ceremony", "open"}, 2, "--distributor is required"},
+		{[]string{"ceremony", "open", "--ceremony", "x"}, 2, "flag provided but not defined: -ceremony"},
+		{[]string{"ceremony", "cancel", "--distributor", "127.0.0.1:1"}, 2, "--ceremony is required"},
+		{[]string{"ceremony", "status", "--distributor", "127.0.0.1:1", "extra"}, 2, "unexpected arguments: [extra]"},
 		{[]string{"rekey"}, 2, "are required"},
 		{[]string{"drill"}, 2, "--manifest and --safe are required"},
 		{[]string{"list"}, 2, "--safe is required"},
@@ -35,5 +48,194 @@ func TestRunUsage(t *testing.T) {
 				t.Errorf("safe %v = %d, output %q; want %d containing %q", tt.args, code, out.String()+errb.String(), tt.code, tt.contains)
 			}
 		})
+	}
+}
+
+// TestHelp checks that every command's -h prints its help on stdout,
+// starting with one line that says what it is, and exits 0.
+func TestHelp(t *testing.T) {
+	tests := []struct {
+		args      []string
+		firstLine string // prefix
+		contains  string
+	}{
+		{[]string{"-h"}, "safe: the security officers' tool: ", "Commands:"},
+		{[]string{"--help"}, "safe: the security officers' tool: ", "Commands:"},
+		{[]string{"help"}, "safe: the security officers' tool: ", "Commands:"},
+		{[]string{"genesis", "-h"}, "safe genesis: create the root master key", "-threshold"},
+		{[]string{"ceremony", "-h"}, "safe ceremony: open, show or cancel an unseal ceremony", "shares_needed"},
+		{[]string{"ceremony", "--help"}, "safe ceremony: open, show or cancel an unseal ceremony", "--json prints one JSON object"},
+		{[]string{"ceremony", "help"}, "safe ceremony: open, show or cancel an unseal ceremony", "Verbs:"},
+		{[]string{"ceremony", "open", "-h"}, "safe ceremony open: open an unseal ceremony", "-ttl"},
+		{[]string{"ceremony", "status", "-h"}, "safe ceremony status: show a distributor's seal state", "-json"},
+		{[]string{"ceremony", "cancel", "--help"}, "safe ceremony cancel: cancel an unseal ceremony", "-reason"},
+		{[]string{"release", "-h"}, "safe release: release this officer's share", "-manifest"},
+		{[]string{"rekey", "-h"}, "safe rekey: re-split the same root key", "-keep-old-shares"},
+		{[]string{"drill", "-h"}, "safe drill: prove that the given safes restore the root key", "-safe"},
+		{[]string{"list", "-h"}, "safe list: list the shares a safe holds", "-safe"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			var out, errb bytes.Buffer
+			code := run(context.Background(), tt.args, &out, &errb)
+			first, _, _ := strings.Cut(out.String(), "\n")
+			if code != 0 || !strings.HasPrefix(first, tt.firstLine) || !strings.Contains(out.String(), tt.contains) || errb.Len() != 0 {
+				t.Errorf("safe %v = %d, stdout %q, stderr %q; want 0, a first line starting %q, containing %q, nothing on stderr",
+					tt.args, code, out.String(), errb.String(), tt.firstLine, tt.contains)
+			}
+		})
+	}
+	for name, h := range commandHelp {
+		if h.summary == "" || h.synopsis == "" || strings.Contains(h.summary, "\n") {
+			t.Errorf("commandHelp[%q] = %+v, want a one-line summary and a synopsis", name, h)
+		}
+	}
+}
+
+// TestCeremonyReport checks what the ceremony verbs print, as text and as
+// JSON, and the next step they name, for every state a ceremony and a
+// distributor can be in.
+func TestCeremonyReport(t *testing.T) {
+	id := &identity.Flags{TrustDomain: "cairn.local", DevCerts: ".state/up/certs", Name: "officer/global/officer-1"}
+	expires := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
+	opened := expires.Add(-30 * time.Minute)
+	cer := func(state distributorv1.CeremonyState, accepted ...uint32) *distributorv1.Ceremony {
+		var officers []string
+		for _, i := range accepted {
+			officers = append(officers, fmt.Sprintf("spiffe://cairn.local/officer/global/officer-%d", i))
+		}
+		return &distributorv1.Ceremony{Id: "0123456789abcdef0123456789abcdef", Kind: distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL,
+			State: state, GenesisId: "g-1", Threshold: 2, AcceptedIndices: accepted, Officers: officers,
+			OpenedAt: timestamppb.New(opened), ExpiresAt: timestamppb.New(expires)}
+	}
+	const (
+		addr    = "127.0.0.1:7101"
+		idFlags = " --trust-domain cairn.local --dev-certs .state/up/certs --name officer/global/officer-1"
+		release = "safe release --distributor 127.0.0.1:7101 --ceremony 0123456789abcdef0123456789abcdef --safe SAFE_CONFIG --manifest "
+		open    = "safe ceremony open --distributor 127.0.0.1:7101" + idFlags
+	)
+	sealed := &distributorv1.GetStatusResponse{State: distributorv1.SealState_SEAL_STATE_SEALED, GenesisId: "g-1", Kcv: []byte{0xab, 0xcd}}
+	unsealed := &distributorv1.GetStatusResponse{State: distributorv1.SealState_SEAL_STATE_UNSEALED, GenesisId: "g-1", Kcv: []byte{0xab, 0xcd}, UnsealedBy: "peer:127.0.0.1:7102"}
+	tests := []struct {
+		name     string
+		c        *distributorv1.Ceremony
+		st       *distributorv1.GetStatusResponse
+		manifest string
+		wantText string
+		wantNext next
+		needed   uint32
+	}{
+		{
+			name: "just opened", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_OPEN),
+			wantText: "ceremony 0123456789abcdef0123456789abcdef (UNSEAL): OPEN, 0 of 2 shares [] from [], expires 2026-03-04T05:06:07Z\n" +
+				"next: 2 more shares needed (0 of 2 accepted) before 2026-03-04T05:06:07Z: each officer releases one from their own safe, with their own identity\n" +
+				"  " + release + "GENESIS_MANIFEST" + idFlags + "\n",
+			wantNext: next{Step: "2 more shares needed (0 of 2 accepted) before 2026-03-04T05:06:07Z: each officer releases one from their own safe, with their own identity",
+				Command: release + "GENESIS_MANIFEST" + idFlags},
+			needed: 2,
+		},
+		{
+			name: "one released", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_OPEN, 1), manifest: "/srv/genesis.json",
+			wantNext: next{Step: "1 more share needed (1 of 2 accepted) before 2026-03-04T05:06:07Z: each officer releases one from their own safe, with their own identity",
+				Command: release + "/srv/genesis.json" + idFlags},
+			needed: 1,
+		},
+		{
+			name: "sealed, status of the open ceremony", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_OPEN, 2), st: sealed,
+			wantText: "distributor 127.0.0.1:7101: SEALED, genesis g-1, KCV abcd, unsealed by \"\"\n" +
+				"ceremony 0123456789abcdef0123456789abcdef (UNSEAL): OPEN, 1 of 2 shares [2] from [spiffe://cairn.local/officer/global/officer-2], expires 2026-03-04T05:06:07Z\n" +
+				"next: 1 more share needed (1 of 2 accepted) before 2026-03-04T05:06:07Z: each officer releases one from their own safe, with their own identity\n" +
+				"  " + release + "GENESIS_MANIFEST" + idFlags + "\n",
+			wantNext: next{Step: "1 more share needed (1 of 2 accepted) before 2026-03-04T05:06:07Z: each officer releases one from their own safe, with their own identity",
+				Command: release + "GENESIS_MANIFEST" + idFlags},
+			needed: 1,
+		},
+		{
+			name: "succeeded", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, 1, 2),
+			wantNext: next{Step: "nothing to do: the ceremony unsealed the distributor; its peers unseal from it"},
+		},
+		{
+			name: "expired", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_EXPIRED, 1),
+			wantNext: next{Step: "the ceremony ended expired without unsealing the distributor: open a new one", Command: open},
+		},
+		{
+			name: "sealed without a ceremony", st: sealed,
+			wantText: "distributor 127.0.0.1:7101: SEALED, genesis g-1, KCV abcd, unsealed by \"\"\n" +
+				"next: the distributor is sealed and has no ceremony: open one, then K officers release their shares\n  " + open + "\n",
+			wantNext: next{Step: "the distributor is sealed and has no ceremony: open one, then K officers release their shares", Command: open},
+		},
+		{
+			name: "unsealed, the ceremony that unsealed it shown", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, 1, 2), st: unsealed,
+			wantNext: next{Step: "nothing to do: the distributor is unsealed (peer:127.0.0.1:7102)"},
+		},
+		{
+			name: "sealed, the last ceremony cancelled", c: cer(distributorv1.CeremonyState_CEREMONY_STATE_CANCELLED), st: sealed,
+			wantNext: next{Step: "the ceremony ended cancelled without unsealing the distributor: open a new one", Command: open},
+		},
+		{
+			name: "unsealed", st: unsealed,
+			wantText: "distributor 127.0.0.1:7101: UNSEALED, genesis g-1, KCV abcd, unsealed by \"peer:127.0.0.1:7102\"\n" +
+				"next: nothing to do: the distributor is unsealed (peer:127.0.0.1:7102)\n",
+			wantNext: next{Step: "nothing to do: the distributor is unsealed (peer:127.0.0.1:7102)"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := ceremonyReport{Distributor: addr, Ceremony: ceremonyOf(tt.c), Next: nextStep(addr, tt.c, tt.st, id, tt.manifest)}
+			if tt.st != nil {
+				r.SealState = strings.TrimPrefix(tt.st.GetState().String(), "SEAL_STATE_")
+				r.GenesisID, r.KCV, r.UnsealedBy = tt.st.GetGenesisId(), "abcd", tt.st.GetUnsealedBy()
+			}
+			if diff := cmp.Diff(tt.wantNext, r.Next); diff != "" {
+				t.Errorf("nextStep(%s) mismatch (-want +got):\n%s", tt.name, diff)
+			}
+			var text bytes.Buffer
+			if err := r.write(&text, false); err != nil {
+				t.Fatal(err)
+			}
+			if tt.wantText != "" && text.String() != tt.wantText {
+				t.Errorf("text of %s = %q, want %q", tt.name, text.String(), tt.wantText)
+			}
+			var js bytes.Buffer
+			if err := r.write(&js, true); err != nil {
+				t.Fatal(err)
+			}
+			// The documented field names, read back generically.
+			var got map[string]any
+			if err := json.Unmarshal(js.Bytes(), &got); err != nil {
+				t.Fatalf("JSON of %s = %s: %v", tt.name, js.String(), err)
+			}
+			nx, _ := got["next"].(map[string]any)
+			if got["distributor"] != addr || nx["step"] != tt.wantNext.Step || (tt.wantNext.Command != "" && nx["command"] != tt.wantNext.Command) {
+				t.Errorf("JSON of %s = %s, want distributor %s and next %+v", tt.name, js.String(), addr, tt.wantNext)
+			}
+			c, _ := got["ceremony"].(map[string]any)
+			switch {
+			case tt.c == nil && got["ceremony"] != nil:
+				t.Errorf("JSON of %s: ceremony = %v, want null", tt.name, got["ceremony"])
+			case tt.c != nil && (c["id"] != tt.c.GetId() || c["state"] != strings.TrimPrefix(tt.c.GetState().String(), "CEREMONY_STATE_") ||
+				c["threshold"] != float64(2) || c["shares_needed"] != float64(tt.needed) || c["expires_at"] != "2026-03-04T05:06:07Z" ||
+				len(c["accepted_shares"].([]any)) != len(tt.c.GetAcceptedIndices())):
+				t.Errorf("JSON of %s: ceremony = %v, want id, state, threshold 2, shares_needed %d, expires_at, accepted_shares", tt.name, c, tt.needed)
+			}
+			if tt.st != nil && (got["seal_state"] != r.SealState || got["kcv"] != "abcd" || got["genesis_id"] != "g-1") {
+				t.Errorf("JSON of %s = %s, want seal_state %s, kcv abcd, genesis_id g-1", tt.name, js.String(), r.SealState)
+			}
+		})
+	}
+}
+
+func TestCommandLine(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"safe", "release", "--name", "officer/global/officer-1"}, "safe release --name officer/global/officer-1"},
+		{[]string{"bin/safe", "--dev-certs", "/home/me/my certs"}, "bin/safe --dev-certs '/home/me/my certs'"},
+		{[]string{"x", "it's"}, `x 'it'\''s'`},
+	} {
+		if got := commandLine(tt.args); got != tt.want {
+			t.Errorf("commandLine(%q) = %q, want %q", tt.args, got, tt.want)
+		}
 	}
 }

@@ -8,7 +8,8 @@
 // only ciphertext and the wrapped DEK.
 //
 // Against the chain `make up` starts (it reads the endpoints and the demo
-// client's certificate from .state/up/chain.json):
+// client's certificate from .state/up/chain.json, and keeps the objects in
+// .state/blobstore, beside the chain's state and out of the source tree):
 //
 //	go run ./examples/blobstore put notes.txt README.md
 //	go run ./examples/blobstore list
@@ -47,7 +48,9 @@ func main() {
 	os.Exit(code)
 }
 
-const usage = `Usage: blobstore [flags] <command> [arguments]
+const usage = `blobstore: a small storage system that keeps files envelope-encrypted with a Cairn keyset (an example to copy)
+
+Usage: blobstore [flags] <command> [arguments]
 
 Commands:
   put NAME [FILE]   encrypt FILE (default: standard input) and store it as NAME
@@ -59,6 +62,10 @@ Without --kms and --cert, the endpoints and identity come from a ` + "`make up`"
 
 Flags:
 `
+
+// defaultStore is where the objects go without --store: under .state, with
+// the local chain's state (git ignores it; make clean removes it).
+const defaultStore = ".state/blobstore"
 
 // kmsFlag collects --kms region=addr,addr flags.
 type kmsFlag map[string][]string
@@ -80,7 +87,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	fs := flag.NewFlagSet("blobstore", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
-	dir := fs.String("store", "blobs", "`directory` of the object store")
+	dir := fs.String("store", defaultStore, "`directory` of the object store")
 	keyURI := fs.String("key-uri", "cairn-kms://us-east/demo/blobs", "Cairn keyset that wraps new objects' DEKs")
 	endpoints := kmsFlag{}
 	fs.Var(endpoints, "kms", "`REGION=HOST:PORT,...` KMS servers of a region (repeat for several regions)")

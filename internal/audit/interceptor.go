@@ -88,17 +88,7 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 		resp, herr := handler(context.WithValue(ctx, annotationKey{}, ann), req)
 
 		rec.Target = ann.target
-		rec.Outcome = OutcomeOK
-		if herr != nil {
-			st := status.Convert(herr)
-			switch st.Code() {
-			case codes.OK:
-			case codes.PermissionDenied, codes.Unauthenticated:
-				rec.Outcome, rec.Code, rec.Reason = OutcomeDenied, st.Code().String(), st.Message()
-			default:
-				rec.Outcome, rec.Code, rec.Reason = OutcomeError, st.Code().String(), st.Message()
-			}
-		}
+		rec.setOutcome(herr)
 		// The outcome record is written even if the caller has gone away
 		// (what happened must be on record), so not under ctx: Background
 		// never ends, and unlike WithoutCancel costs nothing per call.
@@ -232,4 +222,47 @@ func cleanField(s string) string {
 		s = s[:maxClientField]
 	}
 	return strconv.QuoteToASCII(s)
+}
+
+// StreamServerInterceptor audits a streaming call like UnaryServerInterceptor
+// audits a unary one: one outcome record when the stream ends (Cairn serves
+// only read-only streams: reflection and health watches, so there is no
+// attempt record). A method in opts.Unaudited is not recorded. If the
+// record cannot be written the caller gets Unavailable.
+func StreamServerInterceptor(l *Log, opts InterceptorOptions) grpc.StreamServerInterceptor {
+	unaudited := make(map[string]bool, len(opts.Unaudited))
+	for _, m := range opts.Unaudited {
+		unaudited[m] = true
+	}
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if unaudited[info.FullMethod] {
+			return handler(srv, ss)
+		}
+		ctx := ss.Context()
+		caller, _ := identity.FromContext(ctx)
+		rec := Record{RequestID: requestID(ctx), Identity: caller.String(), Operation: info.FullMethod}
+		herr := handler(srv, ss)
+		rec.setOutcome(herr)
+		if err := l.Write(context.Background(), rec); err != nil {
+			return refused(err)
+		}
+		return herr
+	}
+}
+
+// setOutcome records what came of a call that returned herr: ok, denied
+// (PermissionDenied, Unauthenticated) or error, with the code and message.
+func (r *Record) setOutcome(herr error) {
+	r.Outcome = OutcomeOK
+	if herr == nil {
+		return
+	}
+	st := status.Convert(herr)
+	switch st.Code() {
+	case codes.OK:
+	case codes.PermissionDenied, codes.Unauthenticated:
+		r.Outcome, r.Code, r.Reason = OutcomeDenied, st.Code().String(), st.Message()
+	default:
+		r.Outcome, r.Code, r.Reason = OutcomeError, st.Code().String(), st.Message()
+	}
 }

@@ -1,7 +1,8 @@
 // Package grpcserver assembles the gRPC server every Cairn tier runs: mTLS
 // with SPIFFE identities (TLS 1.3, client certificates required), the caller
 // identity in the context, every call audited (fail closed), a per-method
-// access policy (default deny), and bounded message sizes.
+// access policy (default deny), bounded message sizes, grpc.health.v1
+// answered from the server's readiness, and (when asked) gRPC reflection.
 package grpcserver
 
 import (
@@ -10,7 +11,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -36,6 +39,16 @@ type Options struct {
 	Unaudited []string
 	// MaxRecvMsgSize bounds request size (0: 64 KiB).
 	MaxRecvMsgSize int
+	// Ready backs grpc.health.v1 (required): SERVING exactly when it says
+	// the server is ready. Any member the Connect authorizer admits may
+	// check health; checks are not audited (they are polls).
+	Ready Readiness
+	// Reflection serves gRPC server reflection (grpc.reflection.v1 and
+	// v1alpha), so grpcurl and similar tools can list and describe the
+	// services without the .proto files. It reveals only the API's shape;
+	// any member the Connect authorizer admits may use it, and each use is
+	// audited. Off by default in production binaries, on in `cairn up`.
+	Reflection bool
 }
 
 // DefaultMaxRecvMsgSize is Options.MaxRecvMsgSize's default: Cairn requests
@@ -52,6 +65,8 @@ func New(opts Options) (*grpc.Server, error) {
 		return nil, errors.New("grpcserver: no audit log (every call must be audited)")
 	case len(opts.Policy) == 0:
 		return nil, errors.New("grpcserver: empty access policy")
+	case opts.Ready == nil:
+		return nil, errors.New("grpcserver: no readiness function (grpc.health.v1 needs one)")
 	}
 	connect := opts.Connect
 	if connect == nil {
@@ -61,22 +76,64 @@ func New(opts Options) (*grpc.Server, error) {
 	if maxRecv == 0 {
 		maxRecv = DefaultMaxRecvMsgSize
 	}
-	return grpc.NewServer(
+	// Health and reflection are open to every member the handshake admits;
+	// a service's own policy entries win.
+	policy := identity.Policy{healthCheck: identity.AllowAny(), healthList: identity.AllowAny(), healthWatch: identity.AllowAny()}
+	if opts.Reflection {
+		policy[reflectionV1] = identity.AllowAny()
+		policy[reflectionV1Alpha] = identity.AllowAny()
+	}
+	for m, a := range opts.Policy {
+		policy[m] = a
+	}
+	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
+	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
+	s := grpc.NewServer(
 		grpc.Creds(identity.ServerCredentials(opts.Source, connect)),
 		grpc.ChainUnaryInterceptor(
 			identity.UnaryServerInterceptor(),
-			audit.UnaryServerInterceptor(opts.Audit, audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: opts.Unaudited}),
-			identity.UnaryAuthorizeInterceptor(opts.Policy),
+			audit.UnaryServerInterceptor(opts.Audit, auditOpts),
+			identity.UnaryAuthorizeInterceptor(policy),
 		),
-		// No Cairn service streams, and the audit interceptor is unary:
-		// refuse streams rather than serve one unaudited.
-		grpc.StreamInterceptor(func(any, grpc.ServerStream, *grpc.StreamServerInfo, grpc.StreamHandler) error {
-			return status.Error(codes.Unimplemented, "grpcserver: streaming calls are not served (they would not be audited)")
-		}),
+		// Cairn's own services do not stream; the only streams served are
+		// read-only (health watches, reflection), and they are
+		// authenticated, audited and authorized like unary calls. Any other
+		// stream is refused before a handler sees it.
+		grpc.ChainStreamInterceptor(
+			streamsOnly(policy),
+			identity.StreamServerInterceptor(),
+			audit.StreamServerInterceptor(opts.Audit, auditOpts),
+			identity.StreamAuthorizeInterceptor(policy),
+		),
 		grpc.MaxRecvMsgSize(maxRecv),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// Stop returns only once every handler has: a server's Close can
 		// then trust that no call changes its state afterwards.
 		grpc.WaitForHandlers(true),
-	), nil
+	)
+	healthpb.RegisterHealthServer(s, &health{ready: opts.Ready, services: s.GetServiceInfo})
+	if opts.Reflection {
+		reflection.Register(s)
+	}
+	return s, nil
+}
+
+// Reflection method names (both protocol versions grpcurl speaks).
+const (
+	reflectionV1      = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+	reflectionV1Alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+)
+
+// streamsOnly refuses, with Unimplemented, every stream but the read-only
+// ones this package serves (the health watch and reflection, when on).
+func streamsOnly(policy identity.Policy) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		switch info.FullMethod {
+		case healthWatch, reflectionV1, reflectionV1Alpha:
+			if _, ok := policy[info.FullMethod]; ok {
+				return handler(srv, ss)
+			}
+		}
+		return status.Error(codes.Unimplemented, "grpcserver: streaming calls other than health watches and reflection are not served")
+	}
 }

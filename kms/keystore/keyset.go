@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tink-crypto/tink-go/v2/key"
 	"github.com/tink-crypto/tink-go/v2/tink"
 
 	"github.com/cairnkms/cairn/internal/identity"
@@ -119,6 +120,10 @@ func (k *Keyset) Version(keyID uint32) (*Version, bool) {
 	return nil, false
 }
 
+// Lifecycle returns the lifecycle times the bundle carries for the version
+// with the given key ID (false if it carries none).
+func (k *Keyset) Lifecycle(keyID uint32) (Lifecycle, bool) { return k.lifecycleOf(keyID) }
+
 // Allows reports whether id may perform op with this keyset. It does not
 // allocate. An empty ACL allows nobody.
 func (k *Keyset) Allows(op Op, id identity.ID) bool {
@@ -202,6 +207,9 @@ type Version struct {
 	keyID  uint32
 	status cryptov1.KeyStatus
 	usage  *Usage // shared with the same version of earlier and later snapshots
+	// params are the key's Tink parameters (algorithm and sizes, no key
+	// material); nil if Tink does not describe the key type.
+	params key.Parameters
 
 	// The message budget, fixed when the snapshot is built (see
 	// setBudget). limit is the keyset's encrypt_limit; used is the
@@ -221,6 +229,11 @@ func (v *Version) KeyID() uint32 { return v.keyID }
 // Status returns the version's status: PRIMARY, ENABLED, DISABLED or
 // DESTROYED.
 func (v *Version) Status() cryptov1.KeyStatus { return v.status }
+
+// Parameters returns the key's Tink parameters (for example an
+// *aesgcm.Parameters with its key size), or nil if Tink does not describe
+// the key type. They hold no key material.
+func (v *Version) Parameters() key.Parameters { return v.params }
 
 // Decrypts reports whether the version can decrypt (PRIMARY or ENABLED).
 func (v *Version) Decrypts() bool { return decrypts(v.status) }

@@ -197,6 +197,9 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 			return nil, fmt.Errorf("public metadata says key %d is %v; the keyset says key %d is %v", hints[i].GetKeyId(), hints[i].GetStatus(), ki.GetKeyId(), st)
 		}
 		v := &Version{keyID: ki.GetKeyId(), status: st}
+		if e, err := h.Entry(i); err == nil && e.KeyID() == v.keyID {
+			v.params = e.Key().Parameters()
+		}
 		var old *Version
 		if before != nil {
 			old, _ = before.Version(v.keyID)

@@ -16,7 +16,9 @@ import (
 )
 
 // Usage is the top-level help text.
-const Usage = `usage: regionctl <command> [<verb>] [NAME] [flags]
+const Usage = Summary + `
+
+usage: regionctl <command> [<verb>] [NAME] [flags]
 
 The root KMS holds the record (keysets, their versions and lifecycle, TTL
 history, propagation); team config files (--teams) hold who may use each
@@ -196,7 +198,9 @@ func finish(err error, stderr io.Writer, name string) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, flag.ErrHelp):
+		return 0 // -h: the help is printed
+	case errors.Is(err, errUsage):
 		return 2
 	case errors.Is(err, errReported):
 		return 1
@@ -212,6 +216,7 @@ func verbNames(verbs map[string]command) string {
 func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("regionctl "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() { commandUsage(fs, name) }
 	return fs
 }
 

@@ -27,7 +27,7 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"cluster"}, 2, "missing verb (add, remove, snapshot, status)"},
 		{[]string{"keys", "generate"}, 2, "--out is required"},
 		{[]string{"keys", "generate", "--out", dir, "extra"}, 2, "unexpected arguments: [extra]"},
-		{[]string{"keys", "generate", "-h"}, 2, "-out"},
+		{[]string{"keys", "generate", "-h"}, 0, "-out"},
 		{[]string{"region", "create"}, 2, "--region is required"},
 		{[]string{"region", "create", "--rootkms", "127.0.0.1:1", "--region", "US-EAST"}, 2, "--region"},
 		{[]string{"region", "create", "--rootkms", " , ", "--region", "us-east"}, 2, "--rootkms (or rootkms in the config file) is required"},

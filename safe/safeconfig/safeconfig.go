@@ -4,7 +4,8 @@
 // environment variable, or a terminal prompt.
 //
 //	{"kind": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so",
-//	 "token_label": "safe-1", "pin_file": "/run/secrets/safe-1.pin"}
+//	 "token_label": "safe-1", "pin_file": "/run/secrets/safe-1.pin",
+//	 "softhsm2_conf": "/var/lib/cairn/softhsm/softhsm2.conf"}
 //	{"kind": "insecure-file", "label": "safe-4", "dir": "/var/lib/cairn/safe-4",
 //	 "passphrase_env": "CAIRN_SAFE4_PASSPHRASE"}
 package safeconfig
@@ -17,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"golang.org/x/term"
 
@@ -34,6 +36,12 @@ type Config struct {
 	TokenLabel string `json:"token_label,omitempty"`
 	PINFile    string `json:"pin_file,omitempty"`
 	PINEnv     string `json:"pin_env,omitempty"`
+	// SoftHSM2Conf is the config file of a SoftHSM2 module (where its
+	// tokens are): Open sets SOFTHSM2_CONF to it before the module is
+	// loaded, so the safe opens with no environment set up. SoftHSM2 reads
+	// it once per process: every safe a process opens must name the same
+	// one (or none).
+	SoftHSM2Conf string `json:"softhsm2_conf,omitempty"`
 	// insecure-file: the safe's name and directory, and the passphrase source.
 	Label          string `json:"label,omitempty"`
 	Dir            string `json:"dir,omitempty"`
@@ -60,7 +68,7 @@ func Load(path string) (Config, error) {
 		return c, fmt.Errorf("safeconfig: %s: %w", path, err)
 	}
 	base := filepath.Dir(path)
-	for _, p := range []*string{&c.PINFile, &c.Dir, &c.PassphraseFile, &c.AttemptDir} {
+	for _, p := range []*string{&c.PINFile, &c.Dir, &c.PassphraseFile, &c.AttemptDir, &c.SoftHSM2Conf} {
 		if *p != "" && !filepath.IsAbs(*p) {
 			*p = filepath.Join(base, *p)
 		}
@@ -77,7 +85,15 @@ func (c Config) validate(path string) error {
 		if c.PINFile != "" && c.PINEnv != "" {
 			return fmt.Errorf("safeconfig: %s: give pin_file or pin_env, not both", path)
 		}
+		if c.SoftHSM2Conf != "" {
+			if fi, err := os.Stat(c.SoftHSM2Conf); err != nil || !fi.Mode().IsRegular() {
+				return fmt.Errorf("safeconfig: %s: softhsm2_conf %s is not a readable file (%v)", path, c.SoftHSM2Conf, err)
+			}
+		}
 	case safe.KindInsecureFile:
+		if c.SoftHSM2Conf != "" {
+			return fmt.Errorf("safeconfig: %s: softhsm2_conf is for pkcs11 safes", path)
+		}
 		if c.Label == "" || c.Dir == "" {
 			return fmt.Errorf("safeconfig: %s: an insecure-file safe needs label and dir", path)
 		}
@@ -109,6 +125,9 @@ func Open(ctx context.Context, c Config) (safe.Safe, error) {
 	}
 	switch c.Kind {
 	case safe.KindPKCS11:
+		if err := useSoftHSM2Conf(c.SoftHSM2Conf); err != nil {
+			return nil, err
+		}
 		pin := pkcs11safe.PINSource{File: c.PINFile, Env: c.PINEnv}
 		if pin.File == "" && pin.Env == "" {
 			pin.Prompt = Prompt(fmt.Sprintf("PIN for token %q: ", c.TokenLabel))
@@ -123,6 +142,35 @@ func Open(ctx context.Context, c Config) (safe.Safe, error) {
 		return safe.OpenFileSafe(safe.FileSafeConfig{Dir: c.Dir, Label: c.Label, Passphrase: pass, KDFMemoryKiB: c.KDFMemoryKiB, AttemptDir: dir})
 	}
 	return nil, fmt.Errorf("safeconfig: unknown kind %q", c.Kind)
+}
+
+// softHSM2ConfEnv is the variable SoftHSM2 reads its config file from.
+const softHSM2ConfEnv = "SOFTHSM2_CONF"
+
+// softHSM2Conf is the softhsm2_conf the first pkcs11 safe that named one
+// set in this process.
+var softHSM2Conf struct {
+	sync.Mutex
+	path string
+}
+
+// useSoftHSM2Conf sets SOFTHSM2_CONF to conf ("" leaves the environment
+// alone). SoftHSM2 reads it when the module is first loaded, so a second,
+// different conf in one process is refused.
+func useSoftHSM2Conf(conf string) error {
+	if conf == "" {
+		return nil
+	}
+	softHSM2Conf.Lock()
+	defer softHSM2Conf.Unlock()
+	if softHSM2Conf.path != "" && softHSM2Conf.path != conf {
+		return fmt.Errorf("safeconfig: softhsm2_conf %s, but a safe opened before in this process uses %s (SoftHSM2 reads its config once per process): open safes of one SoftHSM2 config at a time", conf, softHSM2Conf.path)
+	}
+	if err := os.Setenv(softHSM2ConfEnv, conf); err != nil {
+		return fmt.Errorf("safeconfig: setting %s: %w", softHSM2ConfEnv, err)
+	}
+	softHSM2Conf.path = conf
+	return nil
 }
 
 // OpenFile loads a description and opens the safe.

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cairnkms/cairn/safe/pkcs11safe/softhsmtest"
 	"github.com/cairnkms/cairn/safe/safeconfig"
 )
 
@@ -84,5 +85,63 @@ func TestOpenFileSafe(t *testing.T) {
 	cfg4 := write(t, dir, "safe-unset.json", `{"kind":"insecure-file","label":"dev-1","dir":"data","passphrase_env":"CAIRN_TEST_UNSET","attempt_dir":"attempts"}`, 0o644)
 	if _, err := safeconfig.OpenFile(ctx, cfg4); err == nil || !strings.Contains(err.Error(), "not set") {
 		t.Errorf("OpenFile(unset variable) = %v, want a not-set error", err)
+	}
+}
+
+// TestSoftHSM2Conf opens a SoftHSM2 token whose config is named only by the
+// safe config's softhsm2_conf: SOFTHSM2_CONF in the environment points
+// elsewhere, as in an officer's shell.
+func TestSoftHSM2Conf(t *testing.T) {
+	env := softhsmtest.New(t)
+	env.InitToken("conf-1", "so-pin-1234", "user-pin-1234")
+	dir := env.Dir()
+	softhsmtest.WritePINFile(t, dir, "conf-1.pin", "user-pin-1234")
+	bogus := filepath.Join(t.TempDir(), "softhsm2.conf") // no such file: SoftHSM2 cannot start from it
+	t.Setenv("SOFTHSM2_CONF", bogus)
+	ctx := context.Background()
+	cfg := func(name, extra string) string {
+		return write(t, dir, name, `{"kind":"pkcs11","module":"`+env.Module()+`","token_label":"conf-1","pin_file":"conf-1.pin","attempt_dir":"attempts"`+extra+`}`, 0o600)
+	}
+
+	// Without softhsm2_conf, the environment's (missing) config is used.
+	if s, err := safeconfig.OpenFile(ctx, cfg("no-conf.json", "")); err == nil {
+		s.Close()
+		t.Fatalf("OpenFile(no softhsm2_conf, SOFTHSM2_CONF=%s) = nil error, want a failure", bogus)
+	}
+	// With it (relative to the config's directory), the token opens.
+	c, err := safeconfig.Load(cfg("conf.json", `,"softhsm2_conf":"softhsm2.conf"`))
+	if err != nil {
+		t.Fatalf("Load = %v", err)
+	}
+	if c.SoftHSM2Conf != env.Conf() {
+		t.Errorf("Load: softhsm2_conf = %s, want %s (resolved against the config's directory)", c.SoftHSM2Conf, env.Conf())
+	}
+	s, err := safeconfig.OpenFile(ctx, filepath.Join(dir, "conf.json"))
+	if err != nil {
+		t.Fatalf("OpenFile(softhsm2_conf %s) = %v", env.Conf(), err)
+	}
+	if s.Label() != "conf-1" || s.Kind() != "pkcs11" {
+		t.Errorf("opened %s (%s), want conf-1 pkcs11", s.Label(), s.Kind())
+	}
+	if got := os.Getenv("SOFTHSM2_CONF"); got != env.Conf() {
+		t.Errorf("SOFTHSM2_CONF = %s after OpenFile, want %s", got, env.Conf())
+	}
+	s.Close()
+
+	// SoftHSM2 reads its config once per process: another one is refused.
+	other := write(t, t.TempDir(), "softhsm2.conf", "directories.tokendir = /nonexistent\n", 0o600)
+	if s, err := safeconfig.OpenFile(ctx, cfg("other.json", `,"softhsm2_conf":"`+other+`"`)); err == nil || !strings.Contains(err.Error(), "once per process") {
+		if s != nil {
+			s.Close()
+		}
+		t.Errorf("OpenFile(a second softhsm2_conf) = %v, want an error saying SoftHSM2 reads its config once per process", err)
+	}
+	for _, tt := range []struct{ name, json, want string }{
+		{"missing conf", `{"kind":"pkcs11","module":"/m","token_label":"t","softhsm2_conf":"/nonexistent/softhsm2.conf"}`, "softhsm2_conf /nonexistent/softhsm2.conf is not a readable file"},
+		{"conf on a file safe", `{"kind":"insecure-file","label":"x","dir":"d","softhsm2_conf":"` + env.Conf() + `"}`, "softhsm2_conf is for pkcs11 safes"},
+	} {
+		if _, err := safeconfig.Load(write(t, t.TempDir(), "c.json", tt.json, 0o600)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Load(%s) = %v, want an error containing %q", tt.name, err, tt.want)
+		}
 	}
 }

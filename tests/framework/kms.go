@@ -65,6 +65,14 @@ func (w *World) KMSServers(region, signingPub string, rootKMS []string, identiti
 	return out
 }
 
+// AddArgs appends flags to the server's command line (for example
+// --transit-listen); they take effect at its next Start.
+func (s *KMSServer) AddArgs(args ...string) {
+	s.Process.mu.Lock()
+	defer s.Process.mu.Unlock()
+	s.Process.args = append(s.Process.args, args...)
+}
+
 // conn returns a connection to the server as name, made once and closed when
 // the test ends; it accepts only a KMS server of the server's region.
 func (s *KMSServer) conn(name string) *grpc.ClientConn {

@@ -41,6 +41,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/cairnkms/cairn/internal/devca"
 	"github.com/cairnkms/cairn/internal/identity"
 )
 
@@ -74,6 +75,9 @@ type Chain struct {
 	deaths   []error
 	reported int
 	died     chan struct{}
+
+	// ctl serves `cairn up restart` (restart.go, control.go).
+	ctl control
 
 	stopOnce    sync.Once
 	stopErr     error
@@ -140,6 +144,9 @@ func Up(ctx context.Context, cfg Config) (*Chain, error) {
 		return nil, err
 	}
 	c.printSummary()
+	if err := c.startControl(); err != nil {
+		fmt.Fprintf(c.out, "cairn up: %v; `cairn up restart` cannot reach this chain\n", err)
+	}
 	return c, nil
 }
 
@@ -212,6 +219,7 @@ func (c *Chain) Running() int {
 // return the first call's result.
 func (c *Chain) Stop(ctx context.Context) error {
 	c.stopOnce.Do(func() {
+		c.stopControl() // no restart runs from here on
 		procs := c.started()
 		var errs []error
 		for i := len(procs) - 1; i >= 0; i-- {
@@ -274,7 +282,10 @@ func (c *Chain) printSummary() {
 			addr += " (raft " + strings.TrimPrefix(p.RaftAddress, "127.0.0.1:") + ")"
 		}
 		if p.MetricsAddress != "" {
-			addr += " (metrics " + strings.TrimPrefix(p.MetricsAddress, "127.0.0.1:") + ")"
+			addr += " (ops " + strings.TrimPrefix(p.MetricsAddress, "127.0.0.1:") + ")"
+		}
+		if p.TransitAddress != "" {
+			addr += " (transit " + strings.TrimPrefix(p.TransitAddress, "127.0.0.1:") + ")"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", p.Name, addr, p.PID, c.display(p.Log))
 	}
@@ -315,6 +326,7 @@ func (c *Chain) nextCommands() []string {
 		blobs = " --key-uri " + KeyURI(r0, blobsKeyset)
 	}
 	id := idFlags(regionctlName)
+	rcCert, rcKey := devca.LeafPaths(c.layout.certs(), identity.MustParse(c.spiffeID(regionctlName)).SPIFFEID())
 	officer := idFlags(officerName(1))
 	return []string{
 		bin("cairn") + " kms status" + chainFlag,
@@ -324,7 +336,9 @@ func (c *Chain) nextCommands() []string {
 		bin("regionctl") + " bundle inspect --bundle " + c.display(c.layout.bundle(r0, 1)) + " --signing-pub " + c.display(c.layout.signingPub()),
 		bin("regionctl") + " region create --rootkms " + strings.Join(c.ports.rootAPI, ",") + " --region ap-south " + id,
 		bin("safe") + " ceremony status --distributor " + c.ports.distributors[0] + " " + officer,
-		"curl -s http://" + c.ports.metrics[0][0] + "/metrics | grep cairn_",
+		"curl -s http://" + c.ports.metrics[0][0] + "/metrics | grep cairn_   # every server: /metrics /healthz /readyz on its ops port",
+		"make tools && bin/tools/grpcurl -cacert " + c.display(filepath.Join(c.layout.certs(), "ca.pem")) + " -cert " + c.display(rcCert) + " -key " + c.display(rcKey) + " " + c.ports.rootAPI[0] + " list",
 		fmt.Sprintf("kill -9 %d   # %s: clients fail over to %s; cairn up reports it and keeps the rest running", c.kms[0][0].PID, c.kms[0][0].Name, c.kms[0][1].Name),
+		bin("cairn") + " up restart" + strings.Replace(chainFlag, "--chain", "--state-dir", 1) + " " + c.kms[0][0].Name + "   # starts it again (any component: distributor-1, rootkms-2, ...)",
 	}
 }

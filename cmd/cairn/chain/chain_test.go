@@ -33,7 +33,7 @@ func TestPortPlan(t *testing.T) {
 		t.Run(strings.Join(regions, ","), func(t *testing.T) {
 			const base = 7100
 			plan := PortPlan(base, regions)
-			if got, want := len(plan), numDistributors+2*numRootKMS+2*kmsPerRegion*len(regions); got != want {
+			if got, want := len(plan), 2*numDistributors+3*numRootKMS+3*kmsPerRegion*len(regions); got != want {
 				t.Fatalf("PortPlan(%d, %v) has %d ports, want %d", base, regions, got, want)
 			}
 			seen := map[int]bool{}
@@ -58,6 +58,8 @@ func TestPortPlan(t *testing.T) {
 		7111: "rootkms-1 gRPC", 7113: "rootkms-3 gRPC", 7121: "rootkms-1 Raft", 7123: "rootkms-3 Raft",
 		7131: "us-east/kms-1 gRPC", 7132: "us-east/kms-2 gRPC", 7133: "eu-west/kms-1 gRPC", 7134: "eu-west/kms-2 gRPC",
 		7151: "us-east/kms-1 metrics", 7154: "eu-west/kms-2 metrics",
+		7106: "distributor-1 metrics", 7108: "distributor-3 metrics", 7116: "rootkms-1 metrics", 7118: "rootkms-3 metrics",
+		7171: "us-east/kms-1 transit", 7174: "eu-west/kms-2 transit",
 	}
 	got := map[int]string{}
 	for _, p := range PortPlan(7100, DefaultRegions) {
@@ -123,7 +125,7 @@ func TestConfigValidate(t *testing.T) {
 		{"no state dir", func(c *Config) { c.StateDir = " " }, "no state dir"},
 		{"no bin dir", func(c *Config) { c.BinDir = "" }, "no bin dir"},
 		{"privileged base port", func(c *Config) { c.BasePort = 80 }, "base port 80"},
-		{"base port too high", func(c *Config) { c.BasePort = 65500 }, "pick a base port from 1024 to 65481"},
+		{"base port too high", func(c *Config) { c.BasePort = 65500 }, "pick a base port from 1024 to 65461"},
 		{"bad trust domain", func(c *Config) { c.TrustDomain = "Bad Domain" }, `trust domain "Bad Domain"`},
 		{"bad safes", func(c *Config) { c.Safes = "hsm" }, `safes "hsm"`},
 		{"empty regions", func(c *Config) { c.Regions = []string{} }, "no regions"},

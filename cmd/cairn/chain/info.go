@@ -56,6 +56,10 @@ type Info struct {
 	Regions []Region `json:"regions"`
 	// Regionctl is what running bin/regionctl against this chain needs.
 	Regionctl Regionctl `json:"regionctl"`
+	// Control is the launcher's control socket (a Unix socket private to
+	// its user), through which `cairn up restart` (RestartComponent) asks it
+	// to restart a component; "" when it has none.
+	Control string `json:"control,omitempty"`
 }
 
 // Component is one process of the chain.
@@ -72,9 +76,11 @@ type Component struct {
 	Address string `json:"address"`
 	// RaftAddress is a root KMS voter's Raft listener.
 	RaftAddress string `json:"raft_address,omitempty"`
-	// MetricsAddress is a KMS server's Prometheus listener (plain HTTP,
-	// /metrics).
+	// MetricsAddress is its ops listener (plain HTTP: /metrics, /healthz,
+	// /readyz).
 	MetricsAddress string `json:"metrics_address,omitempty"`
+	// TransitAddress is a KMS server's Vault-transit HTTPS listener (mTLS).
+	TransitAddress string `json:"transit_address,omitempty"`
 	// PID is its process id.
 	PID int `json:"pid"`
 	// Log holds its stdout and stderr.

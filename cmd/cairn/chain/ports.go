@@ -10,15 +10,20 @@ import (
 	"syscall"
 )
 
-// Port offsets from the base port. Region i (from 0) has KMS servers
-// kms-1 and kms-2 on kmsOffset+2i and kmsOffset+2i+1, and their metrics
-// listeners metricsOffset higher.
+// Port offsets from the base port. Every server has a gRPC listener and a
+// plain-HTTP ops listener (/metrics, /healthz, /readyz). Region i (from 0)
+// has KMS servers kms-1 and kms-2 on kmsOffset+2i and kmsOffset+2i+1, their
+// ops listeners metricsOffset higher and their Vault-transit HTTPS
+// listeners transitOffset higher.
 const (
-	distributorOffset = 1  // distributor-1..3: base+1..3
-	rootAPIOffset     = 11 // rootkms-1..3 API: base+11..13
-	rootRaftOffset    = 21 // rootkms-1..3 Raft: base+21..23
-	kmsOffset         = 31 // KMS servers: base+31..50 (10 regions)
-	metricsOffset     = 51 // KMS metrics: base+51..70
+	distributorOffset        = 1  // distributor-1..3: base+1..3
+	distributorMetricsOffset = 6  // their ops listeners: base+6..8
+	rootAPIOffset            = 11 // rootkms-1..3 API: base+11..13
+	rootMetricsOffset        = 16 // their ops listeners: base+16..18
+	rootRaftOffset           = 21 // rootkms-1..3 Raft: base+21..23
+	kmsOffset                = 31 // KMS servers: base+31..50 (10 regions)
+	metricsOffset            = 51 // KMS ops listeners: base+51..70
+	transitOffset            = 71 // KMS Vault-transit listeners: base+71..90
 )
 
 // Fixed sizes of the chain.
@@ -31,7 +36,7 @@ const (
 )
 
 // lastOffset is the highest offset a chain with n regions uses.
-func lastOffset(n int) int { return metricsOffset + kmsPerRegion*n - 1 }
+func lastOffset(n int) int { return transitOffset + kmsPerRegion*n - 1 }
 
 // Port is one port of the chain and what listens on it.
 type Port struct {
@@ -39,8 +44,8 @@ type Port struct {
 	Port int
 	// Component names the process, e.g. "rootkms-2" or "us-east/kms-1".
 	Component string
-	// Purpose says which of its listeners it is: "gRPC", "Raft" or
-	// "metrics".
+	// Purpose says which of its listeners it is: "gRPC", "Raft",
+	// "metrics" (the ops listener) or "transit".
 	Purpose string
 }
 
@@ -49,18 +54,20 @@ func (p Port) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(
 
 // ports are the addresses of every listener of a chain.
 type ports struct {
-	distributors       []string   // distributor-1..3
-	rootAPI, rootRaft  []string   // rootkms-1..3
-	kms, metrics       [][]string // per region, kms-1..2
-	all                []Port
-	basePort, lastPort int
+	distributors, distributorMetrics []string   // distributor-1..3
+	rootAPI, rootRaft, rootMetrics   []string   // rootkms-1..3
+	kms, metrics, transit            [][]string // per region, kms-1..2
+	all                              []Port
+	basePort, lastPort               int
 }
 
 // PortPlan lists every port a chain with base port base and these regions
-// listens on, in start order: the distributors (base+1..3), the root KMS
-// voters' gRPC API (base+11..13) and Raft transport (base+21..23), and per
-// region i (from 0) two KMS servers (base+31+2i, base+32+2i) with their
-// Prometheus metrics listeners (base+51+2i, base+52+2i).
+// listens on, in start order: the distributors (base+1..3) and their ops
+// listeners (base+6..8), the root KMS voters' gRPC API (base+11..13), ops
+// listeners (base+16..18) and Raft transport (base+21..23), and per region i
+// (from 0) two KMS servers (base+31+2i, base+32+2i) with their ops listeners
+// (base+51+2i, base+52+2i) and Vault-transit listeners (base+71+2i,
+// base+72+2i).
 func PortPlan(base int, regions []string) []Port {
 	return planPorts(base, regions).all
 }
@@ -74,20 +81,24 @@ func planPorts(base int, regions []string) ports {
 	}
 	for i := range numDistributors {
 		p.distributors = append(p.distributors, add(distributorOffset+i, distributorName(i+1), "gRPC"))
+		p.distributorMetrics = append(p.distributorMetrics, add(distributorMetricsOffset+i, distributorName(i+1), "metrics"))
 	}
 	for i := range numRootKMS {
 		p.rootAPI = append(p.rootAPI, add(rootAPIOffset+i, rootKMSName(i+1), "gRPC"))
+		p.rootMetrics = append(p.rootMetrics, add(rootMetricsOffset+i, rootKMSName(i+1), "metrics"))
 		p.rootRaft = append(p.rootRaft, add(rootRaftOffset+i, rootKMSName(i+1), "Raft"))
 	}
 	for ri, r := range regions {
-		var api, met []string
+		var api, met, tr []string
 		for j := range kmsPerRegion {
 			name := kmsName(r, j+1)
 			api = append(api, add(kmsOffset+kmsPerRegion*ri+j, name, "gRPC"))
 			met = append(met, add(metricsOffset+kmsPerRegion*ri+j, name, "metrics"))
+			tr = append(tr, add(transitOffset+kmsPerRegion*ri+j, name, "transit"))
 		}
 		p.kms = append(p.kms, api)
 		p.metrics = append(p.metrics, met)
+		p.transit = append(p.transit, tr)
 	}
 	return p
 }
@@ -102,6 +113,11 @@ type PortsTakenError struct {
 	Taken []TakenPort
 	// Base is the base port of the plan.
 	Base int
+	// Hint says how to get going: set by the launcher once it has looked
+	// (portsHint: the chain of the state dir already running, or a base
+	// port whose every port it found free). Without it, Error gives a
+	// generic hint and no port.
+	Hint string
 }
 
 // TakenPort is a port of the plan that could not be listened on, and why.
@@ -133,8 +149,15 @@ func (e *PortsTakenError) Error() string {
 		}
 		b.WriteString("\n")
 	}
-	fmt.Fprintf(&b, "; is another `make up` or `cairn up` running? Stop it (Ctrl-C in its terminal), "+
-		"or start a separate chain on other ports: --base-port %d --state-dir <another dir>", e.Base+100)
+	hint := e.Hint
+	if hint == "" {
+		hint = "is another `make up` or `cairn up` running? Stop it (Ctrl-C in its terminal), " +
+			"or start a separate chain on free ports: --base-port BASE --state-dir <another dir>"
+	}
+	if len(e.Taken) == 1 {
+		b.WriteString("; ")
+	}
+	b.WriteString(hint)
 	return b.String()
 }
 

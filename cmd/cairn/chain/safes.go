@@ -48,6 +48,8 @@ func findSoftHSM() *softHSM {
 
 // safeEnv is the environment of every `safe` command: SoftHSM2 reads its
 // token directory from SOFTHSM2_CONF, which is private to the state dir.
+// The safe configs name it too (softhsm2_conf); the variable serves the
+// configs of state dirs made before they did.
 func (c *Chain) safeEnv() []string {
 	if c.s.Safes != SafesSoftHSM {
 		return nil
@@ -119,7 +121,7 @@ func (c *Chain) makeFileSafes() (string, error) {
 // makeSoftHSMSafes makes a SoftHSM2 token directory and softhsm2.conf
 // private to the state dir, initializes one token per safe with random PINs
 // (user PIN and SO PIN in 0600 files), and writes a pkcs11 safe config per
-// token.
+// token that names the softhsm2.conf (safeconfig's softhsm2_conf).
 func (c *Chain) makeSoftHSMSafes(ctx context.Context) (string, error) {
 	hsmDir := c.layout.softhsm()
 	tokens := filepath.Join(hsmDir, "tokens")
@@ -158,9 +160,11 @@ func (c *Chain) makeSoftHSMSafes(ctx context.Context) (string, error) {
 			[]string{"--init-token", "--free", "--label", label, "--so-pin", soPIN, "--pin", userPIN}, "SOFTHSM2_CONF="+conf); err != nil {
 			return "", err
 		}
+		// softhsm2_conf: `safe` sets SOFTHSM2_CONF from it, so an officer
+		// runs bin/safe on this config by hand, with no environment.
 		cfg := map[string]any{
 			"kind": "pkcs11", "module": c.hsm.module, "token_label": label, "pin_file": pinPath,
-			"attempt_dir": filepath.Join(dir, "attempts"),
+			"softhsm2_conf": conf, "attempt_dir": filepath.Join(dir, "attempts"),
 		}
 		if err := writeJSONFile(c.layout.safeConfig(i), cfg, 0o600); err != nil {
 			return "", err

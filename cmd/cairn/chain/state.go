@@ -31,6 +31,7 @@ import (
 //	regionctl/teams/demo.json the demo team's keysets
 //	regionctl/bundles/        signed bundles, <region>-<serial>.bundle
 //	logs/                     every process's stdout and stderr
+//	run/launcher.sock         the running launcher's control socket (0700 dir)
 type layout struct{ dir string }
 
 func (l layout) path(elem ...string) string {
@@ -144,7 +145,7 @@ func inspectState(dir string) (*setupRecord, error) {
 // state dir.
 func ownEntry(name string) bool {
 	switch name {
-	case "setup.json", InfoFile, "certs", "safes", "softhsm", "genesis.json", "kms", "regionctl", "logs":
+	case "setup.json", InfoFile, "certs", "safes", "softhsm", "genesis.json", "kms", "regionctl", "logs", controlDirName:
 		return true
 	}
 	for i := 1; i <= max(numDistributors, numRootKMS); i++ {

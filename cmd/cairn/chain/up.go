@@ -49,14 +49,15 @@ func (c *Chain) describe() {
 	for i := 1; i <= numDistributors; i++ {
 		name := distributorName(i)
 		p := &proc{Component: Component{Name: name, Kind: "distributor", SPIFFEID: c.spiffeID("distributor/global/" + name),
-			Address: c.ports.distributors[i-1], Log: logFile(name), StateDir: c.layout.distributor(i)}, path: c.bin("distributor")}
+			Address: c.ports.distributors[i-1], MetricsAddress: c.ports.distributorMetrics[i-1], Log: logFile(name), StateDir: c.layout.distributor(i)},
+			path: c.bin("distributor")}
 		var peers []string
 		for j, a := range c.ports.distributors {
 			if j != i-1 {
 				peers = append(peers, a)
 			}
 		}
-		p.args = append(c.idFlags("distributor/global/"+name), "--listen", p.Address, "--state-dir", p.StateDir,
+		p.args = append(c.idFlags("distributor/global/"+name), "--listen", p.Address, "--metrics-listen", p.MetricsAddress, "--reflection", "--state-dir", p.StateDir,
 			"--officers", "officer/global/*", "--root-key-readers", "rootkms/*/*", "--peer-ids", "distributor/*/*",
 			"--peers", strings.Join(peers, ","))
 		c.dists = append(c.dists, p)
@@ -64,9 +65,10 @@ func (c *Chain) describe() {
 	for i := 1; i <= numRootKMS; i++ {
 		name := rootKMSName(i)
 		p := &proc{Component: Component{Name: name, Kind: "rootkms", SPIFFEID: c.spiffeID("rootkms/global/" + name),
-			Address: c.ports.rootAPI[i-1], RaftAddress: c.ports.rootRaft[i-1], Log: logFile(name), StateDir: c.layout.rootKMS(i)},
+			Address: c.ports.rootAPI[i-1], RaftAddress: c.ports.rootRaft[i-1], MetricsAddress: c.ports.rootMetrics[i-1], Log: logFile(name), StateDir: c.layout.rootKMS(i)},
 			path: c.bin("rootkms")}
 		p.args = append(c.idFlags("rootkms/global/"+name), "--id", name, "--listen", p.Address, "--raft-listen", p.RaftAddress,
+			"--metrics-listen", p.MetricsAddress, "--reflection",
 			"--data-dir", p.StateDir, "--manifest", c.layout.manifest(), "--distributors", strings.Join(c.ports.distributors, ","))
 		// A first run makes the cluster: voter 1 bootstraps it, the others
 		// join through the voters before them. A re-run restarts from the
@@ -87,9 +89,10 @@ func (c *Chain) describe() {
 			name := kmsName(r, j)
 			idName := fmt.Sprintf("kms/%s/kms-%d", r, j)
 			p := &proc{Component: Component{Name: name, Kind: "kms", Region: r, SPIFFEID: c.spiffeID(idName),
-				Address: c.ports.kms[ri][j-1], MetricsAddress: c.ports.metrics[ri][j-1], Log: logFile("kms-" + r + "-" + fmt.Sprint(j)),
+				Address: c.ports.kms[ri][j-1], MetricsAddress: c.ports.metrics[ri][j-1], TransitAddress: c.ports.transit[ri][j-1], Log: logFile("kms-" + r + "-" + fmt.Sprint(j)),
 				StateDir: c.layout.kms(r, j)}, path: c.bin("kms")}
-			p.args = append(c.idFlags(idName), "--region", r, "--listen", p.Address, "--metrics-listen", p.MetricsAddress,
+			p.args = append(c.idFlags(idName), "--region", r, "--listen", p.Address, "--metrics-listen", p.MetricsAddress, "--reflection",
+				"--transit-listen", p.TransitAddress,
 				"--state-dir", p.StateDir, "--rootkms", strings.Join(c.ports.rootAPI, ","), "--signing-key", c.layout.signingPub())
 			servers = append(servers, p)
 		}
@@ -195,7 +198,7 @@ func (c *Chain) preflight() (string, error) {
 			strings.Join(missing, ", "), c.display(c.s.BinDir))
 	}
 	if err := checkPorts(c.ports.all); err != nil {
-		return "", err
+		return "", c.explainTakenPorts(err)
 	}
 	detail := fmt.Sprintf("%s; ports %d-%d", c.display(c.s.BinDir), c.ports.basePort+1, c.ports.lastPort)
 	if lo, hi := EphemeralPorts(); c.ports.basePort+1 <= hi && c.ports.lastPort >= lo {

@@ -1,0 +1,171 @@
+package transit
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// jsonInt is an integer field as Vault reads one: a JSON number or a string
+// of one (the vault CLI sends every value as a string).
+type jsonInt struct {
+	set bool
+	v   int64
+}
+
+func (n *jsonInt) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		*n = jsonInt{}
+		return nil
+	}
+	s := string(b)
+	if len(b) > 0 && b[0] == '"' {
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return fmt.Errorf("%.40q is not an integer", s)
+	}
+	*n = jsonInt{set: true, v: v}
+	return nil
+}
+
+// keyVersion is a key_version field: 0 (the primary) if absent.
+func (n jsonInt) keyVersion() (uint32, error) {
+	if n.v < 0 || n.v > math.MaxUint32 {
+		return 0, fmt.Errorf("key_version %d is not a key version (0, or a 32-bit key ID)", n.v)
+	}
+	return uint32(n.v), nil
+}
+
+// item is one encrypt, decrypt or rewrap input: the top-level fields of a
+// single call, or one element of batch_input.
+type item struct {
+	Plaintext      *string `json:"plaintext"`
+	Ciphertext     string  `json:"ciphertext"`
+	AssociatedData string  `json:"associated_data"`
+	Context        string  `json:"context"`
+	KeyVersion     jsonInt `json:"key_version"`
+	Reference      string  `json:"reference"`
+	// Fields Cairn refuses rather than ignore: they would change what Vault
+	// does.
+	Nonce         string `json:"nonce"`
+	IV            string `json:"iv"`
+	PaddingScheme string `json:"padding_scheme"`
+}
+
+// request is the body of encrypt, decrypt, rewrap and datakey.
+type request struct {
+	item
+	BatchInput                 *[]item `json:"batch_input"`
+	PartialFailureResponseCode jsonInt `json:"partial_failure_response_code"`
+	Bits                       jsonInt `json:"bits"`
+}
+
+// errTooLarge is a body over the limit (413).
+var errTooLarge = errors.New("http: request body too large")
+
+// decode reads the JSON object of r's body, at most limit bytes, into dst.
+// An empty body is an empty object, as Vault reads it.
+func decode(w http.ResponseWriter, r *http.Request, limit int64, dst any) error {
+	if r.ContentLength > limit {
+		return errTooLarge
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	err := dec.Decode(dst)
+	if err == nil {
+		if _, err = dec.Token(); err == io.EOF {
+			return nil
+		} else if err == nil {
+			return errors.New("failed to parse JSON input: data after the JSON object")
+		}
+	}
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.Is(err, io.EOF):
+		return nil // an empty body
+	case errors.As(err, &tooLarge):
+		return errTooLarge
+	}
+	return fmt.Errorf("failed to parse JSON input: %v", jsonError(err))
+}
+
+// jsonError describes a decoding error without quoting the input (which may
+// be a plaintext).
+func jsonError(err error) string {
+	var typeErr *json.UnmarshalTypeError
+	var syntaxErr *json.SyntaxError
+	switch {
+	case errors.As(err, &typeErr):
+		if typeErr.Field != "" {
+			// The embedded item's fields are the request's own.
+			field := strings.ReplaceAll(typeErr.Field, "item.", "")
+			return fmt.Sprintf("field %s: want %s, got a JSON %s", field, typeErr.Type, typeErr.Value)
+		}
+		return fmt.Sprintf("want a JSON object, got a JSON %s", typeErr.Value)
+	case errors.As(err, &syntaxErr):
+		return fmt.Sprintf("syntax error at byte %d", syntaxErr.Offset)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "unexpected end of input"
+	}
+	// jsonInt's own errors, which quote at most 40 characters of a field
+	// that should have been a number.
+	return err.Error()
+}
+
+// b64 decodes a base64 field (standard encoding, as Vault's).
+func b64(field, s string) ([]byte, error) {
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%s is not valid base64", field)
+	}
+	return b, nil
+}
+
+// associatedData is the item's associated data: associated_data or context
+// (they are the same thing; if both are given they must be equal).
+func (it *item) associatedData() ([]byte, error) {
+	ad, err := b64("associated_data", it.AssociatedData)
+	if err != nil {
+		return nil, err
+	}
+	c, err := b64("context", it.Context)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case len(c) == 0:
+		return ad, nil
+	case len(ad) == 0:
+		return c, nil
+	case bytes.Equal(ad, c):
+		return ad, nil
+	}
+	return nil, errors.New("associated_data and context differ: both are Cairn's associated data; send one, or the same value in both")
+}
+
+// unsupported refuses the fields that select Vault features Cairn keys do
+// not have.
+func (it *item) unsupported() error {
+	switch {
+	case it.Nonce != "":
+		return errors.New("nonce is not supported: Cairn keys are not convergent, every encryption draws its own nonce")
+	case it.IV != "":
+		return errors.New("iv is not supported: Cairn keys are AEADs, not AES-CBC")
+	case it.PaddingScheme != "":
+		return errors.New("padding_scheme is not supported: Cairn keys are AEADs, not RSA")
+	}
+	return nil
+}
+
+// version is the item's key_version (0: the primary).
+func (it *item) version() (uint32, error) { return it.KeyVersion.keyVersion() }
