@@ -2,6 +2,12 @@ module github.com/cairnkms/cairn
 
 go 1.26.0
 
+// The toolchain every build and test uses (the Makefile sets GOTOOLCHAIN=auto,
+// so an older local Go fetches it through the module proxy): go1.26.8 and
+// earlier reach ten fixed standard-library vulnerabilities (net/http,
+// crypto/tls, crypto/x509; see `make vulncheck`).
+toolchain go1.26.11
+
 require (
 	github.com/anishathalye/porcupine v1.3.1
 	github.com/google/go-cmp v0.7.0

@@ -37,6 +37,7 @@ const (
 	infoShare     = "cairn/distributor/v1/share"
 	infoProvision = "cairn/distributor/v1/provision"
 	infoRootKey   = "cairn/distributor/v1/root-key"
+	infoRekey     = "cairn/distributor/v1/rekey-share"
 )
 
 // ceremony is one unseal or provisioning ceremony, held in memory only: a
@@ -47,12 +48,17 @@ type ceremony struct {
 	state     distributorv1.CeremonyState
 	manifest  *safev1.GenesisManifest
 	recipient *hpkeseal.Recipient
-	combiner  *safe.Combiner // unseal ceremonies
+	combiner  *safe.Combiner // unseal and rekey ceremonies
 	officers  []string       // who contributed accepted shares, in order
 	accepted  []uint32       // their share indices, in the same order
 	openedAt  time.Time
 	expiresAt time.Time
 	detail    string
+
+	plan          *distributorv1.RekeyPlan // rekey ceremonies
+	rekeyed       []byte                   // the new manifest, once rekeyed
+	rekeyedSealed []*cryptov1.HpkeSealed   // the new shares, sealed to the plan's recipients
+	rekeyedEpoch  uint32
 }
 
 func openCeremony(kind distributorv1.CeremonyKind, m *safev1.GenesisManifest, now time.Time, ttl time.Duration) (*ceremony, error) {
@@ -66,7 +72,7 @@ func openCeremony(kind distributorv1.CeremonyKind, m *safev1.GenesisManifest, no
 		id: hex.EncodeToString(id[:]), kind: kind, state: distributorv1.CeremonyState_CEREMONY_STATE_OPEN,
 		manifest: m, recipient: r, openedAt: now, expiresAt: now.Add(ttl),
 	}
-	if kind == distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL {
+	if kind == distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL || kind == distributorv1.CeremonyKind_CEREMONY_KIND_REKEY {
 		if c.combiner, err = safe.NewCombiner(m); err != nil {
 			r.Close()
 			return nil, err
@@ -104,14 +110,15 @@ func (c *ceremony) checkOpen(now time.Time) error {
 }
 
 // submit checks one released share and accepts it. At the threshold it
-// combines the shares and returns the RMK (checked against the KCV). Any
-// error leaves the ceremony as it was, except a failed combination, which
-// ends it.
+// combines the shares and returns the RMK (checked against the KCV); the
+// ceremony stays open until the caller has used the key and calls end, or
+// takeBack if it could not. Any error leaves the ceremony as it was, except
+// a failed combination, which ends it.
 func (c *ceremony) submit(officer identity.ID, index uint32, sealed *cryptov1.HpkeSealed, now time.Time) (secret.Bytes, error) {
 	if err := c.checkOpen(now); err != nil {
 		return secret.Bytes{}, err
 	}
-	if c.kind != distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL {
+	if c.kind != distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL && c.kind != distributorv1.CeremonyKind_CEREMONY_KIND_REKEY {
 		return secret.Bytes{}, errWrongKind
 	}
 	slot := safe.Slot(c.manifest, index)
@@ -160,8 +167,97 @@ func (c *ceremony) submit(officer identity.ID, index uint32, sealed *cryptov1.Hp
 		c.end(distributorv1.CeremonyState_CEREMONY_STATE_FAILED, err.Error()+"; shares wiped")
 		return secret.Bytes{}, err
 	}
-	c.end(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, "root key reconstructed and matched the KCV")
 	return rmk, nil
+}
+
+// takeBack un-accepts the last accepted share: the key it completed could
+// not be used (e.g. the audit log refused the record), so the ceremony stays
+// open with the other shares and that officer submits again.
+func (c *ceremony) takeBack() {
+	n := len(c.accepted)
+	if n == 0 || c.combiner == nil {
+		return
+	}
+	c.combiner.Remove(c.accepted[n-1])
+	c.accepted, c.officers = c.accepted[:n-1], c.officers[:n-1]
+}
+
+// rekeySlots checks a rekey plan and returns its slots.
+func rekeySlots(p *distributorv1.RekeyPlan) ([]safe.NewSlot, error) {
+	if p == nil {
+		return nil, errors.New("distributor: a rekey ceremony needs a rekey plan")
+	}
+	var out []safe.NewSlot
+	labels := map[string]bool{}
+	for i, sl := range p.GetSlots() {
+		switch {
+		case sl.GetSafeLabel() == "" || labels[sl.GetSafeLabel()]:
+			return nil, fmt.Errorf("distributor: rekey slot %d: safe label %q empty or given twice", i+1, sl.GetSafeLabel())
+		case sl.GetSafeKind() != safe.KindPKCS11 && sl.GetSafeKind() != safe.KindInsecureFile:
+			return nil, fmt.Errorf("distributor: rekey slot %d: unknown safe kind %q", i+1, sl.GetSafeKind())
+		case len(sl.GetRecipient().GetPublicKey()) == 0:
+			return nil, fmt.Errorf("distributor: rekey slot %d: no recipient key", i+1)
+		}
+		labels[sl.GetSafeLabel()] = true
+		out = append(out, safe.NewSlot{SafeLabel: sl.GetSafeLabel(), SafeKind: sl.GetSafeKind(), Officer: sl.GetOfficer()})
+	}
+	if p.GetThreshold() < 2 || int(p.GetThreshold()) > len(out) || len(out) > safe.MaxShares {
+		return nil, fmt.Errorf("distributor: rekey plan of %d-of-%d; want 2 <= K <= N <= %d", p.GetThreshold(), len(out), safe.MaxShares)
+	}
+	return out, nil
+}
+
+// resplit makes the rekeyed manifest and the new shares sealed to the
+// plan's recipients. It changes nothing in the ceremony: setRekeyed does,
+// once the result is audited.
+func (c *ceremony) resplit(rmk secret.Bytes, now time.Time) (*safev1.GenesisManifest, []*cryptov1.HpkeSealed, error) {
+	slots, err := rekeySlots(c.plan)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, shares, err := safe.Resplit(c.manifest, rmk, int(c.plan.GetThreshold()), slots, now)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		for _, s := range shares {
+			s.Wipe()
+		}
+	}()
+	var sealed []*cryptov1.HpkeSealed
+	for i, share := range shares {
+		idx := uint32(i + 1)
+		raw := share.Data()
+		plain, err := proto.Marshal(&safev1.ReleasedShare{GenesisId: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: idx, Share: raw})
+		clear(raw)
+		if err != nil {
+			return nil, nil, err
+		}
+		info, err := hpkeseal.Info(infoRekey, c.id, m.GetGenesisId(), strconv.FormatUint(uint64(m.GetEpoch()), 10), strconv.FormatUint(uint64(idx), 10))
+		if err != nil {
+			clear(plain)
+			return nil, nil, err
+		}
+		s, err := hpkeseal.Seal(c.plan.GetSlots()[i].GetRecipient(), info, plain)
+		clear(plain)
+		if err != nil {
+			return nil, nil, fmt.Errorf("distributor: sealing new share %d to its safe's key: %w", idx, err)
+		}
+		sealed = append(sealed, s)
+	}
+	return m, sealed, nil
+}
+
+// setRekeyed records a rekey's result and ends the ceremony.
+func (c *ceremony) setRekeyed(m *safev1.GenesisManifest, sealed []*cryptov1.HpkeSealed) error {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	c.rekeyed, c.rekeyedSealed, c.rekeyedEpoch = b, sealed, m.GetEpoch()
+	c.end(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, fmt.Sprintf("root key rebuilt from shares %v, matched the KCV and split %d-of-%d as epoch %d; the new shares are sealed to the new safes",
+		c.accepted, m.GetThreshold(), len(m.GetSlots()), m.GetEpoch()))
+	return nil
 }
 
 // provision opens a whole RMK sent by genesis and checks it against the
@@ -185,7 +281,6 @@ func (c *ceremony) provision(sealed *cryptov1.HpkeSealed, now time.Time) (secret
 		rmk.Wipe()
 		return secret.Bytes{}, fmt.Errorf("%w: the provisioned key is not the manifest's", safe.ErrKCVMismatch)
 	}
-	c.end(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, "root key provisioned and matched the KCV")
 	return rmk, nil
 }
 
@@ -202,6 +297,12 @@ func (c *ceremony) proto() *distributorv1.Ceremony {
 	}
 	if c.recipient != nil {
 		out.CeremonyKey = c.recipient.PublicKey()
+	}
+	if c.rekeyed != nil {
+		out.RekeyedManifest = append([]byte(nil), c.rekeyed...)
+		for _, s := range c.rekeyedSealed {
+			out.RekeyedShares = append(out.RekeyedShares, proto.Clone(s).(*cryptov1.HpkeSealed))
+		}
 	}
 	return out
 }

@@ -13,6 +13,24 @@
 //
 // Losing every distributor is survivable only through a ceremony: that is
 // the point.
+//
+// An emergency seal (Seal with emergency set; `safe seal --fleet`) drops the
+// key and stops the peer loop: the distributor asks no peer for the key and
+// installs none fetched in flight, so a sealed fleet stays sealed; only an
+// unseal ceremony (K officers; not a provisioning) lifts it. The state is in
+// RAM only, like the key: a restarted distributor forgets it and fetches
+// from its peers, which hand out nothing while they are emergency-sealed,
+// and serve it again once one is unsealed by a ceremony.
+//
+// A rekey ceremony re-splits the key: K officers release their current
+// shares into it exactly as into an unseal ceremony; the distributor rebuilds
+// the key, checks it against the manifest's commitments and KCV, splits it
+// for the ceremony's plan (new K, new safes) and seals each new share to the
+// HPKE key of the process that seals it into its new safe (`safe rekey`),
+// writing a distributor/rekey audit record before releasing them. The new
+// manifest is then pinned on every distributor with InstallManifest (the
+// next epoch, linked by hash to the pinned one; audited), and only then are
+// the old shares destroyed.
 package distributor
 
 import (
@@ -36,7 +54,8 @@ type Config struct {
 	// Source is the distributor's own identity, for serving and for dialing
 	// peers.
 	Source *identity.Source
-	// Officers may open, cancel and contribute to ceremonies, and Seal.
+	// Officers may open, cancel and contribute to ceremonies, Seal, and
+	// install a rekeyed manifest.
 	Officers identity.Allowlist
 	// RootKeyReaders may fetch the RMK: root KMS replicas.
 	RootKeyReaders identity.Allowlist

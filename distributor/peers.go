@@ -35,9 +35,19 @@ func (s *Server) peerLoop() {
 	backoff := s.cfg.PeerRetryMin
 	for {
 		s.mu.Lock()
-		sealed, provisioned, changed := s.key == nil, s.manifest != nil, s.changed
+		sealed, provisioned, emergency, changed := s.key == nil, s.manifest != nil, s.emergency, s.changed
 		s.mu.Unlock()
 		wait := s.cfg.PeerPollInterval
+		if emergency {
+			// Emergency-sealed: no peer is asked for the key (or even its
+			// status) until an unseal ceremony changes the state.
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
 		if sealed && provisioned {
 			if s.fetchFromPeers(ctx) {
 				backoff = s.cfg.PeerRetryMin
@@ -142,6 +152,9 @@ func (s *Server) fetchFromPeer(ctx context.Context, addr string) (err error) {
 func (s *Server) installFromPeer(ctx context.Context, addr string, rmk secret.Bytes) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.emergency {
+		return fmt.Errorf("distributor: emergency-sealed while fetching from peer %s; key discarded", addr)
+	}
 	if !safe.CheckKCV(rmk, s.manifest) {
 		s.log.Error("distributor: peer handed out a key that is not the pinned root key", "peer", addr)
 		return fmt.Errorf("%w (peer %s)", errPeerKCV, addr)

@@ -2,6 +2,7 @@ package distributor
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,8 +46,17 @@ type Server struct {
 	lastHandout *distributorv1.Handout
 	peers       map[string]*distributorv1.PeerStatus
 	changed     chan struct{} // closed and replaced whenever seal state changes
+	// emergency: sealed by an emergency Seal. The peer loop fetches from no
+	// peer and no peer's key is installed until an unseal ceremony succeeds.
+	// Like the key it lives in RAM only: a restarted distributor forgets it
+	// and fetches from its peers, which, emergency-sealed too, hand out
+	// nothing.
+	emergency bool
 
 	metrics *metrics
+	// auditHook, if set (tests only: export_test.go), writes the records
+	// the server writes itself instead of cfg.Audit.
+	auditHook func(context.Context, audit.Record) error
 
 	grpc    *grpc.Server
 	stop    chan struct{}
@@ -86,11 +96,12 @@ func New(cfg Config) (*Server, error) {
 		svc + "ProvisionRootKey": cfg.Officers.Authorize,
 		svc + "CancelCeremony":   cfg.Officers.Authorize,
 		svc + "Seal":             cfg.Officers.Authorize,
+		svc + "InstallManifest":  cfg.Officers.Authorize,
 	}
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Ready: s.Readiness, Reflection: cfg.Reflection,
-		Mutating:  []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal"},
+		Mutating:  []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal", svc + "InstallManifest"},
 		Unaudited: []string{svc + "GetStatus", svc + "GetCeremony"},
 	})
 	if err != nil {
@@ -154,6 +165,10 @@ func (s *Server) Readiness() (ready bool, reason string) {
 		return true, ""
 	case c != nil && c.kind == distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL:
 		return false, fmt.Sprintf("sealed: unseal ceremony %s open, %d of %d shares received", c.id, c.received, c.required)
+	case st.emergency:
+		return false, "emergency-sealed: fetching from no peer; only an unseal ceremony (K officers) unseals it"
+	case c != nil && c.kind == distributorv1.CeremonyKind_CEREMONY_KIND_REKEY:
+		return false, fmt.Sprintf("sealed: rekey ceremony %s open, %d of %d shares received", c.id, c.received, c.required)
 	case c != nil:
 		return false, fmt.Sprintf("sealed: provisioning ceremony %s open, waiting for the root key from genesis", c.id)
 	case !st.provisioned:
@@ -168,6 +183,7 @@ func (s *Server) Readiness() (ready bool, reason string) {
 // Readiness and the metrics.
 type serverState struct {
 	sealed, ready, closed, provisioned bool
+	emergency                          bool
 	peers                              int
 	ceremony                           *ceremonyState // the open ceremony; nil if none
 }
@@ -181,7 +197,7 @@ type ceremonyState struct {
 func (s *Server) state() serverState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := serverState{sealed: s.key == nil, provisioned: s.manifest != nil, peers: len(s.cfg.PeerAddrs)}
+	st := serverState{sealed: s.key == nil, provisioned: s.manifest != nil, peers: len(s.cfg.PeerAddrs), emergency: s.emergency}
 	select {
 	case <-s.stop:
 		st.closed = true
@@ -219,7 +235,7 @@ func (s *Server) installLocked(ctx context.Context, rmk secret.Bytes, by string)
 	}
 	rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: s.cfg.Source.ID().String(), Operation: "distributor/unseal",
 		Target: audit.Target{Resource: "genesis/" + s.manifest.GetGenesisId()}, Outcome: audit.OutcomeOK, Reason: "unsealed by " + by}
-	if err := s.cfg.Audit.Write(context.WithoutCancel(ctx), rec); err != nil {
+	if err := s.writeAudit(context.WithoutCancel(ctx), rec); err != nil {
 		return fmt.Errorf("distributor: audit log unavailable, refusing to unseal: %w", err)
 	}
 	k, err := newRootKey(rmk)
@@ -227,9 +243,19 @@ func (s *Server) installLocked(ctx context.Context, rmk secret.Bytes, by string)
 		return err
 	}
 	s.key, s.unsealedAt, s.unsealedBy = k, s.cfg.Now(), by
+	s.emergency = false
 	s.notifyLocked()
 	s.log.Info("distributor: unsealed", "by", by, "genesis_id", s.manifest.GetGenesisId())
 	return nil
+}
+
+// writeAudit writes a record of the server's own (unseal, rekey, manifest
+// install, emergency seal).
+func (s *Server) writeAudit(ctx context.Context, rec audit.Record) error {
+	if s.auditHook != nil {
+		return s.auditHook(ctx, rec)
+	}
+	return s.cfg.Audit.Write(ctx, rec)
 }
 
 func (s *Server) dropKeyLocked(why string) {
@@ -258,8 +284,10 @@ func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusReques
 		out.LastHandout = proto.Clone(s.lastHandout).(*distributorv1.Handout)
 	}
 	if s.manifest != nil {
-		out.GenesisId, out.Kcv = s.manifest.GetGenesisId(), s.manifest.GetKcv()
+		out.GenesisId, out.Kcv, out.Epoch = s.manifest.GetGenesisId(), s.manifest.GetKcv(), s.manifest.GetEpoch()
+		out.ManifestSha256, _ = safe.ManifestHash(s.manifest)
 	}
+	out.EmergencySealed = s.emergency
 	if s.key != nil {
 		out.State = distributorv1.SealState_SEAL_STATE_UNSEALED
 		out.UnsealedAt, out.UnsealedBy = timestamppb.New(s.unsealedAt), s.unsealedBy
@@ -325,9 +353,12 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 			return nil, status.Errorf(codes.InvalidArgument, "distributor: ceremony TTL %s exceeds the maximum %s", ttl, s.cfg.MaxCeremonyTTL)
 		}
 	}
+	if req.GetRekey() != nil && req.GetKind() != distributorv1.CeremonyKind_CEREMONY_KIND_REKEY {
+		return nil, status.Error(codes.InvalidArgument, "distributor: a rekey plan belongs to a rekey ceremony only")
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.key != nil {
+	if s.key != nil && req.GetKind() != distributorv1.CeremonyKind_CEREMONY_KIND_REKEY {
 		return nil, status.Error(codes.FailedPrecondition, "distributor: already unsealed; no ceremony needed")
 	}
 	if s.ceremony != nil && s.ceremony.checkOpen(now) == nil {
@@ -348,7 +379,25 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 			return nil, status.Error(codes.FailedPrecondition, err.Error())
 		}
 		m = fresh
+	case distributorv1.CeremonyKind_CEREMONY_KIND_REKEY:
+		if len(req.GetManifest()) != 0 {
+			return nil, status.Error(codes.InvalidArgument, "distributor: a rekey ceremony re-splits the pinned manifest; do not send one")
+		}
+		if s.manifest == nil {
+			return nil, status.Error(codes.FailedPrecondition, "distributor: not provisioned (no genesis manifest); nothing to rekey")
+		}
+		if _, err := rekeySlots(req.GetRekey()); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		fresh, err := s.reloadManifestLocked()
+		if err != nil {
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
+		m = fresh
 	case distributorv1.CeremonyKind_CEREMONY_KIND_PROVISION:
+		if s.emergency {
+			return nil, status.Error(codes.FailedPrecondition, "distributor: emergency-sealed; only an unseal ceremony (K officers) unseals it, not a provisioning")
+		}
 		pm, err := safe.ParseManifest(req.GetManifest())
 		if err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
@@ -364,6 +413,7 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
+	c.plan = req.GetRekey()
 	s.ceremony = c
 	audit.AddTarget(ctx, audit.Target{Resource: "ceremony/" + c.id})
 	s.log.Info("distributor: ceremony opened", "id", c.id, "kind", c.kind.String(), "genesis_id", m.GetGenesisId(), "threshold", m.GetThreshold(), "expires", c.expiresAt)
@@ -410,12 +460,57 @@ func (s *Server) SubmitShare(ctx context.Context, req *distributorv1.SubmitShare
 	s.log.Info("distributor: share accepted", "ceremony", c.id, "index", req.GetShareIndex(), "officer", officer.String(), "have", len(c.accepted), "threshold", c.manifest.GetThreshold())
 	if !rmk.IsZero() {
 		defer rmk.Wipe()
-		s.manifest = c.manifest
-		if err := s.installLocked(ctx, rmk, "ceremony:"+c.id); err != nil {
-			return nil, status.Error(codes.Unavailable, err.Error())
+		if err := s.completeLocked(ctx, c, rmk); err != nil {
+			// Fail closed, but keep the ceremony: the last share is taken
+			// back and the other shares stay, so that officer submits
+			// again once the cause (e.g. the audit log) is fixed.
+			c.takeBack()
+			s.log.Error("distributor: the shares combined but the ceremony could not complete; the last share is taken back, the ceremony stays open",
+				"ceremony", c.id, "index", req.GetShareIndex(), "err", err)
+			return nil, status.Error(codes.Unavailable, err.Error()+"; the ceremony stays open: submit this share again")
 		}
 	}
 	return &distributorv1.SubmitShareResponse{Ceremony: c.proto()}, nil
+}
+
+// completeLocked uses the key an unseal or rekey ceremony rebuilt, and ends
+// the ceremony only if that worked.
+func (s *Server) completeLocked(ctx context.Context, c *ceremony, rmk secret.Bytes) error {
+	if c.kind == distributorv1.CeremonyKind_CEREMONY_KIND_REKEY {
+		return s.rekeyLocked(ctx, c, rmk)
+	}
+	if s.key == nil {
+		if err := s.installLocked(ctx, rmk, "ceremony:"+c.id); err != nil {
+			return err
+		}
+	}
+	s.manifest = c.manifest
+	s.emergency = false
+	c.end(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, "root key reconstructed and matched the KCV")
+	return nil
+}
+
+// rekeyLocked splits the rebuilt key anew for the ceremony's plan. The
+// result (the new manifest and the new shares, sealed to the new safes'
+// keys) is released only once its audit record is written.
+func (s *Server) rekeyLocked(ctx context.Context, c *ceremony, rmk secret.Bytes) error {
+	m, sealed, err := c.resplit(rmk, s.cfg.Now())
+	if err != nil {
+		return err
+	}
+	h, err := safe.ManifestHash(m)
+	if err != nil {
+		return err
+	}
+	rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: s.cfg.Source.ID().String(), Operation: "distributor/rekey",
+		Target: audit.Target{Resource: "genesis/" + m.GetGenesisId()}, Outcome: audit.OutcomeOK,
+		Reason: fmt.Sprintf("ceremony %s: shares %v of epoch %d from %v re-split %d-of-%d as epoch %d, manifest sha256 %x",
+			c.id, c.accepted, c.manifest.GetEpoch(), c.officers, m.GetThreshold(), len(m.GetSlots()), m.GetEpoch(), h)}
+	if err := s.writeAudit(context.WithoutCancel(ctx), rec); err != nil {
+		return fmt.Errorf("distributor: audit log unavailable, refusing to release the rekeyed shares: %w", err)
+	}
+	s.log.Info("distributor: rekeyed", "ceremony", c.id, "genesis_id", m.GetGenesisId(), "epoch", m.GetEpoch(), "threshold", m.GetThreshold(), "shares", len(m.GetSlots()))
+	return c.setRekeyed(m, sealed)
 }
 
 // ProvisionRootKey implements the Distributor service.
@@ -440,8 +535,10 @@ func (s *Server) ProvisionRootKey(ctx context.Context, req *distributorv1.Provis
 	}
 	s.manifest = c.manifest
 	if err := s.installLocked(ctx, rmk, "genesis:"+c.id); err != nil {
-		return nil, status.Error(codes.Unavailable, err.Error())
+		// The ceremony stays open: genesis may hand the key over again.
+		return nil, status.Error(codes.Unavailable, err.Error()+"; the ceremony stays open: provision again")
 	}
+	c.end(distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED, "root key provisioned and matched the KCV")
 	return &distributorv1.ProvisionRootKeyResponse{Ceremony: c.proto()}, nil
 }
 
@@ -478,10 +575,81 @@ func (s *Server) Seal(ctx context.Context, req *distributorv1.SealRequest) (*dis
 	if req.GetReason() == "" {
 		return nil, status.Error(codes.InvalidArgument, "distributor: Seal needs a reason (it is audited)")
 	}
+	caller, _ := identity.FromContext(ctx)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.dropKeyLocked("Seal: " + req.GetReason())
+	if req.GetEmergency() {
+		// Sealing is the safe direction: it happens even if the record
+		// cannot be written (the call itself is audited too).
+		if !s.emergency {
+			s.emergency = true
+			s.notifyLocked() // the peer loop stops fetching at once
+		}
+		rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: "distributor/emergency-seal",
+			Target: audit.Target{Resource: "genesis/" + s.manifest.GetGenesisId()}, Outcome: audit.OutcomeOK, Reason: req.GetReason()}
+		if err := s.writeAudit(context.WithoutCancel(ctx), rec); err != nil {
+			s.log.Error("distributor: emergency-sealed, but the audit record could not be written", "err", err)
+		}
+		s.log.Warn("distributor: emergency-sealed; fetching from no peer until an unseal ceremony", "by", caller.String())
+	}
 	return &distributorv1.SealResponse{State: distributorv1.SealState_SEAL_STATE_SEALED}, nil
+}
+
+// InstallManifest implements the Distributor service: it pins a rekeyed
+// manifest of the pinned lineage (the next epoch, linked to the pinned one).
+func (s *Server) InstallManifest(ctx context.Context, req *distributorv1.InstallManifestRequest) (*distributorv1.InstallManifestResponse, error) {
+	m, err := safe.ParseManifest(req.GetManifest())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
+	}
+	h, err := safe.ManifestHash(m)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.manifest == nil {
+		return nil, status.Error(codes.FailedPrecondition, "distributor: not provisioned (no genesis manifest); a rekeyed manifest needs its predecessor pinned")
+	}
+	audit.AddTarget(ctx, audit.Target{Resource: fmt.Sprintf("genesis/%s/epoch/%d", m.GetGenesisId(), m.GetEpoch())})
+	if err := checkSuccessor(s.manifest, m); err != nil {
+		if pinned, _ := safe.ManifestHash(s.manifest); subtle.ConstantTimeCompare(pinned, h) == 1 {
+			return &distributorv1.InstallManifestResponse{Epoch: m.GetEpoch(), ManifestSha256: h}, nil // pinned already
+		}
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
+	caller, _ := identity.FromContext(ctx)
+	rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: "distributor/install-manifest",
+		Target: audit.Target{Resource: "genesis/" + m.GetGenesisId()}, Outcome: audit.OutcomeOK,
+		Reason: fmt.Sprintf("epoch %d -> %d (%d-of-%d), manifest sha256 %x", s.manifest.GetEpoch(), m.GetEpoch(), m.GetThreshold(), len(m.GetSlots()), h)}
+	if err := s.writeAudit(context.WithoutCancel(ctx), rec); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "distributor: audit log unavailable, refusing to pin the manifest: %v", err)
+	}
+	if _, err := PinManifest(s.cfg.ManifestPath, m); err != nil {
+		return nil, status.Errorf(codes.Internal, "distributor: pinning the manifest: %v", err)
+	}
+	s.manifest = m
+	s.log.Info("distributor: rekeyed manifest pinned", "genesis_id", m.GetGenesisId(), "epoch", m.GetEpoch())
+	return &distributorv1.InstallManifestResponse{Epoch: m.GetEpoch(), ManifestSha256: h, Changed: true}, nil
+}
+
+// checkSuccessor reports whether next is the rekey of pinned: the same
+// genesis id and KCV, the next epoch, linked to pinned by its hash.
+func checkSuccessor(pinned, next *safev1.GenesisManifest) error {
+	ph, err := safe.ManifestHash(pinned)
+	if err != nil {
+		return err
+	}
+	switch {
+	case next.GetGenesisId() != pinned.GetGenesisId() || subtle.ConstantTimeCompare(next.GetKcv(), pinned.GetKcv()) != 1:
+		return fmt.Errorf("distributor: manifest of genesis %s is not the pinned lineage (genesis %s); refused", next.GetGenesisId(), pinned.GetGenesisId())
+	case next.GetEpoch() != pinned.GetEpoch()+1:
+		return fmt.Errorf("distributor: manifest of epoch %d does not follow the pinned epoch %d; refused", next.GetEpoch(), pinned.GetEpoch())
+	case subtle.ConstantTimeCompare(next.GetPreviousManifestSha256(), ph) != 1:
+		return fmt.Errorf("distributor: manifest of epoch %d does not link to the pinned manifest (previous sha256 %x, pinned %x); refused", next.GetEpoch(), next.GetPreviousManifestSha256(), ph)
+	}
+	return nil
 }
 
 // toStatus is the one table from domain errors to gRPC status codes.

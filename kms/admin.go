@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/tink"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -24,8 +26,8 @@ import (
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
 
-// adminAPI is kms.v1.KMSAdmin; the access policy lets only Config.Admins
-// call it.
+// adminAPI is kms.v1.KMSAdmin; the access policy lets only the admins in
+// force (Config.Admins, or those of the last SetTrust) call it.
 type adminAPI struct {
 	kmsv1.UnimplementedKMSAdminServer
 	s *Server
@@ -51,7 +53,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		return nil, fmt.Errorf("%w: %s", errInvalid, forceGone)
 	}
 	sb := req.GetBundle()
-	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
+	b, err := bundle.Verify(sb, s.signingKeys())
 	if err != nil {
 		return nil, err
 	}
@@ -72,8 +74,8 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if cur != nil {
 		floor, curStore, held = cur.ref, cur.store, cur.regionKeys
 	}
+	same := floor != nil && b.GetSerial() == floor.GetSerial() && bytes.Equal(ref.GetSha256(), floor.GetSha256())
 	if floor != nil {
-		same := b.GetSerial() == floor.GetSerial() && bytes.Equal(ref.GetSha256(), floor.GetSha256())
 		switch {
 		case same && cur != nil:
 			return &kmsv1.ApplyBundleResponse{Applied: ref, Previous: cur.ref}, nil // idempotent
@@ -83,6 +85,19 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 			return nil, fmt.Errorf("%w: serial %d is already applied with different content (sha256 %x, this bundle %x)", errReplay, b.GetSerial(), floor.GetSha256(), ref.GetSha256())
 		case b.GetSerial() < floor.GetSerial():
 			return nil, fmt.Errorf("%w: serial %d is older than the applied serial %d", errReplay, b.GetSerial(), floor.GetSerial())
+		}
+	}
+	if !same {
+		// A bundle new to this server: not past its not_after, and not
+		// below the region's floor in the record. (The bundle served, or
+		// the persisted one, is served on past its not_after: serving never
+		// stops because nobody pushed; GetStatus and
+		// cairn_kms_bundle_expired say so.)
+		if err := bundle.CheckFresh(b, s.cfg.Now()); err != nil {
+			return nil, err
+		}
+		if err := s.checkRecordFloor(ctx, b, floor); err != nil {
+			return nil, err
 		}
 	}
 
@@ -132,6 +147,10 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if err != nil {
 		return nil, err
 	}
+	quotas, err := newQuotaSet(b, *s.cfg.DefaultQuota)
+	if err != nil {
+		return nil, err
+	}
 	// The Safety Condition, with this server's evidence: the served store's
 	// usage and TTL history, and the history of versions and keysets it does
 	// not hold (all of the persisted history while nothing is served).
@@ -162,7 +181,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	s.floor = ref
 	s.previous = previous
 	s.carried = restoreHistory(next, s.carried, curStore, now)
-	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), createdAt: createdAt(b), regionKeys: keys})
+	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), createdAt: createdAt(b), notAfter: notAfter(b), regionKeys: keys, quotas: quotas})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(),
 		"shrink_override", b.GetShrinkOverride().GetReason(), "partial", b.GetPartial().GetReason())
@@ -287,6 +306,10 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	out.BundleAppliedAt = timestamppb.New(cur.appliedAt)
 	out.KeysetCount = uint32(cur.store.Len())
 	out.RegionKeyVersions = slices.Sorted(maps.Keys(cur.regionKeys))
+	if !cur.notAfter.IsZero() {
+		out.BundleNotAfter = timestamppb.New(cur.notAfter)
+		out.BundleExpired = s.cfg.Now().After(cur.notAfter)
+	}
 	if req.GetIncludeBundle() {
 		out.ServedBundle = cur.signed
 		s.applyMu.Lock()
@@ -328,11 +351,96 @@ func (a *adminAPI) Probe(ctx context.Context, req *kmsv1.ProbeRequest) (resp *km
 	if n := len(req.GetProbes()); n > s.cfg.MaxBatch {
 		return nil, toStatus(fmt.Errorf("%w: %d probes, more than the limit of %d", errInvalid, n, s.cfg.MaxBatch))
 	}
+	// A probe that is not a golden probe is refused (not decrypted) and
+	// fails with the reason, as a batch item does; every probe is audited.
+	caller, _ := identity.FromContext(ctx)
 	out := &kmsv1.ProbeResponse{Results: make([]*kmsv1.ProbeResult, len(req.GetProbes()))}
 	for i, p := range req.GetProbes() {
-		out.Results[i] = probe(cur.store, p)
+		refused := s.mayProbe(cur.store, caller, p)
+		if refused != nil {
+			id, _ := keystore.KeyIDOf(p.GetCiphertext())
+			out.Results[i] = &kmsv1.ProbeResult{KeyId: id, Detail: "refused, not decrypted: " + refused.Error()}
+		} else {
+			out.Results[i] = probe(cur.store, p)
+		}
+		if err := s.auditProbe(ctx, cur.store, caller, p, out.Results[i], refused); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	if ps := req.GetProbes(); len(ps) == 1 {
+		if k, ok := cur.store.Keyset(ps[0].GetKeyset()); ok {
+			audit.AddTarget(ctx, audit.Target{Keyset: k.Name(), KeyVersion: out.Results[0].GetKeyId()})
+		}
 	}
 	return out, nil
+}
+
+// goldenADPrefix starts the associated data of every golden ciphertext the
+// root KMS makes (rootkms/golden.go): "cairn/golden/v1\x00" || keyset ||
+// "\x00" || be32(key ID). The data plane refuses to encrypt under it, so
+// only the root KMS, which holds the keys, makes ciphertexts with it.
+const goldenADPrefix = "cairn/golden/v1\x00"
+
+// isGolden reports whether ad is the golden associated data of version
+// keyID of keyset name.
+func isGolden(ad []byte, name string, keyID uint32) bool {
+	rest, ok := bytes.CutPrefix(ad, []byte(goldenADPrefix))
+	if !ok || len(rest) != len(name)+5 || string(rest[:len(name)]) != name || rest[len(name)] != 0 {
+		return false
+	}
+	return binary.BigEndian.Uint32(rest[len(name)+1:]) == keyID
+}
+
+// checkReservedAD refuses associated data in the golden ciphertexts'
+// reserved form on the encrypting data-plane calls.
+func checkReservedAD(ad []byte) error {
+	if bytes.HasPrefix(ad, []byte(goldenADPrefix)) {
+		return fmt.Errorf("%w: associated data beginning %q is reserved for the root KMS's golden ciphertexts", errInvalid, goldenADPrefix)
+	}
+	return nil
+}
+
+// mayProbe refuses a probe that is not a golden probe, unless caller may
+// decrypt with the keyset anyway. A golden probe's associated data is the
+// golden form for its keyset and the key ID its ciphertext names: since the
+// data plane never encrypts with that form, it decrypts only the root KMS's
+// golden ciphertexts, whose plaintexts are random and thrown away. So Probe
+// tells an admin whether a server serves a version, and nothing about any
+// customer's ciphertext: it is no decrypt oracle.
+func (s *Server) mayProbe(store *keystore.Store, caller identity.ID, p *kmsv1.GoldenProbe) error {
+	if id, ok := keystore.KeyIDOf(p.GetCiphertext()); ok && isGolden(p.GetAssociatedData(), p.GetKeyset(), id) {
+		return nil
+	}
+	if k, ok := store.Keyset(p.GetKeyset()); ok && k.Allows(keystore.OpDecrypt, caller) {
+		return nil
+	}
+	return fmt.Errorf("%w: not a golden probe (associated data %q || keyset || 0 || be32(key ID of the ciphertext)), and %s may not decrypt with keyset %q",
+		errDenied, goldenADPrefix, caller, truncate(p.GetKeyset()))
+}
+
+// auditProbe records one probe and its result, or its refusal (fail
+// closed: no record, no answer).
+func (s *Server) auditProbe(ctx context.Context, store *keystore.Store, caller identity.ID, p *kmsv1.GoldenProbe, res *kmsv1.ProbeResult, refused error) error {
+	outcome, code, reason := audit.OutcomeOK, "", "golden probe: decrypted to the expected SHA-256"
+	switch {
+	case refused != nil:
+		outcome, code, reason = audit.OutcomeDenied, codes.PermissionDenied.String(), "probe refused: "+refused.Error()
+	case !res.GetOk():
+		reason = "golden probe failed: " + res.GetDetail()
+	}
+	target := audit.Target{Region: s.cfg.Region, KeyVersion: res.GetKeyId()}
+	if k, ok := store.Keyset(p.GetKeyset()); ok {
+		target.Keyset = k.Name() // a name the caller sent is recorded only if served (it may hold anything)
+	}
+	rec := audit.Record{
+		RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: adminService + "Probe",
+		Target:  target,
+		Outcome: outcome, Code: code, Reason: reason,
+	}
+	if err := s.cfg.Audit.Write(context.WithoutCancel(ctx), rec); err != nil {
+		return fmt.Errorf("%w: cannot record a probe: %v", errAudit, err)
+	}
+	return nil
 }
 
 func probe(store *keystore.Store, p *kmsv1.GoldenProbe) *kmsv1.ProbeResult {

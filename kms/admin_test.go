@@ -403,19 +403,23 @@ func TestUsageAndProbe(t *testing.T) {
 		t.Errorf("usage of the new version = %v, want unused, enabled", v2)
 	}
 
-	sum := sha256.Sum256([]byte("golden"))
+	// Golden ciphertexts, as the root KMS makes them: only those may be
+	// probed by an admin on no decrypt ACL.
+	gct, gad, sum := golden(t, e.ks, ledger)
+	junk := append(bytes.Clone(gct[:5]), "junk"...)
+	nope, nopeAD, _ := golden(t, e.ks, "payments/nope")
 	probes := []struct {
 		p      *kmsv1.GoldenProbe
 		ok     bool
 		keyID  uint32
 		detail string
 	}{
-		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: ct, AssociatedData: ad, PlaintextSha256: sum[:]}, true, first, ""},
-		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: ct, AssociatedData: ad, PlaintextSha256: make([]byte, 32)}, false, first, "does not match"},
-		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: ct, AssociatedData: ad}, false, first, "does not match"},
-		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: ct, PlaintextSha256: sum[:]}, false, first, "did not decrypt"},
-		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: []byte("junk"), PlaintextSha256: sum[:]}, false, 0, "did not decrypt"},
-		{&kmsv1.GoldenProbe{Keyset: "payments/nope", Ciphertext: ct}, false, 0, `no keyset "payments/nope"`},
+		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: gct, AssociatedData: gad, PlaintextSha256: sum[:]}, true, first, ""},
+		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: gct, AssociatedData: gad, PlaintextSha256: make([]byte, 32)}, false, first, "does not match"},
+		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: gct, AssociatedData: gad}, false, first, "does not match"},
+		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: flipLast(gct), AssociatedData: gad, PlaintextSha256: sum[:]}, false, first, "did not decrypt"},
+		{&kmsv1.GoldenProbe{Keyset: ledger, Ciphertext: junk, AssociatedData: gad, PlaintextSha256: sum[:]}, false, first, "did not decrypt"},
+		{&kmsv1.GoldenProbe{Keyset: "payments/nope", Ciphertext: nope, AssociatedData: nopeAD}, false, 0, `no keyset "payments/nope"`},
 	}
 	req := &kmsv1.ProbeRequest{}
 	for _, p := range probes {
@@ -466,7 +470,7 @@ func TestMetrics(t *testing.T) {
 		`cairn_kms_requests_total{code="OK",op="encrypt"} 1`,
 		`cairn_kms_requests_total{code="OK",op="decrypt"} 1`,
 		`cairn_kms_requests_total{code="InvalidArgument",op="decrypt"} 1`,
-		`cairn_kms_requests_total{code="NotFound",op="decrypt"} 1`,
+		`cairn_kms_requests_total{code="PermissionDenied",op="decrypt"} 1`,
 		`cairn_kms_requests_total{code="OK",op="apply_bundle"} 1`,
 		`cairn_kms_request_duration_seconds_count{op="decrypt"} 3`,
 	} {

@@ -98,6 +98,9 @@ func (w *benchWorld) config(b *testing.B, dir string, src *identity.Source, alog
 		Region: region, StateDir: dir, Source: src, RegionKeys: w.keys,
 		SigningKeys: []ed25519.PublicKey{w.signer.Public}, Audit: alog,
 		Logger: slog.New(slog.NewTextHandler(b.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+		// The benchmarks measure the server at full load from one caller:
+		// no quota, and no shedding below their concurrency.
+		DefaultQuota: &kms.Quota{}, MaxInFlight: 1 << 16,
 	}
 }
 

@@ -1,10 +1,12 @@
 package kms
 
 import (
+	"cmp"
 	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"time"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -28,11 +30,20 @@ type Config struct {
 	// production). It is called at boot and when a bundle needs a region key
 	// version the server does not hold; never on the request path.
 	RegionKeys RegionKeys
-	// SigningKeys are the pinned bundle-signing public keys.
+	// SigningKeys are the pinned bundle-signing public keys at start; with
+	// Admins, replaceable while serving (Server.SetTrust).
 	SigningKeys []ed25519.PublicKey
 	// Admins may call KMSAdmin (default: regionctl/*/* of the server's trust
-	// domain).
+	// domain); replaceable while serving (Server.SetTrust).
 	Admins identity.Allowlist
+	// SerialFloor tells the region's bundle serial floor from the record
+	// (the root KMS: RootKMSRegionKeys implements it). The server asks it
+	// once, before it applies a bundle, and refuses a bundle below it; with
+	// no bundle of its own it refuses every bundle until it can ask. nil:
+	// the server knows only its own floor (the bundle it served last), so a
+	// server with a fresh state directory accepts any valid bundle; only
+	// for tests and tools that serve a fixed bundle.
+	SerialFloor SerialFloor
 	// Audit receives a record for every call (fail closed).
 	Audit *audit.Log
 	// Logger receives operational logs (nil: discard).
@@ -49,6 +60,32 @@ type Config struct {
 	// batches (0: 64 MiB: MaxBatch DEK-sized items, or a bundle of about 100k
 	// keysets). Larger requests fail with RESOURCE_EXHAUSTED.
 	MaxRecvMsgSize int
+	// MaxDataMsgSize bounds a data-plane request (kms.v1.KMS, and the
+	// transit API's bodies) on the wire (0: 4 MiB: a batch of MaxBatch
+	// DEK-sized items with room to spare). A larger one is refused with
+	// INVALID_ARGUMENT before any handler, audit record or quota sees it;
+	// only KMSAdmin (ApplyBundle's bundles) may send up to MaxRecvMsgSize.
+	// At most MaxRecvMsgSize (the default is too).
+	MaxDataMsgSize int
+	// MaxInFlight bounds the data-plane calls in progress on the server at
+	// once, over all callers (0: DefaultInFlightPerCPU x GOMAXPROCS). The
+	// data plane is CPU-bound: past a few dozen calls per core, more calls
+	// in progress only queue and every call's latency grows; a call over
+	// the cap is shed at once with RESOURCE_EXHAUSTED and a retry hint
+	// instead, before its request is read.
+	MaxInFlight int
+	// DefaultQuota is the per-caller quota of callers no quota of the
+	// served bundle matches, when the bundle sets no default_quota (nil:
+	// MaxInFlight/4 calls in progress and no rate limit, so that no one
+	// caller can take the whole server; a sensible rate depends on the
+	// deployment, and the bundle says it). A zero field sets no limit of its
+	// kind: &Quota{} sets none at all. See Quota.
+	DefaultQuota *Quota
+	// QuotaAuditWindow is how often the quota refusals are audited: one
+	// record per caller refused in the window, with the counts (0: 10s).
+	// Refusals are not audited call by call: a caller over its quota must
+	// not flood the audit log.
+	QuotaAuditWindow time.Duration
 	// FetchTimeout bounds one RegionKeys.Fetch (0: 10s).
 	FetchTimeout time.Duration
 	// RetryMin and RetryMax bound the jittered backoff between boot-time
@@ -93,6 +130,12 @@ const (
 	DefaultUsageFlush     = 10 * time.Second
 	// DefaultMetricsKeysetLimit is MetricsKeysetLimit's default.
 	DefaultMetricsKeysetLimit = 100
+	// DefaultMaxDataMsgSize is MaxDataMsgSize's default.
+	DefaultMaxDataMsgSize = 4 << 20
+	// DefaultInFlightPerCPU times GOMAXPROCS is MaxInFlight's default.
+	DefaultInFlightPerCPU = 64
+	// DefaultQuotaAuditWindow is QuotaAuditWindow's default.
+	DefaultQuotaAuditWindow = 10 * time.Second
 )
 
 // Validate reports a configuration that cannot work.
@@ -131,9 +174,18 @@ func (c Config) Validate() error {
 		v    int64
 	}{{"MaxBatch", int64(c.MaxBatch)}, {"MaxPayload", int64(c.MaxPayload)}, {"MaxRecvMsgSize", int64(c.MaxRecvMsgSize)},
 		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)},
-		{"UsageFlushInterval", int64(c.UsageFlushInterval)}, {"MetricsKeysetLimit", int64(c.MetricsKeysetLimit)}} {
+		{"UsageFlushInterval", int64(c.UsageFlushInterval)}, {"MetricsKeysetLimit", int64(c.MetricsKeysetLimit)},
+		{"MaxDataMsgSize", int64(c.MaxDataMsgSize)}, {"MaxInFlight", int64(c.MaxInFlight)}, {"QuotaAuditWindow", int64(c.QuotaAuditWindow)}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("kms: negative %s", f.name))
+		}
+	}
+	if recv := cmp.Or(c.MaxRecvMsgSize, DefaultMaxRecvMsgSize); c.MaxDataMsgSize > recv {
+		errs = append(errs, fmt.Errorf("kms: MaxDataMsgSize %d is more than MaxRecvMsgSize %d", c.MaxDataMsgSize, recv))
+	}
+	if c.DefaultQuota != nil {
+		if err := c.DefaultQuota.validate(); err != nil {
+			errs = append(errs, fmt.Errorf("kms: DefaultQuota: %w", err))
 		}
 	}
 	return errors.Join(errs...)
@@ -159,6 +211,11 @@ func (c *Config) setDefaults() error {
 	def(&c.MaxPayload, DefaultMaxPayload)
 	def(&c.MaxRecvMsgSize, DefaultMaxRecvMsgSize)
 	def(&c.MetricsKeysetLimit, DefaultMetricsKeysetLimit)
+	def(&c.MaxDataMsgSize, min(DefaultMaxDataMsgSize, c.MaxRecvMsgSize))
+	def(&c.MaxInFlight, DefaultInFlightPerCPU*runtime.GOMAXPROCS(0))
+	if c.DefaultQuota == nil {
+		c.DefaultQuota = &Quota{MaxConcurrent: uint32(max(1, c.MaxInFlight/4))}
+	}
 	defd := func(p *time.Duration, v time.Duration) {
 		if *p == 0 {
 			*p = v
@@ -166,6 +223,7 @@ func (c *Config) setDefaults() error {
 	}
 	defd(&c.FetchTimeout, DefaultFetchTimeout)
 	defd(&c.UsageFlushInterval, DefaultUsageFlush)
+	defd(&c.QuotaAuditWindow, DefaultQuotaAuditWindow)
 	defd(&c.RetryMin, DefaultRetryMin)
 	defd(&c.RetryMax, DefaultRetryMax)
 	c.RetryMax = max(c.RetryMax, c.RetryMin)

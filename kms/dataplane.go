@@ -63,14 +63,23 @@ func (s *Server) keyset(ctx context.Context, name string, kop keystore.Op) (*key
 	}
 	audit.AddTarget(ctx, audit.Target{Region: s.cfg.Region})
 	k, ok := cur.store.Keyset(name)
-	if !ok {
-		return nil, fmt.Errorf("%w: %q in region %s", errUnknownKeyset, truncate(name), s.cfg.Region)
-	}
 	id, _ := identity.FromContext(ctx)
-	if !k.Allows(kop, id) {
-		return nil, fmt.Errorf("%w: %s may not %s with keyset %q", errDenied, id, kop, k.Name())
+	if ok && k.Allows(kop, id) {
+		return k, nil
 	}
-	return k, nil
+	if !ok || !onSomeACL(k, id) {
+		return nil, s.hiddenKeyset(id, name)
+	}
+	// The caller is on another of the keyset's ACLs: it knows the keyset
+	// exists, and is told what it lacks.
+	return nil, fmt.Errorf("%w: %s may not %s with keyset %q", errDenied, id, kop, k.Name())
+}
+
+// hiddenKeyset is the refusal of a keyset to a caller on none of its ACLs,
+// the same, byte for byte, whether the keyset exists or not: such a caller
+// cannot enumerate keyset names.
+func (s *Server) hiddenKeyset(id identity.ID, name string) error {
+	return fmt.Errorf("%w: %s may not use keyset %q in region %s, or it does not exist", errDenied, id, truncate(name), s.cfg.Region)
 }
 
 // truncate bounds a client-supplied string echoed in an error.
@@ -88,11 +97,16 @@ func (s *Server) checkSize(what string, b []byte, limit int) error {
 	return nil
 }
 
+// checkPlaintext checks what an encrypting call encrypts: sizes, and no
+// associated data in the golden ciphertexts' reserved form.
 func (s *Server) checkPlaintext(pt, ad []byte) error {
 	if err := s.checkSize("plaintext", pt, s.cfg.MaxPayload); err != nil {
 		return err
 	}
-	return s.checkSize("associated data", ad, s.cfg.MaxPayload)
+	if err := s.checkSize("associated data", ad, s.cfg.MaxPayload); err != nil {
+		return err
+	}
+	return checkReservedAD(ad)
 }
 
 func (s *Server) checkCiphertext(ct, ad []byte) error {
@@ -228,7 +242,7 @@ func (a *kmsAPI) GenerateDataKey(ctx context.Context, req *kmsv1.GenerateDataKey
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if err := s.checkSize("associated data", req.GetAssociatedData(), s.cfg.MaxPayload); err != nil {
+	if err := s.checkPlaintext(nil, req.GetAssociatedData()); err != nil {
 		return nil, toStatus(err)
 	}
 	key, err := newDataKey(req.GetTemplate(), req.GetFormat())
@@ -291,6 +305,9 @@ func (a *kmsAPI) Rewrap(ctx context.Context, req *kmsv1.RewrapRequest) (resp *km
 		return nil, toStatus(err)
 	}
 	if err := s.checkCiphertext(req.GetCiphertext(), req.GetAssociatedData()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := checkReservedAD(req.GetAssociatedData()); err != nil {
 		return nil, toStatus(err)
 	}
 	now := s.cfg.Now()

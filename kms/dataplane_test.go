@@ -248,8 +248,8 @@ func TestBadInput(t *testing.T) {
 		{"unknown keyset encrypt", func() error {
 			_, err := c.Encrypt(ctx(t), &kmsv1.EncryptRequest{Keyset: "payments/nope", Plaintext: []byte("x")})
 			return err
-		}, codes.NotFound, ""},
-		{"unknown keyset decrypt", dec("payments/nope", ct, ad), codes.NotFound, ""},
+		}, codes.PermissionDenied, `kms: permission denied: spiffe://cairn.test/client/us-east/app may not use keyset "payments/nope" in region us-east, or it does not exist`},
+		{"unknown keyset decrypt", dec("payments/nope", ct, ad), codes.PermissionDenied, ""},
 		{"wrong ad", dec(ledger, ct, []byte("other")), codes.InvalidArgument, decryptM},
 		{"missing ad", dec(ledger, ct, nil), codes.InvalidArgument, decryptM},
 		{"truncated", dec(ledger, ct[:len(ct)-1], ad), codes.InvalidArgument, decryptM},

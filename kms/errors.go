@@ -22,6 +22,7 @@ var (
 	errRegionKeys    = errors.New("kms: region keys unavailable")
 	errPersist       = errors.New("kms: persisting the bundle failed")
 	errAudit         = errors.New("kms: audit log unavailable")
+	// errFloorUnknown is in floor.go.
 )
 
 // decryptMessage is the one message of every ciphertext that does not
@@ -47,6 +48,8 @@ var statusTable = []struct {
 	{errWrongRegion, codes.InvalidArgument},
 	{keystore.ErrBuild, codes.InvalidArgument},
 	{errReplay, codes.FailedPrecondition},
+	{bundle.ErrExpired, codes.FailedPrecondition},
+	{errFloorUnknown, codes.Unavailable},
 	{keystore.ErrUnsafe, codes.FailedPrecondition},
 	{bundle.ErrShrink, codes.FailedPrecondition},
 	{keystore.ErrBudget, codes.FailedPrecondition},

@@ -59,6 +59,9 @@ type metrics struct {
 	// table is the keyset table of the snapshot served (guarded by the
 	// server's applyMu: only swap reads and replaces it).
 	table *keysetTable
+
+	// shed are cairn_kms_shed_total's children, by shedKind.
+	shed [numShed]counter
 }
 
 type counter struct{ prometheus.Counter }
@@ -143,8 +146,14 @@ func newMetrics(reg *prometheus.Registry, keysetLimit int) (*metrics, error) {
 		Help: "Handler latency by operation (after authentication, before the audit record).",
 		// 25µs .. ~0.8s: a DEK unwrap takes microseconds; bundles take longer.
 		Buckets: prometheus.ExponentialBuckets(25e-6, 2, 16)}, []string{"op"})
+	shed := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "shed_total",
+		Help: "Data-plane calls refused before any handler ran, by reason: quota_rate and quota_concurrency (the caller's quota), overload (the server's MaxInFlight), message_size (MaxDataMsgSize)."},
+		[]string{"reason"})
+	for k := range numShed {
+		m.shed[k] = counter{shed.WithLabelValues(shedNames[k])}
+	}
 	for _, c := range []prometheus.Collector{m.requests, duration, m.keysets, m.serial, m.readyG, m.historyLost,
-		m.appliedAt, m.createdAt, m.keysetRequests} {
+		m.appliedAt, m.createdAt, m.keysetRequests, shed} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("kms: registering metrics: %w", err)
 		}
@@ -154,6 +163,12 @@ func newMetrics(reg *prometheus.Registry, keysetLimit int) (*metrics, error) {
 	}
 	m.durationVec = duration
 	return m, nil
+}
+
+// inFlight registers cairn_kms_data_in_flight, read from f.
+func (m *metrics) inFlight(f func() float64) {
+	_ = m.reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "cairn", Subsystem: "kms", Name: "data_in_flight",
+		Help: "Data-plane calls in progress (admitted, not yet answered); MaxInFlight bounds it."}, f))
 }
 
 // dataOps are the data-plane operations RequestStats counts.

@@ -65,7 +65,7 @@ func TestWithRealRootKMS(t *testing.T) {
 	signer := kmstest.NewSigner(t)
 	sb := signer.Sign(t, &bundlev1.Bundle{
 		FormatVersion: bundle.FormatVersion, Region: region, Serial: 1, RegionKeyVersions: []uint32{ek.GetRegionKeyVersion()},
-		CreatedAt: timestamppb.Now(), CreatedBy: adminID,
+		CreatedAt: timestamppb.Now(), NotAfter: timestamppb.New(time.Now().Add(bundle.DefaultValidity)), CreatedBy: adminID,
 		Keysets: []*bundlev1.KeysetConfig{{
 			Name: ledger, OwnerTeam: "payments", Purpose: bundlev1.Purpose_PURPOSE_ENVELOPE, Keyset: ek,
 			Acl: kmstest.ACL("client/us-east/app"), RotationPeriod: durationpb.New(720 * time.Hour),

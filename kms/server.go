@@ -12,6 +12,36 @@
 // ApplyBundle builds a new Store off to the side and swaps it in only after
 // every check passed and the signed bundle is on disk; a refused bundle
 // changes nothing.
+//
+// # Hostile load
+//
+// Before a data-plane call's request is even read, the server admits it or
+// sheds it with RESOURCE_EXHAUSTED and a google.rpc.RetryInfo (the delay is
+// in the message too): the caller's quota (the bundle's first quota whose
+// SPIFFE ID pattern matches, else its default_quota, else
+// Config.DefaultQuota; a token bucket for the rate and a cap on calls in
+// progress), then the server's cap on calls in progress over all callers
+// (Config.MaxInFlight). Refusals are not audited call by call: each
+// caller's are counted and audited once per Config.QuotaAuditWindow. A
+// data-plane request over Config.MaxDataMsgSize (4 MiB) is refused with
+// INVALID_ARGUMENT before any handler; only KMSAdmin takes requests up to
+// Config.MaxRecvMsgSize (bundles). The transit API goes through the same
+// admission.
+//
+// # What a caller learns
+//
+// A caller on none of a keyset's ACLs cannot tell whether the keyset
+// exists: every data-plane method (batches and the transit API included)
+// refuses it with PERMISSION_DENIED and the same message, byte for byte,
+// for an unknown keyset ("caller X may not use keyset Y in region R, or it
+// does not exist"), and the transit key read answers both with the same
+// 404. A caller on one of the keyset's ACLs is told which operation it
+// lacks. A ciphertext that does not decrypt, whatever the reason (an
+// unknown key version included), gets one fixed message: no decrypt oracle.
+// KMSAdmin.Probe decrypts only golden ciphertexts (the associated data the
+// root KMS gives them, which the data plane refuses to encrypt under),
+// unless the admin is on the keyset's decrypt ACL, and audits every probe
+// with its keyset and key version.
 package kms
 
 import (
@@ -23,6 +53,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,10 +85,13 @@ type snapshot struct {
 	ref        *bundlev1.BundleRef
 	appliedAt  time.Time
 	createdAt  time.Time // the bundle's created_at
+	notAfter   time.Time // the bundle's not_after (zero: none, format 1)
 	regionKeys map[uint32]tink.AEAD
 	// keysetMetrics holds the counters of the keysets with a series of
 	// their own (set by swap).
 	keysetMetrics *keysetTable
+	// quotas are the bundle's per-caller quotas.
+	quotas *quotaSet
 }
 
 // pending is a verified bundle read from the state directory at Start that
@@ -75,8 +109,14 @@ type Server struct {
 	grpc    *grpc.Server
 	metrics *metrics
 	policy  identity.Policy // the gRPC API's access policy
+	adm     *admission      // the data plane's quotas and load shedding
 
 	cur atomic.Pointer[snapshot] // nil until the first bundle is loaded
+
+	// trust is the pinned signing keys and admin allowlist in force
+	// (SetTrust swaps it; trustMu serialises the swaps).
+	trust   atomic.Pointer[trust]
+	trustMu sync.Mutex
 
 	// phase and reason say why cur is nil (see GetStatus).
 	phase  atomic.Int32 // kmsv1.ServingState
@@ -88,6 +128,10 @@ type Server struct {
 	// floor is the bundle a new one must be newer than while nothing is
 	// served: the verified persisted bundle, if any.
 	floor *bundlev1.BundleRef
+	// recordFloor is the region's bundle serial floor from the record
+	// (Config.SerialFloor), once recordFloorKnown: see checkRecordFloor.
+	recordFloor      uint64
+	recordFloorKnown bool
 	// previous is the signed bundle served before the current one (nil if
 	// none): kept, and persisted, so that a rollback can restore it.
 	previous *bundlev1.SignedBundle
@@ -104,6 +148,11 @@ type Server struct {
 
 	// swapped nudges the usage flush loop after a swap (capacity 1).
 	swapped chan struct{}
+
+	// refusalMu serialises auditRefusals; refusalsFrom is the start of the
+	// window it audits next.
+	refusalMu    sync.Mutex
+	refusalsFrom time.Time
 
 	startOnce sync.Once
 	closeOnce sync.Once
@@ -125,7 +174,13 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m, swapped: make(chan struct{}, 1)}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m, swapped: make(chan struct{}, 1), refusalsFrom: time.Now()}
+	s.adm = newAdmission(cfg.MaxInFlight, *cfg.DefaultQuota, &m.shed)
+	m.inFlight(func() float64 { return float64(s.adm.inflight.Load()) })
+	s.trust.Store(&trust{keys: slices.Clone(cfg.SigningKeys), admins: cfg.Admins})
+	if err := s.registerExpiryMetrics(); err != nil {
+		return nil, err
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, "not started")
 
@@ -137,9 +192,9 @@ func New(cfg Config) (*Server, error) {
 		kmsService + "DecryptBatch":    member,
 		kmsService + "GenerateDataKey": member,
 		kmsService + "Rewrap":          member,
-		adminService + "ApplyBundle":   cfg.Admins.Authorize,
-		adminService + "GetStatus":     cfg.Admins.Authorize,
-		adminService + "Probe":         cfg.Admins.Authorize,
+		adminService + "ApplyBundle":   s.authorizeAdmin, // the allowlist in force (SetTrust)
+		adminService + "GetStatus":     s.authorizeAdmin,
+		adminService + "Probe":         s.authorizeAdmin,
 	}
 	s.policy = policy // Transit authorizes with it too
 	s.grpc, err = grpcserver.New(grpcserver.Options{
@@ -152,7 +207,12 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	kmsv1.RegisterKMSServer(s.grpc, &kmsAPI{s: s})
+	api := &kmsAPI{s: s}
+	desc, err := s.kmsDesc(api)
+	if err != nil {
+		return nil, err
+	}
+	s.grpc.RegisterService(desc, api)
 	kmsv1.RegisterKMSAdminServer(s.grpc, &adminAPI{s: s})
 	return s, nil
 }
@@ -195,6 +255,7 @@ func (s *Server) start(lis net.Listener) error {
 		}
 	})
 	s.wg.Go(s.flushUsageLoop)
+	s.wg.Go(s.auditRefusalsLoop)
 	s.log.Info("kms: started", "addr", lis.Addr().String(), "identity", s.cfg.Source.ID().String())
 	return nil
 }
@@ -237,11 +298,11 @@ func (s *Server) readPersisted() (*pending, error) {
 	// The bundle served before, for a rollback: best effort, and only one
 	// this server would accept.
 	if prev, err := readBundleFile(s.cfg.StateDir, PreviousBundleFile); err == nil && prev != nil {
-		if pb, err := bundle.Verify(prev, s.cfg.SigningKeys); err == nil && pb.GetRegion() == s.cfg.Region {
+		if pb, err := bundle.Verify(prev, s.signingKeys()); err == nil && pb.GetRegion() == s.cfg.Region {
 			s.previous = prev
 		}
 	}
-	b, err := bundle.Verify(sb, s.cfg.SigningKeys)
+	b, err := bundle.Verify(sb, s.signingKeys())
 	if err != nil {
 		return nil, err
 	}
@@ -286,12 +347,16 @@ func (s *Server) loadPending(p *pending) error {
 	if err != nil {
 		return err
 	}
+	quotas, err := newQuotaSet(p.bundle, *s.cfg.DefaultQuota)
+	if err != nil {
+		return err
+	}
 	s.carried = restoreHistory(store, s.carried, nil, now)
 	if len(s.carried.Usage) > 0 {
 		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
 			"versions", len(s.carried.Usage))
 	}
-	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), createdAt: createdAt(p.bundle), regionKeys: neededKeys(p.bundle, keys)})
+	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), createdAt: createdAt(p.bundle), notAfter: notAfter(p.bundle), regionKeys: neededKeys(p.bundle, keys), quotas: quotas})
 	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
 	return nil
 }
@@ -304,6 +369,12 @@ func createdAt(b *bundlev1.Bundle) time.Time {
 	return b.GetCreatedAt().AsTime()
 }
 
+// notAfter is b's not_after (the zero time if it has none).
+func notAfter(b *bundlev1.Bundle) time.Time {
+	t, _ := bundle.NotAfter(b)
+	return t
+}
+
 // swap serves next. Callers hold applyMu.
 func (s *Server) swap(next *snapshot) {
 	names := make([]string, 0, next.store.Len())
@@ -311,6 +382,9 @@ func (s *Server) swap(next *snapshot) {
 		names = append(names, k.Name())
 	}
 	next.keysetMetrics = s.metrics.keysetTableFor(names)
+	if next.quotas != nil {
+		s.adm.setQuotas(next.quotas)
+	}
 	s.cur.Store(next)
 	select {
 	case s.swapped <- struct{}{}: // the flush loop writes the history
@@ -375,6 +449,7 @@ func (s *Server) Close() error {
 		t.Stop()
 		s.wg.Wait()
 		s.metrics.ready(false)
+		s.auditRefusals()
 		// The handlers have returned (grpcserver waits for them): the
 		// history is complete.
 		if err := s.flushUsage(); err != nil {

@@ -50,7 +50,7 @@ const transitResource = "via=transit"
 func (s *Server) Transit(opts transit.Options) (http.Handler, error) {
 	opts.Limits = transit.Limits{
 		MaxBatch: s.cfg.MaxBatch, MaxPayload: s.cfg.MaxPayload,
-		MaxCiphertext: s.cfg.MaxPayload + maxCiphertextOverhead, MaxMessage: s.cfg.MaxRecvMsgSize,
+		MaxCiphertext: s.cfg.MaxPayload + maxCiphertextOverhead, MaxMessage: s.cfg.MaxDataMsgSize,
 	}
 	if opts.Logger == nil {
 		opts.Logger = s.log
@@ -76,7 +76,9 @@ type transitBackend struct {
 }
 
 // invoke runs h for method as the gRPC server runs a call: identity (from
-// the Call's TLS state), audit, authorization, then the handler.
+// the Call's TLS state), admission (the caller's quota and the server's cap
+// on calls in progress, shared with the gRPC API; a refusal is audited once
+// per window, not per call), audit, authorization, then the handler.
 func (b *transitBackend) invoke(ctx context.Context, method string, req any, h grpc.UnaryHandler) (any, error) {
 	call := transit.CallFrom(ctx)
 	if call == nil {
@@ -86,6 +88,11 @@ func (b *transitBackend) invoke(ctx context.Context, method string, req any, h g
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
+	c, err := b.s.adm.admit(id)
+	if err != nil {
+		return nil, err
+	}
+	defer b.s.adm.release(c)
 	ctx = identity.NewContext(ctx, id)
 	if rid := call.RequestID(); rid != "" {
 		// The audit interceptor keeps it if it is well-formed, as it keeps

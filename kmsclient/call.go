@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -44,6 +45,25 @@ func retryable(err error) bool {
 		return true
 	}
 	return false
+}
+
+// maxRetryHint bounds a server's retry hint: a misbehaving server must not
+// stall a client longer than its own backoff would.
+const maxRetryHint = 30 * time.Second
+
+// retryDelay is the retry hint of a failure: the delay of its
+// google.rpc.RetryInfo detail (0 if none), at most maxRetryHint.
+func retryDelay(err error) time.Duration {
+	st, ok := status.FromError(err)
+	if !ok {
+		return 0
+	}
+	for _, d := range st.Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok && ri.GetRetryDelay().IsValid() {
+			return min(max(ri.GetRetryDelay().AsDuration(), 0), maxRetryHint)
+		}
+	}
+	return 0
 }
 
 // call runs one Encrypt or Decrypt: attempts on the region's endpoints,
@@ -129,6 +149,7 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 						o, keyset, reg.name, ep.addr, err)
 				}
 				st.last, st.lastEP = err, ep
+				st.retryAfter = max(st.retryAfter, retryDelay(err))
 				c.failed(ep, err)
 			}
 		}
@@ -139,7 +160,15 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 		if spent {
 			return c.exhausted(o, r, keyset, regions, st)
 		}
-		if err := c.sleep(callCtx, fullJitter(backoffCeiling(c.opts.retry, round))); err != nil {
+		// A server's retry hint (RetryInfo, sent with RESOURCE_EXHAUSTED
+		// by an overloaded or over-quota KMS) is the pause's floor; a hint
+		// past the call's deadline ends the call now with that answer.
+		pause := max(fullJitter(backoffCeiling(c.opts.retry, round)), st.retryAfter)
+		if dl, ok := callCtx.Deadline(); ok && st.retryAfter > 0 && time.Until(dl) < pause {
+			return c.exhausted(o, r, keyset, regions, st)
+		}
+		st.retryAfter = 0
+		if err := c.sleep(callCtx, pause); err != nil {
 			return c.stopped(ctx, o, r, keyset, regions, st)
 		}
 	}
@@ -190,6 +219,9 @@ type callState struct {
 	tried    []*endpoint
 	last     error // the last retryable failure of an endpoint
 	lastEP   *endpoint
+	// retryAfter is the longest retry hint (RetryInfo) of the round's
+	// failures.
+	retryAfter time.Duration
 	// fallbackFailures are the fallback regions that answered with a
 	// non-retryable error ("eu-west: NotFound").
 	fallbackFailures []string

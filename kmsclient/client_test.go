@@ -540,13 +540,14 @@ func TestDecryptFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// NotFound in us-east (the keyset is only in us-west) is final.
+	// PermissionDenied in us-east (the keyset is only in us-west, which the
+	// KMS tells nobody outside its ACLs) is final.
 	westCT, err := aeadOf(t, noFB, west, "payments/west-only").EncryptWithContext(ctx, pt, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := aeadOf(t, withFB, east, "payments/west-only").DecryptWithContext(ctx, westCT, nil); status.Code(err) != codes.NotFound || got != nil {
-		t.Errorf("Decrypt(keyset only in the fallback region) = %q, %v, want NotFound", got, err)
+	if got, err := aeadOf(t, withFB, east, "payments/west-only").DecryptWithContext(ctx, westCT, nil); status.Code(err) != codes.PermissionDenied || got != nil {
+		t.Errorf("Decrypt(keyset only in the fallback region) = %q, %v, want PermissionDenied", got, err)
 	}
 	westBefore := sWest.dataPlaneCalls(t)["ok"]
 
@@ -572,11 +573,12 @@ func TestDecryptFallback(t *testing.T) {
 		t.Errorf("with fallback, wrong AD: error %q does not say what the fallback region answered", err)
 	}
 
-	// A keyset the fallback region does not have: its NotFound must not
+	// A keyset the fallback region does not have: its refusal (the
+	// PermissionDenied a KMS gives for a keyset it does not serve) must not
 	// read as "no such keyset" (a caller might take the data for lost).
 	if got, err := aeadOf(t, withFB, east, "payments/east-only").DecryptWithContext(ctx, eastOnlyCT, nil); status.Code(err) != codes.Unavailable || got != nil {
 		t.Errorf("with fallback, keyset missing in the fallback: Decrypt = %q, %v, want Unavailable (us-east's outage)", got, err)
-	} else if !strings.Contains(err.Error(), "fallback regions refused: us-west: NotFound") {
+	} else if !strings.Contains(err.Error(), "fallback regions refused: us-west: PermissionDenied") {
 		t.Errorf("with fallback, keyset missing in the fallback: error %q does not say what the fallback region answered", err)
 	}
 
@@ -639,7 +641,7 @@ func TestBadCiphertextsAndAccess(t *testing.T) {
 		{"bit flipped", a, flipped, ad, codes.InvalidArgument},
 		{"garbage", a, garbage, ad, codes.InvalidArgument},
 		{"other keyset", aeadOf(t, c, east, "payments/other"), ct, ad, codes.InvalidArgument},
-		{"unknown keyset", aeadOf(t, c, east, "payments/nope"), ct, ad, codes.NotFound},
+		{"unknown keyset", aeadOf(t, c, east, "payments/nope"), ct, ad, codes.PermissionDenied},
 		{"unauthorized identity", aeadOf(t, intruder, east, ledger), ct, ad, codes.PermissionDenied},
 	}
 	for _, tc := range tests {

@@ -46,7 +46,11 @@
 // the region to the next one, for this call and the following ones (sticky
 // failover), without a pause. Only when every endpoint of the region (and,
 // for a decrypt, of its fallback regions) failed in one round does the call
-// back off, with full jitter (RetryPolicy), before the next round. Retryable
+// back off, with full jitter (RetryPolicy), before the next round; a
+// server's retry hint (a google.rpc.RetryInfo detail, which a KMS over its
+// caller's quota or shedding load sends with RESOURCE_EXHAUSTED) is the
+// pause's floor (at most 30s), and a hint past the call's deadline ends the
+// call at once with that RESOURCE_EXHAUSTED. Retryable
 // are Unavailable (the server is down, not ready, or failed the handshake),
 // ResourceExhausted (overload; an input too large for any server is refused
 // by the client first, see WithMaxPayload), and DeadlineExceeded of one attempt (WithAttemptTimeout
@@ -60,9 +64,10 @@
 //
 // WithDecryptFallback lets a decrypt whose region has failed go on in other
 // regions that hold the same keyset. Encrypt never falls back. A fallback
-// region's refusal (NotFound: the keyset is not deployed there;
+// region's refusal (PermissionDenied: the keyset is not deployed there, or
+// this client may not use it there, which a KMS does not tell apart;
 // InvalidArgument: the version, or the associated data, does not match
-// there; PermissionDenied) is no verdict on the ciphertext: the next
+// there) is no verdict on the ciphertext: the next
 // fallback is tried, and if none succeeds the call fails with the primary
 // region's outage (Unavailable or DeadlineExceeded), its message listing what
 // each fallback said.

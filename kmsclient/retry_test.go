@@ -11,9 +11,11 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/cairnkms/cairn/internal/identity/identitytest"
 	"github.com/cairnkms/cairn/kmsclient"
@@ -525,5 +527,71 @@ func TestOversizeRefusedLocally(t *testing.T) {
 	}
 	if _, err := kmsclient.New(kmsclient.WithSource(pki.Source(appID)), kmsclient.WithEndpoints(east, f.addr), kmsclient.WithMaxPayload(0)); err == nil {
 		t.Error("New(WithMaxPayload(0)) = nil error")
+	}
+}
+
+// answerRetryAfter answers RESOURCE_EXHAUSTED with a RetryInfo of d, as a
+// KMS over its caller's quota does.
+func answerRetryAfter(d time.Duration) func(context.Context) error {
+	return func(context.Context) error {
+		st, err := status.New(codes.ResourceExhausted, "fake: over quota").WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(d)})
+		if err != nil {
+			panic(err)
+		}
+		return st.Err()
+	}
+}
+
+// TestRetryInfoHonoured: a RESOURCE_EXHAUSTED with a RetryInfo makes the
+// pause before the next round at least the hint, however short the
+// client's own backoff; a hint past the call's deadline ends the call at
+// once, with the server's answer; without a hint the backoff is the
+// client's own.
+func TestRetryInfoHonoured(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	policy := kmsclient.RetryPolicy{MaxAttempts: 3, InitialBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond}
+	tests := []struct {
+		name       string
+		hint       time.Duration // 0: no RetryInfo
+		timeout    time.Duration
+		wantPauses int
+		minPause   time.Duration
+		maxElapsed time.Duration
+	}{
+		{"hint honoured", 40 * time.Millisecond, 5 * time.Second, 2, 40 * time.Millisecond, 5 * time.Second},
+		{"no hint", 0, 5 * time.Second, 2, 0, 5 * time.Second},
+		{"hint past the deadline", 10 * time.Second, 2 * time.Second, 0, 0, time.Second},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			answer := answerCode(codes.ResourceExhausted)
+			if tc.hint > 0 {
+				answer = answerRetryAfter(tc.hint)
+			}
+			f := startFake(t, pki, fakeEast1, answer)
+			sleeps := &sleepRecorder{}
+			c := fakeClient(t, pki, kmsclient.WithEndpoints(east, f.addr), kmsclient.WithRetry(policy), kmsclient.WithTimeout(tc.timeout), sleeps.option())
+			start := time.Now()
+			_, err := aeadOf(t, c, east, ledger).Encrypt([]byte("pt"), nil)
+			elapsed := time.Since(start)
+			if status.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("Encrypt = %v, want ResourceExhausted", err)
+			}
+			pauses := sleeps.pauses()
+			if len(pauses) != tc.wantPauses {
+				t.Fatalf("pauses = %v, want %d", pauses, tc.wantPauses)
+			}
+			for i, d := range pauses {
+				if d < tc.minPause {
+					t.Errorf("pause %d = %v, want at least the hint %v", i, d, tc.minPause)
+				}
+				if tc.hint == 0 && d >= policy.MaxBackoff {
+					t.Errorf("pause %d = %v without a hint, want < MaxBackoff %v", i, d, policy.MaxBackoff)
+				}
+			}
+			if elapsed > tc.maxElapsed {
+				t.Errorf("Encrypt took %v, want at most %v", elapsed, tc.maxElapsed)
+			}
+		})
 	}
 }

@@ -249,7 +249,8 @@ func toStatus(err error) error {
 }
 
 func regionProto(r *fsm.Region, index uint64) *rootkmsv1.Region {
-	out := &rootkmsv1.Region{Name: r.Name, Versions: r.Info(), CreatedAt: timestamppb.New(r.CreatedAt), CommitIndex: index}
+	out := &rootkmsv1.Region{Name: r.Name, Versions: r.Info(), CreatedAt: timestamppb.New(r.CreatedAt), CommitIndex: index,
+		BundleSerialFloor: r.BundleSerialFloor}
 	if p, ok := r.Primary(); ok {
 		out.PrimaryVersion = p.Version
 	}
@@ -456,15 +457,46 @@ func (s *Server) GetClusterStatus(ctx context.Context, _ *rootkmsv1.GetClusterSt
 	return out, nil
 }
 
+// JoinSelfID is the only Raft server ID a caller that is not an operator
+// may join as: the name (last path segment) of its SPIFFE ID, which the
+// Replicas allowlist must admit as a whole (trust domain, tier, region and
+// name). spiffe://<td>/rootkms/<region>/<name> may join only as <name>; it
+// may not join as anyone else, nor change an existing member's address or
+// suffrage (two replica identities of one name in different regions cannot
+// take over each other's slot). Operators may join any ID and rewrite a
+// member.
+func JoinSelfID(replicas identity.Allowlist, caller identity.ID) (string, error) {
+	if caller.IsZero() || !replicas.Allows(caller) {
+		return "", fmt.Errorf("%w: %s is not a root KMS replica identity", identity.ErrPermissionDenied, caller)
+	}
+	return caller.Name(), nil
+}
+
 // Join implements RootKMS: adds a replica (leader only). A replica may only
-// join itself; operators may add anyone.
+// join itself (see JoinSelfID); operators may add anyone.
 func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkmsv1.ClusterStatus, error) {
 	caller, _ := identity.FromContext(ctx)
-	if !s.cfg.Operators.Allows(caller) && caller.Name() != req.GetId() {
-		return nil, status.Errorf(codes.PermissionDenied, "rootkms: %s may only join itself, not %q", caller, req.GetId())
+	operator := s.cfg.Operators.Allows(caller)
+	if !operator {
+		self, err := JoinSelfID(s.cfg.Replicas, caller)
+		if err != nil {
+			return nil, status.Error(codes.PermissionDenied, "rootkms: "+err.Error())
+		}
+		if req.GetId() != self {
+			return nil, status.Errorf(codes.PermissionDenied, "rootkms: %s may only join as server ID %q, not %q", caller, self, req.GetId())
+		}
 	}
 	if req.GetId() == "" || req.GetAddress() == "" || req.GetApiAddress() == "" {
 		return nil, status.Error(codes.InvalidArgument, "rootkms: join needs id, address and api_address")
+	}
+	var suffrage raft.ServerSuffrage
+	switch req.GetSuffrage() {
+	case rootkmsv1.Suffrage_SUFFRAGE_VOTER:
+		suffrage = raft.Voter
+	case rootkmsv1.Suffrage_SUFFRAGE_NONVOTER:
+		suffrage = raft.Nonvoter
+	default:
+		return nil, status.Error(codes.InvalidArgument, "rootkms: join needs a suffrage (voter or non-voter)")
 	}
 	audit.AddTarget(ctx, audit.Target{Resource: "member/" + req.GetId()})
 	s.writeMu.Lock()
@@ -474,14 +506,25 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 	} else if dup != nil {
 		return s.GetClusterStatus(ctx, nil)
 	}
+	if cur, ok, err := s.member(req.GetId()); err != nil {
+		return nil, err
+	} else if ok {
+		same := cur.Address == raft.ServerAddress(req.GetAddress()) && cur.Suffrage == suffrage
+		if m, known := s.fsm.State().Member(req.GetId()); known && m.APIAddress != req.GetApiAddress() {
+			same = false
+		}
+		switch {
+		case same:
+			return s.GetClusterStatus(ctx, nil) // already a member as asked: idempotent
+		case !operator:
+			return nil, status.Errorf(codes.PermissionDenied, "rootkms: %s is a member at %s (%s); only an operator may change its address, API address or suffrage", req.GetId(), cur.Address, cur.Suffrage)
+		}
+	}
 	var f raft.IndexFuture
-	switch req.GetSuffrage() {
-	case rootkmsv1.Suffrage_SUFFRAGE_VOTER:
+	if suffrage == raft.Voter {
 		f = s.node.Raft.AddVoter(raft.ServerID(req.GetId()), raft.ServerAddress(req.GetAddress()), 0, s.cfg.ApplyTimeout)
-	case rootkmsv1.Suffrage_SUFFRAGE_NONVOTER:
+	} else {
 		f = s.node.Raft.AddNonvoter(raft.ServerID(req.GetId()), raft.ServerAddress(req.GetAddress()), 0, s.cfg.ApplyTimeout)
-	default:
-		return nil, status.Error(codes.InvalidArgument, "rootkms: join needs a suffrage (voter or non-voter)")
 	}
 	if err := f.Error(); err != nil {
 		return nil, s.raftError(err)
@@ -491,6 +534,34 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 		return nil, err
 	}
 	return s.GetClusterStatus(ctx, nil)
+}
+
+// member returns server id of the latest Raft configuration, if it is in
+// it.
+func (s *Server) member(id string) (raft.Server, bool, error) {
+	f := s.node.Raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return raft.Server{}, false, status.Errorf(codes.Unavailable, "rootkms: reading the raft configuration: %v", err)
+	}
+	for _, srv := range f.Configuration().Servers {
+		if srv.ID == raft.ServerID(id) {
+			return srv, true, nil
+		}
+	}
+	return raft.Server{}, false, nil
+}
+
+// DropRootKey implements RootKMS: the emergency seal of this replica. It
+// wipes the key at once; the replica fetches it again from the
+// distributors, which hand it out only once unsealed.
+func (s *Server) DropRootKey(ctx context.Context, req *rootkmsv1.DropRootKeyRequest) (*rootkmsv1.DropRootKeyResponse, error) {
+	if req.GetReason() == "" {
+		return nil, status.Error(codes.InvalidArgument, "rootkms: DropRootKey needs a reason (it is audited)")
+	}
+	caller, _ := identity.FromContext(ctx)
+	audit.AddTarget(ctx, audit.Target{Resource: "genesis/" + s.cfg.Manifest.GetGenesisId()})
+	had := s.dropRootKey(fmt.Sprintf("by %s: %s", caller, req.GetReason()))
+	return &rootkmsv1.DropRootKeyResponse{HadRootKey: had}, nil
 }
 
 // Remove implements RootKMS (leader only).

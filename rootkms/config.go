@@ -20,7 +20,9 @@ package rootkms
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -59,12 +61,19 @@ type Config struct {
 	Distributors []string
 	// Source is this replica's identity.
 	Source *identity.Source
-	// Regionctl may manage regions and keysets; Operators may join and
-	// remove members and snapshot (replicas always may join themselves);
+	// Regionctl may manage regions and keysets (default regionctl/*/*).
+	//
+	// Operators may join any server, rewrite a member's address, remove
+	// members and snapshot (default operator/*/*). Replicas are not
+	// operators: an Operators pattern that could match an ID Replicas
+	// allows is a configuration error. A replica that is not an operator
+	// may only join itself (see Server.Join).
+	//
 	// Replicas are the identities allowed on the Raft transport and as
 	// members (default rootkms/*/*); DistributorIDs are the servers trusted
-	// to hand out the RMK (default distributor/*/*).
-	Regionctl, Operators, Replicas, DistributorIDs identity.Allowlist
+	// to hand out the RMK (default distributor/*/*); Officers may drop the
+	// root key in an emergency seal (DropRootKey; default officer/*/*).
+	Regionctl, Operators, Replicas, DistributorIDs, Officers identity.Allowlist
 	// Audit receives a record for every call.
 	Audit *audit.Log
 	// Logger receives operational logs (nil: discard).
@@ -151,9 +160,16 @@ func (c *Config) setDefaults() error {
 		*a = l
 		return err
 	}
-	if err := errors.Join(def(&c.Regionctl, "regionctl/*/*"), def(&c.Operators, "rootkms/*/*"),
-		def(&c.Replicas, "rootkms/*/*"), def(&c.DistributorIDs, "distributor/*/*")); err != nil {
+	if err := errors.Join(def(&c.Regionctl, "regionctl/*/*"), def(&c.Operators, "operator/*/*"),
+		def(&c.Replicas, "rootkms/*/*"), def(&c.DistributorIDs, "distributor/*/*"), def(&c.Officers, "officer/*/*")); err != nil {
 		return err
+	}
+	for _, op := range c.Operators.Patterns() {
+		for _, r := range c.Replicas.Patterns() {
+			if overlap(op, r) {
+				return fmt.Errorf("rootkms: operator pattern %s also matches replicas (%s): replicas are not operators", op, r)
+			}
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -174,4 +190,19 @@ func (c *Config) setDefaults() error {
 		c.Safety.ObservationMaxAge = c.Safety.Window
 	}
 	return nil
+}
+
+// overlap reports whether some ID matches both patterns: the same trust
+// domain, and in each path segment equal literals or a wildcard.
+func overlap(a, b identity.Pattern) bool {
+	as, bs := strings.SplitN(a.String(), "/", 6), strings.SplitN(b.String(), "/", 6)
+	if len(as) != 6 || len(bs) != 6 || as[2] != bs[2] {
+		return len(as) != 6 || len(bs) != 6 // unparsable: assume the worst
+	}
+	for i := 3; i < 6; i++ {
+		if as[i] != bs[i] && as[i] != identity.Wildcard && bs[i] != identity.Wildcard {
+			return false
+		}
+	}
+	return true
 }

@@ -44,7 +44,8 @@ type Server struct {
 	apiAddr, raftAddr string
 
 	key       atomic.Pointer[rootkey.Key]
-	keyStatus atomic.Value // string: why the root key is not loaded yet
+	keyStatus atomic.Value  // string: why the root key is not loaded yet
+	dropped   chan struct{} // DropRootKey wakes rootKeyLoop to fetch again
 
 	metrics *metrics
 	// running is the Raft node's raft once Start opened it, for Readiness
@@ -72,7 +73,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: cfg.Logger,
 		fsm:  fsm.New(cfg.Manifest.GetGenesisId(), cfg.Manifest.GetKcv()),
-		stop: make(chan struct{}), serveErr: make(chan error, 1),
+		stop: make(chan struct{}), serveErr: make(chan error, 1), dropped: make(chan struct{}, 1),
 	}
 	s.keyStatus.Store("waiting for the root key from the distributors")
 	var err error
@@ -80,7 +81,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	joinAuth := func(id identity.ID) error {
-		if cfg.Operators.Allows(id) || cfg.Replicas.Allows(id) {
+		if s.cfg.Operators.Allows(id) || s.cfg.Replicas.Allows(id) {
 			return nil
 		}
 		return fmt.Errorf("%w: %s may not change membership", identity.ErrPermissionDenied, id)
@@ -100,18 +101,20 @@ func New(cfg Config) (*Server, error) {
 		svc + "UpdateKeyset":           cfg.Regionctl.Authorize,
 		svc + "SetKeysetPolicy":        cfg.Regionctl.Authorize,
 		svc + "RecordPropagation":      cfg.Regionctl.Authorize,
+		svc + "RecordBundleSerial":     cfg.Regionctl.Authorize,
 		svc + "PutRollout":             cfg.Regionctl.Authorize,
 		svc + "GetRollout":             cfg.Regionctl.Authorize,
 		svc + "ListRollouts":           cfg.Regionctl.Authorize,
 		svc + "Join":                   joinAuth, // a replica may only join itself: see Join
-		svc + "Remove":                 cfg.Operators.Authorize,
-		svc + "Snapshot":               cfg.Operators.Authorize,
+		svc + "Remove":                 s.cfg.Operators.Authorize,
+		svc + "Snapshot":               s.cfg.Operators.Authorize,
+		svc + "DropRootKey":            s.cfg.Officers.Authorize,
 	}
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Ready: s.Readiness, Reflection: cfg.Reflection,
 		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
-			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot"},
+			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "RecordBundleSerial", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot", svc + "DropRootKey"},
 		// A usage observation of a region with thousands of keysets, or a
 		// keyset record with its copies, is far above the 64 KiB default.
 		MaxRecvMsgSize: MaxMessageSize,
@@ -263,7 +266,23 @@ func (s *Server) sleep(d time.Duration) bool {
 
 // rootKeyLoop fetches the RMK from the distributors (any one will do),
 // checks it against the pinned KCV, and keeps only the derived wrapping key.
+// Once loaded it waits until DropRootKey wipes the key, then fetches again:
+// after an emergency seal that succeeds only once the distributors are
+// unsealed by a ceremony.
 func (s *Server) rootKeyLoop() {
+	for {
+		s.fetchUntilLoaded()
+		select {
+		case <-s.stop:
+			return
+		case <-s.dropped:
+		}
+	}
+}
+
+// fetchUntilLoaded tries the distributors with backoff until one hands out
+// the key or Close.
+func (s *Server) fetchUntilLoaded() {
 	backoff := 200 * time.Millisecond
 	for !s.HasRootKey() {
 		for _, addr := range s.cfg.Distributors {
@@ -280,6 +299,22 @@ func (s *Server) rootKeyLoop() {
 		}
 		backoff = min(2*backoff, s.cfg.RootKeyRetryMax)
 	}
+}
+
+// dropRootKey wipes the key (if loaded) and wakes rootKeyLoop to fetch it
+// again. It reports whether there was a key.
+func (s *Server) dropRootKey(why string) bool {
+	s.keyStatus.Store("root key dropped (" + why + "); waiting for the root key from the distributors")
+	k := s.key.Swap(nil)
+	if k != nil {
+		k.Close()
+		s.log.Warn("rootkms: root key dropped", "why", why)
+	}
+	select {
+	case s.dropped <- struct{}{}:
+	default:
+	}
+	return k != nil
 }
 
 func (s *Server) fetchRootKey(addr string) error {

@@ -133,3 +133,12 @@ func (c *Combiner) Wipe() {
 		delete(c.shares, i)
 	}
 }
+
+// Remove drops the accepted share of index, if any (a ceremony that could
+// not use its last share takes it back, so it can be submitted again).
+func (c *Combiner) Remove(index uint32) {
+	if s, ok := c.shares[index]; ok {
+		s.Wipe()
+		delete(c.shares, index)
+	}
+}

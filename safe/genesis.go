@@ -286,3 +286,105 @@ func DestroyEpoch(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) 
 	}
 	return errors.Join(errs...)
 }
+
+// NewSlot describes one safe of a resplit (see Resplit): where share i goes.
+type NewSlot struct {
+	SafeLabel, SafeKind, Officer string
+}
+
+// Resplit splits rmk anew in memory for a rekey ceremony: the next epoch of
+// prev (same genesis id and KCV, linked to prev), K-of-len(slots), with a
+// commitment per share. It checks rmk against prev's KCV first, and before
+// returning verifies that every share matches its commitment and that
+// overlapping windows of K shares covering every share reproduce the KCV.
+// Share i (1-based) is shares[i-1]; the caller seals each to its safe and
+// wipes it. Nothing is returned on error.
+func Resplit(prev *safev1.GenesisManifest, rmk secret.Bytes, threshold int, slots []NewSlot, now time.Time) (*safev1.GenesisManifest, []secret.Bytes, error) {
+	if err := ValidateManifest(prev); err != nil {
+		return nil, nil, err
+	}
+	if !CheckKCV(rmk, prev) {
+		return nil, nil, fmt.Errorf("%w: the key given for rekey is not the manifest's RMK", ErrKCVMismatch)
+	}
+	n := len(slots)
+	switch {
+	case threshold < 2:
+		return nil, nil, fmt.Errorf("safe: threshold %d, want at least 2 (a single share would be the key itself)", threshold)
+	case n < threshold:
+		return nil, nil, fmt.Errorf("safe: %d safes for threshold %d; need at least as many safes as the threshold", n, threshold)
+	case n > MaxShares:
+		return nil, nil, fmt.Errorf("safe: %d safes, at most %d", n, MaxShares)
+	}
+	prevHash, err := ManifestHash(prev)
+	if err != nil {
+		return nil, nil, err
+	}
+	m := &safev1.GenesisManifest{
+		FormatVersion: 1, GenesisId: prev.GetGenesisId(), Epoch: prev.GetEpoch() + 1, Kcv: prev.GetKcv(),
+		PreviousManifestSha256: prevHash, Threshold: uint32(threshold), CreatedAt: timestamppb.New(now),
+	}
+	key := rmk.Data()
+	parts, err := shamir.Split(key, n, threshold)
+	clear(key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("safe: splitting the key: %w", err)
+	}
+	shares := make([]secret.Bytes, n)
+	for i, p := range parts {
+		ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: uint32(i + 1)}
+		m.Slots = append(m.Slots, &safev1.ShareSlot{Index: ref.Index, SafeLabel: slots[i].SafeLabel, SafeKind: slots[i].SafeKind,
+			Officer: slots[i].Officer, Commitment: Commitment(ref, p)})
+		shares[i] = secret.New(p)
+		clear(p)
+	}
+	wipe := func() {
+		for _, s := range shares {
+			s.Wipe()
+		}
+	}
+	if err := ValidateManifest(m); err != nil {
+		wipe()
+		return nil, nil, err
+	}
+	if err := VerifyShares(m, shares); err != nil {
+		wipe()
+		return nil, nil, err
+	}
+	return m, shares, nil
+}
+
+// VerifyShares checks every share of m (shares[i] is share i+1) against its
+// commitment, and combines overlapping windows of K shares that together
+// cover every share, checking each result against the KCV.
+func VerifyShares(m *safev1.GenesisManifest, shares []secret.Bytes) error {
+	n, k := len(shares), int(m.GetThreshold())
+	if n != len(m.GetSlots()) {
+		return fmt.Errorf("%w: %d shares for a manifest of %d", ErrInvalidManifest, n, len(m.GetSlots()))
+	}
+	for i, s := range shares {
+		if err := checkCommitment(m, uint32(i+1), s); err != nil {
+			return fmt.Errorf("safe: verifying share %d: %w", i+1, err)
+		}
+	}
+	for start := 0; start < n; start += k {
+		c, err := NewCombiner(m)
+		if err != nil {
+			return err
+		}
+		for j := range k {
+			i := (start + j) % n
+			if err := c.Add(uint32(i+1), shares[i]); err != nil {
+				c.Wipe()
+				return fmt.Errorf("safe: verifying shares: %w", err)
+			}
+		}
+		indices := c.Indices()
+		rmk, err := c.Combine()
+		c.Wipe()
+		if err != nil {
+			return fmt.Errorf("safe: verifying that shares %v reproduce the key: %w", indices, err)
+		}
+		rmk.Wipe()
+	}
+	return nil
+}

@@ -9,6 +9,7 @@ set -euo pipefail
 need=()
 command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v git >/dev/null 2>&1 || need+=(git)
+command -v jq >/dev/null 2>&1 || need+=(jq) # scripts/govulncheck.sh reads govulncheck's JSON
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -315,7 +315,7 @@ func TestRootKMSCorruptStateRefusesToStart(t *testing.T) {
 		}
 	}
 	// A snapshot on the follower, then more log after it.
-	snap := snapshot(t, f)
+	snap := snapshot(t, e.w, f)
 	t.Logf("%s: snapshot at index %d (term %d)", f.ID, snap.GetIndex(), snap.GetTerm())
 	writeOK(t, c, nil, 0, framework.OpCreate, regions[4])
 	want[regions[4]] = 1

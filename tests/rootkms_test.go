@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -117,7 +118,7 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	// Snapshots go to disk too (for the scan below), then the history is
 	// checked against what the leader's log committed.
 	for _, r := range e.replicas {
-		snapshot(t, r)
+		snapshot(t, e.w, r)
 	}
 	checkHistory(t, h, leader, st.GetCommitIndex(), e.replicas...)
 
@@ -133,12 +134,23 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	requireNoSecrets(t, e.w, e.m, e.safes, nil, regionKeySecrets(t, keys))
 }
 
+// operator is the identity snapshots are taken as: replicas are not
+// operators.
+const operator = "operator/global/operator"
+
 // snapshot makes r take a Raft snapshot (as an operator).
-func snapshot(t *testing.T, r *framework.Replica) *rootkmsv1.SnapshotResponse {
+func snapshot(t *testing.T, w *framework.World, r *framework.Replica) *rootkmsv1.SnapshotResponse {
 	t.Helper()
+	w.Mint(operator)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp, err := r.Client(framework.RootKMS).Snapshot(ctx, &rootkmsv1.SnapshotRequest{})
+	resp, err := r.Client(operator).Snapshot(ctx, &rootkmsv1.SnapshotRequest{})
+	// Raft refuses a snapshot until the latest configuration entry is
+	// applied (a replica that just joined): retry that, briefly.
+	for err != nil && strings.Contains(err.Error(), "cannot take snapshot now") && ctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+		resp, err = r.Client(operator).Snapshot(ctx, &rootkmsv1.SnapshotRequest{})
+	}
 	if err != nil {
 		t.Fatalf("Snapshot(%s) = %v", r.ID, err)
 	}

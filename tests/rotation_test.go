@@ -135,6 +135,13 @@ func startRotationChain(t *testing.T, window time.Duration, servers map[string][
 			cfgRegions[region] = append(cfgRegions[region], k.Addr)
 		}
 	}
+	// regionctl talks to every server next: wait until each answers (a
+	// loaded machine can take a moment to start ten processes).
+	for _, region := range c.regs {
+		for _, k := range c.kms[region] {
+			k.WaitStatus("answering GetStatus", func(*kmsv1.GetStatusResponse) bool { return true })
+		}
+	}
 	cfg := map[string]any{
 		"trust_domain": framework.TrustDomain,
 		"identity":     map[string]string{"dev_certs": w.Certs, "name": framework.Regionctl},

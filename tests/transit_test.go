@@ -240,7 +240,9 @@ func TestTransitVaultClients(t *testing.T) {
 		{"tampered", logical, "transit/decrypt/" + kmsKeyset, map[string]any{"ciphertext": tct, "associated_data": vb64(ad)}, 400, "ciphertext does not decrypt"},
 		{"wrong associated data", logical, "transit/decrypt/" + kmsKeyset, map[string]any{"ciphertext": vct, "associated_data": vb64([]byte("bucket/object-2"))}, 400, "ciphertext does not decrypt"},
 		{"no associated data", logical, "transit/decrypt/" + kmsKeyset, map[string]any{"ciphertext": vct}, 400, "ciphertext does not decrypt"},
-		{"unknown keyset", logical, "transit/encrypt/payments/nothing", map[string]any{"plaintext": vb64(dek)}, 400, "no such keyset"},
+		// An unknown keyset answers as one the caller may not use: no
+		// enumeration of keyset names.
+		{"unknown keyset", logical, "transit/encrypt/payments/nothing", map[string]any{"plaintext": vb64(dek)}, 403, `may not use keyset "payments/nothing" in region us-east, or it does not exist`},
 		{"another key version", logical, "transit/encrypt/" + kmsKeyset, map[string]any{"plaintext": vb64(dek), "key_version": version + 1}, 400, "encrypts only with its primary"},
 		{"512-bit data key", logical, "transit/datakey/plaintext/" + kmsKeyset, map[string]any{"bits": 512}, 400, "AES-128 or AES-256"},
 	} {

@@ -1,7 +1,8 @@
-// Module tools pins buf, which `make proto` and `make lint` use. It is a separate
-// module so buf's many dependencies stay out of Cairn's own go.mod. The protoc
-// plugins are pinned in the main go.mod (tool directives) so the generator always
-// matches the protobuf and gRPC runtime Cairn links against.
+// Module tools pins the tools the Makefile builds into bin/tools: buf (make
+// proto, make lint), grpcurl, and govulncheck (make vulncheck). It is a
+// separate module so their many dependencies stay out of Cairn's own go.mod.
+// The protoc plugins are pinned in the main go.mod (tool directives) so the
+// generator always matches the protobuf and gRPC runtime Cairn links against.
 module github.com/cairnkms/cairn/tools
 
 go 1.26.7
@@ -9,6 +10,7 @@ go 1.26.7
 tool (
 	github.com/bufbuild/buf/cmd/buf
 	github.com/fullstorydev/grpcurl/cmd/grpcurl
+	golang.org/x/vuln/cmd/govulncheck
 )
 
 require (
@@ -111,8 +113,11 @@ require (
 	golang.org/x/oauth2 v0.36.0 // indirect
 	golang.org/x/sync v0.24.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
+	golang.org/x/telemetry v0.0.0-20261010193011-f71dc92da45e // indirect
 	golang.org/x/term v0.47.0 // indirect
 	golang.org/x/text v0.43.0 // indirect
+	golang.org/x/tools v0.52.0 // indirect
+	golang.org/x/vuln v1.9.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20261012220534-4341edf3f941 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20261012220534-4341edf3f941 // indirect
 	google.golang.org/grpc v1.83.1 // indirect

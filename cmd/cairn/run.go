@@ -31,6 +31,7 @@ Commands:
   up          start the whole chain on this machine (make up)
   up restart  restart one component of the running chain
   kms         encrypt, decrypt and show status against a running chain
+  audit       verify that audit log files are intact (cairn audit verify)
   help        show this help
 
 Run "cairn dev certs -h", "cairn up -h", "cairn up restart -h" or "cairn kms -h" for the flags of a command.
@@ -61,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runUp(ctx, args[1:], stdout, stderr)
 	case "kms":
 		return runKMS(ctx, args[1:], stdout, stderr)
+	case "audit":
+		return runAudit(ctx, args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "cairn: unknown command %q\n\n%s", args[0], usage)
 		return exitUsage

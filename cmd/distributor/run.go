@@ -114,7 +114,7 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, opsFlags *
 	if auditPath == "" {
 		auditPath = filepath.Join(stateDir, "audit.log")
 	}
-	alog, err := audit.Open(auditPath, audit.Options{Sync: true})
+	alog, err := audit.Open(auditPath, audit.Options{Sync: true, Signer: audit.SVIDSigner(src)})
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -76,6 +77,10 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		{"identity of another tier", base("--region", "us-east", "--name", "client/us-east/app", "--signing-key", pub), 1, "want kms/us-east/<name>"},
 		{"identity of another region", base("--region", "eu-west", "--name", "kms/us-east/kms-1", "--signing-key", pub), 1, "want kms/eu-west/<name>"},
 		{"bad admins pattern", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins", "regionctl/x*/y"), 1, "--admins"},
+		{"--admins and --admins-file", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins", "regionctl/*/*", "--admins-file", pub), 2, "--admins and --admins-file: give one"},
+		{"missing admins file", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins-file", "/nonexistent"), 1, "--admins-file"},
+		{"empty admins file", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins-file", os.DevNull), 1, "no patterns"},
+		{"negative reload interval", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--reload-interval", "-1s"), 2, "--reload-interval"},
 		{"bad listen address", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--listen", "256.0.0.1:99999"), 1, "listening on"},
 	}
 	for _, tt := range tests {

@@ -30,7 +30,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		replicaID, listen, raftListen       string
 		dataDir, manifest, auditPath        string
 		distributors, join                  string
-		regionctl, operators                string
+		regionctl, operators, officers      string
 		bootstrap, nonVoter                 bool
 		opsFlags                            ops.Flags
 		heartbeat, election, lease, applyTO time.Duration
@@ -38,6 +38,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	)
 	id.Register(fs)
 	opsFlags.Register(fs)
+	mlock := lockedmem.RegisterFlag(fs)
 	fs.StringVar(&replicaID, "id", "", "Raft server ID of this replica, e.g. rootkms-1 (required)")
 	fs.StringVar(&listen, "listen", "127.0.0.1:7201", "gRPC API listen address")
 	fs.StringVar(&raftListen, "raft-listen", "127.0.0.1:7301", "Raft transport listen address (mTLS)")
@@ -49,7 +50,8 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&join, "join", "", "comma-separated API addresses of replicas to join through")
 	fs.BoolVar(&nonVoter, "non-voter", false, "with --join: join as a non-voting read replica")
 	fs.StringVar(&regionctl, "regionctl", "regionctl/*/*", "comma-separated SPIFFE ID patterns allowed to manage regions and keysets")
-	fs.StringVar(&operators, "operators", "rootkms/*/*", "comma-separated SPIFFE ID patterns allowed to change membership and snapshot")
+	fs.StringVar(&operators, "operators", "operator/*/*", "comma-separated SPIFFE ID patterns allowed to change membership and snapshot (never replicas: a pattern matching rootkms/*/* is refused)")
+	fs.StringVar(&officers, "officers", "officer/*/*", "comma-separated SPIFFE ID patterns of security officers, who may drop the root key (emergency seal)")
 	fs.DurationVar(&heartbeat, "heartbeat-timeout", 0, "Raft heartbeat timeout (0: 1s)")
 	fs.DurationVar(&election, "election-timeout", 0, "Raft election timeout (0: 1s)")
 	fs.DurationVar(&lease, "leader-lease-timeout", 0, "Raft leader lease timeout (0: 500ms)")
@@ -73,6 +75,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		if err := lockedmem.HardenProcess(); err != nil {
 			return fmt.Errorf("hardening the process: %w", err)
 		}
+		if _, err := lockedmem.LockProcess(log, *mlock); err != nil {
+			return err
+		}
 		src, err := id.Source(log)
 		if err != nil {
 			return err
@@ -89,10 +94,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		if err != nil {
 			return fmt.Errorf("--operators: %w", err)
 		}
+		offList, err := identity.ParseAllowlist(src.TrustDomain(), identity.SplitList(officers)...)
+		if err != nil {
+			return fmt.Errorf("--officers: %w", err)
+		}
 		if auditPath == "" {
 			auditPath = filepath.Join(dataDir, "audit.log")
 		}
-		alog, err := audit.Open(auditPath, audit.Options{Sync: true})
+		alog, err := audit.Open(auditPath, audit.Options{Sync: true, Signer: audit.SVIDSigner(src)})
 		if err != nil {
 			return err
 		}
@@ -101,10 +110,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		if err != nil {
 			return err
 		}
+		if err := lockedmem.RegisterMetrics(reg); err != nil {
+			return err
+		}
 		srv, err := rootkms.New(rootkms.Config{
 			Registry: reg, Reflection: opsFlags.Reflection,
 			ID: replicaID, DataDir: dataDir, Bootstrap: bootstrap, Join: identity.SplitList(join), NonVoter: nonVoter,
-			Manifest: m, Distributors: identity.SplitList(distributors), Source: src, Regionctl: rc, Operators: opList,
+			Manifest: m, Distributors: identity.SplitList(distributors), Source: src, Regionctl: rc, Operators: opList, Officers: offList,
 			Audit: alog, Logger: log, HeartbeatTimeout: heartbeat, ElectionTimeout: election, LeaderLeaseTimeout: lease, ApplyTimeout: applyTO,
 			Safety: rootkms.SafetyConfig{Window: safetyWindow},
 		})

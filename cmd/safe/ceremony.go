@@ -37,7 +37,7 @@ when there is something to run, the command on the line after it.
   seal_state         SEALED or UNSEALED (status without --ceremony only)
   genesis_id, kcv    the root key the distributor is pinned to (idem; kcv in hex)
   unsealed_by        how it was unsealed: ceremony:ID, peer:ADDR or genesis:ID (idem)
-  ceremony           null, or: id, kind (UNSEAL), state (OPEN, SUCCEEDED, FAILED,
+  ceremony           null, or: id, kind (UNSEAL or REKEY), state (OPEN, SUCCEEDED, FAILED,
                      CANCELLED, EXPIRED), genesis_id, threshold, accepted_shares
                      (share indices), officers (SPIFFE IDs), shares_needed,
                      opened_at, expires_at (RFC 3339), detail

@@ -32,7 +32,13 @@ Commands:
             hand the key to distributors
   ceremony  open | status | cancel an unseal ceremony on a sealed distributor
   release   release this officer's share into an open ceremony
-  rekey     re-split the same root key into new safes (new K/N), then destroy the old shares
+  rekey     a rekey ceremony on a distributor: K officers release their shares, the root key
+            is split anew into new safes (new K/N), the new manifest is installed on every
+            distributor, then the old shares are destroyed
+  manifest  install a rekeyed manifest on distributors (verified: next epoch of the pinned one)
+  retire    destroy a safe's share of an old epoch, once every distributor pins a later one
+  seal      seal distributors; --fleet: an emergency seal of every distributor (kept sealed
+            until an unseal ceremony) and of the root KMS replicas' root key
   drill     prove that the given safes restore the root key, in a throwaway ceremony
   list      list the shares a safe holds
 
@@ -59,6 +65,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	cmds := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
 		"genesis": genesis, "ceremony": ceremony, "release": release, "rekey": rekey, "drill": drill, "list": list,
+		"manifest": manifestCmd, "retire": retire, "seal": seal,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {
@@ -102,8 +109,14 @@ var commandHelp = map[string]struct{ summary, synopsis string }{
 		"--distributor ADDR --ceremony ID [--reason TEXT] [--json] [identity flags]"},
 	"release": {"release this officer's share from their safe into an open unseal ceremony",
 		"--distributor ADDR --ceremony ID --safe FILE --manifest FILE [--json] [identity flags]"},
-	"rekey": {"re-split the same root key into new safes (new K and N), then destroy the old shares",
-		"--threshold K --old-safe FILE (K times) --safe FILE (N' times) --manifest FILE --out FILE [--keep-old-shares]"},
+	"rekey": {"re-split the same root key into new safes (new K and N) in a rekey ceremony on a distributor, install the new manifest on every distributor, then destroy the old shares",
+		"--distributor ADDR[,ADDR...] --threshold K --safe FILE (N' times) --manifest FILE --out FILE [--old-safe FILE]... [--officers IDS] [--wait D] [--keep-old-shares] [identity flags]"},
+	"manifest install": {"install a rekeyed manifest on distributors: each checks it is the next epoch of the manifest it pins, and it is then read back",
+		"--distributor ADDR[,ADDR...] --manifest FILE [identity flags]"},
+	"retire": {"destroy this safe's share of an old epoch, once every distributor pins a later epoch",
+		"--safe FILE --manifest OLD --distributor ADDR[,ADDR...] [identity flags]"},
+	"seal": {"seal distributors now; with --fleet an emergency seal: every distributor stays sealed (no peer fetch) until an unseal ceremony, and the root KMS replicas drop the root key",
+		"--distributor ADDR[,ADDR...] --reason TEXT [--fleet] [--rootkms ADDR[,ADDR...]] [identity flags]"},
 	"drill": {"prove that the given safes restore the root key, in a throwaway ceremony; nothing in production is touched",
 		"--manifest FILE --safe FILE (K times)"},
 	"list": {"list the shares a safe holds (genesis, epoch, index; never a share)",
@@ -285,66 +298,6 @@ func release(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	r := ceremonyReport{Distributor: addr, Ceremony: ceremonyOf(c)}
 	r.Next = nextStep(addr, c, nil, &id, manifest)
 	return r.write(stdout, asJSON)
-}
-
-func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("rekey", stdout, stderr)
-	var (
-		oldSafes, newSafes multi
-		officers           string
-		threshold          int
-		manifest, out      string
-		keepOld            bool
-	)
-	fs.IntVar(&threshold, "threshold", 0, "new K (required)")
-	fs.Var(&oldSafes, "old-safe", "config of a safe holding a current share; at least K of them")
-	fs.Var(&newSafes, "safe", "config of a new safe; repeat N' times")
-	fs.StringVar(&officers, "officers", "", "comma-separated officer SPIFFE IDs for the new safes (optional)")
-	fs.StringVar(&manifest, "manifest", "", "the current manifest (required)")
-	fs.StringVar(&out, "out", "", "where to write the new manifest (required; then install it on every distributor)")
-	fs.BoolVar(&keepOld, "keep-old-shares", false, "do not destroy the old shares (they stay valid until destroyed)")
-	if err := fs.parse(args); err != nil {
-		return err
-	}
-	if threshold == 0 || len(oldSafes) == 0 || len(newSafes) == 0 || manifest == "" || out == "" {
-		return fs.required("--threshold, --old-safe, --safe, --manifest and --out are required")
-	}
-	prev, err := safe.ReadManifest(manifest)
-	if err != nil {
-		return err
-	}
-	olds, closeOld, err := openSafes(ctx, oldSafes)
-	if err != nil {
-		return err
-	}
-	defer closeOld()
-	news, closeNew, err := openSafes(ctx, newSafes)
-	if err != nil {
-		return err
-	}
-	defer closeNew()
-	rmk, err := safe.Recover(ctx, prev, olds)
-	if err != nil {
-		return fmt.Errorf("recovering the key from the old safes: %w", err)
-	}
-	defer rmk.Wipe()
-	m, err := safe.Rekey(ctx, safe.RekeyConfig{SplitConfig: safe.SplitConfig{Threshold: threshold, Safes: news, Officers: identity.SplitList(officers)}, Previous: prev, RMK: rmk})
-	if err != nil {
-		return err
-	}
-	if err := safe.WriteManifest(out, m); err != nil {
-		return fmt.Errorf("writing the new manifest (old shares kept): %w", err)
-	}
-	fmt.Fprintf(stdout, "rekeyed genesis %s to epoch %d: %d-of-%d, every new share verified, same KCV %x\nnew manifest: %s\n", m.GetGenesisId(), m.GetEpoch(), threshold, len(news), m.GetKcv(), out)
-	if keepOld {
-		fmt.Fprintln(stdout, "old shares kept (--keep-old-shares)")
-		return nil
-	}
-	if err := safe.DestroyEpoch(ctx, prev, olds); err != nil {
-		return fmt.Errorf("the new manifest is written, but destroying old shares failed: %w", err)
-	}
-	fmt.Fprintf(stdout, "destroyed the epoch %d shares in %d safes\n", prev.GetEpoch(), len(olds))
-	return nil
 }
 
 func drill(ctx context.Context, args []string, stdout, stderr io.Writer) error {

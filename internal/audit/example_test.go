@@ -58,6 +58,6 @@ func Example() {
 	}
 	fmt.Print(string(b))
 	// Output:
-	// {"time":"2026-01-02T03:04:05Z","request_id":"req-1","identity":"spiffe://cairn.test/regionctl/admin","operation":"cairn.rootkms.v1.RootKMS/RotateKeyset","target":{"region":"us-east","keyset":"payments"},"outcome":"attempt"}
-	// {"time":"2026-01-02T03:04:05Z","request_id":"req-1","identity":"spiffe://cairn.test/regionctl/admin","operation":"cairn.rootkms.v1.RootKMS/RotateKeyset","target":{"region":"us-east","keyset":"payments","key_version":8},"outcome":"ok"}
+	// {"time":"2026-01-02T03:04:05Z","prev":"0000000000000000000000000000000000000000000000000000000000000000","request_id":"req-1","identity":"spiffe://cairn.test/regionctl/admin","operation":"cairn.rootkms.v1.RootKMS/RotateKeyset","target":{"region":"us-east","keyset":"payments"},"outcome":"attempt"}
+	// {"time":"2026-01-02T03:04:05Z","prev":"cd45f1941018d312e8e372d4bc6dbf5f4ad4b6845f6763fef12cb8ba66c019aa","request_id":"req-1","identity":"spiffe://cairn.test/regionctl/admin","operation":"cairn.rootkms.v1.RootKMS/RotateKeyset","target":{"region":"us-east","keyset":"payments","key_version":8},"outcome":"ok"}
 }

@@ -44,14 +44,23 @@ type InterceptorOptions struct {
 	Mutating []string
 	// Unaudited names methods that neither change state nor return key
 	// material (status polls), which would otherwise fill the log with
-	// monitoring noise. Keep it short: everything else is audited.
+	// monitoring noise. Keep it short: everything else is audited. A
+	// refused call (PermissionDenied, Unauthenticated) of such a method is
+	// audited all the same.
 	Unaudited []string
 }
 
-// UnaryServerInterceptor audits every call: who (the identity put in the
-// context by identity.UnaryServerInterceptor, which must run first), what
-// (method and target), and the outcome. Chain it before
-// identity.UnaryAuthorizeInterceptor so refusals are audited too.
+// UnaryServerInterceptor audits every call: who (the identity in the context,
+// put there by identity.UnaryServerInterceptor or identity.NewContext, or
+// else the verified peer of the connection, identity.FromPeer), what (method
+// and target), and the outcome. Chain it first, before
+// identity.UnaryServerInterceptor and identity.UnaryAuthorizeInterceptor, so
+// that their refusals (Unauthenticated, PermissionDenied) are audited too.
+//
+// A method in opts.Unaudited leaves no record when it succeeds or fails
+// otherwise, but a refusal (PermissionDenied or Unauthenticated, from an
+// interceptor or the handler) is always recorded, and if that record cannot
+// be written the caller gets Unavailable.
 //
 // The target is taken from the request's GetRegion, GetKeyset and GetName
 // methods where it has them, and handlers add what only they know (a key
@@ -71,12 +80,18 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 			resp, err := handler(context.WithValue(ctx, annotationKey{}, &annotation{rid: rid}), req)
 			if err != nil {
 				echoRequestID(ctx, rid)
+				if isRefusal(err) {
+					rec := Record{RequestID: rid, Identity: callerOf(ctx), Operation: info.FullMethod, Target: targetOf(req)}
+					rec.setOutcome(err)
+					if werr := l.Write(context.Background(), rec); werr != nil {
+						return nil, refused(werr)
+					}
+				}
 			}
 			return resp, err
 		}
-		caller, _ := identity.FromContext(ctx)
 		ann := &annotation{target: targetOf(req), rid: rid}
-		rec := Record{RequestID: rid, Identity: caller.String(), Operation: info.FullMethod}
+		rec := Record{RequestID: rid, Identity: callerOf(ctx), Operation: info.FullMethod}
 
 		if mutating[info.FullMethod] {
 			rec.Target, rec.Outcome = ann.target, OutcomeAttempt
@@ -101,6 +116,28 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 		}
 		return resp, herr
 	}
+}
+
+// callerOf is the caller's identity for a record: the one in ctx, else the
+// verified peer of the connection, else "" (not authenticated).
+func callerOf(ctx context.Context) string {
+	if id, ok := identity.FromContext(ctx); ok {
+		return id.String()
+	}
+	if id, err := identity.FromPeer(ctx); err == nil {
+		return id.String()
+	}
+	return ""
+}
+
+// isRefusal reports whether err refuses the caller: PermissionDenied or
+// Unauthenticated. A refusal is audited even for an Unaudited method.
+func isRefusal(err error) bool {
+	switch status.Code(err) {
+	case codes.PermissionDenied, codes.Unauthenticated:
+		return true
+	}
+	return false
 }
 
 // echoRequestID puts the call's request ID in its response header. A unary
@@ -227,21 +264,21 @@ func cleanField(s string) string {
 // StreamServerInterceptor audits a streaming call like UnaryServerInterceptor
 // audits a unary one: one outcome record when the stream ends (Cairn serves
 // only read-only streams: reflection and health watches, so there is no
-// attempt record). A method in opts.Unaudited is not recorded. If the
-// record cannot be written the caller gets Unavailable.
+// attempt record). Chain it first, like the unary one. A method in
+// opts.Unaudited is recorded only when it is refused. If the record cannot
+// be written the caller gets Unavailable.
 func StreamServerInterceptor(l *Log, opts InterceptorOptions) grpc.StreamServerInterceptor {
 	unaudited := make(map[string]bool, len(opts.Unaudited))
 	for _, m := range opts.Unaudited {
 		unaudited[m] = true
 	}
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		if unaudited[info.FullMethod] {
-			return handler(srv, ss)
-		}
 		ctx := ss.Context()
-		caller, _ := identity.FromContext(ctx)
-		rec := Record{RequestID: requestID(ctx), Identity: caller.String(), Operation: info.FullMethod}
+		rec := Record{RequestID: requestID(ctx), Identity: callerOf(ctx), Operation: info.FullMethod}
 		herr := handler(srv, ss)
+		if unaudited[info.FullMethod] && !isRefusal(herr) {
+			return herr
+		}
 		rec.setOutcome(herr)
 		if err := l.Write(context.Background(), rec); err != nil {
 			return refused(err)

@@ -124,6 +124,13 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("Close() = %v, want nil", err)
 			}
 			got := mustRead(t, path)
+			// Every record carries its chain link (TestChain checks them).
+			for i := range got {
+				if got[i].Prev == "" {
+					t.Errorf("ReadFile(%q)[%d].Prev is empty, want a chain link", path, i)
+				}
+				got[i].Prev = ""
+			}
 			if diff := cmp.Diff(want, got); diff != "" {
 				t.Errorf("ReadFile(%q) mismatch (-want +got):\n%s", path, diff)
 			}
@@ -782,12 +789,12 @@ func TestJSONFields(t *testing.T) {
 		wantTarget []string
 	}{
 		{"full", full,
-			[]string{"code", "identity", "operation", "outcome", "reason", "request_id", "target", "time"},
+			[]string{"code", "identity", "operation", "outcome", "prev", "reason", "request_id", "target", "time"},
 			[]string{"key_version", "keyset", "region", "resource"}},
 		{"minimal", Record{Operation: "op", Outcome: OutcomeOK},
-			[]string{"identity", "operation", "outcome", "time"}, nil},
+			[]string{"identity", "operation", "outcome", "prev", "time"}, nil},
 		{"partial target", Record{Operation: "op", Outcome: OutcomeOK, Target: Target{Keyset: "k"}},
-			[]string{"identity", "operation", "outcome", "target", "time"}, []string{"keyset"}},
+			[]string{"identity", "operation", "outcome", "prev", "target", "time"}, []string{"keyset"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -9,10 +9,40 @@
 //
 // The log is a file of JSON lines, one [Record] per line. [ReadFile] parses
 // such a file.
+//
+// # Tamper evidence
+//
+// Each record's "prev" field is the lowercase hex SHA-256 of the previous
+// line's exact bytes, its '\n' included: the records form a hash chain, so a
+// record deleted, moved or changed breaks the link of the record after it.
+// The first record of a chain (a log opened on an empty file) has
+// [ChainStart], 64 zeros. A log opened on an existing file links to its last
+// line, so a restart continues the chain; [Log.Reopen] (and, for a log that
+// signs checkpoints, its timer) follows an operator's rename of the file and
+// links the new file's first record to the old file's last. Records written
+// before the chain existed have no "prev" and still parse.
+//
+// A checkpoint record (operation [CheckpointOperation], field "checkpoint")
+// is the server signing the chain: its "prev" is the chain head, and
+// [Checkpoint] holds the count of records since the previous checkpoint,
+// whether it is the final one (written by [Log.Close]), the signer's SPIFFE
+// ID, its certificate chain (DER, base64) and the signature over
+// [CheckpointMessage]. Options.Signer (the server's X.509-SVID, see
+// [SVIDSigner]) turns them on; Options.CheckpointEvery and
+// Options.CheckpointInterval set how often. Records after the last
+// checkpoint can be cut from the end without a trace until the next one.
+//
+// [Verifier] (and `cairn audit verify`) checks files in order as one chain:
+// every link, every checkpoint's signature, count and (given the trust
+// bundle) certificate, and reports the first broken spot by file and line.
+// A new chain in a later file is accepted only right after a final
+// checkpoint (a clean shutdown, then a rotation while the server was down).
 package audit
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,6 +112,12 @@ type Record struct {
 	// Time is when the event happened. Log.Write sets it from the log's clock
 	// when it is zero, and stores it in UTC.
 	Time time.Time `json:"time"`
+	// Prev chains the record to the one before it: the lowercase hex
+	// SHA-256 of the previous line of the log, its '\n' included, or
+	// [ChainStart] (64 zeros) for the first record of a chain. [Log.Write]
+	// sets it (a record given to Write must leave it empty). Records written
+	// before the chain existed have none.
+	Prev string `json:"prev,omitempty"`
 	// RequestID correlates the record with the request and its other
 	// records, such as an OutcomeAttempt record and the final one.
 	RequestID string `json:"request_id,omitempty"`
@@ -101,6 +137,57 @@ type Record struct {
 	Code string `json:"code,omitempty"`
 	// Reason is a short human-readable explanation.
 	Reason string `json:"reason,omitempty"`
+	// Checkpoint is set only on a checkpoint record (Operation
+	// [CheckpointOperation]), which the log writes itself.
+	Checkpoint *Checkpoint `json:"checkpoint,omitempty"`
+}
+
+// ChainStart is the Prev of the first record of a chain: a log file opened
+// empty, with no record before it to link to.
+const ChainStart = "0000000000000000000000000000000000000000000000000000000000000000"
+
+// CheckpointOperation is the Operation of a checkpoint record.
+const CheckpointOperation = "audit.checkpoint"
+
+// Checkpoint is a signed statement by the server that wrote the log: "the
+// chain, up to the record whose hash is this record's Prev, holds Records
+// more records since the previous checkpoint (or the chain's start), at this
+// record's Time". The record's Identity is Signer.
+type Checkpoint struct {
+	// Records is the number of records (checkpoints not counted) between
+	// the previous checkpoint of the chain, or its start, and this one.
+	Records uint64 `json:"records"`
+	// Final marks the checkpoint written when the log was closed: nothing
+	// follows it in this chain. A new chain may start after it.
+	Final bool `json:"final,omitempty"`
+	// Signer is the SPIFFE ID of the signing certificate (Certs[0]).
+	Signer string `json:"signer"`
+	// Certs is the signer's certificate chain, DER, leaf first.
+	Certs [][]byte `json:"certs"`
+	// Sig is the signature, by Certs[0]'s key, of [CheckpointMessage] for
+	// this record.
+	Sig []byte `json:"sig"`
+}
+
+// CheckpointMessage returns the bytes a checkpoint's signature covers: a
+// version line, then the chain head (the checkpoint record's Prev), the
+// record count, the time (RFC 3339, nanoseconds, UTC), "final" or "open",
+// and the signer's ID, one per line. An ECDSA or RSA signer signs its
+// SHA-256; an Ed25519 signer signs it whole.
+func CheckpointMessage(prev string, records uint64, t time.Time, final bool, signer string) []byte {
+	b := make([]byte, 0, 192)
+	b = append(b, "cairn audit checkpoint v1\n"...)
+	b = append(b, prev...)
+	b = append(b, '\n')
+	b = strconv.AppendUint(b, records, 10)
+	b = append(b, '\n')
+	b = t.UTC().AppendFormat(b, time.RFC3339Nano)
+	if final {
+		b = append(b, "\nfinal\n"...)
+	} else {
+		b = append(b, "\nopen\n"...)
+	}
+	return append(b, signer...)
 }
 
 // ErrInvalidRecord is returned, wrapped, for a record that breaks the rules
@@ -136,6 +223,21 @@ func (r Record) validate() error {
 			return fmt.Errorf("%w: %s contains a control character", ErrInvalidRecord, f.name)
 		}
 	}
+	if r.Prev != "" && !validHash(r.Prev) {
+		return fmt.Errorf("%w: prev is not 64 lowercase hex digits", ErrInvalidRecord)
+	}
+	if c := r.Checkpoint; c != nil {
+		switch {
+		case r.Operation != CheckpointOperation:
+			return fmt.Errorf("%w: a checkpoint in a record of operation %q", ErrInvalidRecord, r.Operation)
+		case len(c.Certs) == 0 || len(c.Sig) == 0:
+			return fmt.Errorf("%w: checkpoint without certificate or signature", ErrInvalidRecord)
+		case c.Signer != r.Identity:
+			return fmt.Errorf("%w: checkpoint signer %q is not the record's identity %q", ErrInvalidRecord, c.Signer, r.Identity)
+		}
+	} else if r.Operation == CheckpointOperation {
+		return fmt.Errorf("%w: a %s record without a checkpoint", ErrInvalidRecord, CheckpointOperation)
+	}
 	if len(r.Reason) > MaxReasonLen {
 		return fmt.Errorf("%w: reason is %d bytes, want at most %d", ErrInvalidRecord, len(r.Reason), MaxReasonLen)
 	}
@@ -143,6 +245,19 @@ func (r Record) validate() error {
 		return fmt.Errorf("%w: reason is not valid UTF-8", ErrInvalidRecord)
 	}
 	return nil
+}
+
+// validHash reports whether s is 64 lowercase hex digits.
+func validHash(s string) bool {
+	if len(s) != 2*sha256.Size {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // capReason makes s valid UTF-8 and cuts it to at most MaxReasonLen bytes at
@@ -166,6 +281,9 @@ func encode(r Record) ([]byte, error) {
 	line, err := appendHead(nil, r.Time)
 	if err != nil {
 		return nil, err
+	}
+	if r.Prev != "" {
+		line = appendField(line, `,"prev":`, r.Prev)
 	}
 	return appendTail(line, &r), nil
 }
@@ -229,7 +347,42 @@ func appendTail(dst []byte, r *Record) []byte {
 	if r.Reason != "" {
 		dst = appendField(dst, `,"reason":`, r.Reason)
 	}
+	if c := r.Checkpoint; c != nil {
+		dst = append(dst, `,"checkpoint":{"records":`...)
+		dst = strconv.AppendUint(dst, c.Records, 10)
+		if c.Final {
+			dst = append(dst, `,"final":true`...)
+		}
+		dst = appendField(dst, `,"signer":`, c.Signer)
+		dst = append(dst, `,"certs":`...)
+		if c.Certs == nil {
+			dst = append(dst, "null"...)
+		} else {
+			dst = append(dst, '[')
+			for i, der := range c.Certs {
+				if i > 0 {
+					dst = append(dst, ',')
+				}
+				dst = appendBytes(dst, der)
+			}
+			dst = append(dst, ']')
+		}
+		dst = append(dst, `,"sig":`...)
+		dst = appendBytes(dst, c.Sig)
+		dst = append(dst, '}')
+	}
 	return append(dst, '}', '\n')
+}
+
+// appendBytes appends b as encoding/json does: standard base64 in quotes,
+// or null for nil.
+func appendBytes(dst, b []byte) []byte {
+	if b == nil {
+		return append(dst, "null"...)
+	}
+	dst = append(dst, '"')
+	dst = base64.StdEncoding.AppendEncode(dst, b)
+	return append(dst, '"')
 }
 
 func appendField(dst []byte, name, v string) []byte {

@@ -31,8 +31,29 @@ import (
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 )
 
-// FormatVersion is the bundle format this package writes and reads.
-const FormatVersion = 1
+// FormatVersion is the bundle format this package writes. It reads it and
+// every version from OldestFormatVersion on.
+//
+// Format 2 added not_after: required in a format 2 bundle, absent from a
+// format 1 bundle (built before expiry existed; such a bundle never
+// expires, and only the serial floor stops its replay).
+const FormatVersion = 2
+
+// OldestFormatVersion is the oldest bundle format this package reads.
+const OldestFormatVersion = 1
+
+// DefaultValidity is how long after its created_at a bundle stays
+// applicable unless regionctl is told otherwise (bundle build --valid-for).
+// Thirty days: well past any rollout (stages bake for hours), and short
+// enough that a bundle built and never pushed, or kept by someone, stops
+// being a thing anyone can apply within a month. A KMS keeps serving an
+// applied bundle past its not_after (see NotAfter); the expiry only stops
+// new applies of it.
+const DefaultValidity = 30 * 24 * time.Hour
+
+// MaxValidity bounds not_after - created_at: a bundle that stays
+// applicable for years is a replay waiting to happen.
+const MaxValidity = 366 * 24 * time.Hour
 
 // MaxSize bounds a serialized bundle (100k keysets of a few hundred bytes
 // fit comfortably).
@@ -60,7 +81,36 @@ const signingContext = "cairn/bundle/v1\x00"
 var (
 	ErrSignature = errors.New("bundle: signature does not verify under any pinned bundle-signing key")
 	ErrInvalid   = errors.New("bundle: invalid bundle")
+	// ErrExpired: the bundle is past its not_after (CheckFresh).
+	ErrExpired = errors.New("bundle: bundle expired")
 )
+
+// NotAfter returns b's not_after, and false if it has none (format 1).
+func NotAfter(b *bundlev1.Bundle) (time.Time, bool) {
+	if b.GetNotAfter() == nil {
+		return time.Time{}, false
+	}
+	return b.GetNotAfter().AsTime(), true
+}
+
+// Expired reports whether b is past its not_after at now (never for a
+// bundle without one).
+func Expired(b *bundlev1.Bundle, now time.Time) bool {
+	na, ok := NotAfter(b)
+	return ok && now.After(na)
+}
+
+// CheckFresh returns an ErrExpired error naming b's not_after if b is
+// expired at now. A KMS calls it before applying a bundle, never before
+// serving one it has applied.
+func CheckFresh(b *bundlev1.Bundle, now time.Time) error {
+	if !Expired(b, now) {
+		return nil
+	}
+	na, _ := NotAfter(b)
+	return fmt.Errorf("%w: serial %d of %s is valid until its not_after %s (it is now %s); build and push a fresh bundle (regionctl bundle build)",
+		ErrExpired, b.GetSerial(), b.GetRegion(), na.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+}
 
 // KeyID names an Ed25519 public key: the first 8 bytes of its SHA-256, hex.
 func KeyID(pub ed25519.PublicKey) string {
@@ -152,14 +202,17 @@ func Validate(b *bundlev1.Bundle) error {
 	switch {
 	case b == nil:
 		return bad("no bundle")
-	case b.GetFormatVersion() != FormatVersion:
-		return bad("format version %d, this binary reads %d", b.GetFormatVersion(), FormatVersion)
+	case b.GetFormatVersion() < OldestFormatVersion || b.GetFormatVersion() > FormatVersion:
+		return bad("format version %d, this binary reads %d to %d", b.GetFormatVersion(), OldestFormatVersion, FormatVersion)
 	case region.ValidName(b.GetRegion()) != nil:
 		return bad("region %q is not a valid region name", b.GetRegion())
 	case b.GetSerial() == 0:
 		return bad("serial 0; serials start at 1")
 	case len(b.GetRegionKeyVersions()) == 0 && len(b.GetKeysets()) > 0:
 		return bad("no region key versions listed")
+	}
+	if err := checkValidity(b); err != nil {
+		return bad("%v", err)
 	}
 	td, err := trustDomainOf(b.GetCreatedBy())
 	if err != nil {
@@ -168,7 +221,38 @@ func Validate(b *bundlev1.Bundle) error {
 	if err := checkOverrides(b); err != nil {
 		return bad("%v", err)
 	}
+	if err := checkQuotas(b, td); err != nil {
+		return bad("%v", err)
+	}
 	return validateKeysets(b, td)
+}
+
+// checkValidity checks created_at and not_after: a format 1 bundle has no
+// not_after; a format 2 bundle has a valid created_at and a not_after after
+// it, at most MaxValidity later.
+func checkValidity(b *bundlev1.Bundle) error {
+	if b.GetFormatVersion() < 2 {
+		if b.GetNotAfter() != nil {
+			return fmt.Errorf("format version %d has no not_after; this one has one", b.GetFormatVersion())
+		}
+		return nil
+	}
+	switch {
+	case b.GetCreatedAt() == nil || b.GetCreatedAt().CheckValid() != nil:
+		return errors.New("no valid created_at")
+	case b.GetNotAfter() == nil:
+		return errors.New("no not_after (every bundle of format version 2 expires)")
+	case b.GetNotAfter().CheckValid() != nil:
+		return fmt.Errorf("not_after: %v", b.GetNotAfter().CheckValid())
+	}
+	created, notAfter := b.GetCreatedAt().AsTime(), b.GetNotAfter().AsTime()
+	switch validity := notAfter.Sub(created); {
+	case validity <= 0:
+		return fmt.Errorf("not_after %s is not after created_at %s", notAfter.UTC().Format(time.RFC3339), created.UTC().Format(time.RFC3339))
+	case validity > MaxValidity:
+		return fmt.Errorf("not_after %s is %v after created_at, more than %v", notAfter.UTC().Format(time.RFC3339), validity, MaxValidity)
+	}
+	return nil
 }
 
 // parallelFrom is the number of keysets from which Validate checks them on

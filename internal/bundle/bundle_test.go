@@ -108,6 +108,7 @@ func validBundle(t testing.TB) *bundlev1.Bundle {
 		Serial:            7,
 		RegionKeyVersions: []uint32{1},
 		CreatedAt:         timestamppb.New(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)),
+		NotAfter:          timestamppb.New(time.Date(2026, 3, 31, 12, 0, 0, 0, time.UTC)),
 		CreatedBy:         createdBy,
 		Keysets:           []*bundlev1.KeysetConfig{keysetConfig(t, "payments/ledger"), keysetConfig(t, "payments/refunds")},
 	}
@@ -295,18 +296,71 @@ func TestVerifyRefuses(t *testing.T) {
 }
 
 // TestVerifyNamesANewerFormat: a bundle from a newer regionctl (format
-// version 2, with a field this binary does not know) is refused with the
+// version 3, with a field this binary does not know) is refused with the
 // format version named, which is what an operator needs mid-upgrade, rather
 // than as "not in deterministic encoding" (the unknown field is discarded, so
 // both checks fail).
 func TestVerifyNamesANewerFormat(t *testing.T) {
 	pub, priv := newKey(t)
 	c := validBundle(t)
-	c.FormatVersion = 2
-	raw := appendUnknown(marshal(t, c), 99, []byte("a field of format 2"))
+	c.FormatVersion = 3
+	raw := appendUnknown(marshal(t, c), 99, []byte("a field of format 3"))
 	_, err := bundle.Verify(signRaw(priv, raw), []ed25519.PublicKey{pub})
-	if !errors.Is(err, bundle.ErrInvalid) || !strings.Contains(err.Error(), "format version 2") {
-		t.Errorf("Verify(format 2 bundle with a new field) = %v, want ErrInvalid naming format version 2", err)
+	if !errors.Is(err, bundle.ErrInvalid) || !strings.Contains(err.Error(), "format version 3") {
+		t.Errorf("Verify(format 3 bundle with a new field) = %v, want ErrInvalid naming format version 3", err)
+	}
+}
+
+// TestVerifyReadsFormat1: a format 1 bundle (built before not_after
+// existed, e.g. the one a server persisted before an upgrade) still
+// verifies, and never expires.
+func TestVerifyReadsFormat1(t *testing.T) {
+	pub, priv := newKey(t)
+	b := validBundle(t)
+	b.FormatVersion, b.NotAfter = 1, nil
+	sb, err := bundle.Sign(b, priv)
+	if err != nil {
+		t.Fatalf("Sign(format 1) = %v", err)
+	}
+	got, err := bundle.Verify(sb, []ed25519.PublicKey{pub})
+	if err != nil {
+		t.Fatalf("Verify(format 1) = %v, want nil", err)
+	}
+	far := time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC)
+	if bundle.Expired(got, far) || bundle.CheckFresh(got, far) != nil {
+		t.Errorf("Expired(format 1 bundle, 2100) = true, want false (it has no not_after)")
+	}
+}
+
+func TestCheckFresh(t *testing.T) {
+	b := validBundle(t) // not_after 2026-03-31T12:00:00Z
+	notAfter := b.GetNotAfter().AsTime()
+	tests := []struct {
+		name string
+		now  time.Time
+		want bool // expired
+	}{
+		{"at creation", b.GetCreatedAt().AsTime(), false},
+		{"at not_after", notAfter, false},
+		{"a nanosecond past", notAfter.Add(time.Nanosecond), true},
+		{"a year past", notAfter.AddDate(1, 0, 0), true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := bundle.Expired(b, tt.now); got != tt.want {
+				t.Errorf("Expired(b, %s) = %v, want %v", tt.now, got, tt.want)
+			}
+			err := bundle.CheckFresh(b, tt.now)
+			if !tt.want {
+				if err != nil {
+					t.Errorf("CheckFresh(b, %s) = %v, want nil", tt.now, err)
+				}
+				return
+			}
+			if !errors.Is(err, bundle.ErrExpired) || !strings.Contains(err.Error(), "2026-03-31T12:00:00Z") {
+				t.Errorf("CheckFresh(b, %s) = %v, want ErrExpired naming the not_after 2026-03-31T12:00:00Z", tt.now, err)
+			}
+		})
 	}
 }
 
@@ -326,7 +380,19 @@ func TestValidate(t *testing.T) {
 		{"extra region key versions", func(b *bundlev1.Bundle) { b.RegionKeyVersions = []uint32{1, 2} }, ""},
 
 		{"format version 0", func(b *bundlev1.Bundle) { b.FormatVersion = 0 }, "format version 0"},
-		{"format version 2", func(b *bundlev1.Bundle) { b.FormatVersion = 2 }, "format version 2"},
+		{"format version 3", func(b *bundlev1.Bundle) { b.FormatVersion = 3 }, "format version 3"},
+		{"format 1 without not_after", func(b *bundlev1.Bundle) { b.FormatVersion, b.NotAfter = 1, nil }, ""},
+		{"format 1 with a not_after", func(b *bundlev1.Bundle) { b.FormatVersion = 1 }, "format version 1 has no not_after"},
+		{"no not_after", func(b *bundlev1.Bundle) { b.NotAfter = nil }, "no not_after"},
+		{"no created_at", func(b *bundlev1.Bundle) { b.CreatedAt = nil }, "no valid created_at"},
+		{"not_after at created_at", func(b *bundlev1.Bundle) { b.NotAfter = b.CreatedAt }, "is not after created_at"},
+		{"not_after before created_at", func(b *bundlev1.Bundle) {
+			b.NotAfter = timestamppb.New(b.GetCreatedAt().AsTime().Add(-time.Second))
+		}, "is not after created_at"},
+		{"not_after too far", func(b *bundlev1.Bundle) {
+			b.NotAfter = timestamppb.New(b.GetCreatedAt().AsTime().Add(bundle.MaxValidity + time.Second))
+		}, "more than"},
+		{"not_after invalid", func(b *bundlev1.Bundle) { b.NotAfter = &timestamppb.Timestamp{Seconds: 1, Nanos: -1} }, "not_after"},
 		{"no region", func(b *bundlev1.Bundle) { b.Region = "" }, `region ""`},
 		{"uppercase region", func(b *bundlev1.Bundle) { b.Region = "US-East" }, `region "US-East"`},
 		{"region starting with a digit", func(b *bundlev1.Bundle) { b.Region = "1east" }, `region "1east"`},
@@ -517,6 +583,7 @@ func FuzzVerify(f *testing.F) {
 	f.Add(good.GetBundle(), good.GetSignature())
 	f.Add(appendUnknown(good.GetBundle(), 99, []byte("x")), good.GetSignature())
 	f.Add(marshal(f, &bundlev1.Bundle{FormatVersion: 1, Region: region, Serial: 1, CreatedBy: createdBy}), []byte{})
+	f.Add(marshal(f, &bundlev1.Bundle{FormatVersion: 2, Region: region, Serial: 1, CreatedBy: createdBy, CreatedAt: b.GetCreatedAt(), NotAfter: b.GetNotAfter()}), []byte{})
 	f.Add([]byte{}, []byte{})
 	f.Fuzz(func(t *testing.T, raw, sig []byte) {
 		for _, sb := range []*bundlev1.SignedBundle{{Bundle: raw, Signature: sig}, signRaw(priv, raw)} {
@@ -661,4 +728,51 @@ func TestValidateSafetyFields(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzValidate decodes arbitrary bytes as a Bundle (as a reader of an
+// unsigned bundle would, e.g. regionctl bundle push naming its servers) and
+// validates it. Validate must not panic, and what it accepts must keep the
+// format's promises: a known format version, a serial, and for format 2 a
+// not_after after created_at by at most MaxValidity, which Expired and
+// CheckFresh agree on.
+func FuzzValidate(f *testing.F) {
+	b := validBundle(f)
+	f.Add(marshal(f, b))
+	b1 := validBundle(f)
+	b1.FormatVersion, b1.NotAfter = 1, nil
+	f.Add(marshal(f, b1))
+	f.Add(marshal(f, &bundlev1.Bundle{FormatVersion: 2, Region: region, Serial: 1, CreatedBy: createdBy, CreatedAt: b.GetCreatedAt(), NotAfter: b.GetNotAfter()}))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var got bundlev1.Bundle
+		if err := proto.Unmarshal(raw, &got); err != nil {
+			return
+		}
+		if err := bundle.Validate(&got); err != nil {
+			if !errors.Is(err, bundle.ErrInvalid) {
+				t.Fatalf("Validate() = %v, want ErrInvalid", err)
+			}
+			return
+		}
+		if v := got.GetFormatVersion(); v < bundle.OldestFormatVersion || v > bundle.FormatVersion || got.GetSerial() == 0 {
+			t.Fatalf("Validate accepted format version %d serial %d", v, got.GetSerial())
+		}
+		na, ok := bundle.NotAfter(&got)
+		if ok != (got.GetFormatVersion() >= 2) {
+			t.Fatalf("Validate accepted format version %d with not_after present = %v", got.GetFormatVersion(), ok)
+		}
+		if !ok {
+			return
+		}
+		created := got.GetCreatedAt().AsTime()
+		if d := na.Sub(created); d <= 0 || d > bundle.MaxValidity {
+			t.Fatalf("Validate accepted not_after - created_at = %v", d)
+		}
+		for _, now := range []time.Time{created, na, na.Add(time.Nanosecond)} {
+			if exp, err := bundle.Expired(&got, now), bundle.CheckFresh(&got, now); exp != errors.Is(err, bundle.ErrExpired) || exp != now.After(na) {
+				t.Fatalf("at %v: Expired = %v, CheckFresh = %v; not_after %v", now, exp, err, na)
+			}
+		}
+	})
 }

@@ -24,6 +24,7 @@ func Example() {
 		Region:        "us-east",
 		Serial:        1,
 		CreatedAt:     timestamppb.New(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)),
+		NotAfter:      timestamppb.New(time.Date(2026, 2, 1, 3, 4, 5, 0, time.UTC)),
 		CreatedBy:     "spiffe://cairn.test/regionctl/global/regionctl",
 	}
 	sb, err := bundle.Sign(b, priv)
@@ -40,5 +41,5 @@ func Example() {
 	fmt.Printf("signed by %s\n%s serial %d sha256 %x\n", sb.GetSigningKeyId(), ref.GetRegion(), ref.GetSerial(), ref.GetSha256())
 	// Output:
 	// signed by fe812c12f3ab4ce6
-	// us-east serial 1 sha256 e27308df839b04a536d1e9df33a4bfacc8cb5330958f6dfaf2fcd725a002b067
+	// us-east serial 1 sha256 7b1634f0aea1f92e05e0823ab533a76531bf493ac71341c67584fd49c59f9d9f
 }

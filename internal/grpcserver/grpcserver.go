@@ -1,6 +1,7 @@
 // Package grpcserver assembles the gRPC server every Cairn tier runs: mTLS
 // with SPIFFE identities (TLS 1.3, client certificates required), the caller
-// identity in the context, every call audited (fail closed), a per-method
+// identity in the context, every call audited (fail closed; every refusal,
+// PermissionDenied or Unauthenticated, on every method), a per-method
 // access policy (default deny), bounded message sizes, grpc.health.v1
 // answered from the server's readiness, and (when asked) gRPC reflection.
 package grpcserver
@@ -11,6 +12,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
@@ -34,14 +36,14 @@ type Options struct {
 	Audit *audit.Log
 	// Mutating lists methods whose attempt is audited before they run.
 	Mutating []string
-	// Unaudited lists status methods that are not audited (see
-	// audit.InterceptorOptions.Unaudited).
+	// Unaudited lists status methods whose calls are not audited unless
+	// they are refused (see audit.InterceptorOptions.Unaudited).
 	Unaudited []string
 	// MaxRecvMsgSize bounds request size (0: 64 KiB).
 	MaxRecvMsgSize int
 	// Ready backs grpc.health.v1 (required): SERVING exactly when it says
 	// the server is ready. Any member the Connect authorizer admits may
-	// check health; checks are not audited (they are polls).
+	// check health; checks are not audited (they are polls) unless refused.
 	Ready Readiness
 	// Reflection serves gRPC server reflection (grpc.reflection.v1 and
 	// v1alpha), so grpcurl and similar tools can list and describe the
@@ -58,6 +60,20 @@ const DefaultMaxRecvMsgSize = 64 << 10
 // New returns a gRPC server wired with Cairn's security stack. Register
 // services on it and Serve.
 func New(opts Options) (*grpc.Server, error) {
+	if opts.Source == nil {
+		return nil, errors.New("grpcserver: no identity source")
+	}
+	connect := opts.Connect
+	if connect == nil {
+		connect = identity.MemberOf(opts.Source.TrustDomain())
+	}
+	return newServer(opts, identity.ServerCredentials(opts.Source, connect))
+}
+
+// newServer is New with the transport credentials given: tests serve over
+// other transports to reach the paths mTLS closes (a call without a verified
+// identity).
+func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Server, error) {
 	switch {
 	case opts.Source == nil:
 		return nil, errors.New("grpcserver: no identity source")
@@ -67,10 +83,6 @@ func New(opts Options) (*grpc.Server, error) {
 		return nil, errors.New("grpcserver: empty access policy")
 	case opts.Ready == nil:
 		return nil, errors.New("grpcserver: no readiness function (grpc.health.v1 needs one)")
-	}
-	connect := opts.Connect
-	if connect == nil {
-		connect = identity.MemberOf(opts.Source.TrustDomain())
 	}
 	maxRecv := opts.MaxRecvMsgSize
 	if maxRecv == 0 {
@@ -89,20 +101,25 @@ func New(opts Options) (*grpc.Server, error) {
 	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
 	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
 	s := grpc.NewServer(
-		grpc.Creds(identity.ServerCredentials(opts.Source, connect)),
+		grpc.Creds(creds),
+		// The audit interceptor runs first, so that every refusal after it
+		// (Unauthenticated from the identity interceptor, PermissionDenied
+		// from the policy or a handler) is on record, even for the
+		// Unaudited methods.
 		grpc.ChainUnaryInterceptor(
-			identity.UnaryServerInterceptor(),
 			audit.UnaryServerInterceptor(opts.Audit, auditOpts),
+			identity.UnaryServerInterceptor(),
 			identity.UnaryAuthorizeInterceptor(policy),
 		),
 		// Cairn's own services do not stream; the only streams served are
 		// read-only (health watches, reflection), and they are
 		// authenticated, audited and authorized like unary calls. Any other
-		// stream is refused before a handler sees it.
+		// stream is refused (PermissionDenied, audited) before a handler
+		// sees it.
 		grpc.ChainStreamInterceptor(
-			streamsOnly(policy),
-			identity.StreamServerInterceptor(),
 			audit.StreamServerInterceptor(opts.Audit, auditOpts),
+			identity.StreamServerInterceptor(),
+			streamsOnly(policy),
 			identity.StreamAuthorizeInterceptor(policy),
 		),
 		grpc.MaxRecvMsgSize(maxRecv),
@@ -124,8 +141,9 @@ const (
 	reflectionV1Alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 )
 
-// streamsOnly refuses, with Unimplemented, every stream but the read-only
-// ones this package serves (the health watch and reflection, when on).
+// streamsOnly refuses, with PermissionDenied (a refusal, so it is audited
+// as one), every stream but the read-only ones this package serves (the
+// health watch and reflection, when on).
 func streamsOnly(policy identity.Policy) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		switch info.FullMethod {
@@ -134,6 +152,6 @@ func streamsOnly(policy identity.Policy) grpc.StreamServerInterceptor {
 				return handler(srv, ss)
 			}
 		}
-		return status.Error(codes.Unimplemented, "grpcserver: streaming calls other than health watches and reflection are not served")
+		return status.Errorf(codes.PermissionDenied, "grpcserver: %s: streaming calls other than health watches and reflection are not served", info.FullMethod)
 	}
 }

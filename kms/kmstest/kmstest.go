@@ -244,8 +244,15 @@ func (k *Keyset) Config(t testing.TB, keys *RegionKeys, region string, v uint32)
 func Bundle(t testing.TB, keys *RegionKeys, region string, serial uint64, kss ...*Keyset) *bundlev1.Bundle {
 	t.Helper()
 	latest := keys.Latest(t, region)
+	// A fixed created_at (stable bytes), or today once the clock passed it;
+	// applicable for bundle.MaxValidity after it, so a test's bundle does
+	// not expire under it (expiry tests set their own not_after).
+	created := time.Unix(1_800_000_000, 0)
+	if now := time.Now(); now.After(created) {
+		created = now.Truncate(24 * time.Hour)
+	}
 	b := &bundlev1.Bundle{FormatVersion: bundle.FormatVersion, Region: region, Serial: serial,
-		CreatedAt: timestamppb.New(time.Unix(1_800_000_000, 0)), CreatedBy: CreatedBy}
+		CreatedAt: timestamppb.New(created), NotAfter: timestamppb.New(created.Add(bundle.MaxValidity)), CreatedBy: CreatedBy}
 	versions := map[uint32]bool{}
 	for _, k := range kss {
 		c := k.Config(t, keys, region, latest)

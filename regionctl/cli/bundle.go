@@ -32,6 +32,7 @@ import (
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 )
@@ -44,11 +45,15 @@ func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		region, out, by, why      string
 		serial                    uint64
 		allowPartial, forceShrink bool
+		validFor                  time.Duration
 	)
 	fs.StringVar(&region, "region", "", "the bundle's region (required)")
 	fs.Uint64Var(&serial, "serial", 0, "the bundle's serial (default: one above the highest serial any server of the region serves)")
 	fs.StringVar(&out, "out", "", "where to write the signed bundle (required)")
-	fs.StringVar(&by, "created-by", "", "SPIFFE ID recorded as the bundle's author (default: the identity's ID)")
+	fs.DurationVar(&validFor, "valid-for", bundle.DefaultValidity, fmt.Sprintf("how long after it is built the bundle may be applied (its signed not_after; at most %v). "+
+		"A KMS server refuses to apply an expired bundle but keeps serving one it applied", bundle.MaxValidity))
+	// --created-by is kept only to say why it is refused.
+	fs.StringVar(&by, "created-by", "", "gone: a bundle's author is regionctl's own SPIFFE identity (the one it uses for mTLS)")
 	fs.BoolVar(&allowPartial, "allow-partial", false, "leave out the keysets that cannot be built, recorded with --reason in the signed bundle (audited by every KMS server)")
 	fs.BoolVar(&forceShrink, "force-shrink", false, "let the bundle shrink past the shrink guard: the override and --reason are signed into it and audited by every KMS server; never overrides the Safety Condition")
 	fs.StringVar(&why, "reason", "", "why --allow-partial or --force-shrink (a ticket, an incident); signed into the bundle")
@@ -68,9 +73,11 @@ func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return usageError(fs, "--region: %v", err)
 	}
 	if by != "" {
-		if _, err := identity.Parse(by); err != nil {
-			return usageError(fs, "--created-by: %v", err)
-		}
+		return usageError(fs, "--created-by is gone: a bundle's created_by (and a shrink override's forced_by, a partial build's built_by) "+
+			"is regionctl's own SPIFFE identity, the one it authenticates with (--name or the config file), so a bundle's provenance cannot be typed in")
+	}
+	if validFor <= 0 || validFor > bundle.MaxValidity {
+		return usageError(fs, "--valid-for %v: must be positive and at most %v", validFor, bundle.MaxValidity)
 	}
 	if err := o.load(); err != nil {
 		return err
@@ -83,7 +90,7 @@ func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer r.Close()
-	_, err = buildBundle(ctx, o, r, buildRequest{region: region, serial: serial, out: out, createdBy: by,
+	_, err = buildBundle(ctx, o, r, buildRequest{region: region, serial: serial, out: out, validFor: validFor,
 		allowPartial: allowPartial, forceShrink: forceShrink, reason: why}, stdout, stderr)
 	return err
 }
@@ -101,8 +108,11 @@ func checkReasonFlag(why string) error {
 }
 
 type buildRequest struct {
-	region, out, createdBy string
-	serial                 uint64
+	region, out string
+	serial      uint64
+	// validFor is how long the bundle may be applied after it is built (0:
+	// bundle.DefaultValidity).
+	validFor time.Duration
 	// obs, if set, is a fresh observation of the region's servers (for the
 	// serial, the parent and the shrink guard).
 	obs *observation
@@ -113,16 +123,12 @@ type buildRequest struct {
 }
 
 // buildBundle compiles, signs and writes one region's bundle, or refuses
-// (printing every problem, writing nothing).
+// (printing every problem, writing nothing). Its author (created_by, and
+// forced_by or built_by of an override) is regionctl's own identity, the
+// one it authenticates to the root KMS and the KMS servers with: never
+// typed in.
 func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, stdout, stderr io.Writer) (*bundlev1.SignedBundle, error) {
-	by := req.createdBy
-	if by == "" {
-		by = r.src.ID().String()
-	}
-	author, err := identity.Parse(by)
-	if err != nil {
-		return nil, err
-	}
+	author := r.src.ID()
 	key, err := bundle.ReadPrivateKey(o.signingKey)
 	if err != nil {
 		return nil, err
@@ -176,8 +182,9 @@ func buildBundle(ctx context.Context, o *options, r *root, req buildRequest, std
 		parent = commonRef(obs.Regions[req.region])
 	}
 	if len(problems) == 0 || records != nil {
-		in := compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: clockNow(ctx),
+		in := compile.Input{Region: req.region, Serial: serial, CreatedBy: author.String(), CreatedAt: clockNow(ctx), ValidFor: req.validFor,
 			Parent: parent, Teams: good, Record: records, Window: o.propagationWindow(), EncryptLimit: o.file.encryptLimit()}
+		in.Quotas, in.DefaultQuota = o.file.quotas()
 		if req.allowPartial {
 			in.AllowPartial, in.PartialReason = true, req.reason
 		}
@@ -427,7 +434,7 @@ func readSignedBundle(path string) (*bundlev1.SignedBundle, error) {
 	return &sb, nil
 }
 
-func bundleInspect(_ context.Context, args []string, stdout, stderr io.Writer) error {
+func bundleInspect(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("bundle inspect", stderr)
 	o := &options{}
 	o.register(fs, withSigningPub)
@@ -461,6 +468,15 @@ func bundleInspect(_ context.Context, args []string, stdout, stderr io.Writer) e
 	fmt.Fprintf(stdout, "bundle %s\n", refString(bundle.Ref(sb, b)))
 	fmt.Fprintf(stdout, "signature: valid, key %s\n", sb.GetSigningKeyId())
 	fmt.Fprintf(stdout, "format version %d, created %s by %s, %d bytes\n", b.GetFormatVersion(), b.GetCreatedAt().AsTime().UTC().Format(time.RFC3339), b.GetCreatedBy(), len(sb.GetBundle()))
+	if na, ok := bundle.NotAfter(b); ok {
+		state := "applicable"
+		if bundle.Expired(b, clockNow(ctx)) {
+			state = "EXPIRED: no KMS server applies it any more (one that applied it keeps serving it)"
+		}
+		fmt.Fprintf(stdout, "not after %s (%s)\n", na.UTC().Format(time.RFC3339), state)
+	} else {
+		fmt.Fprintln(stdout, "not after: none (format version 1)")
+	}
 	if b.GetParent() != nil {
 		fmt.Fprintf(stdout, "parent: %s\n", refString(b.GetParent()))
 	}
@@ -633,6 +649,27 @@ func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, 
 		for _, w := range resp.GetWarnings() {
 			fmt.Fprintf(stdout, "%s: warning: %s\n", addr, w)
 		}
+	}
+	if err := r.recordSerial(ctx, region, b.GetSerial()); err != nil {
+		fmt.Fprintf(stderr, "the bundle is applied on every server, but %v; push it again to record it "+
+			"(until then a KMS server with a fresh state directory would accept an older bundle)\n", err)
+		return errReported
+	}
+	fmt.Fprintf(stdout, "recorded serial %d as delivered to %s: no KMS server of it accepts an older bundle\n", b.GetSerial(), region)
+	return nil
+}
+
+// recordSerial records in the root KMS that a bundle of serial was delivered
+// to region's servers: the region's bundle serial floor, which a KMS server
+// with a fresh state directory learns before it applies a bundle, so an old
+// signed bundle cannot be replayed onto it. The floor only rises.
+func (r *root) recordSerial(ctx context.Context, region string, serial uint64) error {
+	err := r.do(ctx, func(ctx context.Context, c rootkmsv1.RootKMSClient) error {
+		_, err := c.RecordBundleSerial(ctx, &rootkmsv1.RecordBundleSerialRequest{Region: region, Serial: serial})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("recording serial %d as delivered to %s in the root KMS failed: %w", serial, region, err)
 	}
 	return nil
 }

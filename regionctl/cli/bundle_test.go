@@ -3,6 +3,7 @@ package cli_test
 import (
 	"crypto/ed25519"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -266,4 +267,36 @@ func startFakeKMS(t *testing.T, pki *identitytest.PKI, f *fakeKMS, i int) string
 	srv := newServer(pki, "spiffe://cairn.test/kms/us-east/kms-"+string(rune('0'+i)))
 	kmsv1.RegisterKMSAdminServer(srv, f)
 	return serve(t, srv)
+}
+
+// TestBuildProvenance: a bundle's author is regionctl's own identity (the
+// one it authenticates with), never a flag: --created-by is refused and
+// nothing is written. Its not_after is created_at plus --valid-for.
+func TestBuildProvenance(t *testing.T) {
+	e := newEnv(t, nil)
+	out := filepath.Join(e.dir, "us-east.bundle")
+	forged := "spiffe://cairn.test/regionctl/global/mallory"
+	r := run(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--serial", "3", "--out", out, "--created-by", forged)
+	if r.code != 2 || !strings.Contains(r.stderr, "--created-by is gone") || !strings.Contains(r.stderr, "regionctl's own SPIFFE identity") {
+		t.Errorf("bundle build --created-by %s = %d, %q; want 2 saying the author is regionctl's own identity", forged, r.code, r.stderr)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("bundle build --created-by wrote %s (stat: %v), want nothing written", out, err)
+	}
+	for _, bad := range []string{"0s", "-1h", "9000h"} {
+		if r := run(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--serial", "3", "--out", out, "--valid-for", bad); r.code != 2 || !strings.Contains(r.stderr, "--valid-for") {
+			t.Errorf("bundle build --valid-for %s = %d, %q; want 2 naming --valid-for", bad, r.code, r.stderr)
+		}
+	}
+
+	mustRun(t, "bundle", "build", "--config", e.config, "--region", "us-east", "--serial", "3", "--out", out, "--valid-for", "72h")
+	b := e.verify(t, out)
+	if b.GetCreatedBy() != regionctlID {
+		t.Errorf("bundle created_by = %q, want regionctl's identity %q", b.GetCreatedBy(), regionctlID)
+	}
+	if got, want := b.GetNotAfter().AsTime().Sub(b.GetCreatedAt().AsTime()), 72*time.Hour; got != want {
+		t.Errorf("bundle not_after - created_at = %v, want %v (--valid-for)", got, want)
+	}
+	r = mustRun(t, "bundle", "inspect", "--config", e.config, "--bundle", out)
+	contains(t, "bundle inspect", r.stdout, "not after "+b.GetNotAfter().AsTime().UTC().Format(time.RFC3339))
 }

@@ -97,7 +97,7 @@ Commands:
   cluster remove     --id ID
   cluster snapshot                                  take a Raft snapshot on each replica
                      add, remove and snapshot need an operator identity (by default
-                     rootkms/*/*, e.g. --name rootkms/global/operator): regionctl's own
+                     operator/*/*, e.g. --name operator/global/operator): regionctl's own
                      identity may manage regions and keysets, not the cluster
 
 Common flags: --config FILE (default $REGIONCTL_CONFIG) supplies every flag below that

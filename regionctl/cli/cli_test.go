@@ -44,7 +44,7 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"bundle", "build", "--region", "us-east"}, 2, "--region and --out are required"},
 		{[]string{"bundle", "build", "--region", "Nope", "--out", "o"}, 2, "--region"},
 		{[]string{"bundle", "build", "--region", "us-east", "--out", "o"}, 2, "--rootkms, --teams and --signing-key"},
-		{[]string{"bundle", "build", "--region", "us-east", "--out", "o", "--created-by", "someone"}, 2, "--created-by"},
+		{[]string{"bundle", "build", "--region", "us-east", "--out", "o", "--created-by", "someone"}, 2, "--created-by is gone: a bundle's created_by"},
 		{[]string{"bundle", "build", "--region", "us-east", "--serial", "-1", "--out", "o"}, 2, "invalid value"},
 		{[]string{"bundle", "inspect", "--bundle", "b"}, 2, "--bundle and --signing-pub"},
 		{[]string{"bundle", "inspect", "--bundle", "b", "--signing-pub", filepath.Join(dir, "missing.pub")}, 1, "no such file"},

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/bundle"
 	regionname "github.com/cairnkms/cairn/internal/region"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 )
 
 // ConfigEnv names the environment variable holding the default --config.
@@ -30,7 +31,9 @@ const ConfigEnv = "REGIONCTL_CONFIG"
 //	 "signing_pubs": ["keys/bundle-signing.pub"],
 //	 "teams": "teams",
 //	 "propagation_window": "10m",
-//	 "message_budget": {"limit": 4294967296, "rotate_at": 0.25}}
+//	 "message_budget": {"limit": 4294967296, "rotate_at": 0.25},
+//	 "quotas": {"default": {"requests_per_second": 1000, "burst": 2000, "max_concurrent": 64},
+//	            "callers": [{"pattern": "client/us-east/batch", "max_concurrent": 8}]}}
 type File struct {
 	TrustDomain string       `json:"trust_domain"`
 	Identity    FileIdentity `json:"identity"`
@@ -50,6 +53,9 @@ type File struct {
 	// MessageBudget is the AES-GCM message budget; absent means the
 	// defaults (see FileBudget).
 	MessageBudget *FileBudget `json:"message_budget"`
+	// Quotas are the per-caller quotas written into every bundle built
+	// (absent: none; every KMS server then applies its own default).
+	Quotas *FileQuotas `json:"quotas"`
 
 	window time.Duration
 }
@@ -66,6 +72,54 @@ type FileBudget struct {
 	// RotateAt is the fraction of Limit, in (0, 1], at which rotate --due
 	// adds a version (absent: DefaultRotateAt).
 	RotateAt *float64 `json:"rotate_at"`
+}
+
+// FileQuotas are the per-caller quotas of the KMS data plane: each KMS
+// server bounds each caller's calls (kms.v1.KMS and the transit API) by the
+// first quota of Callers whose pattern matches the caller's SPIFFE ID, else
+// by Default, else by the server's own default (kms.Config.DefaultQuota: a
+// quarter of its --max-in-flight calls at once, no rate limit). A call over
+// its quota gets RESOURCE_EXHAUSTED with a retry delay. Quotas are per
+// server: a client spread over a region's N servers gets up to N times its
+// quota there.
+type FileQuotas struct {
+	Default *FileQuota  `json:"default"`
+	Callers []FileQuota `json:"callers"`
+}
+
+// FileQuota is one quota. A zero or absent limit is no limit of its kind.
+type FileQuota struct {
+	// Pattern is a SPIFFE ID pattern as in team ACLs ("client/us-east/*");
+	// not in Default.
+	Pattern string `json:"pattern"`
+	// RequestsPerSecond is the sustained rate of calls (a batch is one).
+	RequestsPerSecond uint32 `json:"requests_per_second"`
+	// Burst is how many calls may come at once above the rate (absent:
+	// one second's worth).
+	Burst uint32 `json:"burst"`
+	// MaxConcurrent bounds the caller's calls in progress on one server.
+	MaxConcurrent uint32 `json:"max_concurrent"`
+}
+
+func (q FileQuota) proto() *bundlev1.Quota {
+	return &bundlev1.Quota{Pattern: q.Pattern, RequestsPerSecond: q.RequestsPerSecond, Burst: q.Burst, MaxConcurrent: q.MaxConcurrent}
+}
+
+// quotas returns the quotas bundles carry (compile.Input.Quotas and
+// DefaultQuota); bundle validation checks them.
+func (f *File) quotas() ([]*bundlev1.Quota, *bundlev1.Quota) {
+	if f == nil || f.Quotas == nil {
+		return nil, nil
+	}
+	var qs []*bundlev1.Quota
+	for _, q := range f.Quotas.Callers {
+		qs = append(qs, q.proto())
+	}
+	var def *bundlev1.Quota
+	if d := f.Quotas.Default; d != nil {
+		def = d.proto()
+	}
+	return qs, def
 }
 
 // DefaultRotateAt is the fraction of the message budget at which rotate
@@ -115,9 +169,11 @@ type FileIdentity struct {
 }
 
 var (
-	fileKeys     = []string{"trust_domain", "identity", "rootkms", "regions", "signing_key", "signing_pub", "signing_pubs", "teams", "propagation_window", "message_budget"}
+	fileKeys     = []string{"trust_domain", "identity", "rootkms", "regions", "signing_key", "signing_pub", "signing_pubs", "teams", "propagation_window", "message_budget", "quotas"}
 	identityKeys = []string{"dev_certs", "name", "cert", "key", "ca"}
 	budgetKeys   = []string{"limit", "rotate_at"}
+	quotasKeys   = []string{"default", "callers"}
+	quotaKeys    = []string{"pattern", "requests_per_second", "burst", "max_concurrent"}
 )
 
 // LoadFile reads and checks a config file.
@@ -150,6 +206,11 @@ func ParseFile(data []byte) (*File, error) {
 	}
 	if mb, ok := top["message_budget"]; ok {
 		if err := checkObjectKeys(mb, "message_budget.", budgetKeys); err != nil {
+			return nil, err
+		}
+	}
+	if qs, ok := top["quotas"]; ok {
+		if err := checkQuotaKeys(qs); err != nil {
 			return nil, err
 		}
 	}
@@ -187,6 +248,29 @@ func ParseFile(data []byte) (*File, error) {
 		return nil, errors.New("identity: give either dev_certs and name, or cert, key and ca")
 	}
 	return &f, nil
+}
+
+// checkQuotaKeys checks the keys of "quotas" and of each quota in it.
+func checkQuotaKeys(data []byte) error {
+	if err := checkObjectKeys(data, "quotas.", quotasKeys); err != nil {
+		return err
+	}
+	var qs map[string]json.RawMessage
+	_ = json.Unmarshal(data, &qs)
+	if d, ok := qs["default"]; ok && string(d) != "null" {
+		if err := checkObjectKeys(d, "quotas.default.", quotaKeys); err != nil {
+			return err
+		}
+	}
+	var callers []json.RawMessage
+	if c, ok := qs["callers"]; ok && json.Unmarshal(c, &callers) == nil {
+		for i, q := range callers {
+			if err := checkObjectKeys(q, fmt.Sprintf("quotas.callers[%d].", i), quotaKeys); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // checkObjectKeys refuses data unless it is one JSON object whose keys are

@@ -579,12 +579,12 @@ func TestClusterStatusAndSnapshot(t *testing.T) {
 		t.Errorf("cluster status with %s dead = %d, %q, %q; want 1, the live replica shown, the dead one named", dead, r.code, r.stdout, r.stderr)
 	}
 
-	// Snapshots are for operators (rootkms/*/* by default), not regionctl.
+	// Snapshots are for operators (operator/*/* by default), not regionctl.
 	r = e.rc("cluster", "snapshot")
 	if r.code != 1 || !strings.Contains(r.stderr, "PermissionDenied") {
 		t.Errorf("cluster snapshot as regionctl = %d, %q; want 1, PermissionDenied", r.code, r.stderr)
 	}
-	op := identityFlags(e.pki, "spiffe://cairn.test/rootkms/global/operator")
+	op := identityFlags(e.pki, "spiffe://cairn.test/operator/global/operator")
 	r = e.mustRC(append([]string{"cluster", "snapshot"}, op...)...)
 	if !regexp.MustCompile(regexp.QuoteMeta(e.chain.Addr) + `: snapshot at index \d+, term \d+`).MatchString(r.stdout) {
 		t.Errorf("cluster snapshot as an operator printed %q, want the snapshot's index and term", r.stdout)

@@ -121,7 +121,8 @@ func TestBundlePush(t *testing.T) {
 	ref := bundle.Ref(sb, b)
 	// The fleet-wide Safety check reads the record (empty here, as is the
 	// bundle).
-	idFlags := append([]string{"--rootkms", startFakeRootKMS(t, pki, &fakeRootKMS{keys: &regionKeys{}})}, identityFlags(pki, regionctlID)...)
+	root := &fakeRootKMS{keys: &regionKeys{}}
+	idFlags := append([]string{"--rootkms", startFakeRootKMS(t, pki, root)}, identityFlags(pki, regionctlID)...)
 	refusal := status.Error(codes.FailedPrecondition, `kms: bundle us-east serial 9 refused: it drops keyset "payments/ledger" (2 of 2 keysets, more than the 10% threshold); use --force with a reason`)
 
 	tests := []struct {
@@ -129,13 +130,14 @@ func TestBundlePush(t *testing.T) {
 		flags       []string
 		refuse      []error // per server; nil applies
 		wantCode    int
-		wantApplied []int // real ApplyBundle calls each server saw
+		wantApplied []int  // real ApplyBundle calls each server saw
+		wantFloor   uint64 // the serial floor recorded for us-east by it (0: unchanged)
 		wantOut     []string
 		wantErr     []string
 	}{
 		{
-			name: "dry run everywhere, then applies on every server in order", refuse: []error{nil, nil}, wantApplied: []int{1, 1},
-			wantOut: []string{"pushing bundle us-east serial 9 sha256 ", "to 2 server(s), all or nothing", "shrink guard: the region's servers serve nothing yet: no shrink to check", ": dry run ok: would apply us-east serial 9", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
+			name: "dry run everywhere, then applies on every server in order", refuse: []error{nil, nil}, wantApplied: []int{1, 1}, wantFloor: 9,
+			wantOut: []string{"recorded serial 9 as delivered to us-east", "pushing bundle us-east serial 9 sha256 ", "to 2 server(s), all or nothing", "shrink guard: the region's servers serve nothing yet: no shrink to check", ": dry run ok: would apply us-east serial 9", ": applied us-east serial 9 sha256 ", "(previous: (none))"},
 		},
 		{
 			name: "dry run only", flags: []string{"--dry-run"}, refuse: []error{nil, nil}, wantApplied: []int{0, 0},
@@ -158,12 +160,19 @@ func TestBundlePush(t *testing.T) {
 				addrs = append(addrs, serve(t, srv))
 			}
 			args := append([]string{"bundle", "push", "--kms", strings.Join(addrs, ","), "--bundle", path}, tt.flags...)
+			wantFloor := root.floor("us-east") // unchanged unless the push applied
+			if tt.wantFloor != 0 {
+				wantFloor = tt.wantFloor
+			}
 			r := run(t, append(args, idFlags...)...)
 			if r.code != tt.wantCode {
 				t.Fatalf("regionctl %v = %d, want %d\nstdout:\n%s\nstderr:\n%s", tt.flags, r.code, tt.wantCode, r.stdout, r.stderr)
 			}
 			contains(t, "bundle push stdout", r.stdout, tt.wantOut...)
 			contains(t, "bundle push stderr", r.stderr, tt.wantErr...)
+			if got := root.floor("us-east"); got != wantFloor {
+				t.Errorf("bundle push %v: recorded floor of us-east = %d, want %d", tt.flags, got, wantFloor)
+			}
 			for i, f := range fakes {
 				if got := f.applied(); got != tt.wantApplied[i] {
 					t.Errorf("server %d saw %d real ApplyBundle calls, want %d", i, got, tt.wantApplied[i])

@@ -519,6 +519,8 @@ func (c *controller) apply(ctx context.Context, a rollout.ApplyAction) error {
 		if err != nil {
 			printApplyError(c.stderr, addr, err)
 			ev = rollout.ApplyFailed{Epoch: c.rec.Epoch, Server: addr, Reason: refusal(err)}
+		} else {
+			c.recordSerial(ctx, a.Region, resp.GetApplied().GetSerial())
 		}
 		if err := c.feed(ctx, ev); err != nil {
 			return err
@@ -761,11 +763,21 @@ func (c *controller) rollback(ctx context.Context, a rollout.RollbackAction) err
 			}
 			continue
 		}
+		c.recordSerial(ctx, a.Region, resp.GetApplied().GetSerial())
 		if err := c.feed(ctx, rollout.RolledBack{Epoch: c.rec.Epoch, Server: addr, Serial: resp.GetApplied().GetSerial()}); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// recordSerial records serial as delivered to region (root.recordSerial)
+// once a server applied it. A failure only warns: the apply stands, and the
+// next apply of the rollout (or a push) records a floor at least as high.
+func (c *controller) recordSerial(ctx context.Context, region string, serial uint64) {
+	if err := c.r.recordSerial(ctx, region, serial); err != nil {
+		fmt.Fprintf(c.stderr, "warning: %v\n", err)
+	}
 }
 
 // rollbackBundle is last's content as a new bundle at serial a.MinSerial,
@@ -779,7 +791,11 @@ func (c *controller) rollbackBundle(ctx context.Context, last *bundlev1.Bundle, 
 		return nil, fmt.Errorf("the last good bundle is for region %s, not %s", b.GetRegion(), a.Region)
 	}
 	b.Serial = a.MinSerial
-	b.CreatedAt = timestamppb.New(clockNow(ctx))
+	now := clockNow(ctx)
+	// A new bundle in today's format: it expires like any other.
+	b.FormatVersion = bundle.FormatVersion
+	b.CreatedAt = timestamppb.New(now)
+	b.NotAfter = timestamppb.New(now.Add(bundle.DefaultValidity))
 	b.CreatedBy = c.src.ID().String()
 	// Going back to content the region served before is an intended shrink
 	// of the change's bundle: the override says so, signed and audited by

@@ -41,6 +41,26 @@ type fakeRootKMS struct {
 	updates  []*rootkmsv1.UpdateKeysetRequest
 	recorded []*rootkmsv1.RecordPropagationRequest
 	callers  []string
+	// floors are the bundle serial floors recorded, by region.
+	floors map[string]uint64
+}
+
+func (f *fakeRootKMS) RecordBundleSerial(ctx context.Context, req *rootkmsv1.RecordBundleSerialRequest) (*rootkmsv1.Region, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record(ctx)
+	if f.floors == nil {
+		f.floors = map[string]uint64{}
+	}
+	f.floors[req.GetRegion()] = max(f.floors[req.GetRegion()], req.GetSerial())
+	return &rootkmsv1.Region{Name: req.GetRegion(), BundleSerialFloor: f.floors[req.GetRegion()]}, nil
+}
+
+// floor returns the bundle serial floor recorded for region.
+func (f *fakeRootKMS) floor(region string) uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.floors[region]
 }
 
 var fakeNow = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)

@@ -35,6 +35,9 @@ type Input struct {
 	Serial    uint64
 	CreatedBy string
 	CreatedAt time.Time
+	// ValidFor is how long after CreatedAt the bundle may be applied (its
+	// not_after; 0: bundle.DefaultValidity). At most bundle.MaxValidity.
+	ValidFor time.Duration
 	// Parent, if set, is the bundle the region serves now.
 	Parent *bundlev1.BundleRef
 	// Teams are the valid team configs (config.LoadDir's good teams). The
@@ -56,6 +59,12 @@ type Input struct {
 	// CreatedBy. Problems of the whole bundle still prevent it.
 	AllowPartial  bool
 	PartialReason string
+	// Quotas and DefaultQuota are the per-caller quotas every KMS server of
+	// the region enforces (Bundle.quotas, default_quota), copied as given;
+	// the bundle's validation checks them. Nil: none (the servers'
+	// defaults).
+	Quotas       []*bundlev1.Quota
+	DefaultQuota *bundlev1.Quota
 }
 
 // Problem is one reason the bundle cannot be made.
@@ -104,6 +113,13 @@ func Compile(in Input) (*Result, error) {
 	if in.AllowPartial && strings.TrimSpace(in.PartialReason) == "" {
 		return nil, fmt.Errorf("compile: a partial build needs a reason")
 	}
+	validFor := in.ValidFor
+	if validFor == 0 {
+		validFor = bundle.DefaultValidity
+	}
+	if validFor < 0 || validFor > bundle.MaxValidity {
+		return nil, fmt.Errorf("compile: validity %v: must be positive and at most %v", validFor, bundle.MaxValidity)
+	}
 	cfgs := map[string]config.Keyset{}
 	for _, t := range in.Teams {
 		for _, k := range t.Keysets {
@@ -130,8 +146,13 @@ func Compile(in Input) (*Result, error) {
 		Region:        in.Region,
 		Serial:        in.Serial,
 		CreatedAt:     timestamppb.New(in.CreatedAt),
+		NotAfter:      timestamppb.New(in.CreatedAt.Add(validFor)),
 		CreatedBy:     in.CreatedBy,
 		Parent:        proto.CloneOf(in.Parent),
+		DefaultQuota:  proto.CloneOf(in.DefaultQuota),
+	}
+	for _, q := range in.Quotas {
+		b.Quotas = append(b.Quotas, proto.CloneOf(q))
 	}
 	limit := in.EncryptLimit
 	if limit == 0 {

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	"github.com/cairnkms/cairn/regionctl/compile"
@@ -160,5 +161,42 @@ func TestLifecycle(t *testing.T) {
 	k := res.Bundle.GetKeysets()[0]
 	if !cmp.Equal(res.Bundle.GetRegionKeyVersions(), []uint32{2}) || k.GetCiphertextTtl().AsDuration() != time.Hour || len(k.GetTtlHistory()) != 1 || k.GetPropagationWindow().AsDuration() != time.Minute {
 		t.Errorf("bundle = %v", res.Bundle)
+	}
+}
+
+// TestCompileNotAfter: the bundle's not_after is created_at plus ValidFor,
+// bundle.DefaultValidity when it is 0; a validity past bundle.MaxValidity
+// or negative is refused.
+func TestCompileNotAfter(t *testing.T) {
+	tests := []struct {
+		name     string
+		validFor time.Duration
+		want     time.Time // zero: refused
+	}{
+		{"default", 0, at.Add(bundle.DefaultValidity)},
+		{"a week", 7 * 24 * time.Hour, at.Add(7 * 24 * time.Hour)},
+		{"the most", bundle.MaxValidity, at.Add(bundle.MaxValidity)},
+		{"too long", bundle.MaxValidity + time.Second, time.Time{}},
+		{"negative", -time.Hour, time.Time{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res, err := compile.Compile(compile.Input{Region: "us-east", Serial: 1, CreatedBy: createdBy, CreatedAt: at, ValidFor: tt.validFor, Window: time.Minute})
+			if tt.want.IsZero() {
+				if err == nil {
+					t.Fatalf("Compile(ValidFor %v) = %v, want an error", tt.validFor, res.Bundle.GetNotAfter().AsTime())
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Compile(ValidFor %v) = %v", tt.validFor, err)
+			}
+			if got := res.Bundle.GetNotAfter().AsTime(); !got.Equal(tt.want) {
+				t.Errorf("Compile(ValidFor %v).not_after = %v, want %v", tt.validFor, got, tt.want)
+			}
+			if err := bundle.Validate(res.Bundle); err != nil {
+				t.Errorf("Validate(compiled) = %v", err)
+			}
+		})
 	}
 }

@@ -306,11 +306,32 @@ func (f *FSM) apply(s *State, cmd *statev1.Command, at time.Time) (*State, *Resu
 		return recordPropagation(s, op.RecordPropagation, at)
 	case *statev1.Command_PutRollout:
 		return putRollout(s, op.PutRollout, cmd.GetIdentity(), at)
+	case *statev1.Command_RecordBundleSerial:
+		return recordBundleSerial(s, op.RecordBundleSerial)
 	default:
 		// A oneof case the generated code knows but this switch does not:
 		// a programming error in this package, caught by the tests.
 		panic(fmt.Sprintf("fsm: unhandled command operation %T", op))
 	}
+}
+
+// recordBundleSerial raises the region's bundle serial floor to c's serial;
+// a serial at or below it changes nothing (the floor never decreases, so a
+// late or repeated record cannot lower it).
+func recordBundleSerial(s *State, c *statev1.RecordBundleSerialCommand) (*State, *Result) {
+	old, ok := s.Region(c.GetRegion())
+	if !ok {
+		return refuse(fmt.Errorf("%w: %q", ErrNoRegion, c.GetRegion()))
+	}
+	if c.GetSerial() == 0 {
+		return invalid("record_bundle_serial of %q: serial 0; serials start at 1", old.Name)
+	}
+	if c.GetSerial() <= old.BundleSerialFloor {
+		return s.clone(), &Result{Region: old} // accepted (a new index), nothing changed
+	}
+	r := old.clone()
+	r.BundleSerialFloor = c.GetSerial()
+	return s.withRegion(r), &Result{Region: r}
 }
 
 func validMember(m *statev1.MemberRecord) error {

@@ -171,6 +171,8 @@ func requestSubject(cmd *statev1.Command) (string, uint32) {
 		return subjectRegion + op.RecordPropagation.GetRegion(), 0
 	case *statev1.Command_PutRollout:
 		return subjectRollout + op.PutRollout.GetRollout().GetId(), 0
+	case *statev1.Command_RecordBundleSerial:
+		return subjectRegion + op.RecordBundleSerial.GetRegion(), 0
 	}
 	return "", 0
 }

@@ -79,6 +79,7 @@ func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {
 			Versions:          make([]*statev1.RegionKeyVersionRecord, len(r.Versions)),
 			ServedKeyVersions: r.ServedKeyVersions,
 			ServedObservedAt:  timestamp(r.ServedObservedAt),
+			BundleSerialFloor: r.BundleSerialFloor,
 		}
 		for j := range r.Versions {
 			rr.Versions[j] = &statev1.RegionKeyVersionRecord{Key: r.Versions[j].Key, Info: r.Versions[j].info()}
@@ -244,7 +245,8 @@ func (f *FSM) decodeRegion(rr *statev1.RegionRecord) (*Region, error) {
 	if !validTime(rr.GetCreatedAt()) {
 		return nil, fmt.Errorf("%w: region %q: created_at missing or invalid", ErrInvalidSnapshot, rr.GetName())
 	}
-	r := &Region{Name: rr.GetName(), CreatedAt: rr.GetCreatedAt().AsTime(), Versions: make([]Version, len(rr.GetVersions()))}
+	r := &Region{Name: rr.GetName(), CreatedAt: rr.GetCreatedAt().AsTime(), Versions: make([]Version, len(rr.GetVersions())),
+		BundleSerialFloor: rr.GetBundleSerialFloor()}
 	if ts := rr.GetServedObservedAt(); ts != nil {
 		if !validTime(ts) {
 			return nil, fmt.Errorf("%w: region %q: served_observed_at invalid", ErrInvalidSnapshot, r.Name)

@@ -76,6 +76,10 @@ type Region struct {
 	// ServedObservedAt is the time of the record_propagation command that
 	// set ServedKeyVersions.
 	ServedObservedAt time.Time
+	// BundleSerialFloor is the highest bundle serial recorded as delivered
+	// to the region's KMS servers (record_bundle_serial; 0: none). It never
+	// decreases.
+	BundleSerialFloor uint64
 }
 
 // Primary returns the region's PRIMARY version. The second result is false

@@ -147,7 +147,7 @@ func (x *SignedBundle) GetSigningKeyId() string {
 // Bundle is one region's whole serving config.
 type Bundle struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// format_version is 1.
+	// format_version is 2 (1: before not_after existed; still read).
 	FormatVersion uint32 `protobuf:"varint,1,opt,name=format_version,json=formatVersion,proto3" json:"format_version,omitempty"`
 	Region        string `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
 	// serial strictly increases per region; a KMS refuses one not above the
@@ -172,7 +172,24 @@ type Bundle struct {
 	// partial, if set, says the bundle was built without some keysets of the
 	// team files (regionctl bundle build --allow-partial); signed and audited
 	// like shrink_override.
-	Partial       *PartialBuild `protobuf:"bytes,10,opt,name=partial,proto3" json:"partial,omitempty"`
+	Partial *PartialBuild `protobuf:"bytes,10,opt,name=partial,proto3" json:"partial,omitempty"`
+	// not_after is when the bundle stops being accepted by ApplyBundle
+	// (format_version 2 and later: required, after created_at). regionctl
+	// sets it at build time (bundle build --valid-for; default 30 days). A
+	// KMS refuses to apply a bundle past its not_after, but keeps serving one
+	// it already applied (and the one it persisted) past it, reporting it as
+	// expired: serving never stops because nobody pushed. It bounds how long a
+	// signed bundle that was built but never pushed stays usable.
+	NotAfter *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
+	// quotas bound what one caller may ask of each KMS server of the region,
+	// per SPIFFE ID: the first quota whose pattern matches the caller's ID
+	// applies (regionctl writes them from its config file's "quotas"). Each
+	// server enforces them on its own: a client spread over N servers may get
+	// up to N times a quota from the region.
+	Quotas []*Quota `protobuf:"bytes,12,rep,name=quotas,proto3" json:"quotas,omitempty"`
+	// default_quota applies to callers no quota matches (its pattern is
+	// empty). Unset: the KMS server's configured default.
+	DefaultQuota  *Quota `protobuf:"bytes,13,opt,name=default_quota,json=defaultQuota,proto3" json:"default_quota,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -277,6 +294,106 @@ func (x *Bundle) GetPartial() *PartialBuild {
 	return nil
 }
 
+func (x *Bundle) GetNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+func (x *Bundle) GetQuotas() []*Quota {
+	if x != nil {
+		return x.Quotas
+	}
+	return nil
+}
+
+func (x *Bundle) GetDefaultQuota() *Quota {
+	if x != nil {
+		return x.DefaultQuota
+	}
+	return nil
+}
+
+// Quota is one caller's limits on one KMS server's data plane (kms.v1.KMS
+// and the transit API). A zero field sets no limit of its kind. A call over
+// a limit is refused with RESOURCE_EXHAUSTED and a google.rpc.RetryInfo
+// saying when to retry.
+type Quota struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// pattern is a SPIFFE ID pattern, as in ACLs ("client/us-east/*", or a
+	// full spiffe:// URI); empty only in default_quota.
+	Pattern string `protobuf:"bytes,1,opt,name=pattern,proto3" json:"pattern,omitempty"`
+	// requests_per_second is the sustained rate of calls (a batch is one
+	// call).
+	RequestsPerSecond uint32 `protobuf:"varint,2,opt,name=requests_per_second,json=requestsPerSecond,proto3" json:"requests_per_second,omitempty"`
+	// burst is how many calls may come at once above that rate (a token
+	// bucket's depth); 0 means requests_per_second (one second's worth).
+	Burst uint32 `protobuf:"varint,3,opt,name=burst,proto3" json:"burst,omitempty"`
+	// max_concurrent bounds the caller's calls in progress at once.
+	MaxConcurrent uint32 `protobuf:"varint,4,opt,name=max_concurrent,json=maxConcurrent,proto3" json:"max_concurrent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Quota) Reset() {
+	*x = Quota{}
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quota) ProtoMessage() {}
+
+func (x *Quota) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quota.ProtoReflect.Descriptor instead.
+func (*Quota) Descriptor() ([]byte, []int) {
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Quota) GetPattern() string {
+	if x != nil {
+		return x.Pattern
+	}
+	return ""
+}
+
+func (x *Quota) GetRequestsPerSecond() uint32 {
+	if x != nil {
+		return x.RequestsPerSecond
+	}
+	return 0
+}
+
+func (x *Quota) GetBurst() uint32 {
+	if x != nil {
+		return x.Burst
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxConcurrent() uint32 {
+	if x != nil {
+		return x.MaxConcurrent
+	}
+	return 0
+}
+
 // ShrinkOverride is an operator's signed permission for one bundle to
 // shrink past the guard.
 type ShrinkOverride struct {
@@ -291,7 +408,7 @@ type ShrinkOverride struct {
 
 func (x *ShrinkOverride) Reset() {
 	*x = ShrinkOverride{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -303,7 +420,7 @@ func (x *ShrinkOverride) String() string {
 func (*ShrinkOverride) ProtoMessage() {}
 
 func (x *ShrinkOverride) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[2]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -316,7 +433,7 @@ func (x *ShrinkOverride) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShrinkOverride.ProtoReflect.Descriptor instead.
 func (*ShrinkOverride) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{2}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ShrinkOverride) GetReason() string {
@@ -347,7 +464,7 @@ type PartialBuild struct {
 
 func (x *PartialBuild) Reset() {
 	*x = PartialBuild{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -359,7 +476,7 @@ func (x *PartialBuild) String() string {
 func (*PartialBuild) ProtoMessage() {}
 
 func (x *PartialBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[3]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -372,7 +489,7 @@ func (x *PartialBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartialBuild.ProtoReflect.Descriptor instead.
 func (*PartialBuild) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{3}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PartialBuild) GetReason() string {
@@ -439,7 +556,7 @@ type KeysetConfig struct {
 
 func (x *KeysetConfig) Reset() {
 	*x = KeysetConfig{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +568,7 @@ func (x *KeysetConfig) String() string {
 func (*KeysetConfig) ProtoMessage() {}
 
 func (x *KeysetConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[4]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +581,7 @@ func (x *KeysetConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysetConfig.ProtoReflect.Descriptor instead.
 func (*KeysetConfig) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{4}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KeysetConfig) GetName() string {
@@ -563,7 +680,7 @@ type TtlPeriod struct {
 
 func (x *TtlPeriod) Reset() {
 	*x = TtlPeriod{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -575,7 +692,7 @@ func (x *TtlPeriod) String() string {
 func (*TtlPeriod) ProtoMessage() {}
 
 func (x *TtlPeriod) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[5]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -588,7 +705,7 @@ func (x *TtlPeriod) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtlPeriod.ProtoReflect.Descriptor instead.
 func (*TtlPeriod) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{5}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TtlPeriod) GetTtl() *durationpb.Duration {
@@ -631,7 +748,7 @@ type VersionLifecycle struct {
 
 func (x *VersionLifecycle) Reset() {
 	*x = VersionLifecycle{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -643,7 +760,7 @@ func (x *VersionLifecycle) String() string {
 func (*VersionLifecycle) ProtoMessage() {}
 
 func (x *VersionLifecycle) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[6]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -656,7 +773,7 @@ func (x *VersionLifecycle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionLifecycle.ProtoReflect.Descriptor instead.
 func (*VersionLifecycle) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{6}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *VersionLifecycle) GetKeyId() uint32 {
@@ -709,7 +826,7 @@ type Acl struct {
 
 func (x *Acl) Reset() {
 	*x = Acl{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +838,7 @@ func (x *Acl) String() string {
 func (*Acl) ProtoMessage() {}
 
 func (x *Acl) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[7]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +851,7 @@ func (x *Acl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Acl.ProtoReflect.Descriptor instead.
 func (*Acl) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{7}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Acl) GetEncrypt() []string {
@@ -778,7 +895,7 @@ type BundleRef struct {
 
 func (x *BundleRef) Reset() {
 	*x = BundleRef{}
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +907,7 @@ func (x *BundleRef) String() string {
 func (*BundleRef) ProtoMessage() {}
 
 func (x *BundleRef) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[8]
+	mi := &file_cairn_bundle_v1_bundle_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,7 +920,7 @@ func (x *BundleRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BundleRef.ProtoReflect.Descriptor instead.
 func (*BundleRef) Descriptor() ([]byte, []int) {
-	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{8}
+	return file_cairn_bundle_v1_bundle_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *BundleRef) GetRegion() string {
@@ -835,7 +952,7 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\fSignedBundle\x12\x16\n" +
 	"\x06bundle\x18\x01 \x01(\fR\x06bundle\x12\x1c\n" +
 	"\tsignature\x18\x02 \x01(\fR\tsignature\x12$\n" +
-	"\x0esigning_key_id\x18\x03 \x01(\tR\fsigningKeyId\"\xd9\x03\n" +
+	"\x0esigning_key_id\x18\x03 \x01(\tR\fsigningKeyId\"\xff\x04\n" +
 	"\x06Bundle\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x16\n" +
@@ -849,7 +966,15 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\x06parent\x18\b \x01(\v2\x1a.cairn.bundle.v1.BundleRefR\x06parent\x12H\n" +
 	"\x0fshrink_override\x18\t \x01(\v2\x1f.cairn.bundle.v1.ShrinkOverrideR\x0eshrinkOverride\x127\n" +
 	"\apartial\x18\n" +
-	" \x01(\v2\x1d.cairn.bundle.v1.PartialBuildR\apartial\"E\n" +
+	" \x01(\v2\x1d.cairn.bundle.v1.PartialBuildR\apartial\x127\n" +
+	"\tnot_after\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\x12.\n" +
+	"\x06quotas\x18\f \x03(\v2\x16.cairn.bundle.v1.QuotaR\x06quotas\x12;\n" +
+	"\rdefault_quota\x18\r \x01(\v2\x16.cairn.bundle.v1.QuotaR\fdefaultQuota\"\x8e\x01\n" +
+	"\x05Quota\x12\x18\n" +
+	"\apattern\x18\x01 \x01(\tR\apattern\x12.\n" +
+	"\x13requests_per_second\x18\x02 \x01(\rR\x11requestsPerSecond\x12\x14\n" +
+	"\x05burst\x18\x03 \x01(\rR\x05burst\x12%\n" +
+	"\x0emax_concurrent\x18\x04 \x01(\rR\rmaxConcurrent\"E\n" +
 	"\x0eShrinkOverride\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x1b\n" +
 	"\tforced_by\x18\x02 \x01(\tR\bforcedBy\"\\\n" +
@@ -909,47 +1034,51 @@ func file_cairn_bundle_v1_bundle_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_bundle_v1_bundle_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_cairn_bundle_v1_bundle_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_cairn_bundle_v1_bundle_proto_goTypes = []any{
 	(Purpose)(0),                  // 0: cairn.bundle.v1.Purpose
 	(*SignedBundle)(nil),          // 1: cairn.bundle.v1.SignedBundle
 	(*Bundle)(nil),                // 2: cairn.bundle.v1.Bundle
-	(*ShrinkOverride)(nil),        // 3: cairn.bundle.v1.ShrinkOverride
-	(*PartialBuild)(nil),          // 4: cairn.bundle.v1.PartialBuild
-	(*KeysetConfig)(nil),          // 5: cairn.bundle.v1.KeysetConfig
-	(*TtlPeriod)(nil),             // 6: cairn.bundle.v1.TtlPeriod
-	(*VersionLifecycle)(nil),      // 7: cairn.bundle.v1.VersionLifecycle
-	(*Acl)(nil),                   // 8: cairn.bundle.v1.Acl
-	(*BundleRef)(nil),             // 9: cairn.bundle.v1.BundleRef
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
-	(*v1.EncryptedKeyset)(nil),    // 11: cairn.crypto.v1.EncryptedKeyset
-	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
+	(*Quota)(nil),                 // 3: cairn.bundle.v1.Quota
+	(*ShrinkOverride)(nil),        // 4: cairn.bundle.v1.ShrinkOverride
+	(*PartialBuild)(nil),          // 5: cairn.bundle.v1.PartialBuild
+	(*KeysetConfig)(nil),          // 6: cairn.bundle.v1.KeysetConfig
+	(*TtlPeriod)(nil),             // 7: cairn.bundle.v1.TtlPeriod
+	(*VersionLifecycle)(nil),      // 8: cairn.bundle.v1.VersionLifecycle
+	(*Acl)(nil),                   // 9: cairn.bundle.v1.Acl
+	(*BundleRef)(nil),             // 10: cairn.bundle.v1.BundleRef
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*v1.EncryptedKeyset)(nil),    // 12: cairn.crypto.v1.EncryptedKeyset
+	(*durationpb.Duration)(nil),   // 13: google.protobuf.Duration
 }
 var file_cairn_bundle_v1_bundle_proto_depIdxs = []int32{
-	10, // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
-	5,  // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
-	9,  // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
-	3,  // 3: cairn.bundle.v1.Bundle.shrink_override:type_name -> cairn.bundle.v1.ShrinkOverride
-	4,  // 4: cairn.bundle.v1.Bundle.partial:type_name -> cairn.bundle.v1.PartialBuild
-	0,  // 5: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
-	11, // 6: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
-	8,  // 7: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
-	12, // 8: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
-	12, // 9: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
-	6,  // 10: cairn.bundle.v1.KeysetConfig.ttl_history:type_name -> cairn.bundle.v1.TtlPeriod
-	7,  // 11: cairn.bundle.v1.KeysetConfig.lifecycle:type_name -> cairn.bundle.v1.VersionLifecycle
-	12, // 12: cairn.bundle.v1.KeysetConfig.propagation_window:type_name -> google.protobuf.Duration
-	12, // 13: cairn.bundle.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
-	10, // 14: cairn.bundle.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
-	10, // 15: cairn.bundle.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
-	10, // 16: cairn.bundle.v1.VersionLifecycle.propagated_everywhere:type_name -> google.protobuf.Timestamp
-	10, // 17: cairn.bundle.v1.VersionLifecycle.primary_since:type_name -> google.protobuf.Timestamp
-	10, // 18: cairn.bundle.v1.VersionLifecycle.superseded_at:type_name -> google.protobuf.Timestamp
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	11, // 0: cairn.bundle.v1.Bundle.created_at:type_name -> google.protobuf.Timestamp
+	6,  // 1: cairn.bundle.v1.Bundle.keysets:type_name -> cairn.bundle.v1.KeysetConfig
+	10, // 2: cairn.bundle.v1.Bundle.parent:type_name -> cairn.bundle.v1.BundleRef
+	4,  // 3: cairn.bundle.v1.Bundle.shrink_override:type_name -> cairn.bundle.v1.ShrinkOverride
+	5,  // 4: cairn.bundle.v1.Bundle.partial:type_name -> cairn.bundle.v1.PartialBuild
+	11, // 5: cairn.bundle.v1.Bundle.not_after:type_name -> google.protobuf.Timestamp
+	3,  // 6: cairn.bundle.v1.Bundle.quotas:type_name -> cairn.bundle.v1.Quota
+	3,  // 7: cairn.bundle.v1.Bundle.default_quota:type_name -> cairn.bundle.v1.Quota
+	0,  // 8: cairn.bundle.v1.KeysetConfig.purpose:type_name -> cairn.bundle.v1.Purpose
+	12, // 9: cairn.bundle.v1.KeysetConfig.keyset:type_name -> cairn.crypto.v1.EncryptedKeyset
+	9,  // 10: cairn.bundle.v1.KeysetConfig.acl:type_name -> cairn.bundle.v1.Acl
+	13, // 11: cairn.bundle.v1.KeysetConfig.rotation_period:type_name -> google.protobuf.Duration
+	13, // 12: cairn.bundle.v1.KeysetConfig.ciphertext_ttl:type_name -> google.protobuf.Duration
+	7,  // 13: cairn.bundle.v1.KeysetConfig.ttl_history:type_name -> cairn.bundle.v1.TtlPeriod
+	8,  // 14: cairn.bundle.v1.KeysetConfig.lifecycle:type_name -> cairn.bundle.v1.VersionLifecycle
+	13, // 15: cairn.bundle.v1.KeysetConfig.propagation_window:type_name -> google.protobuf.Duration
+	13, // 16: cairn.bundle.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	11, // 17: cairn.bundle.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	11, // 18: cairn.bundle.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	11, // 19: cairn.bundle.v1.VersionLifecycle.propagated_everywhere:type_name -> google.protobuf.Timestamp
+	11, // 20: cairn.bundle.v1.VersionLifecycle.primary_since:type_name -> google.protobuf.Timestamp
+	11, // 21: cairn.bundle.v1.VersionLifecycle.superseded_at:type_name -> google.protobuf.Timestamp
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_cairn_bundle_v1_bundle_proto_init() }
@@ -963,7 +1092,7 @@ func file_cairn_bundle_v1_bundle_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_bundle_v1_bundle_proto_rawDesc), len(file_cairn_bundle_v1_bundle_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

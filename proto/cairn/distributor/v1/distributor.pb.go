@@ -91,6 +91,10 @@ const (
 	CeremonyKind_CEREMONY_KIND_UNSEAL CeremonyKind = 1
 	// PROVISION: the genesis process hands over the whole RMK once.
 	CeremonyKind_CEREMONY_KIND_PROVISION CeremonyKind = 2
+	// REKEY: K of N officers release their shares; the distributor rebuilds
+	// the RMK, splits it anew for the ceremony's rekey plan and seals each new
+	// share to its new safe's recipient key.
+	CeremonyKind_CEREMONY_KIND_REKEY CeremonyKind = 3
 )
 
 // Enum value maps for CeremonyKind.
@@ -99,11 +103,13 @@ var (
 		0: "CEREMONY_KIND_UNSPECIFIED",
 		1: "CEREMONY_KIND_UNSEAL",
 		2: "CEREMONY_KIND_PROVISION",
+		3: "CEREMONY_KIND_REKEY",
 	}
 	CeremonyKind_value = map[string]int32{
 		"CEREMONY_KIND_UNSPECIFIED": 0,
 		"CEREMONY_KIND_UNSEAL":      1,
 		"CEREMONY_KIND_PROVISION":   2,
+		"CEREMONY_KIND_REKEY":       3,
 	}
 )
 
@@ -140,7 +146,8 @@ const (
 	CeremonyState_CEREMONY_STATE_UNSPECIFIED CeremonyState = 0
 	// OPEN: accepting shares until the threshold or the expiry.
 	CeremonyState_CEREMONY_STATE_OPEN CeremonyState = 1
-	// SUCCEEDED: the RMK was reconstructed, matched the KCV and is loaded.
+	// SUCCEEDED: the RMK was reconstructed, matched the KCV and is loaded (a
+	// REKEY ceremony: re-split; see rekeyed_manifest and rekeyed_shares).
 	CeremonyState_CEREMONY_STATE_SUCCEEDED CeremonyState = 2
 	// FAILED: reconstruction did not match the KCV; shares were wiped.
 	CeremonyState_CEREMONY_STATE_FAILED CeremonyState = 3
@@ -250,9 +257,16 @@ type GetStatusResponse struct {
 	// last_handout is the most recent successful FetchRootKey.
 	LastHandout *Handout `protobuf:"bytes,7,opt,name=last_handout,json=lastHandout,proto3" json:"last_handout,omitempty"`
 	// ceremony is the open ceremony, if any.
-	Ceremony      *Ceremony `protobuf:"bytes,8,opt,name=ceremony,proto3" json:"ceremony,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Ceremony *Ceremony `protobuf:"bytes,8,opt,name=ceremony,proto3" json:"ceremony,omitempty"`
+	// emergency_sealed: sealed by an emergency Seal; the distributor fetches
+	// from no peer until an unseal ceremony succeeds.
+	EmergencySealed bool `protobuf:"varint,9,opt,name=emergency_sealed,json=emergencySealed,proto3" json:"emergency_sealed,omitempty"`
+	// epoch is the pinned manifest's epoch (incremented by each rekey).
+	Epoch uint32 `protobuf:"varint,10,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// manifest_sha256 is safe.ManifestHash of the pinned manifest.
+	ManifestSha256 []byte `protobuf:"bytes,11,opt,name=manifest_sha256,json=manifestSha256,proto3" json:"manifest_sha256,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -337,6 +351,27 @@ func (x *GetStatusResponse) GetLastHandout() *Handout {
 func (x *GetStatusResponse) GetCeremony() *Ceremony {
 	if x != nil {
 		return x.Ceremony
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetEmergencySealed() bool {
+	if x != nil {
+		return x.EmergencySealed
+	}
+	return false
+}
+
+func (x *GetStatusResponse) GetEpoch() uint32 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *GetStatusResponse) GetManifestSha256() []byte {
+	if x != nil {
+		return x.ManifestSha256
 	}
 	return nil
 }
@@ -600,7 +635,10 @@ type OpenCeremonyRequest struct {
 	// manifest is the serialized cairn.safe.v1.GenesisManifest for a PROVISION
 	// ceremony; an UNSEAL ceremony uses the manifest the distributor is
 	// configured with and must leave this empty.
-	Manifest      []byte `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	Manifest []byte `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	// rekey is the plan of a REKEY ceremony (required for one, refused for
+	// any other kind).
+	Rekey         *RekeyPlan `protobuf:"bytes,4,opt,name=rekey,proto3" json:"rekey,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -656,6 +694,140 @@ func (x *OpenCeremonyRequest) GetManifest() []byte {
 	return nil
 }
 
+func (x *OpenCeremonyRequest) GetRekey() *RekeyPlan {
+	if x != nil {
+		return x.Rekey
+	}
+	return nil
+}
+
+// RekeyPlan says how a REKEY ceremony splits the RMK anew.
+type RekeyPlan struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// threshold is the new K (2 <= K <= len(slots)).
+	Threshold uint32 `protobuf:"varint,1,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	// slots are the new safes; new share i (1-based) goes to slots[i-1].
+	Slots         []*RekeySlot `protobuf:"bytes,2,rep,name=slots,proto3" json:"slots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RekeyPlan) Reset() {
+	*x = RekeyPlan{}
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RekeyPlan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RekeyPlan) ProtoMessage() {}
+
+func (x *RekeyPlan) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RekeyPlan.ProtoReflect.Descriptor instead.
+func (*RekeyPlan) Descriptor() ([]byte, []int) {
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RekeyPlan) GetThreshold() uint32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *RekeyPlan) GetSlots() []*RekeySlot {
+	if x != nil {
+		return x.Slots
+	}
+	return nil
+}
+
+type RekeySlot struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SafeLabel string                 `protobuf:"bytes,1,opt,name=safe_label,json=safeLabel,proto3" json:"safe_label,omitempty"`
+	// safe_kind is "pkcs11" or "insecure-file".
+	SafeKind string `protobuf:"bytes,2,opt,name=safe_kind,json=safeKind,proto3" json:"safe_kind,omitempty"`
+	// officer, if set, is the SPIFFE ID the new share is bound to.
+	Officer string `protobuf:"bytes,3,opt,name=officer,proto3" json:"officer,omitempty"`
+	// recipient is the key the new share is sealed to: an ephemeral key of
+	// the process that seals the share into the safe.
+	Recipient     *v1.HpkePublicKey `protobuf:"bytes,4,opt,name=recipient,proto3" json:"recipient,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RekeySlot) Reset() {
+	*x = RekeySlot{}
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RekeySlot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RekeySlot) ProtoMessage() {}
+
+func (x *RekeySlot) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RekeySlot.ProtoReflect.Descriptor instead.
+func (*RekeySlot) Descriptor() ([]byte, []int) {
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RekeySlot) GetSafeLabel() string {
+	if x != nil {
+		return x.SafeLabel
+	}
+	return ""
+}
+
+func (x *RekeySlot) GetSafeKind() string {
+	if x != nil {
+		return x.SafeKind
+	}
+	return ""
+}
+
+func (x *RekeySlot) GetOfficer() string {
+	if x != nil {
+		return x.Officer
+	}
+	return ""
+}
+
+func (x *RekeySlot) GetRecipient() *v1.HpkePublicKey {
+	if x != nil {
+		return x.Recipient
+	}
+	return nil
+}
+
 type Ceremony struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -674,14 +846,23 @@ type Ceremony struct {
 	OpenedAt    *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=opened_at,json=openedAt,proto3" json:"opened_at,omitempty"`
 	ExpiresAt   *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
 	// detail explains a FAILED, CANCELLED or EXPIRED state.
-	Detail        string `protobuf:"bytes,11,opt,name=detail,proto3" json:"detail,omitempty"`
+	Detail string `protobuf:"bytes,11,opt,name=detail,proto3" json:"detail,omitempty"`
+	// rekeyed_manifest is the serialized cairn.safe.v1.GenesisManifest a
+	// SUCCEEDED REKEY ceremony made (public).
+	RekeyedManifest []byte `protobuf:"bytes,12,opt,name=rekeyed_manifest,json=rekeyedManifest,proto3" json:"rekeyed_manifest,omitempty"`
+	// rekeyed_shares[i] is new share i+1, a serialized
+	// cairn.safe.v1.ReleasedShare sealed to the plan's slots[i].recipient with
+	// HPKE info "cairn/distributor/v1/rekey-share\x00" || ceremony_id ||
+	// "\x00" || genesis_id || "\x00" || decimal new epoch || "\x00" ||
+	// decimal index.
+	RekeyedShares []*v1.HpkeSealed `protobuf:"bytes,13,rep,name=rekeyed_shares,json=rekeyedShares,proto3" json:"rekeyed_shares,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Ceremony) Reset() {
 	*x = Ceremony{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[7]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +874,7 @@ func (x *Ceremony) String() string {
 func (*Ceremony) ProtoMessage() {}
 
 func (x *Ceremony) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[7]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +887,7 @@ func (x *Ceremony) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ceremony.ProtoReflect.Descriptor instead.
 func (*Ceremony) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{7}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Ceremony) GetId() string {
@@ -786,6 +967,20 @@ func (x *Ceremony) GetDetail() string {
 	return ""
 }
 
+func (x *Ceremony) GetRekeyedManifest() []byte {
+	if x != nil {
+		return x.RekeyedManifest
+	}
+	return nil
+}
+
+func (x *Ceremony) GetRekeyedShares() []*v1.HpkeSealed {
+	if x != nil {
+		return x.RekeyedShares
+	}
+	return nil
+}
+
 type SubmitShareRequest struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	CeremonyId string                 `protobuf:"bytes,1,opt,name=ceremony_id,json=ceremonyId,proto3" json:"ceremony_id,omitempty"`
@@ -801,7 +996,7 @@ type SubmitShareRequest struct {
 
 func (x *SubmitShareRequest) Reset() {
 	*x = SubmitShareRequest{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[8]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -813,7 +1008,7 @@ func (x *SubmitShareRequest) String() string {
 func (*SubmitShareRequest) ProtoMessage() {}
 
 func (x *SubmitShareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[8]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -826,7 +1021,7 @@ func (x *SubmitShareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitShareRequest.ProtoReflect.Descriptor instead.
 func (*SubmitShareRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{8}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SubmitShareRequest) GetCeremonyId() string {
@@ -859,7 +1054,7 @@ type SubmitShareResponse struct {
 
 func (x *SubmitShareResponse) Reset() {
 	*x = SubmitShareResponse{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[9]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1066,7 @@ func (x *SubmitShareResponse) String() string {
 func (*SubmitShareResponse) ProtoMessage() {}
 
 func (x *SubmitShareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[9]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1079,7 @@ func (x *SubmitShareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitShareResponse.ProtoReflect.Descriptor instead.
 func (*SubmitShareResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{9}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SubmitShareResponse) GetCeremony() *Ceremony {
@@ -907,7 +1102,7 @@ type ProvisionRootKeyRequest struct {
 
 func (x *ProvisionRootKeyRequest) Reset() {
 	*x = ProvisionRootKeyRequest{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[10]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -919,7 +1114,7 @@ func (x *ProvisionRootKeyRequest) String() string {
 func (*ProvisionRootKeyRequest) ProtoMessage() {}
 
 func (x *ProvisionRootKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[10]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -932,7 +1127,7 @@ func (x *ProvisionRootKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProvisionRootKeyRequest.ProtoReflect.Descriptor instead.
 func (*ProvisionRootKeyRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{10}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProvisionRootKeyRequest) GetCeremonyId() string {
@@ -958,7 +1153,7 @@ type ProvisionRootKeyResponse struct {
 
 func (x *ProvisionRootKeyResponse) Reset() {
 	*x = ProvisionRootKeyResponse{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[11]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -970,7 +1165,7 @@ func (x *ProvisionRootKeyResponse) String() string {
 func (*ProvisionRootKeyResponse) ProtoMessage() {}
 
 func (x *ProvisionRootKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[11]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -983,7 +1178,7 @@ func (x *ProvisionRootKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProvisionRootKeyResponse.ProtoReflect.Descriptor instead.
 func (*ProvisionRootKeyResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{11}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProvisionRootKeyResponse) GetCeremony() *Ceremony {
@@ -1002,7 +1197,7 @@ type GetCeremonyRequest struct {
 
 func (x *GetCeremonyRequest) Reset() {
 	*x = GetCeremonyRequest{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[12]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1209,7 @@ func (x *GetCeremonyRequest) String() string {
 func (*GetCeremonyRequest) ProtoMessage() {}
 
 func (x *GetCeremonyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[12]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1222,7 @@ func (x *GetCeremonyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCeremonyRequest.ProtoReflect.Descriptor instead.
 func (*GetCeremonyRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{12}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetCeremonyRequest) GetCeremonyId() string {
@@ -1048,7 +1243,7 @@ type CancelCeremonyRequest struct {
 
 func (x *CancelCeremonyRequest) Reset() {
 	*x = CancelCeremonyRequest{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[13]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1060,7 +1255,7 @@ func (x *CancelCeremonyRequest) String() string {
 func (*CancelCeremonyRequest) ProtoMessage() {}
 
 func (x *CancelCeremonyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[13]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1073,7 +1268,7 @@ func (x *CancelCeremonyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelCeremonyRequest.ProtoReflect.Descriptor instead.
 func (*CancelCeremonyRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{13}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelCeremonyRequest) GetCeremonyId() string {
@@ -1093,14 +1288,18 @@ func (x *CancelCeremonyRequest) GetReason() string {
 type SealRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// reason is recorded in the audit log; required.
-	Reason        string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// emergency keeps the distributor sealed: it stops fetching from peers
+	// until an unseal ceremony succeeds (a restart forgets it: the state is in
+	// RAM only, like the key).
+	Emergency     bool `protobuf:"varint,2,opt,name=emergency,proto3" json:"emergency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SealRequest) Reset() {
 	*x = SealRequest{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[14]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1311,7 @@ func (x *SealRequest) String() string {
 func (*SealRequest) ProtoMessage() {}
 
 func (x *SealRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[14]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1324,7 @@ func (x *SealRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealRequest.ProtoReflect.Descriptor instead.
 func (*SealRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{14}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SealRequest) GetReason() string {
@@ -1133,6 +1332,13 @@ func (x *SealRequest) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *SealRequest) GetEmergency() bool {
+	if x != nil {
+		return x.Emergency
+	}
+	return false
 }
 
 type SealResponse struct {
@@ -1144,7 +1350,7 @@ type SealResponse struct {
 
 func (x *SealResponse) Reset() {
 	*x = SealResponse{}
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[15]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1362,7 @@ func (x *SealResponse) String() string {
 func (*SealResponse) ProtoMessage() {}
 
 func (x *SealResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[15]
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1375,7 @@ func (x *SealResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealResponse.ProtoReflect.Descriptor instead.
 func (*SealResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{15}
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SealResponse) GetState() SealState {
@@ -1179,12 +1385,119 @@ func (x *SealResponse) GetState() SealState {
 	return SealState_SEAL_STATE_UNSPECIFIED
 }
 
+type InstallManifestRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// manifest is a serialized cairn.safe.v1.GenesisManifest (JSON or
+	// binary).
+	Manifest      []byte `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InstallManifestRequest) Reset() {
+	*x = InstallManifestRequest{}
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InstallManifestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InstallManifestRequest) ProtoMessage() {}
+
+func (x *InstallManifestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InstallManifestRequest.ProtoReflect.Descriptor instead.
+func (*InstallManifestRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *InstallManifestRequest) GetManifest() []byte {
+	if x != nil {
+		return x.Manifest
+	}
+	return nil
+}
+
+type InstallManifestResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Epoch          uint32                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	ManifestSha256 []byte                 `protobuf:"bytes,2,opt,name=manifest_sha256,json=manifestSha256,proto3" json:"manifest_sha256,omitempty"`
+	// changed is false if the manifest was pinned already.
+	Changed       bool `protobuf:"varint,3,opt,name=changed,proto3" json:"changed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InstallManifestResponse) Reset() {
+	*x = InstallManifestResponse{}
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InstallManifestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InstallManifestResponse) ProtoMessage() {}
+
+func (x *InstallManifestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_distributor_v1_distributor_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InstallManifestResponse.ProtoReflect.Descriptor instead.
+func (*InstallManifestResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_distributor_v1_distributor_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *InstallManifestResponse) GetEpoch() uint32 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *InstallManifestResponse) GetManifestSha256() []byte {
+	if x != nil {
+		return x.ManifestSha256
+	}
+	return nil
+}
+
+func (x *InstallManifestResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
 var File_cairn_distributor_v1_distributor_proto protoreflect.FileDescriptor
 
 const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"\n" +
 	"&cairn/distributor/v1/distributor.proto\x12\x14cairn.distributor.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n" +
-	"\x10GetStatusRequest\"\x8f\x03\n" +
+	"\x10GetStatusRequest\"\xf9\x03\n" +
 	"\x11GetStatusResponse\x125\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x1f.cairn.distributor.v1.SealStateR\x05state\x12\x1d\n" +
 	"\n" +
@@ -1196,7 +1509,11 @@ const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"unsealedBy\x126\n" +
 	"\x05peers\x18\x06 \x03(\v2 .cairn.distributor.v1.PeerStatusR\x05peers\x12@\n" +
 	"\flast_handout\x18\a \x01(\v2\x1d.cairn.distributor.v1.HandoutR\vlastHandout\x12:\n" +
-	"\bceremony\x18\b \x01(\v2\x1e.cairn.distributor.v1.CeremonyR\bceremony\"\xc5\x01\n" +
+	"\bceremony\x18\b \x01(\v2\x1e.cairn.distributor.v1.CeremonyR\bceremony\x12)\n" +
+	"\x10emergency_sealed\x18\t \x01(\bR\x0femergencySealed\x12\x14\n" +
+	"\x05epoch\x18\n" +
+	" \x01(\rR\x05epoch\x12'\n" +
+	"\x0fmanifest_sha256\x18\v \x01(\fR\x0emanifestSha256\"\xc5\x01\n" +
 	"\n" +
 	"PeerStatus\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x0e\n" +
@@ -1216,12 +1533,22 @@ const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"\x0fsealed_root_key\x18\x01 \x01(\v2\x1b.cairn.crypto.v1.HpkeSealedR\rsealedRootKey\x12\x1d\n" +
 	"\n" +
 	"genesis_id\x18\x02 \x01(\tR\tgenesisId\x12\x10\n" +
-	"\x03kcv\x18\x03 \x01(\fR\x03kcv\"\x8a\x01\n" +
+	"\x03kcv\x18\x03 \x01(\fR\x03kcv\"\xc1\x01\n" +
 	"\x13OpenCeremonyRequest\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".cairn.distributor.v1.CeremonyKindR\x04kind\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\rR\n" +
 	"ttlSeconds\x12\x1a\n" +
-	"\bmanifest\x18\x03 \x01(\fR\bmanifest\"\xe0\x03\n" +
+	"\bmanifest\x18\x03 \x01(\fR\bmanifest\x125\n" +
+	"\x05rekey\x18\x04 \x01(\v2\x1f.cairn.distributor.v1.RekeyPlanR\x05rekey\"`\n" +
+	"\tRekeyPlan\x12\x1c\n" +
+	"\tthreshold\x18\x01 \x01(\rR\tthreshold\x125\n" +
+	"\x05slots\x18\x02 \x03(\v2\x1f.cairn.distributor.v1.RekeySlotR\x05slots\"\x9f\x01\n" +
+	"\tRekeySlot\x12\x1d\n" +
+	"\n" +
+	"safe_label\x18\x01 \x01(\tR\tsafeLabel\x12\x1b\n" +
+	"\tsafe_kind\x18\x02 \x01(\tR\bsafeKind\x12\x18\n" +
+	"\aofficer\x18\x03 \x01(\tR\aofficer\x12<\n" +
+	"\trecipient\x18\x04 \x01(\v2\x1e.cairn.crypto.v1.HpkePublicKeyR\trecipient\"\xcf\x04\n" +
 	"\bCeremony\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x126\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\".cairn.distributor.v1.CeremonyKindR\x04kind\x129\n" +
@@ -1236,7 +1563,9 @@ const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"\n" +
 	"expires_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x16\n" +
-	"\x06detail\x18\v \x01(\tR\x06detail\"\x96\x01\n" +
+	"\x06detail\x18\v \x01(\tR\x06detail\x12)\n" +
+	"\x10rekeyed_manifest\x18\f \x01(\fR\x0frekeyedManifest\x12B\n" +
+	"\x0erekeyed_shares\x18\r \x03(\v2\x1b.cairn.crypto.v1.HpkeSealedR\rrekeyedShares\"\x96\x01\n" +
 	"\x12SubmitShareRequest\x12\x1f\n" +
 	"\vceremony_id\x18\x01 \x01(\tR\n" +
 	"ceremonyId\x12\x1f\n" +
@@ -1257,26 +1586,34 @@ const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"\x15CancelCeremonyRequest\x12\x1f\n" +
 	"\vceremony_id\x18\x01 \x01(\tR\n" +
 	"ceremonyId\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"%\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"C\n" +
 	"\vSealRequest\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"E\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x1c\n" +
+	"\temergency\x18\x02 \x01(\bR\temergency\"E\n" +
 	"\fSealResponse\x125\n" +
-	"\x05state\x18\x01 \x01(\x0e2\x1f.cairn.distributor.v1.SealStateR\x05state*W\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x1f.cairn.distributor.v1.SealStateR\x05state\"4\n" +
+	"\x16InstallManifestRequest\x12\x1a\n" +
+	"\bmanifest\x18\x01 \x01(\fR\bmanifest\"r\n" +
+	"\x17InstallManifestResponse\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\rR\x05epoch\x12'\n" +
+	"\x0fmanifest_sha256\x18\x02 \x01(\fR\x0emanifestSha256\x12\x18\n" +
+	"\achanged\x18\x03 \x01(\bR\achanged*W\n" +
 	"\tSealState\x12\x1a\n" +
 	"\x16SEAL_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11SEAL_STATE_SEALED\x10\x01\x12\x17\n" +
-	"\x13SEAL_STATE_UNSEALED\x10\x02*d\n" +
+	"\x13SEAL_STATE_UNSEALED\x10\x02*}\n" +
 	"\fCeremonyKind\x12\x1d\n" +
 	"\x19CEREMONY_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CEREMONY_KIND_UNSEAL\x10\x01\x12\x1b\n" +
-	"\x17CEREMONY_KIND_PROVISION\x10\x02*\xbb\x01\n" +
+	"\x17CEREMONY_KIND_PROVISION\x10\x02\x12\x17\n" +
+	"\x13CEREMONY_KIND_REKEY\x10\x03*\xbb\x01\n" +
 	"\rCeremonyState\x12\x1e\n" +
 	"\x1aCEREMONY_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13CEREMONY_STATE_OPEN\x10\x01\x12\x1c\n" +
 	"\x18CEREMONY_STATE_SUCCEEDED\x10\x02\x12\x19\n" +
 	"\x15CEREMONY_STATE_FAILED\x10\x03\x12\x1c\n" +
 	"\x18CEREMONY_STATE_CANCELLED\x10\x04\x12\x1a\n" +
-	"\x16CEREMONY_STATE_EXPIRED\x10\x052\x8b\x06\n" +
+	"\x16CEREMONY_STATE_EXPIRED\x10\x052\xfb\x06\n" +
 	"\vDistributor\x12\\\n" +
 	"\tGetStatus\x12&.cairn.distributor.v1.GetStatusRequest\x1a'.cairn.distributor.v1.GetStatusResponse\x12e\n" +
 	"\fFetchRootKey\x12).cairn.distributor.v1.FetchRootKeyRequest\x1a*.cairn.distributor.v1.FetchRootKeyResponse\x12Y\n" +
@@ -1285,7 +1622,8 @@ const file_cairn_distributor_v1_distributor_proto_rawDesc = "" +
 	"\x10ProvisionRootKey\x12-.cairn.distributor.v1.ProvisionRootKeyRequest\x1a..cairn.distributor.v1.ProvisionRootKeyResponse\x12W\n" +
 	"\vGetCeremony\x12(.cairn.distributor.v1.GetCeremonyRequest\x1a\x1e.cairn.distributor.v1.Ceremony\x12]\n" +
 	"\x0eCancelCeremony\x12+.cairn.distributor.v1.CancelCeremonyRequest\x1a\x1e.cairn.distributor.v1.Ceremony\x12M\n" +
-	"\x04Seal\x12!.cairn.distributor.v1.SealRequest\x1a\".cairn.distributor.v1.SealResponseBDZBgithub.com/cairnkms/cairn/proto/cairn/distributor/v1;distributorv1b\x06proto3"
+	"\x04Seal\x12!.cairn.distributor.v1.SealRequest\x1a\".cairn.distributor.v1.SealResponse\x12n\n" +
+	"\x0fInstallManifest\x12,.cairn.distributor.v1.InstallManifestRequest\x1a-.cairn.distributor.v1.InstallManifestResponseBDZBgithub.com/cairnkms/cairn/proto/cairn/distributor/v1;distributorv1b\x06proto3"
 
 var (
 	file_cairn_distributor_v1_distributor_proto_rawDescOnce sync.Once
@@ -1300,7 +1638,7 @@ func file_cairn_distributor_v1_distributor_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_distributor_v1_distributor_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_cairn_distributor_v1_distributor_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_cairn_distributor_v1_distributor_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_cairn_distributor_v1_distributor_proto_goTypes = []any{
 	(SealState)(0),                   // 0: cairn.distributor.v1.SealState
 	(CeremonyKind)(0),                // 1: cairn.distributor.v1.CeremonyKind
@@ -1312,62 +1650,72 @@ var file_cairn_distributor_v1_distributor_proto_goTypes = []any{
 	(*FetchRootKeyRequest)(nil),      // 7: cairn.distributor.v1.FetchRootKeyRequest
 	(*FetchRootKeyResponse)(nil),     // 8: cairn.distributor.v1.FetchRootKeyResponse
 	(*OpenCeremonyRequest)(nil),      // 9: cairn.distributor.v1.OpenCeremonyRequest
-	(*Ceremony)(nil),                 // 10: cairn.distributor.v1.Ceremony
-	(*SubmitShareRequest)(nil),       // 11: cairn.distributor.v1.SubmitShareRequest
-	(*SubmitShareResponse)(nil),      // 12: cairn.distributor.v1.SubmitShareResponse
-	(*ProvisionRootKeyRequest)(nil),  // 13: cairn.distributor.v1.ProvisionRootKeyRequest
-	(*ProvisionRootKeyResponse)(nil), // 14: cairn.distributor.v1.ProvisionRootKeyResponse
-	(*GetCeremonyRequest)(nil),       // 15: cairn.distributor.v1.GetCeremonyRequest
-	(*CancelCeremonyRequest)(nil),    // 16: cairn.distributor.v1.CancelCeremonyRequest
-	(*SealRequest)(nil),              // 17: cairn.distributor.v1.SealRequest
-	(*SealResponse)(nil),             // 18: cairn.distributor.v1.SealResponse
-	(*timestamppb.Timestamp)(nil),    // 19: google.protobuf.Timestamp
-	(*v1.HpkePublicKey)(nil),         // 20: cairn.crypto.v1.HpkePublicKey
-	(*v1.HpkeSealed)(nil),            // 21: cairn.crypto.v1.HpkeSealed
+	(*RekeyPlan)(nil),                // 10: cairn.distributor.v1.RekeyPlan
+	(*RekeySlot)(nil),                // 11: cairn.distributor.v1.RekeySlot
+	(*Ceremony)(nil),                 // 12: cairn.distributor.v1.Ceremony
+	(*SubmitShareRequest)(nil),       // 13: cairn.distributor.v1.SubmitShareRequest
+	(*SubmitShareResponse)(nil),      // 14: cairn.distributor.v1.SubmitShareResponse
+	(*ProvisionRootKeyRequest)(nil),  // 15: cairn.distributor.v1.ProvisionRootKeyRequest
+	(*ProvisionRootKeyResponse)(nil), // 16: cairn.distributor.v1.ProvisionRootKeyResponse
+	(*GetCeremonyRequest)(nil),       // 17: cairn.distributor.v1.GetCeremonyRequest
+	(*CancelCeremonyRequest)(nil),    // 18: cairn.distributor.v1.CancelCeremonyRequest
+	(*SealRequest)(nil),              // 19: cairn.distributor.v1.SealRequest
+	(*SealResponse)(nil),             // 20: cairn.distributor.v1.SealResponse
+	(*InstallManifestRequest)(nil),   // 21: cairn.distributor.v1.InstallManifestRequest
+	(*InstallManifestResponse)(nil),  // 22: cairn.distributor.v1.InstallManifestResponse
+	(*timestamppb.Timestamp)(nil),    // 23: google.protobuf.Timestamp
+	(*v1.HpkePublicKey)(nil),         // 24: cairn.crypto.v1.HpkePublicKey
+	(*v1.HpkeSealed)(nil),            // 25: cairn.crypto.v1.HpkeSealed
 }
 var file_cairn_distributor_v1_distributor_proto_depIdxs = []int32{
 	0,  // 0: cairn.distributor.v1.GetStatusResponse.state:type_name -> cairn.distributor.v1.SealState
-	19, // 1: cairn.distributor.v1.GetStatusResponse.unsealed_at:type_name -> google.protobuf.Timestamp
+	23, // 1: cairn.distributor.v1.GetStatusResponse.unsealed_at:type_name -> google.protobuf.Timestamp
 	5,  // 2: cairn.distributor.v1.GetStatusResponse.peers:type_name -> cairn.distributor.v1.PeerStatus
 	6,  // 3: cairn.distributor.v1.GetStatusResponse.last_handout:type_name -> cairn.distributor.v1.Handout
-	10, // 4: cairn.distributor.v1.GetStatusResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
+	12, // 4: cairn.distributor.v1.GetStatusResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
 	0,  // 5: cairn.distributor.v1.PeerStatus.state:type_name -> cairn.distributor.v1.SealState
-	19, // 6: cairn.distributor.v1.PeerStatus.last_seen:type_name -> google.protobuf.Timestamp
-	19, // 7: cairn.distributor.v1.Handout.time:type_name -> google.protobuf.Timestamp
-	20, // 8: cairn.distributor.v1.FetchRootKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
-	21, // 9: cairn.distributor.v1.FetchRootKeyResponse.sealed_root_key:type_name -> cairn.crypto.v1.HpkeSealed
+	23, // 6: cairn.distributor.v1.PeerStatus.last_seen:type_name -> google.protobuf.Timestamp
+	23, // 7: cairn.distributor.v1.Handout.time:type_name -> google.protobuf.Timestamp
+	24, // 8: cairn.distributor.v1.FetchRootKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	25, // 9: cairn.distributor.v1.FetchRootKeyResponse.sealed_root_key:type_name -> cairn.crypto.v1.HpkeSealed
 	1,  // 10: cairn.distributor.v1.OpenCeremonyRequest.kind:type_name -> cairn.distributor.v1.CeremonyKind
-	1,  // 11: cairn.distributor.v1.Ceremony.kind:type_name -> cairn.distributor.v1.CeremonyKind
-	2,  // 12: cairn.distributor.v1.Ceremony.state:type_name -> cairn.distributor.v1.CeremonyState
-	20, // 13: cairn.distributor.v1.Ceremony.ceremony_key:type_name -> cairn.crypto.v1.HpkePublicKey
-	19, // 14: cairn.distributor.v1.Ceremony.opened_at:type_name -> google.protobuf.Timestamp
-	19, // 15: cairn.distributor.v1.Ceremony.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 16: cairn.distributor.v1.SubmitShareRequest.sealed_share:type_name -> cairn.crypto.v1.HpkeSealed
-	10, // 17: cairn.distributor.v1.SubmitShareResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
-	21, // 18: cairn.distributor.v1.ProvisionRootKeyRequest.sealed_root_key:type_name -> cairn.crypto.v1.HpkeSealed
-	10, // 19: cairn.distributor.v1.ProvisionRootKeyResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
-	0,  // 20: cairn.distributor.v1.SealResponse.state:type_name -> cairn.distributor.v1.SealState
-	3,  // 21: cairn.distributor.v1.Distributor.GetStatus:input_type -> cairn.distributor.v1.GetStatusRequest
-	7,  // 22: cairn.distributor.v1.Distributor.FetchRootKey:input_type -> cairn.distributor.v1.FetchRootKeyRequest
-	9,  // 23: cairn.distributor.v1.Distributor.OpenCeremony:input_type -> cairn.distributor.v1.OpenCeremonyRequest
-	11, // 24: cairn.distributor.v1.Distributor.SubmitShare:input_type -> cairn.distributor.v1.SubmitShareRequest
-	13, // 25: cairn.distributor.v1.Distributor.ProvisionRootKey:input_type -> cairn.distributor.v1.ProvisionRootKeyRequest
-	15, // 26: cairn.distributor.v1.Distributor.GetCeremony:input_type -> cairn.distributor.v1.GetCeremonyRequest
-	16, // 27: cairn.distributor.v1.Distributor.CancelCeremony:input_type -> cairn.distributor.v1.CancelCeremonyRequest
-	17, // 28: cairn.distributor.v1.Distributor.Seal:input_type -> cairn.distributor.v1.SealRequest
-	4,  // 29: cairn.distributor.v1.Distributor.GetStatus:output_type -> cairn.distributor.v1.GetStatusResponse
-	8,  // 30: cairn.distributor.v1.Distributor.FetchRootKey:output_type -> cairn.distributor.v1.FetchRootKeyResponse
-	10, // 31: cairn.distributor.v1.Distributor.OpenCeremony:output_type -> cairn.distributor.v1.Ceremony
-	12, // 32: cairn.distributor.v1.Distributor.SubmitShare:output_type -> cairn.distributor.v1.SubmitShareResponse
-	14, // 33: cairn.distributor.v1.Distributor.ProvisionRootKey:output_type -> cairn.distributor.v1.ProvisionRootKeyResponse
-	10, // 34: cairn.distributor.v1.Distributor.GetCeremony:output_type -> cairn.distributor.v1.Ceremony
-	10, // 35: cairn.distributor.v1.Distributor.CancelCeremony:output_type -> cairn.distributor.v1.Ceremony
-	18, // 36: cairn.distributor.v1.Distributor.Seal:output_type -> cairn.distributor.v1.SealResponse
-	29, // [29:37] is the sub-list for method output_type
-	21, // [21:29] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	10, // 11: cairn.distributor.v1.OpenCeremonyRequest.rekey:type_name -> cairn.distributor.v1.RekeyPlan
+	11, // 12: cairn.distributor.v1.RekeyPlan.slots:type_name -> cairn.distributor.v1.RekeySlot
+	24, // 13: cairn.distributor.v1.RekeySlot.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	1,  // 14: cairn.distributor.v1.Ceremony.kind:type_name -> cairn.distributor.v1.CeremonyKind
+	2,  // 15: cairn.distributor.v1.Ceremony.state:type_name -> cairn.distributor.v1.CeremonyState
+	24, // 16: cairn.distributor.v1.Ceremony.ceremony_key:type_name -> cairn.crypto.v1.HpkePublicKey
+	23, // 17: cairn.distributor.v1.Ceremony.opened_at:type_name -> google.protobuf.Timestamp
+	23, // 18: cairn.distributor.v1.Ceremony.expires_at:type_name -> google.protobuf.Timestamp
+	25, // 19: cairn.distributor.v1.Ceremony.rekeyed_shares:type_name -> cairn.crypto.v1.HpkeSealed
+	25, // 20: cairn.distributor.v1.SubmitShareRequest.sealed_share:type_name -> cairn.crypto.v1.HpkeSealed
+	12, // 21: cairn.distributor.v1.SubmitShareResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
+	25, // 22: cairn.distributor.v1.ProvisionRootKeyRequest.sealed_root_key:type_name -> cairn.crypto.v1.HpkeSealed
+	12, // 23: cairn.distributor.v1.ProvisionRootKeyResponse.ceremony:type_name -> cairn.distributor.v1.Ceremony
+	0,  // 24: cairn.distributor.v1.SealResponse.state:type_name -> cairn.distributor.v1.SealState
+	3,  // 25: cairn.distributor.v1.Distributor.GetStatus:input_type -> cairn.distributor.v1.GetStatusRequest
+	7,  // 26: cairn.distributor.v1.Distributor.FetchRootKey:input_type -> cairn.distributor.v1.FetchRootKeyRequest
+	9,  // 27: cairn.distributor.v1.Distributor.OpenCeremony:input_type -> cairn.distributor.v1.OpenCeremonyRequest
+	13, // 28: cairn.distributor.v1.Distributor.SubmitShare:input_type -> cairn.distributor.v1.SubmitShareRequest
+	15, // 29: cairn.distributor.v1.Distributor.ProvisionRootKey:input_type -> cairn.distributor.v1.ProvisionRootKeyRequest
+	17, // 30: cairn.distributor.v1.Distributor.GetCeremony:input_type -> cairn.distributor.v1.GetCeremonyRequest
+	18, // 31: cairn.distributor.v1.Distributor.CancelCeremony:input_type -> cairn.distributor.v1.CancelCeremonyRequest
+	19, // 32: cairn.distributor.v1.Distributor.Seal:input_type -> cairn.distributor.v1.SealRequest
+	21, // 33: cairn.distributor.v1.Distributor.InstallManifest:input_type -> cairn.distributor.v1.InstallManifestRequest
+	4,  // 34: cairn.distributor.v1.Distributor.GetStatus:output_type -> cairn.distributor.v1.GetStatusResponse
+	8,  // 35: cairn.distributor.v1.Distributor.FetchRootKey:output_type -> cairn.distributor.v1.FetchRootKeyResponse
+	12, // 36: cairn.distributor.v1.Distributor.OpenCeremony:output_type -> cairn.distributor.v1.Ceremony
+	14, // 37: cairn.distributor.v1.Distributor.SubmitShare:output_type -> cairn.distributor.v1.SubmitShareResponse
+	16, // 38: cairn.distributor.v1.Distributor.ProvisionRootKey:output_type -> cairn.distributor.v1.ProvisionRootKeyResponse
+	12, // 39: cairn.distributor.v1.Distributor.GetCeremony:output_type -> cairn.distributor.v1.Ceremony
+	12, // 40: cairn.distributor.v1.Distributor.CancelCeremony:output_type -> cairn.distributor.v1.Ceremony
+	20, // 41: cairn.distributor.v1.Distributor.Seal:output_type -> cairn.distributor.v1.SealResponse
+	22, // 42: cairn.distributor.v1.Distributor.InstallManifest:output_type -> cairn.distributor.v1.InstallManifestResponse
+	34, // [34:43] is the sub-list for method output_type
+	25, // [25:34] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_cairn_distributor_v1_distributor_proto_init() }
@@ -1381,7 +1729,7 @@ func file_cairn_distributor_v1_distributor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_distributor_v1_distributor_proto_rawDesc), len(file_cairn_distributor_v1_distributor_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   16,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

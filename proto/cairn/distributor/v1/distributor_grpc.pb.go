@@ -34,6 +34,7 @@ const (
 	Distributor_GetCeremony_FullMethodName      = "/cairn.distributor.v1.Distributor/GetCeremony"
 	Distributor_CancelCeremony_FullMethodName   = "/cairn.distributor.v1.Distributor/CancelCeremony"
 	Distributor_Seal_FullMethodName             = "/cairn.distributor.v1.Distributor/Seal"
+	Distributor_InstallManifest_FullMethodName  = "/cairn.distributor.v1.Distributor/InstallManifest"
 )
 
 // DistributorClient is the client API for Distributor service.
@@ -52,15 +53,21 @@ type DistributorClient interface {
 	// caller; INVALID_ARGUMENT for a bad recipient key or a genesis id that is
 	// not the one this distributor holds.
 	FetchRootKey(ctx context.Context, in *FetchRootKeyRequest, opts ...grpc.CallOption) (*FetchRootKeyResponse, error)
-	// OpenCeremony starts a ceremony on a sealed distributor: an unseal
+	// OpenCeremony starts a ceremony: on a sealed distributor an unseal
 	// ceremony (officers release their shares) or a provisioning ceremony
-	// (genesis hands over a freshly made RMK). It fails with
-	// FAILED_PRECONDITION if the distributor is unsealed or a ceremony is open.
+	// (genesis hands over a freshly made RMK); on any provisioned distributor a
+	// rekey ceremony (officers release their shares, the RMK is split anew for
+	// the request's rekey plan). It fails with FAILED_PRECONDITION if a
+	// ceremony is open, or the distributor is unsealed (unseal, provision) or
+	// emergency-sealed (provision: only an unseal ceremony lifts it).
 	OpenCeremony(ctx context.Context, in *OpenCeremonyRequest, opts ...grpc.CallOption) (*Ceremony, error)
 	// SubmitShare delivers one officer's share, HPKE-sealed to the ceremony
 	// key. Only officers named in the distributor's configuration may call it.
 	// A bad share, a duplicate, a share of another genesis or an expired
-	// ceremony is refused and leaves the ceremony as it was.
+	// ceremony is refused and leaves the ceremony as it was. If the threshold
+	// share combines but the result cannot be used (e.g. the audit log refuses
+	// the record: UNAVAILABLE), that share is taken back and the ceremony stays
+	// open with the others: the officer submits it again.
 	SubmitShare(ctx context.Context, in *SubmitShareRequest, opts ...grpc.CallOption) (*SubmitShareResponse, error)
 	// ProvisionRootKey delivers a whole RMK during genesis, sealed to the
 	// key of a provisioning ceremony. It is accepted only if its KCV matches
@@ -71,8 +78,15 @@ type DistributorClient interface {
 	// CancelCeremony ends an open ceremony and wipes the shares it received.
 	CancelCeremony(ctx context.Context, in *CancelCeremonyRequest, opts ...grpc.CallOption) (*Ceremony, error)
 	// Seal drops the RMK from memory at once (an emergency measure). The
-	// distributor then needs a peer fetch or a ceremony to serve again.
+	// distributor then needs a peer fetch or a ceremony to serve again. An
+	// emergency seal (SealRequest.emergency) also stops the peer loop: the
+	// distributor fetches from no peer until an unseal ceremony lifts it.
 	Seal(ctx context.Context, in *SealRequest, opts ...grpc.CallOption) (*SealResponse, error)
+	// InstallManifest pins a rekeyed manifest of the pinned lineage: same
+	// genesis id and KCV, the next epoch, linked to the pinned manifest by its
+	// previous_manifest_sha256. Officers only; audited. Installing the pinned
+	// manifest again is a no-op (changed = false).
+	InstallManifest(ctx context.Context, in *InstallManifestRequest, opts ...grpc.CallOption) (*InstallManifestResponse, error)
 }
 
 type distributorClient struct {
@@ -163,6 +177,16 @@ func (c *distributorClient) Seal(ctx context.Context, in *SealRequest, opts ...g
 	return out, nil
 }
 
+func (c *distributorClient) InstallManifest(ctx context.Context, in *InstallManifestRequest, opts ...grpc.CallOption) (*InstallManifestResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(InstallManifestResponse)
+	err := c.cc.Invoke(ctx, Distributor_InstallManifest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DistributorServer is the server API for Distributor service.
 // All implementations must embed UnimplementedDistributorServer
 // for forward compatibility.
@@ -179,15 +203,21 @@ type DistributorServer interface {
 	// caller; INVALID_ARGUMENT for a bad recipient key or a genesis id that is
 	// not the one this distributor holds.
 	FetchRootKey(context.Context, *FetchRootKeyRequest) (*FetchRootKeyResponse, error)
-	// OpenCeremony starts a ceremony on a sealed distributor: an unseal
+	// OpenCeremony starts a ceremony: on a sealed distributor an unseal
 	// ceremony (officers release their shares) or a provisioning ceremony
-	// (genesis hands over a freshly made RMK). It fails with
-	// FAILED_PRECONDITION if the distributor is unsealed or a ceremony is open.
+	// (genesis hands over a freshly made RMK); on any provisioned distributor a
+	// rekey ceremony (officers release their shares, the RMK is split anew for
+	// the request's rekey plan). It fails with FAILED_PRECONDITION if a
+	// ceremony is open, or the distributor is unsealed (unseal, provision) or
+	// emergency-sealed (provision: only an unseal ceremony lifts it).
 	OpenCeremony(context.Context, *OpenCeremonyRequest) (*Ceremony, error)
 	// SubmitShare delivers one officer's share, HPKE-sealed to the ceremony
 	// key. Only officers named in the distributor's configuration may call it.
 	// A bad share, a duplicate, a share of another genesis or an expired
-	// ceremony is refused and leaves the ceremony as it was.
+	// ceremony is refused and leaves the ceremony as it was. If the threshold
+	// share combines but the result cannot be used (e.g. the audit log refuses
+	// the record: UNAVAILABLE), that share is taken back and the ceremony stays
+	// open with the others: the officer submits it again.
 	SubmitShare(context.Context, *SubmitShareRequest) (*SubmitShareResponse, error)
 	// ProvisionRootKey delivers a whole RMK during genesis, sealed to the
 	// key of a provisioning ceremony. It is accepted only if its KCV matches
@@ -198,8 +228,15 @@ type DistributorServer interface {
 	// CancelCeremony ends an open ceremony and wipes the shares it received.
 	CancelCeremony(context.Context, *CancelCeremonyRequest) (*Ceremony, error)
 	// Seal drops the RMK from memory at once (an emergency measure). The
-	// distributor then needs a peer fetch or a ceremony to serve again.
+	// distributor then needs a peer fetch or a ceremony to serve again. An
+	// emergency seal (SealRequest.emergency) also stops the peer loop: the
+	// distributor fetches from no peer until an unseal ceremony lifts it.
 	Seal(context.Context, *SealRequest) (*SealResponse, error)
+	// InstallManifest pins a rekeyed manifest of the pinned lineage: same
+	// genesis id and KCV, the next epoch, linked to the pinned manifest by its
+	// previous_manifest_sha256. Officers only; audited. Installing the pinned
+	// manifest again is a no-op (changed = false).
+	InstallManifest(context.Context, *InstallManifestRequest) (*InstallManifestResponse, error)
 	mustEmbedUnimplementedDistributorServer()
 }
 
@@ -233,6 +270,9 @@ func (UnimplementedDistributorServer) CancelCeremony(context.Context, *CancelCer
 }
 func (UnimplementedDistributorServer) Seal(context.Context, *SealRequest) (*SealResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Seal not implemented")
+}
+func (UnimplementedDistributorServer) InstallManifest(context.Context, *InstallManifestRequest) (*InstallManifestResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method InstallManifest not implemented")
 }
 func (UnimplementedDistributorServer) mustEmbedUnimplementedDistributorServer() {}
 func (UnimplementedDistributorServer) testEmbeddedByValue()                     {}
@@ -399,6 +439,24 @@ func _Distributor_Seal_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Distributor_InstallManifest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(InstallManifestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DistributorServer).InstallManifest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Distributor_InstallManifest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DistributorServer).InstallManifest(ctx, req.(*InstallManifestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Distributor_ServiceDesc is the grpc.ServiceDesc for Distributor service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -437,6 +495,10 @@ var Distributor_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Seal",
 			Handler:    _Distributor_Seal_Handler,
+		},
+		{
+			MethodName: "InstallManifest",
+			Handler:    _Distributor_InstallManifest_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

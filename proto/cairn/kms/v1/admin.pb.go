@@ -296,7 +296,14 @@ type GetStatusResponse struct {
 	PreviousBundle *v1.SignedBundle `protobuf:"bytes,12,opt,name=previous_bundle,json=previousBundle,proto3" json:"previous_bundle,omitempty"`
 	// stats are the server's data-plane counters since it started: what a
 	// rollout's gates compare before and after a stage.
-	Stats         *RequestStats `protobuf:"bytes,11,opt,name=stats,proto3" json:"stats,omitempty"`
+	Stats *RequestStats `protobuf:"bytes,11,opt,name=stats,proto3" json:"stats,omitempty"`
+	// bundle_not_after is the served bundle's not_after (unset for a format 1
+	// bundle, which has none). Past it the server keeps serving the bundle
+	// (bundle_expired) but applies no bundle that is expired itself.
+	BundleNotAfter *timestamppb.Timestamp `protobuf:"bytes,40,opt,name=bundle_not_after,json=bundleNotAfter,proto3" json:"bundle_not_after,omitempty"`
+	// bundle_expired: the served bundle is past its not_after; push a fresh
+	// one (also cairn_kms_bundle_expired).
+	BundleExpired bool `protobuf:"varint,41,opt,name=bundle_expired,json=bundleExpired,proto3" json:"bundle_expired,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -413,6 +420,20 @@ func (x *GetStatusResponse) GetStats() *RequestStats {
 		return x.Stats
 	}
 	return nil
+}
+
+func (x *GetStatusResponse) GetBundleNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.BundleNotAfter
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetBundleExpired() bool {
+	if x != nil {
+		return x.BundleExpired
+	}
+	return false
 }
 
 // RequestStats counts the data-plane calls (Encrypt, Decrypt, their batch
@@ -939,7 +960,7 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"b\n" +
 	"\x10GetStatusRequest\x12'\n" +
 	"\x0finclude_keysets\x18\x01 \x01(\bR\x0eincludeKeysets\x12%\n" +
-	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\x8c\x05\n" +
+	"\x0einclude_bundle\x18\x02 \x01(\bR\rincludeBundle\"\xf9\x05\n" +
 	"\x11GetStatusResponse\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x120\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1a.cairn.kms.v1.ServingStateR\x05state\x12(\n" +
@@ -953,7 +974,9 @@ const file_cairn_kms_v1_admin_proto_rawDesc = "" +
 	"\rserved_bundle\x18\n" +
 	" \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\fservedBundle\x12F\n" +
 	"\x0fprevious_bundle\x18\f \x01(\v2\x1d.cairn.bundle.v1.SignedBundleR\x0epreviousBundle\x120\n" +
-	"\x05stats\x18\v \x01(\v2\x1a.cairn.kms.v1.RequestStatsR\x05stats\"y\n" +
+	"\x05stats\x18\v \x01(\v2\x1a.cairn.kms.v1.RequestStatsR\x05stats\x12D\n" +
+	"\x10bundle_not_after\x18( \x01(\v2\x1a.google.protobuf.TimestampR\x0ebundleNotAfter\x12%\n" +
+	"\x0ebundle_expired\x18) \x01(\bR\rbundleExpired\"y\n" +
 	"\fRequestStats\x12\x1a\n" +
 	"\brequests\x18\x01 \x01(\x04R\brequests\x12\x16\n" +
 	"\x06errors\x18\x02 \x01(\x04R\x06errors\x125\n" +
@@ -1045,24 +1068,25 @@ var file_cairn_kms_v1_admin_proto_depIdxs = []int32{
 	13, // 8: cairn.kms.v1.GetStatusResponse.served_bundle:type_name -> cairn.bundle.v1.SignedBundle
 	13, // 9: cairn.kms.v1.GetStatusResponse.previous_bundle:type_name -> cairn.bundle.v1.SignedBundle
 	5,  // 10: cairn.kms.v1.GetStatusResponse.stats:type_name -> cairn.kms.v1.RequestStats
-	6,  // 11: cairn.kms.v1.RequestStats.latency:type_name -> cairn.kms.v1.LatencyBucket
-	8,  // 12: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
-	16, // 13: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
-	15, // 14: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
-	15, // 15: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	10, // 16: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
-	12, // 17: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
-	1,  // 18: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
-	3,  // 19: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
-	9,  // 20: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
-	2,  // 21: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
-	4,  // 22: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
-	11, // 23: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
-	21, // [21:24] is the sub-list for method output_type
-	18, // [18:21] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	15, // 11: cairn.kms.v1.GetStatusResponse.bundle_not_after:type_name -> google.protobuf.Timestamp
+	6,  // 12: cairn.kms.v1.RequestStats.latency:type_name -> cairn.kms.v1.LatencyBucket
+	8,  // 13: cairn.kms.v1.KeysetUsage.versions:type_name -> cairn.kms.v1.KeyVersionUsage
+	16, // 14: cairn.kms.v1.KeyVersionUsage.status:type_name -> cairn.crypto.v1.KeyStatus
+	15, // 15: cairn.kms.v1.KeyVersionUsage.last_used:type_name -> google.protobuf.Timestamp
+	15, // 16: cairn.kms.v1.KeyVersionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	10, // 17: cairn.kms.v1.ProbeRequest.probes:type_name -> cairn.kms.v1.GoldenProbe
+	12, // 18: cairn.kms.v1.ProbeResponse.results:type_name -> cairn.kms.v1.ProbeResult
+	1,  // 19: cairn.kms.v1.KMSAdmin.ApplyBundle:input_type -> cairn.kms.v1.ApplyBundleRequest
+	3,  // 20: cairn.kms.v1.KMSAdmin.GetStatus:input_type -> cairn.kms.v1.GetStatusRequest
+	9,  // 21: cairn.kms.v1.KMSAdmin.Probe:input_type -> cairn.kms.v1.ProbeRequest
+	2,  // 22: cairn.kms.v1.KMSAdmin.ApplyBundle:output_type -> cairn.kms.v1.ApplyBundleResponse
+	4,  // 23: cairn.kms.v1.KMSAdmin.GetStatus:output_type -> cairn.kms.v1.GetStatusResponse
+	11, // 24: cairn.kms.v1.KMSAdmin.Probe:output_type -> cairn.kms.v1.ProbeResponse
+	22, // [22:25] is the sub-list for method output_type
+	19, // [19:22] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_cairn_kms_v1_admin_proto_init() }

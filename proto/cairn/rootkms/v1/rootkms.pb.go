@@ -376,9 +376,12 @@ type Region struct {
 	Versions  []*v1.KeyVersionInfo   `protobuf:"bytes,3,rep,name=versions,proto3" json:"versions,omitempty"`
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// commit_index is the Raft index this view reflects.
-	CommitIndex   uint64 `protobuf:"varint,5,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CommitIndex uint64 `protobuf:"varint,5,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	// bundle_serial_floor is the highest bundle serial recorded as delivered
+	// to the region's KMS servers (RecordBundleSerial; 0: none yet).
+	BundleSerialFloor uint64 `protobuf:"varint,6,opt,name=bundle_serial_floor,json=bundleSerialFloor,proto3" json:"bundle_serial_floor,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Region) Reset() {
@@ -442,6 +445,13 @@ func (x *Region) GetCreatedAt() *timestamppb.Timestamp {
 func (x *Region) GetCommitIndex() uint64 {
 	if x != nil {
 		return x.CommitIndex
+	}
+	return 0
+}
+
+func (x *Region) GetBundleSerialFloor() uint64 {
+	if x != nil {
+		return x.BundleSerialFloor
 	}
 	return 0
 }
@@ -1328,6 +1338,59 @@ func (x *RecordPropagationResponse) GetCommitIndex() uint64 {
 	return 0
 }
 
+type RecordBundleSerialRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Region string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	// serial is the serial of the bundle delivered (at least 1).
+	Serial        uint64 `protobuf:"varint,2,opt,name=serial,proto3" json:"serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordBundleSerialRequest) Reset() {
+	*x = RecordBundleSerialRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordBundleSerialRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordBundleSerialRequest) ProtoMessage() {}
+
+func (x *RecordBundleSerialRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordBundleSerialRequest.ProtoReflect.Descriptor instead.
+func (*RecordBundleSerialRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RecordBundleSerialRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RecordBundleSerialRequest) GetSerial() uint64 {
+	if x != nil {
+		return x.Serial
+	}
+	return 0
+}
+
 type PutRolloutRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// rollout is the record to write; revision, created_at and updated_at are
@@ -1340,7 +1403,7 @@ type PutRolloutRequest struct {
 
 func (x *PutRolloutRequest) Reset() {
 	*x = PutRolloutRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1352,7 +1415,7 @@ func (x *PutRolloutRequest) String() string {
 func (*PutRolloutRequest) ProtoMessage() {}
 
 func (x *PutRolloutRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[20]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1365,7 +1428,7 @@ func (x *PutRolloutRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutRolloutRequest.ProtoReflect.Descriptor instead.
 func (*PutRolloutRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{20}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PutRolloutRequest) GetRollout() *v11.RolloutRecord {
@@ -1391,7 +1454,7 @@ type GetRolloutRequest struct {
 
 func (x *GetRolloutRequest) Reset() {
 	*x = GetRolloutRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1466,7 @@ func (x *GetRolloutRequest) String() string {
 func (*GetRolloutRequest) ProtoMessage() {}
 
 func (x *GetRolloutRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1479,7 @@ func (x *GetRolloutRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRolloutRequest.ProtoReflect.Descriptor instead.
 func (*GetRolloutRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{21}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetRolloutRequest) GetId() string {
@@ -1436,7 +1499,7 @@ type ListRolloutsRequest struct {
 
 func (x *ListRolloutsRequest) Reset() {
 	*x = ListRolloutsRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1448,7 +1511,7 @@ func (x *ListRolloutsRequest) String() string {
 func (*ListRolloutsRequest) ProtoMessage() {}
 
 func (x *ListRolloutsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1461,7 +1524,7 @@ func (x *ListRolloutsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRolloutsRequest.ProtoReflect.Descriptor instead.
 func (*ListRolloutsRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{22}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListRolloutsRequest) GetInFlightOnly() bool {
@@ -1480,7 +1543,7 @@ type ListRolloutsResponse struct {
 
 func (x *ListRolloutsResponse) Reset() {
 	*x = ListRolloutsResponse{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1555,7 @@ func (x *ListRolloutsResponse) String() string {
 func (*ListRolloutsResponse) ProtoMessage() {}
 
 func (x *ListRolloutsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1568,7 @@ func (x *ListRolloutsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRolloutsResponse.ProtoReflect.Descriptor instead.
 func (*ListRolloutsResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{23}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListRolloutsResponse) GetRollouts() []*v11.RolloutRecord {
@@ -1531,7 +1594,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1543,7 +1606,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1556,7 +1619,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{24}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Member) GetId() string {
@@ -1613,7 +1676,7 @@ type ClusterStatus struct {
 
 func (x *ClusterStatus) Reset() {
 	*x = ClusterStatus{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1625,7 +1688,7 @@ func (x *ClusterStatus) String() string {
 func (*ClusterStatus) ProtoMessage() {}
 
 func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1638,7 +1701,7 @@ func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatus.ProtoReflect.Descriptor instead.
 func (*ClusterStatus) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{25}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ClusterStatus) GetId() string {
@@ -1740,7 +1803,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1752,7 +1815,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[26]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1765,7 +1828,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{26}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{27}
 }
 
 type JoinRequest struct {
@@ -1782,7 +1845,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1794,7 +1857,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[27]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1807,7 +1870,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{27}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *JoinRequest) GetId() string {
@@ -1847,7 +1910,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1859,7 +1922,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[28]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1872,7 +1935,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{28}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RemoveRequest) GetId() string {
@@ -1890,7 +1953,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1902,7 +1965,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[29]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1915,7 +1978,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{29}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{30}
 }
 
 type SnapshotResponse struct {
@@ -1928,7 +1991,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1940,7 +2003,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[30]
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1953,7 +2016,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{30}
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SnapshotResponse) GetIndex() uint64 {
@@ -1968,6 +2031,96 @@ func (x *SnapshotResponse) GetTerm() uint64 {
 		return x.Term
 	}
 	return 0
+}
+
+type DropRootKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// reason is recorded in the audit log; required.
+	Reason        string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DropRootKeyRequest) Reset() {
+	*x = DropRootKeyRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DropRootKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DropRootKeyRequest) ProtoMessage() {}
+
+func (x *DropRootKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DropRootKeyRequest.ProtoReflect.Descriptor instead.
+func (*DropRootKeyRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *DropRootKeyRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type DropRootKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// had_root_key is whether the replica held the key when asked.
+	HadRootKey    bool `protobuf:"varint,1,opt,name=had_root_key,json=hadRootKey,proto3" json:"had_root_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DropRootKeyResponse) Reset() {
+	*x = DropRootKeyResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DropRootKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DropRootKeyResponse) ProtoMessage() {}
+
+func (x *DropRootKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DropRootKeyResponse.ProtoReflect.Descriptor instead.
+func (*DropRootKeyResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *DropRootKeyResponse) GetHadRootKey() bool {
+	if x != nil {
+		return x.HadRootKey
+	}
+	return false
 }
 
 var File_cairn_rootkms_v1_rootkms_proto protoreflect.FileDescriptor
@@ -1988,14 +2141,15 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x18RegionKeyVersionMaterial\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x122\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x1a.cairn.crypto.v1.KeyStatusR\x06status\x12\x10\n" +
-	"\x03key\x18\x03 \x01(\fR\x03key\"\xe0\x01\n" +
+	"\x03key\x18\x03 \x01(\fR\x03key\"\x90\x02\n" +
 	"\x06Region\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
 	"\x0fprimary_version\x18\x02 \x01(\rR\x0eprimaryVersion\x12;\n" +
 	"\bversions\x18\x03 \x03(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\bversions\x129\n" +
 	"\n" +
 	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12!\n" +
-	"\fcommit_index\x18\x05 \x01(\x04R\vcommitIndex\"*\n" +
+	"\fcommit_index\x18\x05 \x01(\x04R\vcommitIndex\x12.\n" +
+	"\x13bundle_serial_floor\x18\x06 \x01(\x04R\x11bundleSerialFloor\"*\n" +
 	"\x10GetRegionRequest\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\"\x14\n" +
 	"\x12ListRegionsRequest\"I\n" +
@@ -2049,7 +2203,10 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\akeysets\x18\x02 \x03(\v2).cairn.rootkms.state.v1.KeysetObservationR\akeysets\x12.\n" +
 	"\x13region_key_versions\x18\x03 \x03(\rR\x11regionKeyVersions\">\n" +
 	"\x19RecordPropagationResponse\x12!\n" +
-	"\fcommit_index\x18\x01 \x01(\x04R\vcommitIndex\"\x81\x01\n" +
+	"\fcommit_index\x18\x01 \x01(\x04R\vcommitIndex\"K\n" +
+	"\x19RecordBundleSerialRequest\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12\x16\n" +
+	"\x06serial\x18\x02 \x01(\x04R\x06serial\"\x81\x01\n" +
 	"\x11PutRolloutRequest\x12?\n" +
 	"\arollout\x18\x01 \x01(\v2%.cairn.rootkms.state.v1.RolloutRecordR\arollout\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\"#\n" +
@@ -2094,7 +2251,12 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x0fSnapshotRequest\"<\n" +
 	"\x10SnapshotResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x02 \x01(\x04R\x04term*O\n" +
+	"\x04term\x18\x02 \x01(\x04R\x04term\",\n" +
+	"\x12DropRootKeyRequest\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"7\n" +
+	"\x13DropRootKeyResponse\x12 \n" +
+	"\fhad_root_key\x18\x01 \x01(\bR\n" +
+	"hadRootKey*O\n" +
 	"\bSuffrage\x12\x18\n" +
 	"\x14SUFFRAGE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSUFFRAGE_VOTER\x10\x01\x12\x15\n" +
@@ -2104,7 +2266,7 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x16REPLICA_STATE_FOLLOWER\x10\x01\x12\x1b\n" +
 	"\x17REPLICA_STATE_CANDIDATE\x10\x02\x12\x18\n" +
 	"\x14REPLICA_STATE_LEADER\x10\x03\x12\x1a\n" +
-	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\x8d\r\n" +
+	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\xc6\x0e\n" +
 	"\aRootKMS\x12f\n" +
 	"\x0fUnwrapRegionKey\x12(.cairn.rootkms.v1.UnwrapRegionKeyRequest\x1a).cairn.rootkms.v1.UnwrapRegionKeyResponse\x12I\n" +
 	"\tGetRegion\x12\".cairn.rootkms.v1.GetRegionRequest\x1a\x18.cairn.rootkms.v1.Region\x12Z\n" +
@@ -2117,7 +2279,8 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\vListKeysets\x12$.cairn.rootkms.v1.ListKeysetsRequest\x1a%.cairn.rootkms.v1.ListKeysetsResponse\x12O\n" +
 	"\fUpdateKeyset\x12%.cairn.rootkms.v1.UpdateKeysetRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12U\n" +
 	"\x0fSetKeysetPolicy\x12(.cairn.rootkms.v1.SetKeysetPolicyRequest\x1a\x18.cairn.rootkms.v1.Keyset\x12l\n" +
-	"\x11RecordPropagation\x12*.cairn.rootkms.v1.RecordPropagationRequest\x1a+.cairn.rootkms.v1.RecordPropagationResponse\x12X\n" +
+	"\x11RecordPropagation\x12*.cairn.rootkms.v1.RecordPropagationRequest\x1a+.cairn.rootkms.v1.RecordPropagationResponse\x12[\n" +
+	"\x12RecordBundleSerial\x12+.cairn.rootkms.v1.RecordBundleSerialRequest\x1a\x18.cairn.rootkms.v1.Region\x12X\n" +
 	"\n" +
 	"PutRollout\x12#.cairn.rootkms.v1.PutRolloutRequest\x1a%.cairn.rootkms.state.v1.RolloutRecord\x12X\n" +
 	"\n" +
@@ -2126,7 +2289,8 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x10GetClusterStatus\x12).cairn.rootkms.v1.GetClusterStatusRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12F\n" +
 	"\x04Join\x12\x1d.cairn.rootkms.v1.JoinRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12J\n" +
 	"\x06Remove\x12\x1f.cairn.rootkms.v1.RemoveRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12Q\n" +
-	"\bSnapshot\x12!.cairn.rootkms.v1.SnapshotRequest\x1a\".cairn.rootkms.v1.SnapshotResponseB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
+	"\bSnapshot\x12!.cairn.rootkms.v1.SnapshotRequest\x1a\".cairn.rootkms.v1.SnapshotResponse\x12Z\n" +
+	"\vDropRootKey\x12$.cairn.rootkms.v1.DropRootKeyRequest\x1a%.cairn.rootkms.v1.DropRootKeyResponseB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
 
 var (
 	file_cairn_rootkms_v1_rootkms_proto_rawDescOnce sync.Once
@@ -2141,7 +2305,7 @@ func file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_v1_rootkms_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(Suffrage)(0),                         // 0: cairn.rootkms.v1.Suffrage
 	(ReplicaState)(0),                     // 1: cairn.rootkms.v1.ReplicaState
@@ -2165,53 +2329,56 @@ var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(*SetKeysetPolicyRequest)(nil),        // 19: cairn.rootkms.v1.SetKeysetPolicyRequest
 	(*RecordPropagationRequest)(nil),      // 20: cairn.rootkms.v1.RecordPropagationRequest
 	(*RecordPropagationResponse)(nil),     // 21: cairn.rootkms.v1.RecordPropagationResponse
-	(*PutRolloutRequest)(nil),             // 22: cairn.rootkms.v1.PutRolloutRequest
-	(*GetRolloutRequest)(nil),             // 23: cairn.rootkms.v1.GetRolloutRequest
-	(*ListRolloutsRequest)(nil),           // 24: cairn.rootkms.v1.ListRolloutsRequest
-	(*ListRolloutsResponse)(nil),          // 25: cairn.rootkms.v1.ListRolloutsResponse
-	(*Member)(nil),                        // 26: cairn.rootkms.v1.Member
-	(*ClusterStatus)(nil),                 // 27: cairn.rootkms.v1.ClusterStatus
-	(*GetClusterStatusRequest)(nil),       // 28: cairn.rootkms.v1.GetClusterStatusRequest
-	(*JoinRequest)(nil),                   // 29: cairn.rootkms.v1.JoinRequest
-	(*RemoveRequest)(nil),                 // 30: cairn.rootkms.v1.RemoveRequest
-	(*SnapshotRequest)(nil),               // 31: cairn.rootkms.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),              // 32: cairn.rootkms.v1.SnapshotResponse
-	(*v1.HpkePublicKey)(nil),              // 33: cairn.crypto.v1.HpkePublicKey
-	(*v1.HpkeSealed)(nil),                 // 34: cairn.crypto.v1.HpkeSealed
-	(v1.KeyStatus)(0),                     // 35: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),             // 36: cairn.crypto.v1.KeyVersionInfo
-	(*timestamppb.Timestamp)(nil),         // 37: google.protobuf.Timestamp
-	(*v11.KeysetRecord)(nil),              // 38: cairn.rootkms.state.v1.KeysetRecord
-	(*durationpb.Duration)(nil),           // 39: google.protobuf.Duration
-	(v11.KeysetStep)(0),                   // 40: cairn.rootkms.state.v1.KeysetStep
-	(*v11.KeysetObservation)(nil),         // 41: cairn.rootkms.state.v1.KeysetObservation
-	(*v11.RolloutRecord)(nil),             // 42: cairn.rootkms.state.v1.RolloutRecord
+	(*RecordBundleSerialRequest)(nil),     // 22: cairn.rootkms.v1.RecordBundleSerialRequest
+	(*PutRolloutRequest)(nil),             // 23: cairn.rootkms.v1.PutRolloutRequest
+	(*GetRolloutRequest)(nil),             // 24: cairn.rootkms.v1.GetRolloutRequest
+	(*ListRolloutsRequest)(nil),           // 25: cairn.rootkms.v1.ListRolloutsRequest
+	(*ListRolloutsResponse)(nil),          // 26: cairn.rootkms.v1.ListRolloutsResponse
+	(*Member)(nil),                        // 27: cairn.rootkms.v1.Member
+	(*ClusterStatus)(nil),                 // 28: cairn.rootkms.v1.ClusterStatus
+	(*GetClusterStatusRequest)(nil),       // 29: cairn.rootkms.v1.GetClusterStatusRequest
+	(*JoinRequest)(nil),                   // 30: cairn.rootkms.v1.JoinRequest
+	(*RemoveRequest)(nil),                 // 31: cairn.rootkms.v1.RemoveRequest
+	(*SnapshotRequest)(nil),               // 32: cairn.rootkms.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),              // 33: cairn.rootkms.v1.SnapshotResponse
+	(*DropRootKeyRequest)(nil),            // 34: cairn.rootkms.v1.DropRootKeyRequest
+	(*DropRootKeyResponse)(nil),           // 35: cairn.rootkms.v1.DropRootKeyResponse
+	(*v1.HpkePublicKey)(nil),              // 36: cairn.crypto.v1.HpkePublicKey
+	(*v1.HpkeSealed)(nil),                 // 37: cairn.crypto.v1.HpkeSealed
+	(v1.KeyStatus)(0),                     // 38: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),             // 39: cairn.crypto.v1.KeyVersionInfo
+	(*timestamppb.Timestamp)(nil),         // 40: google.protobuf.Timestamp
+	(*v11.KeysetRecord)(nil),              // 41: cairn.rootkms.state.v1.KeysetRecord
+	(*durationpb.Duration)(nil),           // 42: google.protobuf.Duration
+	(v11.KeysetStep)(0),                   // 43: cairn.rootkms.state.v1.KeysetStep
+	(*v11.KeysetObservation)(nil),         // 44: cairn.rootkms.state.v1.KeysetObservation
+	(*v11.RolloutRecord)(nil),             // 45: cairn.rootkms.state.v1.RolloutRecord
 }
 var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
-	33, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	36, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
 	6,  // 1: cairn.rootkms.v1.UnwrapRegionKeyResponse.region:type_name -> cairn.rootkms.v1.Region
-	34, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
+	37, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
 	5,  // 3: cairn.rootkms.v1.RegionKeyMaterial.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionMaterial
-	35, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
-	36, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
-	37, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
+	38, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
+	39, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
+	40, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
 	6,  // 7: cairn.rootkms.v1.ListRegionsResponse.regions:type_name -> cairn.rootkms.v1.Region
-	38, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	39, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
-	39, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
-	39, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	41, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	42, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
+	42, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
+	42, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
 	13, // 12: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
-	39, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
-	40, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	39, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
-	39, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
-	39, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
-	41, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	42, // 19: cairn.rootkms.v1.PutRolloutRequest.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
-	42, // 20: cairn.rootkms.v1.ListRolloutsResponse.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	42, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
+	43, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	42, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
+	42, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
+	42, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	44, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	45, // 19: cairn.rootkms.v1.PutRolloutRequest.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	45, // 20: cairn.rootkms.v1.ListRolloutsResponse.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
 	0,  // 21: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
 	1,  // 22: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
-	26, // 23: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
+	27, // 23: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
 	0,  // 24: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
 	2,  // 25: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
 	7,  // 26: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
@@ -2225,34 +2392,38 @@ var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
 	18, // 34: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
 	19, // 35: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
 	20, // 36: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
-	22, // 37: cairn.rootkms.v1.RootKMS.PutRollout:input_type -> cairn.rootkms.v1.PutRolloutRequest
-	23, // 38: cairn.rootkms.v1.RootKMS.GetRollout:input_type -> cairn.rootkms.v1.GetRolloutRequest
-	24, // 39: cairn.rootkms.v1.RootKMS.ListRollouts:input_type -> cairn.rootkms.v1.ListRolloutsRequest
-	28, // 40: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
-	29, // 41: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
-	30, // 42: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
-	31, // 43: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
-	3,  // 44: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 45: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 46: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 47: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 48: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	6,  // 49: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
-	13, // 50: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 51: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
-	17, // 52: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
-	13, // 53: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 54: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
-	21, // 55: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
-	42, // 56: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	42, // 57: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	25, // 58: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
-	27, // 59: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	27, // 60: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	27, // 61: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	32, // 62: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	44, // [44:63] is the sub-list for method output_type
-	25, // [25:44] is the sub-list for method input_type
+	22, // 37: cairn.rootkms.v1.RootKMS.RecordBundleSerial:input_type -> cairn.rootkms.v1.RecordBundleSerialRequest
+	23, // 38: cairn.rootkms.v1.RootKMS.PutRollout:input_type -> cairn.rootkms.v1.PutRolloutRequest
+	24, // 39: cairn.rootkms.v1.RootKMS.GetRollout:input_type -> cairn.rootkms.v1.GetRolloutRequest
+	25, // 40: cairn.rootkms.v1.RootKMS.ListRollouts:input_type -> cairn.rootkms.v1.ListRolloutsRequest
+	29, // 41: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
+	30, // 42: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
+	31, // 43: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
+	32, // 44: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
+	34, // 45: cairn.rootkms.v1.RootKMS.DropRootKey:input_type -> cairn.rootkms.v1.DropRootKeyRequest
+	3,  // 46: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 47: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 48: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 49: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 50: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 51: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 52: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 53: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 54: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 55: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 56: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 57: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	6,  // 58: cairn.rootkms.v1.RootKMS.RecordBundleSerial:output_type -> cairn.rootkms.v1.Region
+	45, // 59: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	45, // 60: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	26, // 61: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
+	28, // 62: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 63: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 64: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	33, // 65: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	35, // 66: cairn.rootkms.v1.RootKMS.DropRootKey:output_type -> cairn.rootkms.v1.DropRootKeyResponse
+	46, // [46:67] is the sub-list for method output_type
+	25, // [25:46] is the sub-list for method input_type
 	25, // [25:25] is the sub-list for extension type_name
 	25, // [25:25] is the sub-list for extension extendee
 	0,  // [0:25] is the sub-list for field type_name
@@ -2269,7 +2440,7 @@ func file_cairn_rootkms_v1_rootkms_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_v1_rootkms_proto_rawDesc), len(file_cairn_rootkms_v1_rootkms_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   31,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -40,6 +40,7 @@ const (
 	RootKMS_UpdateKeyset_FullMethodName           = "/cairn.rootkms.v1.RootKMS/UpdateKeyset"
 	RootKMS_SetKeysetPolicy_FullMethodName        = "/cairn.rootkms.v1.RootKMS/SetKeysetPolicy"
 	RootKMS_RecordPropagation_FullMethodName      = "/cairn.rootkms.v1.RootKMS/RecordPropagation"
+	RootKMS_RecordBundleSerial_FullMethodName     = "/cairn.rootkms.v1.RootKMS/RecordBundleSerial"
 	RootKMS_PutRollout_FullMethodName             = "/cairn.rootkms.v1.RootKMS/PutRollout"
 	RootKMS_GetRollout_FullMethodName             = "/cairn.rootkms.v1.RootKMS/GetRollout"
 	RootKMS_ListRollouts_FullMethodName           = "/cairn.rootkms.v1.RootKMS/ListRollouts"
@@ -47,6 +48,7 @@ const (
 	RootKMS_Join_FullMethodName                   = "/cairn.rootkms.v1.RootKMS/Join"
 	RootKMS_Remove_FullMethodName                 = "/cairn.rootkms.v1.RootKMS/Remove"
 	RootKMS_Snapshot_FullMethodName               = "/cairn.rootkms.v1.RootKMS/Snapshot"
+	RootKMS_DropRootKey_FullMethodName            = "/cairn.rootkms.v1.RootKMS/DropRootKey"
 )
 
 // RootKMSClient is the client API for RootKMS service.
@@ -97,6 +99,13 @@ type RootKMSClient interface {
 	// and has used, as observed by regionctl: it sets each version's
 	// propagation time and usage, which the Safety Condition reads.
 	RecordPropagation(ctx context.Context, in *RecordPropagationRequest, opts ...grpc.CallOption) (*RecordPropagationResponse, error)
+	// RecordBundleSerial records that a bundle of serial serial was delivered
+	// to one region's KMS servers (regionctl, after an apply): the region's
+	// bundle_serial_floor becomes the higher of the two, never lower. A KMS
+	// server that has no bundle of its own reads the floor (GetRegion) and
+	// refuses a bundle below it, so an old signed bundle cannot be replayed
+	// onto a server with a fresh state directory.
+	RecordBundleSerial(ctx context.Context, in *RecordBundleSerialRequest, opts ...grpc.CallOption) (*Region, error)
 	// PutRollout creates (expected_revision 0) or updates a staged rollout's
 	// durable record. ALREADY_EXISTS for a new rollout whose id exists;
 	// FAILED_PRECONDITION, naming it, while another rollout is in flight for
@@ -110,6 +119,12 @@ type RootKMSClient interface {
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
+	// An operator may add any server and change a member's addresses or
+	// suffrage. Any other caller must be a replica identity
+	// spiffe://<td>/<tier>/<region>/<name> admitted as a whole by the replica
+	// allowlist, and may join only as server ID <name>; a join for a member
+	// already in the configuration with other addresses or suffrage is refused
+	// (PERMISSION_DENIED), the same join again is answered as a success.
 	// Served by the leader; a follower answers FAILED_PRECONDITION with the
 	// leader's API address in the message and in a google.rpc.ErrorInfo
 	// detail (reason "NOT_LEADER", metadata "leader_api_address"), so the
@@ -117,9 +132,15 @@ type RootKMSClient interface {
 	// (GetRegion, ListRegions, the keyset calls) behaves the same way.
 	Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 	// Remove removes a server from the cluster. Served by the leader.
+	// Operators only (replicas are not operators).
 	Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
-	// Snapshot asks this replica to take a Raft snapshot now.
+	// Snapshot asks this replica to take a Raft snapshot now. Operators only.
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error)
+	// DropRootKey wipes this replica's root key at once (an emergency seal).
+	// The replica then answers UNAVAILABLE to everything that needs the key
+	// until it fetches the key from a distributor again. Security officers
+	// only; audited.
+	DropRootKey(ctx context.Context, in *DropRootKeyRequest, opts ...grpc.CallOption) (*DropRootKeyResponse, error)
 }
 
 type rootKMSClient struct {
@@ -250,6 +271,16 @@ func (c *rootKMSClient) RecordPropagation(ctx context.Context, in *RecordPropaga
 	return out, nil
 }
 
+func (c *rootKMSClient) RecordBundleSerial(ctx context.Context, in *RecordBundleSerialRequest, opts ...grpc.CallOption) (*Region, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Region)
+	err := c.cc.Invoke(ctx, RootKMS_RecordBundleSerial_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *rootKMSClient) PutRollout(ctx context.Context, in *PutRolloutRequest, opts ...grpc.CallOption) (*v1.RolloutRecord, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(v1.RolloutRecord)
@@ -320,6 +351,16 @@ func (c *rootKMSClient) Snapshot(ctx context.Context, in *SnapshotRequest, opts 
 	return out, nil
 }
 
+func (c *rootKMSClient) DropRootKey(ctx context.Context, in *DropRootKeyRequest, opts ...grpc.CallOption) (*DropRootKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DropRootKeyResponse)
+	err := c.cc.Invoke(ctx, RootKMS_DropRootKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RootKMSServer is the server API for RootKMS service.
 // All implementations must embed UnimplementedRootKMSServer
 // for forward compatibility.
@@ -368,6 +409,13 @@ type RootKMSServer interface {
 	// and has used, as observed by regionctl: it sets each version's
 	// propagation time and usage, which the Safety Condition reads.
 	RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error)
+	// RecordBundleSerial records that a bundle of serial serial was delivered
+	// to one region's KMS servers (regionctl, after an apply): the region's
+	// bundle_serial_floor becomes the higher of the two, never lower. A KMS
+	// server that has no bundle of its own reads the floor (GetRegion) and
+	// refuses a bundle below it, so an old signed bundle cannot be replayed
+	// onto a server with a fresh state directory.
+	RecordBundleSerial(context.Context, *RecordBundleSerialRequest) (*Region, error)
 	// PutRollout creates (expected_revision 0) or updates a staged rollout's
 	// durable record. ALREADY_EXISTS for a new rollout whose id exists;
 	// FAILED_PRECONDITION, naming it, while another rollout is in flight for
@@ -381,6 +429,12 @@ type RootKMSServer interface {
 	// GetClusterStatus reports this replica's view of the Raft cluster.
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*ClusterStatus, error)
 	// Join adds a server to the cluster (a voter, or a non-voting read replica).
+	// An operator may add any server and change a member's addresses or
+	// suffrage. Any other caller must be a replica identity
+	// spiffe://<td>/<tier>/<region>/<name> admitted as a whole by the replica
+	// allowlist, and may join only as server ID <name>; a join for a member
+	// already in the configuration with other addresses or suffrage is refused
+	// (PERMISSION_DENIED), the same join again is answered as a success.
 	// Served by the leader; a follower answers FAILED_PRECONDITION with the
 	// leader's API address in the message and in a google.rpc.ErrorInfo
 	// detail (reason "NOT_LEADER", metadata "leader_api_address"), so the
@@ -388,9 +442,15 @@ type RootKMSServer interface {
 	// (GetRegion, ListRegions, the keyset calls) behaves the same way.
 	Join(context.Context, *JoinRequest) (*ClusterStatus, error)
 	// Remove removes a server from the cluster. Served by the leader.
+	// Operators only (replicas are not operators).
 	Remove(context.Context, *RemoveRequest) (*ClusterStatus, error)
-	// Snapshot asks this replica to take a Raft snapshot now.
+	// Snapshot asks this replica to take a Raft snapshot now. Operators only.
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
+	// DropRootKey wipes this replica's root key at once (an emergency seal).
+	// The replica then answers UNAVAILABLE to everything that needs the key
+	// until it fetches the key from a distributor again. Security officers
+	// only; audited.
+	DropRootKey(context.Context, *DropRootKeyRequest) (*DropRootKeyResponse, error)
 	mustEmbedUnimplementedRootKMSServer()
 }
 
@@ -437,6 +497,9 @@ func (UnimplementedRootKMSServer) SetKeysetPolicy(context.Context, *SetKeysetPol
 func (UnimplementedRootKMSServer) RecordPropagation(context.Context, *RecordPropagationRequest) (*RecordPropagationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RecordPropagation not implemented")
 }
+func (UnimplementedRootKMSServer) RecordBundleSerial(context.Context, *RecordBundleSerialRequest) (*Region, error) {
+	return nil, status.Error(codes.Unimplemented, "method RecordBundleSerial not implemented")
+}
 func (UnimplementedRootKMSServer) PutRollout(context.Context, *PutRolloutRequest) (*v1.RolloutRecord, error) {
 	return nil, status.Error(codes.Unimplemented, "method PutRollout not implemented")
 }
@@ -457,6 +520,9 @@ func (UnimplementedRootKMSServer) Remove(context.Context, *RemoveRequest) (*Clus
 }
 func (UnimplementedRootKMSServer) Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Snapshot not implemented")
+}
+func (UnimplementedRootKMSServer) DropRootKey(context.Context, *DropRootKeyRequest) (*DropRootKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DropRootKey not implemented")
 }
 func (UnimplementedRootKMSServer) mustEmbedUnimplementedRootKMSServer() {}
 func (UnimplementedRootKMSServer) testEmbeddedByValue()                 {}
@@ -695,6 +761,24 @@ func _RootKMS_RecordPropagation_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RootKMS_RecordBundleSerial_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecordBundleSerialRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).RecordBundleSerial(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_RecordBundleSerial_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).RecordBundleSerial(ctx, req.(*RecordBundleSerialRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _RootKMS_PutRollout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(PutRolloutRequest)
 	if err := dec(in); err != nil {
@@ -821,6 +905,24 @@ func _RootKMS_Snapshot_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RootKMS_DropRootKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DropRootKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).DropRootKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_DropRootKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).DropRootKey(ctx, req.(*DropRootKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RootKMS_ServiceDesc is the grpc.ServiceDesc for RootKMS service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -877,6 +979,10 @@ var RootKMS_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _RootKMS_RecordPropagation_Handler,
 		},
 		{
+			MethodName: "RecordBundleSerial",
+			Handler:    _RootKMS_RecordBundleSerial_Handler,
+		},
+		{
 			MethodName: "PutRollout",
 			Handler:    _RootKMS_PutRollout_Handler,
 		},
@@ -903,6 +1009,10 @@ var RootKMS_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Snapshot",
 			Handler:    _RootKMS_Snapshot_Handler,
+		},
+		{
+			MethodName: "DropRootKey",
+			Handler:    _RootKMS_DropRootKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

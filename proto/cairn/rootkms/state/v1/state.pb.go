@@ -225,6 +225,7 @@ type Command struct {
 	//	*Command_RecordPropagation
 	//	*Command_SetKeysetPolicy
 	//	*Command_PutRollout
+	//	*Command_RecordBundleSerial
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -385,6 +386,15 @@ func (x *Command) GetPutRollout() *PutRolloutCommand {
 	return nil
 }
 
+func (x *Command) GetRecordBundleSerial() *RecordBundleSerialCommand {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RecordBundleSerial); ok {
+			return x.RecordBundleSerial
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -429,6 +439,10 @@ type Command_PutRollout struct {
 	PutRollout *PutRolloutCommand `protobuf:"bytes,19,opt,name=put_rollout,json=putRollout,proto3,oneof"`
 }
 
+type Command_RecordBundleSerial struct {
+	RecordBundleSerial *RecordBundleSerialCommand `protobuf:"bytes,20,opt,name=record_bundle_serial,json=recordBundleSerial,proto3,oneof"`
+}
+
 func (*Command_CreateRegion) isCommand_Op() {}
 
 func (*Command_AddRegionKeyVersion) isCommand_Op() {}
@@ -448,6 +462,8 @@ func (*Command_RecordPropagation) isCommand_Op() {}
 func (*Command_SetKeysetPolicy) isCommand_Op() {}
 
 func (*Command_PutRollout) isCommand_Op() {}
+
+func (*Command_RecordBundleSerial) isCommand_Op() {}
 
 // RegisterMemberCommand records where a replica serves its gRPC API, so that
 // any replica can send a caller to the leader's API (Raft itself only knows
@@ -847,6 +863,10 @@ type RegionRecord struct {
 	// at served_observed_at; a version still listed is not retired.
 	ServedKeyVersions []uint32               `protobuf:"varint,4,rep,packed,name=served_key_versions,json=servedKeyVersions,proto3" json:"served_key_versions,omitempty"`
 	ServedObservedAt  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=served_observed_at,json=servedObservedAt,proto3" json:"served_observed_at,omitempty"`
+	// bundle_serial_floor is the highest bundle serial recorded as delivered
+	// to the region's KMS servers (RecordBundleSerialCommand; 0: none). It
+	// never decreases.
+	BundleSerialFloor uint64 `protobuf:"varint,6,opt,name=bundle_serial_floor,json=bundleSerialFloor,proto3" json:"bundle_serial_floor,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -914,6 +934,13 @@ func (x *RegionRecord) GetServedObservedAt() *timestamppb.Timestamp {
 		return x.ServedObservedAt
 	}
 	return nil
+}
+
+func (x *RegionRecord) GetBundleSerialFloor() uint64 {
+	if x != nil {
+		return x.BundleSerialFloor
+	}
+	return 0
 }
 
 type RegionKeyVersionRecord struct {
@@ -1985,6 +2012,60 @@ func (x *RecordPropagationCommand) GetRegionKeyVersions() []uint32 {
 	return nil
 }
 
+// RecordBundleSerialCommand raises a region's bundle_serial_floor to serial
+// (a lower or equal serial changes nothing).
+type RecordBundleSerialCommand struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Region        string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	Serial        uint64                 `protobuf:"varint,2,opt,name=serial,proto3" json:"serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordBundleSerialCommand) Reset() {
+	*x = RecordBundleSerialCommand{}
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordBundleSerialCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordBundleSerialCommand) ProtoMessage() {}
+
+func (x *RecordBundleSerialCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordBundleSerialCommand.ProtoReflect.Descriptor instead.
+func (*RecordBundleSerialCommand) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RecordBundleSerialCommand) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RecordBundleSerialCommand) GetSerial() uint64 {
+	if x != nil {
+		return x.Serial
+	}
+	return 0
+}
+
 type KeysetObservation struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Keyset        string                 `protobuf:"bytes,1,opt,name=keyset,proto3" json:"keyset,omitempty"`
@@ -1995,7 +2076,7 @@ type KeysetObservation struct {
 
 func (x *KeysetObservation) Reset() {
 	*x = KeysetObservation{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2007,7 +2088,7 @@ func (x *KeysetObservation) String() string {
 func (*KeysetObservation) ProtoMessage() {}
 
 func (x *KeysetObservation) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[21]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2020,7 +2101,7 @@ func (x *KeysetObservation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysetObservation.ProtoReflect.Descriptor instead.
 func (*KeysetObservation) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{21}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *KeysetObservation) GetKeyset() string {
@@ -2053,7 +2134,7 @@ type VersionObservation struct {
 
 func (x *VersionObservation) Reset() {
 	*x = VersionObservation{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2065,7 +2146,7 @@ func (x *VersionObservation) String() string {
 func (*VersionObservation) ProtoMessage() {}
 
 func (x *VersionObservation) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[22]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2078,7 +2159,7 @@ func (x *VersionObservation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionObservation.ProtoReflect.Descriptor instead.
 func (*VersionObservation) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{22}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *VersionObservation) GetKeyId() uint32 {
@@ -2138,7 +2219,7 @@ type SetKeysetPolicyCommand struct {
 
 func (x *SetKeysetPolicyCommand) Reset() {
 	*x = SetKeysetPolicyCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2231,7 @@ func (x *SetKeysetPolicyCommand) String() string {
 func (*SetKeysetPolicyCommand) ProtoMessage() {}
 
 func (x *SetKeysetPolicyCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[23]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2244,7 @@ func (x *SetKeysetPolicyCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeysetPolicyCommand.ProtoReflect.Descriptor instead.
 func (*SetKeysetPolicyCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{23}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetKeysetPolicyCommand) GetName() string {
@@ -2229,7 +2310,7 @@ type RolloutRecord struct {
 
 func (x *RolloutRecord) Reset() {
 	*x = RolloutRecord{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2241,7 +2322,7 @@ func (x *RolloutRecord) String() string {
 func (*RolloutRecord) ProtoMessage() {}
 
 func (x *RolloutRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[24]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2254,7 +2335,7 @@ func (x *RolloutRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RolloutRecord.ProtoReflect.Descriptor instead.
 func (*RolloutRecord) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{24}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RolloutRecord) GetId() string {
@@ -2352,7 +2433,7 @@ type PutRolloutCommand struct {
 
 func (x *PutRolloutCommand) Reset() {
 	*x = PutRolloutCommand{}
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2364,7 +2445,7 @@ func (x *PutRolloutCommand) String() string {
 func (*PutRolloutCommand) ProtoMessage() {}
 
 func (x *PutRolloutCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[25]
+	mi := &file_cairn_rootkms_state_v1_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2377,7 +2458,7 @@ func (x *PutRolloutCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutRolloutCommand.ProtoReflect.Descriptor instead.
 func (*PutRolloutCommand) Descriptor() ([]byte, []int) {
-	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{25}
+	return file_cairn_rootkms_state_v1_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PutRolloutCommand) GetRollout() *RolloutRecord {
@@ -2398,7 +2479,7 @@ var File_cairn_rootkms_state_v1_state_proto protoreflect.FileDescriptor
 
 const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\"cairn/rootkms/state/v1/state.proto\x12\x16cairn.rootkms.state.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\b\n" +
+	"\"cairn/rootkms/state/v1/state.proto\x12\x16cairn.rootkms.state.v1\x1a\x1ccairn/crypto/v1/crypto.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\t\n" +
 	"\aCommand\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1d\n" +
@@ -2416,7 +2497,8 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\x12record_propagation\x18\x11 \x01(\v20.cairn.rootkms.state.v1.RecordPropagationCommandH\x00R\x11recordPropagation\x12\\\n" +
 	"\x11set_keyset_policy\x18\x12 \x01(\v2..cairn.rootkms.state.v1.SetKeysetPolicyCommandH\x00R\x0fsetKeysetPolicy\x12L\n" +
 	"\vput_rollout\x18\x13 \x01(\v2).cairn.rootkms.state.v1.PutRolloutCommandH\x00R\n" +
-	"putRolloutB\x04\n" +
+	"putRollout\x12e\n" +
+	"\x14record_bundle_serial\x18\x14 \x01(\v21.cairn.rootkms.state.v1.RecordBundleSerialCommandH\x00R\x12recordBundleSerialB\x04\n" +
 	"\x02op\"U\n" +
 	"\x15RegisterMemberCommand\x12<\n" +
 	"\x06member\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.MemberRecordR\x06member\")\n" +
@@ -2441,14 +2523,15 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1f\n" +
 	"\vwrapped_key\x18\x02 \x01(\fR\n" +
 	"wrappedKey\x12\x17\n" +
-	"\armk_kcv\x18\x03 \x01(\fR\x06rmkKcv\"\xa3\x02\n" +
+	"\armk_kcv\x18\x03 \x01(\fR\x06rmkKcv\"\xd3\x02\n" +
 	"\fRegionRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x129\n" +
 	"\n" +
 	"created_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12J\n" +
 	"\bversions\x18\x03 \x03(\v2..cairn.rootkms.state.v1.RegionKeyVersionRecordR\bversions\x12.\n" +
 	"\x13served_key_versions\x18\x04 \x03(\rR\x11servedKeyVersions\x12H\n" +
-	"\x12served_observed_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x10servedObservedAt\"\x90\x01\n" +
+	"\x12served_observed_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x10servedObservedAt\x12.\n" +
+	"\x13bundle_serial_floor\x18\x06 \x01(\x04R\x11bundleSerialFloor\"\x90\x01\n" +
 	"\x16RegionKeyVersionRecord\x12A\n" +
 	"\x03key\x18\x01 \x01(\v2/.cairn.rootkms.state.v1.WrappedRegionKeyVersionR\x03key\x123\n" +
 	"\x04info\x18\x02 \x01(\v2\x1f.cairn.crypto.v1.KeyVersionInfoR\x04info\"\xaf\x03\n" +
@@ -2547,7 +2630,10 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\vobserved_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"observedAt\x12C\n" +
 	"\akeysets\x18\x03 \x03(\v2).cairn.rootkms.state.v1.KeysetObservationR\akeysets\x12.\n" +
-	"\x13region_key_versions\x18\x04 \x03(\rR\x11regionKeyVersions\"s\n" +
+	"\x13region_key_versions\x18\x04 \x03(\rR\x11regionKeyVersions\"K\n" +
+	"\x19RecordBundleSerialCommand\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12\x16\n" +
+	"\x06serial\x18\x02 \x01(\x04R\x06serial\"s\n" +
 	"\x11KeysetObservation\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12F\n" +
 	"\bversions\x18\x02 \x03(\v2*.cairn.rootkms.state.v1.VersionObservationR\bversions\"\x8f\x02\n" +
@@ -2616,7 +2702,7 @@ func file_cairn_rootkms_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_cairn_rootkms_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(KeysetVersionState)(0),                  // 0: cairn.rootkms.state.v1.KeysetVersionState
 	(KeysetStep)(0),                          // 1: cairn.rootkms.state.v1.KeysetStep
@@ -2641,19 +2727,20 @@ var file_cairn_rootkms_state_v1_state_proto_goTypes = []any{
 	(*CreateKeysetCommand)(nil),              // 20: cairn.rootkms.state.v1.CreateKeysetCommand
 	(*UpdateKeysetCommand)(nil),              // 21: cairn.rootkms.state.v1.UpdateKeysetCommand
 	(*RecordPropagationCommand)(nil),         // 22: cairn.rootkms.state.v1.RecordPropagationCommand
-	(*KeysetObservation)(nil),                // 23: cairn.rootkms.state.v1.KeysetObservation
-	(*VersionObservation)(nil),               // 24: cairn.rootkms.state.v1.VersionObservation
-	(*SetKeysetPolicyCommand)(nil),           // 25: cairn.rootkms.state.v1.SetKeysetPolicyCommand
-	(*RolloutRecord)(nil),                    // 26: cairn.rootkms.state.v1.RolloutRecord
-	(*PutRolloutCommand)(nil),                // 27: cairn.rootkms.state.v1.PutRolloutCommand
-	(*timestamppb.Timestamp)(nil),            // 28: google.protobuf.Timestamp
-	(v1.KeyStatus)(0),                        // 29: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),                // 30: cairn.crypto.v1.KeyVersionInfo
-	(*durationpb.Duration)(nil),              // 31: google.protobuf.Duration
-	(*v1.EncryptedKeyset)(nil),               // 32: cairn.crypto.v1.EncryptedKeyset
+	(*RecordBundleSerialCommand)(nil),        // 23: cairn.rootkms.state.v1.RecordBundleSerialCommand
+	(*KeysetObservation)(nil),                // 24: cairn.rootkms.state.v1.KeysetObservation
+	(*VersionObservation)(nil),               // 25: cairn.rootkms.state.v1.VersionObservation
+	(*SetKeysetPolicyCommand)(nil),           // 26: cairn.rootkms.state.v1.SetKeysetPolicyCommand
+	(*RolloutRecord)(nil),                    // 27: cairn.rootkms.state.v1.RolloutRecord
+	(*PutRolloutCommand)(nil),                // 28: cairn.rootkms.state.v1.PutRolloutCommand
+	(*timestamppb.Timestamp)(nil),            // 29: google.protobuf.Timestamp
+	(v1.KeyStatus)(0),                        // 30: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),                // 31: cairn.crypto.v1.KeyVersionInfo
+	(*durationpb.Duration)(nil),              // 32: google.protobuf.Duration
+	(*v1.EncryptedKeyset)(nil),               // 33: cairn.crypto.v1.EncryptedKeyset
 }
 var file_cairn_rootkms_state_v1_state_proto_depIdxs = []int32{
-	28, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
+	29, // 0: cairn.rootkms.state.v1.Command.time:type_name -> google.protobuf.Timestamp
 	6,  // 1: cairn.rootkms.state.v1.Command.create_region:type_name -> cairn.rootkms.state.v1.CreateRegionCommand
 	7,  // 2: cairn.rootkms.state.v1.Command.add_region_key_version:type_name -> cairn.rootkms.state.v1.AddRegionKeyVersionCommand
 	8,  // 3: cairn.rootkms.state.v1.Command.set_region_key_version_status:type_name -> cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand
@@ -2662,65 +2749,66 @@ var file_cairn_rootkms_state_v1_state_proto_depIdxs = []int32{
 	20, // 6: cairn.rootkms.state.v1.Command.create_keyset:type_name -> cairn.rootkms.state.v1.CreateKeysetCommand
 	21, // 7: cairn.rootkms.state.v1.Command.update_keyset:type_name -> cairn.rootkms.state.v1.UpdateKeysetCommand
 	22, // 8: cairn.rootkms.state.v1.Command.record_propagation:type_name -> cairn.rootkms.state.v1.RecordPropagationCommand
-	25, // 9: cairn.rootkms.state.v1.Command.set_keyset_policy:type_name -> cairn.rootkms.state.v1.SetKeysetPolicyCommand
-	27, // 10: cairn.rootkms.state.v1.Command.put_rollout:type_name -> cairn.rootkms.state.v1.PutRolloutCommand
-	5,  // 11: cairn.rootkms.state.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.state.v1.MemberRecord
-	9,  // 12: cairn.rootkms.state.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	9,  // 13: cairn.rootkms.state.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	29, // 14: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
-	28, // 15: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
-	11, // 16: cairn.rootkms.state.v1.RegionRecord.versions:type_name -> cairn.rootkms.state.v1.RegionKeyVersionRecord
-	28, // 17: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
-	9,  // 18: cairn.rootkms.state.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
-	30, // 19: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
-	10, // 20: cairn.rootkms.state.v1.Snapshot.regions:type_name -> cairn.rootkms.state.v1.RegionRecord
-	5,  // 21: cairn.rootkms.state.v1.Snapshot.members:type_name -> cairn.rootkms.state.v1.MemberRecord
-	14, // 22: cairn.rootkms.state.v1.Snapshot.keysets:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	13, // 23: cairn.rootkms.state.v1.Snapshot.requests:type_name -> cairn.rootkms.state.v1.RequestRecord
-	26, // 24: cairn.rootkms.state.v1.Snapshot.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
-	28, // 25: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
-	31, // 26: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
-	15, // 27: cairn.rootkms.state.v1.KeysetRecord.ttl_history:type_name -> cairn.rootkms.state.v1.TtlPeriod
-	16, // 28: cairn.rootkms.state.v1.KeysetRecord.versions:type_name -> cairn.rootkms.state.v1.KeysetVersionRecord
-	32, // 29: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	28, // 30: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
-	31, // 31: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
-	28, // 32: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
-	28, // 33: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
-	0,  // 34: cairn.rootkms.state.v1.KeysetVersionRecord.state:type_name -> cairn.rootkms.state.v1.KeysetVersionState
-	28, // 35: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
-	18, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
-	28, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
-	28, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
-	28, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
-	28, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
-	28, // 41: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
-	19, // 42: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
-	17, // 43: cairn.rootkms.state.v1.KeysetVersionRecord.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
-	28, // 44: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
-	28, // 45: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
-	28, // 46: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
-	28, // 47: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
-	14, // 48: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	1,  // 49: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	28, // 50: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
-	32, // 51: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
-	17, // 52: cairn.rootkms.state.v1.UpdateKeysetCommand.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
-	28, // 53: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
-	23, // 54: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	24, // 55: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
-	28, // 56: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
-	28, // 57: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
-	31, // 58: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
-	31, // 59: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
-	28, // 60: cairn.rootkms.state.v1.RolloutRecord.created_at:type_name -> google.protobuf.Timestamp
-	28, // 61: cairn.rootkms.state.v1.RolloutRecord.updated_at:type_name -> google.protobuf.Timestamp
-	26, // 62: cairn.rootkms.state.v1.PutRolloutCommand.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
-	63, // [63:63] is the sub-list for method output_type
-	63, // [63:63] is the sub-list for method input_type
-	63, // [63:63] is the sub-list for extension type_name
-	63, // [63:63] is the sub-list for extension extendee
-	0,  // [0:63] is the sub-list for field type_name
+	26, // 9: cairn.rootkms.state.v1.Command.set_keyset_policy:type_name -> cairn.rootkms.state.v1.SetKeysetPolicyCommand
+	28, // 10: cairn.rootkms.state.v1.Command.put_rollout:type_name -> cairn.rootkms.state.v1.PutRolloutCommand
+	23, // 11: cairn.rootkms.state.v1.Command.record_bundle_serial:type_name -> cairn.rootkms.state.v1.RecordBundleSerialCommand
+	5,  // 12: cairn.rootkms.state.v1.RegisterMemberCommand.member:type_name -> cairn.rootkms.state.v1.MemberRecord
+	9,  // 13: cairn.rootkms.state.v1.CreateRegionCommand.first_version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	9,  // 14: cairn.rootkms.state.v1.AddRegionKeyVersionCommand.version:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	30, // 15: cairn.rootkms.state.v1.SetRegionKeyVersionStatusCommand.status:type_name -> cairn.crypto.v1.KeyStatus
+	29, // 16: cairn.rootkms.state.v1.RegionRecord.created_at:type_name -> google.protobuf.Timestamp
+	11, // 17: cairn.rootkms.state.v1.RegionRecord.versions:type_name -> cairn.rootkms.state.v1.RegionKeyVersionRecord
+	29, // 18: cairn.rootkms.state.v1.RegionRecord.served_observed_at:type_name -> google.protobuf.Timestamp
+	9,  // 19: cairn.rootkms.state.v1.RegionKeyVersionRecord.key:type_name -> cairn.rootkms.state.v1.WrappedRegionKeyVersion
+	31, // 20: cairn.rootkms.state.v1.RegionKeyVersionRecord.info:type_name -> cairn.crypto.v1.KeyVersionInfo
+	10, // 21: cairn.rootkms.state.v1.Snapshot.regions:type_name -> cairn.rootkms.state.v1.RegionRecord
+	5,  // 22: cairn.rootkms.state.v1.Snapshot.members:type_name -> cairn.rootkms.state.v1.MemberRecord
+	14, // 23: cairn.rootkms.state.v1.Snapshot.keysets:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	13, // 24: cairn.rootkms.state.v1.Snapshot.requests:type_name -> cairn.rootkms.state.v1.RequestRecord
+	27, // 25: cairn.rootkms.state.v1.Snapshot.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	29, // 26: cairn.rootkms.state.v1.KeysetRecord.created_at:type_name -> google.protobuf.Timestamp
+	32, // 27: cairn.rootkms.state.v1.KeysetRecord.rotation_period:type_name -> google.protobuf.Duration
+	15, // 28: cairn.rootkms.state.v1.KeysetRecord.ttl_history:type_name -> cairn.rootkms.state.v1.TtlPeriod
+	16, // 29: cairn.rootkms.state.v1.KeysetRecord.versions:type_name -> cairn.rootkms.state.v1.KeysetVersionRecord
+	33, // 30: cairn.rootkms.state.v1.KeysetRecord.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	29, // 31: cairn.rootkms.state.v1.KeysetRecord.updated_at:type_name -> google.protobuf.Timestamp
+	32, // 32: cairn.rootkms.state.v1.TtlPeriod.ttl:type_name -> google.protobuf.Duration
+	29, // 33: cairn.rootkms.state.v1.TtlPeriod.from:type_name -> google.protobuf.Timestamp
+	29, // 34: cairn.rootkms.state.v1.TtlPeriod.until:type_name -> google.protobuf.Timestamp
+	0,  // 35: cairn.rootkms.state.v1.KeysetVersionRecord.state:type_name -> cairn.rootkms.state.v1.KeysetVersionState
+	29, // 36: cairn.rootkms.state.v1.KeysetVersionRecord.created_at:type_name -> google.protobuf.Timestamp
+	18, // 37: cairn.rootkms.state.v1.KeysetVersionRecord.propagated:type_name -> cairn.rootkms.state.v1.RegionTime
+	29, // 38: cairn.rootkms.state.v1.KeysetVersionRecord.primary_since:type_name -> google.protobuf.Timestamp
+	29, // 39: cairn.rootkms.state.v1.KeysetVersionRecord.superseded_at:type_name -> google.protobuf.Timestamp
+	29, // 40: cairn.rootkms.state.v1.KeysetVersionRecord.disabled_at:type_name -> google.protobuf.Timestamp
+	29, // 41: cairn.rootkms.state.v1.KeysetVersionRecord.destroy_after:type_name -> google.protobuf.Timestamp
+	29, // 42: cairn.rootkms.state.v1.KeysetVersionRecord.destroyed_at:type_name -> google.protobuf.Timestamp
+	19, // 43: cairn.rootkms.state.v1.KeysetVersionRecord.usage:type_name -> cairn.rootkms.state.v1.RegionUsage
+	17, // 44: cairn.rootkms.state.v1.KeysetVersionRecord.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	29, // 45: cairn.rootkms.state.v1.RegionTime.at:type_name -> google.protobuf.Timestamp
+	29, // 46: cairn.rootkms.state.v1.RegionUsage.observed_at:type_name -> google.protobuf.Timestamp
+	29, // 47: cairn.rootkms.state.v1.RegionUsage.last_encrypt:type_name -> google.protobuf.Timestamp
+	29, // 48: cairn.rootkms.state.v1.RegionUsage.last_use:type_name -> google.protobuf.Timestamp
+	14, // 49: cairn.rootkms.state.v1.CreateKeysetCommand.keyset:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	1,  // 50: cairn.rootkms.state.v1.UpdateKeysetCommand.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	29, // 51: cairn.rootkms.state.v1.UpdateKeysetCommand.destroy_after:type_name -> google.protobuf.Timestamp
+	33, // 52: cairn.rootkms.state.v1.UpdateKeysetCommand.copies:type_name -> cairn.crypto.v1.EncryptedKeyset
+	17, // 53: cairn.rootkms.state.v1.UpdateKeysetCommand.golden:type_name -> cairn.rootkms.state.v1.GoldenCiphertext
+	29, // 54: cairn.rootkms.state.v1.RecordPropagationCommand.observed_at:type_name -> google.protobuf.Timestamp
+	24, // 55: cairn.rootkms.state.v1.RecordPropagationCommand.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	25, // 56: cairn.rootkms.state.v1.KeysetObservation.versions:type_name -> cairn.rootkms.state.v1.VersionObservation
+	29, // 57: cairn.rootkms.state.v1.VersionObservation.last_encrypt:type_name -> google.protobuf.Timestamp
+	29, // 58: cairn.rootkms.state.v1.VersionObservation.last_use:type_name -> google.protobuf.Timestamp
+	32, // 59: cairn.rootkms.state.v1.SetKeysetPolicyCommand.rotation_period:type_name -> google.protobuf.Duration
+	32, // 60: cairn.rootkms.state.v1.SetKeysetPolicyCommand.ciphertext_ttl:type_name -> google.protobuf.Duration
+	29, // 61: cairn.rootkms.state.v1.RolloutRecord.created_at:type_name -> google.protobuf.Timestamp
+	29, // 62: cairn.rootkms.state.v1.RolloutRecord.updated_at:type_name -> google.protobuf.Timestamp
+	27, // 63: cairn.rootkms.state.v1.PutRolloutCommand.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	64, // [64:64] is the sub-list for method output_type
+	64, // [64:64] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_state_v1_state_proto_init() }
@@ -2739,6 +2827,7 @@ func file_cairn_rootkms_state_v1_state_proto_init() {
 		(*Command_RecordPropagation)(nil),
 		(*Command_SetKeysetPolicy)(nil),
 		(*Command_PutRollout)(nil),
+		(*Command_RecordBundleSerial)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2746,7 +2835,7 @@ func file_cairn_rootkms_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_state_v1_state_proto_rawDesc), len(file_cairn_rootkms_state_v1_state_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

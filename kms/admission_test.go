@@ -1,0 +1,173 @@
+package kms_test
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/kms"
+	"github.com/cairnkms/cairn/kms/kmstest"
+	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+)
+
+// signed signs the next serial's bundle of kss, changed by edit.
+func (e *env) signed(edit func(*bundlev1.Bundle), kss ...*kmstest.Keyset) *bundlev1.SignedBundle {
+	e.t.Helper()
+	e.serial++
+	b := kmstest.Bundle(e.t, e.keys, region, e.serial, kss...)
+	edit(b)
+	return e.signer.Sign(e.t, b)
+}
+
+// quotaRecords returns the audit records of quota refusals of id.
+func quotaRecords(t *testing.T, s *server, id string) []audit.Record {
+	t.Helper()
+	var out []audit.Record
+	for _, r := range readAudit(t, s) {
+		if r.Operation == "/cairn.kms.v1.KMS/*" && r.Identity == id {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// callRecords counts the per-call audit records of method by id.
+func callRecords(t *testing.T, s *server, method, id string) int {
+	t.Helper()
+	n := 0
+	for _, r := range readAudit(t, s) {
+		if r.Operation == "/cairn.kms.v1.KMS/"+method && r.Identity == id {
+			n++
+		}
+	}
+	return n
+}
+
+// TestQuotaOverGRPC: a caller over its bundle quota gets RESOURCE_EXHAUSTED
+// with a RetryInfo and the delay in the message, before any handler or
+// per-call audit record; another caller is not affected; the refusals are
+// audited once per window per caller, with their count.
+func TestQuotaOverGRPC(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "", func(c *kms.Config) { c.QuotaAuditWindow = time.Hour })
+	shared := kmstest.NewKeyset(t, "payments/shared", kmstest.ACL("client/us-east/*"))
+	e.apply(s, e.signed(func(b *bundlev1.Bundle) {
+		b.Quotas = []*bundlev1.Quota{{Pattern: "client/us-east/app", RequestsPerSecond: 1, Burst: 5}}
+	}, shared))
+	const calls = 20
+	results := map[string]map[codes.Code]int{}
+	for _, id := range []string{appID, otherID} {
+		c := e.client(id, s)
+		results[id] = map[codes.Code]int{}
+		for range calls {
+			_, err := c.Encrypt(ctx(t), &kmsv1.EncryptRequest{Keyset: "payments/shared", Plaintext: []byte("dek")})
+			results[id][status.Code(err)]++
+			if status.Code(err) != codes.ResourceExhausted {
+				continue
+			}
+			st := status.Convert(err)
+			var hint time.Duration
+			for _, d := range st.Details() {
+				if ri, ok := d.(*errdetails.RetryInfo); ok {
+					hint = ri.GetRetryDelay().AsDuration()
+				}
+			}
+			if hint <= 0 || hint > time.Second || !strings.Contains(st.Message(), fmt.Sprintf("retry after %v", hint)) {
+				t.Errorf("refusal %q with RetryInfo %v: want a hint in (0, 1s] named in the message", st.Message(), hint)
+			}
+		}
+	}
+	t.Logf("20 calls each: over-quota caller %v, other caller %v", results[appID], results[otherID])
+	// Burst 5 at 1/s: the calls take far less than a second.
+	if ok, refused := results[appID][codes.OK], results[appID][codes.ResourceExhausted]; ok < 5 || ok > 6 || ok+refused != calls {
+		t.Errorf("caller with a quota of burst 5: %v, want 5 (or 6) OK and the rest ResourceExhausted", results[appID])
+	}
+	if results[otherID][codes.OK] != calls {
+		t.Errorf("caller without a quota of its own: %v, want all %d OK", results[otherID], calls)
+	}
+	// No refused call reached the audit interceptor.
+	if n := callRecords(t, s, "Encrypt", appID); n != results[appID][codes.OK] {
+		t.Errorf("Encrypt records of the over-quota caller = %d, want %d (its admitted calls only)", n, results[appID][codes.OK])
+	}
+	if recs := quotaRecords(t, s, appID); len(recs) != 0 {
+		t.Errorf("quota records before the window ends = %+v, want none", recs)
+	}
+	s.Close() // ends the window
+	recs := quotaRecords(t, s, appID)
+	want := fmt.Sprintf("%d data-plane calls refused", results[appID][codes.ResourceExhausted])
+	if len(recs) != 1 || recs[0].Outcome != audit.OutcomeDenied || recs[0].Code != "ResourceExhausted" || recs[0].Target.Region != region ||
+		!strings.HasPrefix(recs[0].Reason, want) || !strings.Contains(recs[0].Reason, `quota "client/us-east/app": 1 requests/s, burst 5`) {
+		t.Errorf("quota records = %+v, want one denied ResourceExhausted record beginning %q and naming the quota", recs, want)
+	}
+	if recs := quotaRecords(t, s, otherID); len(recs) != 0 {
+		t.Errorf("quota records of the other caller = %+v, want none", recs)
+	}
+}
+
+// TestDataMessageLimit: a data-plane request over MaxDataMsgSize (4 MiB by
+// default) is refused with INVALID_ARGUMENT before any handler runs (no
+// audit record of the call, no request counted), while ApplyBundle takes
+// bundles larger than that.
+func TestDataMessageLimit(t *testing.T) {
+	t.Run("default", func(t *testing.T) {
+		e := newEnv(t)
+		s := e.start(kms1ID, "")
+		e.apply(s, e.bundle(e.ks))
+		c := e.client(appID, s)
+		big := make([]byte, kms.DefaultMaxDataMsgSize+1)
+		big[0] = 1
+		_, err := c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: big}, grpc.MaxCallSendMsgSize(64<<20))
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "more than the data plane's limit of 4194304 bytes") {
+			t.Fatalf("Decrypt of %d bytes = %v, want InvalidArgument naming the limit", len(big), err)
+		}
+		if n := callRecords(t, s, "Decrypt", appID); n != 0 {
+			t.Errorf("Decrypt audit records = %d, want 0: no handler, no interceptor ran", n)
+		}
+		if st := s.status(t).GetStats(); st.GetRequests() != 0 {
+			t.Errorf("data-plane requests counted = %d, want 0: no handler ran", st.GetRequests())
+		}
+		// A request just under the limit reaches the handler (and fails
+		// there, as a ciphertext).
+		_, err = c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: big[:64<<10]})
+		if status.Code(err) != codes.InvalidArgument || strings.Contains(err.Error(), "data plane's limit") {
+			t.Errorf("Decrypt of 64 KiB = %v, want the handler's InvalidArgument", err)
+		}
+		s.Close()
+		if recs := quotaRecords(t, s, appID); len(recs) != 1 || !strings.Contains(recs[0].Reason, "message_size 1") {
+			t.Errorf("refusal records = %+v, want one counting message_size 1", recs)
+		}
+	})
+	t.Run("ApplyBundle past the data plane's limit", func(t *testing.T) {
+		const limit = 32 << 10
+		e := newEnv(t)
+		s := e.start(kms1ID, "", func(c *kms.Config) { c.MaxDataMsgSize, c.MaxPayload = limit, 4<<10 })
+		var kss []*kmstest.Keyset
+		for i := range 200 {
+			kss = append(kss, kmstest.NewKeyset(t, fmt.Sprintf("team%03d/keyset", i), kmstest.ACL("client/us-east/app")))
+		}
+		sb := e.bundle(kss...)
+		if n := proto.Size(&kmsv1.ApplyBundleRequest{Bundle: sb}); n <= 2*limit {
+			t.Fatalf("bundle of %d bytes, want more than %d for the test", n, 2*limit)
+		}
+		e.apply(s, sb)
+		if st := s.status(t); st.GetKeysetCount() != 200 {
+			t.Errorf("keysets served = %d, want 200", st.GetKeysetCount())
+		}
+		_, err := e.client(appID, s).EncryptBatch(ctx(t), &kmsv1.EncryptBatchRequest{Keyset: "team000/keyset",
+			Items: []*kmsv1.EncryptItem{{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)},
+				{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)},
+				{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}}})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "data plane's limit") {
+			t.Errorf("EncryptBatch of 36 KiB = %v, want InvalidArgument naming the data plane's limit", err)
+		}
+	})
+}

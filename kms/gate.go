@@ -1,0 +1,97 @@
+package kms
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cairnkms/cairn/internal/identity"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+)
+
+// kmsDesc returns kms.v1.KMS's service description with every method
+// behind the gate: the generated one, but each handler first admits the
+// call (the caller's quota and the server's cap on calls in progress, see
+// admission) before its request is even read, then refuses a request over
+// MaxDataMsgSize, and only then runs the interceptors (identity, audit,
+// access policy) and the handler. A refusal there runs no handler and
+// writes no audit record of its own: the caller's refusals are counted and
+// audited once per QuotaAuditWindow (auditRefusals), so a flood cannot
+// flood the audit log.
+//
+// The server's MaxRecvMsgSize stays the large one ApplyBundle needs: gRPC
+// has one receive limit per server, so a data-plane request up to it is
+// read and decoded, then refused by its size here.
+func (s *Server) kmsDesc(api *kmsAPI) (*grpc.ServiceDesc, error) {
+	gates := map[string]grpc.MethodDesc{
+		"Encrypt":         gated(s, api, "Encrypt", (*kmsAPI).Encrypt),
+		"Decrypt":         gated(s, api, "Decrypt", (*kmsAPI).Decrypt),
+		"EncryptBatch":    gated(s, api, "EncryptBatch", (*kmsAPI).EncryptBatch),
+		"DecryptBatch":    gated(s, api, "DecryptBatch", (*kmsAPI).DecryptBatch),
+		"GenerateDataKey": gated(s, api, "GenerateDataKey", (*kmsAPI).GenerateDataKey),
+		"Rewrap":          gated(s, api, "Rewrap", (*kmsAPI).Rewrap),
+	}
+	d := kmsv1.KMS_ServiceDesc
+	if len(d.Streams) > 0 {
+		return nil, fmt.Errorf("kms: kms.v1.KMS has streams, which the gate does not cover")
+	}
+	d.Methods = nil
+	for _, m := range kmsv1.KMS_ServiceDesc.Methods {
+		g, ok := gates[m.MethodName]
+		if !ok {
+			return nil, fmt.Errorf("kms: kms.v1.KMS method %s has no gate", m.MethodName)
+		}
+		d.Methods = append(d.Methods, g)
+	}
+	return &d, nil
+}
+
+// gated is the gated gRPC handler of one data-plane method, h.
+func gated[Req any, PReq interface {
+	*Req
+	proto.Message
+}, Resp any](s *Server, api *kmsAPI, name string, h func(*kmsAPI, context.Context, PReq) (Resp, error)) grpc.MethodDesc {
+	info := &grpc.UnaryServerInfo{Server: api, FullMethod: kmsService + name}
+	handler := func(ctx context.Context, req any) (any, error) {
+		resp, err := h(api, ctx, req.(PReq))
+		return resp, err
+	}
+	return grpc.MethodDesc{MethodName: name, Handler: func(_ any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+		id, err := identity.FromPeer(ctx)
+		if err != nil {
+			return nil, status.Error(codes.Unauthenticated, err.Error())
+		}
+		c, err := s.adm.admit(id)
+		if err != nil {
+			return nil, err
+		}
+		defer s.adm.release(c)
+		in := PReq(new(Req))
+		if err := dec(in); err != nil {
+			return nil, err
+		}
+		if err := s.checkMessage(c, name, in); err != nil {
+			return nil, err
+		}
+		if interceptor == nil {
+			return handler(ctx, in)
+		}
+		return interceptor(ctx, in, info, handler)
+	}}
+}
+
+// checkMessage refuses a data-plane request larger than MaxDataMsgSize.
+func (s *Server) checkMessage(c *caller, method string, m proto.Message) error {
+	n := proto.Size(m)
+	if n <= s.cfg.MaxDataMsgSize {
+		return nil
+	}
+	c.refused[shedSize].Add(1)
+	s.adm.shed[shedSize].Inc()
+	return status.Errorf(codes.InvalidArgument, "kms: the %s request is %d bytes, more than the data plane's limit of %d bytes (only KMSAdmin takes larger requests)",
+		method, n, s.cfg.MaxDataMsgSize)
+}

@@ -1,0 +1,257 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/kmsclient"
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/tests/framework"
+)
+
+// The catalogue's case 26, load at 2x a client's quota: a noisy client
+// offers twice the rate its bundle quota allows, and a quiet client on the
+// same KMS server keeps its latency and gets no error.
+const (
+	quotaNoisy = "client/us-east/noisy"
+	quotaQuiet = "client/us-east/quiet"
+	// quotaRate is the noisy client's quota (requests per second, burst
+	// quotaBurst); it offers 2 x quotaRate.
+	quotaRate, quotaBurst = 100, 10
+	// quotaRounds alternate unloaded and loaded phases of quotaPhase each,
+	// so that both p99s are measured in the same run, interleaved.
+	quotaRounds = 8
+	quotaPhase  = time.Second
+	// quotaQuietGap paces the quiet client (closed loop, one call at a
+	// time, then this pause).
+	quotaQuietGap = 500 * time.Microsecond
+)
+
+// TestKMSQuotaUnderLoad: regionctl builds a bundle with a quota for the
+// noisy client (from its config file's "quotas"); a real KMS process serves
+// it. The noisy client, through kmsclient with one attempt per call, offers
+// 2x its quota: the excess gets RESOURCE_EXHAUSTED with a RetryInfo, nothing
+// else fails. The quiet client (kmsclient, default retries) gets no error,
+// and its p99 while the noisy client runs stays within 1.5x its p99 while it
+// does not. The KMS audits the noisy client's refusals once per window with
+// their count, not once per call.
+func TestKMSQuotaUnderLoad(t *testing.T) {
+	w := framework.NewWorld(t, bin)
+	w.Mint(quotaNoisy, quotaQuiet)
+	safes := w.FileSafes(3)
+	d := w.Distributors(1, false)[0]
+	d.Start()
+	d.WaitState(sealed)
+	m := w.Genesis(2, safes, d)
+	waitUnsealed(t, d, m)
+	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
+	root.Start()
+	framework.WaitLeader(root)
+	root.WaitServing()
+
+	rc := filepath.Join(w.Dir, "regionctl")
+	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
+	bundlePath, config := filepath.Join(rc, "us-east-1.bundle"), filepath.Join(rc, "regionctl.json")
+	if err := os.MkdirAll(teams, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(teams, "payments.json"), []byte(ledgerTeam), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := fmt.Sprintf(`{"quotas": {"callers": [{"pattern": %q, "requests_per_second": %d, "burst": %d}]}}`, quotaNoisy, quotaRate, quotaBurst)
+	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
+	w.RegionctlOK("keys", "generate", "--out", keysDir)
+	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
+	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
+	w.RegionctlOK(append([]string{"bundle", "build", "--config", config, "--region", kmsRegion, "--serial", "1", "--teams", teams,
+		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
+	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
+	k.Start()
+	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
+		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
+	})
+	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
+	k.WaitServing(1)
+
+	client := func(name string, opts ...kmsclient.Option) *kmsclient.AEAD {
+		c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(w.Source(name)), kmsclient.WithEndpoints(kmsRegion, k.Addr)}, opts...)...)
+		if err != nil {
+			t.Fatalf("kmsclient.New(%s) = %v", name, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		a, err := c.AEAD(kmsRegion, kmsKeyset)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	noisy := client(quotaNoisy, kmsclient.WithRetry(kmsclient.RetryPolicy{MaxAttempts: 1}))
+	quiet := client(quotaQuiet)
+	dek := []byte("a 32-byte data encryption key!!!")
+	ct, err := quiet.EncryptWithContext(t.Context(), dek, []byte("quota"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The noisy client: four pacers of quotaRate/2 calls per second each,
+	// running while loaded is set.
+	var (
+		loaded                           atomic.Bool
+		noisyOK, noisyRefused, noisyHint atomic.Int64
+		noisyOther                       atomic.Int64
+		otherErr                         atomic.Pointer[error]
+	)
+	ctx, stop := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	const pacers = 4
+	for range pacers {
+		wg.Go(func() {
+			tick := time.NewTicker(time.Second * pacers / (2 * quotaRate))
+			defer tick.Stop()
+			var calls sync.WaitGroup
+			defer calls.Wait()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				if !loaded.Load() {
+					continue
+				}
+				calls.Go(func() {
+					cctx, cancel := context.WithTimeout(ctx, kmsCallTTL)
+					defer cancel()
+					_, err := noisy.EncryptWithContext(cctx, dek, []byte("noisy"))
+					switch {
+					case err == nil:
+						noisyOK.Add(1)
+					case status.Code(err) == codes.ResourceExhausted:
+						noisyRefused.Add(1)
+						for _, d := range status.Convert(err).Details() {
+							if ri, ok := d.(*errdetails.RetryInfo); ok && ri.GetRetryDelay().AsDuration() > 0 {
+								noisyHint.Add(1)
+							}
+						}
+					case ctx.Err() == nil:
+						noisyOther.Add(1)
+						otherErr.Store(&err)
+					}
+				})
+			}
+		})
+	}
+
+	// The quiet client, interleaving unloaded and loaded phases.
+	var unloadedLat, loadedLat []time.Duration
+	quietErrs := 0
+	start := time.Now()
+	for round := range 2 * quotaRounds {
+		load := round%2 == 1
+		loaded.Store(load)
+		phaseEnd := time.Now().Add(quotaPhase)
+		for time.Now().Before(phaseEnd) {
+			cctx, cancel := context.WithTimeout(ctx, kmsCallTTL)
+			t0 := time.Now()
+			pt, err := quiet.DecryptWithContext(cctx, ct, []byte("quota"))
+			lat := time.Since(t0)
+			cancel()
+			if err != nil || string(pt) != string(dek) {
+				quietErrs++
+				if quietErrs <= 3 {
+					t.Errorf("quiet client Decrypt (loaded %v) = %v", load, err)
+				}
+			}
+			if load {
+				loadedLat = append(loadedLat, lat)
+			} else {
+				unloadedLat = append(unloadedLat, lat)
+			}
+			time.Sleep(quotaQuietGap)
+		}
+	}
+	loaded.Store(false)
+	stop()
+	wg.Wait()
+	elapsed := time.Since(start)
+
+	p := func(lat []time.Duration, q float64) time.Duration {
+		s := slices.Clone(lat)
+		slices.Sort(s)
+		return s[min(len(s)-1, int(q*float64(len(s))))]
+	}
+	total := noisyOK.Load() + noisyRefused.Load() + noisyOther.Load()
+	share := float64(noisyRefused.Load()) / float64(max(total, 1))
+	up99, lp99 := p(unloadedLat, 0.99), p(loadedLat, 0.99)
+	t.Logf("noisy client at 2x its quota (%d/s, burst %d) for %v loaded: %d calls, %d admitted, %d refused (%.1f%%), %d with a RetryInfo, %d other errors",
+		quotaRate, quotaBurst, quotaRounds*quotaPhase, total, noisyOK.Load(), noisyRefused.Load(), 100*share, noisyHint.Load(), noisyOther.Load())
+	t.Logf("quiet client: %d errors; unloaded %d calls p50 %v p99 %v; loaded %d calls p50 %v p99 %v; p99 ratio %.2f (limit 1.5)",
+		quietErrs, len(unloadedLat), p(unloadedLat, 0.5), up99, len(loadedLat), p(loadedLat, 0.5), lp99, float64(lp99)/float64(up99))
+
+	if n := noisyOther.Load(); n > 0 {
+		t.Errorf("noisy client: %d errors other than ResourceExhausted, e.g. %v", n, *otherErr.Load())
+	}
+	// Offered 2x: about half is refused (the burst and pacing jitter move
+	// it a little).
+	if share < 0.35 || share > 0.65 {
+		t.Errorf("noisy client refused share = %.2f, want about 0.5 (offered twice its quota)", share)
+	}
+	if noisyHint.Load() != noisyRefused.Load() {
+		t.Errorf("refusals with a RetryInfo = %d of %d, want all", noisyHint.Load(), noisyRefused.Load())
+	}
+	if quietErrs > 0 {
+		t.Errorf("quiet client: %d errors, want 0", quietErrs)
+	}
+	if len(unloadedLat) < 1000 || len(loadedLat) < 1000 {
+		t.Fatalf("quiet client samples: %d unloaded, %d loaded; want at least 1000 each", len(unloadedLat), len(loadedLat))
+	}
+	if lp99 > up99*3/2 {
+		t.Errorf("quiet client p99 loaded %v > 1.5 x unloaded %v", lp99, up99)
+	}
+
+	// The refusals are in the audit log once per window (10s) per caller,
+	// with their count; the KMS writes the last window's at shutdown.
+	k.Stop()
+	recs, err := audit.ReadFile(filepath.Join(k.StateDir, "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var records, counted int64
+	for _, r := range recs {
+		if r.Operation != "/cairn.kms.v1.KMS/*" {
+			continue
+		}
+		if r.Identity != framework.SPIFFEID(quotaNoisy) {
+			t.Errorf("quota record of %s, want only the noisy client's: %+v", r.Identity, r)
+			continue
+		}
+		records++
+		n, err := strconv.ParseInt(strings.Fields(r.Reason)[0], 10, 64)
+		if err != nil || r.Code != "ResourceExhausted" || r.Outcome != audit.OutcomeDenied {
+			t.Errorf("quota record %+v: want ResourceExhausted, denied, and the count first in the reason", r)
+		}
+		counted += n
+	}
+	windows := int64(elapsed/(10*time.Second)) + 2
+	t.Logf("audit: %d quota records counting %d refusals over %v", records, counted, elapsed.Round(time.Millisecond))
+	if counted != noisyRefused.Load() || records == 0 || records > windows {
+		t.Errorf("audit: %d quota records counting %d refusals; want at most %d records (one per window) counting all %d", records, counted, windows, noisyRefused.Load())
+	}
+}
