@@ -208,8 +208,8 @@ func TestApplyBundleAccepted(t *testing.T) {
 	if got := s.status(t).GetBundle(); !refEqual(got, refOf(t, dry)) {
 		t.Errorf("serving %v, want %v", got, refOf(t, dry))
 	}
-	if _, err := c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: ct}); status.Code(err) != codes.InvalidArgument {
-		t.Errorf("Decrypt under the dropped version = %v, want InvalidArgument", err)
+	if _, err := c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: ct}); status.Code(err) != codes.NotFound {
+		t.Errorf("Decrypt under the dropped version = %v, want NotFound (the version is gone)", err)
 	}
 	if got := encrypt(t, c, ledger, []byte("x"), nil).GetKeyId(); got != next {
 		t.Errorf("Encrypt after the swap used %d, want %d", got, next)

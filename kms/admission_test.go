@@ -138,8 +138,8 @@ func TestDataMessageLimit(t *testing.T) {
 		// A request just under the limit reaches the handler (and fails
 		// there, as a ciphertext).
 		_, err = c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: big[:64<<10]})
-		if status.Code(err) != codes.InvalidArgument || strings.Contains(err.Error(), "data plane's limit") {
-			t.Errorf("Decrypt of 64 KiB = %v, want the handler's InvalidArgument", err)
+		if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "holds no key version 0") {
+			t.Errorf("Decrypt of 64 KiB = %v, want the handler's NotFound (it names key version 0)", err)
 		}
 		s.Close()
 		if recs := quotaRecords(t, s, appID); len(recs) != 1 || !strings.Contains(recs[0].Reason, "message_size 1") {

@@ -153,7 +153,7 @@ func (a *kmsAPI) Decrypt(ctx context.Context, req *kmsv1.DecryptRequest) (resp *
 		audit.AddTarget(ctx, audit.Target{KeyVersion: v.KeyID()})
 	}
 	if err != nil {
-		return nil, statusDecrypt
+		return nil, toStatus(err)
 	}
 	return &kmsv1.DecryptResponse{Plaintext: pt, KeyId: v.KeyID()}, nil
 }
@@ -316,7 +316,7 @@ func (a *kmsAPI) Rewrap(ctx context.Context, req *kmsv1.RewrapRequest) (resp *km
 		audit.AddTarget(ctx, audit.Target{KeyVersion: src.KeyID()})
 	}
 	if err != nil {
-		return nil, statusDecrypt
+		return nil, toStatus(err)
 	}
 	defer clear(pt)
 	ct, dst, err := k.Encrypt(pt, req.GetAssociatedData(), now)

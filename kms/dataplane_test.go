@@ -257,7 +257,9 @@ func TestBadInput(t *testing.T) {
 		{"garbage", dec(ledger, garbage, ad), codes.InvalidArgument, decryptM},
 		{"flipped bit", dec(ledger, flipped, ad), codes.InvalidArgument, decryptM},
 		{"empty", dec(ledger, nil, ad), codes.InvalidArgument, decryptM},
-		{"other keyset's ciphertext", dec(ledger, otherCT, ad), codes.InvalidArgument, decryptM},
+		// Its key ID is one the keyset does not hold: said, to a caller on
+		// the ACL (the ID is in the clear).
+		{"other keyset's ciphertext", dec(ledger, otherCT, ad), codes.NotFound, ""},
 		{"oversized plaintext", func() error {
 			_, err := c.Encrypt(ctx(t), &kmsv1.EncryptRequest{Keyset: ledger, Plaintext: big})
 			return err

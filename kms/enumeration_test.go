@@ -1,7 +1,9 @@
 package kms_test
 
 import (
+	"bytes"
 	"net/http"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -75,6 +77,38 @@ func TestNoKeysetEnumeration(t *testing.T) {
 	if _, err := app.Encrypt(ctx(t), &kmsv1.EncryptRequest{Keyset: "payments/readonly", Plaintext: []byte("x")}); status.Code(err) != codes.PermissionDenied ||
 		status.Convert(err).Message() != `kms: permission denied: spiffe://cairn.test/client/us-east/app may not encrypt with keyset "payments/readonly"` {
 		t.Errorf("Encrypt(decrypt-only keyset) by a caller on its decrypt ACL = %v, want PermissionDenied naming the operation", err)
+	}
+
+	// A caller on the decrypt ACL is told a ciphertext names a key version
+	// the keyset does not hold (its key ID is in the clear): NotFound,
+	// naming the version. Any other failure stays the one opaque error.
+	gone := append([]byte{0x01, 0xde, 0xad, 0xbe, 0xef}, ct[5:]...)
+	for _, tt := range []struct {
+		name string
+		call func() error
+	}{
+		{"Decrypt", func() error {
+			_, err := app.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: gone})
+			return err
+		}},
+		{"DecryptBatch", func() error {
+			r, err := app.DecryptBatch(ctx(t), &kmsv1.DecryptBatchRequest{Keyset: ledger, Items: []*kmsv1.DecryptItem{{Ciphertext: gone}}})
+			if err != nil {
+				return err
+			}
+			ie := r.GetResults()[0].GetError()
+			return status.Error(codes.Code(ie.GetCode()), ie.GetMessage())
+		}},
+	} {
+		err := tt.call()
+		if st := status.Convert(err); st.Code() != codes.NotFound || !strings.Contains(st.Message(), "key version 3735928559") {
+			t.Errorf("%s(ciphertext naming a version the keyset lacks) by a caller on its ACL = %v, want NotFound naming key version 3735928559", tt.name, err)
+		}
+	}
+	flipped := bytes.Clone(ct)
+	flipped[len(flipped)-1] ^= 1
+	if _, err := app.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: flipped}); status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != "kms: ciphertext does not decrypt" {
+		t.Errorf("Decrypt(tampered) by a caller on its ACL = %v, want the one opaque InvalidArgument", err)
 	}
 
 	// The transit API answers alike: 403 and one body for both, on the

@@ -42,6 +42,7 @@ var statusTable = []struct {
 	{errUnknownKeyset, codes.NotFound},
 	{errDenied, codes.PermissionDenied},
 	{keystore.ErrDecrypt, codes.InvalidArgument},
+	{keystore.ErrVersionGone, codes.NotFound},
 	{errInvalid, codes.InvalidArgument},
 	{bundle.ErrSignature, codes.InvalidArgument},
 	{bundle.ErrInvalid, codes.InvalidArgument},

@@ -36,8 +36,12 @@
 // for an unknown keyset ("caller X may not use keyset Y in region R, or it
 // does not exist"), and the transit key read answers both with the same
 // 404. A caller on one of the keyset's ACLs is told which operation it
-// lacks. A ciphertext that does not decrypt, whatever the reason (an
-// unknown key version included), gets one fixed message: no decrypt oracle.
+// lacks, and, when it may decrypt, that a ciphertext names a key version
+// the keyset does not hold enabled (NOT_FOUND naming the version: the key
+// ID is in the clear in the ciphertext, so this is no oracle, and it is
+// what an operator debugging a destroyed version needs). Any other
+// ciphertext that does not decrypt gets one fixed message: no decrypt
+// oracle.
 // KMSAdmin.Probe decrypts only golden ciphertexts (the associated data the
 // root KMS gives them, which the data plane refuses to encrypt under),
 // unless the admin is on the keyset's decrypt ACL, and audits every probe

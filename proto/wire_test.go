@@ -108,6 +108,9 @@ func samples() map[string]proto.Message {
 		Parent:         &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
 		ShrinkOverride: &bundlev1.ShrinkOverride{Reason: "retiring payments/old, ticket SRE-42", ForcedBy: "spiffe://cairn.test/regionctl/global/regionctl"},
 		Partial:        &bundlev1.PartialBuild{Reason: "incident 7", BuiltBy: "spiffe://cairn.test/regionctl/global/regionctl", LeftOut: []string{"search/index: not in the record"}},
+		NotAfter:       t1,
+		Quotas:         []*bundlev1.Quota{{Pattern: "client/us-east/*", RequestsPerSecond: 100, Burst: 10, MaxConcurrent: 8}},
+		DefaultQuota:   &bundlev1.Quota{Pattern: "wire-sample-only", RequestsPerSecond: 1000, Burst: 100, MaxConcurrent: 32},
 	}
 	bundleBytes, err := proto.MarshalOptions{Deterministic: true}.Marshal(bundle)
 	if err != nil {
@@ -128,7 +131,7 @@ func samples() map[string]proto.Message {
 			Regions: []*statev1.RegionRecord{{
 				Name: "us-east", CreatedAt: t0,
 				Versions:          []*statev1.RegionKeyVersionRecord{{Key: wrapped(1), Info: keyVersion(1)}},
-				ServedKeyVersions: []uint32{1}, ServedObservedAt: t1,
+				ServedKeyVersions: []uint32{1}, ServedObservedAt: t1, BundleSerialFloor: 42,
 			}},
 			Members:  []*statev1.MemberRecord{{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}},
 			Keysets:  []*statev1.KeysetRecord{keysetRecord()},
@@ -157,6 +160,9 @@ func samples() map[string]proto.Message {
 		"rootkms_command_set_keyset_policy": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_SetKeysetPolicy{SetKeysetPolicy: &statev1.SetKeysetPolicyCommand{Name: "payments/ledger", ExpectedRevision: 4,
 				RotationPeriod: durationpb.New(30 * 24 * time.Hour), CiphertextTtl: durationpb.New(90 * 24 * time.Hour)}}
+		}),
+		"rootkms_command_record_bundle_serial": command(func(c *statev1.Command) {
+			c.Op = &statev1.Command_RecordBundleSerial{RecordBundleSerial: &statev1.RecordBundleSerialCommand{Region: "us-east", Serial: 42}}
 		}),
 		"rootkms_command_register_member": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_RegisterMember{RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: "rootkms-1", ApiAddress: "127.0.0.1:7201"}}}

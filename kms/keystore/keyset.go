@@ -3,6 +3,7 @@ package keystore
 import (
 	"encoding/binary"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -162,8 +163,9 @@ func (k *Keyset) budgetError(v *Version) error {
 }
 
 // Decrypt decrypts a ciphertext made under any version the keyset holds
-// enabled, and records the use of that version at now. Every failure is
-// ErrDecrypt: which check failed is not told.
+// enabled, and records the use of that version at now. A ciphertext naming
+// a version the keyset does not hold enabled fails with ErrVersionGone;
+// every other failure is ErrDecrypt: which check failed is not told.
 func (k *Keyset) Decrypt(ciphertext, associatedData []byte, now time.Time) ([]byte, *Version, error) {
 	pt, v, err := k.open(ciphertext, associatedData)
 	if err != nil {
@@ -190,10 +192,10 @@ func (k *Keyset) open(ciphertext, associatedData []byte) ([]byte, *Version, erro
 	}
 	v, ok := k.Version(id)
 	if !ok {
-		return nil, nil, ErrDecrypt
+		return nil, nil, fmt.Errorf("%w: keyset %q holds no key version %d (destroyed, or never delivered to this region)", ErrVersionGone, k.name, id)
 	}
 	if !v.Decrypts() {
-		return nil, v, ErrDecrypt
+		return nil, v, fmt.Errorf("%w: keyset %q key version %d is %s: it no longer decrypts", ErrVersionGone, k.name, id, strings.TrimPrefix(v.status.String(), "KEY_STATUS_"))
 	}
 	pt, err := k.aead.Decrypt(ciphertext, associatedData)
 	if err != nil {

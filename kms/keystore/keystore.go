@@ -36,10 +36,18 @@ import (
 
 // Errors callers branch on (the KMS maps them to gRPC codes in one table).
 var (
-	// ErrDecrypt is the one error of every ciphertext that does not decrypt:
-	// unknown or disabled version, wrong associated data, truncated,
-	// tampered or garbage. Telling these apart would be an oracle.
+	// ErrDecrypt is the one error of every ciphertext that does not decrypt
+	// under a version the keyset holds enabled: wrong associated data,
+	// truncated, tampered or garbage. Telling these apart would be an
+	// oracle.
 	ErrDecrypt = errors.New("keystore: ciphertext does not decrypt")
+	// ErrVersionGone is the error of a ciphertext whose TINK prefix names a
+	// key version the keyset does not hold enabled (destroyed, disabled,
+	// never delivered to this region, or another keyset's). The key ID is
+	// in the clear in the ciphertext, so saying this reveals nothing about
+	// the plaintext; the KMS tells it (NotFound) only to callers already on
+	// one of the keyset's ACLs, so an operation can be debugged.
+	ErrVersionGone = errors.New("keystore: key version not held")
 	// ErrEncrypt is an encryption failure inside the AEAD (not expected).
 	ErrEncrypt = errors.New("keystore: encryption failed")
 	// ErrBuild wraps every reason Build refuses a bundle.

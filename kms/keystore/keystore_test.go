@@ -257,23 +257,35 @@ func TestEncryptDecrypt(t *testing.T) {
 	flipped[len(flipped)-1] ^= 1
 	garbage := make([]byte, 64)
 	rand.Read(garbage)
+	garbage[0] = 0xff // no TINK prefix, so no key version named
+	// A ciphertext naming a version the keyset does not hold enabled says
+	// so (its key ID is in the clear); every other failure is the one
+	// opaque ErrDecrypt.
 	bad := []struct {
 		name   string
 		ct, ad []byte
+		want   error
 	}{
-		{"disabled version", ct, []byte("ad")},
-		{"wrong ad", ct2, []byte("ad")},
-		{"truncated", ct2[:len(ct2)-1], nil},
-		{"prefix only", ct2[:5], nil},
-		{"empty", nil, nil},
-		{"garbage", garbage, nil},
-		{"flipped", flipped, nil},
-		{"another keyset", otherCT, []byte("ad")},
-		{"legacy prefix", append([]byte{0}, ct2[1:]...), nil},
+		{"disabled version", ct, []byte("ad"), keystore.ErrVersionGone},
+		{"another keyset", otherCT, []byte("ad"), keystore.ErrVersionGone},
+		{"wrong ad", ct2, []byte("ad"), keystore.ErrDecrypt},
+		{"truncated", ct2[:len(ct2)-1], nil, keystore.ErrDecrypt},
+		{"prefix only", ct2[:5], nil, keystore.ErrDecrypt},
+		{"empty", nil, nil, keystore.ErrDecrypt},
+		{"garbage", garbage, nil, keystore.ErrDecrypt},
+		{"flipped", flipped, nil, keystore.ErrDecrypt},
+		{"legacy prefix", append([]byte{0}, ct2[1:]...), nil, keystore.ErrDecrypt},
 	}
 	for _, tt := range bad {
-		if pt, _, err := k.Decrypt(tt.ct, tt.ad, t0); err != keystore.ErrDecrypt {
-			t.Errorf("Decrypt(%s) = %q, %v; want ErrDecrypt", tt.name, pt, err)
+		pt, _, err := k.Decrypt(tt.ct, tt.ad, t0)
+		if pt != nil || !errors.Is(err, tt.want) || (tt.want == keystore.ErrDecrypt && err != keystore.ErrDecrypt) {
+			t.Errorf("Decrypt(%s) = %q, %v; want %v", tt.name, pt, err, tt.want)
+		}
+		if tt.want == keystore.ErrVersionGone {
+			id, _ := keystore.KeyIDOf(tt.ct)
+			if !strings.Contains(err.Error(), fmt.Sprintf("key version %d", id)) {
+				t.Errorf("Decrypt(%s) = %v; want the error to name key version %d", tt.name, err, id)
+			}
 		}
 	}
 	if pt, v, err := k.Decrypt(ct2, nil, t0); err != nil || v.KeyID() != second || string(pt) != "dek" {
@@ -560,8 +572,8 @@ func FuzzDecrypt(f *testing.F) {
 	f.Fuzz(func(t *testing.T, c, ad []byte) {
 		pt, v, err := k.Decrypt(c, ad, t0)
 		if err != nil {
-			if err != keystore.ErrDecrypt || pt != nil {
-				t.Fatalf("Decrypt(%x, %x) = %q, %v; want nil, ErrDecrypt", c, ad, pt, err)
+			if (err != keystore.ErrDecrypt && !errors.Is(err, keystore.ErrVersionGone)) || pt != nil {
+				t.Fatalf("Decrypt(%x, %x) = %q, %v; want nil, ErrDecrypt or ErrVersionGone", c, ad, pt, err)
 			}
 			return
 		}
