@@ -70,7 +70,10 @@ func (l *AttemptLimiter) load() (attemptState, error) {
 	if err != nil {
 		return s, fmt.Errorf("safe: reading attempt counter: %w", err)
 	}
-	if err := json.Unmarshal(data, &s); err != nil {
+	// A count below zero was not written by this code: it would buy extra
+	// attempts. (Counts at or above the limit are kept at the limit: see
+	// Failure.)
+	if err := json.Unmarshal(data, &s); err != nil || s.Failures < 0 {
 		// A corrupt counter must not unlock the safe: treat it as locked.
 		return attemptState{Failures: l.max, LockedUntil: l.now().Add(l.cooldown)},
 			fmt.Errorf("%w: attempt counter %s is corrupt; remove it only after checking who tampered with it", ErrLocked, l.path)
@@ -113,7 +116,9 @@ func (l *AttemptLimiter) Failure() error {
 	if err != nil {
 		return err
 	}
-	s.Failures++
+	// The count stops at the limit: past it, only the cooldown matters,
+	// and a count that can only grow would eventually overflow.
+	s.Failures = min(s.Failures, l.max-1) + 1
 	if s.Failures >= l.max {
 		s.LockedUntil = l.now().Add(l.cooldown)
 	}

@@ -128,13 +128,24 @@ func OpenFileSafe(cfg FileSafeConfig) (*FileSafe, error) {
 	return &FileSafe{dir: cfg.Dir, label: cfg.Label, key: key}, nil
 }
 
+// The argon2id parameters a file safe description may ask for. The floor
+// keeps the passphrase expensive to guess; the ceilings keep a tampered
+// safe.json from making the safe tool allocate terabytes or spin for hours
+// before it can even refuse the passphrase.
+const (
+	minKDFMemoryKiB = 8 * 1024
+	maxKDFMemoryKiB = 4 * 1024 * 1024 // 4 GiB
+	maxKDFTime      = 16
+	maxKDFThreads   = 16
+)
+
 func newFileSafeMeta(cfg FileSafeConfig) (fileSafeMeta, error) {
 	mem := cfg.KDFMemoryKiB
 	if mem == 0 {
 		mem = 64 * 1024
 	}
-	if mem < 8*1024 {
-		return fileSafeMeta{}, fmt.Errorf("safe: argon2id memory %d KiB is below the 8 MiB floor", mem)
+	if mem < minKDFMemoryKiB || mem > maxKDFMemoryKiB {
+		return fileSafeMeta{}, fmt.Errorf("safe: argon2id memory %d KiB is outside [8 MiB, 4 GiB]", mem)
 	}
 	salt := make([]byte, 16)
 	_, _ = rand.Read(salt)
@@ -147,7 +158,8 @@ func readFileSafeMeta(path string) (fileSafeMeta, error) {
 	if err != nil {
 		return m, err
 	}
-	if err := json.Unmarshal(data, &m); err != nil || m.Format != 1 || m.Kind != KindInsecureFile || len(m.Salt) < 16 || m.MemoryKiB < 8*1024 || m.Time < 1 || m.Threads < 1 {
+	if err := json.Unmarshal(data, &m); err != nil || m.Format != 1 || m.Kind != KindInsecureFile || len(m.Salt) < 16 ||
+		m.MemoryKiB < minKDFMemoryKiB || m.MemoryKiB > maxKDFMemoryKiB || m.Time < 1 || m.Time > maxKDFTime || m.Threads < 1 || m.Threads > maxKDFThreads {
 		return m, fmt.Errorf("safe: %s is not a valid file safe description", path)
 	}
 	return m, nil

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -66,6 +67,11 @@ func Load(path string) (Config, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&c); err != nil {
 		return c, fmt.Errorf("safeconfig: %s: %w", path, err)
+	}
+	// One JSON object and nothing after it: a file with more is not the
+	// config its author thinks (a merge gone wrong, two configs pasted).
+	if _, err := dec.Token(); err != io.EOF {
+		return Config{}, fmt.Errorf("safeconfig: %s: data after the config object", path)
 	}
 	base := filepath.Dir(path)
 	for _, p := range []*string{&c.PINFile, &c.Dir, &c.PassphraseFile, &c.AttemptDir, &c.SoftHSM2Conf} {

@@ -36,6 +36,8 @@ func TestLoad(t *testing.T) {
 		{"file safe without dir", `{"kind":"insecure-file","label":"x"}`, "needs label and dir"},
 		{"two passphrase sources", `{"kind":"insecure-file","label":"x","dir":"d","passphrase_file":"a","passphrase_env":"B"}`, "not both"},
 		{"not json", `kind: pkcs11`, "invalid character"},
+		{"trailing data", `{"kind":"insecure-file","label":"s","dir":"d"} garbage`, "data after the config object"},
+		{"two objects", `{"kind":"insecure-file","label":"s","dir":"d"}{"kind":"pkcs11"}`, "data after the config object"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
