@@ -74,6 +74,7 @@ var families = map[string]family{
 	"cairn_kms_usage_history_lost":               {gauge, jobKMS, nil},
 	"cairn_kms_bundle_applied_timestamp_seconds": {gauge, jobKMS, nil},
 	"cairn_kms_bundle_created_timestamp_seconds": {gauge, jobKMS, nil},
+	"cairn_kms_bundle_expired":                   {gauge, jobKMS, nil},
 	"cairn_kms_keyset_requests_total":            {counter, jobKMS, []string{"keyset", "op", "outcome"}},
 	// rootkms.
 	"cairn_rootkms_raft_leader":               {gauge, jobRootKMS, nil},
