@@ -169,9 +169,18 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 
 	// A taken port: nothing starts, nothing is written.
 	taken := framework.PlanAddr(t, plan, "rootkms-2", "gRPC")
-	lis, err := net.Listen("tcp", taken.Addr())
-	if err != nil {
-		t.Fatal(err)
+	// The killed components are gone, but the kernel may still be closing
+	// their connections (an orphaned FIN_WAIT socket holds the port for a
+	// moment): retry briefly.
+	var lis net.Listener
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var err error
+		if lis, err = net.Listen("tcp", taken.Addr()); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	defer lis.Close()
 	fresh := filepath.Join(dir, "fresh")
