@@ -240,6 +240,16 @@ func TestRekeyCeremony(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Finish = %v", err)
 	}
+	// Anyone may watch the ceremony; only officers get the sealed shares.
+	for _, who := range []struct {
+		id     string
+		shares bool
+	}{{officerID(2), true}, {rootKMSID, false}} {
+		c, err := w.client(d1.addr, who.id).GetCeremony(ctx(t), &distributorv1.GetCeremonyRequest{CeremonyId: r.CeremonyID})
+		if err != nil || (len(c.GetRekeyedShares()) > 0) != who.shares || len(c.GetRekeyedManifest()) == 0 {
+			t.Errorf("GetCeremony(rekey) as %s = %d sealed shares, manifest %d bytes, %v; want shares %v and the manifest", who.id, len(c.GetRekeyedShares()), len(c.GetRekeyedManifest()), err, who.shares)
+		}
+	}
 	if m2.GetEpoch() != 1 || m2.GetThreshold() != 3 || len(m2.GetSlots()) != 4 || !bytes.Equal(m2.GetKcv(), w.manifest.GetKcv()) {
 		t.Fatalf("rekeyed manifest = %v, want epoch 1, 3-of-4, same KCV", m2)
 	}

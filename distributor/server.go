@@ -551,7 +551,14 @@ func (s *Server) GetCeremony(ctx context.Context, req *distributorv1.GetCeremony
 		return nil, toStatus(err)
 	}
 	_ = c.checkOpen(s.cfg.Now())
-	return c.proto(), nil
+	out := c.proto()
+	// A rekey's sealed new shares go to officers only: anyone may watch a
+	// ceremony's progress, but the shares (sealed to the rekeying officer's
+	// keys, so still unreadable) are no one else's business.
+	if id, _ := identity.FromContext(ctx); len(out.GetRekeyedShares()) > 0 && !s.cfg.Officers.Allows(id) {
+		out.RekeyedShares = nil
+	}
+	return out, nil
 }
 
 // CancelCeremony implements the Distributor service.
