@@ -183,12 +183,11 @@ func split(ctx context.Context, cfg SplitConfig, rmk secret.Bytes, m *safev1.Gen
 	return verify(ctx, m, cfg.Safes)
 }
 
-// verify unseals every share, checks each against its commitment, and
-// combines overlapping windows of K shares that together cover every share,
-// checking each result against the KCV.
+// verify unseals every share and checks the set with VerifyShares: each
+// share against its commitment, and overlapping windows of K shares that
+// together cover every share against the KCV.
 func verify(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) error {
-	n, k := len(safes), int(m.GetThreshold())
-	shares := make([]secret.Bytes, n)
+	shares := make([]secret.Bytes, len(safes))
 	defer func() {
 		for _, s := range shares {
 			s.Wipe()
@@ -201,31 +200,8 @@ func verify(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) error 
 			return fmt.Errorf("safe: verifying share %d in %s: %w", ref.Index, s.Label(), err)
 		}
 		shares[i] = share
-		if err := checkCommitment(m, ref.Index, share); err != nil {
-			return fmt.Errorf("safe: verifying share %d in %s: %w", ref.Index, s.Label(), err)
-		}
 	}
-	for start := 0; start < n; start += k {
-		c, err := NewCombiner(m)
-		if err != nil {
-			return err
-		}
-		for j := range k {
-			i := (start + j) % n
-			if err := c.Add(uint32(i+1), shares[i]); err != nil {
-				c.Wipe()
-				return fmt.Errorf("safe: verifying shares: %w", err)
-			}
-		}
-		indices := c.Indices()
-		rmk, err := c.Combine()
-		c.Wipe()
-		if err != nil {
-			return fmt.Errorf("safe: verifying that shares %v reproduce the key: %w", indices, err)
-		}
-		rmk.Wipe()
-	}
-	return nil
+	return VerifyShares(m, shares)
 }
 
 // Recover reconstructs the RMK from the shares of m held by the given safes
