@@ -76,8 +76,10 @@ type Config struct {
 	MaxInFlight int
 	// DefaultQuota is the per-caller quota of callers no quota of the
 	// served bundle matches, when the bundle sets no default_quota (nil:
-	// MaxInFlight/4 calls in progress and no rate limit, so that no one
-	// caller can take the whole server; a sensible rate depends on the
+	// MaxInFlight/2 calls in progress and no rate limit, so that no one
+	// caller can take the whole server, while a storage frontend with one
+	// identity and a few dozen concurrent unwraps is not refused by
+	// default; a sensible rate depends on the
 	// deployment, and the bundle says it). A zero field sets no limit of its
 	// kind: &Quota{} sets none at all. See Quota.
 	DefaultQuota *Quota
@@ -214,7 +216,7 @@ func (c *Config) setDefaults() error {
 	def(&c.MaxDataMsgSize, min(DefaultMaxDataMsgSize, c.MaxRecvMsgSize))
 	def(&c.MaxInFlight, DefaultInFlightPerCPU*runtime.GOMAXPROCS(0))
 	if c.DefaultQuota == nil {
-		c.DefaultQuota = &Quota{MaxConcurrent: uint32(max(1, c.MaxInFlight/4))}
+		c.DefaultQuota = &Quota{MaxConcurrent: uint32(max(1, c.MaxInFlight/2))}
 	}
 	defd := func(p *time.Duration, v time.Duration) {
 		if *p == 0 {
