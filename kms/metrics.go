@@ -14,6 +14,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 
+	"github.com/cairnkms/cairn/kms/keystore"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 )
 
@@ -34,11 +35,9 @@ type metrics struct {
 	// does no label lookup (and no allocation) after a series' first use.
 	counters [numOps][numCodes]atomic.Pointer[counter]
 	duration [numOps]prometheus.Observer
-	// durationVec is the histogram behind duration, read by requestStats.
-	durationVec *prometheus.HistogramVec
-	keysets     prometheus.Gauge
-	serial      prometheus.Gauge
-	readyG      prometheus.Gauge
+	keysets  prometheus.Gauge
+	serial   prometheus.Gauge
+	readyG   prometheus.Gauge
 	// historyLost is 1 when the server started without its usage history
 	// (and so assumed every version of its bundle was just used).
 	historyLost prometheus.Gauge
@@ -56,9 +55,6 @@ type metrics struct {
 	// after it was retired. The request path takes it only on a series'
 	// first use.
 	keysetMu sync.Mutex
-	// table is the keyset table of the snapshot served (guarded by the
-	// server's applyMu: only swap reads and replaces it).
-	table *keysetTable
 
 	// shed are cairn_kms_shed_total's children, by shedKind.
 	shed [numShed]counter
@@ -161,13 +157,12 @@ func newMetrics(reg *prometheus.Registry, keysetLimit int) (*metrics, error) {
 	for o := range numOps {
 		m.duration[o] = duration.WithLabelValues(opNames[o])
 	}
-	m.durationVec = duration
 	return m, nil
 }
 
 // inFlight registers cairn_kms_data_in_flight, read from f.
-func (m *metrics) inFlight(f func() float64) {
-	_ = m.reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "cairn", Subsystem: "kms", Name: "data_in_flight",
+func (m *metrics) inFlight(f func() float64) error {
+	return m.reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "cairn", Subsystem: "kms", Name: "data_in_flight",
 		Help: "Data-plane calls in progress (admitted, not yet answered); MaxInFlight bounds it."}, f))
 }
 
@@ -204,7 +199,7 @@ func (m *metrics) requestStats() *kmsv1.RequestStats {
 	var counts []uint64
 	var total uint64
 	for _, o := range dataOps {
-		h, ok := m.durationVec.WithLabelValues(opNames[o]).(prometheus.Metric)
+		h, ok := m.duration[o].(prometheus.Metric)
 		if !ok {
 			continue
 		}
@@ -235,10 +230,13 @@ func (m *metrics) requestStats() *kmsv1.RequestStats {
 
 // observe counts a call of o that started at start and ended with *err.
 // Handlers defer it.
-func (s *Server) observe(o op, start time.Time, err *error) {
+func (s *Server) observe(o op, start time.Time, err *error) { s.count(o, start, *err) }
+
+// count is observe's work; it returns the call's code.
+func (s *Server) count(o op, start time.Time, err error) codes.Code {
 	m := s.metrics
 	m.duration[o].Observe(time.Since(start).Seconds())
-	code := codeOf(*err)
+	code := codeOf(err)
 	if int(code) >= numCodes {
 		code = codes.Unknown
 	}
@@ -249,6 +247,7 @@ func (s *Server) observe(o op, start time.Time, err *error) {
 		slot.Store(c) // a racing first use stores the same child
 	}
 	c.Inc()
+	return code
 }
 
 // observeData is observe for a data-plane call on keyset name (as the
@@ -256,12 +255,12 @@ func (s *Server) observe(o op, start time.Time, err *error) {
 // name only if the served bundle's keyset table holds it. After a series'
 // first use it allocates nothing.
 func (s *Server) observeData(o op, name string, start time.Time, err *error) {
-	s.observe(o, start, err)
+	code := s.count(o, start, *err)
 	var t *keysetTable
 	if cur := s.cur.Load(); cur != nil {
 		t = cur.keysetMetrics
 	}
-	s.metrics.countKeyset(t, name, o, outcomeOf(codeOf(*err)))
+	s.metrics.countKeyset(t, name, o, outcomeOf(code))
 }
 
 // countKeyset counts one call of o on keyset name with outcome out.
@@ -299,17 +298,26 @@ func (m *metrics) keysetCounter(kc *keysetCounters, o op, out outcome) *counter 
 	return c
 }
 
-// keysetTableFor returns the keyset table for a store about to be served
-// (names in name order): the keysets labelled now that it still holds keep
-// their counters, then its other keysets get one, in name order, up to the
-// limit. The keysets labelled now that it lacks are retired: their series
-// are deleted. Callers hold the server's applyMu.
-func (m *metrics) keysetTableFor(names []string) *keysetTable {
-	prev := m.table
+// keysetNames is what keysetTableFor reads of a store (*keystore.Store):
+// its names in name order, and whether it holds a name.
+type keysetNames interface {
+	Names() []string
+	Keyset(name string) (*keystore.Keyset, bool)
+}
+
+// keysetTableFor returns the keyset table for a store about to be served,
+// given prev, the table of the snapshot served now (nil: none): the
+// keysets prev labels that the store still holds keep their counters, then
+// its other keysets get one, in name order, up to the limit. The keysets
+// prev labels that it lacks are retired: their series are deleted. The work
+// is in the limit, not in the store's size. Callers hold the server's
+// applyMu.
+func (m *metrics) keysetTableFor(prev *keysetTable, store keysetNames) *keysetTable {
+	names := store.Names()
 	next := &keysetTable{byName: make(map[string]*keysetCounters, min(len(names), m.keysetLimit))}
 	if prev != nil {
-		for _, n := range names {
-			if kc, ok := prev.byName[n]; ok {
+		for n, kc := range prev.byName {
+			if _, ok := store.Keyset(n); ok {
 				next.byName[n] = kc
 			}
 		}
@@ -339,7 +347,6 @@ func (m *metrics) keysetTableFor(names []string) *keysetTable {
 		}
 		m.keysetMu.Unlock()
 	}
-	m.table = next
 	return next
 }
 

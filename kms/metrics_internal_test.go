@@ -1,8 +1,10 @@
 package kms
 
 import (
+	"slices"
 	"testing"
 
+	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -37,7 +39,7 @@ func TestKeysetTable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t1 := m.keysetTableFor([]string{"a", "b", "c"})
+	t1 := m.keysetTableFor(nil, nameList{"a", "b", "c"})
 	for _, n := range []string{"a", "b", "c", "zz"} {
 		m.countKeyset(t1, n, opDecrypt, outcomeOK)
 	}
@@ -56,7 +58,7 @@ func TestKeysetTable(t *testing.T) {
 	}
 
 	// a leaves: its series go, and c takes its place; d is over the limit.
-	t2 := m.keysetTableFor([]string{"b", "c", "d"})
+	t2 := m.keysetTableFor(t1, nameList{"b", "c", "d"})
 	m.countKeyset(t2, "c", opDecrypt, outcomeOK)
 	m.countKeyset(t2, "d", opDecrypt, outcomeOK)
 	m.countKeyset(t2, "b", opDecrypt, outcomeOK)
@@ -79,7 +81,7 @@ func TestKeysetTable(t *testing.T) {
 	}
 
 	// A keyset named like the overflow label shares it.
-	t3 := m.keysetTableFor([]string{"_other", "b", "c"})
+	t3 := m.keysetTableFor(t2, nameList{"_other", "b", "c"})
 	if _, ok := t3.byName["_other"]; ok {
 		t.Errorf("keysetTableFor: %q got counters of its own", otherKeyset)
 	}
@@ -92,7 +94,7 @@ func TestKeysetCountAllocations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tab := m.keysetTableFor([]string{"payments/ledger", "zz"})
+	tab := m.keysetTableFor(nil, nameList{"payments/ledger", "zz"})
 	for _, name := range []string{"payments/ledger", "zz", "not/served"} {
 		m.countKeyset(tab, name, opDecrypt, outcomeOK)
 		if n := testing.AllocsPerRun(100, func() { m.countKeyset(tab, name, opDecrypt, outcomeOK) }); n != 0 {
@@ -107,3 +109,10 @@ func TestMetricsKeysetLimitDefault(t *testing.T) {
 		t.Errorf("MetricsKeysetLimit default = %d, want 100", got)
 	}
 }
+
+// nameList stands in for a store's names in keysetTableFor (in name order).
+type nameList []string
+
+func (l nameList) Names() []string { return l }
+
+func (l nameList) Keyset(name string) (*keystore.Keyset, bool) { return nil, slices.Contains(l, name) }

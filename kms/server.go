@@ -180,7 +180,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("region", cfg.Region), metrics: m, swapped: make(chan struct{}, 1), refusalsFrom: time.Now()}
 	s.adm = newAdmission(cfg.MaxInFlight, *cfg.DefaultQuota, &m.shed)
-	m.inFlight(func() float64 { return float64(s.adm.inflight.Load()) })
+	if err := m.inFlight(func() float64 { return float64(s.adm.inflight.Load()) }); err != nil {
+		return nil, fmt.Errorf("kms: registering metrics: %w", err)
+	}
 	s.trust.Store(&trust{keys: slices.Clone(cfg.SigningKeys), admins: cfg.Admins})
 	if err := s.registerExpiryMetrics(); err != nil {
 		return nil, err
@@ -381,11 +383,11 @@ func notAfter(b *bundlev1.Bundle) time.Time {
 
 // swap serves next. Callers hold applyMu.
 func (s *Server) swap(next *snapshot) {
-	names := make([]string, 0, next.store.Len())
-	for _, k := range next.store.Keysets() {
-		names = append(names, k.Name())
+	var prev *keysetTable
+	if cur := s.cur.Load(); cur != nil {
+		prev = cur.keysetMetrics
 	}
-	next.keysetMetrics = s.metrics.keysetTableFor(names)
+	next.keysetMetrics = s.metrics.keysetTableFor(prev, next.store)
 	if next.quotas != nil {
 		s.adm.setQuotas(next.quotas)
 	}

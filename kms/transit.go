@@ -251,7 +251,9 @@ func (s *Server) readKey(ctx context.Context, name string) (*transit.Key, error)
 	k, ok := cur.store.Keyset(name)
 	id, _ := identity.FromContext(ctx)
 	if !ok || !onSomeACL(k, id) {
-		// The same error as Server.keyset's for an unknown keyset.
+		// One answer for an unknown keyset and one the caller is on no ACL
+		// of: NOT_FOUND, the 404 Vault gives for a missing key (the data
+		// plane's methods give PERMISSION_DENIED for both instead).
 		return nil, toStatus(fmt.Errorf("%w: %q in region %s", errUnknownKeyset, truncate(name), s.cfg.Region))
 	}
 	out := &transit.Key{Name: k.Name(), Primary: k.Primary().KeyID()}

@@ -73,6 +73,10 @@ func (s *Store) Keyset(name string) (*Keyset, bool) {
 // Len returns the number of keysets.
 func (s *Store) Len() int { return len(s.names) }
 
+// Names returns the keysets' names in name order. The slice is the store's
+// own (it is immutable): do not modify it.
+func (s *Store) Names() []string { return s.names }
+
 // Keysets returns the keysets in name order.
 func (s *Store) Keysets() []*Keyset {
 	out := make([]*Keyset, len(s.names))
