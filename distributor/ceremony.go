@@ -32,12 +32,12 @@ var (
 	errOfficerNotOnSlot = errors.New("distributor: the manifest assigns this share to another officer")
 )
 
-// HPKE info labels (see distributor.proto).
+// HPKE info labels (see distributor.proto). A rekeyed share's info is
+// safe.RekeyShareInfo, which the officer opens it with.
 const (
 	infoShare     = "cairn/distributor/v1/share"
 	infoProvision = "cairn/distributor/v1/provision"
 	infoRootKey   = "cairn/distributor/v1/root-key"
-	infoRekey     = "cairn/distributor/v1/rekey-share"
 )
 
 // ceremony is one unseal or provisioning ceremony, held in memory only: a
@@ -201,8 +201,8 @@ func rekeySlots(p *distributorv1.RekeyPlan) ([]safe.NewSlot, error) {
 		labels[sl.GetSafeLabel()] = true
 		out = append(out, safe.NewSlot{SafeLabel: sl.GetSafeLabel(), SafeKind: sl.GetSafeKind(), Officer: sl.GetOfficer()})
 	}
-	if p.GetThreshold() < 2 || int(p.GetThreshold()) > len(out) || len(out) > safe.MaxShares {
-		return nil, fmt.Errorf("distributor: rekey plan of %d-of-%d; want 2 <= K <= N <= %d", p.GetThreshold(), len(out), safe.MaxShares)
+	if err := safe.ValidateSplit(int(p.GetThreshold()), len(out)); err != nil {
+		return nil, fmt.Errorf("distributor: rekey plan of %d-of-%d: %w", p.GetThreshold(), len(out), err)
 	}
 	return out, nil
 }
@@ -233,7 +233,7 @@ func (c *ceremony) resplit(rmk secret.Bytes, now time.Time) (*safev1.GenesisMani
 		if err != nil {
 			return nil, nil, err
 		}
-		info, err := hpkeseal.Info(infoRekey, c.id, m.GetGenesisId(), strconv.FormatUint(uint64(m.GetEpoch()), 10), strconv.FormatUint(uint64(idx), 10))
+		info, err := safe.RekeyShareInfo(c.id, m.GetGenesisId(), m.GetEpoch(), idx)
 		if err != nil {
 			clear(plain)
 			return nil, nil, err

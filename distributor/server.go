@@ -620,11 +620,11 @@ func (s *Server) InstallManifest(ctx context.Context, req *distributorv1.Install
 		return nil, status.Error(codes.FailedPrecondition, "distributor: not provisioned (no genesis manifest); a rekeyed manifest needs its predecessor pinned")
 	}
 	audit.AddTarget(ctx, audit.Target{Resource: fmt.Sprintf("genesis/%s/epoch/%d", m.GetGenesisId(), m.GetEpoch())})
-	if err := checkSuccessor(s.manifest, m); err != nil {
+	if err := safe.CheckSuccessor(s.manifest, m); err != nil {
 		if pinned, _ := safe.ManifestHash(s.manifest); subtle.ConstantTimeCompare(pinned, h) == 1 {
 			return &distributorv1.InstallManifestResponse{Epoch: m.GetEpoch(), ManifestSha256: h}, nil // pinned already
 		}
-		return nil, status.Error(codes.FailedPrecondition, err.Error())
+		return nil, status.Errorf(codes.FailedPrecondition, "distributor: not the successor of the pinned manifest; refused: %v", err)
 	}
 	caller, _ := identity.FromContext(ctx)
 	rec := audit.Record{RequestID: audit.RequestID(ctx), Identity: caller.String(), Operation: "distributor/install-manifest",
@@ -639,24 +639,6 @@ func (s *Server) InstallManifest(ctx context.Context, req *distributorv1.Install
 	s.manifest = m
 	s.log.Info("distributor: rekeyed manifest pinned", "genesis_id", m.GetGenesisId(), "epoch", m.GetEpoch())
 	return &distributorv1.InstallManifestResponse{Epoch: m.GetEpoch(), ManifestSha256: h, Changed: true}, nil
-}
-
-// checkSuccessor reports whether next is the rekey of pinned: the same
-// genesis id and KCV, the next epoch, linked to pinned by its hash.
-func checkSuccessor(pinned, next *safev1.GenesisManifest) error {
-	ph, err := safe.ManifestHash(pinned)
-	if err != nil {
-		return err
-	}
-	switch {
-	case next.GetGenesisId() != pinned.GetGenesisId() || subtle.ConstantTimeCompare(next.GetKcv(), pinned.GetKcv()) != 1:
-		return fmt.Errorf("distributor: manifest of genesis %s is not the pinned lineage (genesis %s); refused", next.GetGenesisId(), pinned.GetGenesisId())
-	case next.GetEpoch() != pinned.GetEpoch()+1:
-		return fmt.Errorf("distributor: manifest of epoch %d does not follow the pinned epoch %d; refused", next.GetEpoch(), pinned.GetEpoch())
-	case subtle.ConstantTimeCompare(next.GetPreviousManifestSha256(), ph) != 1:
-		return fmt.Errorf("distributor: manifest of epoch %d does not link to the pinned manifest (previous sha256 %x, pinned %x); refused", next.GetEpoch(), next.GetPreviousManifestSha256(), ph)
-	}
-	return nil
 }
 
 // toStatus is the one table from domain errors to gRPC status codes.

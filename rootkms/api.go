@@ -539,16 +539,11 @@ func (s *Server) Join(ctx context.Context, req *rootkmsv1.JoinRequest) (*rootkms
 // member returns server id of the latest Raft configuration, if it is in
 // it.
 func (s *Server) member(id string) (raft.Server, bool, error) {
-	f := s.node.Raft.GetConfiguration()
-	if err := f.Error(); err != nil {
+	srv, ok, err := configServer(s.node.Raft, id)
+	if err != nil {
 		return raft.Server{}, false, status.Errorf(codes.Unavailable, "rootkms: reading the raft configuration: %v", err)
 	}
-	for _, srv := range f.Configuration().Servers {
-		if srv.ID == raft.ServerID(id) {
-			return srv, true, nil
-		}
-	}
-	return raft.Server{}, false, nil
+	return srv, ok, nil
 }
 
 // DropRootKey implements RootKMS: the emergency seal of this replica. It

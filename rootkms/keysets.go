@@ -45,9 +45,7 @@ import (
 // keysetProto is the API view of a record; copies are left out unless asked.
 func keysetProto(r *statev1.KeysetRecord, withCopies bool, index uint64) *rootkmsv1.Keyset {
 	if !withCopies && len(r.GetCopies()) > 0 {
-		c := proto.CloneOf(r)
-		c.Copies = nil
-		r = c
+		r = fsm.KeysetWithoutCopies(r) // shares r's nested messages: the answer is only marshalled
 	}
 	return &rootkmsv1.Keyset{Record: r, CommitIndex: index}
 }

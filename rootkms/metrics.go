@@ -6,7 +6,6 @@ package rootkms
 import (
 	"fmt"
 	"io"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -120,12 +119,6 @@ var (
 // raftCollector reads the replica's Raft and FSM state at scrape time.
 type raftCollector struct {
 	s *Server
-
-	// The counts of the last State seen: States are immutable, so they
-	// are counted once per State, not once per scrape.
-	mu               sync.Mutex
-	counted          *fsm.State
-	regions, keysets int
 }
 
 func (c *raftCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -164,7 +157,7 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		snapshotAge = max(0, now.Sub(snap).Seconds())
 	}
-	regions, keysets := c.counts(s.fsm.State())
+	st := s.fsm.State()
 	ready, _ := s.Readiness()
 	gauge(descLeader, leader)
 	gauge(descHasLeader, hasLeader)
@@ -173,17 +166,7 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descApplied, applied)
 	gauge(descLastContact, lastContact)
 	gauge(descSnapshotAge, snapshotAge)
-	gauge(descRegions, float64(regions))
-	gauge(descKeysets, float64(keysets))
+	gauge(descRegions, float64(st.NumRegions()))
+	gauge(descKeysets, float64(st.NumKeysets()))
 	gauge(descReady, b(ready))
-}
-
-// counts returns st's regions and keysets.
-func (c *raftCollector) counts(st *fsm.State) (regions, keysets int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if st != c.counted {
-		c.counted, c.regions, c.keysets = st, len(st.Regions()), len(st.Keysets())
-	}
-	return c.regions, c.keysets
 }

@@ -400,19 +400,26 @@ func (s *Server) memberLoop() {
 
 func (s *Server) inConfiguration() bool { return inConfiguration(s.node.Raft, s.cfg.ID) }
 
-// inConfiguration reports whether r's latest configuration names id (a
-// lock-free read in raft).
+// inConfiguration reports whether r's latest configuration names id (false
+// if the configuration cannot be read).
 func inConfiguration(r *raft.Raft, id string) bool {
+	_, ok, err := configServer(r, id)
+	return ok && err == nil
+}
+
+// configServer returns server id of r's latest configuration, if it is in it
+// (a lock-free read in raft).
+func configServer(r *raft.Raft, id string) (raft.Server, bool, error) {
 	f := r.GetConfiguration()
-	if f.Error() != nil {
-		return false
+	if err := f.Error(); err != nil {
+		return raft.Server{}, false, err
 	}
 	for _, srv := range f.Configuration().Servers {
 		if srv.ID == raft.ServerID(id) {
-			return true
+			return srv, true, nil
 		}
 	}
-	return false
+	return raft.Server{}, false, nil
 }
 
 func (s *Server) registerSelf() error {

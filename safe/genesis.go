@@ -29,16 +29,26 @@ type SplitConfig struct {
 	Now func() time.Time
 }
 
-func (c SplitConfig) validate() error {
-	n := len(c.Safes)
+// ValidateSplit checks the shape of a threshold-of-n split:
+// 2 <= threshold <= n <= MaxShares.
+func ValidateSplit(threshold, n int) error {
 	switch {
-	case c.Threshold < 2:
-		return fmt.Errorf("safe: threshold %d, want at least 2 (a single share would be the key itself)", c.Threshold)
-	case n < c.Threshold:
-		return fmt.Errorf("safe: %d safes for threshold %d; need at least as many safes as the threshold", n, c.Threshold)
+	case threshold < 2:
+		return fmt.Errorf("safe: threshold %d, want at least 2 (a single share would be the key itself)", threshold)
+	case n < threshold:
+		return fmt.Errorf("safe: %d safes for threshold %d; need at least as many safes as the threshold", n, threshold)
 	case n > MaxShares:
 		return fmt.Errorf("safe: %d safes, at most %d", n, MaxShares)
-	case len(c.Officers) != 0 && len(c.Officers) != n:
+	}
+	return nil
+}
+
+func (c SplitConfig) validate() error {
+	n := len(c.Safes)
+	if err := ValidateSplit(c.Threshold, n); err != nil {
+		return err
+	}
+	if len(c.Officers) != 0 && len(c.Officers) != n {
 		return fmt.Errorf("safe: %d officers for %d safes; name one per safe or none", len(c.Officers), n)
 	}
 	labels := map[string]bool{}
@@ -81,46 +91,6 @@ func Genesis(ctx context.Context, cfg SplitConfig) (*safev1.GenesisManifest, sec
 	return m, rmk, nil
 }
 
-// RekeyConfig re-splits an existing RMK.
-type RekeyConfig struct {
-	SplitConfig
-	// Previous is the manifest being replaced.
-	Previous *safev1.GenesisManifest
-	// RMK is the key, recovered from the previous shares (see Recover).
-	RMK secret.Bytes
-}
-
-// Rekey splits the same RMK anew (new K'/N', new safes, epoch+1) and returns
-// the new manifest (same genesis id and KCV, linked to the previous one).
-// The old sealed shares are untouched: write the new manifest durably first,
-// then remove them with DestroyEpoch.
-func Rekey(ctx context.Context, cfg RekeyConfig) (*safev1.GenesisManifest, error) {
-	if err := ValidateManifest(cfg.Previous); err != nil {
-		return nil, err
-	}
-	if !CheckKCV(cfg.RMK, cfg.Previous) {
-		return nil, fmt.Errorf("%w: the key given for rekey is not the manifest's RMK", ErrKCVMismatch)
-	}
-	if err := cfg.SplitConfig.validate(); err != nil {
-		return nil, err
-	}
-	prev, err := ManifestHash(cfg.Previous)
-	if err != nil {
-		return nil, err
-	}
-	m := &safev1.GenesisManifest{
-		FormatVersion:          1,
-		GenesisId:              cfg.Previous.GetGenesisId(),
-		Epoch:                  cfg.Previous.GetEpoch() + 1,
-		Kcv:                    cfg.Previous.GetKcv(),
-		PreviousManifestSha256: prev,
-	}
-	if err := split(ctx, cfg.SplitConfig, cfg.RMK, m); err != nil {
-		return nil, err
-	}
-	return m, nil
-}
-
 // split fills m's threshold, slots and time, seals the shares and verifies
 // them; on failure it destroys what it sealed.
 func split(ctx context.Context, cfg SplitConfig, rmk secret.Bytes, m *safev1.GenesisManifest) (err error) {
@@ -148,7 +118,7 @@ func split(ctx context.Context, cfg SplitConfig, rmk secret.Bytes, m *safev1.Gen
 		if err == nil {
 			return
 		}
-		// Roll back: a genesis or rekey either completes or leaves nothing.
+		// Roll back: a genesis either completes or leaves nothing.
 		cleanup := context.WithoutCancel(ctx)
 		for _, i := range sealed {
 			ref := ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: uint32(i + 1)}
@@ -283,13 +253,8 @@ func Resplit(prev *safev1.GenesisManifest, rmk secret.Bytes, threshold int, slot
 		return nil, nil, fmt.Errorf("%w: the key given for rekey is not the manifest's RMK", ErrKCVMismatch)
 	}
 	n := len(slots)
-	switch {
-	case threshold < 2:
-		return nil, nil, fmt.Errorf("safe: threshold %d, want at least 2 (a single share would be the key itself)", threshold)
-	case n < threshold:
-		return nil, nil, fmt.Errorf("safe: %d safes for threshold %d; need at least as many safes as the threshold", n, threshold)
-	case n > MaxShares:
-		return nil, nil, fmt.Errorf("safe: %d safes, at most %d", n, MaxShares)
+	if err := ValidateSplit(threshold, n); err != nil {
+		return nil, nil, err
 	}
 	prevHash, err := ManifestHash(prev)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -259,12 +260,20 @@ func TestRekey(t *testing.T) {
 	}
 	defer recovered.Wipe()
 	newSafes := fileSafes(t, 5)
-	m2, err := safe.Rekey(ctx, safe.RekeyConfig{
-		SplitConfig: safe.SplitConfig{Threshold: 3, Safes: newSafes},
-		Previous:    m, RMK: recovered,
-	})
+	slots := make([]safe.NewSlot, len(newSafes))
+	for i, s := range newSafes {
+		slots[i] = safe.NewSlot{SafeLabel: s.Label(), SafeKind: s.Kind()}
+	}
+	m2, shares, err := safe.Resplit(m, recovered, 3, slots, time.Now())
 	if err != nil {
-		t.Fatalf("Rekey = %v", err)
+		t.Fatalf("Resplit = %v", err)
+	}
+	for i, s := range newSafes {
+		err := s.Seal(ctx, safe.ShareRef{GenesisID: m2.GetGenesisId(), Epoch: m2.GetEpoch(), Index: uint32(i + 1)}, shares[i])
+		shares[i].Wipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	prev, _ := safe.ManifestHash(m)
 	if m2.GetGenesisId() != m.GetGenesisId() || m2.GetEpoch() != 1 || string(m2.GetKcv()) != string(m.GetKcv()) || string(m2.GetPreviousManifestSha256()) != string(prev) || m2.GetThreshold() != 3 {
@@ -287,8 +296,8 @@ func TestRekey(t *testing.T) {
 	// An old-epoch share is refused against the new manifest even if a
 	// safe still had one.
 	wrongKey := secret.New(make([]byte, 32))
-	if _, err := safe.Rekey(ctx, safe.RekeyConfig{SplitConfig: safe.SplitConfig{Threshold: 2, Safes: fileSafes(t, 2)}, Previous: m2, RMK: wrongKey}); !errors.Is(err, safe.ErrKCVMismatch) {
-		t.Errorf("Rekey with a wrong key = %v, want ErrKCVMismatch", err)
+	if _, _, err := safe.Resplit(m2, wrongKey, 2, slots[:2], time.Now()); !errors.Is(err, safe.ErrKCVMismatch) {
+		t.Errorf("Resplit with a wrong key = %v, want ErrKCVMismatch", err)
 	}
 }
 
@@ -358,4 +367,70 @@ func FuzzParseManifest(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestValidateSplit(t *testing.T) {
+	tests := []struct {
+		threshold, n int
+		ok           bool
+	}{
+		{2, 2, true}, {3, 5, true}, {2, safe.MaxShares, true},
+		{1, 3, false}, {0, 0, false}, {4, 3, false}, {2, safe.MaxShares + 1, false},
+	}
+	for _, tt := range tests {
+		if err := safe.ValidateSplit(tt.threshold, tt.n); (err == nil) != tt.ok {
+			t.Errorf("ValidateSplit(%d, %d) = %v, want ok %v", tt.threshold, tt.n, err, tt.ok)
+		}
+	}
+}
+
+func TestCheckSuccessor(t *testing.T) {
+	ctx := context.Background()
+	m, rmk, err := safe.Genesis(ctx, safe.SplitConfig{Threshold: 2, Safes: fileSafes(t, 2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rmk.Wipe()
+	next, shares, err := safe.Resplit(m, rmk, 2, []safe.NewSlot{{SafeLabel: "a", SafeKind: safe.KindInsecureFile}, {SafeLabel: "b", SafeKind: safe.KindInsecureFile}}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range shares {
+		s.Wipe()
+	}
+	if err := safe.CheckSuccessor(m, next); err != nil {
+		t.Fatalf("CheckSuccessor(genesis, its resplit) = %v, want nil", err)
+	}
+	tests := []struct {
+		name   string
+		mutate func(m *safev1.GenesisManifest)
+	}{
+		{"other genesis", func(m *safev1.GenesisManifest) { m.GenesisId = "00112233445566778899aabbccddeeff" }},
+		{"other kcv", func(m *safev1.GenesisManifest) { m.Kcv = append([]byte{m.Kcv[0] ^ 1}, m.Kcv[1:]...) }},
+		{"same epoch", func(m *safev1.GenesisManifest) { m.Epoch-- }},
+		{"skipped epoch", func(m *safev1.GenesisManifest) { m.Epoch++ }},
+		{"broken link", func(m *safev1.GenesisManifest) {
+			m.PreviousManifestSha256 = append([]byte{m.PreviousManifestSha256[0] ^ 1}, m.PreviousManifestSha256[1:]...)
+		}},
+	}
+	for _, tt := range tests {
+		bad := proto.Clone(next).(*safev1.GenesisManifest)
+		tt.mutate(bad)
+		if err := safe.CheckSuccessor(m, bad); err == nil {
+			t.Errorf("CheckSuccessor(genesis, %s) = nil, want error", tt.name)
+		}
+	}
+	if err := safe.CheckSuccessor(next, m); err == nil {
+		t.Errorf("CheckSuccessor(epoch 1, epoch 0) = nil, want error")
+	}
+}
+
+func TestRekeyShareInfo(t *testing.T) {
+	got, err := safe.RekeyShareInfo("c1", "g1", 2, 7)
+	if want := "cairn/distributor/v1/rekey-share\x00c1\x00g1\x002\x007"; err != nil || string(got) != want {
+		t.Errorf("RekeyShareInfo(c1, g1, 2, 7) = %q, %v, want %q", got, err, want)
+	}
+	if _, err := safe.RekeyShareInfo("c\x001", "g1", 2, 7); err == nil {
+		t.Errorf("RekeyShareInfo with a NUL in the ceremony id = nil error, want error")
+	}
 }

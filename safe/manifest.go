@@ -3,17 +3,20 @@ package safe
 import (
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/atomicfile"
+	"github.com/cairnkms/cairn/internal/hpkeseal"
 	"github.com/cairnkms/cairn/internal/secret"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 )
@@ -126,6 +129,35 @@ func ManifestHash(m *safev1.GenesisManifest) ([]byte, error) {
 	}
 	h := sha256.Sum256(b)
 	return h[:], nil
+}
+
+// CheckSuccessor reports an error unless next is a rekey of prev: the same
+// genesis id and KCV, the next epoch, and linked to prev by prev's
+// ManifestHash.
+func CheckSuccessor(prev, next *safev1.GenesisManifest) error {
+	ph, err := ManifestHash(prev)
+	if err != nil {
+		return err
+	}
+	switch {
+	case next.GetGenesisId() != prev.GetGenesisId() || subtle.ConstantTimeCompare(next.GetKcv(), prev.GetKcv()) != 1:
+		return fmt.Errorf("safe: manifest of genesis %s is not of the lineage of genesis %s", next.GetGenesisId(), prev.GetGenesisId())
+	case next.GetEpoch() != prev.GetEpoch()+1:
+		return fmt.Errorf("safe: manifest of epoch %d does not follow epoch %d", next.GetEpoch(), prev.GetEpoch())
+	case subtle.ConstantTimeCompare(next.GetPreviousManifestSha256(), ph) != 1:
+		return fmt.Errorf("safe: manifest of epoch %d does not link to epoch %d (previous sha256 %x, want %x)", next.GetEpoch(), prev.GetEpoch(), next.GetPreviousManifestSha256(), ph)
+	}
+	return nil
+}
+
+// infoRekeyShare is the HPKE info label of a rekeyed share (distributor.proto).
+const infoRekeyShare = "cairn/distributor/v1/rekey-share"
+
+// RekeyShareInfo is the HPKE info a distributor seals new share index of a
+// rekey ceremony with, and the officer opens it with: the label, then the
+// ceremony id, genesis id, epoch and index.
+func RekeyShareInfo(ceremonyID, genesisID string, epoch, index uint32) ([]byte, error) {
+	return hpkeseal.Info(infoRekeyShare, ceremonyID, genesisID, strconv.FormatUint(uint64(epoch), 10), strconv.FormatUint(uint64(index), 10))
 }
 
 // WriteManifest writes m as indented JSON (it is public and meant to be read

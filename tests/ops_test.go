@@ -2,14 +2,10 @@ package tests
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"io"
 	"math"
 	"net/http"
-	"os"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,12 +15,13 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/cairnkms/cairn/cmd/cairn/chain"
 	"github.com/cairnkms/cairn/deploy/monitoring"
+	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -121,7 +118,8 @@ func TestUpOps(t *testing.T) {
 	base := framework.FreeBasePort(t, regions)
 	dir := t.TempDir()
 	grpcurl := bin.Grpcurl(t)
-	l := framework.StartLauncher(t, bin, "cairn-up", dir+"/logs", dir+"/state", "--base-port", strconv.Itoa(base), "--safes", "file")
+	logs := dir + "/logs"
+	l := framework.StartLauncher(t, bin, "cairn-up", logs, dir+"/state", "--base-port", strconv.Itoa(base), "--safes", "file")
 	ready := l.WaitReady()
 	t.Logf("chain ready in %s", ready.Round(100*time.Millisecond))
 	info := l.Info()
@@ -179,25 +177,25 @@ func TestUpOps(t *testing.T) {
 			if code, body := httpGet(t, "http://"+c.MetricsAddress+"/readyz"); code != 200 {
 				t.Errorf("%s /readyz = %d %q, want 200 on a serving chain", c.Name, code, body)
 			}
-			if got := healthCheck(t, c.Address, id); got != healthpb.HealthCheckResponse_SERVING {
+			if got := healthCheck(t, c.Address, id, info.TrustDomain); got != healthpb.HealthCheckResponse_SERVING {
 				t.Errorf("%s grpc.health.v1 = %v, want SERVING", c.Name, got)
 			}
 
 			// grpcurl, as the README shows it.
 			tlsFlags := []string{"-cacert", id.CA, "-cert", id.Cert, "-key", id.Key}
-			out := runGrpcurl(t, grpcurl, append(tlsFlags, c.Address, "list")...)
+			out := runGrpcurl(t, grpcurl, logs, append(tlsFlags, c.Address, "list")...)
 			services := strings.Fields(out)
 			for _, s := range append([]string{"grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"}, opsServices[c.Kind]...) {
 				if !slices.Contains(services, s) {
 					t.Errorf("grpcurl list %s (%s) = %q, want %s", c.Address, c.Name, services, s)
 				}
 			}
-			out = runGrpcurl(t, grpcurl, append(tlsFlags, c.Address, "grpc.health.v1.Health/Check")...)
+			out = runGrpcurl(t, grpcurl, logs, append(tlsFlags, c.Address, "grpc.health.v1.Health/Check")...)
 			var hc struct{ Status string }
 			if err := json.Unmarshal([]byte(out), &hc); err != nil || hc.Status != "SERVING" {
 				t.Errorf("grpcurl %s grpc.health.v1.Health/Check = %q, want status SERVING", c.Name, out)
 			}
-			if svc := opsServices[c.Kind][0]; !strings.Contains(runGrpcurl(t, grpcurl, append(tlsFlags, c.Address, "describe", svc)...), "service "+strings.TrimPrefix(svc, svc[:strings.LastIndex(svc, ".")+1])) {
+			if svc := opsServices[c.Kind][0]; !strings.Contains(runGrpcurl(t, grpcurl, logs, append(tlsFlags, c.Address, "describe", svc)...), "service "+strings.TrimPrefix(svc, svc[:strings.LastIndex(svc, ".")+1])) {
 				t.Errorf("grpcurl describe %s on %s does not describe the service", svc, c.Name)
 			}
 		})
@@ -229,21 +227,12 @@ func TestUpOps(t *testing.T) {
 	t.Logf("every server's ops listener, health and reflection checked in %s", time.Since(testStart).Round(100*time.Millisecond))
 }
 
-// healthCheck asks the server's grpc.health.v1 over mTLS as id.
-func healthCheck(t *testing.T, addr string, id chain.Identity) healthpb.HealthCheckResponse_ServingStatus {
+// healthCheck asks the server's grpc.health.v1 over mTLS as id, verifying
+// the server by its SPIFFE ID as every Cairn client does.
+func healthCheck(t *testing.T, addr string, id chain.Identity, td string) healthpb.HealthCheckResponse_ServingStatus {
 	t.Helper()
-	cert, err := tls.LoadX509KeyPair(id.Cert, id.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caPEM, err := os.ReadFile(id.CA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS13})))
+	src := identitySource(t, id, td)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(identity.ClientCredentials(src, identity.MemberOf(src.TrustDomain()))))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,20 +246,26 @@ func healthCheck(t *testing.T, addr string, id chain.Identity) healthpb.HealthCh
 	return resp.GetStatus()
 }
 
-// runGrpcurl runs the real grpcurl and returns its stdout; a failure fails
-// the test with its stderr.
-func runGrpcurl(t *testing.T, grpcurl string, args ...string) string {
+// identitySource loads an identity of the chain.
+func identitySource(t *testing.T, id chain.Identity, td string) *identity.Source {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, grpcurl, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	src, err := identity.NewSource(identity.SourceConfig{CertFile: id.Cert, KeyFile: id.Key, BundleFile: id.CA,
+		TrustDomain: spiffeid.RequireTrustDomainFromString(td)})
 	if err != nil {
-		t.Errorf("grpcurl %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+		t.Fatal(err)
 	}
-	return string(out)
+	return src
+}
+
+// runGrpcurl runs the real grpcurl (its output kept in logDir) and returns
+// its stdout; a failure fails the test with its stderr.
+func runGrpcurl(t *testing.T, grpcurl, logDir string, args ...string) string {
+	t.Helper()
+	r := framework.Run(t, "grpcurl", logDir, grpcurl, args)
+	if r.ExitCode != 0 {
+		t.Errorf("grpcurl %s: exit %d\n%s", strings.Join(args, " "), r.ExitCode, r.Stderr)
+	}
+	return r.Stdout
 }
 
 // checkDashboardMetrics checks that every metric the shipped alert rules and
@@ -310,18 +305,9 @@ func checkChainTransit(t *testing.T, info *chain.Info, region string) {
 	if k.TransitAddress == "" {
 		t.Fatalf("chain.json: %s has no transit listener", k.Name)
 	}
-	cert, err := tls.LoadX509KeyPair(r.Client.Cert, r.Client.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caPEM, err := os.ReadFile(r.Client.CA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}}}
+	src := identitySource(t, r.Client, info.TrustDomain)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: identity.ClientTLSConfig(src, identity.MemberOf(src.TrustDomain()))}}
 	defer c.CloseIdleConnections()
 	post := func(path, body string) map[string]any {
 		t.Helper()

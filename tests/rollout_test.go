@@ -487,7 +487,8 @@ func TestRolloutCanaryLockout(t *testing.T) {
 	bake := 2 * time.Second
 	r := c.rc("rollout", "start", "--bundles", us+","+eu, "--regions", "us-east,eu-west", "--bake", bake.String(),
 		"--reason", "e2e: tighten the ledger ACL", "--id", "lockout")
-	// Until the client is served again (the rollback), at most 5 s.
+	// rollout start returns once the rollout ended (here: rolled back); the
+	// traffic goroutine then sees the client served again within 5 s.
 	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		tr.mu.Lock()
 		again := !tr.servedAgain.IsZero()
@@ -547,6 +548,9 @@ func TestRolloutCanaryLockout(t *testing.T) {
 	tr.mu.Unlock()
 	if denied == 0 || other != 0 {
 		t.Errorf("traffic: %d ok, %d denied, %d other errors (last %v); want denials and no other error", good, denied, other, tr.lastErr)
+	}
+	if firstDenied.IsZero() || servedAgain.IsZero() || servedAgain.Before(firstDenied) {
+		t.Errorf("traffic on the canary: first refused at %v, served again at %v; want a refusal, then service again after the rollback", firstDenied, servedAgain)
 	}
 	gate := rec.Stages[0].Gate
 	t.Logf("traffic on the canary: %d ok, %d PermissionDenied; the gate: %s", good, denied, strings.Join(gate.Reasons, "; "))

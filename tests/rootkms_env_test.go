@@ -98,17 +98,6 @@ func newRootKMSEnv(t *testing.T, withNonVoter bool) *rootKMSEnv {
 	return e
 }
 
-// running returns the replicas of rs that run.
-func running(rs ...*framework.Replica) []*framework.Replica {
-	var out []*framework.Replica
-	for _, r := range rs {
-		if r.Running() {
-			out = append(out, r)
-		}
-	}
-	return out
-}
-
 // writeOK does one write through the cluster client as regionctl and fails
 // the test unless it succeeds, recording it in h if h is not nil.
 func writeOK(t *testing.T, c *rootkmsclient.Client, h *framework.History, client int, op framework.RegionOp, region string) *rootkmsv1.Region {

@@ -8,6 +8,7 @@ package grpcserver
 
 import (
 	"errors"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -128,7 +129,9 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 		// then trust that no call changes its state afterwards.
 		grpc.WaitForHandlers(true),
 	)
-	healthpb.RegisterHealthServer(s, &health{ready: opts.Ready, services: s.GetServiceInfo})
+	// The services are fixed once Serve runs (gRPC refuses a late
+	// registration), and health is asked only after: read them once.
+	healthpb.RegisterHealthServer(s, &health{ready: opts.Ready, services: sync.OnceValue(s.GetServiceInfo)})
 	if opts.Reflection {
 		reflection.Register(s)
 	}

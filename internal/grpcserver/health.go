@@ -4,17 +4,16 @@ import (
 	"context"
 	"time"
 
+	"github.com/cairnkms/cairn/internal/ops"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
 
-// Readiness reports whether a server really serves (a distributor holds the
-// root key, a root KMS replica has the root key and a leader, a KMS server
-// serves a bundle) and, when not, why, in words an operator can act on. It is
-// called on every health check, so it must be cheap.
-type Readiness func() (ready bool, reason string)
+// Readiness is ops.Readiness: whether a server really serves and, when
+// not, why. The same function backs grpc.health.v1 and /readyz.
+type Readiness = ops.Readiness
 
 // Health method names: Check and List are unary, Watch streams.
 const (
@@ -36,37 +35,37 @@ type health struct {
 	services func() map[string]grpc.ServiceInfo
 }
 
-func (h *health) status(service string) (healthpb.HealthCheckResponse_ServingStatus, error) {
+// status is the status of service ("": the server) and, when not serving,
+// why; the readiness is read once, so the two agree.
+func (h *health) status(service string) (healthpb.HealthCheckResponse_ServingStatus, string, error) {
 	if service != "" {
 		if _, ok := h.services()[service]; !ok {
-			return healthpb.HealthCheckResponse_SERVICE_UNKNOWN, status.Errorf(codes.NotFound, "grpcserver: no service %q on this server", truncate(service))
+			return healthpb.HealthCheckResponse_SERVICE_UNKNOWN, "", status.Errorf(codes.NotFound, "grpcserver: no service %q on this server", truncate(service))
 		}
 	}
-	if ok, _ := h.ready(); ok {
-		return healthpb.HealthCheckResponse_SERVING, nil
+	if ok, reason := h.ready(); !ok {
+		return healthpb.HealthCheckResponse_NOT_SERVING, reason, nil
 	}
-	return healthpb.HealthCheckResponse_NOT_SERVING, nil
+	return healthpb.HealthCheckResponse_SERVING, "", nil
 }
 
 // Check implements grpc.health.v1.Health. A not-ready server answers
 // NOT_SERVING (not an error), and says why in the response header
 // "cairn-not-ready-reason", which grpcurl -v shows.
 func (h *health) Check(ctx context.Context, req *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
-	st, err := h.status(req.GetService())
+	st, reason, err := h.status(req.GetService())
 	if err != nil {
 		return nil, err
 	}
-	if st != healthpb.HealthCheckResponse_SERVING {
-		if _, reason := h.ready(); reason != "" {
-			_ = grpc.SetHeader(ctx, map[string][]string{"cairn-not-ready-reason": {reason}})
-		}
+	if reason != "" {
+		_ = grpc.SetHeader(ctx, map[string][]string{"cairn-not-ready-reason": {reason}})
 	}
 	return &healthpb.HealthCheckResponse{Status: st}, nil
 }
 
 // List implements grpc.health.v1.Health: the server ("") and every service.
 func (h *health) List(context.Context, *healthpb.HealthListRequest) (*healthpb.HealthListResponse, error) {
-	st, _ := h.status("")
+	st, _, _ := h.status("")
 	out := &healthpb.HealthListResponse{Statuses: map[string]*healthpb.HealthCheckResponse{"": {Status: st}}}
 	for name := range h.services() {
 		out.Statuses[name] = &healthpb.HealthCheckResponse{Status: st}
@@ -82,7 +81,7 @@ func (h *health) Watch(req *healthpb.HealthCheckRequest, stream grpc.ServerStrea
 	t := time.NewTicker(healthPoll)
 	defer t.Stop()
 	for {
-		st, _ := h.status(req.GetService())
+		st, _, _ := h.status(req.GetService())
 		if st != last {
 			if err := stream.Send(&healthpb.HealthCheckResponse{Status: st}); err != nil {
 				return err

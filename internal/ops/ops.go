@@ -97,7 +97,10 @@ func NewRegistry(binary string) (*prometheus.Registry, error) {
 	return reg, nil
 }
 
-// Readiness reports whether the server really serves and, when not, why.
+// Readiness reports whether a server really serves (a distributor holds the
+// root key, a root KMS replica has the root key and a leader, a KMS server
+// serves a bundle) and, when not, why, in words an operator can act on. It is
+// called on every health check and /readyz, so it must be cheap.
 type Readiness func() (ready bool, reason string)
 
 // Handler is the ops listener's routes: /metrics from reg, /healthz,

@@ -104,8 +104,15 @@ func TestConfigFileIsStrict(t *testing.T) {
 func TestFlagsOverrideTheConfigFile(t *testing.T) {
 	e := newEnv(t, nil)
 	bad := filepath.Join(e.dir, "bad.json")
-	data, _ := os.ReadFile(e.config)
-	writeFile(t, bad, strings.Replace(string(data), e.rootAddr, "127.0.0.1:1", 1))
+	data, err := os.ReadFile(e.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	badData := strings.Replace(string(data), e.rootAddr, "127.0.0.1:1", 1)
+	if badData == string(data) {
+		t.Fatalf("the config file does not name the root KMS %s; the test would not test the flag: %s", e.rootAddr, data)
+	}
+	writeFile(t, bad, badData)
 	mustRun(t, "keyset", "list", "--config", bad, "--rootkms", e.rootAddr)
 	t.Setenv(cli.ConfigEnv, e.config)
 	r := mustRun(t, "keyset", "list")

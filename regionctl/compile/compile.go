@@ -333,12 +333,3 @@ func sorted(s []string) []string {
 }
 
 func sameSet(a, b []string) bool { return slices.Equal(sorted(a), sorted(b)) }
-
-// Join formats problems one per line.
-func Join(ps []Problem) string {
-	var lines []string
-	for _, p := range ps {
-		lines = append(lines, "  "+p.String())
-	}
-	return strings.Join(lines, "\n")
-}

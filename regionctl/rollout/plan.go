@@ -244,18 +244,6 @@ func NewPlan(change Change, fleet map[string][]string, opts Options) (Plan, erro
 	return p, nil
 }
 
-// stageOf returns the index of the stage that covers server, or -1.
-func (p Plan) stageOf(server string) int {
-	for i, st := range p.Stages {
-		for _, t := range st.Targets {
-			if slices.Contains(t.Servers, server) {
-				return i
-			}
-		}
-	}
-	return -1
-}
-
 // regionOf returns the region of server, or "".
 func (p Plan) regionOf(server string) string {
 	for _, st := range p.Stages {

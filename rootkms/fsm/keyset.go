@@ -46,6 +46,9 @@ func (s *State) Keysets() []*statev1.KeysetRecord {
 	return slices.Clone(s.keysets)
 }
 
+// NumKeysets returns the number of keysets, without copying them.
+func (s *State) NumKeysets() int { return len(s.keysets) }
+
 func (s *State) findKeyset(name string) (int, bool) {
 	return slices.BinarySearchFunc(s.keysets, name, func(k *statev1.KeysetRecord, name string) int {
 		return strings.Compare(k.GetName(), name)
@@ -355,6 +358,16 @@ func shallowKeyset(k *statev1.KeysetRecord) *statev1.KeysetRecord {
 		UpdatedAt:      k.GetUpdatedAt(),
 		Purpose:        k.GetPurpose(),
 	}
+}
+
+// KeysetWithoutCopies returns k without its copies: a shallow copy that
+// shares k's nested messages and slices, for read-only use (an answer that
+// is marshalled and never modified). It is cheaper than cloning k and then
+// dropping the copies, whose ciphertexts are the bulk of a record.
+func KeysetWithoutCopies(k *statev1.KeysetRecord) *statev1.KeysetRecord {
+	c := shallowKeyset(k)
+	c.Copies = nil
+	return c
 }
 
 // shallowVersion returns a new version record with v's fields: nested

@@ -192,6 +192,9 @@ func (s *State) Regions() []*Region {
 	return slices.Clone(s.regions)
 }
 
+// NumRegions returns the number of regions, without copying them.
+func (s *State) NumRegions() int { return len(s.regions) }
+
 // Members returns every registered member, sorted by ID. The slice is the
 // caller's.
 func (s *State) Members() []Member {

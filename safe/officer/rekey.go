@@ -5,7 +5,6 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -17,9 +16,6 @@ import (
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 )
-
-// infoRekey is the HPKE info label of a rekeyed share (distributor.proto).
-const infoRekey = "cairn/distributor/v1/rekey-share"
 
 // Rekey is a rekey ceremony this process opened on a distributor: it holds
 // one ephemeral HPKE key per new safe, which the distributor seals the new
@@ -146,16 +142,10 @@ func (r *Rekey) Finish(ctx context.Context, client distributorv1.DistributorClie
 
 // checkManifest checks that m is prev's successor as planned.
 func (r *Rekey) checkManifest(prev, m *safev1.GenesisManifest) error {
-	ph, err := safe.ManifestHash(prev)
-	if err != nil {
-		return err
+	if err := safe.CheckSuccessor(prev, m); err != nil {
+		return fmt.Errorf("officer: the rekeyed manifest: %w", err)
 	}
-	switch {
-	case m.GetGenesisId() != prev.GetGenesisId() || subtle.ConstantTimeCompare(m.GetKcv(), prev.GetKcv()) != 1:
-		return fmt.Errorf("officer: the rekeyed manifest is of genesis %s, not %s", m.GetGenesisId(), prev.GetGenesisId())
-	case m.GetEpoch() != prev.GetEpoch()+1 || subtle.ConstantTimeCompare(m.GetPreviousManifestSha256(), ph) != 1:
-		return fmt.Errorf("officer: the rekeyed manifest (epoch %d) does not follow epoch %d of %s", m.GetEpoch(), prev.GetEpoch(), prev.GetGenesisId())
-	case int(m.GetThreshold()) != r.threshold || len(m.GetSlots()) != len(r.safes):
+	if int(m.GetThreshold()) != r.threshold || len(m.GetSlots()) != len(r.safes) {
 		return fmt.Errorf("officer: the rekeyed manifest is %d-of-%d, the plan %d-of-%d", m.GetThreshold(), len(m.GetSlots()), r.threshold, len(r.safes))
 	}
 	for i, s := range r.safes {
@@ -174,7 +164,7 @@ func (r *Rekey) checkManifest(prev, m *safev1.GenesisManifest) error {
 
 // open opens new share index.
 func (r *Rekey) open(m *safev1.GenesisManifest, index uint32, sealed *cryptov1.HpkeSealed) (secret.Bytes, error) {
-	info, err := hpkeseal.Info(infoRekey, r.CeremonyID, m.GetGenesisId(), strconv.FormatUint(uint64(m.GetEpoch()), 10), strconv.FormatUint(uint64(index), 10))
+	info, err := safe.RekeyShareInfo(r.CeremonyID, m.GetGenesisId(), m.GetEpoch(), index)
 	if err != nil {
 		return secret.Bytes{}, err
 	}
