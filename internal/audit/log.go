@@ -349,7 +349,7 @@ func (l *Log) timer() {
 		if l.path != "" {
 			_ = l.Reopen()
 		}
-		_ = l.checkpoint(false, true)
+		_ = l.checkpoint()
 	}
 }
 
@@ -491,15 +491,16 @@ func (l *Log) flushLocked(b *batch) {
 	l.flushed.Broadcast()
 }
 
-// checkpoint queues a checkpoint and waits until it is written. With
-// ifNew, it does nothing when no record was written since the last one.
-func (l *Log) checkpoint(final, ifNew bool) error {
+// checkpoint queues a (not final) checkpoint and waits until it is
+// written; it does nothing when no record was written since the last one.
+// Close writes the final one itself.
+func (l *Log) checkpoint() error {
 	l.mu.Lock()
 	if err := l.usableLocked(); err != nil {
 		l.mu.Unlock()
 		return err
 	}
-	if ifNew && l.queued == 0 && l.since == 0 {
+	if l.queued == 0 && l.since == 0 {
 		l.mu.Unlock()
 		return nil
 	}
@@ -508,7 +509,7 @@ func (l *Log) checkpoint(final, ifNew bool) error {
 		b = newBatch()
 		l.pending = b
 	}
-	b.entries = append(b.entries, entry{end: len(b.lines), split: -1, final: final, t: l.now()})
+	b.entries = append(b.entries, entry{end: len(b.lines), split: -1, t: l.now()})
 	l.queued = 0
 	return l.commitLocked(b)
 }

@@ -183,7 +183,7 @@ func (v *Verifier) check(raw []byte) {
 		}
 		v.rep.Last = r.Time
 	}
-	here := fmt.Sprintf("%s:%d", v.path, v.line)
+	here := func() string { return fmt.Sprintf("%s:%d", v.path, v.line) } // only for the rare chain starts
 	switch {
 	case r.Prev == "":
 		v.rep.Unchained++
@@ -194,10 +194,10 @@ func (v *Verifier) check(raw []byte) {
 		switch {
 		case !v.havePrev || !v.prevChained:
 			if v.rep.Start == "" {
-				v.rep.Start = here + ": a new chain starts"
+				v.rep.Start = here() + ": a new chain starts"
 			}
 		case v.prevFinal:
-			v.rep.Restarts = append(v.rep.Restarts, fmt.Sprintf("%s: a new chain after the final checkpoint at %s:%d", here, v.prevPath, v.prevLine))
+			v.rep.Restarts = append(v.rep.Restarts, fmt.Sprintf("%s: a new chain after the final checkpoint at %s:%d", here(), v.prevPath, v.prevLine))
 		default:
 			v.problem(&r, "a new chain starts, but %s:%d before it is not a final checkpoint: records after it may be missing (or the server crashed and restarted on a new, empty file)", v.prevPath, v.prevLine)
 		}
@@ -207,7 +207,7 @@ func (v *Verifier) check(raw []byte) {
 		hex.Encode(want[:], v.prevHash[:])
 		switch {
 		case !v.havePrev:
-			v.rep.Start = here + ": the chain continues from a record before this file (not given)"
+			v.rep.Start = here() + ": the chain continues from a record before this file (not given)"
 		case r.Prev == string(want[:]):
 		case v.line == 1:
 			v.problem(&r, "does not link to the last record of %s (line %d): a file between them is missing, or the end of %s was cut or changed", v.prevPath, v.prevLine, v.prevPath)
