@@ -66,6 +66,14 @@ simyear: ## simulate a year of rotations (2 regions, a lagging region, a wiped s
 bench: ## run the benchmarks once and print their figures
 	$(GO) test $(BENCHFLAGS) ./...
 
+# The out-of-process data-plane benchmark: the kms binary and a bare mTLS
+# gRPC echo (the floor) as their own processes, load from the test process;
+# the summary table (ratios last) closes the output. About 2 minutes.
+E2EBENCHTIME ?= 2s
+.PHONY: bench-e2e
+bench-e2e: ## the data plane measured as users run it: KMS and floor out of process, figures and ratios
+	$(GO) test -count=1 -timeout 20m -run '^$$' -bench 'BenchmarkDataPlaneE2E' -benchtime $(E2EBENCHTIME) -v ./tests/
+
 .PHONY: lint
 lint: $(BUF) ## gofmt, go vet, house rules (internal/lint), buf lint and breaking
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \

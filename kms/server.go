@@ -209,6 +209,12 @@ func New(cfg Config) (*Server, error) {
 		Mutating:       []string{adminService + "ApplyBundle"},
 		Unaudited:      []string{adminService + "GetStatus"},
 		MaxRecvMsgSize: cfg.MaxRecvMsgSize,
+		// A worker per call the server admits at once (MaxInFlight), up to
+		// maxStreamWorkers: the data plane's calls then run on stacks
+		// already grown.
+		StreamWorkers: min(cfg.MaxInFlight, maxStreamWorkers),
+		// Batches decode into one slice and encode into one buffer.
+		Codec: newBatchCodec(),
 	})
 	if err != nil {
 		return nil, err
@@ -222,6 +228,12 @@ func New(cfg Config) (*Server, error) {
 	kmsv1.RegisterKMSAdminServer(s.grpc, &adminAPI{s: s})
 	return s, nil
 }
+
+// maxStreamWorkers bounds the server's stream workers: each idle one keeps
+// the stack its calls grew (tens of KiB), so a very large MaxInFlight must
+// not become as many parked goroutines. Calls beyond the workers get a
+// goroutine of their own, as without workers.
+const maxStreamWorkers = 256
 
 // Start serves on lis and loads the persisted bundle in the background:
 // region keys are fetched with jittered backoff until they arrive or Close.
@@ -392,6 +404,9 @@ func (s *Server) swap(next *snapshot) {
 		s.adm.setQuotas(next.quotas)
 	}
 	s.cur.Store(next)
+	// Something is served now, and the shrink guard compares with it: drop
+	// the decoded persisted bundle (every keyset's config and ciphertext).
+	s.floorBundle = nil
 	select {
 	case s.swapped <- struct{}{}: // the flush loop writes the history
 	default: // a flush is due already

@@ -58,7 +58,7 @@ func (a *AEAD) EncryptWithContext(ctx context.Context, plaintext, associatedData
 	}
 	req := &kmsv1.EncryptRequest{Keyset: a.keyset, Plaintext: plaintext, AssociatedData: associatedData}
 	var ct []byte
-	err := a.c.call(ctx, opEncrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient) error {
+	err := a.c.call(ctx, opEncrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient, _ *region) error {
 		resp, err := kms.Encrypt(ctx, req)
 		if err != nil {
 			return err
@@ -87,7 +87,7 @@ func (a *AEAD) DecryptWithContext(ctx context.Context, ciphertext, associatedDat
 	}
 	req := &kmsv1.DecryptRequest{Keyset: a.keyset, Ciphertext: ciphertext, AssociatedData: associatedData}
 	var pt []byte
-	err := a.c.call(ctx, opDecrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient) error {
+	err := a.c.call(ctx, opDecrypt, a.region, a.keyset, func(ctx context.Context, kms kmsv1.KMSClient, _ *region) error {
 		resp, err := kms.Decrypt(ctx, req)
 		if err != nil {
 			return err

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -24,25 +25,53 @@ type op int
 const (
 	opEncrypt op = iota
 	opDecrypt
+	opEncryptBatch
+	opDecryptBatch
+	opGenerateDataKey
 )
 
 func (o op) String() string {
-	if o == opEncrypt {
+	switch o {
+	case opEncrypt:
 		return "encrypt"
+	case opDecrypt:
+		return "decrypt"
+	case opEncryptBatch:
+		return "encrypt batch"
+	case opDecryptBatch:
+		return "decrypt batch"
+	default:
+		return "generate data key"
 	}
-	return "decrypt"
 }
 
-// attemptFunc makes one RPC on one endpoint.
-type attemptFunc func(ctx context.Context, kms kmsv1.KMSClient) error
+// fallsBack reports whether the operation may go on in the region's decrypt
+// fallbacks: only decryption does; whatever encrypts stays in its region.
+func (o op) fallsBack() bool { return o == opDecrypt || o == opDecryptBatch }
 
-// retryable reports whether a failed attempt may be retried on the next
+// batch reports whether the operation is a batch.
+func (o op) batch() bool { return o == opEncryptBatch || o == opDecryptBatch }
+
+// attemptFunc makes one RPC on one endpoint of region reg (the call's own
+// region, or for a decrypt one of its fallbacks).
+type attemptFunc func(ctx context.Context, kms kmsv1.KMSClient, reg *region) error
+
+// retryable reports whether a failed attempt of o may be retried on the next
 // endpoint. The caller has already checked that the call's own context is
 // not done, so a DeadlineExceeded here is an attempt's (or the server's).
-func retryable(err error) bool {
+//
+// A batch is retried only when its attempt brought no answer: a batch that
+// was answered is final, whatever its items say. Among the unanswered, a
+// ResourceExhausted is retried only with the KMS's retry hint (admission
+// control and quotas refuse before reading the request); without one it is
+// a gRPC message-size limit, of the server's or of the client's, which the
+// same batch will hit again.
+func retryable(o op, err error) bool {
 	switch status.Code(err) {
-	case codes.Unavailable, codes.ResourceExhausted, codes.DeadlineExceeded:
+	case codes.Unavailable, codes.DeadlineExceeded:
 		return true
+	case codes.ResourceExhausted:
+		return !o.batch() || hasRetryInfo(err)
 	}
 	return false
 }
@@ -54,37 +83,59 @@ const maxRetryHint = 30 * time.Second
 // retryDelay is the retry hint of a failure: the delay of its
 // google.rpc.RetryInfo detail (0 if none), at most maxRetryHint.
 func retryDelay(err error) time.Duration {
+	ri := retryInfo(err)
+	if ri == nil {
+		return 0
+	}
+	return min(max(ri.GetRetryDelay().AsDuration(), 0), maxRetryHint)
+}
+
+// hasRetryInfo reports whether a failure carries a retry hint.
+func hasRetryInfo(err error) bool { return retryInfo(err) != nil }
+
+// retryInfo returns the valid google.rpc.RetryInfo detail of a failure, if
+// any.
+func retryInfo(err error) *errdetails.RetryInfo {
 	st, ok := status.FromError(err)
 	if !ok {
-		return 0
+		return nil
 	}
 	for _, d := range st.Details() {
 		if ri, ok := d.(*errdetails.RetryInfo); ok && ri.GetRetryDelay().IsValid() {
-			return min(max(ri.GetRetryDelay().AsDuration(), 0), maxRetryHint)
+			return ri
 		}
 	}
-	return 0
+	return nil
 }
 
-// call runs one Encrypt or Decrypt: attempts on the region's endpoints,
+// call runs one data-plane call: attempts on the region's endpoints,
 // starting at the one in use, then, for a decrypt, on those of its fallback
 // regions. One round tries each endpoint once with no pause between
 // endpoints; a backoff with full jitter separates rounds. It stops at the
 // first success, the first non-retryable error, when the context is done, or
 // when every region's attempt budget is spent.
+//
+// The call's deadline is the caller's or WithTimeout's, whichever is
+// earlier. Each attempt runs under one context derived from the caller's,
+// bounded by that deadline and the attempt's own timeout (or under the
+// caller's context itself when that is already bounded so), and a context
+// for the call as a whole is made only to pause between rounds: a call that
+// succeeds at once makes at most one context.
 func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f attemptFunc) error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
 	regions := r.decryptOrder[:1]
-	if o == opDecrypt {
+	if o.fallsBack() {
 		regions = r.decryptOrder
 	}
 	if err := ctx.Err(); err != nil {
-		return c.stopped(ctx, o, r, keyset, regions, callState{})
+		return c.stopped(ctx, o, r, keyset, regions, &callState{})
 	}
-	callCtx, cancel := context.WithTimeout(ctx, c.opts.timeout)
-	defer cancel()
+	deadline := time.Now().Add(c.opts.timeout)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
 
 	var st callState
 	var budgetBuf [4]int // no allocation for up to three fallbacks
@@ -111,29 +162,34 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 				// With another endpoint left to try, an attempt may use at
 				// most half the time left: a hung endpoint must not take a
 				// short call's whole deadline and never be failed over.
+				now := time.Now()
 				timeout := c.opts.attemptTimeout
 				more := n > 1 && budget[i] > 0 // another endpoint of this region, now or next round
 				for _, b := range budget[i+1:] {
 					more = more || b > 0 // a fallback region
 				}
 				if more {
-					if dl, ok := callCtx.Deadline(); ok {
-						timeout = min(timeout, time.Until(dl)/2)
-					}
+					timeout = min(timeout, deadline.Sub(now)/2)
 				}
-				err := c.attempt(callCtx, ep, timeout, f)
+				attemptDeadline := now.Add(timeout)
+				byCall := !attemptDeadline.Before(deadline) // the call's deadline bounds this attempt
+				if byCall {
+					attemptDeadline = deadline
+				}
+				err := c.attempt(ctx, ep, reg, attemptDeadline, f)
 				if err == nil {
 					return nil
 				}
-				if callCtx.Err() != nil {
+				if ctx.Err() != nil || !time.Now().Before(deadline) ||
+					(byCall && status.Code(err) == codes.DeadlineExceeded) {
 					// The caller's context or the call's deadline ended
 					// the attempt: this is not the endpoint's fault.
-					return c.stopped(ctx, o, r, keyset, regions, st)
+					return c.stopped(ctx, o, r, keyset, regions, &st)
 				}
 				if errors.Is(err, ErrClosed) {
 					return ErrClosed
 				}
-				if !retryable(err) && i > 0 {
+				if !retryable(o, err) && i > 0 {
 					// A fallback region that cannot help (the keyset is not
 					// there, this client may not use it there) says nothing
 					// about the ciphertext: the call's answer stays the
@@ -144,7 +200,7 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 					budget[i] = 0
 					break
 				}
-				if !retryable(err) {
+				if !retryable(o, err) {
 					return fmt.Errorf("kmsclient: %s with keyset %q in region %s (endpoint %s): %w",
 						o, keyset, reg.name, ep.addr, err)
 				}
@@ -158,31 +214,41 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 			spent = spent && b == 0
 		}
 		if spent {
-			return c.exhausted(o, r, keyset, regions, st)
+			return c.exhausted(o, r, keyset, regions, &st)
 		}
 		// A server's retry hint (RetryInfo, sent with RESOURCE_EXHAUSTED
 		// by an overloaded or over-quota KMS) is the pause's floor; a hint
 		// past the call's deadline ends the call now with that answer.
 		pause := max(fullJitter(backoffCeiling(c.opts.retry, round)), st.retryAfter)
-		if dl, ok := callCtx.Deadline(); ok && st.retryAfter > 0 && time.Until(dl) < pause {
-			return c.exhausted(o, r, keyset, regions, st)
+		if st.retryAfter > 0 && time.Until(deadline) < pause {
+			return c.exhausted(o, r, keyset, regions, &st)
 		}
 		st.retryAfter = 0
-		if err := c.sleep(callCtx, pause); err != nil {
-			return c.stopped(ctx, o, r, keyset, regions, st)
+		if err := c.pause(ctx, deadline, pause); err != nil {
+			return c.stopped(ctx, o, r, keyset, regions, &st)
 		}
 	}
 }
 
-// attempt makes one RPC on ep, bounded by timeout.
-func (c *Client) attempt(callCtx context.Context, ep *endpoint, timeout time.Duration, f attemptFunc) error {
+// pause sleeps d between rounds, or until ctx is done or deadline passes.
+func (c *Client) pause(ctx context.Context, deadline time.Time, d time.Duration) error {
+	sctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	return c.sleep(sctx, d)
+}
+
+// attempt makes one RPC on ep, of region reg, bounded by deadline.
+func (c *Client) attempt(ctx context.Context, ep *endpoint, reg *region, deadline time.Time, f attemptFunc) error {
 	kc, err := c.kmsClient(ep)
 	if err != nil {
 		return err
 	}
-	actx, cancel := context.WithTimeout(callCtx, timeout)
+	if dl, ok := ctx.Deadline(); ok && !dl.After(deadline) {
+		return f(ctx, kc, reg) // the caller's context is bounded so already
+	}
+	actx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	return f(actx, kc)
+	return f(actx, kc, reg)
 }
 
 // failed moves the region off ep if ep is still the endpoint in use (a
@@ -216,9 +282,13 @@ func logNow(at *atomic.Int64) bool {
 // callState is what one call saw, for its error.
 type callState struct {
 	attempts int
-	tried    []*endpoint
-	last     error // the last retryable failure of an endpoint
-	lastEP   *endpoint
+	// tried are the distinct endpoints tried: the first few in place, so
+	// that a call that succeeds at once allocates nothing for them.
+	tried      [4]*endpoint
+	triedN     int
+	triedExtra []*endpoint
+	last       error // the last retryable failure of an endpoint
+	lastEP     *endpoint
 	// retryAfter is the longest retry hint (RetryInfo) of the round's
 	// failures.
 	retryAfter time.Duration
@@ -236,13 +306,19 @@ func (s *callState) fallbackSummary() string {
 }
 
 func (s *callState) addTried(ep *endpoint) {
-	for _, t := range s.tried {
-		if t == ep {
-			return
-		}
+	if slices.Contains(s.tried[:s.triedN], ep) || slices.Contains(s.triedExtra, ep) {
+		return
 	}
-	s.tried = append(s.tried, ep)
+	if s.triedN < len(s.tried) {
+		s.tried[s.triedN] = ep
+		s.triedN++
+		return
+	}
+	s.triedExtra = append(s.triedExtra, ep)
 }
+
+// triedCount is the number of distinct endpoints tried.
+func (s *callState) triedCount() int { return s.triedN + len(s.triedExtra) }
 
 // where names the regions of a call for its error.
 func where(r *region, regions []*region) string {
@@ -266,9 +342,9 @@ func countEndpoints(regions []*region) int {
 
 // exhausted is the error of a call whose every attempt failed retryably. It
 // wraps the last gRPC status, so status.Code reports that status's code.
-func (c *Client) exhausted(o op, r *region, keyset string, regions []*region, st callState) error {
+func (c *Client) exhausted(o op, r *region, keyset string, regions []*region, st *callState) error {
 	return fmt.Errorf("kmsclient: %s with keyset %q in %s: every attempt failed (%d attempts on %d of %d endpoints%s); last error from %s: %w",
-		o, keyset, where(r, regions), st.attempts, len(st.tried), countEndpoints(regions), st.fallbackSummary(), st.lastEP.addr, st.last)
+		o, keyset, where(r, regions), st.attempts, st.triedCount(), countEndpoints(regions), st.fallbackSummary(), st.lastEP.addr, st.last)
 }
 
 // stopped is the error of a call ended by its context: canceled by the
@@ -276,9 +352,9 @@ func (c *Client) exhausted(o op, r *region, keyset string, regions []*region, st
 // cancellation reports codes.Canceled. A deadline reports the last
 // endpoint failure's code if there was one, else DeadlineExceeded; either
 // way errors.Is(err, context.DeadlineExceeded) holds.
-func (c *Client) stopped(ctx context.Context, o op, r *region, keyset string, regions []*region, st callState) error {
+func (c *Client) stopped(ctx context.Context, o op, r *region, keyset string, regions []*region, st *callState) error {
 	prefix := fmt.Sprintf("kmsclient: %s with keyset %q in %s", o, keyset, where(r, regions))
-	after := fmt.Sprintf("after %d attempts on %d of %d endpoints%s", st.attempts, len(st.tried), countEndpoints(regions), st.fallbackSummary())
+	after := fmt.Sprintf("after %d attempts on %d of %d endpoints%s", st.attempts, st.triedCount(), countEndpoints(regions), st.fallbackSummary())
 	if err := ctx.Err(); err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		if st.last != nil {
 			return fmt.Errorf("%s: %w %s (last error from %s: %v)", prefix, contextError{err}, after, st.lastEP.addr, st.last)

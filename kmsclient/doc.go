@@ -29,6 +29,25 @@
 // KMS (keyset.WriteWithContext / keyset.ReadWithContext with the AEAD as
 // key-encryption AEAD), unwrap it once, and encrypt locally.
 //
+// NewEnvelopeAEAD is the same envelope encryption with far fewer allocations
+// per object: it writes and reads exactly the ciphertexts of Tink's envelope
+// AEADs (either decrypts the other's objects), takes a direct path for
+// AES128_GCM and AES256_GCM DEKs (no key manager, proto or keyset handle per
+// object) and leaves the other DEK templates to Tink's envelope:
+//
+//	env, err := kmsclient.NewEnvelopeAEAD(aead.AES256GCMKeyTemplate(), kek)
+//
+// # Batches and data keys
+//
+// AEAD.EncryptBatch and AEAD.DecryptBatch send many items (DEKs, usually)
+// in one call and return one result per item, each with its own error; a
+// KMS accepts up to DefaultServerMaxBatch items unless configured otherwise
+// and refuses a larger batch as a whole (InvalidArgument naming its limit).
+// A batch is retried, as a whole, only when no answer came; an answered
+// batch is final. AEAD.GenerateDataKey has the KMS make a fresh data key
+// and return it in plaintext and wrapped (a DataKey, which never prints its
+// plaintext; Wipe it after use).
+//
 // Associated data: the AEAD sends its associated data to the KMS, which binds
 // it to the ciphertext. Tink's envelope AEAD, however, calls its
 // key-encryption AEAD with empty associated data and uses the caller's
@@ -61,6 +80,11 @@
 // last failure, and wraps that failure's gRPC status, so status.Code works
 // on it as on the errors returned at once (ErrClosed, after Close, is the
 // exception).
+//
+// Batches and GenerateDataKey follow the same rules, with one difference for
+// batches: only a batch that brought no answer is retried, and a
+// ResourceExhausted is retried only with the KMS's retry hint (without one
+// it is a gRPC message-size limit, which the same batch would hit again).
 //
 // WithDecryptFallback lets a decrypt whose region has failed go on in other
 // regions that hold the same keyset. Encrypt never falls back. A fallback

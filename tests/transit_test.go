@@ -44,51 +44,14 @@ const (
 	transitToken = "hvs.e2e-token-is-not-an-identity-5c1d"
 )
 
-// startTransitKMS brings up the chain (dev certs, file safes, a distributor,
-// one root KMS replica), creates payments/ledger with regionctl, and starts
-// one us-east KMS server with --transit-listen, serving bundle serial 1. It
-// returns the server and the transit address.
+// startTransitKMS starts one us-east KMS server serving transitTeam with
+// --transit-listen (see startOneRegion). It returns the server and the
+// transit address.
 func startTransitKMS(t testing.TB) (*framework.World, *framework.KMSServer, string) {
 	t.Helper()
-	start := time.Now()
-	w := framework.NewWorld(t, bin)
-	safes := w.FileSafes(2)
-	d := w.Distributors(1, false)[0]
-	d.Start()
-	d.WaitState(sealed)
-	w.Genesis(2, safes, d)
-	d.WaitState(unsealed)
-	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
-	root.Start()
-	framework.WaitLeader(root)
-	root.WaitServing()
-
-	rc := filepath.Join(w.Dir, "regionctl")
-	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
-	bundlePath := filepath.Join(rc, "us-east-1.bundle")
-	if err := os.MkdirAll(teams, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(teams, "payments.json"), []byte(transitTeam), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
-	w.RegionctlOK("keys", "generate", "--out", keysDir)
-	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
-
-	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
 	addr := fmt.Sprintf("127.0.0.1:%d", framework.FreePorts(t, 1)[0])
-	k.AddArgs("--transit-listen", addr)
-	k.Start()
-	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
-		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
-	})
-	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
-	k.WaitServing(1)
-	t.Logf("chain up, KMS serving bundle 1 with the transit API on %s, in %s", addr, time.Since(start).Round(time.Millisecond))
+	w, k := startOneRegion(t, transitTeam, "--transit-listen", addr)
+	t.Logf("the KMS serves the transit API on %s", addr)
 	return w, k, addr
 }
 

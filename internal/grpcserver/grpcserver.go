@@ -7,6 +7,7 @@
 package grpcserver
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/encoding"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
@@ -52,6 +54,17 @@ type Options struct {
 	// any member the Connect authorizer admits may use it, and each use is
 	// audited. Off by default in production binaries, on in `cairn up`.
 	Reflection bool
+	// StreamWorkers is how many long-lived goroutines serve calls (0: a
+	// new goroutine per call). A call served by a worker runs on a stack
+	// already grown by the calls before it, where a new goroutine starts
+	// small and grows (copies) its stack on every call through the
+	// interceptors; a call that finds every worker busy gets a goroutine
+	// of its own, so the number bounds idle goroutines, not concurrency.
+	// Size it to the calls a server has in progress at once.
+	StreamWorkers int
+	// Codec replaces gRPC's protobuf codec on this server (nil: the
+	// standard one). It must encode and decode exactly as protobuf does.
+	Codec encoding.CodecV2
 }
 
 // DefaultMaxRecvMsgSize is Options.MaxRecvMsgSize's default: Cairn requests
@@ -101,17 +114,13 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 	}
 	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
 	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
-	s := grpc.NewServer(
+	serverOpts := []grpc.ServerOption{
 		grpc.Creds(creds),
 		// The audit interceptor runs first, so that every refusal after it
-		// (Unauthenticated from the identity interceptor, PermissionDenied
-		// from the policy or a handler) is on record, even for the
+		// (Unauthenticated or PermissionDenied from the caller's admission,
+		// PermissionDenied from a handler) is on record, even for the
 		// Unaudited methods.
-		grpc.ChainUnaryInterceptor(
-			audit.UnaryServerInterceptor(opts.Audit, auditOpts),
-			identity.UnaryServerInterceptor(),
-			identity.UnaryAuthorizeInterceptor(policy),
-		),
+		grpc.UnaryInterceptor(admitted(audit.UnaryServerInterceptor(opts.Audit, auditOpts), policy)),
 		// Cairn's own services do not stream; the only streams served are
 		// read-only (health watches, reflection), and they are
 		// authenticated, audited and authorized like unary calls. Any other
@@ -124,11 +133,16 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 			identity.StreamAuthorizeInterceptor(policy),
 		),
 		grpc.MaxRecvMsgSize(maxRecv),
+		grpc.NumStreamWorkers(uint32(max(opts.StreamWorkers, 0))),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// Stop returns only once every handler has: a server's Close can
 		// then trust that no call changes its state afterwards.
 		grpc.WaitForHandlers(true),
-	)
+	}
+	if opts.Codec != nil {
+		serverOpts = append(serverOpts, grpc.ForceServerCodecV2(opts.Codec))
+	}
+	s := grpc.NewServer(serverOpts...)
 	// The services are fixed once Serve runs (gRPC refuses a late
 	// registration), and health is asked only after: read them once.
 	healthpb.RegisterHealthServer(s, &health{ready: opts.Ready, services: sync.OnceValue(s.GetServiceInfo)})
@@ -136,6 +150,24 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 		reflection.Register(s)
 	}
 	return s, nil
+}
+
+// admitted is the server's one unary interceptor: the audit interceptor
+// around the admission of the caller (identity.Policy.Admit: a verified
+// identity, else Unauthenticated; allowed by the policy, else
+// PermissionDenied) and then the handler. It does what
+// ChainUnaryInterceptor(audit, identity, authorize) did, without the
+// chain's closure and stack frames per link and the identity's context
+// value on every call (identity.FromContext reads the verified peer).
+func admitted(auditCall grpc.UnaryServerInterceptor, policy identity.Policy) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		return auditCall(ctx, req, info, func(ctx context.Context, req any) (any, error) {
+			if err := policy.Admit(ctx, info.FullMethod); err != nil {
+				return nil, err
+			}
+			return handler(ctx, req)
+		})
+	}
 }
 
 // Reflection method names (both protocol versions grpcurl speaks).

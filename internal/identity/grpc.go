@@ -97,11 +97,16 @@ func NewContext(ctx context.Context, id ID) context.Context {
 	return context.WithValue(ctx, ctxKey{}, id)
 }
 
-// FromContext returns the caller identity put in ctx by the server
-// interceptors (or NewContext).
+// FromContext returns the caller identity of ctx: the one put there by
+// NewContext (or UnaryServerInterceptor), else the verified identity of
+// the gRPC peer (a connection authenticated by Credentials), else none. A
+// gRPC server therefore needs no per-call context value for it.
 func FromContext(ctx context.Context) (ID, bool) {
-	id, ok := ctx.Value(ctxKey{}).(ID)
-	return id, ok && !id.IsZero()
+	if id, ok := ctx.Value(ctxKey{}).(ID); ok {
+		return id, !id.IsZero()
+	}
+	id, err := FromPeer(ctx)
+	return id, err == nil && !id.IsZero()
 }
 
 // FromPeer returns the verified identity of the gRPC peer of ctx.
@@ -175,6 +180,25 @@ func UnaryAuthorizeInterceptor(p Policy) grpc.UnaryServerInterceptor {
 		}
 		return handler(ctx, req)
 	}
+}
+
+// Admit is UnaryServerInterceptor and UnaryAuthorizeInterceptor in one
+// check, for a server that runs them inside an interceptor of its own: the
+// caller of ctx (FromContext) must be known (else Unauthenticated) and
+// allowed by p to call method (else PermissionDenied).
+func (p Policy) Admit(ctx context.Context, method string) error {
+	id, ok := FromContext(ctx)
+	if !ok {
+		_, err := FromPeer(ctx)
+		if err == nil {
+			err = errors.New("identity: the peer has no identity")
+		}
+		return status.Error(codes.Unauthenticated, err.Error())
+	}
+	if err := p.Authorize(method, id); err != nil {
+		return status.Error(codes.PermissionDenied, err.Error())
+	}
+	return nil
 }
 
 // StreamAuthorizeInterceptor is UnaryAuthorizeInterceptor for streams.

@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tink-crypto/tink-go/v2/aead/aesgcm"
 	"github.com/tink-crypto/tink-go/v2/key"
 	"github.com/tink-crypto/tink-go/v2/tink"
 
@@ -59,7 +60,7 @@ type Keyset struct {
 	aead     tink.AEAD
 	primary  *Version
 	versions []*Version // in keyset order; a handful, so a scan beats a map
-	acl      [numOps]identity.Allowlist
+	acl      *[numOps]identity.Allowlist
 	ttl      time.Duration
 
 	// What the Safety check needs (see safety.go); never read by requests.
@@ -223,6 +224,13 @@ type Version struct {
 	// counter minus encBase is this server's encryptions with the version
 	// since it applied the bundle.
 	limit, used, budget, encBase uint64
+
+	// gcmKey is the key if Batch seals and opens with it through
+	// crypto/cipher (an AES-GCM key in Tink's own format, see setGCMKey);
+	// nil: Batch uses the keyset's Tink AEAD. gcmAEAD is its cipher, built
+	// on the first batch that uses it (see Version.gcm).
+	gcmKey  *aesgcm.Key
+	gcmAEAD atomic.Pointer[gcmCipher]
 }
 
 // KeyID returns the version's Tink key ID.
@@ -284,11 +292,15 @@ const (
 // under load every request would otherwise write the same cache line.
 const lastUseGranularity = time.Millisecond
 
-func (u *Usage) record(kind useKind, now time.Time) {
+func (u *Usage) record(kind useKind, now time.Time) { u.recordN(kind, 1, now) }
+
+// recordN records count uses of one kind at now (a batch counts its run of
+// items under one version at once).
+func (u *Usage) recordN(kind useKind, count uint64, now time.Time) {
 	if kind == useEncrypt {
-		u.encrypts.Add(1)
+		u.encrypts.Add(count)
 	} else {
-		u.decrypts.Add(1)
+		u.decrypts.Add(count)
 	}
 	n := now.UnixNano()
 	// Round up, so the recorded last use is never earlier than the real one

@@ -21,14 +21,13 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/tink-crypto/tink-go/v2/aead"
+	"github.com/tink-crypto/tink-go/v2/keyset"
 	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
 	"github.com/tink-crypto/tink-go/v2/tink"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
-	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/safety"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
@@ -114,7 +113,7 @@ func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store, now
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
-			acls := aclCache{td: td, parsed: make(map[string]identity.Allowlist)}
+			acls := aclCache{td: td, parsed: make(map[string]*[numOps]identity.Allowlist)}
 			for i := w; i < len(cfgs); i += workers {
 				built[i], errs[i] = buildKeyset(cfgs[i], b.GetRegion(), &acls, regionKeys, prev, now)
 			}
@@ -135,31 +134,39 @@ func Build(b *bundlev1.Bundle, regionKeys map[uint32]tink.AEAD, prev *Store, now
 	return out, nil
 }
 
-// aclCache parses each distinct ACL (a list of patterns) once per Build
-// worker: the keysets of a bundle mostly share a handful of ACLs, and
+// aclCache parses each distinct ACL (the four lists of patterns) once per
+// Build worker: the keysets of a bundle mostly share a handful of ACLs, and
 // Allowlists are immutable, so keysets with the same ACL share one.
 type aclCache struct {
 	td     spiffeid.TrustDomain
-	parsed map[string]identity.Allowlist
+	parsed map[string]*[numOps]identity.Allowlist
+	key    []byte // scratch for the map key
 }
 
-func (c *aclCache) allowlist(patterns []string) (identity.Allowlist, error) {
-	// Length-prefixed, so that no two lists share a key (a pattern may
-	// hold any byte until it is parsed).
-	var kb []byte
-	for _, p := range patterns {
-		kb = append(strconv.AppendInt(kb, int64(len(p)), 10), ':')
-		kb = append(kb, p...)
+func (c *aclCache) acl(acl *bundlev1.Acl) (*[numOps]identity.Allowlist, error) {
+	lists := [numOps][]string{acl.GetEncrypt(), acl.GetDecrypt(), acl.GetGenerateDataKey(), acl.GetRewrap()}
+	// Length-prefixed, so that no two ACLs share a key (a pattern may hold
+	// any byte until it is parsed).
+	kb := c.key[:0]
+	for _, patterns := range lists {
+		kb = append(strconv.AppendInt(kb, int64(len(patterns)), 10), ';')
+		for _, p := range patterns {
+			kb = append(strconv.AppendInt(kb, int64(len(p)), 10), ':')
+			kb = append(kb, p...)
+		}
 	}
-	key := string(kb)
-	if a, ok := c.parsed[key]; ok {
+	c.key = kb
+	if a, ok := c.parsed[string(kb)]; ok {
 		return a, nil
 	}
-	a, err := identity.ParseAllowlist(c.td, patterns...)
-	if err != nil {
-		return identity.Allowlist{}, err
+	a := new([numOps]identity.Allowlist)
+	for op, patterns := range lists {
+		var err error
+		if a[op], err = identity.ParseAllowlist(c.td, patterns...); err != nil {
+			return nil, fmt.Errorf("ACL %s: %v", Op(op), err)
+		}
 	}
-	c.parsed[key] = a
+	c.parsed[string(kb)] = a
 	return a, nil
 }
 
@@ -177,10 +184,11 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 	if !ok {
 		return nil, fmt.Errorf("region key version %d is not available", ek.GetRegionKeyVersion())
 	}
-	h, info, err := keysets.DecryptInfo(ek, rk)
+	ks, err := openKeyset(ek, rk)
 	if err != nil {
 		return nil, fmt.Errorf("region key version %d: %v", ek.GetRegionKeyVersion(), err)
 	}
+	defer wipeKeyset(ks)
 	k := &Keyset{name: cfg.GetName(), ttl: cfg.GetCiphertextTtl().AsDuration()}
 	var before *Keyset
 	if prev != nil {
@@ -193,24 +201,39 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 	k.ttlHistory = withTTL(history, k.ttl, now)
 	k.setRecord(cfg)
 	limit := bundle.EncryptLimit(cfg)
-	hints := ek.GetVersions()
-	if len(hints) != len(info.GetKeyInfo()) {
-		return nil, errors.New("public metadata does not match the keyset's contents")
+	hints := ek.GetVersions() // as many as keys: openKeyset checked
+	keys := ks.GetKey()
+	// A keyset of AES-GCM keys only gets its AEAD from the key material
+	// (see load.go); any other through Tink.
+	var (
+		gcm     *gcmKeyset
+		entries []*keyset.Entry
+	)
+	if allAESGCM(ks) {
+		gcm = new(gcmKeyset)
+	} else if k.aead, entries, err = tinkAEAD(ks); err != nil {
+		return nil, err
 	}
-	for i, ki := range info.GetKeyInfo() {
-		if ki.GetOutputPrefixType() != tinkpb.OutputPrefixType_TINK {
-			return nil, fmt.Errorf("key %d has output prefix %v; only TINK-prefixed keys are served", ki.GetKeyId(), ki.GetOutputPrefixType())
+	k.versions = make([]*Version, 0, len(keys))
+	for i, kk := range keys {
+		if kk.GetOutputPrefixType() != tinkpb.OutputPrefixType_TINK {
+			return nil, fmt.Errorf("key %d has output prefix %v; only TINK-prefixed keys are served", kk.GetKeyId(), kk.GetOutputPrefixType())
 		}
-		st, err := statusOf(ki, info.GetPrimaryKeyId())
+		st, err := statusOf(kk.GetStatus(), kk.GetKeyId(), ks.GetPrimaryKeyId())
 		if err != nil {
-			return nil, fmt.Errorf("key %d: %v", ki.GetKeyId(), err)
+			return nil, fmt.Errorf("key %d: %v", kk.GetKeyId(), err)
 		}
-		if hints[i].GetKeyId() != ki.GetKeyId() || hints[i].GetStatus() != st {
-			return nil, fmt.Errorf("public metadata says key %d is %v; the keyset says key %d is %v", hints[i].GetKeyId(), hints[i].GetStatus(), ki.GetKeyId(), st)
+		if hints[i].GetKeyId() != kk.GetKeyId() || hints[i].GetStatus() != st {
+			return nil, fmt.Errorf("public metadata says key %d is %v; the keyset says key %d is %v", hints[i].GetKeyId(), hints[i].GetStatus(), kk.GetKeyId(), st)
 		}
-		v := &Version{keyID: ki.GetKeyId(), status: st}
-		if e, err := h.Entry(i); err == nil && e.KeyID() == v.keyID {
+		v := &Version{keyID: kk.GetKeyId(), status: st}
+		if gcm != nil {
+			if err := gcm.add(v, kk, ks.GetPrimaryKeyId()); err != nil {
+				return nil, fmt.Errorf("key %d: %v", v.keyID, err)
+			}
+		} else if e := entries[i]; e != nil && e.KeyID() == v.keyID {
 			v.params = e.Key().Parameters()
+			v.setGCMKey(e.Key())
 		}
 		var old *Version
 		if before != nil {
@@ -230,16 +253,41 @@ func buildKeyset(cfg *bundlev1.KeysetConfig, region string, acls *aclCache, regi
 	if k.primary == nil {
 		return nil, errors.New("no primary key")
 	}
-	if k.aead, err = aead.New(h); err != nil {
-		return nil, fmt.Errorf("building the AEAD: %v", err)
+	if gcm != nil {
+		k.aead = gcm
 	}
-	acl := cfg.GetAcl()
-	for op, patterns := range [numOps][]string{acl.GetEncrypt(), acl.GetDecrypt(), acl.GetGenerateDataKey(), acl.GetRewrap()} {
-		if k.acl[op], err = acls.allowlist(patterns); err != nil {
-			return nil, fmt.Errorf("ACL %s: %v", Op(op), err)
-		}
+	if k.acl, err = acls.acl(cfg.GetAcl()); err != nil {
+		return nil, err
 	}
 	return k, nil
+}
+
+// add parses kk, an AES-GCM key, as v's (its parameters) and, if v
+// decrypts, builds its cipher: g's, and v's for batches.
+func (g *gcmKeyset) add(v *Version, kk *tinkpb.Keyset_Key, primary uint32) error {
+	key, raw, err := parseAESGCMKey(kk)
+	if err != nil {
+		return err
+	}
+	defer clear(raw)
+	v.params = key.Parameters()
+	if !v.Decrypts() {
+		return nil // Tink builds no primitive for it either
+	}
+	c, err := newAESGCM(raw)
+	if err != nil {
+		return fmt.Errorf("building the AEAD: %v", err)
+	}
+	if v.keyID == primary {
+		g.primary = gcmKey{id: v.keyID, cipher: c}
+	} else {
+		g.others = append(g.others, gcmKey{id: v.keyID, cipher: c})
+	}
+	v.setGCMKey(key)
+	if v.gcmKey != nil {
+		v.gcmAEAD.Store(&gcmCipher{aead: c}) // the same cipher, not a second one
+	}
+	return nil
 }
 
 // setBudget fixes v's message budget for a new snapshot (see Version):
@@ -282,12 +330,12 @@ func addSat(a, b uint64) uint64 {
 	return ^uint64(0)
 }
 
-// statusOf is a key's status as cryptov1 names it, the way keysets.Encrypt
-// writes the public metadata.
-func statusOf(ki *tinkpb.KeysetInfo_KeyInfo, primary uint32) (cryptov1.KeyStatus, error) {
-	switch ki.GetStatus() {
+// statusOf is the status of key keyID as cryptov1 names it, the way
+// keysets.Encrypt writes the public metadata.
+func statusOf(status tinkpb.KeyStatusType, keyID, primary uint32) (cryptov1.KeyStatus, error) {
+	switch status {
 	case tinkpb.KeyStatusType_ENABLED:
-		if ki.GetKeyId() == primary {
+		if keyID == primary {
 			return cryptov1.KeyStatus_KEY_STATUS_PRIMARY, nil
 		}
 		return cryptov1.KeyStatus_KEY_STATUS_ENABLED, nil
@@ -296,7 +344,7 @@ func statusOf(ki *tinkpb.KeysetInfo_KeyInfo, primary uint32) (cryptov1.KeyStatus
 	case tinkpb.KeyStatusType_DESTROYED:
 		return cryptov1.KeyStatus_KEY_STATUS_DESTROYED, nil
 	}
-	return 0, fmt.Errorf("unknown status %v", ki.GetStatus())
+	return 0, fmt.Errorf("unknown status %v", status)
 }
 
 // setRecord keeps what cfg carries from the root KMS record for the Safety

@@ -32,6 +32,9 @@ type Binaries struct {
 	// Blobstore is examples/blobstore: a storage system that envelope-
 	// encrypts files through kmsclient.
 	Blobstore string
+	// Echo is tests/echoserver: the bare mTLS gRPC server the out-of-process
+	// benchmarks measure Cairn against.
+	Echo string
 }
 
 // buildTimeout bounds `go build` (a cold cache on 2 cores needs about a
@@ -39,7 +42,8 @@ type Binaries struct {
 const buildTimeout = 5 * time.Minute
 
 // Build compiles every command (cmd/cairn, cmd/safe, cmd/distributor,
-// cmd/rootkms, cmd/kms, cmd/regionctl) and examples/blobstore of the module
+// cmd/rootkms, cmd/kms, cmd/regionctl), examples/blobstore and
+// tests/echoserver of the module
 // that contains the working directory into a new temporary directory, the
 // --bin-dir of `cairn up`. It is meant for TestMain; call Remove when the
 // tests are done.
@@ -60,11 +64,11 @@ func Build() (*Binaries, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms", "./cmd/kms", "./cmd/regionctl", "./examples/blobstore")
+	cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+string(filepath.Separator), "./cmd/cairn", "./cmd/safe", "./cmd/distributor", "./cmd/rootkms", "./cmd/kms", "./cmd/regionctl", "./examples/blobstore", "./tests/echoserver")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("framework: go build ./cmd/... ./examples/blobstore: %v\n%s", err, out)
+		return nil, fmt.Errorf("framework: go build ./cmd/... ./examples/blobstore ./tests/echoserver: %v\n%s", err, out)
 	}
 	b := &Binaries{
 		Dir:         dir,
@@ -73,8 +77,9 @@ func Build() (*Binaries, error) {
 		Distributor: filepath.Join(dir, "distributor"),
 		RootKMS:     filepath.Join(dir, "rootkms"),
 		Blobstore:   filepath.Join(dir, "blobstore"),
+		Echo:        filepath.Join(dir, "echoserver"),
 	}
-	for _, p := range []string{b.Cairn, b.Safe, b.Distributor, b.RootKMS, b.KMSBinary(), b.RegionctlBinary(), b.Blobstore} {
+	for _, p := range []string{b.Cairn, b.Safe, b.Distributor, b.RootKMS, b.KMSBinary(), b.RegionctlBinary(), b.Blobstore, b.Echo} {
 		if _, err := os.Stat(p); err != nil {
 			os.RemoveAll(dir)
 			return nil, fmt.Errorf("framework: built binary missing: %w", err)

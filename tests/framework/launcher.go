@@ -274,19 +274,8 @@ func parentPID(pid int) int {
 
 // procStat reads pid's state and parent PID from /proc/<pid>/stat.
 func procStat(pid int) (state byte, ppid int, ok bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0, false
-	}
-	// pid (comm) state ppid ...; comm may hold spaces and parentheses, so
-	// look after the last ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, 0, false
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 2 || len(f[0]) != 1 {
+	f, err := statFields(pid)
+	if err != nil || len(f) < 2 || len(f[0]) != 1 {
 		return 0, 0, false
 	}
 	ppid, err = strconv.Atoi(f[1])
@@ -294,6 +283,23 @@ func procStat(pid int) (state byte, ppid int, ok bool) {
 		return 0, 0, false
 	}
 	return f[0][0], ppid, true
+}
+
+// statFields returns the fields of /proc/<pid>/stat from the third (the
+// state) on: f[0] is field 3 of proc(5), f[i] field i+3.
+func statFields(pid int) ([]string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil, err
+	}
+	// pid (comm) state ppid ...; comm may hold spaces and parentheses, so
+	// look after the last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return nil, fmt.Errorf("/proc/%d/stat: no ')' in %q", pid, s)
+	}
+	return strings.Fields(s[i+1:]), nil
 }
 
 // children returns the PIDs of pid's running children.

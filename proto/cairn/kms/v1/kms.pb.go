@@ -479,7 +479,11 @@ func (x *EncryptItem) GetAssociatedData() []byte {
 type EncryptBatchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// results are in the order of the request's items.
-	Results       []*EncryptResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	Results []*EncryptResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// max_items is the server's batch limit: the most items an EncryptBatch
+	// or DecryptBatch request may hold. A client sizes its batches by it (it
+	// may change when the server's configuration does).
+	MaxItems      uint32 `protobuf:"varint,2,opt,name=max_items,json=maxItems,proto3" json:"max_items,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -519,6 +523,13 @@ func (x *EncryptBatchResponse) GetResults() []*EncryptResult {
 		return x.Results
 	}
 	return nil
+}
+
+func (x *EncryptBatchResponse) GetMaxItems() uint32 {
+	if x != nil {
+		return x.MaxItems
+	}
+	return 0
 }
 
 type EncryptResult struct {
@@ -708,8 +719,11 @@ func (x *DecryptItem) GetAssociatedData() []byte {
 }
 
 type DecryptBatchResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Results       []*DecryptResult       `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// results are in the order of the request's items.
+	Results []*DecryptResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// max_items is the server's batch limit, as in EncryptBatchResponse.
+	MaxItems      uint32 `protobuf:"varint,2,opt,name=max_items,json=maxItems,proto3" json:"max_items,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -749,6 +763,13 @@ func (x *DecryptBatchResponse) GetResults() []*DecryptResult {
 		return x.Results
 	}
 	return nil
+}
+
+func (x *DecryptBatchResponse) GetMaxItems() uint32 {
+	if x != nil {
+		return x.MaxItems
+	}
+	return 0
 }
 
 type DecryptResult struct {
@@ -1120,9 +1141,10 @@ const file_cairn_kms_v1_kms_proto_rawDesc = "" +
 	"\x05items\x18\x02 \x03(\v2\x19.cairn.kms.v1.EncryptItemR\x05items\"T\n" +
 	"\vEncryptItem\x12\x1c\n" +
 	"\tplaintext\x18\x01 \x01(\fR\tplaintext\x12'\n" +
-	"\x0fassociated_data\x18\x02 \x01(\fR\x0eassociatedData\"M\n" +
+	"\x0fassociated_data\x18\x02 \x01(\fR\x0eassociatedData\"j\n" +
 	"\x14EncryptBatchResponse\x125\n" +
-	"\aresults\x18\x01 \x03(\v2\x1b.cairn.kms.v1.EncryptResultR\aresults\"{\n" +
+	"\aresults\x18\x01 \x03(\v2\x1b.cairn.kms.v1.EncryptResultR\aresults\x12\x1b\n" +
+	"\tmax_items\x18\x02 \x01(\rR\bmaxItems\"{\n" +
 	"\rEncryptResult\x12/\n" +
 	"\x02ok\x18\x01 \x01(\v2\x1d.cairn.kms.v1.EncryptResponseH\x00R\x02ok\x12/\n" +
 	"\x05error\x18\x02 \x01(\v2\x17.cairn.kms.v1.ItemErrorH\x00R\x05errorB\b\n" +
@@ -1134,9 +1156,10 @@ const file_cairn_kms_v1_kms_proto_rawDesc = "" +
 	"\n" +
 	"ciphertext\x18\x01 \x01(\fR\n" +
 	"ciphertext\x12'\n" +
-	"\x0fassociated_data\x18\x02 \x01(\fR\x0eassociatedData\"M\n" +
+	"\x0fassociated_data\x18\x02 \x01(\fR\x0eassociatedData\"j\n" +
 	"\x14DecryptBatchResponse\x125\n" +
-	"\aresults\x18\x01 \x03(\v2\x1b.cairn.kms.v1.DecryptResultR\aresults\"{\n" +
+	"\aresults\x18\x01 \x03(\v2\x1b.cairn.kms.v1.DecryptResultR\aresults\x12\x1b\n" +
+	"\tmax_items\x18\x02 \x01(\rR\bmaxItems\"{\n" +
 	"\rDecryptResult\x12/\n" +
 	"\x02ok\x18\x01 \x01(\v2\x1d.cairn.kms.v1.DecryptResponseH\x00R\x02ok\x12/\n" +
 	"\x05error\x18\x02 \x01(\v2\x17.cairn.kms.v1.ItemErrorH\x00R\x05errorB\b\n" +

@@ -54,10 +54,16 @@ type KMSClient interface {
 	// keyset still holds.
 	Decrypt(ctx context.Context, in *DecryptRequest, opts ...grpc.CallOption) (*DecryptResponse, error)
 	// EncryptBatch encrypts up to the server's batch limit of items under one
-	// keyset; each item succeeds or fails on its own.
+	// keyset; each item succeeds or fails on its own. Every response carries
+	// the limit (max_items), so a client can size its batches. A request of
+	// more items is refused as a whole with INVALID_ARGUMENT, and the status
+	// carries the limit machine-readably: a google.rpc.ErrorInfo (reason
+	// "BATCH_TOO_LARGE", domain "cairn.kms.v1", metadata "max_items" and
+	// "items", decimal) and a google.rpc.BadRequest naming the field "items".
 	EncryptBatch(ctx context.Context, in *EncryptBatchRequest, opts ...grpc.CallOption) (*EncryptBatchResponse, error)
 	// DecryptBatch decrypts up to the server's batch limit of items under one
-	// keyset; each item succeeds or fails on its own.
+	// keyset; each item succeeds or fails on its own. The limit is reported
+	// and enforced as for EncryptBatch.
 	DecryptBatch(ctx context.Context, in *DecryptBatchRequest, opts ...grpc.CallOption) (*DecryptBatchResponse, error)
 	// GenerateDataKey makes a fresh data key of a Tink template and returns it
 	// both in plaintext and encrypted under the keyset's primary.
@@ -147,10 +153,16 @@ type KMSServer interface {
 	// keyset still holds.
 	Decrypt(context.Context, *DecryptRequest) (*DecryptResponse, error)
 	// EncryptBatch encrypts up to the server's batch limit of items under one
-	// keyset; each item succeeds or fails on its own.
+	// keyset; each item succeeds or fails on its own. Every response carries
+	// the limit (max_items), so a client can size its batches. A request of
+	// more items is refused as a whole with INVALID_ARGUMENT, and the status
+	// carries the limit machine-readably: a google.rpc.ErrorInfo (reason
+	// "BATCH_TOO_LARGE", domain "cairn.kms.v1", metadata "max_items" and
+	// "items", decimal) and a google.rpc.BadRequest naming the field "items".
 	EncryptBatch(context.Context, *EncryptBatchRequest) (*EncryptBatchResponse, error)
 	// DecryptBatch decrypts up to the server's batch limit of items under one
-	// keyset; each item succeeds or fails on its own.
+	// keyset; each item succeeds or fails on its own. The limit is reported
+	// and enforced as for EncryptBatch.
 	DecryptBatch(context.Context, *DecryptBatchRequest) (*DecryptBatchResponse, error)
 	// GenerateDataKey makes a fresh data key of a Tink template and returns it
 	// both in plaintext and encrypted under the keyset's primary.

@@ -1,0 +1,59 @@
+package tests
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	"github.com/cairnkms/cairn/tests/framework"
+)
+
+// startOneRegion brings up the smallest whole chain (dev certs, two file
+// safes, one distributor, one root KMS replica), creates the keysets of
+// team (one team file's JSON) with regionctl, and starts one us-east KMS
+// server (kms/us-east/kms-1, audit log on disk, kmsArgs added to its
+// flags) serving bundle serial 1.
+func startOneRegion(t testing.TB, team string, kmsArgs ...string) (*framework.World, *framework.KMSServer) {
+	t.Helper()
+	start := time.Now()
+	w := framework.NewWorld(t, bin)
+	safes := w.FileSafes(2)
+	d := w.Distributors(1, false)[0]
+	d.Start()
+	d.WaitState(sealed)
+	w.Genesis(2, safes, d)
+	d.WaitState(unsealed)
+	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
+	root.Start()
+	framework.WaitLeader(root)
+	root.WaitServing()
+
+	rc := filepath.Join(w.Dir, "regionctl")
+	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
+	bundlePath := filepath.Join(rc, "us-east-1.bundle")
+	if err := os.MkdirAll(teams, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(teams, "team.json"), []byte(team), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
+	w.RegionctlOK("keys", "generate", "--out", keysDir)
+	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
+	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
+	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
+		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
+
+	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
+	k.AddArgs(kmsArgs...)
+	k.Start()
+	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
+		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
+	})
+	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
+	k.WaitServing(1)
+	t.Logf("chain up, %s serving bundle 1, in %s", k.Identity, time.Since(start).Round(time.Millisecond))
+	return w, k
+}
