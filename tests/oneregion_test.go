@@ -10,12 +10,22 @@ import (
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
+// oneRegion is what startOneRegion sets up.
+type oneRegion struct {
+	// team is one team file's JSON: the keysets regionctl creates.
+	team string
+	// regionctlConfig, if set, is regionctl's config file (JSON) for
+	// `bundle build` (quotas, for example).
+	regionctlConfig string
+	// kmsArgs are added to the KMS server's flags.
+	kmsArgs []string
+}
+
 // startOneRegion brings up the smallest whole chain (dev certs, two file
 // safes, one distributor, one root KMS replica), creates the keysets of
-// team (one team file's JSON) with regionctl, and starts one us-east KMS
-// server (kms/us-east/kms-1, audit log on disk, kmsArgs added to its
-// flags) serving bundle serial 1.
-func startOneRegion(t testing.TB, team string, kmsArgs ...string) (*framework.World, *framework.KMSServer) {
+// o.team with regionctl, and starts one us-east KMS server
+// (kms/us-east/kms-1, audit log on disk) serving bundle serial 1.
+func startOneRegion(t testing.TB, o oneRegion) (*framework.World, *framework.KMSServer) {
 	t.Helper()
 	start := time.Now()
 	w := framework.NewWorld(t, bin)
@@ -36,18 +46,26 @@ func startOneRegion(t testing.TB, team string, kmsArgs ...string) (*framework.Wo
 	if err := os.MkdirAll(teams, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(teams, "team.json"), []byte(team), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(teams, "team.json"), []byte(o.team), 0o600); err != nil {
 		t.Fatal(err)
+	}
+	build := []string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
+		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}
+	if o.regionctlConfig != "" {
+		config := filepath.Join(rc, "regionctl.json")
+		if err := os.WriteFile(config, []byte(o.regionctlConfig), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		build = append(build, "--config", config)
 	}
 	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
 	w.RegionctlOK("keys", "generate", "--out", keysDir)
 	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
 	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
+	w.RegionctlOK(append(build, rootFlags...)...)
 
 	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
-	k.AddArgs(kmsArgs...)
+	k.AddArgs(o.kmsArgs...)
 	k.Start()
 	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
 		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY

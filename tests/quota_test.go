@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/kmsclient"
-	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -50,45 +48,9 @@ const (
 // does not. The KMS audits the noisy client's refusals once per window with
 // their count, not once per call.
 func TestKMSQuotaUnderLoad(t *testing.T) {
-	w := framework.NewWorld(t, bin)
+	w, k := startOneRegion(t, oneRegion{team: ledgerTeam,
+		regionctlConfig: fmt.Sprintf(`{"quotas": {"callers": [{"pattern": %q, "requests_per_second": %d, "burst": %d}]}}`, quotaNoisy, quotaRate, quotaBurst)})
 	w.Mint(quotaNoisy, quotaQuiet)
-	safes := w.FileSafes(3)
-	d := w.Distributors(1, false)[0]
-	d.Start()
-	d.WaitState(sealed)
-	m := w.Genesis(2, safes, d)
-	waitUnsealed(t, d, m)
-	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
-	root.Start()
-	framework.WaitLeader(root)
-	root.WaitServing()
-
-	rc := filepath.Join(w.Dir, "regionctl")
-	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
-	bundlePath, config := filepath.Join(rc, "us-east-1.bundle"), filepath.Join(rc, "regionctl.json")
-	if err := os.MkdirAll(teams, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(teams, "payments.json"), []byte(ledgerTeam), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := fmt.Sprintf(`{"quotas": {"callers": [{"pattern": %q, "requests_per_second": %d, "burst": %d}]}}`, quotaNoisy, quotaRate, quotaBurst)
-	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
-	w.RegionctlOK("keys", "generate", "--out", keysDir)
-	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"bundle", "build", "--config", config, "--region", kmsRegion, "--serial", "1", "--teams", teams,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
-	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
-	k.Start()
-	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
-		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
-	})
-	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
-	k.WaitServing(1)
 
 	client := func(name string, opts ...kmsclient.Option) *kmsclient.AEAD {
 		c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(w.Source(name)), kmsclient.WithEndpoints(kmsRegion, k.Addr)}, opts...)...)

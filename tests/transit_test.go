@@ -50,7 +50,7 @@ const (
 func startTransitKMS(t testing.TB) (*framework.World, *framework.KMSServer, string) {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", framework.FreePorts(t, 1)[0])
-	w, k := startOneRegion(t, transitTeam, "--transit-listen", addr)
+	w, k := startOneRegion(t, oneRegion{team: transitTeam, kmsArgs: []string{"--transit-listen", addr}})
 	t.Logf("the KMS serves the transit API on %s", addr)
 	return w, k, addr
 }

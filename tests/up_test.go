@@ -1202,25 +1202,7 @@ func BenchmarkUpEnvelope(b *testing.B) {
 			defer cancel()
 			calls := make([]loadgen.Call, callers)
 			for i := range calls {
-				object := randBytes(b, 1024)
-				ad := make([]byte, 8)
-				var n uint64
-				calls[i] = func(ctx context.Context) error {
-					n++
-					binary.BigEndian.PutUint64(ad, n)
-					ct, err := env.EncryptWithContext(ctx, object, ad)
-					if err != nil {
-						return err
-					}
-					pt, err := env.DecryptWithContext(ctx, ct, ad)
-					if err != nil {
-						return err
-					}
-					if !bytes.Equal(pt, object) {
-						return fmt.Errorf("round trip %d gave %d other bytes", n, len(pt))
-					}
-					return nil
-				}
+				calls[i] = envelopeRoundTrip(b, env, 1024)
 			}
 			b.ResetTimer()
 			r, err := loadgen.Run(ctx, b.N, calls, true)
