@@ -41,6 +41,7 @@ deps: ## install what the tests need (SoftHSM2), or say how
 .PHONY: test
 test: deps lint proto-check vulncheck ## vet, lint, check generated code, govulncheck, every test with -race, every fuzz target briefly
 	$(GO) test $(TESTFLAGS) ./...
+	@for m in $(DEPLOY_MODULES); do echo "cd $$m && go test"; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
 	@scripts/fuzz-smoke.sh $(FUZZTIME)
 
 # Every fuzz target in the module (found with `go test -list`, so new ones
@@ -66,6 +67,20 @@ simyear: ## simulate a year of rotations (2 regions, a lagging region, a wiped s
 bench: ## run the benchmarks once and print their figures
 	$(GO) test $(BENCHFLAGS) ./...
 
+# Go modules of their own under deploy/ (their dependencies stay out of
+# go.mod): the Kubernetes manifests' test and the image builder. `./...` of
+# the root module does not reach them.
+DEPLOY_MODULES := deploy/kubernetes deploy/image
+
+# Container images, one per binary, FROM scratch, built without a Docker
+# daemon (deploy/image). IMAGEFLAGS passes flags, e.g.
+# IMAGEFLAGS='-platforms linux/amd64,linux/arm64 -binaries kms,rootkms,distributor'.
+IMAGEFLAGS ?=
+
+.PHONY: image
+image: ## container image tarballs of every binary into bin/images/ (no Docker daemon; see deploy/image)
+	cd deploy/image && $(GO) run ./cmd/build-images -repo $(CURDIR) -out $(CURDIR)/$(BIN)/images $(IMAGEFLAGS)
+
 # The out-of-process data-plane benchmark: the kms binary and a bare mTLS
 # gRPC echo (the floor) as their own processes, load from the test process;
 # the summary table (ratios last) closes the output. About 2 minutes.
@@ -79,6 +94,7 @@ lint: $(BUF) ## gofmt, go vet, house rules (internal/lint), buf lint and breakin
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	@for m in $(DEPLOY_MODULES); do echo "cd $$m && go vet"; (cd $$m && $(GO) vet ./...) || exit 1; done
 	$(GO) test -count=1 ./internal/lint/
 	$(BUF) lint
 	@scripts/buf-breaking.sh $(BUF)

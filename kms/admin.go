@@ -8,7 +8,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -77,8 +80,13 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	same := floor != nil && b.GetSerial() == floor.GetSerial() && bytes.Equal(ref.GetSha256(), floor.GetSha256())
 	if floor != nil {
 		switch {
-		case same && cur != nil:
-			return &kmsv1.ApplyBundleResponse{Applied: ref, Previous: cur.ref}, nil // idempotent
+		case same && cur != nil: // idempotent
+			if !req.GetDryRun() {
+				if err := s.repairBundleFiles(sb, ref); err != nil {
+					return nil, err
+				}
+			}
+			return &kmsv1.ApplyBundleResponse{Applied: ref, Previous: cur.ref}, nil
 		case same:
 			// The persisted bundle, pushed again before boot loaded it: load it now.
 		case b.GetSerial() == floor.GetSerial():
@@ -104,7 +112,7 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	// The shrink guard, against the bundle served (or, while nothing is
 	// served, the persisted one waiting to load). Only the bundle's own
 	// signed override lets it pass.
-	served, servedSize, err := s.servedBundle(cur)
+	served, servedSize, servedFile, err := s.servedBundle(cur)
 	if err != nil {
 		return nil, err
 	}
@@ -162,15 +170,6 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 	if req.GetDryRun() {
 		return resp, nil
 	}
-	// Keep what was served for a rollback; losing it only loses that
-	// convenience (the bundle can still be given to regionctl).
-	previous := s.previous
-	if cur != nil && !bytes.Equal(cur.ref.GetSha256(), ref.GetSha256()) {
-		previous = cur.signed
-		if err := writeBundleFile(s.cfg.StateDir, PreviousBundleFile, previous); err != nil && !errors.Is(err, errNotDurable) {
-			s.log.Warn("kms: the previous bundle could not be kept for a rollback", "err", err)
-		}
-	}
 	if err := writeBundleFile(s.cfg.StateDir, BundleFile, sb); err != nil {
 		if !errors.Is(err, errNotDurable) {
 			return nil, fmt.Errorf("%w: %v", errPersist, err)
@@ -178,10 +177,12 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		// The new file is in place; serving it keeps memory and disk in step.
 		s.log.Warn("kms: the applied bundle may not survive a crash", "err", err)
 	}
+	previous := s.keepPrevious(cur, servedFile)
 	s.floor = ref
+	s.served = newPersistedBundle(ref, sb)
 	s.previous = previous
 	s.carried = restoreHistory(next, s.carried, curStore, now)
-	s.swap(&snapshot{store: next, signed: sb, ref: ref, appliedAt: s.cfg.Now(), createdAt: createdAt(b), notAfter: notAfter(b), regionKeys: keys, quotas: quotas})
+	s.swap(&snapshot{store: next, ref: ref, appliedAt: s.cfg.Now(), createdAt: createdAt(b), notAfter: notAfter(b), regionKeys: keys, quotas: quotas})
 	s.log.Info("kms: bundle applied", "serial", ref.GetSerial(), "sha256", fmt.Sprintf("%x", ref.GetSha256()),
 		"keysets", next.Len(), "previous_serial", floor.GetSerial(),
 		"shrink_override", b.GetShrinkOverride().GetReason(), "partial", b.GetPartial().GetReason())
@@ -200,21 +201,112 @@ const forceGone = "force in the request is no longer accepted: a shrink override
 
 // servedBundle returns the bundle the shrink guard compares with and its
 // size: the one served, or while nothing is served the persisted one waiting
-// to load (nil, 0 if none). Callers hold applyMu.
-func (s *Server) servedBundle(cur *snapshot) (*bundlev1.Bundle, int, error) {
+// to load (nil, 0 if none). The one served is read from BundleFile and
+// checked against s.served; file is the bytes of that file (nil while
+// nothing is served), which the apply keeps as PreviousBundleFile. A file
+// that does not hold the served bundle refuses the apply: the guard cannot
+// run without it. Callers hold applyMu.
+func (s *Server) servedBundle(cur *snapshot) (b *bundlev1.Bundle, size int, file []byte, err error) {
 	if cur == nil {
-		if p := s.floorBundle; p != nil && proto.Equal(p.ref, s.floor) {
-			return p.bundle, len(p.signed.GetBundle()), nil
+		if p := s.floorBundle; p != nil && proto.Equal(p.file.ref, s.floor) {
+			return p.bundle, p.file.size, nil, nil
 		}
-		return nil, 0, nil
+		return nil, 0, nil, nil
+	}
+	sb, data, err := s.readServed()
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("%w; the shrink guard compares every new bundle with the served one, so none is applied until then", err)
 	}
 	// Verified when applied; decoded here rather than kept decoded, which
 	// would hold every keyset's ciphertext twice.
-	var b bundlev1.Bundle
-	if err := (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(cur.signed.GetBundle(), &b); err != nil {
-		return nil, 0, fmt.Errorf("kms: decoding the served bundle for the shrink guard: %w", err)
+	var dec bundlev1.Bundle
+	if err := (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(sb.GetBundle(), &dec); err != nil {
+		return nil, 0, nil, fmt.Errorf("kms: decoding the served bundle for the shrink guard: %w", err)
 	}
-	return &b, len(cur.signed.GetBundle()), nil
+	return &dec, len(sb.GetBundle()), data, nil
+}
+
+// readServed reads the signed bundle served from BundleFile, checked against
+// s.served, and returns it and the file's bytes. The error says what to do.
+// Callers hold applyMu and serve a bundle.
+func (s *Server) readServed() (*bundlev1.SignedBundle, []byte, error) {
+	if s.served == nil {
+		return nil, nil, fmt.Errorf("%w: the server serves bundle serial %d but holds no record of its file; restart it", errStateFile, s.cur.Load().ref.GetSerial())
+	}
+	sb, data, err := readHeldBundle(s.cfg.StateDir, BundleFile, s.served)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v; the server goes on serving that bundle from memory, but could not boot from this state directory "+
+			"and cannot return it or check a new bundle against it: push bundle %s again (regionctl bundle push of its signed file; "+
+			"an ApplyBundle of the bundle served rewrites the file)", errStateFile, err, s.served)
+	}
+	return sb, data, nil
+}
+
+// readPrevious reads the signed bundle served before from
+// PreviousBundleFile, checked against s.previous (nil, nil if none). The
+// error says what to do. Callers hold applyMu.
+func (s *Server) readPrevious() (*bundlev1.SignedBundle, error) {
+	if s.previous == nil {
+		return nil, nil
+	}
+	sb, _, err := readHeldBundle(s.cfg.StateDir, PreviousBundleFile, s.previous)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v; serving is not affected, but a rollback to it needs its signed file from elsewhere; "+
+			"to clear this, push the bundle served (%s) again, and the server drops the previous bundle, or apply a new one", errStateFile, err, s.served)
+	}
+	return sb, nil
+}
+
+// keepPrevious keeps the bundle served until now (whose file's bytes
+// servedFile are, read before BundleFile was replaced; nil while nothing is
+// served) as PreviousBundleFile for a rollback, and returns what to hold of
+// the previous bundle. Losing it only loses that convenience (the bundle can
+// still be given to regionctl): it is logged, and the stale file (a bundle
+// older than the one served before) is removed, so that neither GetStatus
+// nor a restart offers it. Callers hold applyMu.
+func (s *Server) keepPrevious(cur *snapshot, servedFile []byte) *persistedBundle {
+	if cur == nil {
+		return s.previous // nothing served: the one served before stays the previous one
+	}
+	err := writeBundleData(s.cfg.StateDir, PreviousBundleFile, servedFile)
+	if err == nil || errors.Is(err, errNotDurable) {
+		return s.served
+	}
+	s.log.Warn("kms: the previous bundle could not be kept for a rollback", "serial", cur.ref.GetSerial(), "err", err)
+	s.dropPrevious()
+	return nil
+}
+
+// dropPrevious removes PreviousBundleFile (best effort: logged), which holds
+// no previous bundle the server vouches for. Callers hold applyMu.
+func (s *Server) dropPrevious() {
+	path := filepath.Join(s.cfg.StateDir, PreviousBundleFile)
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("kms: cannot remove the stale previous bundle; a restart may offer it for a rollback", "file", path, "err", err)
+	}
+}
+
+// repairBundleFiles runs on an apply of the bundle served: if BundleFile
+// does not hold it, it is written again from sb (the bundle served, signed);
+// if PreviousBundleFile does not hold the previous bundle, the server drops
+// it. So pushing the served bundle again is the cure GetStatus names for
+// either. An error (the file cannot be rewritten) refuses the apply; what is
+// served does not change. Callers hold applyMu.
+func (s *Server) repairBundleFiles(sb *bundlev1.SignedBundle, ref *bundlev1.BundleRef) error {
+	if _, _, bad := s.readServed(); bad != nil {
+		err := writeBundleFile(s.cfg.StateDir, BundleFile, sb)
+		if err != nil && !errors.Is(err, errNotDurable) {
+			return fmt.Errorf("%w: rewriting %s, which does not hold the bundle served: %v", errPersist, filepath.Join(s.cfg.StateDir, BundleFile), err)
+		}
+		s.served = newPersistedBundle(ref, sb)
+		s.log.Warn("kms: rewrote the bundle file, which did not hold the bundle served", "serial", ref.GetSerial(), "was", bad, "write_err", err)
+	}
+	if _, err := s.readPrevious(); err != nil {
+		s.log.Warn("kms: dropping the previous bundle, whose file does not hold it", "serial", s.previous.ref.GetSerial(), "err", err)
+		s.previous = nil
+		s.dropPrevious()
+	}
+	return nil
 }
 
 // auditOverride records an apply under a signed override (a shrink override
@@ -301,6 +393,18 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 		}
 		out.PendingBundle = nil
 	}
+	if req.GetIncludeBundle() {
+		// The files hold what s.served and s.previous name only under
+		// applyMu (an apply replaces them, then swaps), and cur must be
+		// the one they name.
+		s.applyMu.Lock()
+		cur = s.cur.Load()
+		out.ServedBundle, out.PreviousBundle, err = s.readBundles()
+		s.applyMu.Unlock()
+		if err != nil {
+			return nil, toStatus(err)
+		}
+	}
 	out.State = kmsv1.ServingState_SERVING_STATE_SERVING
 	out.Bundle = cur.ref
 	out.BundleAppliedAt = timestamppb.New(cur.appliedAt)
@@ -309,12 +413,6 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 	if !cur.notAfter.IsZero() {
 		out.BundleNotAfter = timestamppb.New(cur.notAfter)
 		out.BundleExpired = s.cfg.Now().After(cur.notAfter)
-	}
-	if req.GetIncludeBundle() {
-		out.ServedBundle = cur.signed
-		s.applyMu.Lock()
-		out.PreviousBundle = s.previous
-		s.applyMu.Unlock()
 	}
 	if req.GetIncludeKeysets() {
 		for _, k := range cur.store.Keysets() {
@@ -335,6 +433,19 @@ func (a *adminAPI) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (
 		}
 	}
 	return out, nil
+}
+
+// readBundles reads the signed bundles served and served before from the
+// state directory, each checked against what the server holds of it.
+// Callers hold applyMu and serve a bundle.
+func (s *Server) readBundles() (served, previous *bundlev1.SignedBundle, err error) {
+	if served, _, err = s.readServed(); err != nil {
+		return nil, nil, err
+	}
+	if previous, err = s.readPrevious(); err != nil {
+		return nil, nil, err
+	}
+	return served, previous, nil
 }
 
 // Probe implements kms.v1.KMSAdmin. Probes do not count as uses of a key

@@ -22,7 +22,7 @@ var (
 	errRegionKeys    = errors.New("kms: region keys unavailable")
 	errPersist       = errors.New("kms: persisting the bundle failed")
 	errAudit         = errors.New("kms: audit log unavailable")
-	// errFloorUnknown is in floor.go.
+	// errFloorUnknown is in floor.go, errStateFile in statefile.go.
 )
 
 // decryptMessage is the one message of every ciphertext that does not
@@ -58,6 +58,7 @@ var statusTable = []struct {
 	{errAudit, codes.Unavailable},
 	{keystore.ErrEncrypt, codes.Internal},
 	{errPersist, codes.Internal},
+	{errStateFile, codes.DataLoss},
 }
 
 // codeOf returns the gRPC code of a domain error (Internal if unknown).

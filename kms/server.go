@@ -81,11 +81,11 @@ const (
 )
 
 // snapshot is everything the server serves, swapped as one: the keystore,
-// the bundle it was built from, and the region key versions it holds.
-// Immutable.
+// the ref of the bundle it was built from (the signed bundle is in
+// BundleFile only: see Server.served), and the region key versions it
+// holds. Immutable.
 type snapshot struct {
 	store      *keystore.Store
-	signed     *bundlev1.SignedBundle
 	ref        *bundlev1.BundleRef
 	appliedAt  time.Time
 	createdAt  time.Time // the bundle's created_at
@@ -99,11 +99,11 @@ type snapshot struct {
 }
 
 // pending is a verified bundle read from the state directory at Start that
-// is not served yet (its region keys are still being fetched).
+// is not served yet (its region keys are still being fetched): decoded, and
+// what the server keeps of its file once it serves it.
 type pending struct {
-	signed *bundlev1.SignedBundle
 	bundle *bundlev1.Bundle
-	ref    *bundlev1.BundleRef
+	file   *persistedBundle
 }
 
 // Server is a regional KMS server: New, Start, then Close.
@@ -136,9 +136,16 @@ type Server struct {
 	// (Config.SerialFloor), once recordFloorKnown: see checkRecordFloor.
 	recordFloor      uint64
 	recordFloorKnown bool
-	// previous is the signed bundle served before the current one (nil if
-	// none): kept, and persisted, so that a rollback can restore it.
-	previous *bundlev1.SignedBundle
+	// served is what the server keeps of the signed bundle it serves (nil
+	// while nothing is served): the bundle itself is in BundleFile, read
+	// back (and checked against served) by GetStatus's include_bundle, the
+	// shrink guard and the apply that keeps it as the previous one. Kept in
+	// RAM, every signed bundle would cost hundreds of bytes per keyset.
+	served *persistedBundle
+	// previous is what the server keeps of the signed bundle served before
+	// the current one (nil if none); the bundle is in PreviousBundleFile,
+	// kept so that a rollback can restore it.
+	previous *persistedBundle
 	// floorBundle is the persisted bundle floor names while nothing is
 	// served: the shrink guard's comparison until it is loaded.
 	floorBundle *pending
@@ -262,9 +269,9 @@ func (s *Server) start(lis net.Listener) error {
 		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, "no bundle applied yet; waiting for ApplyBundle")
 	default:
 		s.applyMu.Lock()
-		s.floor, s.floorBundle = p.ref, p
+		s.floor, s.floorBundle = p.file.ref, p
 		s.applyMu.Unlock()
-		s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, fmt.Sprintf("fetching region keys for bundle serial %d", p.ref.GetSerial()))
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_STARTING, fmt.Sprintf("fetching region keys for bundle serial %d", p.file.ref.GetSerial()))
 		s.wg.Go(func() { s.bootLoop(p) })
 	}
 	s.wg.Go(func() {
@@ -307,7 +314,8 @@ func (s *Server) readHistory(p *pending) keystore.History {
 	return keystore.History{Usage: usageFromBundle(p.bundle, now)}
 }
 
-// readPersisted reads and verifies the persisted bundle (nil if none).
+// readPersisted reads and verifies the persisted bundle (nil if none). It
+// keeps neither signed bundle: only what names and checks their files.
 func (s *Server) readPersisted() (*pending, error) {
 	sb, err := readBundleFile(s.cfg.StateDir, BundleFile)
 	if err != nil || sb == nil {
@@ -317,7 +325,7 @@ func (s *Server) readPersisted() (*pending, error) {
 	// this server would accept.
 	if prev, err := readBundleFile(s.cfg.StateDir, PreviousBundleFile); err == nil && prev != nil {
 		if pb, err := bundle.Verify(prev, s.signingKeys()); err == nil && pb.GetRegion() == s.cfg.Region {
-			s.previous = prev
+			s.previous = newPersistedBundle(bundle.Ref(prev, pb), prev)
 		}
 	}
 	b, err := bundle.Verify(sb, s.signingKeys())
@@ -327,7 +335,7 @@ func (s *Server) readPersisted() (*pending, error) {
 	if b.GetRegion() != s.cfg.Region {
 		return nil, fmt.Errorf("%w: it is for region %q, this server serves %q", errWrongRegion, b.GetRegion(), s.cfg.Region)
 	}
-	return &pending{signed: sb, bundle: b, ref: bundle.Ref(sb, b)}, nil
+	return &pending{bundle: b, file: newPersistedBundle(bundle.Ref(sb, b), sb)}, nil
 }
 
 // bootLoop loads the persisted bundle, retrying with jittered backoff until
@@ -339,8 +347,8 @@ func (s *Server) bootLoop(p *pending) {
 		if err == nil {
 			return
 		}
-		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, fmt.Sprintf("cannot load the persisted bundle (serial %d): %v; retrying", p.ref.GetSerial(), err))
-		s.log.Warn("kms: loading the persisted bundle failed; retrying", "serial", p.ref.GetSerial(), "err", err, "backoff", backoff)
+		s.setNotReady(kmsv1.ServingState_SERVING_STATE_NOT_READY, fmt.Sprintf("cannot load the persisted bundle (serial %d): %v; retrying", p.file.ref.GetSerial(), err))
+		s.log.Warn("kms: loading the persisted bundle failed; retrying", "serial", p.file.ref.GetSerial(), "err", err, "backoff", backoff)
 		if !s.sleep(jitter(backoff)) {
 			return
 		}
@@ -374,8 +382,11 @@ func (s *Server) loadPending(p *pending) error {
 		s.log.Warn("kms: the usage history names key versions the persisted bundle lacks; the Safety check keeps counting them until their TTL passes",
 			"versions", len(s.carried.Usage))
 	}
-	s.swap(&snapshot{store: store, signed: p.signed, ref: p.ref, appliedAt: s.cfg.Now(), createdAt: createdAt(p.bundle), notAfter: notAfter(p.bundle), regionKeys: neededKeys(p.bundle, keys), quotas: quotas})
-	s.log.Info("kms: serving the persisted bundle", "serial", p.ref.GetSerial(), "keysets", store.Len())
+	// Nothing replaced BundleFile since it was read: only an apply does,
+	// and an apply swaps (under applyMu) before anything else may.
+	s.served = p.file
+	s.swap(&snapshot{store: store, ref: p.file.ref, appliedAt: s.cfg.Now(), createdAt: createdAt(p.bundle), notAfter: notAfter(p.bundle), regionKeys: neededKeys(p.bundle, keys), quotas: quotas})
+	s.log.Info("kms: serving the persisted bundle", "serial", p.file.ref.GetSerial(), "keysets", store.Len())
 	return nil
 }
 

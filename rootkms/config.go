@@ -11,7 +11,9 @@
 //     root KMS is the system of record for customer keysets, which are made
 //     and re-encrypted inside it (plaintext keysets never leave), and it
 //     checks every lifecycle step against the Safety Condition;
-//   - operators: cluster status, join, remove, snapshot.
+//   - operators: cluster status, join, remove, snapshot, backup export;
+//   - security officers: emergency seal (DropRootKey), backup export and
+//     restore (disaster recovery into a fresh cluster of the same RMK).
 //
 // Writes and the reads that gate decisions go through the leader, after a
 // Raft barrier, so a deposed or partitioned leader can neither acknowledge a
@@ -73,6 +75,8 @@ type Config struct {
 	// members (default rootkms/*/*); DistributorIDs are the servers trusted
 	// to hand out the RMK (default distributor/*/*); Officers may drop the
 	// root key in an emergency seal (DropRootKey; default officer/*/*).
+	// Operators and Officers may export backups of the state
+	// (ExportBackup); only Officers may restore one (RestoreBackup).
 	Regionctl, Operators, Replicas, DistributorIDs, Officers identity.Allowlist
 	// Audit receives a record for every call.
 	Audit *audit.Log

@@ -86,6 +86,12 @@ func New(cfg Config) (*Server, error) {
 		}
 		return fmt.Errorf("%w: %s may not change membership", identity.ErrPermissionDenied, id)
 	}
+	backupAuth := func(id identity.ID) error {
+		if s.cfg.Operators.Allows(id) || s.cfg.Officers.Allows(id) {
+			return nil
+		}
+		return fmt.Errorf("%w: %s may not export backups (operators and security officers may)", identity.ErrPermissionDenied, id)
+	}
 	kmsOnly, _ := identity.ParseAllowlist(cfg.Source.TrustDomain(), "kms/*/*")
 	policy := identity.Policy{
 		svc + "UnwrapRegionKey":        kmsOnly.Authorize, // and only of the region asked for: see UnwrapRegionKey
@@ -109,12 +115,15 @@ func New(cfg Config) (*Server, error) {
 		svc + "Remove":                 s.cfg.Operators.Authorize,
 		svc + "Snapshot":               s.cfg.Operators.Authorize,
 		svc + "DropRootKey":            s.cfg.Officers.Authorize,
+		svc + "ExportBackup":           backupAuth,
+		svc + "RestoreBackup":          s.cfg.Officers.Authorize,
 	}
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Ready: s.Readiness, Reflection: cfg.Reflection,
 		Mutating: []string{svc + "CreateRegion", svc + "RotateRegionKey", svc + "RetireRegionKeyVersion", svc + "CreateKeyset",
-			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "RecordBundleSerial", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot", svc + "DropRootKey"},
+			svc + "UpdateKeyset", svc + "SetKeysetPolicy", svc + "RecordPropagation", svc + "RecordBundleSerial", svc + "PutRollout", svc + "Join", svc + "Remove", svc + "Snapshot", svc + "DropRootKey",
+			svc + "ExportBackup", svc + "RestoreBackup"},
 		// A usage observation of a region with thousands of keysets, or a
 		// keyset record with its copies, is far above the 64 KiB default.
 		MaxRecvMsgSize: MaxMessageSize,

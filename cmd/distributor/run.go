@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -20,43 +20,41 @@ import (
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("distributor", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "distributor: a Cairn root-key distributor: holds the root master key in locked memory only and hands it to root KMS replicas\n\nUsage: distributor [flags]\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	var (
-		id                          identity.Flags
-		listen, stateDir, auditPath string
-		officers, readers, peerIDs  string
-		peers, manifest             string
-		ceremonyTTL                 time.Duration
-		opsFlags                    ops.Flags
-	)
-	id.Register(fs)
-	opsFlags.Register(fs)
-	fs.StringVar(&listen, "listen", "127.0.0.1:7101", "gRPC listen address")
-	fs.StringVar(&stateDir, "state-dir", "", "directory for the pinned genesis manifest (genesis.json) and the audit log (required)")
-	fs.StringVar(&auditPath, "audit-log", "", "audit log path (default <state-dir>/audit.log)")
-	fs.StringVar(&officers, "officers", "officer/global/*", "comma-separated SPIFFE ID patterns of security officers")
-	fs.StringVar(&readers, "root-key-readers", "rootkms/*/*", "comma-separated SPIFFE ID patterns that may fetch the root key")
-	fs.StringVar(&peerIDs, "peer-ids", "distributor/*/*", "comma-separated SPIFFE ID patterns of peer distributors")
-	fs.StringVar(&peers, "peers", "", "comma-separated host:port of peer distributors to unseal from")
-	fs.StringVar(&manifest, "manifest", "", "public genesis manifest `file` to pin in the state dir at start (a distributor joining a fleet can then unseal from --peers); a pinned manifest of another root key is never replaced")
-	fs.DurationVar(&ceremonyTTL, "ceremony-ttl", 30*time.Minute, "default ceremony lifetime")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0 // -h: the help is printed
-		}
+	return runWith(ctx, args, os.Environ(), os.Stdout, stderr)
+}
+
+// runWith is run with the environment (CAIRN_DISTRIBUTOR_*) and the output
+// of --print-config given.
+func runWith(ctx context.Context, args, env []string, stdout, stderr io.Writer) int {
+	s, cfg, cf, err := load(args, env, stderr)
+	switch {
+	case errors.Is(err, errPrinted):
 		return 2
+	case err != nil:
+		fmt.Fprintln(stderr, err)
+		return 2
+	case cfg == nil:
+		return 0 // -h: the help is printed
+	case cf.Print:
+		if err := cfg.Print(stdout); err != nil {
+			fmt.Fprintln(stderr, "distributor: "+err.Error())
+			return 1
+		}
+		return 0
 	}
-	log, err := opsFlags.Logger(stderr)
+	log, err := s.ops.Logger(stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "distributor: "+err.Error())
 		return 2
 	}
-	if err := serve(ctx, log, &id, &opsFlags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest, ceremonyTTL); err != nil {
+	if err := s.check(); err != nil {
+		log.Error("distributor: " + err.Error())
+		return 1
+	}
+	if cfg.File() != "" {
+		log.Info("distributor: config file applied", "file", cfg.File())
+	}
+	if err := serve(ctx, log, &s.id, &s.ops, s.listen, s.stateDir, s.auditPath, s.officers, s.readers, s.peerIDs, s.peers, s.manifest, s.ceremonyTTL); err != nil {
 		log.Error("distributor: " + err.Error())
 		return 1
 	}
@@ -64,9 +62,6 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, opsFlags *ops.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest string, ttl time.Duration) error {
-	if stateDir == "" {
-		return errors.New("--state-dir is required")
-	}
 	manifestPath := filepath.Join(stateDir, "genesis.json")
 	if manifest != "" {
 		m, err := safe.ReadManifest(manifest)

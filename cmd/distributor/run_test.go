@@ -20,7 +20,7 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		contains string
 	}{
 		{[]string{"--bogus"}, 2, "flag provided but not defined"},
-		{[]string{"--log-format", "yaml"}, 2, `--log-format "yaml": want text or json`},
+		{[]string{"--log-format", "yaml"}, 2, `--log-format: "yaml" is not one of text, json`},
 		{[]string{"--trust-domain", "cairn.test"}, 1, "--state-dir is required"},
 		{[]string{"--state-dir", t.TempDir(), "--trust-domain", "Bad Domain"}, 1, "--trust-domain"},
 		{[]string{"--state-dir", t.TempDir(), "--trust-domain", "cairn.test", "--dev-certs", t.TempDir(), "--name", "x"}, 1, "want <tier>/<region>/<name>"},

@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -19,72 +19,42 @@ import (
 )
 
 func run(ctx context.Context, args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("kms", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "kms: a Cairn regional KMS server: serves one region's keysets from RAM to Tink clients (wrap and unwrap data keys) over gRPC with mTLS\n\nUsage: kms [flags]\n\nEnvironment: GOGC defaults to 400 (the heap is small and stable; the collector runs less often), and GOMEMLIMIT, under a cgroup v2 memory limit, to 90% of it; set either to override.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	var (
-		id                                 identity.Flags
-		region, listen, stateDir, auditLog string
-		rootKMS, signingKeys, admins       string
-		adminsFile                         string
-		reloadInterval                     time.Duration
-		opsFlags                           ops.Flags
-		maxBatch, maxPayload               int
-		maxInFlight                        int
-		auditSync                          bool
-	)
-	id.Register(fs)
-	tf := registerTransitFlags(fs)
-	opsFlags.Register(fs)
-	mlock := lockedmem.RegisterFlag(fs)
-	fs.StringVar(&region, "region", "", "the region this server serves, e.g. us-east (required; --name must be kms/<region>/<name>)")
-	fs.StringVar(&listen, "listen", "127.0.0.1:7401", "gRPC listen address (data plane and admin, mTLS)")
-	fs.StringVar(&stateDir, "state-dir", "", "directory of the last applied bundle (required; wrapped material only)")
-	fs.StringVar(&auditLog, "audit-log", "", "audit log path (default <state-dir>/audit.log)")
-	fs.StringVar(&rootKMS, "rootkms", "", "comma-separated host:port of root KMS replicas (required)")
-	fs.StringVar(&signingKeys, "signing-key", "", "comma-separated bundle-signing public key files to pin (required)")
-	fs.StringVar(&admins, "admins", "regionctl/*/*", "comma-separated SPIFFE ID patterns allowed to call KMSAdmin (or --admins-file)")
-	fs.StringVar(&adminsFile, "admins-file", "", "file of SPIFFE ID patterns allowed to call KMSAdmin, one a line (# comments); replaces --admins, and is reloaded like --signing-key")
-	fs.DurationVar(&reloadInterval, "reload-interval", 30*time.Second, "how often the --signing-key files and --admins-file are re-read (0: only on SIGHUP); a changed set is swapped in, audited and logged, a broken one is logged and ignored")
-	fs.IntVar(&maxBatch, "max-batch", 0, "most items in a batch call (0: 1000)")
-	fs.IntVar(&maxPayload, "max-payload", 0, "largest plaintext or associated data in bytes (0: 65536)")
-	fs.IntVar(&maxInFlight, "max-in-flight", 0, "most data-plane calls in progress at once; more are shed with RESOURCE_EXHAUSTED and a retry hint (0: 64 x GOMAXPROCS)")
-	fs.BoolVar(&auditSync, "audit-sync", false, "fsync the audit log before answering each call (see the comment in run.go)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0 // -h: the help is printed
+	return runWith(ctx, args, os.Environ(), os.Stdout, stderr)
+}
+
+// runWith is run with the environment (CAIRN_KMS_*) and the output of
+// --print-config given.
+func runWith(ctx context.Context, args, env []string, stdout, stderr io.Writer) int {
+	s, cfg, cf, err := load(args, env, stderr)
+	switch {
+	case errors.Is(err, errPrinted):
+		return 2
+	case err != nil:
+		fmt.Fprintln(stderr, err)
+		return 2
+	case cfg == nil:
+		return 0 // -h: the help is printed
+	case cf.Print:
+		if err := cfg.Print(stdout); err != nil {
+			fmt.Fprintln(stderr, "kms: "+err.Error())
+			return 1
 		}
-		return 2
+		return 0
 	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "kms: unexpected arguments %v\n", fs.Args())
-		return 2
-	}
-	adminsSet := false
-	fs.Visit(func(f *flag.Flag) { adminsSet = adminsSet || f.Name == "admins" })
-	if adminsSet && adminsFile != "" {
-		fmt.Fprintln(stderr, "kms: --admins and --admins-file: give one")
-		return 2
-	}
-	if reloadInterval < 0 {
-		fmt.Fprintln(stderr, "kms: --reload-interval must not be negative")
-		return 2
-	}
-	log, err := opsFlags.Logger(stderr)
+	log, err := s.c.ops.Logger(stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "kms: "+err.Error())
 		return 2
 	}
+	if cfg.File() != "" {
+		log.Info("kms: config file applied", "file", cfg.File())
+	}
 	log.Info("kms: garbage collector tuned for a small, stable heap", "settings", ops.TuneGC(ops.DefaultKMSGCPercent))
-	if _, err := lockedmem.LockProcess(log, *mlock); err != nil {
+	if _, err := lockedmem.LockProcess(log, *s.mlock); err != nil {
 		log.Error("kms: " + err.Error())
 		return 1
 	}
-	if err := serve(ctx, log, config{transit: *tf, id: id, region: region, listen: listen, stateDir: stateDir, auditLog: auditLog, rootKMS: rootKMS,
-		signingKeys: signingKeys, admins: admins, adminsFile: adminsFile, reloadInterval: reloadInterval, ops: opsFlags, maxBatch: maxBatch, maxPayload: maxPayload, maxInFlight: maxInFlight, auditSync: auditSync}); err != nil {
+	if err := serve(ctx, log, s.c); err != nil {
 		log.Error("kms: " + err.Error())
 		return 1
 	}
@@ -105,8 +75,8 @@ type config struct {
 }
 
 func serve(ctx context.Context, log *slog.Logger, c config) error {
-	if c.region == "" || c.stateDir == "" || c.rootKMS == "" || c.signingKeys == "" {
-		return errors.New("--region, --state-dir, --rootkms and --signing-key are required")
+	if err := c.required(); err != nil {
+		return err
 	}
 	if err := lockedmem.HardenProcess(); err != nil {
 		return fmt.Errorf("hardening the process: %w", err)

@@ -81,7 +81,7 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		{"missing admins file", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins-file", "/nonexistent"), 1, "--admins-file"},
 		{"empty admins file", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--admins-file", os.DevNull), 1, "no patterns"},
 		{"negative reload interval", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--reload-interval", "-1s"), 2, "--reload-interval"},
-		{"bad listen address", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--listen", "256.0.0.1:99999"), 1, "listening on"},
+		{"bad listen address", base("--region", "us-east", "--name", "kms/us-east/kms-1", "--signing-key", pub, "--listen", "256.0.0.1:99999"), 2, `--listen: "256.0.0.1:99999" is not a host:port`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

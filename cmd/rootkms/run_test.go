@@ -14,7 +14,7 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		contains string
 	}{
 		{[]string{"--bogus"}, 2, "flag provided but not defined"},
-		{[]string{"--log-format", "yaml"}, 2, `--log-format "yaml": want text or json`},
+		{[]string{"--log-format", "yaml"}, 2, `--log-format: "yaml" is not one of text, json`},
 		{[]string{"--id", "r1"}, 1, "--id, --data-dir, --manifest and --distributors are required"},
 		{[]string{"--id", "r1", "--data-dir", t.TempDir(), "--manifest", "/nonexistent.json", "--distributors", "x:1", "--trust-domain", "cairn.test", "--cert", "/nonexistent", "--key", "/k", "--ca", "/c"}, 1, "no such file"},
 	}

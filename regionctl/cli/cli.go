@@ -99,6 +99,18 @@ Commands:
                      add, remove and snapshot need an operator identity (by default
                      operator/*/*, e.g. --name operator/global/operator): regionctl's own
                      identity may manage regions and keysets, not the cluster
+  backup export      --out FILE [--json]
+                     export the root KMS's committed state (read on the leader after a Raft
+                     barrier) to FILE (mode 0600, never overwritten), tagged under the root key;
+                     prints its Raft index and term and what it holds; an operator or security
+                     officer identity (e.g. --name operator/global/operator)
+  backup restore     --in FILE --reason TEXT [--overwrite] [--json]
+                     restore a backup into a cluster of the same root key (disaster recovery into
+                     a fresh cluster): the root KMS checks the file, its lineage and its tag,
+                     refuses a cluster that holds regions or keysets unless --overwrite, and
+                     keeps the cluster's own members; a security officer identity
+                     (e.g. --name officer/global/officer-1); audited with the reason
+  backup inspect     --in FILE [--json]             summarize a backup file (unverified: no root key here)
 
 Common flags: --config FILE (default $REGIONCTL_CONFIG) supplies every flag below that
 is not given; --rootkms ADDR[,ADDR] (root KMS replicas), --kms ADDR[,ADDR] (one region's
@@ -129,6 +141,7 @@ var commands = map[string]map[string]command{
 	"bundle":  {"build": bundleBuild, "inspect": bundleInspect, "push": bundlePush},
 	"cluster": {"status": clusterStatus, "add": clusterAdd, "remove": clusterRemove, "snapshot": clusterSnapshot},
 	"rollout": rolloutCommands,
+	"backup":  backupCommands,
 }
 
 // single are the commands without a verb.

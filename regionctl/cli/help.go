@@ -44,6 +44,9 @@ var summaries = map[string]string{
 	"cluster add":       "add a replica to the root KMS's Raft cluster",
 	"cluster remove":    "remove a replica from the root KMS's Raft cluster",
 	"cluster snapshot":  "take a Raft snapshot on each root KMS replica",
+	"backup export":     "export the root KMS's committed state to a backup file tagged under the root key",
+	"backup restore":    "restore a root KMS backup into a cluster of the same root key",
+	"backup inspect":    "summarize a root KMS backup file (unverified)",
 }
 
 // commandUsage prints a command's help to fs's output: one line saying what

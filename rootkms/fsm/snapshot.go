@@ -60,6 +60,49 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 // State.
 func (s *snapshot) Release() {}
 
+// Encode returns s as Persist would write it: the deterministic
+// statev1.Snapshot encoding of s, of this FSM's lineage. A backup of the
+// state is these bytes.
+func (f *FSM) Encode(s *State) ([]byte, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(s.record(f.genesisID, f.kcv))
+	if err != nil {
+		return nil, fmt.Errorf("fsm: encode state: %w", err)
+	}
+	return b, nil
+}
+
+// Decode parses and checks snapshot bytes exactly as Restore does, without
+// installing them: the State they describe (Index 0), or the error Restore
+// would return (ErrInvalidSnapshot, ErrWrongRMK). The FSM is not changed.
+// A restore that must not fail once started (hashicorp/raft's
+// Raft.Restore panics if the FSM refuses the snapshot) checks with Decode
+// first.
+func (f *FSM) Decode(b []byte) (*State, error) {
+	if len(b) > MaxSnapshotSize {
+		return nil, fmt.Errorf("%w: larger than %d bytes", ErrInvalidSnapshot, MaxSnapshotSize)
+	}
+	return f.decodeSnapshot(b)
+}
+
+// WithMembers returns a copy of s whose member records are members (in any
+// order) instead of s's. It refuses (ErrInvalidCommand) a member without an
+// ID or API address, or an ID given twice. s is not changed.
+func (s *State) WithMembers(members []Member) (*State, error) {
+	ms := slices.Clone(members)
+	slices.SortFunc(ms, func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
+	for i, m := range ms {
+		if err := validMember(&statev1.MemberRecord{Id: m.ID, ApiAddress: m.APIAddress}); err != nil {
+			return nil, err
+		}
+		if i > 0 && ms[i-1].ID == m.ID {
+			return nil, fmt.Errorf("%w: member %q twice", ErrInvalidCommand, m.ID)
+		}
+	}
+	next := s.clone()
+	next.members = ms
+	return next, nil
+}
+
 // record returns s as a Snapshot message. It shares the wrapped keys and the
 // keyset and rollout records with s: the message must only be read.
 func (s *State) record(genesisID string, kcv []byte) *statev1.Snapshot {

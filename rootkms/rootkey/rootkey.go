@@ -1,13 +1,16 @@
 // Package rootkey is the root master key (RMK) as the root KMS uses it: to
-// wrap and unwrap region master key versions. The RMK itself is not kept; a
-// wrapping key derived from it with HKDF-SHA256 (domain separation from any
-// other use of the RMK) lives in one locked memory page.
+// wrap and unwrap region master key versions, and to tag and check backups
+// of the root KMS state. The RMK itself is not kept; two keys derived from
+// it with HKDF-SHA256 (domain separation from each other and from any other
+// use of the RMK), the wrapping key and the backup tag key, live in one
+// locked memory page.
 package rootkey
 
 import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
@@ -25,34 +28,55 @@ import (
 // ErrUnwrap is the one error for a wrapped region key that does not open.
 var ErrUnwrap = errors.New("rootkey: wrapped region key does not open under this root key (tampered, moved, or of another lineage)")
 
+// ErrBackupTag is the one error for a backup tag that does not verify.
+var ErrBackupTag = errors.New("rootkey: backup tag does not verify (the backup was changed, or made under another root key)")
+
 const nonceSize = 12
+
+// The locked buffer holds the wrapping key, then the backup tag key.
+const (
+	wrapKeySize = 32
+	tagKeySize  = 32
+)
+
+// HKDF labels of the derived keys.
+const (
+	wrapKeyInfo = "cairn/rootkms/region-key-wrap/v1"
+	tagKeyInfo  = "cairn/rootkms/backup-mac/v1"
+)
 
 // Key wraps and unwraps region key versions for one RMK lineage.
 type Key struct {
 	mu        sync.RWMutex
-	buf       *lockedmem.Buffer // the derived wrapping key; nil once closed
+	buf       *lockedmem.Buffer // the derived wrapping and tag keys; nil once closed
 	genesisID string
 	kcv       []byte
 }
 
-// New derives the wrapping key from rmk after checking rmk against the
-// pinned manifest's KCV. The caller still owns (and wipes) rmk.
+// New derives the wrapping and backup tag keys from rmk after checking rmk
+// against the pinned manifest's KCV. The caller still owns (and wipes) rmk.
 func New(rmk secret.Bytes, m *safev1.GenesisManifest) (*Key, error) {
 	if !safe.CheckKCV(rmk, m) {
 		return nil, fmt.Errorf("rootkey: %w", safe.ErrKCVMismatch)
 	}
 	raw := rmk.Data()
 	defer clear(raw)
-	wk, err := hkdf.Key(sha256.New, raw, []byte(m.GetGenesisId()), "cairn/rootkms/region-key-wrap/v1", 32)
+	wk, err := hkdf.Key(sha256.New, raw, []byte(m.GetGenesisId()), wrapKeyInfo, wrapKeySize)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(wk)
-	buf, err := lockedmem.New(32)
+	tk, err := hkdf.Key(sha256.New, raw, []byte(m.GetGenesisId()), tagKeyInfo, tagKeySize)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(tk)
+	buf, err := lockedmem.New(wrapKeySize + tagKeySize)
 	if err != nil {
 		return nil, fmt.Errorf("rootkey: %w", err)
 	}
 	copy(buf.Bytes(), wk)
+	copy(buf.Bytes()[wrapKeySize:], tk)
 	return &Key{buf: buf, genesisID: m.GetGenesisId(), kcv: append([]byte(nil), m.GetKcv()...)}, nil
 }
 
@@ -74,7 +98,7 @@ func (k *Key) gcm() (cipher.AEAD, error) {
 	if k.buf == nil {
 		return nil, errors.New("rootkey: closed")
 	}
-	block, err := aes.NewCipher(k.buf.Bytes())
+	block, err := aes.NewCipher(k.buf.Bytes()[:wrapKeySize])
 	if err != nil {
 		return nil, err
 	}
@@ -120,7 +144,34 @@ func (k *Key) Unwrap(region string, w *statev1.WrappedRegionKeyVersion) (secret.
 	return secret.New(pt), nil
 }
 
-// Close wipes the wrapping key.
+// BackupTag returns the HMAC-SHA256 of msg under the backup tag key: a tag
+// that only a holder of this lineage's RMK can make (the backup format
+// decides what msg is).
+func (k *Key) BackupTag(msg []byte) ([]byte, error) {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.buf == nil {
+		return nil, errors.New("rootkey: closed")
+	}
+	m := hmac.New(sha256.New, k.buf.Bytes()[wrapKeySize:])
+	m.Write(msg)
+	return m.Sum(nil), nil
+}
+
+// CheckBackupTag reports whether tag is msg's BackupTag, comparing in
+// constant time: nil, or ErrBackupTag.
+func (k *Key) CheckBackupTag(msg, tag []byte) error {
+	want, err := k.BackupTag(msg)
+	if err != nil {
+		return err
+	}
+	if !hmac.Equal(want, tag) {
+		return ErrBackupTag
+	}
+	return nil
+}
+
+// Close wipes the wrapping and tag keys.
 func (k *Key) Close() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()

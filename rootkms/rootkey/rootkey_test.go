@@ -72,3 +72,49 @@ func TestWrapUnwrap(t *testing.T) {
 		t.Errorf("Wrap after Close = nil error")
 	}
 }
+
+func TestBackupTag(t *testing.T) {
+	rmk := secret.New(bytes.Repeat([]byte{7}, 32))
+	gid := "00112233445566778899aabbccddeeff"
+	k, err := rootkey.New(rmk, manifest(rmk, gid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	msg := []byte("cairn/rootkms/backup/v1\x00contents")
+	tag, err := k.BackupTag(msg)
+	if err != nil || len(tag) != 32 {
+		t.Fatalf("BackupTag = %x, %v; want 32 bytes", tag, err)
+	}
+	if err := k.CheckBackupTag(msg, tag); err != nil {
+		t.Errorf("CheckBackupTag(its own tag) = %v", err)
+	}
+	if err := k.CheckBackupTag(append(bytes.Clone(msg), 'x'), tag); !errors.Is(err, rootkey.ErrBackupTag) {
+		t.Errorf("CheckBackupTag(another message) = %v, want ErrBackupTag", err)
+	}
+	if err := k.CheckBackupTag(msg, tag[:31]); !errors.Is(err, rootkey.ErrBackupTag) {
+		t.Errorf("CheckBackupTag(short tag) = %v, want ErrBackupTag", err)
+	}
+	// The same RMK under another genesis, and another RMK, tag otherwise.
+	other := secret.New(bytes.Repeat([]byte{9}, 32))
+	for name, o := range map[string]struct {
+		rmk secret.Bytes
+		gid string
+	}{
+		"another genesis": {rmk, "ffeeddccbbaa99887766554433221100"},
+		"another RMK":     {other, gid},
+	} {
+		ok, err := rootkey.New(o.rmk, manifest(o.rmk, o.gid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ok.CheckBackupTag(msg, tag); !errors.Is(err, rootkey.ErrBackupTag) {
+			t.Errorf("CheckBackupTag under %s = %v, want ErrBackupTag", name, err)
+		}
+		ok.Close()
+	}
+	k.Close()
+	if _, err := k.BackupTag(msg); err == nil {
+		t.Error("BackupTag after Close = nil error")
+	}
+}

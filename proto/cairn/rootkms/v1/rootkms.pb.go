@@ -2123,6 +2123,319 @@ func (x *DropRootKeyResponse) GetHadRootKey() bool {
 	return false
 }
 
+type ExportBackupRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportBackupRequest) Reset() {
+	*x = ExportBackupRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportBackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportBackupRequest) ProtoMessage() {}
+
+func (x *ExportBackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportBackupRequest.ProtoReflect.Descriptor instead.
+func (*ExportBackupRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{34}
+}
+
+type ExportBackupResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// backup is the backup file: a serialized
+	// cairn.rootkms.backup.v1.Backup. Store it as is.
+	Backup []byte `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	// index is the Raft index of the last command the backed-up state
+	// reflects; term the leader's term when it read it.
+	Index uint64 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	Term  uint64 `protobuf:"varint,3,opt,name=term,proto3" json:"term,omitempty"`
+	// genesis_id is the RMK lineage the backup belongs to.
+	GenesisId string `protobuf:"bytes,4,opt,name=genesis_id,json=genesisId,proto3" json:"genesis_id,omitempty"`
+	// regions, keysets and rollouts count what the backup holds.
+	Regions       uint32 `protobuf:"varint,5,opt,name=regions,proto3" json:"regions,omitempty"`
+	Keysets       uint32 `protobuf:"varint,6,opt,name=keysets,proto3" json:"keysets,omitempty"`
+	Rollouts      uint32 `protobuf:"varint,7,opt,name=rollouts,proto3" json:"rollouts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportBackupResponse) Reset() {
+	*x = ExportBackupResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportBackupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportBackupResponse) ProtoMessage() {}
+
+func (x *ExportBackupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportBackupResponse.ProtoReflect.Descriptor instead.
+func (*ExportBackupResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ExportBackupResponse) GetBackup() []byte {
+	if x != nil {
+		return x.Backup
+	}
+	return nil
+}
+
+func (x *ExportBackupResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ExportBackupResponse) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *ExportBackupResponse) GetGenesisId() string {
+	if x != nil {
+		return x.GenesisId
+	}
+	return ""
+}
+
+func (x *ExportBackupResponse) GetRegions() uint32 {
+	if x != nil {
+		return x.Regions
+	}
+	return 0
+}
+
+func (x *ExportBackupResponse) GetKeysets() uint32 {
+	if x != nil {
+		return x.Keysets
+	}
+	return 0
+}
+
+func (x *ExportBackupResponse) GetRollouts() uint32 {
+	if x != nil {
+		return x.Rollouts
+	}
+	return 0
+}
+
+type RestoreBackupRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// backup is a backup file as ExportBackup returned it.
+	Backup []byte `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	// reason says why (required; audited).
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// overwrite allows replacing a state that holds regions or keysets:
+	// everything recorded since the backup is lost.
+	Overwrite     bool `protobuf:"varint,3,opt,name=overwrite,proto3" json:"overwrite,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreBackupRequest) Reset() {
+	*x = RestoreBackupRequest{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreBackupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreBackupRequest) ProtoMessage() {}
+
+func (x *RestoreBackupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreBackupRequest.ProtoReflect.Descriptor instead.
+func (*RestoreBackupRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *RestoreBackupRequest) GetBackup() []byte {
+	if x != nil {
+		return x.Backup
+	}
+	return nil
+}
+
+func (x *RestoreBackupRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *RestoreBackupRequest) GetOverwrite() bool {
+	if x != nil {
+		return x.Overwrite
+	}
+	return false
+}
+
+type RestoreBackupResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// backup_index and backup_term are where the backup was read on its
+	// cluster.
+	BackupIndex uint64 `protobuf:"varint,1,opt,name=backup_index,json=backupIndex,proto3" json:"backup_index,omitempty"`
+	BackupTerm  uint64 `protobuf:"varint,2,opt,name=backup_term,json=backupTerm,proto3" json:"backup_term,omitempty"`
+	// index and term are this cluster's Raft position after the restore
+	// (above backup_index: Raft restores at an index past both logs).
+	Index uint64 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	Term  uint64 `protobuf:"varint,4,opt,name=term,proto3" json:"term,omitempty"`
+	// regions, keysets and rollouts count the restored state.
+	Regions  uint32 `protobuf:"varint,5,opt,name=regions,proto3" json:"regions,omitempty"`
+	Keysets  uint32 `protobuf:"varint,6,opt,name=keysets,proto3" json:"keysets,omitempty"`
+	Rollouts uint32 `protobuf:"varint,7,opt,name=rollouts,proto3" json:"rollouts,omitempty"`
+	// replaced_regions and replaced_keysets count what the cluster held
+	// before (non-zero only with overwrite).
+	ReplacedRegions uint32 `protobuf:"varint,8,opt,name=replaced_regions,json=replacedRegions,proto3" json:"replaced_regions,omitempty"`
+	ReplacedKeysets uint32 `protobuf:"varint,9,opt,name=replaced_keysets,json=replacedKeysets,proto3" json:"replaced_keysets,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *RestoreBackupResponse) Reset() {
+	*x = RestoreBackupResponse{}
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreBackupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreBackupResponse) ProtoMessage() {}
+
+func (x *RestoreBackupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_rootkms_v1_rootkms_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreBackupResponse.ProtoReflect.Descriptor instead.
+func (*RestoreBackupResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *RestoreBackupResponse) GetBackupIndex() uint64 {
+	if x != nil {
+		return x.BackupIndex
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetBackupTerm() uint64 {
+	if x != nil {
+		return x.BackupTerm
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetRegions() uint32 {
+	if x != nil {
+		return x.Regions
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetKeysets() uint32 {
+	if x != nil {
+		return x.Keysets
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetRollouts() uint32 {
+	if x != nil {
+		return x.Rollouts
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetReplacedRegions() uint32 {
+	if x != nil {
+		return x.ReplacedRegions
+	}
+	return 0
+}
+
+func (x *RestoreBackupResponse) GetReplacedKeysets() uint32 {
+	if x != nil {
+		return x.ReplacedKeysets
+	}
+	return 0
+}
+
 var File_cairn_rootkms_v1_rootkms_proto protoreflect.FileDescriptor
 
 const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
@@ -2256,7 +2569,32 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"7\n" +
 	"\x13DropRootKeyResponse\x12 \n" +
 	"\fhad_root_key\x18\x01 \x01(\bR\n" +
-	"hadRootKey*O\n" +
+	"hadRootKey\"\x15\n" +
+	"\x13ExportBackupRequest\"\xc7\x01\n" +
+	"\x14ExportBackupResponse\x12\x16\n" +
+	"\x06backup\x18\x01 \x01(\fR\x06backup\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\x12\x1d\n" +
+	"\n" +
+	"genesis_id\x18\x04 \x01(\tR\tgenesisId\x12\x18\n" +
+	"\aregions\x18\x05 \x01(\rR\aregions\x12\x18\n" +
+	"\akeysets\x18\x06 \x01(\rR\akeysets\x12\x1a\n" +
+	"\brollouts\x18\a \x01(\rR\brollouts\"d\n" +
+	"\x14RestoreBackupRequest\x12\x16\n" +
+	"\x06backup\x18\x01 \x01(\fR\x06backup\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1c\n" +
+	"\toverwrite\x18\x03 \x01(\bR\toverwrite\"\xab\x02\n" +
+	"\x15RestoreBackupResponse\x12!\n" +
+	"\fbackup_index\x18\x01 \x01(\x04R\vbackupIndex\x12\x1f\n" +
+	"\vbackup_term\x18\x02 \x01(\x04R\n" +
+	"backupTerm\x12\x14\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04term\x18\x04 \x01(\x04R\x04term\x12\x18\n" +
+	"\aregions\x18\x05 \x01(\rR\aregions\x12\x18\n" +
+	"\akeysets\x18\x06 \x01(\rR\akeysets\x12\x1a\n" +
+	"\brollouts\x18\a \x01(\rR\brollouts\x12)\n" +
+	"\x10replaced_regions\x18\b \x01(\rR\x0freplacedRegions\x12)\n" +
+	"\x10replaced_keysets\x18\t \x01(\rR\x0freplacedKeysets*O\n" +
 	"\bSuffrage\x12\x18\n" +
 	"\x14SUFFRAGE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSUFFRAGE_VOTER\x10\x01\x12\x15\n" +
@@ -2266,7 +2604,7 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x16REPLICA_STATE_FOLLOWER\x10\x01\x12\x1b\n" +
 	"\x17REPLICA_STATE_CANDIDATE\x10\x02\x12\x18\n" +
 	"\x14REPLICA_STATE_LEADER\x10\x03\x12\x1a\n" +
-	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\xc6\x0e\n" +
+	"\x16REPLICA_STATE_SHUTDOWN\x10\x042\x87\x10\n" +
 	"\aRootKMS\x12f\n" +
 	"\x0fUnwrapRegionKey\x12(.cairn.rootkms.v1.UnwrapRegionKeyRequest\x1a).cairn.rootkms.v1.UnwrapRegionKeyResponse\x12I\n" +
 	"\tGetRegion\x12\".cairn.rootkms.v1.GetRegionRequest\x1a\x18.cairn.rootkms.v1.Region\x12Z\n" +
@@ -2290,7 +2628,9 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\x04Join\x12\x1d.cairn.rootkms.v1.JoinRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12J\n" +
 	"\x06Remove\x12\x1f.cairn.rootkms.v1.RemoveRequest\x1a\x1f.cairn.rootkms.v1.ClusterStatus\x12Q\n" +
 	"\bSnapshot\x12!.cairn.rootkms.v1.SnapshotRequest\x1a\".cairn.rootkms.v1.SnapshotResponse\x12Z\n" +
-	"\vDropRootKey\x12$.cairn.rootkms.v1.DropRootKeyRequest\x1a%.cairn.rootkms.v1.DropRootKeyResponseB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
+	"\vDropRootKey\x12$.cairn.rootkms.v1.DropRootKeyRequest\x1a%.cairn.rootkms.v1.DropRootKeyResponse\x12]\n" +
+	"\fExportBackup\x12%.cairn.rootkms.v1.ExportBackupRequest\x1a&.cairn.rootkms.v1.ExportBackupResponse\x12`\n" +
+	"\rRestoreBackup\x12&.cairn.rootkms.v1.RestoreBackupRequest\x1a'.cairn.rootkms.v1.RestoreBackupResponseB<Z:github.com/cairnkms/cairn/proto/cairn/rootkms/v1;rootkmsv1b\x06proto3"
 
 var (
 	file_cairn_rootkms_v1_rootkms_proto_rawDescOnce sync.Once
@@ -2305,7 +2645,7 @@ func file_cairn_rootkms_v1_rootkms_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_rootkms_v1_rootkms_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_cairn_rootkms_v1_rootkms_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(Suffrage)(0),                         // 0: cairn.rootkms.v1.Suffrage
 	(ReplicaState)(0),                     // 1: cairn.rootkms.v1.ReplicaState
@@ -2343,39 +2683,43 @@ var file_cairn_rootkms_v1_rootkms_proto_goTypes = []any{
 	(*SnapshotResponse)(nil),              // 33: cairn.rootkms.v1.SnapshotResponse
 	(*DropRootKeyRequest)(nil),            // 34: cairn.rootkms.v1.DropRootKeyRequest
 	(*DropRootKeyResponse)(nil),           // 35: cairn.rootkms.v1.DropRootKeyResponse
-	(*v1.HpkePublicKey)(nil),              // 36: cairn.crypto.v1.HpkePublicKey
-	(*v1.HpkeSealed)(nil),                 // 37: cairn.crypto.v1.HpkeSealed
-	(v1.KeyStatus)(0),                     // 38: cairn.crypto.v1.KeyStatus
-	(*v1.KeyVersionInfo)(nil),             // 39: cairn.crypto.v1.KeyVersionInfo
-	(*timestamppb.Timestamp)(nil),         // 40: google.protobuf.Timestamp
-	(*v11.KeysetRecord)(nil),              // 41: cairn.rootkms.state.v1.KeysetRecord
-	(*durationpb.Duration)(nil),           // 42: google.protobuf.Duration
-	(v11.KeysetStep)(0),                   // 43: cairn.rootkms.state.v1.KeysetStep
-	(*v11.KeysetObservation)(nil),         // 44: cairn.rootkms.state.v1.KeysetObservation
-	(*v11.RolloutRecord)(nil),             // 45: cairn.rootkms.state.v1.RolloutRecord
+	(*ExportBackupRequest)(nil),           // 36: cairn.rootkms.v1.ExportBackupRequest
+	(*ExportBackupResponse)(nil),          // 37: cairn.rootkms.v1.ExportBackupResponse
+	(*RestoreBackupRequest)(nil),          // 38: cairn.rootkms.v1.RestoreBackupRequest
+	(*RestoreBackupResponse)(nil),         // 39: cairn.rootkms.v1.RestoreBackupResponse
+	(*v1.HpkePublicKey)(nil),              // 40: cairn.crypto.v1.HpkePublicKey
+	(*v1.HpkeSealed)(nil),                 // 41: cairn.crypto.v1.HpkeSealed
+	(v1.KeyStatus)(0),                     // 42: cairn.crypto.v1.KeyStatus
+	(*v1.KeyVersionInfo)(nil),             // 43: cairn.crypto.v1.KeyVersionInfo
+	(*timestamppb.Timestamp)(nil),         // 44: google.protobuf.Timestamp
+	(*v11.KeysetRecord)(nil),              // 45: cairn.rootkms.state.v1.KeysetRecord
+	(*durationpb.Duration)(nil),           // 46: google.protobuf.Duration
+	(v11.KeysetStep)(0),                   // 47: cairn.rootkms.state.v1.KeysetStep
+	(*v11.KeysetObservation)(nil),         // 48: cairn.rootkms.state.v1.KeysetObservation
+	(*v11.RolloutRecord)(nil),             // 49: cairn.rootkms.state.v1.RolloutRecord
 }
 var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
-	36, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
+	40, // 0: cairn.rootkms.v1.UnwrapRegionKeyRequest.recipient:type_name -> cairn.crypto.v1.HpkePublicKey
 	6,  // 1: cairn.rootkms.v1.UnwrapRegionKeyResponse.region:type_name -> cairn.rootkms.v1.Region
-	37, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
+	41, // 2: cairn.rootkms.v1.UnwrapRegionKeyResponse.sealed_keys:type_name -> cairn.crypto.v1.HpkeSealed
 	5,  // 3: cairn.rootkms.v1.RegionKeyMaterial.versions:type_name -> cairn.rootkms.v1.RegionKeyVersionMaterial
-	38, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
-	39, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
-	40, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
+	42, // 4: cairn.rootkms.v1.RegionKeyVersionMaterial.status:type_name -> cairn.crypto.v1.KeyStatus
+	43, // 5: cairn.rootkms.v1.Region.versions:type_name -> cairn.crypto.v1.KeyVersionInfo
+	44, // 6: cairn.rootkms.v1.Region.created_at:type_name -> google.protobuf.Timestamp
 	6,  // 7: cairn.rootkms.v1.ListRegionsResponse.regions:type_name -> cairn.rootkms.v1.Region
-	41, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
-	42, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
-	42, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
-	42, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	45, // 8: cairn.rootkms.v1.Keyset.record:type_name -> cairn.rootkms.state.v1.KeysetRecord
+	46, // 9: cairn.rootkms.v1.Keyset.propagation_window:type_name -> google.protobuf.Duration
+	46, // 10: cairn.rootkms.v1.CreateKeysetRequest.rotation_period:type_name -> google.protobuf.Duration
+	46, // 11: cairn.rootkms.v1.CreateKeysetRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
 	13, // 12: cairn.rootkms.v1.ListKeysetsResponse.keysets:type_name -> cairn.rootkms.v1.Keyset
-	42, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
-	43, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
-	42, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
-	42, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
-	42, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
-	44, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
-	45, // 19: cairn.rootkms.v1.PutRolloutRequest.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
-	45, // 20: cairn.rootkms.v1.ListRolloutsResponse.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	46, // 13: cairn.rootkms.v1.ListKeysetsResponse.propagation_window:type_name -> google.protobuf.Duration
+	47, // 14: cairn.rootkms.v1.UpdateKeysetRequest.step:type_name -> cairn.rootkms.state.v1.KeysetStep
+	46, // 15: cairn.rootkms.v1.UpdateKeysetRequest.destroy_delay:type_name -> google.protobuf.Duration
+	46, // 16: cairn.rootkms.v1.SetKeysetPolicyRequest.rotation_period:type_name -> google.protobuf.Duration
+	46, // 17: cairn.rootkms.v1.SetKeysetPolicyRequest.ciphertext_ttl:type_name -> google.protobuf.Duration
+	48, // 18: cairn.rootkms.v1.RecordPropagationRequest.keysets:type_name -> cairn.rootkms.state.v1.KeysetObservation
+	49, // 19: cairn.rootkms.v1.PutRolloutRequest.rollout:type_name -> cairn.rootkms.state.v1.RolloutRecord
+	49, // 20: cairn.rootkms.v1.ListRolloutsResponse.rollouts:type_name -> cairn.rootkms.state.v1.RolloutRecord
 	0,  // 21: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
 	1,  // 22: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
 	27, // 23: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
@@ -2401,29 +2745,33 @@ var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
 	31, // 43: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
 	32, // 44: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
 	34, // 45: cairn.rootkms.v1.RootKMS.DropRootKey:input_type -> cairn.rootkms.v1.DropRootKeyRequest
-	3,  // 46: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 47: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 48: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 49: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 50: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	6,  // 51: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
-	13, // 52: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 53: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
-	17, // 54: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
-	13, // 55: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 56: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
-	21, // 57: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
-	6,  // 58: cairn.rootkms.v1.RootKMS.RecordBundleSerial:output_type -> cairn.rootkms.v1.Region
-	45, // 59: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	45, // 60: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	26, // 61: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
-	28, // 62: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 63: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 64: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	33, // 65: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	35, // 66: cairn.rootkms.v1.RootKMS.DropRootKey:output_type -> cairn.rootkms.v1.DropRootKeyResponse
-	46, // [46:67] is the sub-list for method output_type
-	25, // [25:46] is the sub-list for method input_type
+	36, // 46: cairn.rootkms.v1.RootKMS.ExportBackup:input_type -> cairn.rootkms.v1.ExportBackupRequest
+	38, // 47: cairn.rootkms.v1.RootKMS.RestoreBackup:input_type -> cairn.rootkms.v1.RestoreBackupRequest
+	3,  // 48: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 49: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 50: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 51: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 52: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 53: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 54: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 55: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 56: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 57: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 58: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 59: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	6,  // 60: cairn.rootkms.v1.RootKMS.RecordBundleSerial:output_type -> cairn.rootkms.v1.Region
+	49, // 61: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	49, // 62: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	26, // 63: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
+	28, // 64: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 65: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 66: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	33, // 67: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	35, // 68: cairn.rootkms.v1.RootKMS.DropRootKey:output_type -> cairn.rootkms.v1.DropRootKeyResponse
+	37, // 69: cairn.rootkms.v1.RootKMS.ExportBackup:output_type -> cairn.rootkms.v1.ExportBackupResponse
+	39, // 70: cairn.rootkms.v1.RootKMS.RestoreBackup:output_type -> cairn.rootkms.v1.RestoreBackupResponse
+	48, // [48:71] is the sub-list for method output_type
+	25, // [25:48] is the sub-list for method input_type
 	25, // [25:25] is the sub-list for extension type_name
 	25, // [25:25] is the sub-list for extension extendee
 	0,  // [0:25] is the sub-list for field type_name
@@ -2440,7 +2788,7 @@ func file_cairn_rootkms_v1_rootkms_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_rootkms_v1_rootkms_proto_rawDesc), len(file_cairn_rootkms_v1_rootkms_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   34,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

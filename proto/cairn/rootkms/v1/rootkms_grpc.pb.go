@@ -49,6 +49,8 @@ const (
 	RootKMS_Remove_FullMethodName                 = "/cairn.rootkms.v1.RootKMS/Remove"
 	RootKMS_Snapshot_FullMethodName               = "/cairn.rootkms.v1.RootKMS/Snapshot"
 	RootKMS_DropRootKey_FullMethodName            = "/cairn.rootkms.v1.RootKMS/DropRootKey"
+	RootKMS_ExportBackup_FullMethodName           = "/cairn.rootkms.v1.RootKMS/ExportBackup"
+	RootKMS_RestoreBackup_FullMethodName          = "/cairn.rootkms.v1.RootKMS/RestoreBackup"
 )
 
 // RootKMSClient is the client API for RootKMS service.
@@ -141,6 +143,24 @@ type RootKMSClient interface {
 	// until it fetches the key from a distributor again. Security officers
 	// only; audited.
 	DropRootKey(ctx context.Context, in *DropRootKeyRequest, opts ...grpc.CallOption) (*DropRootKeyResponse, error)
+	// ExportBackup returns a backup of the cluster's committed state: the
+	// state machine's snapshot (regions with their keys wrapped under the RMK,
+	// keysets encrypted under the region keys, rollouts, member records,
+	// request table) in a cairn.rootkms.backup.v1.Backup file whose tag only a
+	// root KMS of the same RMK can make or check. Served by the leader after a
+	// Raft barrier (linearizable); a follower answers FAILED_PRECONDITION
+	// NOT_LEADER like a write. Operators and security officers only; audited.
+	ExportBackup(ctx context.Context, in *ExportBackupRequest, opts ...grpc.CallOption) (*ExportBackupResponse, error)
+	// RestoreBackup replaces the cluster's state with a backup's (disaster
+	// recovery into a fresh cluster). It verifies the file's format, the
+	// backup's lineage (genesis id and RMK KCV: INVALID_ARGUMENT if another
+	// cluster's) and its tag (INVALID_ARGUMENT if tampered or made under
+	// another RMK), and refuses (FAILED_PRECONDITION) while the cluster holds
+	// regions or keysets unless overwrite is set. Raft keeps this cluster's
+	// configuration and the state keeps this cluster's member records: the
+	// backup's members (the old cluster's servers) are dropped. Served by the
+	// leader; security officers only, with a reason; audited.
+	RestoreBackup(ctx context.Context, in *RestoreBackupRequest, opts ...grpc.CallOption) (*RestoreBackupResponse, error)
 }
 
 type rootKMSClient struct {
@@ -361,6 +381,26 @@ func (c *rootKMSClient) DropRootKey(ctx context.Context, in *DropRootKeyRequest,
 	return out, nil
 }
 
+func (c *rootKMSClient) ExportBackup(ctx context.Context, in *ExportBackupRequest, opts ...grpc.CallOption) (*ExportBackupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExportBackupResponse)
+	err := c.cc.Invoke(ctx, RootKMS_ExportBackup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *rootKMSClient) RestoreBackup(ctx context.Context, in *RestoreBackupRequest, opts ...grpc.CallOption) (*RestoreBackupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RestoreBackupResponse)
+	err := c.cc.Invoke(ctx, RootKMS_RestoreBackup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RootKMSServer is the server API for RootKMS service.
 // All implementations must embed UnimplementedRootKMSServer
 // for forward compatibility.
@@ -451,6 +491,24 @@ type RootKMSServer interface {
 	// until it fetches the key from a distributor again. Security officers
 	// only; audited.
 	DropRootKey(context.Context, *DropRootKeyRequest) (*DropRootKeyResponse, error)
+	// ExportBackup returns a backup of the cluster's committed state: the
+	// state machine's snapshot (regions with their keys wrapped under the RMK,
+	// keysets encrypted under the region keys, rollouts, member records,
+	// request table) in a cairn.rootkms.backup.v1.Backup file whose tag only a
+	// root KMS of the same RMK can make or check. Served by the leader after a
+	// Raft barrier (linearizable); a follower answers FAILED_PRECONDITION
+	// NOT_LEADER like a write. Operators and security officers only; audited.
+	ExportBackup(context.Context, *ExportBackupRequest) (*ExportBackupResponse, error)
+	// RestoreBackup replaces the cluster's state with a backup's (disaster
+	// recovery into a fresh cluster). It verifies the file's format, the
+	// backup's lineage (genesis id and RMK KCV: INVALID_ARGUMENT if another
+	// cluster's) and its tag (INVALID_ARGUMENT if tampered or made under
+	// another RMK), and refuses (FAILED_PRECONDITION) while the cluster holds
+	// regions or keysets unless overwrite is set. Raft keeps this cluster's
+	// configuration and the state keeps this cluster's member records: the
+	// backup's members (the old cluster's servers) are dropped. Served by the
+	// leader; security officers only, with a reason; audited.
+	RestoreBackup(context.Context, *RestoreBackupRequest) (*RestoreBackupResponse, error)
 	mustEmbedUnimplementedRootKMSServer()
 }
 
@@ -523,6 +581,12 @@ func (UnimplementedRootKMSServer) Snapshot(context.Context, *SnapshotRequest) (*
 }
 func (UnimplementedRootKMSServer) DropRootKey(context.Context, *DropRootKeyRequest) (*DropRootKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DropRootKey not implemented")
+}
+func (UnimplementedRootKMSServer) ExportBackup(context.Context, *ExportBackupRequest) (*ExportBackupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExportBackup not implemented")
+}
+func (UnimplementedRootKMSServer) RestoreBackup(context.Context, *RestoreBackupRequest) (*RestoreBackupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RestoreBackup not implemented")
 }
 func (UnimplementedRootKMSServer) mustEmbedUnimplementedRootKMSServer() {}
 func (UnimplementedRootKMSServer) testEmbeddedByValue()                 {}
@@ -923,6 +987,42 @@ func _RootKMS_DropRootKey_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RootKMS_ExportBackup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExportBackupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).ExportBackup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_ExportBackup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).ExportBackup(ctx, req.(*ExportBackupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RootKMS_RestoreBackup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RestoreBackupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RootKMSServer).RestoreBackup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RootKMS_RestoreBackup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RootKMSServer).RestoreBackup(ctx, req.(*RestoreBackupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RootKMS_ServiceDesc is the grpc.ServiceDesc for RootKMS service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1013,6 +1113,14 @@ var RootKMS_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DropRootKey",
 			Handler:    _RootKMS_DropRootKey_Handler,
+		},
+		{
+			MethodName: "ExportBackup",
+			Handler:    _RootKMS_ExportBackup_Handler,
+		},
+		{
+			MethodName: "RestoreBackup",
+			Handler:    _RootKMS_RestoreBackup_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
