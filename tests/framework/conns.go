@@ -31,9 +31,9 @@ func (c *connCache) get(w *World, addr, name, serverPattern string) *grpc.Client
 	if err != nil {
 		w.T.Fatal(err)
 	}
-	cc, err := grpc.NewClient(addr,
+	cc, err := grpc.NewClient(addr, append(w.dialOptions(),
 		grpc.WithTransportCredentials(identity.ClientCredentials(src, only.Authorize)),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))...)
 	if err != nil {
 		w.T.Fatalf("grpc.NewClient(%s) = %v", addr, err)
 	}
@@ -43,4 +43,13 @@ func (c *connCache) get(w *World, addr, name, serverPattern string) *grpc.Client
 	c.conns[name] = cc
 	w.T.Cleanup(func() { cc.Close() })
 	return cc
+}
+
+// dialOptions are the options every framework connection adds: the World's
+// Dialer, if set.
+func (w *World) dialOptions() []grpc.DialOption {
+	if w.Dialer == nil {
+		return nil
+	}
+	return []grpc.DialOption{grpc.WithContextDialer(w.Dialer)}
 }

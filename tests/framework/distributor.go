@@ -89,10 +89,10 @@ func (d *Distributor) Dial(name string) (distributorv1.DistributorClient, *grpc.
 	if err != nil {
 		d.w.T.Fatal(err)
 	}
-	conn, err := grpc.NewClient(d.Addr,
+	conn, err := grpc.NewClient(d.Addr, append(d.w.dialOptions(),
 		grpc.WithTransportCredentials(identity.ClientCredentials(src, only.Authorize)),
 		// Reconnect quickly: the server is killed and restarted on purpose.
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: time.Second}))...)
 	if err != nil {
 		d.w.T.Fatalf("grpc.NewClient(%s) = %v", d.Addr, err)
 	}

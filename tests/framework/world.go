@@ -1,8 +1,10 @@
 package framework
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -33,6 +35,9 @@ type World struct {
 	Dir string
 	// Certs is the dev CA directory; Logs holds every process's output.
 	Certs, Logs string
+	// Dialer, if set, opens the connections the framework makes to the
+	// servers (Host.Dial: from a host of a Network); nil dials directly.
+	Dialer func(ctx context.Context, addr string) (net.Conn, error)
 
 	mu      sync.Mutex
 	runs    int
