@@ -83,7 +83,7 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 				if isRefusal(err) {
 					rec := Record{RequestID: rid, Identity: callerOf(ctx), Operation: info.FullMethod, Target: targetOf(req)}
 					rec.setOutcome(err)
-					if werr := l.Write(context.Background(), rec); werr != nil {
+					if werr := l.Append(ctx, rec); werr != nil {
 						return nil, refused(werr)
 					}
 				}
@@ -104,10 +104,11 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 
 		rec.Target = ann.target
 		rec.setOutcome(herr)
-		// The outcome record is written even if the caller has gone away
-		// (what happened must be on record), so not under ctx: Background
-		// never ends, and unlike WithoutCancel costs nothing per call.
-		if err := l.Write(context.Background(), rec); err != nil {
+		// The outcome record is queued even if the caller has gone away
+		// (what happened must be on record); the caller's context bounds
+		// only the wait for the write, so a sink that hangs refuses calls
+		// at their deadlines instead of holding them forever.
+		if err := l.Append(ctx, rec); err != nil {
 			echoRequestID(ctx, rid)
 			return nil, refused(err)
 		}
@@ -280,7 +281,7 @@ func StreamServerInterceptor(l *Log, opts InterceptorOptions) grpc.StreamServerI
 			return herr
 		}
 		rec.setOutcome(herr)
-		if err := l.Write(context.Background(), rec); err != nil {
+		if err := l.Append(ctx, rec); err != nil {
 			return refused(err)
 		}
 		return herr

@@ -271,3 +271,80 @@ func TestInterceptorUnaudited(t *testing.T) {
 		t.Errorf("records for a method not on the list = %d, %v; want 1", len(recs), err)
 	}
 }
+
+// blockingSink is an audit sink whose first Write blocks until release is
+// closed; entered is closed when it starts blocking.
+type blockingSink struct {
+	once             atomic.Bool
+	entered, release chan struct{}
+}
+
+func (b *blockingSink) Write(p []byte) (int, error) {
+	if b.once.CompareAndSwap(false, true) {
+		close(b.entered)
+		<-b.release
+	}
+	return len(p), nil
+}
+
+// TestInterceptorHungSink: while the audit sink hangs, a call behind the
+// hung write returns (on the server, not only at the client) when its
+// deadline passes, refused and without its result, instead of holding a
+// server goroutine until the sink comes back.
+func TestInterceptorHungSink(t *testing.T) {
+	sink := &blockingSink{entered: make(chan struct{}), release: make(chan struct{})}
+	log := audit.NewWriter(sink, audit.Options{})
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// returned receives each call's outcome as the server's interceptors
+	// finish with it.
+	returned := make(chan error, 4)
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials(serverID)), grpc.ChainUnaryInterceptor(
+		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			resp, err := h(ctx, req)
+			returned <- err
+			return resp, err
+		},
+		identity.UnaryServerInterceptor(),
+		audit.UnaryServerInterceptor(log, audit.InterceptorOptions{}),
+		identity.UnaryAuthorizeInterceptor(allowEncrypt()),
+	))
+	kmsv1.RegisterKMSServer(srv, &fakeKMS{})
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(lis) }()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(pki.ClientCredentials(clientID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); srv.Stop(); <-done })
+	c := kmsv1.NewKMSClient(conn)
+
+	first := make(chan error, 1)
+	go func() { _, _, err := encrypt(t, c, "payments/ledger"); first <- err }()
+	select {
+	case <-sink.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first call's audit record never reached the sink")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	resp, err := c.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: "payments/ledger", Plaintext: plaintextMarker})
+	if resp != nil || status.Code(err) != codes.DeadlineExceeded {
+		t.Errorf("Encrypt behind a hung audit sink = (%v, %v), want (nil, DeadlineExceeded)", resp, err)
+	}
+	select {
+	case err := <-returned:
+		if err == nil {
+			t.Errorf("the server answered the call behind the hung sink with its result, want a refusal")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server still holds the call behind the hung audit sink after its deadline")
+	}
+	close(sink.release)
+	if err := <-first; err != nil {
+		t.Errorf("the first call once the sink came back = %v", err)
+	}
+}

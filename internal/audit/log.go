@@ -109,10 +109,35 @@ type Log struct {
 
 	// Group commit: records queued while a flush runs form the next batch.
 	// flushing is set while one writer (the flusher) writes a batch; it
-	// alone touches the sink and end then. flushed (on mu) wakes waiters.
-	pending  *batch
-	flushing bool
-	flushed  sync.Cond
+	// alone touches the sink and end then. flushed (on mu) wakes waiters,
+	// and flushDone is closed (and replaced) at the same moments, for
+	// writers that wait under a deadline (see commitLocked).
+	pending   *batch
+	flushing  bool
+	flushed   sync.Cond
+	flushDone chan struct{}
+	// maxBacklog bounds the bytes of the pending batch while a flush is in
+	// progress (DefaultMaxBacklog): a sink that hangs must not make the
+	// queue behind it grow without end.
+	maxBacklog int
+}
+
+// DefaultMaxBacklog bounds the records queued behind a flush in progress:
+// 16 MiB, tens of thousands of records. Past it, Write refuses new records
+// (ErrBacklog) until the sink takes the queue: the operations are refused,
+// never unaudited.
+const DefaultMaxBacklog = 16 << 20
+
+// ErrBacklog is returned by Write when the records queued behind a flush in
+// progress pass the backlog bound: the sink is not keeping up (or hangs).
+var ErrBacklog = errors.New("audit: the log's sink is not keeping up: too many records are waiting to be written")
+
+// signalFlushedLocked wakes everyone waiting for a flush to end. Called with
+// mu held.
+func (l *Log) signalFlushedLocked() {
+	l.flushed.Broadcast()
+	close(l.flushDone)
+	l.flushDone = make(chan struct{})
 }
 
 // Open opens the audit log file at path for appending, creating it with mode
@@ -315,7 +340,8 @@ func newLog(w io.Writer, opts Options) *Log {
 	if interval == 0 {
 		interval = DefaultCheckpointInterval
 	}
-	l := &Log{w: w, sync: opts.Sync, now: now, signer: opts.Signer, every: every, interval: interval}
+	l := &Log{w: w, sync: opts.Sync, now: now, signer: opts.Signer, every: every, interval: interval,
+		flushDone: make(chan struct{}), maxBacklog: DefaultMaxBacklog}
 	l.flushed.L = &l.mu
 	return l
 }
@@ -364,8 +390,13 @@ func (l *Log) timer() {
 // Write returns, wrapped:
 //   - ErrInvalidRecord if r breaks the rules documented on [Record]; nothing
 //     is written;
-//   - ctx.Err() if ctx is done before the record is written; nothing is
-//     written;
+//   - ctx.Err() if ctx is done before the record is queued; nothing is
+//     written. Once queued, a record is written whatever ctx does, but ctx
+//     still bounds how long Write waits for that: if it ends first (a sink
+//     that hangs), Write returns ctx.Err() wrapped, the record is written
+//     when the sink takes it, and the caller must treat it as not written;
+//   - ErrBacklog if too many records already wait behind a flush in
+//     progress; nothing is written;
 //   - ErrClosed after Close;
 //   - ErrBroken together with the original cause if this or an earlier
 //     failure left the sink in an unknown state;
@@ -377,7 +408,19 @@ func (l *Log) timer() {
 //
 // A failed fsync (Options.Sync) always breaks the log: after a failed fsync
 // the state of the file on disk is unknown.
-func (l *Log) Write(ctx context.Context, r Record) error {
+func (l *Log) Write(ctx context.Context, r Record) error { return l.write(ctx, ctx, r) }
+
+// Append is Write for a record that must be queued whatever the caller's
+// context says, such as the outcome of an operation that has happened: it
+// is queued even if ctx is done, and ctx bounds only how long Append waits
+// for it to be written.
+func (l *Log) Append(ctx context.Context, r Record) error {
+	return l.write(context.Background(), ctx, r)
+}
+
+// write queues r unless queue is done, and waits until it is written or
+// wait is done.
+func (l *Log) write(queue, wait context.Context, r Record) error {
 	if r.Prev != "" || r.Checkpoint != nil {
 		return fmt.Errorf("%w: prev and checkpoint are set by the log, not the caller", ErrInvalidRecord)
 	}
@@ -398,9 +441,13 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	}
 	// Checked under the lock: waiting for it may have taken a while. Once the
 	// record is queued it is written whatever ctx does.
-	if err := ctx.Err(); err != nil {
+	if err := queue.Err(); err != nil {
 		l.mu.Unlock()
 		return fmt.Errorf("audit: record not written: %w", err)
+	}
+	if l.flushing && l.pending != nil && len(l.pending.lines)+len(tail) > l.maxBacklog {
+		l.mu.Unlock()
+		return ErrBacklog
 	}
 	// The time is taken under the lock so that times never go backwards
 	// from one line to the next (for a monotonic clock).
@@ -429,7 +476,7 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 		b.entries = append(b.entries, entry{end: len(b.lines), split: -1, t: l.now()})
 		l.queued = 0
 	}
-	return l.commitLocked(b)
+	return l.commitLocked(wait, b)
 }
 
 // usableLocked returns ErrClosed or ErrBroken for a log that takes no more
@@ -453,10 +500,35 @@ func (l *Log) usableLocked() error {
 // else, or we flush it (with whatever joined it meanwhile). One write (and
 // one fsync) then serves every record of the batch, and each writer learns
 // the fate of the batch its record was in.
-func (l *Log) commitLocked(b *batch) error {
+//
+// The wait for another writer's flush ends when wait does: the record stays
+// queued (it is written with its batch) and the caller gets wait's error. A
+// writer that is itself the flusher waits for the sink as long as the sink
+// takes: a write in progress cannot be taken back.
+func (l *Log) commitLocked(wait context.Context, b *batch) error {
 	defer l.mu.Unlock()
 	for l.flushing && !b.finished {
-		l.flushed.Wait()
+		done := l.flushDone
+		l.mu.Unlock()
+		select {
+		case <-done:
+		case <-wait.Done():
+			l.mu.Lock()
+			if b.finished { // written meanwhile after all
+				return b.err
+			}
+			if !b.adopted {
+				// The batch must still be written when the flush ahead of
+				// it ends, even if every writer waiting for it has given up.
+				b.adopted = true
+				go func() {
+					l.mu.Lock()
+					_ = l.commitLocked(context.Background(), b)
+				}()
+			}
+			return fmt.Errorf("audit: record queued but not yet written (the log's sink is slow or hangs): %w", wait.Err())
+		}
+		l.mu.Lock()
 	}
 	if b.finished {
 		return b.err
@@ -465,7 +537,7 @@ func (l *Log) commitLocked(b *batch) error {
 		err := fmt.Errorf("%w: %w", ErrBroken, l.broken)
 		b.finished, b.err = true, err
 		l.pending = nil
-		l.flushed.Broadcast()
+		l.signalFlushedLocked()
 		return err
 	}
 	l.flushing, l.pending = true, nil
@@ -488,7 +560,7 @@ func (l *Log) flushLocked(b *batch) {
 	}
 	b.finished, b.err = true, err
 	l.flushing = false
-	l.flushed.Broadcast()
+	l.signalFlushedLocked()
 }
 
 // checkpoint queues a (not final) checkpoint and waits until it is
@@ -511,7 +583,7 @@ func (l *Log) checkpoint() error {
 	}
 	b.entries = append(b.entries, entry{end: len(b.lines), split: -1, t: l.now()})
 	l.queued = 0
-	return l.commitLocked(b)
+	return l.commitLocked(context.Background(), b)
 }
 
 // batch is the records of one group commit: lines holds them without their
@@ -521,6 +593,9 @@ type batch struct {
 	entries  []entry
 	finished bool
 	err      error
+	// adopted is set once a goroutine of the log's own waits to write the
+	// batch for writers that stopped waiting (commitLocked).
+	adopted bool
 	// first holds the entries of a small batch (the usual one on a quiet
 	// log), so it needs no allocation of its own.
 	first [2]entry
@@ -682,7 +757,7 @@ func (l *Log) Reopen() error {
 		l.queued = int(min(st.since, uint64(math.MaxInt32)))
 	}
 	l.flushing = false
-	l.flushed.Broadcast()
+	l.signalFlushedLocked()
 	return err
 }
 
