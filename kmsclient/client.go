@@ -196,7 +196,13 @@ func (c *Client) kmsClient(ep *endpoint) (kmsv1.KMSClient, error) {
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
 		grpc.WithUserAgent(userAgent),
 	}
-	cc, err := grpc.NewClient(ep.addr, append(dopts, c.opts.dialOptions...)...)
+	target := ep.addr
+	if c.opts.dialer != nil {
+		// The dialer gets the address as given: no resolver in between.
+		target = "passthrough:///" + ep.addr
+		dopts = append(dopts, grpc.WithContextDialer(c.opts.dialer))
+	}
+	cc, err := grpc.NewClient(target, append(dopts, c.opts.dialOptions...)...)
 	if err != nil {
 		return nil, fmt.Errorf("kmsclient: endpoint %s of region %s: %w", ep.addr, ep.region.name, err)
 	}

@@ -63,6 +63,7 @@ func TestNewErrors(t *testing.T) {
 		{"identity bundle is not a CA", []kmsclient.Option{ep, kmsclient.WithIdentityFiles(certFile, keyFile, keyFile)}, "trust bundle"},
 		{"cert file not PEM", []kmsclient.Option{ep, kmsclient.WithIdentityFiles(pki.Dir, keyFile, pki.BundleFile())}, "identity certificate"},
 		{"nil TLS config", []kmsclient.Option{ep, kmsclient.WithTLSConfig(nil)}, "WithTLSConfig(nil)"},
+		{"nil dialer", []kmsclient.Option{src, ep, kmsclient.WithContextDialer(nil)}, "WithContextDialer(nil)"},
 		{"TLS config without certificate", []kmsclient.Option{ep, kmsclient.WithTLSConfig(&tls.Config{})}, "presents no client certificate"},
 		{"TLS config verifying nothing", []kmsclient.Option{ep, kmsclient.WithTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true})}, "does not authenticate the server"},
 	}
