@@ -22,6 +22,7 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -52,9 +53,9 @@ type Client struct {
 	creds credentials.TransportCredentials
 	addrs []string
 
-	// electionWait is ElectionWait and attemptTimeout AttemptTimeout
-	// (tests shorten them).
-	electionWait, attemptTimeout time.Duration
+	// electionWait is ElectionWait, attemptTimeout AttemptTimeout and
+	// connectTimeout ConnectTimeout (tests change them).
+	electionWait, attemptTimeout, connectTimeout time.Duration
 
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
@@ -75,6 +76,13 @@ const ElectionWait = 5 * time.Second
 // attempt it cuts short may still be applied by the server: its retry carries
 // the same request ID, so it is not applied twice.
 const AttemptTimeout = 3 * time.Second
+
+// ConnectTimeout bounds connecting to one replica (TCP and the TLS
+// handshake): a replica on a host that is down or cut off answers nothing,
+// and the call moves on to the next replica after this rather than after
+// the whole AttemptTimeout. Replicas are milliseconds apart; a handshake
+// takes two round trips.
+const ConnectTimeout = time.Second
 
 // RequestIDHeader is the gRPC metadata key of a call's request ID (the audit
 // log's: audit.RequestIDHeader). The root KMS records it in the Raft command
@@ -122,7 +130,7 @@ func NewRequestID() string {
 func New(src *identity.Source, addrs []string) *Client {
 	replicas, _ := identity.ParseAllowlist(src.TrustDomain(), "rootkms/*/*")
 	return &Client{creds: identity.ClientCredentials(src, replicas.Authorize), addrs: addrs, conns: map[string]*grpc.ClientConn{},
-		electionWait: ElectionWait, attemptTimeout: AttemptTimeout}
+		electionWait: ElectionWait, attemptTimeout: AttemptTimeout, connectTimeout: ConnectTimeout}
 }
 
 func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
@@ -132,6 +140,7 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 		return cc, nil
 	}
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(c.creds),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: c.connectTimeout}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)))
 	if err != nil {
 		return nil, err

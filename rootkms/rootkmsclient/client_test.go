@@ -89,3 +89,55 @@ func TestDoWaitsOutAnElection(t *testing.T) {
 		t.Errorf("Do with no leader ever returned after %v, want after the 300ms election wait", took)
 	}
 }
+
+// TestDoMovesPastAnUnreachableReplica: a replica that accepts TCP but never
+// completes a handshake (a host that hangs) costs the connect timeout, not
+// the attempt timeout: with attempts allowed an hour, the call still reaches
+// the next replica well within its own deadline (gRPC's default connect
+// timeout, 20 s, would not).
+func TestDoMovesPastAnUnreachableReplica(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	hung, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			conn, err := hung.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, conn) // never answered
+			mu.Unlock()
+		}
+	})
+	t.Cleanup(func() {
+		hung.Close()
+		wg.Wait()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	e, addr := startElecting(t, pki, 0)
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{hung.Addr().String(), addr})
+	defer c.Close()
+	c.attemptTimeout = time.Hour
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer cancel()
+	err = c.Do(ctx, func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+		_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("Do with a hung replica listed first = %v, want the next replica's answer", err)
+	}
+	if e.calls.Load() != 1 {
+		t.Errorf("the live replica answered %d calls, want 1", e.calls.Load())
+	}
+}
