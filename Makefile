@@ -67,6 +67,17 @@ simyear: ## simulate a year of rotations (2 regions, a lagging region, a wiped s
 bench: ## run the benchmarks once and print their figures
 	$(GO) test $(BENCHFLAGS) ./...
 
+# The chaos soak (tests/chaos): the whole chain under a continuous envelope
+# workload while a seeded schedule kills, pauses and restarts its servers;
+# the report closes the output. `make test` runs its short form (70 s of
+# faults, about 1.5 minutes). SEED=n replays a run's schedule.
+DURATION ?= 30m
+SEED ?= 0
+SOAKTIMEOUT ?= 3h
+.PHONY: soak
+soak: ## the chaos soak for DURATION (30m) and its report; SEED=n replays a schedule
+	$(GO) test -race -count=1 -timeout $(SOAKTIMEOUT) -run '^TestChaosSoak$$' -v ./tests/chaos/ -chaos.duration $(DURATION) -chaos.seed $(SEED)
+
 # Go modules of their own under deploy/ (their dependencies stay out of
 # go.mod): the Kubernetes manifests' test and the image builder. `./...` of
 # the root module does not reach them.

@@ -254,7 +254,19 @@ func (c *Client) attempt(ctx context.Context, ep *endpoint, reg *region, deadlin
 // failed moves the region off ep if ep is still the endpoint in use (a
 // concurrent call may have moved it already; it must move once, not once per
 // failed call).
+//
+// An Unavailable endpoint may only be between connection attempts: gRPC
+// waits out a growing backoff (up to connectMaxDelay) before it reconnects,
+// and meanwhile fails every call at once, so a call's whole attempt budget
+// could be spent in a few milliseconds on a server that is back. The failure
+// resets that backoff: the next attempt on the endpoint reconnects at once
+// (one connection attempt at a time, so a dead server sees no storm).
 func (c *Client) failed(ep *endpoint, err error) {
+	if status.Code(err) == codes.Unavailable {
+		if cc := ep.cc.Load(); cc != nil {
+			cc.ResetConnectBackoff()
+		}
+	}
 	r := ep.region
 	n := len(r.endpoints)
 	next := (ep.index + 1) % n

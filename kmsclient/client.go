@@ -76,6 +76,8 @@ type endpoint struct {
 	index  int
 	region *region
 	kms    atomic.Pointer[kmsv1.KMSClient]
+	// cc is the endpoint's connection, once dialled.
+	cc atomic.Pointer[grpc.ClientConn]
 	// failoverLogged is when a failover from this endpoint was last logged
 	// as a warning (unix nanoseconds).
 	failoverLogged atomic.Int64
@@ -208,6 +210,7 @@ func (c *Client) kmsClient(ep *endpoint) (kmsv1.KMSClient, error) {
 	}
 	c.conns = append(c.conns, cc)
 	kc := kmsv1.NewKMSClient(cc)
+	ep.cc.Store(cc)
 	ep.kms.Store(&kc)
 	return kc, nil
 }

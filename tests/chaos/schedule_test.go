@@ -1,0 +1,172 @@
+package chaos
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func testTopology() Topology {
+	return Topology{
+		KMS:          map[string][]string{"eu-west": {"kms-1", "kms-2"}, "us-east": {"kms-1", "kms-2"}},
+		Voters:       []string{"rootkms-1", "rootkms-2", "rootkms-3"},
+		Distributors: []string{"distributor-1", "distributor-2", "distributor-3"},
+	}
+}
+
+func steps(t *testing.T, seed uint64, n int) []Step {
+	t.Helper()
+	s, err := NewSchedule(seed, testTopology())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []Step
+	for range n {
+		out = append(out, s.Next())
+	}
+	return out
+}
+
+// A seed replays: the same steps in the same order.
+func TestScheduleReplaysBySeed(t *testing.T) {
+	a, b := steps(t, 42, 200), steps(t, 42, 200)
+	if diff := cmp.Diff(a, b); diff != "" {
+		t.Errorf("two schedules of seed 42 differ (-first +second):\n%s", diff)
+	}
+	if c := steps(t, 43, 200); cmp.Equal(a, c) {
+		t.Errorf("seeds 42 and 43 gave the same 200 steps")
+	}
+}
+
+// Every step of many seeds keeps the rules, the first round meets every
+// kind, and over a long schedule every kind, secondary faults and early
+// restarts all occur.
+func TestScheduleKeepsTheRules(t *testing.T) {
+	topo := testTopology()
+	seen := map[Kind]int{}
+	secondaries, early := 0, 0
+	for seed := uint64(1); seed <= 50; seed++ {
+		ss := steps(t, seed, 300)
+		var first []Kind
+		for _, s := range ss[:len(Kinds)] {
+			first = append(first, s.Actions[0].Kind)
+		}
+		slices.Sort(first)
+		want := slices.Clone(Kinds)
+		slices.Sort(want)
+		if !slices.Equal(first, want) {
+			t.Errorf("seed %d: first round's kinds %v, want each of %v once", seed, first, want)
+		}
+		for _, s := range ss {
+			if err := s.Validate(topo); err != nil {
+				t.Errorf("seed %d: %v", seed, err)
+			}
+			if s.Hold < 1500*time.Millisecond || s.Hold > 3500*time.Millisecond {
+				t.Errorf("seed %d: %s: hold %s, want within [1.5s, 3.5s]", seed, s, s.Hold)
+			}
+			if len(s.Actions) > 1 {
+				secondaries++
+			}
+			for _, a := range s.Actions {
+				seen[a.Kind]++
+				if a.Early {
+					early++
+				}
+			}
+		}
+	}
+	for _, k := range Kinds {
+		if seen[k] == 0 {
+			t.Errorf("kind %s never scheduled", k)
+		}
+	}
+	if secondaries == 0 || early == 0 {
+		t.Errorf("%d steps with a second fault and %d early restarts, want some of each", secondaries, early)
+	}
+}
+
+// Validate refuses what the soak must never do by accident.
+func TestStepValidateRefuses(t *testing.T) {
+	topo := testTopology()
+	for _, tc := range []struct {
+		name    string
+		actions []Action
+		want    string
+	}{
+		{"two voters down", []Action{{Kind: KillVoter, Target: "rootkms-1"}, {Kind: PauseVoter, Target: "rootkms-2"}}, "voters down"},
+		{"both regions down", []Action{{Kind: RegionDown, Target: "us-east"}, {Kind: RegionDown, Target: "eu-west"}}, "down together"},
+		{"a region's every server killed", []Action{{Kind: KillKMS, Target: "us-east/kms-1"}, {Kind: KillKMS, Target: "us-east/kms-2"}}, "every KMS server"},
+		{"root tier and a voter", []Action{{Kind: RootTierDown}, {Kind: KillVoter, Target: LeaderTarget}}, "root-tier-down"},
+		{"root tier and a distributor", []Action{{Kind: RootTierDown}, {Kind: KillDistributor, Target: "distributor-1"}}, "root-tier-down"},
+		{"two distributors", []Action{{Kind: KillDistributor, Target: "distributor-1"}, {Kind: KillDistributor, Target: "distributor-2"}}, "distributors down"},
+		{"early outside root tier", []Action{{Kind: KillKMS, Target: "us-east/kms-1", Early: true}}, "early restart"},
+		{"unknown server", []Action{{Kind: KillKMS, Target: "us-east/kms-9"}}, "unknown KMS server"},
+		{"region down and a server in it", []Action{{Kind: RegionDown, Target: "us-east"}, {Kind: KillKMS, Target: "us-east/kms-1"}}, "another fault"},
+	} {
+		err := Step{N: 1, Actions: tc.actions}.Validate(topo)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Validate = %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+	ok := Step{N: 1, Actions: []Action{{Kind: RootTierDown}, {Kind: KillKMS, Target: "eu-west/kms-2", Early: true}}}
+	if err := ok.Validate(topo); err != nil {
+		t.Errorf("root tier down with an early KMS restart: Validate = %v, want nil", err)
+	}
+}
+
+// Analyze excuses only errors a region-down window explains, and measures
+// unavailability from a failure's start to the next success's end.
+func TestAnalyze(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	down := Window{Step: Step{N: 1, Actions: []Action{{Kind: RegionDown, Target: "us-east"}}}, Start: at(10), End: at(14)}
+	root := Window{Step: Step{N: 2, Actions: []Action{{Kind: RootTierDown}}}, Start: at(20), End: at(24)}
+	ops := []Op{
+		{Client: 1, Region: "us-east", Kind: Encrypt, Start: at(9), End: at(9.1), Code: "OK"},
+		{Client: 1, Region: "us-east", Kind: Encrypt, Start: at(11), End: at(16), Code: "Unavailable"}, // excused
+		{Client: 1, Region: "us-east", Kind: Decrypt, Start: at(16.5), End: at(16.6), Code: "OK"},
+		{Client: 1, Region: "us-east", Kind: Decrypt, Start: at(12), End: at(12.1), Code: "Unavailable", Fallback: true}, // not excused: falls back
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(12), End: at(12.1), Code: "Unavailable"},                 // not excused: other region
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(21), End: at(21.2), Code: "DeadlineExceeded"},            // root tier: not excused
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(40), End: at(40.1), Code: "Internal"}, // no fault
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(41), End: at(41.1), Code: "OK"},
+		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(17), End: at(17.1), Code: "Unavailable"},   // reconnect tail: excused
+		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(19.5), End: at(19.6), Code: "Unavailable"}, // past the grace
+		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
+	}
+	// A KMS server killed and back: the region's other server dies within
+	// the grace, before the client reconnected to the first (excused), and
+	// again after it (not).
+	kill := Window{Step: Step{N: 3, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-2"}}}, Start: at(50), End: at(53)}
+	other := Window{Step: Step{N: 4, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-1"}}}, Start: at(54), End: at(64)}
+	ops = append(ops,
+		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(54.5), End: at(54.6), Code: "Unavailable"}, // tail of 3: excused
+		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(58.5), End: at(58.6), Code: "Unavailable"}, // past the grace
+		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(59), End: at(59.1), Code: "OK"},
+	)
+	a := Analyze(ops, []Window{down, root, kill, other}, 5*time.Second)
+	if a.Excused != 3 || a.Tail != 2 || a.LongestTail != 3100*time.Millisecond || a.RootTierErrors != 1 || len(a.Violations) != 6 {
+		t.Errorf("Analyze: %d excused (%d in a tail ending %s after), %d in root-tier windows, violations %q; want 3 excused (2 in a tail ending 3.1s after), 1 in a root-tier window and 6 violations",
+			a.Excused, a.Tail, a.LongestTail, a.RootTierErrors, a.Violations)
+	}
+	wantByWindow := map[string]int{"region-down": 3, "region-down (reconnect tail)": 1, "root-tier-down": 1, NoFault: 2,
+		"kill-kms (reconnect tail)": 1, "kill-kms": 1}
+	if diff := cmp.Diff(wantByWindow, a.ErrorsByWindow); diff != "" {
+		t.Errorf("errors by window (-want +got):\n%s", diff)
+	}
+	wantByCode := map[string]int{"Unavailable": 7, "DeadlineExceeded": 1, "Internal": 1}
+	if diff := cmp.Diff(wantByCode, a.ErrorsByCode); diff != "" {
+		t.Errorf("errors by code (-want +got):\n%s", diff)
+	}
+	// us-east: client 1 from 11 (first failure) to 16.6 (the next
+	// success's end), client 3 from 17 to 30.1 (client 4's are shorter);
+	// eu-west: from 12 to 30.1.
+	wantLongest := map[string]time.Duration{"us-east": 13100 * time.Millisecond, "eu-west": 18100 * time.Millisecond}
+	if diff := cmp.Diff(wantLongest, a.LongestUnavailable); diff != "" {
+		t.Errorf("longest unavailability (-want +got):\n%s", diff)
+	}
+}
