@@ -64,26 +64,14 @@ func newFlagSet(out io.Writer) (*flag.FlagSet, *settings, *serverconfig.Flags) {
 	return fs, s, serverconfig.Register(fs, configSpec)
 }
 
-// errPrinted is a command-line error the flag package has printed.
-var errPrinted = errors.New("bad command line")
-
 // load parses the command line, then the config file and env (as
 // os.Environ returns it) under it. A nil *serverconfig.Config with a nil
-// error means -h: the help is printed; errPrinted, a bad flag the flag
+// error means -h: the help is printed; serverconfig.ErrPrinted, a bad flag the flag
 // package has reported.
 func load(args, env []string, out io.Writer) (*settings, *serverconfig.Config, *serverconfig.Flags, error) {
 	fs, s, cf := newFlagSet(out)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, nil, nil, nil
-		}
-		return nil, nil, nil, errPrinted
-	}
-	if fs.NArg() > 0 {
-		return nil, nil, nil, fmt.Errorf("distributor: unexpected arguments %v", fs.Args())
-	}
-	cfg, err := cf.Load(fs, env)
-	if err != nil {
+	cfg, err := cf.Parse(fs, args, env)
+	if cfg == nil || err != nil {
 		return nil, nil, nil, err
 	}
 	return s, cfg, cf, nil

@@ -16,6 +16,7 @@ import (
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	"github.com/cairnkms/cairn/internal/ops"
+	"github.com/cairnkms/cairn/internal/serverconfig"
 	"github.com/cairnkms/cairn/safe"
 )
 
@@ -28,7 +29,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 func runWith(ctx context.Context, args, env []string, stdout, stderr io.Writer) int {
 	s, cfg, cf, err := load(args, env, stderr)
 	switch {
-	case errors.Is(err, errPrinted):
+	case errors.Is(err, serverconfig.ErrPrinted):
 		return 2
 	case err != nil:
 		fmt.Fprintln(stderr, err)

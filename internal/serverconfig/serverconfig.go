@@ -190,6 +190,53 @@ func Register(fs *flag.FlagSet, spec Spec) *Flags {
 	return f
 }
 
+// ErrPrinted is Parse's error for a bad command line the flag package has
+// already reported (the binary exits 2 without a word more).
+var ErrPrinted = errors.New("serverconfig: bad command line (reported)")
+
+// Parse parses args into fs (no positional arguments are taken), then
+// applies the config file and env under them (Load). It returns (nil, nil)
+// for -h, once the help is printed, and ErrPrinted for a bad flag the flag
+// package has reported.
+func (f *Flags) Parse(fs *flag.FlagSet, args, env []string) (*Config, error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, nil
+		}
+		return nil, ErrPrinted
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("%s: unexpected arguments %v", f.spec.Binary, fs.Args())
+	}
+	return f.Load(fs, env)
+}
+
+// Keys returns the config keys of fs's flags, sorted, and those of them
+// that are secrets (what --print-config redacts), for a binary's test to
+// pin. It fails if the spec does not fit fs (Validate), or if a flag whose
+// usage says "comma-separated" is not in Lists or the other way round.
+func (s Spec) Keys(fs *flag.FlagSet) (keys, secrets []string, err error) {
+	if err := s.Validate(fs); err != nil {
+		return nil, nil, err
+	}
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if f.Name == configFlag || f.Name == printFlag {
+			return
+		}
+		keys = append(keys, s.Key(f.Name))
+		if s.Secret(f.Name) {
+			secrets = append(secrets, s.Key(f.Name))
+		}
+		if list := strings.Contains(f.Usage, "comma-separated"); list != slices.Contains(s.Lists, f.Name) {
+			errs = append(errs, fmt.Errorf("--%s: a comma-separated flag is in Lists, and only such a flag (usage %q)", f.Name, f.Usage))
+		}
+	})
+	slices.Sort(keys)
+	slices.Sort(secrets)
+	return keys, secrets, errors.Join(errs...)
+}
+
 // Origin is where a setting's effective value came from.
 type Origin int
 

@@ -1,10 +1,12 @@
 package serverconfig_test
 
 import (
+	"errors"
 	"flag"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -397,5 +399,50 @@ func TestAddressChecks(t *testing.T) {
 		if got := serverconfig.Unspecified(addr); got != want {
 			t.Errorf("Unspecified(%q) = %v, want %v", addr, got, want)
 		}
+	}
+}
+
+// TestParse: -h is (nil, nil), a bad flag ErrPrinted, a positional argument
+// an error naming it, and a good command line the loaded config.
+func TestParse(t *testing.T) {
+	newFS := func() (*flag.FlagSet, *serverconfig.Flags) {
+		fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		fs.String("listen", "127.0.0.1:1", "listen address")
+		return fs, serverconfig.Register(fs, serverconfig.Spec{Binary: "demo"})
+	}
+	fs, f := newFS()
+	if cfg, err := f.Parse(fs, []string{"-h"}, nil); cfg != nil || err != nil {
+		t.Errorf("Parse(-h) = %v, %v; want nil, nil", cfg, err)
+	}
+	fs, f = newFS()
+	if _, err := f.Parse(fs, []string{"--nope"}, nil); !errors.Is(err, serverconfig.ErrPrinted) {
+		t.Errorf("Parse(--nope) = %v, want ErrPrinted", err)
+	}
+	fs, f = newFS()
+	if _, err := f.Parse(fs, []string{"stray"}, nil); err == nil || !strings.Contains(err.Error(), "demo: unexpected arguments [stray]") {
+		t.Errorf("Parse(stray) = %v, want an error naming the argument", err)
+	}
+	fs, f = newFS()
+	cfg, err := f.Parse(fs, []string{"--listen", "127.0.0.1:2"}, nil)
+	if err != nil || cfg == nil || fs.Lookup("listen").Value.String() != "127.0.0.1:2" {
+		t.Errorf("Parse(--listen) = %v, %v", cfg, err)
+	}
+}
+
+// TestKeys: the keys are sorted, secrets found, and a list flag missing
+// from Lists (or a Lists entry that is no list) is an error.
+func TestKeys(t *testing.T) {
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	fs.String("peers", "", "comma-separated peers")
+	fs.String("pin", "", "the PIN")
+	fs.String("data-dir", "", "data")
+	serverconfig.Register(fs, serverconfig.Spec{Binary: "demo"})
+	keys, secrets, err := serverconfig.Spec{Binary: "demo", Lists: []string{"peers"}}.Keys(fs)
+	if err != nil || !slices.Equal(keys, []string{"data_dir", "peers", "pin"}) || !slices.Equal(secrets, []string{"pin"}) {
+		t.Errorf("Keys = %v, %v, %v; want [data_dir peers pin], [pin], nil", keys, secrets, err)
+	}
+	if _, _, err := (serverconfig.Spec{Binary: "demo"}).Keys(fs); err == nil || !strings.Contains(err.Error(), "--peers") {
+		t.Errorf("Keys without peers in Lists = %v, want an error naming --peers", err)
 	}
 }
