@@ -65,7 +65,21 @@ type Options struct {
 	// Codec replaces gRPC's protobuf codec on this server (nil: the
 	// standard one). It must encode and decode exactly as protobuf does.
 	Codec encoding.CodecV2
+	// HandshakeTimeout bounds a new connection's TLS handshake and HTTP/2
+	// preface (0: DefaultHandshakeTimeout). A client that trickles them
+	// (slow-loris) is cut off then, instead of holding a connection and a
+	// goroutine for gRPC's default two minutes.
+	HandshakeTimeout time.Duration
 }
+
+// DefaultHandshakeTimeout is Options.HandshakeTimeout's default: a
+// handshake between hosts of one deployment takes milliseconds.
+const DefaultHandshakeTimeout = 10 * time.Second
+
+// maxConnectionIdle closes a connection that has had no call in progress
+// for this long (the client reconnects on its next call), so abandoned
+// connections do not accumulate.
+const maxConnectionIdle = 15 * time.Minute
 
 // DefaultMaxRecvMsgSize is Options.MaxRecvMsgSize's default: Cairn requests
 // carry keys and small payloads, never bulk data.
@@ -112,6 +126,10 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 	for m, a := range opts.Policy {
 		policy[m] = a
 	}
+	handshake := opts.HandshakeTimeout
+	if handshake <= 0 {
+		handshake = DefaultHandshakeTimeout
+	}
 	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
 	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
 	serverOpts := []grpc.ServerOption{
@@ -135,6 +153,8 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 		grpc.MaxRecvMsgSize(maxRecv),
 		grpc.NumStreamWorkers(uint32(max(opts.StreamWorkers, 0))),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
+		grpc.ConnectionTimeout(handshake),
 		// Stop returns only once every handler has: a server's Close can
 		// then trust that no call changes its state afterwards.
 		grpc.WaitForHandlers(true),

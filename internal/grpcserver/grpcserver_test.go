@@ -43,16 +43,21 @@ type server struct {
 // service implements, which the server needs to start.
 func start(t *testing.T, reflection bool) *server {
 	t.Helper()
+	return startWith(t, grpcserver.Options{Reflection: reflection})
+}
+
+// startWith is start with more options (Source, Audit, Policy and Ready are
+// the test's).
+func startWith(t *testing.T, opts grpcserver.Options) *server {
+	t.Helper()
 	pki := identitytest.New(t, spiffeid.RequireTrustDomainFromString("cairn.test"))
 	w := &syncWriter{}
 	alog := audit.NewWriter(w, audit.Options{})
 	s := &server{ready: new(atomic.Bool), audit: w, pki: pki}
-	srv, err := grpcserver.New(grpcserver.Options{
-		Source: pki.Source(serverID), Audit: alog,
-		Policy:     identity.Policy{"/cairn.test.v1.Nothing/Do": identity.AllowAny()},
-		Ready:      func() (bool, string) { return s.ready.Load(), "still loading the bundle" },
-		Reflection: reflection,
-	})
+	opts.Source, opts.Audit = pki.Source(serverID), alog
+	opts.Policy = identity.Policy{"/cairn.test.v1.Nothing/Do": identity.AllowAny()}
+	opts.Ready = func() (bool, string) { return s.ready.Load(), "still loading the bundle" }
+	srv, err := grpcserver.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,5 +196,43 @@ func TestReflection(t *testing.T) {
 	off := start(t, false)
 	if _, err := listServices(ctx, off.dial(t)); status.Code(err) != codes.Unimplemented {
 		t.Errorf("reflection with Reflection off = %v, want Unimplemented", err)
+	}
+}
+
+// TestSlowHandshakeCutOff: connections that never complete a handshake
+// (slow-loris) are closed by the server once HandshakeTimeout passes, and a
+// well-behaved client is served meanwhile.
+func TestSlowHandshakeCutOff(t *testing.T) {
+	s := startWith(t, grpcserver.Options{HandshakeTimeout: 200 * time.Millisecond})
+	var loris []net.Conn
+	for range 20 {
+		c, err := net.Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		loris = append(loris, c)
+		// One byte of a TLS record header, then nothing.
+		if _, err := c.Write([]byte{0x16}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, c := range loris {
+			c.Close()
+		}
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if _, err := healthpb.NewHealthClient(s.dial(t)).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("health check beside 20 stalled handshakes = %v", err)
+	}
+	for i, c := range loris {
+		// The guard is far above the timeout: this waits for the close,
+		// it does not time it.
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := io.ReadAll(c)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatalf("connection %d with a stalled handshake still open after 10s", i)
+		}
 	}
 }
