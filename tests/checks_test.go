@@ -198,6 +198,11 @@ func requireNoSecrets(t *testing.T, w *framework.World, m *safev1.GenesisManifes
 		}
 	}()
 	nKeyMaterial := len(secrets)
+	// Each safe's PIN or passphrase, anywhere but its own file.
+	for _, sc := range safes {
+		u := sc.Unlock
+		secrets = append(secrets, framework.Secret{Name: u.Name, Value: bytes.Clone(u.Value), Home: u.Home})
+	}
 	secrets = append(secrets, extra...)
 
 	roots := append([]string{w.Dir}, extraRoots...)
@@ -219,6 +224,6 @@ func requireNoSecrets(t *testing.T, w *framework.World, m *safev1.GenesisManifes
 	if stats.Files < 20 {
 		t.Errorf("Scan read %d files, want at least 20 (certs, safes, state, logs)", stats.Files)
 	}
-	t.Logf("secret scan: %d secrets (RMK + %d shares + %d others) in %d encodings each, %d files, %d bytes, in %s: %d found",
-		len(secrets), nKeyMaterial-1, len(extra), len(framework.Encodings(secrets[0].Value)), stats.Files, stats.Bytes, took.Round(time.Millisecond), len(found))
+	t.Logf("secret scan: %d secrets (RMK + %d shares + %d PINs or passphrases + %d others) in %d encodings each, %d files, %d bytes, in %s: %d found",
+		len(secrets), nKeyMaterial-1, len(safes), len(extra), len(framework.Encodings(secrets[0].Value)), stats.Files, stats.Bytes, took.Round(time.Millisecond), len(found))
 }

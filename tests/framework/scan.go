@@ -17,6 +17,9 @@ import (
 type Secret struct {
 	Name  string
 	Value []byte
+	// Home, if set, is the one file that holds the secret by design (a
+	// safe's PIN or passphrase file): finding it there is no leak.
+	Home string
 }
 
 // Encoding is one way a secret might have been written out.
@@ -78,6 +81,17 @@ const minSecretLen = 16
 type pattern struct {
 	secret string
 	enc    Encoding
+	home   string // the secret's own file, where it is no finding
+}
+
+// sameFile reports whether paths a and b name the same file.
+func sameFile(a, b string) bool {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false
+	}
+	fb, err := os.Stat(b)
+	return err == nil && os.SameFile(fa, fb)
 }
 
 // patternIndex finds many patterns in one pass over a file: patterns are
@@ -130,7 +144,7 @@ func Scan(roots []string, secrets []Secret) ([]Finding, ScanStats, error) {
 			if len(e.Bytes) < minSecretLen {
 				return nil, ScanStats{}, fmt.Errorf("framework: secret %s: encoding %s is %d bytes, shorter than %d", s.Name, e.Name, len(e.Bytes), minSecretLen)
 			}
-			patterns = append(patterns, pattern{s.Name, e})
+			patterns = append(patterns, pattern{s.Name, e, s.Home})
 		}
 	}
 	index := newPatternIndex(patterns)
@@ -154,6 +168,9 @@ func Scan(roots []string, secrets []Secret) ([]Finding, ScanStats, error) {
 			slices.Sort(ids) // in the order of the secrets and encodings
 			for _, id := range ids {
 				p := patterns[id]
+				if p.home != "" && sameFile(p.home, path) {
+					continue
+				}
 				found = append(found, Finding{Path: path, Secret: p.secret, Encoding: p.enc.Name})
 			}
 			return nil

@@ -50,7 +50,7 @@ func TestScanFindsEveryEncoding(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(dir, "f"), []byte(tt.content), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			found, stats, err := Scan([]string{dir}, []Secret{{"share", secret}})
+			found, stats, err := Scan([]string{dir}, []Secret{{Name: "share", Value: secret}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -74,14 +74,14 @@ func TestScanCleanFile(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "f"), append(other, hex.EncodeToString(other)...), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	found, stats, err := Scan([]string{dir}, []Secret{{"rmk", secret}})
+	found, stats, err := Scan([]string{dir}, []Secret{{Name: "rmk", Value: secret}})
 	if err != nil || len(found) != 0 || stats.Files != 1 {
 		t.Errorf("Scan(clean) = %v, %+v, %v, want nothing found in 1 file", found, stats, err)
 	}
 }
 
 func TestScanRefusesShortSecret(t *testing.T) {
-	if _, _, err := Scan([]string{t.TempDir()}, []Secret{{"tiny", []byte{1, 2, 3}}}); err == nil {
+	if _, _, err := Scan([]string{t.TempDir()}, []Secret{{Name: "tiny", Value: []byte{1, 2, 3}}}); err == nil {
 		t.Errorf("Scan(3-byte secret) = nil error, want a refusal")
 	}
 }
@@ -137,5 +137,25 @@ func TestScanManySecrets(t *testing.T) {
 	}
 	if fmt.Sprint(found) != fmt.Sprint(want) {
 		t.Errorf("Scan found %d:\n%v\nwant %d:\n%v", len(found), found, len(want), want)
+	}
+}
+
+// TestScanSkipsASecretsHome: a secret in its own file (a PIN file) is no
+// finding; the same secret in any other file is.
+func TestScanSkipsASecretsHome(t *testing.T) {
+	dir := t.TempDir()
+	pin := []byte("user-pin-1001-of-the-e2e-tests")
+	home, leak := filepath.Join(dir, "safe-1.pin"), filepath.Join(dir, "distributor.log")
+	for _, f := range []string{home, leak} {
+		if err := os.WriteFile(f, append(bytes.Clone(pin), '\n'), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	found, _, err := Scan([]string{dir}, []Secret{{Name: "PIN", Value: pin, Home: home}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0].Path != leak {
+		t.Errorf("Scan = %v, want exactly the PIN in %s (not in its own file)", found, leak)
 	}
 }

@@ -158,6 +158,10 @@ type SafeConfig struct {
 	// Storage is where the safe's sealed shares live (the file safe's
 	// directory; for a token, SoftHSM2's token directory).
 	Storage string
+	// Unlock is what opens the safe (a token's user PIN, a file safe's
+	// passphrase), with its file as Home: the secret scans look for it
+	// everywhere else.
+	Unlock Secret
 }
 
 // FileSafes writes n insecure-file safe configs (labels safe-1..safe-n,
@@ -170,8 +174,10 @@ func (w *World) FileSafes(n int) []SafeConfig {
 	for i := 1; i <= n; i++ {
 		label := fmt.Sprintf("safe-%d", i)
 		pass := filepath.Join(dir, label+".passphrase")
-		w.writeFile(pass, fmt.Sprintf("e2e passphrase for %s\n", label), 0o600)
-		sc := SafeConfig{Path: filepath.Join(dir, label+".json"), Label: label, Storage: filepath.Join(dir, label)}
+		passphrase := fmt.Sprintf("e2e passphrase for %s", label)
+		w.writeFile(pass, passphrase+"\n", 0o600)
+		sc := SafeConfig{Path: filepath.Join(dir, label+".json"), Label: label, Storage: filepath.Join(dir, label),
+			Unlock: Secret{Name: "passphrase of " + label, Value: []byte(passphrase), Home: pass}}
 		w.writeJSON(sc.Path, map[string]any{
 			"kind": safe.KindInsecureFile, "label": label, "dir": sc.Storage, "passphrase_file": pass,
 			"kdf_memory_kib": 8192, "attempt_dir": filepath.Join(dir, "attempts"),
@@ -194,10 +200,12 @@ func (w *World) PKCS11Safes(env *softhsmtest.Env, n int) []SafeConfig {
 	var out []SafeConfig
 	for i := 1; i <= n; i++ {
 		label := fmt.Sprintf("safe-%d", i)
-		userPIN := fmt.Sprintf("user-pin-%d", 1000+i)
+		// At least 16 bytes, so that the secret scans can look for it.
+		userPIN := fmt.Sprintf("user-pin-%d-of-the-e2e-tests", 1000+i)
 		env.InitToken(label, fmt.Sprintf("so-pin-%d", 9000+i), userPIN)
 		pin := softhsmtest.WritePINFile(w.T, dir, label+".pin", userPIN)
-		sc := SafeConfig{Path: filepath.Join(dir, label+".json"), Label: label, Storage: filepath.Join(env.Dir(), "tokens")}
+		sc := SafeConfig{Path: filepath.Join(dir, label+".json"), Label: label, Storage: filepath.Join(env.Dir(), "tokens"),
+			Unlock: Secret{Name: "user PIN of " + label, Value: []byte(userPIN), Home: pin}}
 		w.writeJSON(sc.Path, map[string]any{
 			"kind": safe.KindPKCS11, "module": env.Module(), "token_label": label, "pin_file": pin,
 			"attempt_dir": filepath.Join(dir, "attempts"),
