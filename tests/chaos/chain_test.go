@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -53,9 +54,15 @@ type chain struct {
 	ds     []*framework.Distributor
 	voters []*framework.Replica
 	kms    map[string][]*framework.KMSServer // by region
-	serial map[string]uint64                 // the bundle each region serves
 	dir    string                            // regionctl's files
 	config string                            // regionctl's config file
+	// drv is the SRE driver; startChain creates the regions through it.
+	drv *driver
+
+	mu sync.Mutex
+	// serial is, by region, the last bundle a push applied on every
+	// server of the region (set by startChain and the driver).
+	serial map[string]uint64
 
 	// paused are the voters that were ever paused (a deposed leader may
 	// hang on SIGTERM: a known hashicorp/raft defect).
@@ -110,7 +117,9 @@ func startChain(t *testing.T) *chain {
 	for i := 1; i <= voterCount; i++ {
 		specs = append(specs, framework.Voter(i))
 	}
-	c.voters = w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), dAddrs...), specs...)
+	opts := framework.FastRaft(w.ManifestPath(), dAddrs...)
+	opts.SafetyWindow = safetyWindow
+	c.voters = w.RootKMSCluster(opts, specs...)
 	c.voters[0].Start()
 	framework.WaitLeader(c.voters[0])
 	for _, v := range c.voters[1:] {
@@ -146,11 +155,16 @@ func startChain(t *testing.T) *chain {
 		"signing_key":  filepath.Join(keys, "bundle-signing.key"),
 		"signing_pubs": []string{filepath.Join(keys, "bundle-signing.pub")},
 		"teams":        teams,
+		// The window the bundles carry and regionctl's checks use: the
+		// root KMS's (compressed clock).
+		"propagation_window": safetyWindow.String(),
 	})
 	c.writeJSON(filepath.Join(teams, "chaos.json"), chaosTeam())
-	for _, r := range regions {
-		c.rcOK("region", "create", "--region", r)
-	}
+	// The regions are created as `regionctl region create` does (one
+	// CreateRegion), through the driver's recorded client.
+	c.drv = newDriver(c)
+	c.drv.connect()
+	c.drv.createRegions(t)
 	if r := c.rcOK("keyset", "create"); !strings.Contains(r.Stdout, fmt.Sprintf("%d created", len(keysets))) {
 		t.Fatalf("keyset create printed %q, want %d created", r.Stdout, len(keysets))
 	}
@@ -162,9 +176,10 @@ func startChain(t *testing.T) *chain {
 	return c
 }
 
-// chaosTeam is the team file: each keyset in its regions, usable (encrypt
-// and decrypt) by the clients of every region of the chain, so that a
-// client decrypts in its fallback region under its own identity.
+// chaosTeam is the team file: each keyset in its regions, on the
+// compressed clock (rotationPeriod, ciphertextTTL), usable (encrypt and
+// decrypt) by the clients of every region of the chain, so that a client
+// decrypts in its fallback region under its own identity.
 func chaosTeam() map[string]any {
 	var acl []string
 	for _, r := range regions {
@@ -173,7 +188,7 @@ func chaosTeam() map[string]any {
 	var kss []any
 	for _, k := range keysets {
 		kss = append(kss, map[string]any{"name": k.name, "regions": k.regions, "purpose": "envelope",
-			"rotation_period": "2160h", "ciphertext_ttl": "8760h", "acl": map[string]any{"encrypt": acl, "decrypt": acl}})
+			"rotation_period": rotationPeriod.String(), "ciphertext_ttl": ciphertextTTL.String(), "acl": map[string]any{"encrypt": acl, "decrypt": acl}})
 	}
 	return map[string]any{"team": "chaos", "keysets": kss}
 }
@@ -205,7 +220,7 @@ var serialRE = regexp.MustCompile(`bundle \S+ serial (\d+) sha256`)
 // server of the region serves it.
 func (c *chain) buildPush(region string) {
 	c.t.Helper()
-	out := filepath.Join(c.dir, fmt.Sprintf("%s-%d.bundle", region, c.serial[region]+1))
+	out := filepath.Join(c.dir, fmt.Sprintf("%s-start.bundle", region))
 	r := c.rcOK("bundle", "build", "--region", region, "--out", out)
 	m := serialRE.FindStringSubmatch(r.Stdout)
 	if m == nil {
@@ -219,7 +234,22 @@ func (c *chain) buildPush(region string) {
 	for _, k := range c.kms[region] {
 		k.WaitServing(serial)
 	}
-	c.serial[region] = serial
+	c.served(region, serial)
+}
+
+// served records that every server of region applied bundle serial.
+func (c *chain) served(region string, serial uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.serial[region] = max(c.serial[region], serial)
+}
+
+// servedSerial is the last bundle of region a push applied on every
+// server.
+func (c *chain) servedSerial(region string) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.serial[region]
 }
 
 func (c *chain) waitUnsealed(d *framework.Distributor) {

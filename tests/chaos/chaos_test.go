@@ -10,10 +10,6 @@ import (
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
-// reconnectGrace is how long after a region-down window its clients' errors
-// are excused: kmsclient's connection backoff cap (connectMaxDelay).
-const reconnectGrace = 5 * time.Second
-
 // maxSteps bounds the schedule whatever the duration.
 const maxSteps = 100000
 
@@ -21,17 +17,24 @@ const maxSteps = 100000
 // distributors, 3 voters, us-east and eu-west with 2 KMS servers each, 3
 // keysets) under a continuous envelope workload (a client per region and
 // keyset, decrypts falling back to the other region where the keyset is in
-// both), while the faults of a seeded schedule (schedule.go) run one step
-// after another for -chaos.duration. It fails on any broken invariant:
+// both), and an SRE driver (driver_test.go: rotate --due, bundle build and
+// push, region key rotations recorded for porcupine) on a compressed clock,
+// while the faults of a seeded schedule (schedule.go) run one step after
+// another for -chaos.duration. It fails on any broken invariant:
 //   - during the run, an acknowledged ciphertext that does not decrypt or
 //     decrypts to another plaintext; a client error that no fault excuses (a
 //     region with a KMS server up answers every call, through root-tier
 //     outages too; a decrypt with a fallback is answered while its region
 //     is down); a KMS server restarted while the root tier is down that says
 //     it serves;
+//   - a decrypt refused because its version no longer decrypts, unless the
+//     record retired the version after the ciphertext's TTL, and before;
 //   - at the end, a ledger entry that does not decrypt in every region of its
-//     keyset; a success with no ok audit record (by request ID) on a server
-//     of its regions; a server that does not stop cleanly or still runs.
+//     keyset (within its TTL, or past it with its version not retired); a
+//     success with no ok audit record (by request ID) on a server of its
+//     regions; the driver's root KMS history not linearizable, or a voter
+//     whose region keys are not exactly what the last read says; a server
+//     that does not stop cleanly or still runs.
 //
 // Goroutine leaks are TestMain's goleak. The report (faults, operations,
 // errors by code and window, longest unavailability per region) is logged.
@@ -55,6 +58,8 @@ func TestChaosSoak(t *testing.T) {
 	maxOps := rate*int(duration/time.Second+60) + 1000
 	wl := startWorkload(t, c, rate, maxOps)
 	wl.waitLedger(t, 5, framework.WaitTimeout)
+	stopDriver := startDriver(c.drv)
+	t.Cleanup(stopDriver)
 
 	rep := &Report{Seed: seed, Planned: duration}
 	var windows []Window
@@ -70,6 +75,7 @@ func TestChaosSoak(t *testing.T) {
 		rep.Steps = append(rep.Steps, res)
 		time.Sleep(st.Gap)
 	}
+	stopDriver()
 	wl.stop()
 
 	var ops []Op
@@ -84,7 +90,17 @@ func TestChaosSoak(t *testing.T) {
 	replayOps, replayViolations := c.replay(t, wl.ledger)
 	rep.Replayed = len(replayOps)
 	violations = append(violations, replayViolations...)
-	rep.Analysis = Analyze(append(ops, replayOps...), windows, reconnectGrace)
+	rep.Driver, rep.RegionKeyRotations = c.drv.stats, c.drv.rotated
+	rep.Lifecycle = c.drv.lifecycle(t)
+	exp := Expiry{TTL: map[string]time.Duration{}, Retired: rep.Lifecycle.Retired}
+	for _, ks := range keysets {
+		exp.TTL[ks.name] = ciphertextTTL
+	}
+	rep.Analysis = Analyze(append(ops, replayOps...), windows, exp)
+	var rootViolations []string
+	rep.Root, rootViolations = c.drv.checkRootWrites(t)
+	violations = append(violations, rootViolations...)
+	c.drv.root.Close()
 
 	// Stop every server: the KMS servers first, whose audit logs then end
 	// with a signed checkpoint, and are read.

@@ -126,8 +126,11 @@ func (c *chain) runStep(st Step) (Window, StepResult) {
 }
 
 // waitHealthy waits until every distributor is unsealed, a voter leads and
-// every voter serves, and every KMS server serves its region's bundle. Each
-// wait fails the test after framework.WaitTimeout.
+// every voter serves, and every KMS server serves its region's last fully
+// pushed bundle or a later one (the driver may be pushing one: a push cut
+// short by a fault leaves servers of a region on different serials until
+// the driver's next push). Each wait fails the test after
+// framework.WaitTimeout.
 func (c *chain) waitHealthy() {
 	c.t.Helper()
 	for _, d := range c.ds {
@@ -138,8 +141,11 @@ func (c *chain) waitHealthy() {
 		v.WaitServing()
 	}
 	for _, r := range regions {
+		serial := c.servedSerial(r)
 		for _, k := range c.kms[r] {
-			k.WaitServing(c.serial[r])
+			k.WaitStatus(fmt.Sprintf("SERVING bundle serial %d or later", serial), func(st *kmsv1.GetStatusResponse) bool {
+				return st.GetState() == kmsv1.ServingState_SERVING_STATE_SERVING && st.GetBundle().GetSerial() >= serial
+			})
 		}
 	}
 }

@@ -35,6 +35,12 @@ type Op struct {
 	// Fallback is set on a decrypt that may go on in another region when
 	// every server of Region fails.
 	Fallback bool
+	// Made, KeyID and Ref describe the ciphertext a decrypt or replay
+	// opened: when its encryption started, the keyset version that made
+	// it, and its encryption's request ID.
+	Made  time.Time
+	KeyID uint32
+	Ref   string
 }
 
 // OK reports whether the operation succeeded.
@@ -69,11 +75,15 @@ type Analysis struct {
 	// with no fallback, overlapping a window that took down every KMS
 	// server of the client's region.
 	Excused int
-	// Tail counts the excused errors that started after their window
-	// ended, within the reconnect grace; LongestTail is the latest such
-	// error's end after its window's.
-	Tail        int
-	LongestTail time.Duration
+	// Expired counts decrypts refused because their key version no longer
+	// decrypts, that the TTL allows: past the ciphertext's TTL, after the
+	// record retired its version, which it did no earlier than the TTL
+	// ended (those are neither errors nor unavailability).
+	// MinRetireMargin is the smallest time from a TTL's end to its
+	// version's retirement among them (the Safety Condition keeps it at
+	// least the propagation window).
+	Expired         int
+	MinRetireMargin time.Duration
 	// RootTierErrors counts the errors no region-down excuses that
 	// overlap a root-tier-down window (target 0: a KMS server with a
 	// bundle serves without the root tier); each is also a violation.
@@ -84,62 +94,96 @@ type Analysis struct {
 	Violations []string
 }
 
+// Expiry is what decides whether a decrypt refused because its key version
+// no longer decrypts ("NotFound") was allowed: the keysets' ciphertext TTLs
+// and, from the record at the end, when each retired version left the
+// decrypt set.
+type Expiry struct {
+	TTL     map[string]time.Duration
+	Retired map[string]map[uint32]time.Time
+}
+
+// allowed reports whether o is a refusal the TTL allows, and the time from
+// the ciphertext's TTL end to its version's retirement: the Safety
+// Condition promises that every ciphertext decrypts within its TTL, so a
+// version may leave the decrypt set only after the TTL of every ciphertext
+// it made, and is refused only after it left.
+func (e Expiry) allowed(o Op) (time.Duration, bool) {
+	if o.OK() || (o.Kind != Decrypt && o.Kind != Replay) || o.Code != "NotFound" {
+		return 0, false
+	}
+	ttl, ok := e.TTL[o.Keyset]
+	retired, gone := e.Retired[o.Keyset][o.KeyID]
+	due := o.Made.Add(ttl)
+	if !ok || !gone || retired.Before(due) || o.End.Before(retired) {
+		return 0, false
+	}
+	return retired.Sub(due), true
+}
+
 // Analyze sets ops against windows. An error of a region that a window took
-// down is excused during the window. An error of a region where a window
-// killed any KMS server is excused until grace after the window ended: a
-// client reconnects to a server that came back only when its connection
-// backoff expires (kmsclient caps it at 5s), so if the region's other
-// server then dies, the client fails fast although a server serves. Such
-// errors are counted under the window's label with " (reconnect tail)" and
-// in Analysis.Tail.
-func Analyze(ops []Op, windows []Window, grace time.Duration) Analysis {
+// down is excused during the window (there is no grace after it: kmsclient
+// resets a failed endpoint's reconnect backoff, so a server that is back is
+// used at once). A decrypt refused because its version no longer decrypts
+// is allowed only as exp says (Analysis.Expired); otherwise it is a
+// violation whatever the faults.
+func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 	a := Analysis{OpsByKind: map[OpKind]int{}, ErrorsByCode: map[string]int{}, ErrorsByWindow: map[string]int{}, LongestUnavailable: map[string]time.Duration{}}
 	unexcused := 0
 	byClient := map[int][]Op{}
+	violation := func(v string) {
+		unexcused++
+		if unexcused <= maxListed {
+			a.Violations = append(a.Violations, v)
+		}
+	}
 	for _, o := range ops {
 		a.OpsByKind[o.Kind]++
+		if margin, ok := exp.allowed(o); ok {
+			if a.Expired == 0 || margin < a.MinRetireMargin {
+				a.MinRetireMargin = margin
+			}
+			a.Expired++
+			continue
+		}
 		byClient[o.Client] = append(byClient[o.Client], o)
 		if o.OK() {
 			continue
 		}
 		a.ErrorsByCode[o.Code]++
-		label, inWindow, inTail, tailLabel, rootTier := NoFault, false, false, "", false
-		var tailEnd time.Time
+		if (o.Kind == Decrypt || o.Kind == Replay) && o.Code == "NotFound" {
+			a.ErrorsByWindow["version gone"]++
+			retired, gone := exp.Retired[o.Keyset][o.KeyID]
+			when := "never retired"
+			if gone {
+				when = "retired " + retired.Format("15:04:05.000")
+			}
+			violation(fmt.Sprintf("client %d: %s of %s in %s refused at %s: version %d no longer decrypts; the ciphertext %s was made at %s, TTL %s, its version %s",
+				o.Client, o.Kind, o.Keyset, o.Region, o.End.Format("15:04:05.000"), o.KeyID, o.Ref, o.Made.Format("15:04:05.000"), exp.TTL[o.Keyset], when))
+			continue
+		}
+		label, inWindow, rootTier := NoFault, false, false
 		for _, w := range windows {
 			needed := o.Kind == Encrypt || !o.Fallback // no other region to answer
 			down := needed && slices.Contains(w.Step.DownRegions(), o.Region)
-			hit := needed && slices.Contains(w.Step.HitRegions(), o.Region)
-			switch {
-			case w.overlaps(o):
+			if w.overlaps(o) {
 				if label == NoFault {
 					label = w.Step.Label()
 				}
 				inWindow = inWindow || down
 				rootTier = rootTier || (w.Step.has(RootTierDown) && !down)
-			case hit && o.Start.After(w.End) && !o.Start.After(w.End.Add(grace)):
-				inTail, tailLabel, tailEnd = true, w.Step.Label()+" (reconnect tail)", w.End
 			}
-		}
-		if inTail && !inWindow {
-			label = tailLabel
 		}
 		a.ErrorsByWindow[label]++
-		if rootTier && !inWindow && !inTail {
+		if rootTier && !inWindow {
 			a.RootTierErrors++
 		}
-		if inWindow || inTail {
+		if inWindow {
 			a.Excused++
-			if !inWindow {
-				a.Tail++
-				a.LongestTail = max(a.LongestTail, o.End.Sub(tailEnd))
-			}
 			continue
 		}
-		unexcused++
-		if unexcused <= maxListed {
-			a.Violations = append(a.Violations, fmt.Sprintf("client %d: %s of %s in %s failed with %s at %s (+%s), in %s",
-				o.Client, o.Kind, o.Keyset, o.Region, o.Code, o.Start.Format("15:04:05.000"), o.End.Sub(o.Start).Round(time.Millisecond), label))
-		}
+		violation(fmt.Sprintf("client %d: %s of %s in %s failed with %s at %s (+%s), in %s",
+			o.Client, o.Kind, o.Keyset, o.Region, o.Code, o.Start.Format("15:04:05.000"), o.End.Sub(o.Start).Round(time.Millisecond), label))
 	}
 	if unexcused > maxListed {
 		a.Violations = append(a.Violations, fmt.Sprintf("... and %d more client errors no fault excuses", unexcused-maxListed))
@@ -182,6 +226,14 @@ type Report struct {
 	Replayed        int // ledger decryptions at the end (entries × regions)
 	AuditChecked    int // successes matched to an audit record
 	AuditDuplicates int // successes with an ok record on more than one server
+	// Driver and Lifecycle are the SRE driver's work: its runs and the
+	// steps regionctl acknowledged, and what the record shows at the end.
+	Driver    DriverStats
+	Lifecycle Lifecycle
+	// RegionKeyRotations are the region key rotations the driver asked
+	// for; Root the verdict on its recorded root KMS operations.
+	RegionKeyRotations int
+	Root               RootWrites
 	// KnownDefects are logged, not failed (e.g. a deposed leader that
 	// hangs on SIGTERM: hashicorp/raft, see tests/rootkms_faults_test.go).
 	KnownDefects []string
@@ -221,14 +273,33 @@ func (r *Report) String() string {
 	}
 	p("client errors by code:%s", counts(r.Analysis.ErrorsByCode))
 	p("client errors by fault window:%s", counts(r.Analysis.ErrorsByWindow))
-	p("client errors excused: %d (%d of them in a reconnect tail after a KMS server served again, ending at most %s after its window)",
-		r.Analysis.Excused, r.Analysis.Tail, r.Analysis.LongestTail.Round(time.Millisecond))
+	p("client errors excused (a region-down window, no grace after it): %d", r.Analysis.Excused)
+	p("decrypts refused past their TTL, after their version's retirement (allowed): %d; smallest TTL end to retirement: %s",
+		r.Analysis.Expired, r.Analysis.MinRetireMargin.Round(time.Millisecond))
 	p("client errors while the root tier was down, in regions with KMS servers up: %d (target 0)", r.Analysis.RootTierErrors)
 	p("longest unavailability seen by a client, per region:")
 	for _, region := range slices.Sorted(maps.Keys(r.Analysis.LongestUnavailable)) {
 		p("  %-18s %s", region, r.Analysis.LongestUnavailable[region].Round(time.Millisecond))
 	}
 	p("ledger: %d acknowledged ciphertexts, %d decryptions replayed at the end", r.Ledger, r.Replayed)
+	d := r.Driver
+	p("SRE driver: %d rounds; rotate --due %d runs (%d failed, retried); bundle build+push %d (%d failed, retried)",
+		d.Rounds, d.RotateRuns, d.RotateFailed, d.Pushes, d.PushFailed)
+	p("  steps regionctl acknowledged: add %d, promote %d, disable %d, schedule destroy %d, destroy %d",
+		d.Steps["add"], d.Steps["promote"], d.Steps["disable"], d.Steps["schedule-destroy"], d.Steps["destroy"])
+	p("  failed regionctl runs by reason:%s", counts(d.Failures))
+	for _, why := range slices.Sorted(maps.Keys(d.Samples)) {
+		p("  first %q: %s", why, strings.ReplaceAll(d.Samples[why], "\n", " | "))
+	}
+	l := r.Lifecycle
+	p("  completed, per the record: rotations %d, promotions %d, retirements %d, destructions %d", l.Rotations, l.Promotions, l.Retirements, l.Destructions)
+	verdict := "NOT linearizable"
+	if r.Root.Linearizable {
+		verdict = "linearizable"
+	}
+	p("root KMS writes (region key rotations %d asked): %s; %s", r.RegionKeyRotations, verdict, r.Root.Stats)
+	p("  root KMS writes by outcome:%s", counts(r.Root.Stats.ByOutcome))
+	p("  every voter serves region key versions %v (1..N, N primary, same keys)", r.Root.Versions)
 	p("audit: %d successes matched to an ok record by request ID (%d on more than one server)", r.AuditChecked, r.AuditDuplicates)
 	if len(r.KnownDefects) > 0 {
 		p("known defects (logged, not failed):")

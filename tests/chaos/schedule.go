@@ -141,21 +141,6 @@ func (s Step) String() string {
 	return fmt.Sprintf("step %d: %s; hold %s", s.N, strings.Join(as, " + "), s.Hold)
 }
 
-// HitRegions are the regions where the step kills any KMS server.
-func (s Step) HitRegions() []string {
-	var out []string
-	for _, a := range s.Actions {
-		switch a.Kind {
-		case RegionDown:
-			out = append(out, a.Target)
-		case KillKMS:
-			region, _, _ := strings.Cut(a.Target, "/")
-			out = append(out, region)
-		}
-	}
-	return out
-}
-
 // has reports whether the step has an action of kind k.
 func (s Step) has(k Kind) bool {
 	return slices.ContainsFunc(s.Actions, func(a Action) bool { return a.Kind == k })

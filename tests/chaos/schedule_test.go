@@ -117,13 +117,18 @@ func TestStepValidateRefuses(t *testing.T) {
 	}
 }
 
-// Analyze excuses only errors a region-down window explains, and measures
+// Analyze excuses only errors a region-down window explains (during the
+// window, no grace after it), allows a refusal of a ciphertext whose
+// version no longer decrypts only past its TTL and after the version's
+// retirement, which came no earlier than the TTL's end, and measures
 // unavailability from a failure's start to the next success's end.
 func TestAnalyze(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
 	down := Window{Step: Step{N: 1, Actions: []Action{{Kind: RegionDown, Target: "us-east"}}}, Start: at(10), End: at(14)}
 	root := Window{Step: Step{N: 2, Actions: []Action{{Kind: RootTierDown}}}, Start: at(20), End: at(24)}
+	kill := Window{Step: Step{N: 3, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-2"}}}, Start: at(50), End: at(53)}
+	other := Window{Step: Step{N: 4, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-1"}}}, Start: at(54), End: at(64)}
 	ops := []Op{
 		{Client: 1, Region: "us-east", Kind: Encrypt, Start: at(9), End: at(9.1), Code: "OK"},
 		{Client: 1, Region: "us-east", Kind: Encrypt, Start: at(11), End: at(16), Code: "Unavailable"}, // excused
@@ -134,38 +139,39 @@ func TestAnalyze(t *testing.T) {
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(40), End: at(40.1), Code: "Internal"}, // no fault
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(41), End: at(41.1), Code: "OK"},
-		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(17), End: at(17.1), Code: "Unavailable"},   // reconnect tail: excused
-		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(19.5), End: at(19.6), Code: "Unavailable"}, // past the grace
+		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(17), End: at(17.1), Code: "Unavailable"}, // after the window: no grace
+		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(19.5), End: at(19.6), Code: "Unavailable"},
 		{Client: 3, Region: "us-east", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
+		// One KMS server of the region down: its peer must answer.
+		{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(54.5), End: at(54.6), Code: "Unavailable"},
+		{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(58.5), End: at(58.6), Code: "Unavailable"},
+		{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(59), End: at(59.1), Code: "OK"},
+		// Version 7 of ks was retired at 110, version 8 at 105; the TTL is 8 s.
+		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Decrypt, Start: at(110.5), End: at(111), Code: "NotFound", Made: at(100), KeyID: 7}, // allowed
+		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Decrypt, Start: at(104.9), End: at(105), Code: "NotFound", Made: at(100), KeyID: 7}, // before the retirement
+		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Decrypt, Start: at(119.9), End: at(120), Code: "NotFound", Made: at(100), KeyID: 8}, // retired within the TTL
+		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Replay, Start: at(121), End: at(121.1), Code: "NotFound", Made: at(100), KeyID: 9},  // never retired
+		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Decrypt, Start: at(130), End: at(130.1), Code: "OK", Made: at(125), KeyID: 10},
 	}
-	// A KMS server killed and back: the region's other server dies within
-	// the grace, before the client reconnected to the first (excused), and
-	// again after it (not).
-	kill := Window{Step: Step{N: 3, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-2"}}}, Start: at(50), End: at(53)}
-	other := Window{Step: Step{N: 4, Actions: []Action{{Kind: KillKMS, Target: "us-east/kms-1"}}}, Start: at(54), End: at(64)}
-	ops = append(ops,
-		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(54.5), End: at(54.6), Code: "Unavailable"}, // tail of 3: excused
-		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(58.5), End: at(58.6), Code: "Unavailable"}, // past the grace
-		Op{Client: 4, Region: "us-east", Kind: Encrypt, Start: at(59), End: at(59.1), Code: "OK"},
-	)
-	a := Analyze(ops, []Window{down, root, kill, other}, 5*time.Second)
-	if a.Excused != 3 || a.Tail != 2 || a.LongestTail != 3100*time.Millisecond || a.RootTierErrors != 1 || len(a.Violations) != 6 {
-		t.Errorf("Analyze: %d excused (%d in a tail ending %s after), %d in root-tier windows, violations %q; want 3 excused (2 in a tail ending 3.1s after), 1 in a root-tier window and 6 violations",
-			a.Excused, a.Tail, a.LongestTail, a.RootTierErrors, a.Violations)
+	exp := Expiry{TTL: map[string]time.Duration{"ks": 8 * time.Second}, Retired: map[string]map[uint32]time.Time{"ks": {7: at(110), 8: at(105)}}}
+	a := Analyze(ops, []Window{down, root, kill, other}, exp)
+	if a.Excused != 1 || a.RootTierErrors != 1 || len(a.Violations) != 11 || a.Expired != 1 || a.MinRetireMargin != 2*time.Second {
+		t.Errorf("Analyze: %d excused, %d in root-tier windows, %d refusals allowed past the TTL (margin %s), violations %q; want 1 excused, 1 in a root-tier window, 1 allowed (margin 2s) and 11 violations",
+			a.Excused, a.RootTierErrors, a.Expired, a.MinRetireMargin, a.Violations)
 	}
-	wantByWindow := map[string]int{"region-down": 3, "region-down (reconnect tail)": 1, "root-tier-down": 1, NoFault: 2,
-		"kill-kms (reconnect tail)": 1, "kill-kms": 1}
+	wantByWindow := map[string]int{"region-down": 3, "root-tier-down": 1, NoFault: 3, "kill-kms": 2, "version gone": 3}
 	if diff := cmp.Diff(wantByWindow, a.ErrorsByWindow); diff != "" {
 		t.Errorf("errors by window (-want +got):\n%s", diff)
 	}
-	wantByCode := map[string]int{"Unavailable": 7, "DeadlineExceeded": 1, "Internal": 1}
+	wantByCode := map[string]int{"Unavailable": 7, "DeadlineExceeded": 1, "Internal": 1, "NotFound": 3}
 	if diff := cmp.Diff(wantByCode, a.ErrorsByCode); diff != "" {
 		t.Errorf("errors by code (-want +got):\n%s", diff)
 	}
 	// us-east: client 1 from 11 (first failure) to 16.6 (the next
 	// success's end), client 3 from 17 to 30.1 (client 4's are shorter);
-	// eu-west: from 12 to 30.1.
-	wantLongest := map[string]time.Duration{"us-east": 13100 * time.Millisecond, "eu-west": 18100 * time.Millisecond}
+	// eu-west: from 12 to 30.1; ap-south: from 104.9 to 130.1 (the allowed
+	// refusal is no failure).
+	wantLongest := map[string]time.Duration{"us-east": 13100 * time.Millisecond, "eu-west": 18100 * time.Millisecond, "ap-south": 25200 * time.Millisecond}
 	if diff := cmp.Diff(wantLongest, a.LongestUnavailable); diff != "" {
 		t.Errorf("longest unavailability (-want +got):\n%s", diff)
 	}

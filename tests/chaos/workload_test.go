@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/cairnkms/cairn/internal/audit"
+	"github.com/cairnkms/cairn/kms/keystore"
 	"github.com/cairnkms/cairn/kmsclient"
 )
 
@@ -43,6 +45,21 @@ type entry struct {
 	ad, ct []byte
 	sum    [sha256.Size]byte // of the plaintext
 	rid    string            // the request ID of the KMS Encrypt
+	keyID  uint32            // the keyset version that encrypted its DEK
+}
+
+// keyIDOf is the keyset version named by the TINK prefix of an envelope
+// ciphertext's encrypted DEK (the KMS ciphertext), 0 if there is none.
+func keyIDOf(ct []byte) uint32 {
+	if len(ct) < 4 {
+		return 0
+	}
+	n := binary.BigEndian.Uint32(ct)
+	if uint64(n) > uint64(len(ct)-4) {
+		return 0
+	}
+	id, _ := keystore.KeyIDOf(ct[4 : 4+n])
+	return id
 }
 
 // ledger holds every acknowledged ciphertext, by keyset.
@@ -59,13 +76,22 @@ func (l *ledger) add(e *entry) {
 	l.n++
 }
 
-// pick returns a random entry of keyset, or nil.
+// pick returns a random entry of keyset, or nil: three times in four one
+// made within the last ciphertextTTL (which must decrypt), else any.
 func (l *ledger) pick(keyset string, rng *mrand.Rand) *entry {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	es := l.byKeyset[keyset]
 	if len(es) == 0 {
 		return nil
+	}
+	if rng.IntN(4) > 0 {
+		// Entries are appended about in time order.
+		from, since := len(es)-1, time.Now().Add(-ciphertextTTL)
+		for from > 0 && es[from-1].at.After(since) {
+			from--
+		}
+		es = es[from:]
 	}
 	return es[rng.IntN(len(es))]
 }
@@ -277,7 +303,7 @@ func (w *worker) encrypt(ctx context.Context, rid string, l *ledger) {
 	if bytes.Contains(ct, obj) {
 		w.violations = append(w.violations, fmt.Sprintf("client %d: the ciphertext of %s holds its plaintext", w.id, rid))
 	}
-	l.add(&entry{keyset: w.keyset.name, region: w.region, client: w.id, at: start, ad: ad, ct: ct, sum: sha256.Sum256(obj), rid: rid})
+	l.add(&entry{keyset: w.keyset.name, region: w.region, client: w.id, at: start, ad: ad, ct: ct, sum: sha256.Sum256(obj), rid: rid, keyID: keyIDOf(ct)})
 	w.successes = append(w.successes, success{rid: rid, keyset: w.keyset.name, kind: Encrypt, regions: []string{w.region}})
 }
 
@@ -287,7 +313,8 @@ func (w *worker) decrypt(ctx context.Context, rid string, e *entry) {
 	if stopping(ctx, err) {
 		return
 	}
-	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Decrypt, Start: start, End: time.Now(), Code: codeOf(err), Fallback: w.fallback})
+	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Decrypt, Start: start, End: time.Now(), Code: codeOf(err), Fallback: w.fallback,
+		Made: e.at, KeyID: e.keyID, Ref: e.rid})
 	if err != nil {
 		if status.Code(err) == codes.InvalidArgument {
 			w.violations = append(w.violations, fmt.Sprintf("client %d: the ciphertext %s acknowledged at %s (%s, %s) does not decrypt in %s: %v",
@@ -310,7 +337,10 @@ const replayConcurrency = 4
 
 // replay decrypts every ledger entry in every region of its keyset, calling
 // only that region (no fallback), as the client that wrote it, and returns
-// the operations and the violations: any failure, or another plaintext.
+// the operations and the violations: any failure, or another plaintext. A
+// refusal because the entry's key version no longer decrypts is left to
+// Analyze, which allows it only past the entry's TTL, once the record
+// retired the version.
 func (c *chain) replay(t *testing.T, l *ledger) ([]Op, []string) {
 	t.Helper()
 	type job struct {
@@ -354,9 +384,13 @@ func (c *chain) replay(t *testing.T, l *ledger) ([]Op, []string) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*callTimeout)
 				pt, err := env.DecryptWithContext(withRequestID(ctx, fmt.Sprintf("replay-%s-%s", j.region, j.e.rid)), j.e.ct, j.e.ad)
 				cancel()
-				op := Op{Client: -1 - i, Region: j.region, Keyset: j.e.keyset, Kind: Replay, Start: start, End: time.Now(), Code: codeOf(err)}
+				op := Op{Client: -1 - i, Region: j.region, Keyset: j.e.keyset, Kind: Replay, Start: start, End: time.Now(), Code: codeOf(err),
+					Made: j.e.at, KeyID: j.e.keyID, Ref: j.e.rid}
 				var v string
 				switch {
+				case isVersionGone(op.Code):
+					// Judged by Analyze against the record: allowed
+					// only past the TTL, after the version's retirement.
 				case err != nil:
 					v = fmt.Sprintf("replay: the ciphertext %s acknowledged at %s (%s, encrypted in %s) does not decrypt in %s: %v",
 						j.e.rid, j.e.at.Format("15:04:05.000"), j.e.keyset, j.e.region, j.region, err)

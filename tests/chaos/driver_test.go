@@ -1,0 +1,494 @@
+package chaos
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
+	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
+	"github.com/cairnkms/cairn/tests/framework"
+)
+
+// The compressed clock of the SRE driver: every keyset rotates every
+// rotationPeriod, its ciphertexts live ciphertextTTL, and the Safety
+// Condition's propagation window (the root KMS's --safety-window and
+// regionctl's propagation_window) is safetyWindow. A version is then added
+// every 15 s, promoted about a window after its bundles are served, and
+// retired TTL + window after its supersession: a 70 s run sees each several
+// times.
+const (
+	rotationPeriod = 15 * time.Second
+	ciphertextTTL  = 8 * time.Second
+	safetyWindow   = 2 * time.Second
+	destroyDelay   = 3 * time.Second
+)
+
+// driverInterval is the rest between two rounds of the driver;
+// regionKeyEvery is how many rounds pass between two region key rotations.
+const (
+	driverInterval = 500 * time.Millisecond
+	regionKeyEvery = 6
+)
+
+// rootWriteTimeout bounds one recorded root KMS call (every attempt, with
+// one request ID): long enough to outlast a root-tier-down step, so that few
+// writes end of unknown outcome.
+const rootWriteTimeout = 15 * time.Second
+
+// regionctlTimeout bounds one regionctl run.
+const regionctlTimeout = 2 * time.Minute
+
+// driver is the SRE: `regionctl rotate --due` (observe, add, promote,
+// retire, destroy; no push), then `bundle build` and `bundle push` of every
+// region whose keysets changed, until each push succeeds; and region key
+// rotations and reads through the cluster client, recorded for porcupine.
+// regionctl runs are retried in the next round when they fail: `rotate
+// --due` is idempotent, and regionctl retries a write within one run with
+// one request ID (rootkmsclient.Do); it has no flag to pin a request ID
+// across runs.
+type driver struct {
+	c    *chain
+	hist *framework.History
+	root *rootkmsclient.Client
+
+	// Written by the driver's goroutine only; read after it ended.
+	stats   DriverStats
+	pending map[string]bool // regions whose bundle must be built and pushed
+	runs    int
+	// rotated counts the region key rotations the driver asked for.
+	rotated int
+}
+
+// DriverStats is what the SRE driver did, as regionctl and the cluster
+// client answered it.
+type DriverStats struct {
+	// Rounds are the driver's rounds; RotateRuns and RotateFailed the
+	// `rotate --due` runs and those that exited non-zero.
+	Rounds, RotateRuns, RotateFailed int
+	// Steps counts the lifecycle steps regionctl acknowledged ("done:"),
+	// by kind: "add", "promote", "disable", "schedule-destroy", "destroy".
+	Steps map[string]int
+	// Pushes and PushFailed count `bundle build` + `bundle push` rounds
+	// of one region and those that failed (retried in the next round).
+	Pushes, PushFailed int
+	// Failures counts the failed runs by command and the gRPC code or
+	// first words of regionctl's last error line.
+	Failures map[string]int
+	// Samples holds the stderr of the first failed run of each reason.
+	Samples map[string]string
+}
+
+var codeRE = regexp.MustCompile(`code = (\w+)|(REFUSED[^:]*)|(unreachable)`)
+
+// failed counts a failed regionctl run by reason, keeping its first stderr.
+func (d *driver) failed(cmd string, r rcResult) {
+	why := reason(cmd, r)
+	d.stats.Failures[why]++
+	if _, ok := d.stats.Samples[why]; !ok {
+		d.stats.Samples[why] = strings.TrimSpace(r.stderr)
+	}
+}
+
+// reason sums up why a regionctl run failed, for the report.
+func reason(cmd string, r rcResult) string {
+	if r.code < 0 {
+		return cmd + ": did not run to its end"
+	}
+	if m := codeRE.FindStringSubmatch(r.stderr); m != nil {
+		return cmd + ": " + strings.Join(m[1:], "")
+	}
+	lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+	last := lines[len(lines)-1]
+	return cmd + ": " + last[:min(len(last), 60)]
+}
+
+var (
+	doneRE = regexp.MustCompile(`(?m)^done: keyset (\S+): (added version|promoted version|disabled version|scheduled version|destroyed version) `)
+	stepOf = map[string]string{"added version": "add", "promoted version": "promote", "disabled version": "disable",
+		"scheduled version": "schedule-destroy", "destroyed version": "destroy"}
+)
+
+// newDriver returns the driver of c, with its history and cluster client
+// (as regionctl), before the chain's regions exist: startChain creates them
+// through it, recorded.
+func newDriver(c *chain) *driver {
+	return &driver{c: c, hist: framework.NewHistory(), stats: DriverStats{Steps: map[string]int{}, Failures: map[string]int{}, Samples: map[string]string{}}, pending: map[string]bool{}}
+}
+
+// connect makes the driver's cluster client once the voters run.
+func (d *driver) connect() {
+	d.root = rootkmsclient.New(d.c.w.Source(framework.Regionctl), framework.Addrs(d.c.voters...))
+}
+
+// recorded does one region operation through the cluster client, recorded
+// in the history as one operation: every attempt carries the call's request
+// ID, so the root KMS applies a retried write at most once.
+func (d *driver) recorded(in framework.RegionInput) (*rootkmsv1.Region, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), rootWriteTimeout)
+	defer cancel()
+	call := d.hist.Begin(0, in)
+	ctx = rootkmsclient.WithRequestID(ctx, call.RequestID())
+	var reply *rootkmsv1.Region
+	err := d.root.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
+		call.Attempt()
+		var err error
+		switch in.Op {
+		case framework.OpCreate:
+			reply, err = rc.CreateRegion(ctx, &rootkmsv1.CreateRegionRequest{Region: in.Region})
+		case framework.OpRotate:
+			reply, err = rc.RotateRegionKey(ctx, &rootkmsv1.RotateRegionKeyRequest{Region: in.Region})
+		case framework.OpGet:
+			reply, err = rc.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: in.Region})
+		}
+		return err
+	})
+	if err != nil {
+		reply = nil
+	}
+	call.End(reply, err)
+	return reply, err
+}
+
+// run is the driver's loop, until ctx ends.
+func (d *driver) run(ctx context.Context) {
+	for round := 1; ctx.Err() == nil; round++ {
+		d.stats.Rounds++
+		d.round(ctx, round)
+		select {
+		case <-ctx.Done():
+		case <-time.After(driverInterval):
+		}
+	}
+}
+
+// round is one round: rotate --due, the pushes it calls for (and those
+// still pending), a region key rotation every regionKeyEvery rounds, and a
+// read of a region.
+func (d *driver) round(ctx context.Context, round int) {
+	res := d.regionctl(ctx, "rotate", "--due", "--no-push", strings.Join(regions, ","), "--destroy-delay", destroyDelay.String())
+	if ctx.Err() != nil {
+		return
+	}
+	d.stats.RotateRuns++
+	if res.code != 0 {
+		d.stats.RotateFailed++
+		d.failed("rotate", res)
+	}
+	for _, m := range doneRE.FindAllStringSubmatch(res.stdout, -1) {
+		kind := stepOf[m[2]]
+		d.stats.Steps[kind]++
+		if kind == "schedule-destroy" {
+			continue // the bundles do not change
+		}
+		for _, ks := range keysets {
+			if ks.name == m[1] {
+				for _, r := range ks.regions {
+					d.pending[r] = true
+				}
+			}
+		}
+	}
+	for _, r := range regions {
+		if !d.pending[r] || ctx.Err() != nil {
+			continue
+		}
+		d.stats.Pushes++
+		if d.push(ctx, r) {
+			delete(d.pending, r)
+		} else {
+			d.stats.PushFailed++
+		}
+	}
+	if round%regionKeyEvery == 0 {
+		d.rotated++
+		_, _ = d.recorded(framework.RegionInput{Op: framework.OpRotate, Region: regions[(round/regionKeyEvery)%len(regions)]})
+	}
+	_, _ = d.recorded(framework.RegionInput{Op: framework.OpGet, Region: regions[round%len(regions)]})
+}
+
+// push builds region's next bundle and pushes it to every server of the
+// region (all or nothing before the apply); it reports whether regionctl
+// said both went through.
+func (d *driver) push(ctx context.Context, region string) bool {
+	d.runs++
+	out := filepath.Join(d.c.dir, fmt.Sprintf("driver-%s-%d.bundle", region, d.runs))
+	b := d.regionctl(ctx, "bundle", "build", "--region", region, "--out", out)
+	m := serialRE.FindStringSubmatch(b.stdout)
+	if b.code != 0 || m == nil {
+		d.failed("bundle build", b)
+		return false
+	}
+	serial, err := strconv.ParseUint(m[1], 10, 64)
+	if err != nil {
+		return false
+	}
+	if p := d.regionctl(ctx, "bundle", "push", "--bundle", out); p.code != 0 {
+		d.failed("bundle push", p)
+		return false
+	}
+	d.c.served(region, serial)
+	return true
+}
+
+// rcResult is one regionctl run.
+type rcResult struct {
+	code           int
+	stdout, stderr string
+}
+
+// regionctl runs regionctl with the chain's config file, its output kept
+// under the logs. It does not fail the test (it runs on the driver's
+// goroutine): a run that cannot start or times out is exit code -1.
+func (d *driver) regionctl(ctx context.Context, args ...string) rcResult {
+	d.runs++
+	name := filepath.Join(d.c.w.Logs, fmt.Sprintf("driver-%04d-%s", d.runs, strings.Join(args[:min(2, len(args))], "-")))
+	ctx, cancel := context.WithTimeout(ctx, regionctlTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin.RegionctlBinary(), append(args, "--config", d.c.config)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.WaitDelay = 5 * time.Second
+	err := cmd.Run()
+	code := -1
+	var exit *exec.ExitError
+	if err == nil || errors.As(err, &exit) {
+		code = cmd.ProcessState.ExitCode()
+	}
+	if err != nil && code == 0 {
+		code = -1
+	}
+	_ = os.WriteFile(name+".stdout", stdout.Bytes(), 0o600)
+	_ = os.WriteFile(name+".stderr", stderr.Bytes(), 0o600)
+	return rcResult{code: code, stdout: stdout.String(), stderr: stderr.String()}
+}
+
+// Lifecycle is what the record says happened to the keysets during the run.
+type Lifecycle struct {
+	// Rotations are versions added after the first; Promotions versions
+	// made primary over another; Retirements versions disabled;
+	// Destructions versions destroyed.
+	Rotations, Promotions, Retirements, Destructions int
+	// Retired is, by keyset and version, when the record took it out of
+	// the decrypt set (disabled_at).
+	Retired map[string]map[uint32]time.Time
+}
+
+// lifecycle reads every keyset's record (as regionctl, through the leader)
+// and counts its lifecycle.
+func (d *driver) lifecycle(t *testing.T) Lifecycle {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), rootWriteTimeout)
+	defer cancel()
+	var resp *rootkmsv1.ListKeysetsResponse
+	err := d.root.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
+		var err error
+		resp, err = rc.ListKeysets(ctx, &rootkmsv1.ListKeysetsRequest{})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("ListKeysets = %v", err)
+	}
+	out := Lifecycle{Retired: map[string]map[uint32]time.Time{}}
+	for _, k := range resp.GetKeysets() {
+		rec := k.GetRecord()
+		out.Retired[rec.GetName()] = map[uint32]time.Time{}
+		for i, v := range rec.GetVersions() {
+			if i > 0 {
+				out.Rotations++
+				if v.GetPrimarySince() != nil {
+					out.Promotions++
+				}
+			}
+			if v.GetDisabledAt() != nil {
+				out.Retirements++
+				out.Retired[rec.GetName()][v.GetKeyId()] = v.GetDisabledAt().AsTime()
+			}
+			if v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED {
+				out.Destructions++
+			}
+		}
+	}
+	return out
+}
+
+// RootWrites is the verdict on the driver's recorded root KMS operations.
+type RootWrites struct {
+	Stats framework.HistoryStats
+	// Linearizable is porcupine's verdict.
+	Linearizable bool
+	// Versions is, by region, the primary region key version every
+	// replica serves at the end.
+	Versions map[string]uint32
+}
+
+// finalRegions reads every region through the cluster client (recorded)
+// and returns the primary version of each.
+func (d *driver) finalRegions(t *testing.T) map[string]uint32 {
+	t.Helper()
+	out := map[string]uint32{}
+	for _, r := range regions {
+		reply, err := d.recorded(framework.RegionInput{Op: framework.OpGet, Region: r})
+		if err != nil {
+			t.Fatalf("final GetRegion(%s) = %v", r, err)
+		}
+		out[r] = reply.GetPrimaryVersion()
+	}
+	return out
+}
+
+// replicaStateTimeout bounds how long a replica may take to apply what the
+// leader committed before its state is judged.
+const replicaStateTimeout = 10 * time.Second
+
+// replicaViolations checks that every voter serves, from its own state,
+// exactly the region key versions want implies (1..want[r], the last one
+// primary, the others enabled) with the same key bytes as every other
+// voter: no acknowledged write missing, none invented.
+func (c *chain) replicaViolations(want map[string]uint32) []string {
+	c.t.Helper()
+	var out []string
+	for _, r := range regions {
+		var first map[uint32][]byte
+		for _, v := range c.voters {
+			var keys map[uint32][]byte
+			problem := ""
+			deadline := time.Now().Add(replicaStateTimeout)
+			for {
+				keys, problem = regionState(v, r, want[r])
+				if problem == "" || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if problem != "" {
+				out = append(out, fmt.Sprintf("root KMS %s: region %s: %s", v.ID, r, problem))
+				continue
+			}
+			if first == nil {
+				first = keys
+				continue
+			}
+			for ver, k := range keys {
+				if !bytes.Equal(k, first[ver]) {
+					out = append(out, fmt.Sprintf("root KMS %s: region %s key version %d differs from another voter's", v.ID, r, ver))
+				}
+				clear(k)
+			}
+		}
+		for _, k := range first {
+			clear(k)
+		}
+	}
+	return out
+}
+
+// regionState reads region's key material from one replica, as the
+// region's kms-1, and says what is wrong with it ("" if nothing).
+func regionState(v *framework.Replica, region string, want uint32) (map[uint32][]byte, string) {
+	m, meta, err := v.UnwrapRegionKey("kms/"+region+"/kms-1", region)
+	if err != nil {
+		return nil, fmt.Sprintf("UnwrapRegionKey = %v, want versions 1..%d", err, want)
+	}
+	keys := map[uint32][]byte{}
+	var versions []uint32
+	problem := ""
+	for _, kv := range m.GetVersions() {
+		versions = append(versions, kv.GetVersion())
+		keys[kv.GetVersion()] = kv.GetKey()
+		wantStatus := cryptov1.KeyStatus_KEY_STATUS_ENABLED
+		if kv.GetVersion() == want {
+			wantStatus = cryptov1.KeyStatus_KEY_STATUS_PRIMARY
+		}
+		if kv.GetStatus() != wantStatus || len(kv.GetKey()) == 0 {
+			problem = fmt.Sprintf("version %d: status %v with %d key bytes, want %v with a key", kv.GetVersion(), kv.GetStatus(), len(kv.GetKey()), wantStatus)
+		}
+	}
+	var wantVersions []uint32
+	for ver := uint32(1); ver <= want; ver++ {
+		wantVersions = append(wantVersions, ver)
+	}
+	if problem == "" && (!slices.Equal(versions, wantVersions) || meta.GetPrimaryVersion() != want) {
+		problem = fmt.Sprintf("serves versions %v (primary %d), want 1..%d (primary %d)", versions, meta.GetPrimaryVersion(), want, want)
+	}
+	if problem != "" {
+		for _, k := range keys {
+			clear(k)
+		}
+		return nil, problem
+	}
+	return keys, ""
+}
+
+// checkRootWrites reads every region a last time, checks every voter's
+// state against it and the history for linearizability (porcupine, in a
+// subtest whose result is the verdict), and returns the verdict and the
+// violations.
+func (d *driver) checkRootWrites(t *testing.T) (RootWrites, []string) {
+	t.Helper()
+	rw := RootWrites{Versions: d.finalRegions(t)}
+	violations := d.c.replicaViolations(rw.Versions)
+	for r, v := range d.hist.LastAcked() {
+		if v > rw.Versions[r] {
+			violations = append(violations, fmt.Sprintf("root KMS: region %s: a write was acknowledged with version %d, the cluster serves %d", r, v, rw.Versions[r]))
+		}
+	}
+	rw.Linearizable = t.Run("porcupine", func(t *testing.T) {
+		rw.Stats = framework.CheckLinearizable(t, d.hist)
+	})
+	if !rw.Linearizable {
+		violations = append(violations, "root KMS: the driver's history is not linearizable (see the porcupine subtest)")
+	}
+	return rw, violations
+}
+
+// createRegions creates the chain's regions through the recorded client,
+// failing the test unless each is created.
+func (d *driver) createRegions(t *testing.T) {
+	t.Helper()
+	for _, r := range regions {
+		if _, err := d.recorded(framework.RegionInput{Op: framework.OpCreate, Region: r}); err != nil {
+			t.Fatalf("CreateRegion(%s) = %v", r, err)
+		}
+	}
+}
+
+// startDriver runs d on its own goroutine until the returned stop is
+// called; stop waits for it.
+func startDriver(d *driver) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.run(ctx)
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			cancel()
+			wg.Wait()
+		})
+	}
+}
+
+// isVersionGone reports whether a decrypt's code is the KMS's answer for a
+// ciphertext whose key version the keyset no longer decrypts with.
+func isVersionGone(code string) bool { return code == codes.NotFound.String() }
