@@ -76,25 +76,6 @@ type driver struct {
 	rotated int
 }
 
-// DriverStats is what the SRE driver did, as regionctl and the cluster
-// client answered it.
-type DriverStats struct {
-	// Rounds are the driver's rounds; RotateRuns and RotateFailed the
-	// `rotate --due` runs and those that exited non-zero.
-	Rounds, RotateRuns, RotateFailed int
-	// Steps counts the lifecycle steps regionctl acknowledged ("done:"),
-	// by kind: "add", "promote", "disable", "schedule-destroy", "destroy".
-	Steps map[string]int
-	// Pushes and PushFailed count `bundle build` + `bundle push` rounds
-	// of one region and those that failed (retried in the next round).
-	Pushes, PushFailed int
-	// Failures counts the failed runs by command and the gRPC code or
-	// first words of regionctl's last error line.
-	Failures map[string]int
-	// Samples holds the stderr of the first failed run of each reason.
-	Samples map[string]string
-}
-
 var codeRE = regexp.MustCompile(`code = (\w+)|(REFUSED[^:]*)|(unreachable)`)
 
 // failed counts a failed regionctl run by reason, keeping its first stderr.
@@ -280,17 +261,6 @@ func (d *driver) regionctl(ctx context.Context, args ...string) rcResult {
 	return rcResult{code: code, stdout: stdout.String(), stderr: stderr.String()}
 }
 
-// Lifecycle is what the record says happened to the keysets during the run.
-type Lifecycle struct {
-	// Rotations are versions added after the first; Promotions versions
-	// made primary over another; Retirements versions disabled;
-	// Destructions versions destroyed.
-	Rotations, Promotions, Retirements, Destructions int
-	// Retired is, by keyset and version, when the record took it out of
-	// the decrypt set (disabled_at).
-	Retired map[string]map[uint32]time.Time
-}
-
 // lifecycle reads every keyset's record (as regionctl, through the leader)
 // and counts its lifecycle.
 func (d *driver) lifecycle(t *testing.T) Lifecycle {
@@ -327,16 +297,6 @@ func (d *driver) lifecycle(t *testing.T) Lifecycle {
 		}
 	}
 	return out
-}
-
-// RootWrites is the verdict on the driver's recorded root KMS operations.
-type RootWrites struct {
-	Stats framework.HistoryStats
-	// Linearizable is porcupine's verdict.
-	Linearizable bool
-	// Versions is, by region, the primary region key version every
-	// replica serves at the end.
-	Versions map[string]uint32
 }
 
 // finalRegions reads every region through the cluster client (recorded)
