@@ -4,13 +4,12 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/google/go-cmp/cmp"
+	"github.com/cairnkms/cairn/internal/serverconfig/serverconfigtest"
 )
 
 // wantKeys are the distributor's config file keys. A new flag gets a key by
@@ -28,25 +27,12 @@ var wantSecrets []string
 
 func TestEveryFlagHasAConfigKey(t *testing.T) {
 	fs, _, _ := newFlagSet(io.Discard)
-	keys, secrets, err := configSpec.Keys(fs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(wantKeys, keys); diff != "" {
-		t.Errorf("config keys (-want +got):\n%s", diff)
-	}
-	if diff := cmp.Diff(wantSecrets, secrets); diff != "" {
-		t.Errorf("secret keys (-want +got):\n%s", diff)
-	}
+	serverconfigtest.RequireKeys(t, configSpec, fs, wantKeys, wantSecrets)
 }
 
 func writeConfig(t *testing.T, body string) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "distributor.yaml")
-	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return serverconfigtest.WriteFile(t, "distributor.yaml", body)
 }
 
 // TestExampleConfigs loads every distributor example of deploy/config
