@@ -78,6 +78,10 @@ SOAKTIMEOUT ?= 3h
 soak: ## the chaos soak for DURATION (30m) and its report; SEED=n replays a schedule
 	$(GO) test -race -count=1 -timeout $(SOAKTIMEOUT) -run '^TestChaosSoak$$' -v ./tests/chaos/ -chaos.duration $(DURATION) -chaos.seed $(SEED)
 
+.PHONY: soak-mutants
+soak-mutants: ## break each safeguard in tests/chaos/mutants on purpose; the short soak must catch every one
+	SEED=$(if $(filter 0,$(SEED)),,$(SEED)) tests/chaos/mutants/run.sh
+
 # Go modules of their own under deploy/ (their dependencies stay out of
 # go.mod): the Kubernetes manifests' test and the image builder. `./...` of
 # the root module does not reach them.

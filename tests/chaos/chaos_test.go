@@ -61,7 +61,7 @@ func TestChaosSoak(t *testing.T) {
 	stopDriver := startDriver(c.drv)
 	t.Cleanup(stopDriver)
 
-	rep := &Report{Seed: seed, Planned: duration}
+	rep := &Report{Seed: seed, Planned: duration, Began: time.Now()}
 	var windows []Window
 	end := time.Now().Add(duration)
 	for len(rep.Steps) < maxSteps && time.Now().Before(end) {
@@ -110,7 +110,8 @@ func TestChaosSoak(t *testing.T) {
 		}
 	}
 	var auditViolations []string
-	rep.AuditChecked, rep.AuditDuplicates, auditViolations = c.auditCheck(t, successes)
+	var auditFirst time.Time
+	rep.AuditChecked, rep.AuditDuplicates, auditFirst, auditViolations = c.auditCheck(t, successes)
 	violations = append(violations, auditViolations...)
 	for _, v := range c.voters {
 		if err := v.Terminate(); err != nil {
@@ -144,6 +145,10 @@ func TestChaosSoak(t *testing.T) {
 
 	rep.Took = time.Since(began)
 	rep.Violations = append(rep.Analysis.Violations, violations...)
+	rep.FirstViolation = rep.Analysis.FirstViolation
+	if !auditFirst.IsZero() && (rep.FirstViolation.IsZero() || auditFirst.Before(rep.FirstViolation)) {
+		rep.FirstViolation = auditFirst
+	}
 	t.Logf("\n%s", rep)
 	if n := len(rep.Violations); n > 0 {
 		t.Errorf("%d invariant violation(s) (seed %d; replay with -chaos.seed=%d): see the report above", n, seed, seed)

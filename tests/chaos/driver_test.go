@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
@@ -71,6 +72,7 @@ type driver struct {
 	// Written by the driver's goroutine only; read after it ended.
 	stats   DriverStats
 	pending map[string]bool // regions whose bundle must be built and pushed
+	open    []openWrite     // recorded writes of unknown outcome, sent again each round
 	runs    int
 	// rotated counts the region key rotations the driver asked for.
 	rotated int
@@ -120,11 +122,34 @@ func (d *driver) connect() {
 
 // recorded does one region operation through the cluster client, recorded
 // in the history as one operation: every attempt carries the call's request
-// ID, so the root KMS applies a retried write at most once.
+// ID, so the root KMS applies a retried write at most once. A write whose
+// outcome it cannot tell (no answer, or not a definite one) stays open: the
+// driver sends it again, with the same request ID, at the start of its next
+// rounds (resolveOpen) until the cluster says what became of it, and the
+// operation ends then. An open write is one long operation to porcupine, not
+// one of unknown outcome that may take effect anywhere up to the end of the
+// history: a few dozen of those make the check exponential.
 func (d *driver) recorded(in framework.RegionInput) (*rootkmsv1.Region, error) {
+	call := d.hist.Begin(0, in)
+	reply, err := d.send(call, in)
+	if in.Op != framework.OpGet && framework.Classify(in.Op, reply, err).Outcome == framework.OutcomeUnknown {
+		d.open = append(d.open, openWrite{call: call, in: in})
+		return reply, err
+	}
+	call.End(reply, err)
+	return reply, err
+}
+
+// openWrite is a recorded write whose outcome is not known yet.
+type openWrite struct {
+	call *framework.Call
+	in   framework.RegionInput
+}
+
+// send makes one rootkmsclient.Do of in with call's request ID.
+func (d *driver) send(call *framework.Call, in framework.RegionInput) (*rootkmsv1.Region, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), rootWriteTimeout)
 	defer cancel()
-	call := d.hist.Begin(0, in)
 	ctx = rootkmsclient.WithRequestID(ctx, call.RequestID())
 	var reply *rootkmsv1.Region
 	err := d.root.Do(ctx, func(ctx context.Context, rc rootkmsv1.RootKMSClient) error {
@@ -143,8 +168,41 @@ func (d *driver) recorded(in framework.RegionInput) (*rootkmsv1.Region, error) {
 	if err != nil {
 		reply = nil
 	}
-	call.End(reply, err)
 	return reply, err
+}
+
+// resolveOpen sends every open write again with its own request ID and
+// ends those the cluster now answers: a write it had committed is answered
+// as a duplicate (not applied twice), one it never committed is applied
+// now. The root KMS remembers the last fsm.MaxRequests request IDs, and an
+// open write is sent again within a round or two, well inside that.
+func (d *driver) resolveOpen() {
+	kept := d.open[:0]
+	for _, w := range d.open {
+		reply, err := d.send(w.call, w.in)
+		if framework.Classify(w.in.Op, reply, err).Outcome == framework.OutcomeUnknown {
+			kept = append(kept, w)
+			continue
+		}
+		w.call.End(reply, err)
+		d.stats.Resolved++
+	}
+	d.open = kept
+}
+
+// closeOpen resolves the open writes once the chain is healed, trying a
+// few times, and ends any left with its last error (of unknown outcome).
+func (d *driver) closeOpen() {
+	for range 5 {
+		if len(d.open) == 0 {
+			return
+		}
+		d.resolveOpen()
+	}
+	for _, w := range d.open {
+		w.call.End(nil, status.Error(codes.Unavailable, "chaos: still unresolved at the end of the run"))
+	}
+	d.open = nil
 }
 
 // run is the driver's loop, until ctx ends.
@@ -163,6 +221,7 @@ func (d *driver) run(ctx context.Context) {
 // still pending), a region key rotation every regionKeyEvery rounds, and a
 // read of a region.
 func (d *driver) round(ctx context.Context, round int) {
+	d.resolveOpen()
 	res := d.regionctl(ctx, "rotate", "--due", "--no-push", strings.Join(regions, ","), "--destroy-delay", destroyDelay.String())
 	if ctx.Err() != nil {
 		return
@@ -403,6 +462,7 @@ func regionState(v *framework.Replica, region string, want uint32) (map[uint32][
 // violations.
 func (d *driver) checkRootWrites(t *testing.T) (RootWrites, []string) {
 	t.Helper()
+	d.closeOpen()
 	rw := RootWrites{Versions: d.finalRegions(t)}
 	violations := d.c.replicaViolations(rw.Versions)
 	for r, v := range d.hist.LastAcked() {

@@ -30,8 +30,9 @@ type Op struct {
 	Region, Keyset string
 	Kind           OpKind
 	Start, End     time.Time
-	// Code is "OK" or the gRPC code name of the error.
-	Code string
+	// Code is "OK" or the gRPC code name of the error; Err the error's
+	// message (empty on success).
+	Code, Err string
 	// Fallback is set on a decrypt that may go on in another region when
 	// every server of Region fails.
 	Fallback bool
@@ -92,6 +93,9 @@ type Analysis struct {
 	// server up must answer every call (and a decrypt with a fallback
 	// region must be answered while its own region is down).
 	Violations []string
+	// FirstViolation is when the earliest of those operations started
+	// (zero: none).
+	FirstViolation time.Time
 }
 
 // Expiry is what decides whether a decrypt refused because its key version
@@ -109,7 +113,18 @@ type Expiry struct {
 // version may leave the decrypt set only after the TTL of every ciphertext
 // it made, and is refused only after it left.
 func (e Expiry) allowed(o Op) (time.Duration, bool) {
-	if o.OK() || (o.Kind != Decrypt && o.Kind != Replay) || o.Code != "NotFound" {
+	if o.OK() || o.Code != "NotFound" {
+		return 0, false
+	}
+	return e.expired(o)
+}
+
+// expired reports whether the ciphertext a decrypt or replay opened is one
+// the TTL no longer covers: its version left the decrypt set no earlier
+// than the TTL ended and before the operation ended. It returns the margin
+// from the TTL's end to the retirement.
+func (e Expiry) expired(o Op) (time.Duration, bool) {
+	if o.Kind != Decrypt && o.Kind != Replay {
 		return 0, false
 	}
 	ttl, ok := e.TTL[o.Keyset]
@@ -131,8 +146,11 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 	a := Analysis{OpsByKind: map[OpKind]int{}, ErrorsByCode: map[string]int{}, ErrorsByWindow: map[string]int{}, LongestUnavailable: map[string]time.Duration{}}
 	unexcused := 0
 	byClient := map[int][]Op{}
-	violation := func(v string) {
+	violation := func(o Op, v string) {
 		unexcused++
+		if a.FirstViolation.IsZero() || o.Start.Before(a.FirstViolation) {
+			a.FirstViolation = o.Start
+		}
 		if unexcused <= maxListed {
 			a.Violations = append(a.Violations, v)
 		}
@@ -158,13 +176,19 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 			if gone {
 				when = "retired " + retired.Format("15:04:05.000")
 			}
-			violation(fmt.Sprintf("client %d: %s of %s in %s refused at %s: version %d no longer decrypts; the ciphertext %s was made at %s, TTL %s, its version %s",
+			violation(o, fmt.Sprintf("client %d: %s of %s in %s refused at %s: version %d no longer decrypts; the ciphertext %s was made at %s, TTL %s, its version %s",
 				o.Client, o.Kind, o.Keyset, o.Region, o.End.Format("15:04:05.000"), o.KeyID, o.Ref, o.Made.Format("15:04:05.000"), exp.TTL[o.Keyset], when))
 			continue
 		}
+		// No other region is bound to answer an encrypt, a decrypt with no
+		// fallback, or a decrypt of a ciphertext past its TTL whose version
+		// was retired (the other region may have applied the retirement
+		// already and refuse it: kmsclient then answers with the outage of
+		// the client's own region, which may not have).
+		_, expired := exp.expired(o)
+		needed := o.Kind == Encrypt || !o.Fallback || expired
 		label, inWindow, rootTier := NoFault, false, false
 		for _, w := range windows {
-			needed := o.Kind == Encrypt || !o.Fallback // no other region to answer
 			down := needed && slices.Contains(w.Step.DownRegions(), o.Region)
 			if w.overlaps(o) {
 				if label == NoFault {
@@ -182,8 +206,8 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 			a.Excused++
 			continue
 		}
-		violation(fmt.Sprintf("client %d: %s of %s in %s failed with %s at %s (+%s), in %s",
-			o.Client, o.Kind, o.Keyset, o.Region, o.Code, o.Start.Format("15:04:05.000"), o.End.Sub(o.Start).Round(time.Millisecond), label))
+		violation(o, fmt.Sprintf("client %d: %s of %s in %s failed with %s at %s (+%s), in %s: %s",
+			o.Client, o.Kind, o.Keyset, o.Region, o.Code, o.Start.Format("15:04:05.000"), o.End.Sub(o.Start).Round(time.Millisecond), label, o.Err))
 	}
 	if unexcused > maxListed {
 		a.Violations = append(a.Violations, fmt.Sprintf("... and %d more client errors no fault excuses", unexcused-maxListed))
@@ -240,6 +264,11 @@ type Report struct {
 	// Violations are every invariant broken: the analysis's, and the
 	// ledger's, the audit's and the processes' (must be none).
 	Violations []string
+	// Began is when the faults began; FirstViolation when the earliest
+	// operation found to break an invariant (a client's error, a refusal
+	// within the TTL, a success with no audit record) started (zero: none
+	// of those; a violation found only by an end-of-run check has no time).
+	Began, FirstViolation time.Time
 }
 
 // FaultsByKind counts the injected faults by kind.
@@ -297,7 +326,8 @@ func (r *Report) String() string {
 	if r.Root.Linearizable {
 		verdict = "linearizable"
 	}
-	p("root KMS writes (region key rotations %d asked): %s; %s", r.RegionKeyRotations, verdict, r.Root.Stats)
+	p("root KMS writes (region key rotations %d asked; %d of unknown outcome settled by sending them again with their request ID): %s; %s",
+		r.RegionKeyRotations, d.Resolved, verdict, r.Root.Stats)
 	p("  root KMS writes by outcome:%s", counts(r.Root.Stats.ByOutcome))
 	p("  every voter serves region key versions %v (1..N, N primary, same keys)", r.Root.Versions)
 	p("audit: %d successes matched to an ok record by request ID (%d on more than one server)", r.AuditChecked, r.AuditDuplicates)
@@ -308,6 +338,9 @@ func (r *Report) String() string {
 		}
 	}
 	p("invariant violations: %d", len(r.Violations))
+	if !r.FirstViolation.IsZero() {
+		p("  the earliest operation that broke one started %s after the faults began", r.FirstViolation.Sub(r.Began).Round(time.Millisecond))
+	}
 	for _, v := range r.Violations {
 		p("  %s", v)
 	}

@@ -134,6 +134,9 @@ func TestAnalyze(t *testing.T) {
 		{Client: 1, Region: "us-east", Kind: Encrypt, Start: at(11), End: at(16), Code: "Unavailable"}, // excused
 		{Client: 1, Region: "us-east", Kind: Decrypt, Start: at(16.5), End: at(16.6), Code: "OK"},
 		{Client: 1, Region: "us-east", Kind: Decrypt, Start: at(12), End: at(12.1), Code: "Unavailable", Fallback: true}, // not excused: falls back
+		// Past its TTL, its version (6) retired at 11: the fallback region
+		// may refuse it, so only the client's own region must answer.
+		{Client: 1, Region: "us-east", Keyset: "ks", Kind: Decrypt, Start: at(12), End: at(12.1), Code: "Unavailable", Fallback: true, Made: at(1), KeyID: 6}, // excused
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(12), End: at(12.1), Code: "Unavailable"},                 // not excused: other region
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(21), End: at(21.2), Code: "DeadlineExceeded"},            // root tier: not excused
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
@@ -153,17 +156,20 @@ func TestAnalyze(t *testing.T) {
 		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Replay, Start: at(121), End: at(121.1), Code: "NotFound", Made: at(100), KeyID: 9},  // never retired
 		{Client: 5, Region: "ap-south", Keyset: "ks", Kind: Decrypt, Start: at(130), End: at(130.1), Code: "OK", Made: at(125), KeyID: 10},
 	}
-	exp := Expiry{TTL: map[string]time.Duration{"ks": 8 * time.Second}, Retired: map[string]map[uint32]time.Time{"ks": {7: at(110), 8: at(105)}}}
+	exp := Expiry{TTL: map[string]time.Duration{"ks": 8 * time.Second}, Retired: map[string]map[uint32]time.Time{"ks": {6: at(11), 7: at(110), 8: at(105)}}}
 	a := Analyze(ops, []Window{down, root, kill, other}, exp)
-	if a.Excused != 1 || a.RootTierErrors != 1 || len(a.Violations) != 11 || a.Expired != 1 || a.MinRetireMargin != 2*time.Second {
-		t.Errorf("Analyze: %d excused, %d in root-tier windows, %d refusals allowed past the TTL (margin %s), violations %q; want 1 excused, 1 in a root-tier window, 1 allowed (margin 2s) and 11 violations",
+	if a.Excused != 2 || a.RootTierErrors != 1 || len(a.Violations) != 11 || a.Expired != 1 || a.MinRetireMargin != 2*time.Second {
+		t.Errorf("Analyze: %d excused, %d in root-tier windows, %d refusals allowed past the TTL (margin %s), violations %q; want 2 excused, 1 in a root-tier window, 1 allowed (margin 2s) and 11 violations",
 			a.Excused, a.RootTierErrors, a.Expired, a.MinRetireMargin, a.Violations)
 	}
-	wantByWindow := map[string]int{"region-down": 3, "root-tier-down": 1, NoFault: 3, "kill-kms": 2, "version gone": 3}
+	if !a.FirstViolation.Equal(at(12)) {
+		t.Errorf("FirstViolation = %v, want %v (the earliest violating operation's start)", a.FirstViolation, at(12))
+	}
+	wantByWindow := map[string]int{"region-down": 4, "root-tier-down": 1, NoFault: 3, "kill-kms": 2, "version gone": 3}
 	if diff := cmp.Diff(wantByWindow, a.ErrorsByWindow); diff != "" {
 		t.Errorf("errors by window (-want +got):\n%s", diff)
 	}
-	wantByCode := map[string]int{"Unavailable": 7, "DeadlineExceeded": 1, "Internal": 1, "NotFound": 3}
+	wantByCode := map[string]int{"Unavailable": 8, "DeadlineExceeded": 1, "Internal": 1, "NotFound": 3}
 	if diff := cmp.Diff(wantByCode, a.ErrorsByCode); diff != "" {
 		t.Errorf("errors by code (-want +got):\n%s", diff)
 	}

@@ -26,6 +26,9 @@ type DriverStats struct {
 	Failures map[string]int
 	// Samples holds the stderr of the first failed run of each reason.
 	Samples map[string]string
+	// Resolved counts the recorded region key writes of unknown outcome
+	// that a later round sent again with their request ID and settled.
+	Resolved int
 }
 
 // Lifecycle is what the record says happened to the keysets during the run.

@@ -118,6 +118,7 @@ type success struct {
 	rid, keyset string
 	kind        OpKind
 	regions     []string
+	at          time.Time // when the call started
 }
 
 // worker is one client loop: envelope encryptions and decryptions of one
@@ -282,6 +283,14 @@ func withRequestID(ctx context.Context, rid string) context.Context {
 // codeOf is the gRPC code name of a call's error ("OK" for nil).
 func codeOf(err error) string { return status.Code(err).String() }
 
+// errOf is the message of a call's error ("" for nil).
+func errOf(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
 // stopping reports whether err is only the workload being stopped.
 func stopping(ctx context.Context, err error) bool {
 	return err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled)
@@ -296,7 +305,7 @@ func (w *worker) encrypt(ctx context.Context, rid string, l *ledger) {
 	if stopping(ctx, err) {
 		return
 	}
-	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Encrypt, Start: start, End: time.Now(), Code: codeOf(err)})
+	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Encrypt, Start: start, End: time.Now(), Code: codeOf(err), Err: errOf(err)})
 	if err != nil {
 		return
 	}
@@ -304,7 +313,7 @@ func (w *worker) encrypt(ctx context.Context, rid string, l *ledger) {
 		w.violations = append(w.violations, fmt.Sprintf("client %d: the ciphertext of %s holds its plaintext", w.id, rid))
 	}
 	l.add(&entry{keyset: w.keyset.name, region: w.region, client: w.id, at: start, ad: ad, ct: ct, sum: sha256.Sum256(obj), rid: rid, keyID: keyIDOf(ct)})
-	w.successes = append(w.successes, success{rid: rid, keyset: w.keyset.name, kind: Encrypt, regions: []string{w.region}})
+	w.successes = append(w.successes, success{rid: rid, keyset: w.keyset.name, kind: Encrypt, regions: []string{w.region}, at: start})
 }
 
 func (w *worker) decrypt(ctx context.Context, rid string, e *entry) {
@@ -313,7 +322,7 @@ func (w *worker) decrypt(ctx context.Context, rid string, e *entry) {
 	if stopping(ctx, err) {
 		return
 	}
-	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Decrypt, Start: start, End: time.Now(), Code: codeOf(err), Fallback: w.fallback,
+	w.ops = append(w.ops, Op{Client: w.id, Region: w.region, Keyset: w.keyset.name, Kind: Decrypt, Start: start, End: time.Now(), Code: codeOf(err), Err: errOf(err), Fallback: w.fallback,
 		Made: e.at, KeyID: e.keyID, Ref: e.rid})
 	if err != nil {
 		if status.Code(err) == codes.InvalidArgument {
@@ -329,7 +338,7 @@ func (w *worker) decrypt(ctx context.Context, rid string, e *entry) {
 	if w.fallback {
 		regs = w.keyset.regions
 	}
-	w.successes = append(w.successes, success{rid: rid, keyset: w.keyset.name, kind: Decrypt, regions: regs})
+	w.successes = append(w.successes, success{rid: rid, keyset: w.keyset.name, kind: Decrypt, regions: regs, at: start})
 }
 
 // replayConcurrency is how many replay calls run at once.
@@ -384,7 +393,7 @@ func (c *chain) replay(t *testing.T, l *ledger) ([]Op, []string) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*callTimeout)
 				pt, err := env.DecryptWithContext(withRequestID(ctx, fmt.Sprintf("replay-%s-%s", j.region, j.e.rid)), j.e.ct, j.e.ad)
 				cancel()
-				op := Op{Client: -1 - i, Region: j.region, Keyset: j.e.keyset, Kind: Replay, Start: start, End: time.Now(), Code: codeOf(err),
+				op := Op{Client: -1 - i, Region: j.region, Keyset: j.e.keyset, Kind: Replay, Start: start, End: time.Now(), Code: codeOf(err), Err: errOf(err),
 					Made: j.e.at, KeyID: j.e.keyID, Ref: j.e.rid}
 				var v string
 				switch {
@@ -418,7 +427,7 @@ func (c *chain) replay(t *testing.T, l *ledger) ([]Op, []string) {
 // checks that each success has an ok record with its request ID, operation
 // and keyset on a server of one of its regions. It returns how many matched,
 // how many were on more than one server, and the violations.
-func (c *chain) auditCheck(t *testing.T, ss []success) (matched, dups int, violations []string) {
+func (c *chain) auditCheck(t *testing.T, ss []success) (matched, dups int, first time.Time, violations []string) {
 	t.Helper()
 	type rec struct{ region, op, keyset string }
 	byRID := map[string][]rec{}
@@ -449,6 +458,9 @@ func (c *chain) auditCheck(t *testing.T, ss []success) (matched, dups int, viola
 		switch {
 		case n == 0:
 			missing++
+			if first.IsZero() || s.at.Before(first) {
+				first = s.at
+			}
 			if missing <= maxListed {
 				violations = append(violations, fmt.Sprintf("audit: the %s %s of %s that a client saw succeed has no ok record on any KMS server of %v (records with its ID: %v)",
 					s.kind, s.rid, s.keyset, s.regions, byRID[s.rid]))
@@ -463,5 +475,5 @@ func (c *chain) auditCheck(t *testing.T, ss []success) (matched, dups int, viola
 	if missing > maxListed {
 		violations = append(violations, fmt.Sprintf("audit: ... and %d more successes with no ok record", missing-maxListed))
 	}
-	return matched, dups, violations
+	return matched, dups, first, violations
 }
