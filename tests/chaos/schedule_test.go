@@ -137,8 +137,8 @@ func TestAnalyze(t *testing.T) {
 		// Past its TTL, its version (6) retired at 11: the fallback region
 		// may refuse it, so only the client's own region must answer.
 		{Client: 1, Region: "us-east", Keyset: "ks", Kind: Decrypt, Start: at(12), End: at(12.1), Code: "Unavailable", Fallback: true, Made: at(1), KeyID: 6}, // excused
-		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(12), End: at(12.1), Code: "Unavailable"},                 // not excused: other region
-		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(21), End: at(21.2), Code: "DeadlineExceeded"},            // root tier: not excused
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(12), End: at(12.1), Code: "Unavailable"},                                                      // not excused: other region
+		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(21), End: at(21.2), Code: "DeadlineExceeded"},                                                 // root tier: not excused
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(30), End: at(30.1), Code: "OK"},
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(40), End: at(40.1), Code: "Internal"}, // no fault
 		{Client: 2, Region: "eu-west", Kind: Encrypt, Start: at(41), End: at(41.1), Code: "OK"},
