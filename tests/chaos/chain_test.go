@@ -51,6 +51,7 @@ type chain struct {
 	t      *testing.T
 	w      *framework.World
 	m      *safev1.GenesisManifest
+	safes  []framework.SafeConfig
 	ds     []*framework.Distributor
 	voters []*framework.Replica
 	kms    map[string][]*framework.KMSServer // by region
@@ -69,6 +70,9 @@ type chain struct {
 	paused map[string]bool
 	// violations are the invariants the fault steps found broken.
 	violations []string
+	// regionKeys are every region key version the voters served at the
+	// end (the secret scan looks for them; RequireNoSecrets clears them).
+	regionKeys []framework.Secret
 }
 
 // topology is what the schedule may fault.
@@ -99,6 +103,7 @@ func startChain(t *testing.T) *chain {
 		w.Mint("kms/" + r + "/kms-2") // `cairn dev certs` made kms-1
 	}
 	safes := w.FileSafes(3)
+	c.safes = safes
 	c.ds = w.Distributors(distributors, true)
 	var dAddrs []string
 	for _, d := range c.ds {

@@ -4,6 +4,9 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -142,6 +145,28 @@ func TestChaosSoak(t *testing.T) {
 			violations = append(violations, fmt.Sprintf("%s still runs (pid %d) after it was stopped", p.Name(), p.PID()))
 		}
 	}
+
+	// No secret in any file: every process's logs, state and audit log,
+	// regionctl's files, and every error a client or regionctl saw (written
+	// out for the scan: error strings go back to callers too).
+	var errs strings.Builder
+	for _, o := range ops {
+		if o.Err != "" {
+			fmt.Fprintln(&errs, o.Err)
+		}
+	}
+	for _, o := range replayOps {
+		if o.Err != "" {
+			fmt.Fprintln(&errs, o.Err)
+		}
+	}
+	for _, e := range c.drv.stats.Samples {
+		fmt.Fprintln(&errs, e)
+	}
+	if err := os.WriteFile(filepath.Join(c.w.Dir, "client-errors.txt"), []byte(errs.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.w.RequireNoSecrets(c.m, c.safes, nil, c.regionKeys)
 
 	rep.Took = time.Since(began)
 	rep.Violations = append(rep.Analysis.Violations, violations...)

@@ -412,8 +412,10 @@ func (c *chain) replicaViolations(want map[string]uint32) []string {
 				clear(k)
 			}
 		}
-		for _, k := range first {
-			clear(k)
+		// The first voter's keys are kept (and cleared) for the secret
+		// scan at the end of the run.
+		for ver, k := range first {
+			c.regionKeys = append(c.regionKeys, framework.Secret{Name: fmt.Sprintf("region key %s v%d", r, ver), Value: k})
 		}
 	}
 	return out

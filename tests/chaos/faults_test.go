@@ -1,10 +1,14 @@
 package chaos
 
 import (
+	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -15,6 +19,10 @@ type fault struct {
 	// check, if set, runs at the end of the hold, before any heal, and
 	// returns a violation or "".
 	check func() string
+	// deposed is the leader the fault killed or paused (nil: none).
+	deposed *framework.Replica
+	// settle, if set, runs once the chain is healthy again after the heal.
+	settle func()
 }
 
 // inject applies a and returns its fault. Voter faults aimed at the leader
@@ -49,17 +57,37 @@ func (c *chain) inject(a Action) fault {
 		}}
 	case KillVoter, PauseVoter:
 		v := c.targetVoter(a.Target)
+		var deposed *framework.Replica
+		if st, err := v.Status(); err == nil && st.GetState() == rootkmsv1.ReplicaState_REPLICA_STATE_LEADER {
+			deposed = v
+		}
 		if a.Kind == PauseVoter {
 			v.Pause()
 			c.paused[v.ID] = true
-			return fault{a: a, heal: v.Resume}
+			return fault{a: a, heal: v.Resume, deposed: deposed}
 		}
 		v.Kill()
-		return fault{a: a, heal: v.Restart}
+		return fault{a: a, heal: v.Restart, deposed: deposed}
 	case KillDistributor:
 		d := c.distributor(a.Target)
 		d.Kill()
 		return fault{a: a, heal: d.Restart}
+	case IsolateLeader:
+		l := c.targetVoter(LeaderTarget)
+		var paused []*framework.Replica
+		for _, v := range c.voters {
+			if v != l {
+				v.Pause()
+				c.paused[v.ID] = true
+				paused = append(paused, v)
+			}
+		}
+		w := c.writeToIsolated(l)
+		return fault{a: a, check: w.verdict, settle: w.settle, heal: func() {
+			for _, v := range paused {
+				v.Resume()
+			}
+		}}
 	case RootTierDown:
 		for _, d := range c.ds {
 			d.Pause()
@@ -100,7 +128,16 @@ func (c *chain) runStep(st Step) (Window, StepResult) {
 	for _, a := range st.Actions {
 		faults = append(faults, c.inject(a))
 	}
-	time.Sleep(st.Hold / 2)
+	// A deposed leader: how long until another voter leads (the time it
+	// takes counts in the hold).
+	var failover time.Duration
+	for _, f := range faults {
+		if f.deposed != nil {
+			others := slices.DeleteFunc(slices.Clone(c.voters), func(r *framework.Replica) bool { return r == f.deposed })
+			_, _, failover = framework.WaitLeader(others...)
+		}
+	}
+	time.Sleep(st.Hold/2 - time.Since(win.Start))
 	for _, f := range faults {
 		if f.a.Early {
 			f.heal()
@@ -121,8 +158,13 @@ func (c *chain) runStep(st Step) (Window, StepResult) {
 		}
 	}
 	c.waitHealthy()
+	for _, f := range faults {
+		if f.settle != nil {
+			f.settle()
+		}
+	}
 	win.End = time.Now()
-	return win, StepResult{Step: st, Recovery: win.End.Sub(healed)}
+	return win, StepResult{Step: st, Recovery: win.End.Sub(healed), Failover: failover}
 }
 
 // waitHealthy waits until every distributor is unsealed, a voter leads and
@@ -148,4 +190,58 @@ func (c *chain) waitHealthy() {
 			})
 		}
 	}
+}
+
+// isolatedWriteTimeout bounds the write sent straight to an isolated leader.
+const isolatedWriteTimeout = 2 * time.Second
+
+// isolatedWrite is a region key rotation sent straight to a leader whose
+// followers were all just paused, recorded in the driver's history.
+type isolatedWrite struct {
+	c      *chain
+	leader *framework.Replica
+	call   *framework.Call
+	in     framework.RegionInput
+	reply  *rootkmsv1.Region
+	err    error
+}
+
+// writeToIsolated sends a region key rotation straight to leader, with its
+// own request ID, at once after its followers were paused: it may still
+// believe it leads, but nothing can commit without a quorum, so the answer
+// must not be a success (the root KMS confirms leadership with a Raft
+// barrier before it proposes, and answers only what committed).
+func (c *chain) writeToIsolated(leader *framework.Replica) *isolatedWrite {
+	c.t.Helper()
+	w := &isolatedWrite{c: c, leader: leader, in: framework.RegionInput{Op: framework.OpRotate, Region: regions[0]}}
+	w.call = c.drv.hist.Begin(1, w.in)
+	ctx, cancel := context.WithTimeout(context.Background(), isolatedWriteTimeout)
+	defer cancel()
+	w.call.Attempt()
+	w.reply, w.err = leader.Client(framework.Regionctl).RotateRegionKey(rootkmsclient.WithRequestID(ctx, w.call.RequestID()),
+		&rootkmsv1.RotateRegionKeyRequest{Region: w.in.Region})
+	return w
+}
+
+// verdict is the write's violation, if it was acknowledged.
+func (w *isolatedWrite) verdict() string {
+	if w.err != nil {
+		return ""
+	}
+	return fmt.Sprintf("the leader %s acknowledged a region key rotation of %s (primary version %d) while every other voter was paused: no quorum could have committed it",
+		w.leader.ID, w.in.Region, w.reply.GetPrimaryVersion())
+}
+
+// settle ends the recorded operation: an answer that says what happened
+// ends it as it is; otherwise the rotation is sent again through the
+// cluster client with the same request ID (the root KMS applies it at most
+// once) until the cluster says what became of it.
+func (w *isolatedWrite) settle() {
+	for try := 0; try < 5 && framework.Classify(w.in.Op, w.reply, w.err).Outcome == framework.OutcomeUnknown; try++ {
+		w.reply, w.err = w.c.drv.send(w.call, w.in)
+	}
+	if w.err != nil {
+		w.reply = nil
+	}
+	w.call.End(w.reply, w.err)
 }

@@ -96,6 +96,64 @@ type Analysis struct {
 	// FirstViolation is when the earliest of those operations started
 	// (zero: none).
 	FirstViolation time.Time
+	// Latency is, per region, the latency of its clients' successful
+	// encrypts and decrypts with no fault at all, and while another
+	// region was down with no fault on this region's own servers
+	// (reliability row 25: a region keeps its latency while another is
+	// down).
+	Latency map[string]RegionLatency
+}
+
+// RegionLatency is one region's latency with no fault and while another
+// region was down.
+type RegionLatency struct {
+	NoFault, OtherDown Percentiles
+}
+
+// Percentiles sums up N latencies.
+type Percentiles struct {
+	N        int
+	P50, P99 time.Duration
+}
+
+func percentiles(ds []time.Duration) Percentiles {
+	if len(ds) == 0 {
+		return Percentiles{}
+	}
+	slices.Sort(ds)
+	at := func(q float64) time.Duration { return ds[min(len(ds)-1, int(q*float64(len(ds))))] }
+	return Percentiles{N: len(ds), P50: at(0.50), P99: at(0.99)}
+}
+
+// touches reports whether the step faults a KMS server of region.
+func (s Step) touches(region string) bool {
+	for _, a := range s.Actions {
+		if (a.Kind == RegionDown && a.Target == region) || (a.Kind == KillKMS && strings.HasPrefix(a.Target, region+"/")) {
+			return true
+		}
+	}
+	return false
+}
+
+// latencyClass returns "none" for an operation no window overlaps, "other"
+// for one that overlaps a region-down window of another region and no
+// window faulting its own region's servers, and "" otherwise.
+func latencyClass(o Op, windows []Window) string {
+	class := "none"
+	for _, w := range windows {
+		if !w.overlaps(o) {
+			continue
+		}
+		if w.Step.touches(o.Region) {
+			return ""
+		}
+		if len(w.Step.DownRegions()) > 0 {
+			class = "other"
+		} else if class == "none" {
+			class = ""
+		}
+	}
+	return class
 }
 
 // Expiry is what decides whether a decrypt refused because its key version
@@ -195,7 +253,7 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 					label = w.Step.Label()
 				}
 				inWindow = inWindow || down
-				rootTier = rootTier || (w.Step.has(RootTierDown) && !down)
+				rootTier = rootTier || ((w.Step.has(RootTierDown) || w.Step.has(IsolateLeader)) && !down)
 			}
 		}
 		a.ErrorsByWindow[label]++
@@ -211,6 +269,22 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 	}
 	if unexcused > maxListed {
 		a.Violations = append(a.Violations, fmt.Sprintf("... and %d more client errors no fault excuses", unexcused-maxListed))
+	}
+	a.Latency = map[string]RegionLatency{}
+	lat := map[string]map[string][]time.Duration{}
+	for _, o := range ops {
+		if !o.OK() || o.Kind == Replay {
+			continue
+		}
+		if c := latencyClass(o, windows); c != "" {
+			if lat[o.Region] == nil {
+				lat[o.Region] = map[string][]time.Duration{}
+			}
+			lat[o.Region][c] = append(lat[o.Region][c], o.End.Sub(o.Start))
+		}
+	}
+	for r, m := range lat {
+		a.Latency[r] = RegionLatency{NoFault: percentiles(m["none"]), OtherDown: percentiles(m["other"])}
 	}
 	for _, cops := range byClient {
 		slices.SortFunc(cops, func(x, y Op) int { return x.Start.Compare(y.Start) })
@@ -238,6 +312,9 @@ type StepResult struct {
 	// Recovery is how long the chain took, after the heal, until every
 	// component served again.
 	Recovery time.Duration
+	// Failover is, for a step that killed or paused the leader, how long
+	// until another voter led (0: not such a step).
+	Failover time.Duration
 }
 
 // Report is the soak's closing report.
@@ -309,6 +386,36 @@ func (r *Report) String() string {
 	p("longest unavailability seen by a client, per region:")
 	for _, region := range slices.Sorted(maps.Keys(r.Analysis.LongestUnavailable)) {
 		p("  %-18s %s", region, r.Analysis.LongestUnavailable[region].Round(time.Millisecond))
+	}
+	p("latency of a region's successful calls, no fault vs another region down (its own servers untouched; row 25 asks p99 within 1.5x):")
+	for _, region := range slices.Sorted(maps.Keys(r.Analysis.Latency)) {
+		l := r.Analysis.Latency[region]
+		verdict := "no region-down window of another region"
+		if l.OtherDown.N > 0 && l.NoFault.N > 0 {
+			ratio := float64(l.OtherDown.P99) / float64(l.NoFault.P99)
+			verdict = fmt.Sprintf("p99 ratio %.2f: within 1.5x", ratio)
+			if ratio > 1.5 {
+				verdict = fmt.Sprintf("p99 ratio %.2f: ABOVE 1.5x", ratio)
+			}
+		}
+		p("  %-18s no fault: %d calls, p50 %s, p99 %s; another region down: %d calls, p50 %s, p99 %s; %s", region,
+			l.NoFault.N, l.NoFault.P50.Round(10*time.Microsecond), l.NoFault.P99.Round(10*time.Microsecond),
+			l.OtherDown.N, l.OtherDown.P50.Round(10*time.Microsecond), l.OtherDown.P99.Round(10*time.Microsecond), verdict)
+	}
+	var failovers []time.Duration
+	for _, s := range r.Steps {
+		if s.Failover > 0 {
+			failovers = append(failovers, s.Failover)
+		}
+	}
+	if len(failovers) > 0 {
+		longest := slices.Max(failovers)
+		verdict := "met"
+		if longest > 2*time.Second {
+			verdict = "NOT met"
+		}
+		p("leader failovers (the leader killed or paused): %d, time to a new leader p50 %s, max %s (row 15 asks at most 2s: %s)",
+			len(failovers), percentiles(failovers).P50.Round(time.Millisecond), longest.Round(time.Millisecond), verdict)
 	}
 	p("ledger: %d acknowledged ciphertexts, %d decryptions replayed at the end", r.Ledger, r.Replayed)
 	d := r.Driver

@@ -40,10 +40,16 @@ const (
 	// (SIGSTOP keeps the root key in their RAM). KMS servers that hold a
 	// bundle must keep serving.
 	RootTierDown Kind = "root-tier-down"
+	// IsolateLeader is every voter but the leader paused (SIGSTOP) at
+	// once: a leader cut off from its quorum, still running. A write sent
+	// straight to it at once, while it may still think it leads, must not
+	// be acknowledged (nothing commits without a quorum); it is resolved
+	// after the heal like any write of unknown outcome.
+	IsolateLeader Kind = "isolate-leader"
 )
 
 // Kinds are every kind, in the order the report lists them.
-var Kinds = []Kind{KillKMS, RegionDown, KillVoter, PauseVoter, KillDistributor, RootTierDown}
+var Kinds = []Kind{KillKMS, RegionDown, KillVoter, PauseVoter, KillDistributor, RootTierDown, IsolateLeader}
 
 // LeaderTarget is the Target of a voter fault aimed at whichever voter leads
 // when the step starts.
@@ -159,8 +165,8 @@ func (s Step) DownRegions() []string {
 
 // Validate checks the rules every step keeps, whatever the seed:
 //   - at most one voter down (killed or paused), unless the step is a
-//     deliberate RootTierDown, which takes no other voter or distributor
-//     action;
+//     deliberate RootTierDown or IsolateLeader, which takes no other voter
+//     or distributor action;
 //   - never every distributor down: at most one killed (a RootTierDown
 //     only pauses them, which keeps the root key);
 //   - at most one region down, and no other KMS fault in that region; in
@@ -185,7 +191,10 @@ func (s Step) Validate(t Topology) error {
 				return fmt.Errorf("chaos: %s: unknown distributor %q", s, a.Target)
 			}
 			dists++
-		case RootTierDown:
+		case RootTierDown, IsolateLeader:
+			if root {
+				return fmt.Errorf("chaos: %s: two quorum-loss faults in one step", s)
+			}
 			root = true
 		case RegionDown:
 			if _, ok := t.KMS[a.Target]; !ok {
@@ -211,7 +220,7 @@ func (s Step) Validate(t Topology) error {
 		}
 	}
 	if root && (voters > 0 || dists > 0) {
-		return fmt.Errorf("chaos: %s: a root-tier-down step takes no other voter or distributor fault", s)
+		return fmt.Errorf("chaos: %s: a root-tier-down or isolate-leader step takes no other voter or distributor fault", s)
 	}
 	if voters > 1 {
 		return fmt.Errorf("chaos: %s: %d voters down, at most 1 outside a root-tier-down step", s, voters)
@@ -234,7 +243,7 @@ func (s Step) Validate(t Topology) error {
 		}
 	}
 	for _, a := range s.Actions {
-		if a.Early && !root {
+		if a.Early && !s.has(RootTierDown) {
 			return fmt.Errorf("chaos: %s: an early restart outside a root-tier-down step", s)
 		}
 	}
@@ -270,7 +279,7 @@ func NewSchedule(seed uint64, t Topology) (*Schedule, error) {
 }
 
 // weights are how often each primary kind is drawn after the first round.
-var weights = map[Kind]int{KillKMS: 25, RegionDown: 10, KillVoter: 20, PauseVoter: 15, KillDistributor: 15, RootTierDown: 15}
+var weights = map[Kind]int{KillKMS: 25, RegionDown: 10, KillVoter: 20, PauseVoter: 15, KillDistributor: 15, RootTierDown: 15, IsolateLeader: 10}
 
 // Next returns the next step.
 func (s *Schedule) Next() Step {
@@ -333,6 +342,8 @@ func (s *Schedule) action(k Kind, avoid []string) Action {
 		return Action{Kind: k, Target: pick(s.topo.Voters)}
 	case KillDistributor:
 		return Action{Kind: k, Target: pick(s.topo.Distributors)}
+	case IsolateLeader:
+		return Action{Kind: k}
 	}
 	return Action{Kind: RootTierDown}
 }
@@ -349,6 +360,8 @@ func (s *Schedule) secondary(st Step) (Action, bool) {
 		return a, true
 	case RegionDown:
 		choices = []Kind{KillKMS, KillVoter, PauseVoter, KillDistributor}
+	case IsolateLeader:
+		choices = []Kind{KillKMS, RegionDown}
 	case KillVoter, PauseVoter:
 		choices = []Kind{KillKMS, RegionDown, KillDistributor}
 	case KillDistributor:

@@ -105,6 +105,10 @@ func TestStepValidateRefuses(t *testing.T) {
 		{"early outside root tier", []Action{{Kind: KillKMS, Target: "us-east/kms-1", Early: true}}, "early restart"},
 		{"unknown server", []Action{{Kind: KillKMS, Target: "us-east/kms-9"}}, "unknown KMS server"},
 		{"region down and a server in it", []Action{{Kind: RegionDown, Target: "us-east"}, {Kind: KillKMS, Target: "us-east/kms-1"}}, "another fault"},
+		{"isolated leader and a voter", []Action{{Kind: IsolateLeader}, {Kind: PauseVoter, Target: "rootkms-1"}}, "isolate-leader"},
+		{"isolated leader and a distributor", []Action{{Kind: IsolateLeader}, {Kind: KillDistributor, Target: "distributor-1"}}, "isolate-leader"},
+		{"isolated leader and the root tier", []Action{{Kind: IsolateLeader}, {Kind: RootTierDown}}, "two quorum-loss faults"},
+		{"early in an isolated-leader step", []Action{{Kind: IsolateLeader}, {Kind: KillKMS, Target: "us-east/kms-1", Early: true}}, "early restart"},
 	} {
 		err := Step{N: 1, Actions: tc.actions}.Validate(topo)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -114,6 +118,10 @@ func TestStepValidateRefuses(t *testing.T) {
 	ok := Step{N: 1, Actions: []Action{{Kind: RootTierDown}, {Kind: KillKMS, Target: "eu-west/kms-2", Early: true}}}
 	if err := ok.Validate(topo); err != nil {
 		t.Errorf("root tier down with an early KMS restart: Validate = %v, want nil", err)
+	}
+	isolated := Step{N: 1, Actions: []Action{{Kind: IsolateLeader}, {Kind: RegionDown, Target: "us-east"}}}
+	if err := isolated.Validate(topo); err != nil {
+		t.Errorf("an isolated leader with a region down: Validate = %v, want nil", err)
 	}
 }
 
@@ -180,5 +188,41 @@ func TestAnalyze(t *testing.T) {
 	wantLongest := map[string]time.Duration{"us-east": 13100 * time.Millisecond, "eu-west": 18100 * time.Millisecond, "ap-south": 25200 * time.Millisecond}
 	if diff := cmp.Diff(wantLongest, a.LongestUnavailable); diff != "" {
 		t.Errorf("longest unavailability (-want +got):\n%s", diff)
+	}
+}
+
+// TestLatencyClasses: a region's calls count as "no fault" only outside
+// every window, and as "another region down" only in a window that took
+// another region down and faulted none of this region's servers.
+func TestLatencyClasses(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	westDown := Window{Step: Step{Actions: []Action{{Kind: RegionDown, Target: "eu-west"}}}, Start: at(10), End: at(14)}
+	westDownEastKill := Window{Step: Step{Actions: []Action{{Kind: RegionDown, Target: "eu-west"}, {Kind: KillKMS, Target: "us-east/kms-1"}}}, Start: at(20), End: at(24)}
+	voter := Window{Step: Step{Actions: []Action{{Kind: KillVoter, Target: LeaderTarget}}}, Start: at(30), End: at(34)}
+	ws := []Window{westDown, westDownEastKill, voter}
+	for _, c := range []struct {
+		region string
+		start  float64
+		want   string
+	}{
+		{"us-east", 5, "none"},
+		{"us-east", 11, "other"},
+		{"eu-west", 11, ""}, // its own region is down
+		{"us-east", 21, ""}, // one of its servers is down
+		{"us-east", 31, ""}, // another fault, no region down
+		{"us-east", 40, "none"},
+	} {
+		o := Op{Region: c.region, Start: at(c.start), End: at(c.start + 0.1), Code: "OK"}
+		if got := latencyClass(o, ws); got != c.want {
+			t.Errorf("latencyClass(%s at %v) = %q, want %q", c.region, c.start, got, c.want)
+		}
+	}
+	ds := make([]time.Duration, 100)
+	for i := range ds {
+		ds[i] = time.Duration(100-i) * time.Millisecond
+	}
+	if got, want := percentiles(ds), (Percentiles{N: 100, P50: 51 * time.Millisecond, P99: 100 * time.Millisecond}); got != want {
+		t.Errorf("percentiles = %+v, want %+v", got, want)
 	}
 }

@@ -18,6 +18,7 @@ here=$root/tests/chaos/mutants
 seed=${SEED:-$(od -An -N7 -tu8 /dev/urandom | tr -d ' ')}
 duration=${DURATION:-70s}
 logs=${LOGS:-$(mktemp -d /tmp/cairn-mutants-XXXXXX)}
+mkdir -p "$logs"
 
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
@@ -37,6 +38,7 @@ for name in "${names[@]}"; do
 	[ -f "$patch" ] || { echo "no mutant $name ($patch)"; exit 2; }
 	wt=$(mktemp -d /tmp/cairn-mutant-XXXXXX)
 	git -C "$root" worktree add --quiet --detach "$wt" "$rev"
+	trap 'git -C "$root" worktree remove --force "$wt"' EXIT
 	log=$logs/$name.log
 	if ! git -C "$wt" apply "$patch"; then
 		results+=("$name: the patch no longer applies; refresh it")
@@ -63,6 +65,7 @@ for name in "${names[@]}"; do
 		fi
 	fi
 	git -C "$root" worktree remove --force "$wt"
+	trap - EXIT
 done
 echo
 echo "mutants (seed $seed):"
