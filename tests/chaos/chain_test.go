@@ -68,8 +68,10 @@ type chain struct {
 	// paused are the voters that were ever paused (a deposed leader may
 	// hang on SIGTERM: a known hashicorp/raft defect).
 	paused map[string]bool
-	// violations are the invariants the fault steps found broken.
-	violations []string
+	// violations are the invariants the fault steps found broken;
+	// firstViolation is when the step of the first one began.
+	violations     []string
+	firstViolation time.Time
 	// regionKeys are every region key version the voters served at the
 	// end (the secret scan looks for them; RequireNoSecrets clears them).
 	regionKeys []framework.Secret

@@ -170,9 +170,10 @@ func TestChaosSoak(t *testing.T) {
 
 	rep.Took = time.Since(began)
 	rep.Violations = append(rep.Analysis.Violations, violations...)
-	rep.FirstViolation = rep.Analysis.FirstViolation
-	if !auditFirst.IsZero() && (rep.FirstViolation.IsZero() || auditFirst.Before(rep.FirstViolation)) {
-		rep.FirstViolation = auditFirst
+	for _, at := range []time.Time{rep.Analysis.FirstViolation, auditFirst, c.firstViolation} {
+		if !at.IsZero() && (rep.FirstViolation.IsZero() || at.Before(rep.FirstViolation)) {
+			rep.FirstViolation = at
+		}
 	}
 	t.Logf("\n%s", rep)
 	if n := len(rep.Violations); n > 0 {

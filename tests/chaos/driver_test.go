@@ -140,6 +140,26 @@ func (d *driver) recorded(in framework.RegionInput) (*rootkmsv1.Region, error) {
 	return reply, err
 }
 
+// resent is recorded for a write whose reply the client "lost": once the
+// cluster answered it, it is sent again with the same request ID, as a
+// client that timed out after the commit would, and the operation ends with
+// the second answer. The root KMS must answer it as a duplicate and not
+// apply it twice; a second rotation would show as a version the history
+// cannot explain (porcupine) at the next read.
+func (d *driver) resent(in framework.RegionInput) {
+	call := d.hist.Begin(0, in)
+	reply, err := d.send(call, in)
+	if framework.Classify(in.Op, reply, err).Outcome == framework.OutcomeOK {
+		d.stats.Resent++
+		reply, err = d.send(call, in)
+	}
+	if framework.Classify(in.Op, reply, err).Outcome == framework.OutcomeUnknown {
+		d.open = append(d.open, openWrite{call: call, in: in})
+		return
+	}
+	call.End(reply, err)
+}
+
 // openWrite is a recorded write whose outcome is not known yet.
 type openWrite struct {
 	call *framework.Call
@@ -258,7 +278,12 @@ func (d *driver) round(ctx context.Context, round int) {
 	}
 	if round%regionKeyEvery == 0 {
 		d.rotated++
-		_, _ = d.recorded(framework.RegionInput{Op: framework.OpRotate, Region: regions[(round/regionKeyEvery)%len(regions)]})
+		in := framework.RegionInput{Op: framework.OpRotate, Region: regions[(round/regionKeyEvery)%len(regions)]}
+		if d.rotated%2 == 0 {
+			d.resent(in)
+		} else {
+			_, _ = d.recorded(in)
+		}
 	}
 	_, _ = d.recorded(framework.RegionInput{Op: framework.OpGet, Region: regions[round%len(regions)]})
 }

@@ -148,6 +148,9 @@ func (c *chain) runStep(st Step) (Window, StepResult) {
 		if f.check != nil {
 			if v := f.check(); v != "" {
 				c.violations = append(c.violations, fmt.Sprintf("step %d: %s", st.N, v))
+				if c.firstViolation.IsZero() {
+					c.firstViolation = win.Start
+				}
 			}
 		}
 	}

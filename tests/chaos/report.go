@@ -343,8 +343,9 @@ type Report struct {
 	Violations []string
 	// Began is when the faults began; FirstViolation when the earliest
 	// operation found to break an invariant (a client's error, a refusal
-	// within the TTL, a success with no audit record) started (zero: none
-	// of those; a violation found only by an end-of-run check has no time).
+	// within the TTL, a success with no audit record) or the step whose
+	// check found one started (zero: none of those; a violation found only
+	// by an end-of-run check has no time).
 	Began, FirstViolation time.Time
 }
 
@@ -433,8 +434,8 @@ func (r *Report) String() string {
 	if r.Root.Linearizable {
 		verdict = "linearizable"
 	}
-	p("root KMS writes (region key rotations %d asked; %d of unknown outcome settled by sending them again with their request ID): %s; %s",
-		r.RegionKeyRotations, d.Resolved, verdict, r.Root.Stats)
+	p("root KMS writes (region key rotations %d asked; %d of unknown outcome settled by sending them again with their request ID; %d answered ones sent again on purpose, as after a lost reply): %s; %s",
+		r.RegionKeyRotations, d.Resolved, d.Resent, verdict, r.Root.Stats)
 	p("  root KMS writes by outcome:%s", counts(r.Root.Stats.ByOutcome))
 	p("  every voter serves region key versions %v (1..N, N primary, same keys)", r.Root.Versions)
 	p("audit: %d successes matched to an ok record by request ID (%d on more than one server)", r.AuditChecked, r.AuditDuplicates)
@@ -446,7 +447,7 @@ func (r *Report) String() string {
 	}
 	p("invariant violations: %d", len(r.Violations))
 	if !r.FirstViolation.IsZero() {
-		p("  the earliest operation that broke one started %s after the faults began", r.FirstViolation.Sub(r.Began).Round(time.Millisecond))
+		p("  the earliest operation (or fault step) that broke one started %s after the faults began", r.FirstViolation.Sub(r.Began).Round(time.Millisecond))
 	}
 	for _, v := range r.Violations {
 		p("  %s", v)

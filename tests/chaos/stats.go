@@ -27,8 +27,9 @@ type DriverStats struct {
 	// Samples holds the stderr of the first failed run of each reason.
 	Samples map[string]string
 	// Resolved counts the recorded region key writes of unknown outcome
-	// that a later round sent again with their request ID and settled.
-	Resolved int
+	// that a later round sent again with their request ID and settled;
+	// Resent the answered rotations sent again on purpose (a lost reply).
+	Resolved, Resent int
 }
 
 // Lifecycle is what the record says happened to the keysets during the run.

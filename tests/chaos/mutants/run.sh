@@ -10,7 +10,7 @@
 #
 #   tests/chaos/mutants/run.sh                 # every mutant
 #   tests/chaos/mutants/run.sh audit-skip      # one, by file name
-#   SEED=123 DURATION=70s tests/chaos/mutants/run.sh
+#   SEED=123 DURATION=70s REV=HEAD tests/chaos/mutants/run.sh
 set -euo pipefail
 
 root=$(git rev-parse --show-toplevel)
@@ -26,8 +26,8 @@ if [ ${#names[@]} -eq 0 ]; then
 fi
 
 # The tree as it is now, uncommitted changes included, as a commit object
-# (not on any branch).
-rev=$(git -C "$root" stash create)
+# (not on any branch); REV=<commit> tests that commit instead.
+rev=${REV:-$(git -C "$root" stash create)}
 rev=${rev:-HEAD}
 
 echo "mutants: seed $seed, $duration of faults each, logs in $logs"
@@ -53,12 +53,12 @@ for name in "${names[@]}"; do
 		set -e
 		took=$(($(date +%s) - start))
 		n=$(sed -n 's/.*invariant violations: \([0-9]*\).*/\1/p' "$log" | tail -1)
-		first=$(sed -n 's/.*the earliest operation that broke one started \(.*\) after the faults began.*/\1/p' "$log" | tail -1)
+		first=$(sed -n 's/.*the earliest operation (or fault step) that broke one started \(.*\) after the faults began.*/\1/p' "$log" | tail -1)
 		if [ "$rc" -eq 0 ]; then
 			results+=("$name: NOT CAUGHT (the soak passed in ${took}s)")
 			status=1
 		elif [ -n "$n" ] && [ "$n" -gt 0 ]; then
-			results+=("$name: caught, $n invariant violation(s); earliest violating operation ${first:-(none timed: found by an end-of-run check)} after the faults began; run ${took}s")
+			results+=("$name: caught, $n invariant violation(s); earliest violating operation or step ${first:-(none timed: found by an end-of-run check)} after the faults began; run ${took}s")
 		else
 			results+=("$name: the soak failed without reporting a violation (rc $rc, see $log)")
 			status=1
