@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/hpkeseal"
@@ -76,6 +78,12 @@ func FuzzSubmitReleasedShare(f *testing.F) {
 		if err != nil && (len(c.accepted) != 0 || len(c.officers) != 0 || c.state != distributorv1.CeremonyState_CEREMONY_STATE_OPEN) {
 			t.Fatalf("a refused submission changed the ceremony: accepted %v, state %v", c.accepted, c.state)
 		}
+		// What the officer is told: a share this officer may submit that
+		// does not check out is INVALID_ARGUMENT; a slot of another officer
+		// is PERMISSION_DENIED; never INTERNAL or anything else.
+		if code := status.Code(toStatus(err)); err != nil && code != codes.InvalidArgument && !(index != 1 && code == codes.PermissionDenied) {
+			t.Fatalf("submit of index %d refused with %v (%v), want InvalidArgument (or PermissionDenied for another officer's slot)", index, code, err)
+		}
 	})
 }
 
@@ -100,8 +108,12 @@ func FuzzSubmitEnvelope(f *testing.F) {
 			t.Fatal(err)
 		}
 		defer c.end(distributorv1.CeremonyState_CEREMONY_STATE_CANCELLED, "")
-		if _, err := c.submit(officer, 1, &cryptov1.HpkeSealed{KemId: kem, KdfId: kdf, AeadId: aead, Ciphertext: ct}, time.Now()); err == nil {
+		_, err = c.submit(officer, 1, &cryptov1.HpkeSealed{KemId: kem, KdfId: kdf, AeadId: aead, Ciphertext: ct}, time.Now())
+		if err == nil {
 			t.Fatalf("submit accepted an envelope of arbitrary bytes %x", ct)
+		}
+		if code := status.Code(toStatus(err)); code != codes.InvalidArgument {
+			t.Fatalf("an envelope of arbitrary bytes refused with %v (%v), want InvalidArgument", code, err)
 		}
 		if len(c.accepted) != 0 || c.state != distributorv1.CeremonyState_CEREMONY_STATE_OPEN {
 			t.Fatalf("a refused envelope changed the ceremony")

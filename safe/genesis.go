@@ -174,31 +174,103 @@ func verify(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) error 
 	return VerifyShares(m, shares)
 }
 
-// Recover reconstructs the RMK from the shares of m held by the given safes
-// (K or more of them), checking each share's commitment and the KCV. Each
-// safe's share is found by its label in the manifest.
+// SafeError is why one safe gave no usable share to Recover: it names the
+// safe and, when the manifest assigns it one, the share index.
+type SafeError struct {
+	Label string
+	Index uint32 // 0 if the safe holds no share of the manifest
+	Err   error
+}
+
+func (e *SafeError) Error() string {
+	if e.Index == 0 {
+		return fmt.Sprintf("safe: %s: %v", e.Label, e.Err)
+	}
+	return fmt.Sprintf("safe: share %d from %s: %v", e.Index, e.Label, e.Err)
+}
+
+func (e *SafeError) Unwrap() error { return e.Err }
+
+// Recovery says how RecoverReport went: which shares it combined and which
+// safes it had to skip.
+type Recovery struct {
+	// Used are the indices of the shares the key was combined from.
+	Used []uint32
+	// Accepted are the indices of every share that passed its commitment
+	// check (Used and any beyond the threshold), ascending.
+	Accepted []uint32
+	// Failed has one entry per safe that gave no usable share, in the
+	// order the safes were given.
+	Failed []*SafeError
+}
+
+// Recover reconstructs the RMK from the shares of m held by the given safes,
+// checking each share's commitment and the combined key's KCV. Each safe's
+// share is found by its label in the manifest. It is RecoverReport without
+// the report: a safe that fails is skipped as long as K others succeed, and
+// its error is then dropped. Callers that must tell an operator which safes
+// are broken (drills, recovery tools) use RecoverReport.
 func Recover(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) (secret.Bytes, error) {
+	rmk, _, err := RecoverReport(ctx, m, safes)
+	return rmk, err
+}
+
+// RecoverReport is Recover, also reporting which safes failed. It asks every
+// safe given for its share. A safe that cannot give one (it cannot unseal,
+// its share does not match the manifest commitment, it holds no share of m,
+// or it repeats another safe's slot) is skipped and its error kept in
+// Recovery.Failed, naming the safe and the share index: one dead HSM must
+// not block a recovery that a quorum of the others can complete. If fewer
+// than K shares pass, the error wraps ErrThresholdNotMet and every safe's
+// error. Only an ended ctx stops it early (its error is returned, with the
+// failures so far), and a combined key that does not match the KCV
+// (ErrKCVMismatch: the manifest itself is inconsistent) fails it. The
+// caller owns (and must wipe) the returned key.
+func RecoverReport(ctx context.Context, m *safev1.GenesisManifest, safes []Safe) (secret.Bytes, Recovery, error) {
+	var rep Recovery
 	c, err := NewCombiner(m)
 	if err != nil {
-		return secret.Bytes{}, err
+		return secret.Bytes{}, rep, err
 	}
 	defer c.Wipe()
+	failures := func() []error {
+		errs := make([]error, len(rep.Failed))
+		for i, f := range rep.Failed {
+			errs[i] = f
+		}
+		return errs
+	}
 	for _, s := range safes {
+		if err := ctx.Err(); err != nil {
+			return secret.Bytes{}, rep, errors.Join(append([]error{fmt.Errorf("safe: recovery stopped: %w", err)}, failures()...)...)
+		}
 		index, err := SlotOf(m, s)
 		if err != nil {
-			return secret.Bytes{}, err
+			rep.Failed = append(rep.Failed, &SafeError{Label: s.Label(), Err: err})
+			continue
 		}
 		share, err := s.Unseal(ctx, ShareRef{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Index: index})
 		if err != nil {
-			return secret.Bytes{}, fmt.Errorf("safe: share %d from %s: %w", index, s.Label(), err)
+			if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+				// Not the safe's fault: the caller gave up.
+				return secret.Bytes{}, rep, errors.Join(append([]error{fmt.Errorf("safe: recovery stopped at share %d from %s: %w", index, s.Label(), err)}, failures()...)...)
+			}
+			rep.Failed = append(rep.Failed, &SafeError{Label: s.Label(), Index: index, Err: err})
+			continue
 		}
 		err = c.Add(index, share)
 		share.Wipe()
 		if err != nil {
-			return secret.Bytes{}, fmt.Errorf("safe: share %d from %s: %w", index, s.Label(), err)
+			rep.Failed = append(rep.Failed, &SafeError{Label: s.Label(), Index: index, Err: err})
 		}
 	}
-	return c.Combine()
+	rep.Accepted = c.Indices()
+	rmk, err := c.Combine()
+	if err != nil {
+		return secret.Bytes{}, rep, errors.Join(append([]error{err}, failures()...)...)
+	}
+	rep.Used = rep.Accepted[:c.Threshold()]
+	return rmk, rep, nil
 }
 
 // SlotOf returns the share index the manifest assigns to a safe (by label).

@@ -61,7 +61,13 @@ func Commitment(ref ShareRef, share []byte) []byte {
 	key = binary.BigEndian.AppendUint32(key, ref.Index)
 	m := hmac.New(sha256.New, key)
 	m.Write(share)
-	return m.Sum(nil)
+	sum := m.Sum(nil)
+	// SHA-256 keeps the last, unfinished block of its input in a buffer
+	// that nothing clears: here the share itself, which would stay in the
+	// freed heap object. A block of zeros written after the sum is taken
+	// pushes it out (the buffered tail is overwritten in place).
+	m.Write(make([]byte, sha256.BlockSize))
+	return sum
 }
 
 // ValidateManifest checks a manifest's structure (not its signature: the

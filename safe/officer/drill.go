@@ -29,8 +29,11 @@ type DrillReport struct {
 	GenesisID string
 	Epoch     uint32
 	Shares    []uint32 // the share indices the ceremony accepted
-	KCV       []byte   // the KCV of the restored key (equal to the manifest's)
-	Took      time.Duration
+	// Failed names each safe that could not release its share and why,
+	// in the order given; the drill passed without them.
+	Failed []*safe.SafeError
+	KCV    []byte // the KCV of the restored key (equal to the manifest's)
+	Took   time.Duration
 }
 
 // drillTD is the throwaway trust domain of a drill: it can never be a
@@ -42,7 +45,10 @@ var drillTD = spiffeid.RequireTrustDomainFromString("cairn-drill.invalid")
 // distributor on 127.0.0.1, with a throwaway PKI, audit log and state in a
 // temporary directory that it removes afterwards. It touches nothing in
 // production: no production distributor, identity or file is involved, and
-// the restored key is checked and wiped.
+// the restored key is checked and wiped. A safe that fails to release its
+// share is skipped and reported in DrillReport.Failed (and logged) as long
+// as the others reach the threshold; otherwise the error names every failed
+// safe.
 func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, log *slog.Logger) (*DrillReport, error) {
 	start := time.Now()
 	if err := safe.ValidateManifest(m); err != nil {
@@ -129,7 +135,21 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		return distributorv1.NewDistributorClient(conn), func() { conn.Close() }, nil
 	}
 
-	var c *distributorv1.Ceremony
+	// A safe that cannot release its share (its HSM is gone, its share is
+	// damaged) is skipped, as its officer would be in a real ceremony: the
+	// drill proves that the safes that work restore the key, and names
+	// every one that does not, in the report and the log.
+	var (
+		c      *distributorv1.Ceremony
+		failed []*safe.SafeError
+	)
+	failures := func() error {
+		errs := make([]error, len(failed))
+		for i, f := range failed {
+			errs[i] = f
+		}
+		return errors.Join(errs...)
+	}
 	for i, s := range safes {
 		osrc, err := source("officer", fmt.Sprintf("officer-%d", i+1))
 		if err != nil {
@@ -145,18 +165,25 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 				return nil, fmt.Errorf("officer: drill: opening the ceremony: %w", err)
 			}
 		}
-		c, err = Release(ctx, client, c.GetId(), dm, s)
+		next, err := Release(ctx, client, c.GetId(), dm, s)
 		closeConn()
 		if err != nil {
-			return nil, fmt.Errorf("officer: drill: %s: %w", s.Label(), err)
+			if ctx.Err() != nil {
+				return nil, errors.Join(fmt.Errorf("officer: drill: stopped at %s: %w", s.Label(), ctx.Err()), failures())
+			}
+			index, _ := safe.SlotOf(dm, s)
+			failed = append(failed, &safe.SafeError{Label: s.Label(), Index: index, Err: err})
+			log.Warn("drill: safe failed to release its share; continuing with the others", "safe", s.Label(), "index", index, "err", err)
+			continue
 		}
+		c = next
 		log.Info("drill: share released", "safe", s.Label(), "have", len(c.GetAcceptedIndices()), "threshold", dm.GetThreshold())
 		if c.GetState() != distributorv1.CeremonyState_CEREMONY_STATE_OPEN {
 			break
 		}
 	}
 	if c.GetState() != distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED {
-		return nil, fmt.Errorf("officer: drill: ceremony ended %s: %s", c.GetState(), c.GetDetail())
+		return nil, errors.Join(fmt.Errorf("officer: drill: ceremony ended %s with shares %v of %d needed: %s", c.GetState(), c.GetAcceptedIndices(), dm.GetThreshold(), c.GetDetail()), failures())
 	}
 
 	// Prove the restored key the way a root KMS replica would see it.
@@ -190,7 +217,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 	if !safe.CheckKCV(rmk, m) {
 		return nil, errors.New("officer: drill: the restored key does not match the manifest KCV")
 	}
-	return &DrillReport{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Shares: c.GetAcceptedIndices(), KCV: safe.KCV(rmk, m.GetGenesisId()), Took: time.Since(start)}, nil
+	return &DrillReport{GenesisID: m.GetGenesisId(), Epoch: m.GetEpoch(), Shares: c.GetAcceptedIndices(), Failed: failed, KCV: safe.KCV(rmk, m.GetGenesisId()), Took: time.Since(start)}, nil
 }
 
 const infoRootKey = "cairn/distributor/v1/root-key"

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/miekg/pkcs11"
@@ -76,7 +77,7 @@ func acquireModule(path string) (*module, error) {
 		// own the finalization.
 	default:
 		ctx.Destroy()
-		return nil, fmt.Errorf("pkcs11safe: C_Initialize of PKCS#11 module %s: %w", path, err)
+		return nil, fmt.Errorf("pkcs11safe: C_Initialize of PKCS#11 module %s%s: %w", path, configHint(canon), err)
 	}
 	modules.m[canon] = m
 	return m, nil
@@ -121,6 +122,24 @@ func (m *module) release() error {
 	}
 	m.ctx.Destroy()
 	return err
+}
+
+// softHSM2ConfEnv is the variable SoftHSM2 reads its config file from.
+const softHSM2ConfEnv = "SOFTHSM2_CONF"
+
+// configHint names the config a failed C_Initialize most likely choked on.
+// SoftHSM2 answers a missing or unreadable config, or a missing token
+// directory, with a bare CKR_GENERAL_ERROR, so without the config's name the
+// error says nothing an operator can act on. Other modules have no variable
+// to name; the hint is empty for them unless SOFTHSM2_CONF is set.
+func configHint(module string) string {
+	if conf := os.Getenv(softHSM2ConfEnv); conf != "" {
+		return fmt.Sprintf(" (its config %s=%s: check that the file exists and that its directories.tokendir exists and is readable)", softHSM2ConfEnv, conf)
+	}
+	if strings.Contains(filepath.Base(module), "softhsm") {
+		return fmt.Sprintf(" (%s is not set, so SoftHSM2 reads its default config, /etc/softhsm/softhsm2.conf: check that it exists and that its directories.tokendir exists and is readable)", softHSM2ConfEnv)
+	}
+	return ""
 }
 
 // isRV reports whether err is the PKCS#11 return value rv.

@@ -87,8 +87,10 @@ type Safe struct {
 	storeMu sync.RWMutex
 
 	// hookHeld, if set (by tests, before any operation), runs while an
-	// operation holds its session, before the operation starts.
-	hookHeld func()
+	// operation holds its session, before the operation starts. It gets
+	// the operation's context, so a test can tell the callers apart (and
+	// cancel the one holding the session).
+	hookHeld func(ctx context.Context)
 }
 
 var _ safe.Safe = (*Safe)(nil)
@@ -312,7 +314,7 @@ func (s *Safe) do(ctx context.Context, f func(sh pkcs11.SessionHandle) error) er
 		return err
 	}
 	if s.hookHeld != nil {
-		s.hookHeld()
+		s.hookHeld(ctx)
 	}
 	err = f(sh)
 	s.pool.release(sh, err)

@@ -106,9 +106,18 @@ func TestSoftHSM2Conf(t *testing.T) {
 	}
 
 	// Without softhsm2_conf, the environment's (missing) config is used.
-	if s, err := safeconfig.OpenFile(ctx, cfg("no-conf.json", "")); err == nil {
+	// C_Initialize fails, and the error names the safe config, the module
+	// and the SoftHSM2 config it read (RELIABILITY row 6 b).
+	noConf := cfg("no-conf.json", "")
+	if s, err := safeconfig.OpenFile(ctx, noConf); err == nil {
 		s.Close()
 		t.Fatalf("OpenFile(no softhsm2_conf, SOFTHSM2_CONF=%s) = nil error, want a failure", bogus)
+	} else {
+		for _, want := range []string{noConf, "C_Initialize of PKCS#11 module " + env.Module(), "SOFTHSM2_CONF=" + bogus} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("OpenFile(no softhsm2_conf, SOFTHSM2_CONF=%s) = %v, want it to name %q", bogus, err, want)
+			}
+		}
 	}
 	// With it (relative to the config's directory), the token opens.
 	c, err := safeconfig.Load(cfg("conf.json", `,"softhsm2_conf":"softhsm2.conf"`))

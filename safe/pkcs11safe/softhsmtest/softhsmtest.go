@@ -41,6 +41,9 @@ type Env struct {
 	conf   string
 	module string
 	util   string
+	// tokenDirs maps a token label to its directory under tokens/, as
+	// InitToken saw softhsm2-util create it.
+	tokenDirs map[string]string
 }
 
 // New makes a token directory and softhsm2.conf under t.TempDir() and sets
@@ -64,7 +67,7 @@ func New(t testing.TB) *Env {
 		t.Fatalf("WriteFile(%s) = %v", conf, err)
 	}
 	t.Setenv("SOFTHSM2_CONF", conf)
-	return &Env{t: t, dir: dir, conf: conf, module: module, util: util}
+	return &Env{t: t, dir: dir, conf: conf, module: module, util: util, tokenDirs: map[string]string{}}
 }
 
 // findModule returns the SoftHSM2 library path: $CAIRN_PKCS11_MODULE if set,
@@ -100,12 +103,44 @@ func (e *Env) Conf() string { return e.conf }
 // a random slot id: find it by label.
 func (e *Env) InitToken(label, soPIN, userPIN string) {
 	e.t.Helper()
+	before := e.tokenEntries()
 	cmd := exec.Command(e.util, "--init-token", "--free", "--label", label, "--so-pin", soPIN, "--pin", userPIN)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+e.conf)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		e.t.Fatalf("softhsm2-util --init-token --label %s = %v: %s", label, err, strings.TrimSpace(string(out)))
 	}
+	for name := range e.tokenEntries() {
+		if !before[name] {
+			e.tokenDirs[label] = filepath.Join(e.dir, "tokens", name)
+		}
+	}
+}
+
+// tokenEntries returns the names in the token directory.
+func (e *Env) tokenEntries() map[string]bool {
+	e.t.Helper()
+	entries, err := os.ReadDir(filepath.Join(e.dir, "tokens"))
+	if err != nil {
+		e.t.Fatalf("reading the token directory: %v", err)
+	}
+	out := map[string]bool{}
+	for _, de := range entries {
+		out[de.Name()] = true
+	}
+	return out
+}
+
+// TokenDir returns the directory SoftHSM2 keeps the token labelled label in
+// (one of tokens/*, named by a random UUID). It fails the test for a label
+// InitToken did not make.
+func (e *Env) TokenDir(label string) string {
+	e.t.Helper()
+	d, ok := e.tokenDirs[label]
+	if !ok {
+		e.t.Fatalf("softhsmtest: no token labelled %q was initialized in this Env", label)
+	}
+	return d
 }
 
 // WritePINFile writes pin followed by a newline to a file named name in dir
