@@ -1,6 +1,7 @@
 package kms_test
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -170,4 +171,33 @@ func TestDataMessageLimit(t *testing.T) {
 			t.Errorf("EncryptBatch of 36 KiB = %v, want InvalidArgument naming the data plane's limit", err)
 		}
 	})
+}
+
+// TestWithheldRequestsHoldNoSlot: calls whose client opens them and never
+// sends the request take no admission slot: with more such calls open than
+// the server admits at once (MaxInFlight) and than the caller's quota
+// allows, the same caller and another are still served at once.
+func TestWithheldRequestsHoldNoSlot(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "", func(c *kms.Config) { c.MaxInFlight = 8 })
+	shared := kmstest.NewKeyset(t, "payments/shared", kmstest.ACL("client/us-east/*"))
+	e.apply(s, e.signed(func(*bundlev1.Bundle) {}, shared))
+	cc := e.conn(appID, s.addr)
+	held, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for i := range 3 * 8 {
+		st, err := cc.NewStream(held, &grpc.StreamDesc{ClientStreams: true}, "/cairn.kms.v1.KMS/Decrypt")
+		if err != nil {
+			t.Fatalf("opening withheld call %d: %v", i, err)
+		}
+		_ = st // never sent to: the server waits for its request
+	}
+	for _, id := range []string{appID, otherID} {
+		c := e.client(id, s)
+		for i := range 10 {
+			if _, err := c.Encrypt(ctx(t), &kmsv1.EncryptRequest{Keyset: "payments/shared", Plaintext: []byte("dek")}); err != nil {
+				t.Fatalf("Encrypt %d by %s with 24 withheld calls open = %v, want success", i, id, err)
+			}
+		}
+	}
 }

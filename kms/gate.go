@@ -14,14 +14,21 @@ import (
 )
 
 // kmsDesc returns kms.v1.KMS's service description with every method
-// behind the gate: the generated one, but each handler first admits the
-// call (the caller's quota and the server's cap on calls in progress, see
-// admission) before its request is even read, then refuses a request over
+// behind the gate: the generated one, but each handler first reads its
+// request, then admits the call (the caller's quota and the server's cap on
+// calls in progress, see admission), then refuses a request over
 // MaxDataMsgSize, and only then runs the interceptors (identity, audit,
 // access policy) and the handler. A refusal there runs no handler and
 // writes no audit record of its own: the caller's refusals are counted and
 // audited once per QuotaAuditWindow (auditRefusals), so a flood cannot
 // flood the audit log.
+//
+// The request is read before admission because gRPC reads a unary request
+// only when the handler asks for it: a call admitted first would hold its
+// slot for as long as its client withheld the request, and a few clients
+// opening calls and never sending them would take every slot of the server
+// (each body-less call then holds only its stream, which
+// grpcserver.Options.MaxConcurrentStreams bounds per connection).
 //
 // The server's MaxRecvMsgSize stays the large one ApplyBundle needs: gRPC
 // has one receive limit per server, so a data-plane request up to it is
@@ -65,15 +72,15 @@ func gated[Req any, PReq interface {
 		if err != nil {
 			return nil, status.Error(codes.Unauthenticated, err.Error())
 		}
+		in := PReq(new(Req))
+		if err := dec(in); err != nil {
+			return nil, err
+		}
 		c, err := s.adm.admit(id)
 		if err != nil {
 			return nil, err
 		}
 		defer s.adm.release(c)
-		in := PReq(new(Req))
-		if err := dec(in); err != nil {
-			return nil, err
-		}
 		if err := s.checkMessage(c, name, in); err != nil {
 			return nil, err
 		}

@@ -36,7 +36,10 @@ type InterceptorOptions struct {
 	// Mutating names full gRPC methods ("/cairn.rootkms.v1.RootKMS/CreateRegion")
 	// that change state. For those an OutcomeAttempt record is written
 	// before the handler runs, and if it cannot be written the handler does
-	// not run at all: an unaudited change never happens. For every method, an
+	// not run at all: an unaudited change never happens. Nor does it run if
+	// the caller's context ended while the record was being written (a sink
+	// that hung): the caller has been refused, and its change must not
+	// happen once the sink comes back. For every method, an
 	// outcome record is written after the handler; if that fails, the result
 	// is withheld and the caller gets Unavailable. (A mutating call whose
 	// outcome record fails has still been applied; its attempt record says
@@ -100,7 +103,21 @@ func UnaryServerInterceptor(l *Log, opts InterceptorOptions) grpc.UnaryServerInt
 				return nil, refused(err)
 			}
 		}
-		resp, herr := handler(context.WithValue(ctx, annotationKey{}, ann), req)
+		var (
+			resp any
+			herr error
+		)
+		if err := ctx.Err(); mutating[info.FullMethod] && err != nil {
+			// The attempt record's writer may have waited for a hung sink
+			// past the caller's deadline (the one writer inside write(2)
+			// waits whatever ctx says). The caller has been told its call
+			// failed, so the change must not happen behind its back when
+			// the sink comes back: the handler does not run, and the
+			// outcome record says so.
+			herr = status.FromContextError(err).Err()
+		} else {
+			resp, herr = handler(context.WithValue(ctx, annotationKey{}, ann), req)
+		}
 
 		rec.Target = ann.target
 		rec.setOutcome(herr)

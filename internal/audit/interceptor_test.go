@@ -3,6 +3,7 @@ package audit_test
 import (
 	"bytes"
 	"context"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -346,5 +347,77 @@ func TestInterceptorHungSink(t *testing.T) {
 	close(sink.release)
 	if err := <-first; err != nil {
 		t.Errorf("the first call once the sink came back = %v", err)
+	}
+}
+
+// TestMutatingCallNotRunAfterItsDeadline: a state-changing call whose
+// attempt record is the write that hangs in the sink (its writer waits for
+// the sink whatever its context says) is refused at its deadline, and when
+// the sink comes back its handler does not run: the caller was told the
+// call failed, so the change must not happen behind its back. The outcome
+// record says why (DeadlineExceeded, or Canceled when the client's reset
+// reached the server first).
+func TestMutatingCallNotRunAfterItsDeadline(t *testing.T) {
+	sink := &blockingSink{entered: make(chan struct{}), release: make(chan struct{})}
+	var buf strings.Builder
+	log := audit.NewWriter(io.MultiWriter(sink, &buf), audit.Options{})
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	returned := make(chan error, 1)
+	fake := &fakeKMS{}
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials(serverID)), grpc.ChainUnaryInterceptor(
+		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			resp, err := h(ctx, req)
+			returned <- err
+			return resp, err
+		},
+		identity.UnaryServerInterceptor(),
+		audit.UnaryServerInterceptor(log, audit.InterceptorOptions{Mutating: []string{"/cairn.kms.v1.KMS/Encrypt"}}),
+		identity.UnaryAuthorizeInterceptor(allowEncrypt()),
+	))
+	kmsv1.RegisterKMSServer(srv, fake)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(lis) }()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(pki.ClientCredentials(clientID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); srv.Stop(); <-done })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	resp, err := kmsv1.NewKMSClient(conn).Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: "payments/ledger", Plaintext: plaintextMarker})
+	if resp != nil || status.Code(err) != codes.DeadlineExceeded {
+		t.Errorf("Encrypt whose attempt record hangs = (%v, %v), want (nil, DeadlineExceeded)", resp, err)
+	}
+	select {
+	case <-sink.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the attempt record never reached the sink")
+	}
+	// The server's deadline (from the grpc-timeout header, counted from
+	// when the call arrived) ends a little after the client's: let it pass
+	// before the sink comes back.
+	time.Sleep(500 * time.Millisecond)
+	close(sink.release)
+	select {
+	case err := <-returned:
+		if c := status.Code(err); c != codes.DeadlineExceeded && c != codes.Canceled {
+			t.Errorf("the server's answer once the sink came back = %v, want DeadlineExceeded or Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server never finished the call after the sink came back")
+	}
+	if n := fake.calls.Load(); n != 0 {
+		t.Errorf("the handler ran %d time(s) after the caller's deadline, want 0", n)
+	}
+	if err := log.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), `"outcome":"error","code":"DeadlineExceeded"`) && !strings.Contains(buf.String(), `"outcome":"error","code":"Canceled"`) {
+		t.Errorf("audit records %s: want an error outcome record (DeadlineExceeded or Canceled)", buf.String())
 	}
 }

@@ -481,6 +481,20 @@ func (l *Log) write(queue, wait context.Context, r Record) error {
 
 // usableLocked returns ErrClosed or ErrBroken for a log that takes no more
 // records.
+// Broken returns, while the log is broken (a failed write or fsync it
+// could not repair), an error wrapping ErrBroken and the cause; nil while
+// it is healthy. A broken log refuses every record for good, so a server
+// whose every call it must audit can serve nothing until it restarts: its
+// readiness reports it.
+func (l *Log) Broken() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.broken == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrBroken, l.broken)
+}
+
 func (l *Log) usableLocked() error {
 	if l.closed {
 		return ErrClosed

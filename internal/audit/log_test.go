@@ -378,7 +378,13 @@ func TestDiskFull(t *testing.T) {
 	}
 	defer f.Close()
 	l := NewWriter(f, Options{})
+	if err := l.Broken(); err != nil {
+		t.Errorf("Broken() of a new log = %v, want nil", err)
+	}
 	err = l.Write(t.Context(), validRecord("r1"))
+	if b := l.Broken(); !errors.Is(b, ErrBroken) || !errors.Is(b, syscall.ENOSPC) {
+		t.Errorf("Broken() after a failed write = %v, want it to wrap ErrBroken and ENOSPC", b)
+	}
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Errorf("Write to /dev/full = %v, want it to wrap ENOSPC", err)
 	}

@@ -70,11 +70,25 @@ type Options struct {
 	// (slow-loris) is cut off then, instead of holding a connection and a
 	// goroutine for gRPC's default two minutes.
 	HandshakeTimeout time.Duration
+	// MaxConcurrentStreams bounds the calls in progress on one connection
+	// (0: DefaultMaxConcurrentStreams). gRPC's own default is no bound: one
+	// authenticated connection could open streams without end, each a
+	// goroutine and its buffers held for as long as the client withholds
+	// its request. A gRPC client over the bound waits for one of its calls
+	// to end (the server advertises it in SETTINGS_MAX_CONCURRENT_STREAMS);
+	// a stream past it is refused (REFUSED_STREAM).
+	MaxConcurrentStreams uint32
 }
 
 // DefaultHandshakeTimeout is Options.HandshakeTimeout's default: a
 // handshake between hosts of one deployment takes milliseconds.
 const DefaultHandshakeTimeout = 10 * time.Second
+
+// DefaultMaxConcurrentStreams is Options.MaxConcurrentStreams's default:
+// far above what one Cairn client keeps in progress on a connection, and it
+// caps what one connection can make a server hold (a stream whose request
+// never arrives costs a goroutine and about 12 KiB).
+const DefaultMaxConcurrentStreams = 1024
 
 // maxConnectionIdle closes a connection that has had no call in progress
 // for this long (the client reconnects on its next call), so abandoned
@@ -130,6 +144,10 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 	if handshake <= 0 {
 		handshake = DefaultHandshakeTimeout
 	}
+	maxStreams := opts.MaxConcurrentStreams
+	if maxStreams == 0 {
+		maxStreams = DefaultMaxConcurrentStreams
+	}
 	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
 	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
 	serverOpts := []grpc.ServerOption{
@@ -155,6 +173,7 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
 		grpc.ConnectionTimeout(handshake),
+		grpc.MaxConcurrentStreams(maxStreams),
 		// Stop returns only once every handler has: a server's Close can
 		// then trust that no call changes its state afterwards.
 		grpc.WaitForHandlers(true),
