@@ -41,7 +41,20 @@ func (s *Server) rootKey() (*rootkey.Key, error) {
 
 // notLeader is the error a follower answers a write or gating read with: it
 // names the leader's API address so the caller can retry there.
+//
+// A replica that is no member is not a follower: one whose Raft has shut
+// down (a leader that removed itself does) or whose own configuration does
+// not name it (removed, or not added yet) learns of no leader. "No leader
+// is known; retry shortly" would make callers wait on it for an election
+// it takes no part in, so it answers UNAVAILABLE, like a replica that is
+// down, and callers go on to the other replicas.
 func (s *Server) notLeader() error {
+	if s.node.Raft.State() == raft.Shutdown {
+		return status.Error(codes.Unavailable, "rootkms: this replica's raft has shut down (it was removed from the cluster, or it is stopping); ask another replica")
+	}
+	if !s.inConfiguration() {
+		return status.Error(codes.Unavailable, "rootkms: this replica is not a member of the cluster (removed, or not added yet); ask another replica")
+	}
 	_, leaderID := s.node.Raft.LeaderWithID()
 	msg, meta := "rootkms: this replica is not the leader and no leader is known; retry shortly", map[string]string{}
 	if m, ok := s.fsm.State().Member(string(leaderID)); ok && leaderID != "" && m.APIAddress != "" {
@@ -424,6 +437,7 @@ func (s *Server) GetClusterStatus(ctx context.Context, _ *rootkmsv1.GetClusterSt
 		Id: s.cfg.ID, LeaderId: string(leaderID), LeaderAddress: string(leaderAddr),
 		Term: u("term"), CommitIndex: u("commit_index"), AppliedIndex: u("applied_index"), LastSnapshotIndex: u("last_snapshot_index"),
 		HasRootKey: s.HasRootKey(), GenesisId: s.cfg.Manifest.GetGenesisId(),
+		Now: timestamppb.New(s.cfg.Now()), // a leader compares its clock with it (clockquorum.go)
 	}
 	switch r.State() {
 	case raft.Leader:

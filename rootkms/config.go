@@ -21,6 +21,7 @@
 package rootkms
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -103,6 +104,11 @@ type Config struct {
 	// wraps the Raft log store the replica runs with, e.g. to stall
 	// StoreLogs like a slow disk (see raftnode.Config.WrapLogStore).
 	WrapLogStore func(raft.LogStore) raft.LogStore
+	// WrapStableStore is for tests and fault injection only (nil: none): it
+	// wraps the Raft stable store (current term and last vote) the replica
+	// runs with, e.g. to lose a term or vote write in flight at a simulated
+	// crash (see raftnode.Config.WrapStableStore).
+	WrapStableStore func(raft.StableStore) raft.StableStore
 }
 
 // MaxMessageSize bounds a request to the root KMS (rootkmsclient's, the
@@ -122,6 +128,13 @@ type SafetyConfig struct {
 	// usage since the last observation is unknown, and unknown counts as in
 	// use (0: the window).
 	ObservationMaxAge time.Duration
+	// MaxClockSkew is how far the leader's clock may be from the median
+	// clock of a quorum of voters for it to judge a step on time (promote,
+	// disable, schedule destroy, destroy); further, it refuses the step
+	// (see clockquorum.go). 0: DefaultMaxClockSkew, or a quarter of the
+	// window if that is less. It must be below the window, the margin a
+	// step judged on a clock that far off would eat into.
+	MaxClockSkew time.Duration
 }
 
 // Validate reports a configuration that cannot work.
@@ -147,6 +160,9 @@ func (c Config) Validate() error {
 	}
 	if c.Safety.Window < 0 || c.Safety.ObservationMaxAge < 0 {
 		errs = append(errs, errors.New("rootkms: negative safety window or observation age"))
+	}
+	if window := cmp.Or(c.Safety.Window, safety.DefaultWindow); c.Safety.MaxClockSkew < 0 || c.Safety.MaxClockSkew >= window {
+		errs = append(errs, fmt.Errorf("rootkms: max clock skew %v must be at least 0 and below the safety window %v: a leader that far off the quorum's clock could judge a step a whole window early", c.Safety.MaxClockSkew, window))
 	}
 	if c.Bootstrap && len(c.Join) > 0 {
 		errs = append(errs, errors.New("rootkms: bootstrap and join are exclusive"))
@@ -192,6 +208,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Safety.ObservationMaxAge == 0 {
 		c.Safety.ObservationMaxAge = c.Safety.Window
+	}
+	if c.Safety.MaxClockSkew == 0 {
+		c.Safety.MaxClockSkew = min(DefaultMaxClockSkew, c.Safety.Window/4)
 	}
 	return nil
 }

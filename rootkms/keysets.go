@@ -319,8 +319,18 @@ func (s *Server) UpdateKeyset(ctx context.Context, req *rootkmsv1.UpdateKeysetRe
 		}
 	}
 	now := s.cfg.Now()
+	if err := s.checkClock(st, step, now); err != nil {
+		return nil, err
+	}
 	if err := s.checkStep(rec, step, req.GetKeyId(), now); err != nil {
 		return nil, err
+	}
+	// Last, as it costs a round trip to the other voters: a step the
+	// record's own evidence refuses needs no clocks confirmed.
+	if timeJudged(step) {
+		if err := s.checkClockQuorum(ctx, stepName(step)); err != nil {
+			return nil, err
+		}
 	}
 	h, err := s.openRecord(key, st, rec)
 	if err != nil {
@@ -553,6 +563,50 @@ func (s *Server) checkStep(rec *statev1.KeysetRecord, step statev1.KeysetStep, k
 		return status.Errorf(codes.FailedPrecondition, "rootkms: %v", err)
 	}
 	return status.Errorf(codes.Internal, "rootkms: safety check: %v", err)
+}
+
+// checkClock refuses a step judged on time (promote, disable, schedule
+// destroy, destroy) when the record's latest time is ahead of this leader's
+// clock by more than ObservationMaxAge. Every time Latest counts is a
+// command time some leader stamped, and the FSM never lets state time go
+// back, so with correct clocks the record is never ahead of now by more
+// than the clocks' skew. Further ahead, this clock is slow or an earlier
+// leader's was fast. If this clock is slow, observations look fresher than
+// they are and a destroy_after scheduled from here comes early; if an
+// earlier leader's was fast, the FSM stamps this leader's commands with
+// that too-late time (it clamps command times to Latest) and would destroy
+// a version before its destroy_after. Refusing only delays the step until
+// the clocks agree again; it never allows one.
+//
+// It does not catch this leader's own clock running ahead (nothing here is
+// ahead of it then), nor a slow one when the record holds no recent time:
+// checkClockQuorum (clockquorum.go), run after the Safety check, compares
+// this clock with a quorum of voters' for that.
+func (s *Server) checkClock(st *fsm.State, step statev1.KeysetStep, now time.Time) error {
+	if !timeJudged(step) {
+		return nil
+	}
+	latest, bound := st.Latest(), s.cfg.Safety.ObservationMaxAge
+	if ahead := latest.Sub(now); ahead > bound {
+		return status.Errorf(codes.FailedPrecondition,
+			"rootkms: the record's latest time %s is %v ahead of this leader's clock (%s), more than %v: this clock is slow or an earlier leader's was fast; %s waits until the clocks agree",
+			latest.UTC().Format(time.RFC3339), ahead.Round(time.Second), now.UTC().Format(time.RFC3339), bound, stepName(step))
+	}
+	return nil
+}
+
+// timeJudged reports whether step is judged on the leader's clock: a
+// promotion or retirement (the Safety Condition compares the clock with the
+// record's times), a scheduled destruction (destroy_after is the clock plus
+// the delay) and a destruction (the FSM compares destroy_after with the
+// command time the leader stamps).
+func timeJudged(step statev1.KeysetStep) bool {
+	switch step {
+	case statev1.KeysetStep_KEYSET_STEP_PROMOTE, statev1.KeysetStep_KEYSET_STEP_DISABLE,
+		statev1.KeysetStep_KEYSET_STEP_SCHEDULE_DESTROY, statev1.KeysetStep_KEYSET_STEP_DESTROY:
+		return true
+	}
+	return false
 }
 
 // observedFleet is the fleet as the record last saw it for one version: a

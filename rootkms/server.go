@@ -56,6 +56,12 @@ type Server struct {
 
 	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
 
+	clocks clockPeers // connections to the voters whose clocks the leader checks (clockquorum.go)
+
+	// keylessSince is when this replica, leading, was last found without
+	// the root key (zero: it has it, or does not lead); memberLoop's only.
+	keylessSince time.Time
+
 	stop      chan struct{}
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -159,7 +165,7 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: timedFSM{FSM: s.fsm, m: s.metrics}, Transport: raftnode.NewTransport(s.layer, s.log),
 		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
 		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
-		WrapLogStore: s.cfg.WrapLogStore,
+		WrapLogStore: s.cfg.WrapLogStore, WrapStableStore: s.cfg.WrapStableStore,
 	})
 	if err != nil {
 		s.layer.Close()
@@ -190,6 +196,7 @@ func (s *Server) Close() error {
 		if s.layer != nil {
 			s.layer.Close()
 		}
+		s.clocks.close()
 		if k := s.key.Swap(nil); k != nil {
 			k.Close()
 		}
@@ -220,6 +227,9 @@ func (s *Server) Readiness() (ready bool, reason string) {
 	r := s.running.Load()
 	if r == nil {
 		return false, "not started"
+	}
+	if err := s.cfg.Audit.Broken(); err != nil {
+		return false, fmt.Sprintf("the audit log is broken (%v): every call is refused; restart the server once its audit sink works", err)
 	}
 	if !s.HasRootKey() {
 		return false, fmt.Sprint(s.keyStatus.Load())
@@ -396,6 +406,7 @@ func (s *Server) memberLoop() {
 				}
 			}
 		}
+		s.handOffIfKeyless()
 		wait := 250 * time.Millisecond
 		if !joined {
 			wait = jitter(backoff)

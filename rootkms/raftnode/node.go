@@ -40,6 +40,12 @@ type Config struct {
 	// StoreLogs). Bootstrap and the start-up checks use the bolt store
 	// directly. Nil in production.
 	WrapLogStore func(raft.LogStore) raft.LogStore
+	// WrapStableStore, if not nil, wraps the Raft stable store (the bolt
+	// store, which keeps the current term and the last vote) that Raft runs
+	// with. It is for tests and fault injection only (a lost or failing term
+	// or vote write), like WrapLogStore. Bootstrap and the start-up checks
+	// use the bolt store directly. Nil in production.
+	WrapStableStore func(raft.StableStore) raft.StableStore
 }
 
 // Node is an open Raft node and the stores it owns.
@@ -124,12 +130,30 @@ func Open(cfg Config) (*Node, error) {
 	if cfg.WrapLogStore != nil {
 		logs = cfg.WrapLogStore(store)
 	}
-	r, err := raft.NewRaft(rc, cfg.FSM, logs, store, snaps, cfg.Transport)
+	var stable raft.StableStore = store
+	if cfg.WrapStableStore != nil {
+		stable = cfg.WrapStableStore(store)
+	}
+	r, err := newRaft(rc, cfg, logs, stable, snaps)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("raftnode: starting raft (a snapshot in %s may be corrupt or of another cluster): %w", filepath.Join(cfg.Dir, "snapshots"), err)
 	}
 	return &Node{Raft: r, store: store}, nil
+}
+
+// newRaft is raft.NewRaft with a panic turned into an error. NewRaft
+// writes the term it starts in, and hashicorp/raft panics when that write
+// fails: a full or failing disk would kill the node at start with a stack
+// trace instead of a message. (A failed term write once the node runs
+// still panics, on raft's own goroutine: fail-stop, the safe answer.)
+func newRaft(rc *raft.Config, cfg Config, logs raft.LogStore, stable raft.StableStore, snaps raft.SnapshotStore) (r *raft.Raft, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r, err = nil, fmt.Errorf("raft panicked starting (is the disk under %s full or failing?): %v", cfg.Dir, p)
+		}
+	}()
+	return raft.NewRaft(rc, cfg.FSM, logs, stable, snaps, cfg.Transport)
 }
 
 // openStore opens the bolt store and reads it through once. bbolt panics on

@@ -17,6 +17,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -173,7 +174,9 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 	c.mu.Lock()
 	order := append([]string(nil), c.addrs...)
 	if c.leader != "" {
-		order = append([]string{c.leader}, order...)
+		// The remembered leader first, and once: a leader cut off from
+		// the cluster would otherwise cost two attempts per pass.
+		order = append([]string{c.leader}, slices.DeleteFunc(order, func(a string) bool { return a == c.leader })...)
 	}
 	c.mu.Unlock()
 	var lastErr error
@@ -223,7 +226,7 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 				if time.Now().After(electionDeadline) || !sleepCtx(ctx, 100*time.Millisecond) {
 					return err
 				}
-				order = append(order, addr)
+				order = requeue(order, addr, c.addrs, tried)
 				hop--
 				continue
 			}
@@ -251,6 +254,26 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 		lastErr = errors.New("rootkms: no replica addresses")
 	}
 	return fmt.Errorf("rootkms: no replica could serve the call: %w", lastErr)
+}
+
+// requeue puts addr, which knows no leader, back at the end of order unless
+// it is queued, then every configured replica that is neither queued nor
+// found unreachable in this call. While Do waits out an election it must go
+// on asking the replicas it followed a redirect from: one that redirected to
+// a leader that has since gone (a stale leader) may be the next leader.
+// Without this, only the replicas that know no leader would be asked again
+// until ElectionWait ran out; a replica that will never know one (removed
+// from the cluster without learning it) would hold the call for all of it.
+func requeue(order []string, addr string, addrs []string, unreachable map[string]bool) []string {
+	if !slices.Contains(order, addr) {
+		order = append(order, addr)
+	}
+	for _, a := range addrs {
+		if !unreachable[a] && !slices.Contains(order, a) {
+			order = append(order, a)
+		}
+	}
+	return order
 }
 
 func isNotLeader(st *status.Status) bool { return hasReason(st, ReasonNotLeader) }

@@ -141,3 +141,98 @@ func TestDoMovesPastAnUnreachableReplica(t *testing.T) {
 		t.Errorf("the live replica answered %d calls, want 1", e.calls.Load())
 	}
 }
+
+// down is a replica that answers every call Unavailable, counting them.
+type down struct {
+	rootkmsv1.UnimplementedRootKMSServer
+	calls atomic.Int64
+}
+
+func (d *down) GetRegion(context.Context, *rootkmsv1.GetRegionRequest) (*rootkmsv1.Region, error) {
+	d.calls.Add(1)
+	return nil, status.Error(codes.Unavailable, "test: cut off")
+}
+
+// TestDoTriesTheRememberedLeaderOnce: the leader the client remembers is
+// asked first, and once per pass over the replicas, not once as the
+// remembered leader and again as a configured address: a leader cut off
+// from its cluster costs one attempt before the call moves on.
+func TestDoTriesTheRememberedLeaderOnce(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	d := &down{}
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-2")))
+	rootkmsv1.RegisterRootKMSServer(srv, d)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = srv.Serve(lis) })
+	t.Cleanup(func() { srv.Stop(); wg.Wait() })
+	e, addr := startElecting(t, pki, 0)
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{lis.Addr().String(), addr})
+	defer c.Close()
+	c.leader = lis.Addr().String()
+	err = c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+		_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("Do = %v, want the second replica's answer", err)
+	}
+	if got, want := [2]int64{d.calls.Load(), e.calls.Load()}, [2]int64{1, 1}; got != want {
+		t.Errorf("calls (remembered leader, other replica) = %v, want %v", got, want)
+	}
+}
+
+// redirecting is a replica that, for its first call, redirects to the
+// leader at to (a stale leader), and then answers.
+type redirecting struct {
+	rootkmsv1.UnimplementedRootKMSServer
+	to    string
+	calls atomic.Int64
+}
+
+func (r *redirecting) GetRegion(context.Context, *rootkmsv1.GetRegionRequest) (*rootkmsv1.Region, error) {
+	if r.calls.Add(1) == 1 {
+		st, _ := status.New(codes.FailedPrecondition, "rootkms: not the leader").
+			WithDetails(&errdetails.ErrorInfo{Reason: ReasonNotLeader, Domain: ErrorDomain, Metadata: map[string]string{LeaderAddressKey: r.to}})
+		return nil, st.Err()
+	}
+	return &rootkmsv1.Region{Name: "us-east"}, nil
+}
+
+// TestDoAsksAgainAfterAStaleRedirect: while Do waits out an election it
+// keeps asking the replicas it followed a redirect from, not only the one
+// that knows no leader: a replica that redirected to a leader that has
+// gone (a stale leader) may be the next leader. Here A knows no leader for
+// ever and B redirects to A once, then serves: the call must succeed at B
+// within the election wait.
+func TestDoAsksAgainAfterAStaleRedirect(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	a, aAddr := startElecting(t, pki, 1<<40)
+	b := &redirecting{to: aAddr}
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-2")))
+	rootkmsv1.RegisterRootKMSServer(srv, b)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = srv.Serve(lis) })
+	t.Cleanup(func() { srv.Stop(); wg.Wait() })
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{lis.Addr().String(), aAddr})
+	defer c.Close()
+	c.electionWait = 2 * time.Second
+	err = c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+		_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("Do with a stale redirect to a replica that knows no leader = %v, want B's answer", err)
+	}
+	if n := b.calls.Load(); n != 2 {
+		t.Errorf("calls to B = %d, want 2 (the redirect, then the answer)", n)
+	}
+	t.Logf("A was asked %d times", a.calls.Load())
+}

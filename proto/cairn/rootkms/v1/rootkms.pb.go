@@ -1670,8 +1670,12 @@ type ClusterStatus struct {
 	NotReadyReason string `protobuf:"bytes,12,opt,name=not_ready_reason,json=notReadyReason,proto3" json:"not_ready_reason,omitempty"`
 	// leader_api_address is where the leader serves this API, if known.
 	LeaderApiAddress string `protobuf:"bytes,13,opt,name=leader_api_address,json=leaderApiAddress,proto3" json:"leader_api_address,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// now is the answering replica's clock when it answered. Before a step
+	// judged on time, the leader compares its own clock with a quorum of
+	// voters' (see rootkms/clockquorum.go).
+	Now           *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=now,proto3" json:"now,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ClusterStatus) Reset() {
@@ -1793,6 +1797,13 @@ func (x *ClusterStatus) GetLeaderApiAddress() string {
 		return x.LeaderApiAddress
 	}
 	return ""
+}
+
+func (x *ClusterStatus) GetNow() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Now
+	}
+	return nil
 }
 
 type GetClusterStatusRequest struct {
@@ -2534,7 +2545,7 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
 	"\bsuffrage\x18\x03 \x01(\x0e2\x1a.cairn.rootkms.v1.SuffrageR\bsuffrage\x12\x1f\n" +
 	"\vapi_address\x18\x04 \x01(\tR\n" +
-	"apiAddress\"\xf2\x03\n" +
+	"apiAddress\"\xa0\x04\n" +
 	"\rClusterStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x124\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1e.cairn.rootkms.v1.ReplicaStateR\x05state\x12\x1b\n" +
@@ -2551,7 +2562,8 @@ const file_cairn_rootkms_v1_rootkms_proto_rawDesc = "" +
 	"\n" +
 	"genesis_id\x18\v \x01(\tR\tgenesisId\x12(\n" +
 	"\x10not_ready_reason\x18\f \x01(\tR\x0enotReadyReason\x12,\n" +
-	"\x12leader_api_address\x18\r \x01(\tR\x10leaderApiAddress\"\x19\n" +
+	"\x12leader_api_address\x18\r \x01(\tR\x10leaderApiAddress\x12,\n" +
+	"\x03now\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x03now\"\x19\n" +
 	"\x17GetClusterStatusRequest\"\x90\x01\n" +
 	"\vJoinRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
@@ -2723,58 +2735,59 @@ var file_cairn_rootkms_v1_rootkms_proto_depIdxs = []int32{
 	0,  // 21: cairn.rootkms.v1.Member.suffrage:type_name -> cairn.rootkms.v1.Suffrage
 	1,  // 22: cairn.rootkms.v1.ClusterStatus.state:type_name -> cairn.rootkms.v1.ReplicaState
 	27, // 23: cairn.rootkms.v1.ClusterStatus.members:type_name -> cairn.rootkms.v1.Member
-	0,  // 24: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
-	2,  // 25: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
-	7,  // 26: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
-	8,  // 27: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
-	10, // 28: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
-	11, // 29: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
-	12, // 30: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
-	14, // 31: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
-	15, // 32: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
-	16, // 33: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
-	18, // 34: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
-	19, // 35: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
-	20, // 36: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
-	22, // 37: cairn.rootkms.v1.RootKMS.RecordBundleSerial:input_type -> cairn.rootkms.v1.RecordBundleSerialRequest
-	23, // 38: cairn.rootkms.v1.RootKMS.PutRollout:input_type -> cairn.rootkms.v1.PutRolloutRequest
-	24, // 39: cairn.rootkms.v1.RootKMS.GetRollout:input_type -> cairn.rootkms.v1.GetRolloutRequest
-	25, // 40: cairn.rootkms.v1.RootKMS.ListRollouts:input_type -> cairn.rootkms.v1.ListRolloutsRequest
-	29, // 41: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
-	30, // 42: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
-	31, // 43: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
-	32, // 44: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
-	34, // 45: cairn.rootkms.v1.RootKMS.DropRootKey:input_type -> cairn.rootkms.v1.DropRootKeyRequest
-	36, // 46: cairn.rootkms.v1.RootKMS.ExportBackup:input_type -> cairn.rootkms.v1.ExportBackupRequest
-	38, // 47: cairn.rootkms.v1.RootKMS.RestoreBackup:input_type -> cairn.rootkms.v1.RestoreBackupRequest
-	3,  // 48: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
-	6,  // 49: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
-	9,  // 50: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
-	6,  // 51: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
-	6,  // 52: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
-	6,  // 53: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
-	13, // 54: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 55: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
-	17, // 56: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
-	13, // 57: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
-	13, // 58: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
-	21, // 59: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
-	6,  // 60: cairn.rootkms.v1.RootKMS.RecordBundleSerial:output_type -> cairn.rootkms.v1.Region
-	49, // 61: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	49, // 62: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
-	26, // 63: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
-	28, // 64: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 65: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
-	28, // 66: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
-	33, // 67: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
-	35, // 68: cairn.rootkms.v1.RootKMS.DropRootKey:output_type -> cairn.rootkms.v1.DropRootKeyResponse
-	37, // 69: cairn.rootkms.v1.RootKMS.ExportBackup:output_type -> cairn.rootkms.v1.ExportBackupResponse
-	39, // 70: cairn.rootkms.v1.RootKMS.RestoreBackup:output_type -> cairn.rootkms.v1.RestoreBackupResponse
-	48, // [48:71] is the sub-list for method output_type
-	25, // [25:48] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	44, // 24: cairn.rootkms.v1.ClusterStatus.now:type_name -> google.protobuf.Timestamp
+	0,  // 25: cairn.rootkms.v1.JoinRequest.suffrage:type_name -> cairn.rootkms.v1.Suffrage
+	2,  // 26: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:input_type -> cairn.rootkms.v1.UnwrapRegionKeyRequest
+	7,  // 27: cairn.rootkms.v1.RootKMS.GetRegion:input_type -> cairn.rootkms.v1.GetRegionRequest
+	8,  // 28: cairn.rootkms.v1.RootKMS.ListRegions:input_type -> cairn.rootkms.v1.ListRegionsRequest
+	10, // 29: cairn.rootkms.v1.RootKMS.CreateRegion:input_type -> cairn.rootkms.v1.CreateRegionRequest
+	11, // 30: cairn.rootkms.v1.RootKMS.RotateRegionKey:input_type -> cairn.rootkms.v1.RotateRegionKeyRequest
+	12, // 31: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:input_type -> cairn.rootkms.v1.RetireRegionKeyVersionRequest
+	14, // 32: cairn.rootkms.v1.RootKMS.CreateKeyset:input_type -> cairn.rootkms.v1.CreateKeysetRequest
+	15, // 33: cairn.rootkms.v1.RootKMS.GetKeyset:input_type -> cairn.rootkms.v1.GetKeysetRequest
+	16, // 34: cairn.rootkms.v1.RootKMS.ListKeysets:input_type -> cairn.rootkms.v1.ListKeysetsRequest
+	18, // 35: cairn.rootkms.v1.RootKMS.UpdateKeyset:input_type -> cairn.rootkms.v1.UpdateKeysetRequest
+	19, // 36: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:input_type -> cairn.rootkms.v1.SetKeysetPolicyRequest
+	20, // 37: cairn.rootkms.v1.RootKMS.RecordPropagation:input_type -> cairn.rootkms.v1.RecordPropagationRequest
+	22, // 38: cairn.rootkms.v1.RootKMS.RecordBundleSerial:input_type -> cairn.rootkms.v1.RecordBundleSerialRequest
+	23, // 39: cairn.rootkms.v1.RootKMS.PutRollout:input_type -> cairn.rootkms.v1.PutRolloutRequest
+	24, // 40: cairn.rootkms.v1.RootKMS.GetRollout:input_type -> cairn.rootkms.v1.GetRolloutRequest
+	25, // 41: cairn.rootkms.v1.RootKMS.ListRollouts:input_type -> cairn.rootkms.v1.ListRolloutsRequest
+	29, // 42: cairn.rootkms.v1.RootKMS.GetClusterStatus:input_type -> cairn.rootkms.v1.GetClusterStatusRequest
+	30, // 43: cairn.rootkms.v1.RootKMS.Join:input_type -> cairn.rootkms.v1.JoinRequest
+	31, // 44: cairn.rootkms.v1.RootKMS.Remove:input_type -> cairn.rootkms.v1.RemoveRequest
+	32, // 45: cairn.rootkms.v1.RootKMS.Snapshot:input_type -> cairn.rootkms.v1.SnapshotRequest
+	34, // 46: cairn.rootkms.v1.RootKMS.DropRootKey:input_type -> cairn.rootkms.v1.DropRootKeyRequest
+	36, // 47: cairn.rootkms.v1.RootKMS.ExportBackup:input_type -> cairn.rootkms.v1.ExportBackupRequest
+	38, // 48: cairn.rootkms.v1.RootKMS.RestoreBackup:input_type -> cairn.rootkms.v1.RestoreBackupRequest
+	3,  // 49: cairn.rootkms.v1.RootKMS.UnwrapRegionKey:output_type -> cairn.rootkms.v1.UnwrapRegionKeyResponse
+	6,  // 50: cairn.rootkms.v1.RootKMS.GetRegion:output_type -> cairn.rootkms.v1.Region
+	9,  // 51: cairn.rootkms.v1.RootKMS.ListRegions:output_type -> cairn.rootkms.v1.ListRegionsResponse
+	6,  // 52: cairn.rootkms.v1.RootKMS.CreateRegion:output_type -> cairn.rootkms.v1.Region
+	6,  // 53: cairn.rootkms.v1.RootKMS.RotateRegionKey:output_type -> cairn.rootkms.v1.Region
+	6,  // 54: cairn.rootkms.v1.RootKMS.RetireRegionKeyVersion:output_type -> cairn.rootkms.v1.Region
+	13, // 55: cairn.rootkms.v1.RootKMS.CreateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 56: cairn.rootkms.v1.RootKMS.GetKeyset:output_type -> cairn.rootkms.v1.Keyset
+	17, // 57: cairn.rootkms.v1.RootKMS.ListKeysets:output_type -> cairn.rootkms.v1.ListKeysetsResponse
+	13, // 58: cairn.rootkms.v1.RootKMS.UpdateKeyset:output_type -> cairn.rootkms.v1.Keyset
+	13, // 59: cairn.rootkms.v1.RootKMS.SetKeysetPolicy:output_type -> cairn.rootkms.v1.Keyset
+	21, // 60: cairn.rootkms.v1.RootKMS.RecordPropagation:output_type -> cairn.rootkms.v1.RecordPropagationResponse
+	6,  // 61: cairn.rootkms.v1.RootKMS.RecordBundleSerial:output_type -> cairn.rootkms.v1.Region
+	49, // 62: cairn.rootkms.v1.RootKMS.PutRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	49, // 63: cairn.rootkms.v1.RootKMS.GetRollout:output_type -> cairn.rootkms.state.v1.RolloutRecord
+	26, // 64: cairn.rootkms.v1.RootKMS.ListRollouts:output_type -> cairn.rootkms.v1.ListRolloutsResponse
+	28, // 65: cairn.rootkms.v1.RootKMS.GetClusterStatus:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 66: cairn.rootkms.v1.RootKMS.Join:output_type -> cairn.rootkms.v1.ClusterStatus
+	28, // 67: cairn.rootkms.v1.RootKMS.Remove:output_type -> cairn.rootkms.v1.ClusterStatus
+	33, // 68: cairn.rootkms.v1.RootKMS.Snapshot:output_type -> cairn.rootkms.v1.SnapshotResponse
+	35, // 69: cairn.rootkms.v1.RootKMS.DropRootKey:output_type -> cairn.rootkms.v1.DropRootKeyResponse
+	37, // 70: cairn.rootkms.v1.RootKMS.ExportBackup:output_type -> cairn.rootkms.v1.ExportBackupResponse
+	39, // 71: cairn.rootkms.v1.RootKMS.RestoreBackup:output_type -> cairn.rootkms.v1.RestoreBackupResponse
+	49, // [49:72] is the sub-list for method output_type
+	26, // [26:49] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_cairn_rootkms_v1_rootkms_proto_init() }
