@@ -350,6 +350,57 @@ func (h *Host) processes() []*Process {
 	return append([]*Process(nil), h.procs...)
 }
 
+// splitBridge is the second bridge of the switch namespace that a Split
+// moves one side's ports to.
+const splitBridge = "br-split"
+
+// Split cuts the network in two until the returned rejoin is called: the
+// hosts of side keep reaching each other and nothing else, and the other
+// hosts keep reaching each other. Unlike a Partition of each host, the
+// side stays a network of its own, as when the link between two racks
+// fails: a leader cut off with one follower still hears that follower, and
+// a client host on the side can still call the side's servers.
+//
+// The side's ports move, in one `ip -batch`, from the bridge to a second
+// bridge made for the split (deleted by rejoin), so both directions drop
+// at once and established connections hang. In the fallback there is no
+// second network: the side's hosts are each Partitioned (their processes
+// stopped) and cannot reach each other either. One split at a time.
+func (n *Network) Split(side ...*Host) (rejoin func()) {
+	n.t.Helper()
+	if !n.Isolated {
+		for _, h := range side {
+			h.Partition()
+		}
+		return func() {
+			n.t.Helper()
+			for _, h := range side {
+				h.Heal()
+			}
+		}
+	}
+	move := func(bridge string, first ...string) {
+		n.t.Helper()
+		lines := first
+		for _, h := range side {
+			lines = append(lines, fmt.Sprintf("link set %s master %s", h.port, bridge))
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), ipTimeout)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, n.ip, "-n", n.sw, "-batch", "-")
+		cmd.Stdin = strings.NewReader(strings.Join(lines, "\n") + "\n")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			n.t.Fatalf("network: ip -n %s -batch (%s): %v: %s", n.sw, strings.Join(lines, "; "), err, out)
+		}
+	}
+	move(splitBridge, "link add "+splitBridge+" type bridge", "link set "+splitBridge+" up")
+	return func() {
+		n.t.Helper()
+		move("br0")
+		n.must("-n", n.sw, "link", "del", splitBridge)
+	}
+}
+
 // Forward listens on 127.0.0.1 in the test process and forwards every
 // connection to target, dialled from the host (Dial): for clients that take
 // no dialer, such as kmsclient, to call from the host. It returns the local

@@ -132,6 +132,25 @@ func (w *World) RootKMSCluster(opts RootKMSOptions, specs ...ReplicaSpec) []*Rep
 	return out
 }
 
+// RootKMSReplica describes one more replica, on ports chosen now, that
+// neither bootstraps a cluster nor joins one by itself: started, it fetches
+// the root key and waits, not a member, until an operator adds it (the Join
+// RPC, `regionctl cluster add`) at its RaftAddr and API. It is not started.
+func (w *World) RootKMSReplica(opts RootKMSOptions, spec ReplicaSpec) *Replica {
+	w.T.Helper()
+	r := w.RootKMSCluster(opts, spec)[0]
+	// RootKMSCluster makes its first replica bootstrap a cluster; this one
+	// must not.
+	var args []string
+	for _, a := range r.Process.args {
+		if a != "--bootstrap" {
+			args = append(args, a)
+		}
+	}
+	r.Process = NewProcess(w.T, r.ID, w.Logs, w.Bin.RootKMS, args)
+	return r
+}
+
 // Addrs returns the API addresses of rs.
 func Addrs(rs ...*Replica) []string {
 	var out []string
