@@ -18,11 +18,13 @@ TOOLS   := $(BIN)/tools
 BUF     := $(TOOLS)/buf
 GOVULNCHECK := $(TOOLS)/govulncheck
 # How long `make fuzz-smoke` (and `make test`) runs each fuzz target, and
-# the targets that run FUZZLONGTIME instead: the ciphertext parsers, which
-# take attacker-supplied bytes (tests/RELIABILITY.md row 37).
+# the targets that run FUZZLONGTIME instead: the ciphertext parsers and the
+# ceremony's share decoders, which take attacker-supplied bytes
+# (tests/RELIABILITY.md rows 37 and 39).
 FUZZTIME ?= 3s
 FUZZLONGTIME ?= 60s
-FUZZLONG ?= ./kms/keystore:FuzzDecrypt ./kms/transit:FuzzParseCiphertext ./kms:FuzzBatchCodec
+FUZZLONG ?= ./kms/keystore:FuzzDecrypt ./kms/transit:FuzzParseCiphertext ./kms:FuzzBatchCodec \
+	./distributor:FuzzSubmitReleasedShare ./distributor:FuzzSubmitEnvelope
 STATE   ?= .state
 # Parallelism is bounded for the 2-core machines CI runs on.
 TESTFLAGS ?= -race -count=1 -timeout 15m

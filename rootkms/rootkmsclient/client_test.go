@@ -40,8 +40,15 @@ func (e *electing) GetRegion(context.Context, *rootkmsv1.GetRegionRequest) (*roo
 func startElecting(t *testing.T, pki *identitytest.PKI, noLeader int64) (*electing, string) {
 	t.Helper()
 	e := &electing{noLeader: noLeader}
-	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-1")))
-	rootkmsv1.RegisterRootKMSServer(srv, e)
+	return e, serveReplica(t, pki, "rootkms-1", e)
+}
+
+// serveReplica serves impl as root KMS replica id on loopback, over mTLS,
+// until the test ends, and returns its address.
+func serveReplica(t *testing.T, pki *identitytest.PKI, id string, impl rootkmsv1.RootKMSServer) string {
+	t.Helper()
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/" + id)))
+	rootkmsv1.RegisterRootKMSServer(srv, impl)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +56,7 @@ func startElecting(t *testing.T, pki *identitytest.PKI, noLeader int64) (*electi
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = srv.Serve(lis) })
 	t.Cleanup(func() { srv.Stop(); wg.Wait() })
-	return e, lis.Addr().String()
+	return lis.Addr().String()
 }
 
 // TestDoWaitsOutAnElection: answers of "no leader known" are polled for up
@@ -160,20 +167,12 @@ func (d *down) GetRegion(context.Context, *rootkmsv1.GetRegionRequest) (*rootkms
 func TestDoTriesTheRememberedLeaderOnce(t *testing.T) {
 	pki := identitytest.New(t, identitytest.TrustDomain)
 	d := &down{}
-	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-2")))
-	rootkmsv1.RegisterRootKMSServer(srv, d)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = srv.Serve(lis) })
-	t.Cleanup(func() { srv.Stop(); wg.Wait() })
+	downAddr := serveReplica(t, pki, "rootkms-2", d)
 	e, addr := startElecting(t, pki, 0)
-	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{lis.Addr().String(), addr})
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{downAddr, addr})
 	defer c.Close()
-	c.leader = lis.Addr().String()
-	err = c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+	c.leader = downAddr
+	err := c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
 		_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
 		return err
 	})
@@ -212,19 +211,11 @@ func TestDoAsksAgainAfterAStaleRedirect(t *testing.T) {
 	pki := identitytest.New(t, identitytest.TrustDomain)
 	a, aAddr := startElecting(t, pki, 1<<40)
 	b := &redirecting{to: aAddr}
-	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-2")))
-	rootkmsv1.RegisterRootKMSServer(srv, b)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = srv.Serve(lis) })
-	t.Cleanup(func() { srv.Stop(); wg.Wait() })
-	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{lis.Addr().String(), aAddr})
+	bAddr := serveReplica(t, pki, "rootkms-2", b)
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{bAddr, aAddr})
 	defer c.Close()
 	c.electionWait = 2 * time.Second
-	err = c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+	err := c.Do(t.Context(), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
 		_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
 		return err
 	})
