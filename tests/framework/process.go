@@ -223,6 +223,12 @@ func (p *Process) Terminate() error {
 func (p *Process) Pause() {
 	p.t.Helper()
 	p.sendOnly(syscall.SIGSTOP)
+	// Every thread must have stopped before the caller counts on it: until
+	// then the process can still answer (a paused Raft follower could still
+	// acknowledge an entry).
+	if err := WaitStopped(p.PID()); err != nil {
+		p.t.Fatalf("%s: SIGSTOP: %v", p.name, err)
+	}
 }
 
 // Resume sends SIGCONT to a paused process.

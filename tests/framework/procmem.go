@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -324,29 +326,56 @@ func ProcessLimit(pid int, name string) (soft, hard string, err error) {
 }
 
 // WaitStopped waits until process pid is stopped (SIGSTOP: state T in
-// /proc/<pid>/stat), polling for at most WaitTimeout: a signal is delivered
-// asynchronously, and a memory scan wants the process still.
+// /proc/<pid>/task/<tid>/stat for every one of its threads), polling for at
+// most WaitTimeout. A signal is delivered asynchronously, and each thread of
+// the group stops only when it next handles it: until the last one has, the
+// process can still run (answer a Raft heartbeat, write to its log), and a
+// test that counts on it being still (a memory scan, a leader cut off from
+// its quorum) must wait.
 func WaitStopped(pid int) error {
-	path := fmt.Sprintf("/proc/%d/stat", pid)
 	deadline := time.Now().Add(WaitTimeout)
 	for {
-		b, err := os.ReadFile(path)
+		running, err := runningThreads(pid)
 		if err != nil {
-			return fmt.Errorf("framework: %w", err)
+			return err
+		}
+		if running == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("framework: pid %d not stopped after %s: %s", pid, WaitTimeout, running)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// runningThreads names the threads of pid that are not stopped ("" if
+// none).
+func runningThreads(pid int) (string, error) {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return "", fmt.Errorf("framework: %w", err)
+	}
+	var running []string
+	for _, task := range tasks {
+		path := filepath.Join(dir, task.Name(), "stat")
+		b, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // the thread exited
+		}
+		if err != nil {
+			return "", fmt.Errorf("framework: %w", err)
 		}
 		// pid (comm) state ...: comm may hold spaces and parentheses, so
 		// the state follows the last ")".
 		i := bytes.LastIndexByte(b, ')')
 		if i < 0 || i+2 >= len(b) {
-			return fmt.Errorf("framework: %s: malformed %q", path, b)
+			return "", fmt.Errorf("framework: %s: malformed %q", path, b)
 		}
-		state := b[i+2]
-		if state == 'T' || state == 't' {
-			return nil
+		if state := b[i+2]; state != 'T' && state != 't' {
+			running = append(running, fmt.Sprintf("thread %s in state %c", task.Name(), state))
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("framework: pid %d still in state %c after %s", pid, state, WaitTimeout)
-		}
-		time.Sleep(pollInterval)
 	}
+	return strings.Join(running, ", "), nil
 }
