@@ -85,7 +85,13 @@ func (d *driver) failed(cmd string, r rcResult) {
 	why := reason(cmd, r)
 	d.stats.Failures[why]++
 	if _, ok := d.stats.Samples[why]; !ok {
-		d.stats.Samples[why] = strings.TrimSpace(r.stderr)
+		// A refusal's details (what a bundle drops, which server is
+		// unsafe) may be on stdout, which its stderr points to.
+		sample := strings.TrimSpace(r.stderr)
+		if out := strings.TrimSpace(r.stdout); out != "" {
+			sample += " | stdout: " + out[max(0, len(out)-1500):]
+		}
+		d.stats.Samples[why] = sample
 	}
 }
 
