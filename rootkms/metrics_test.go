@@ -91,6 +91,10 @@ func TestMetricsAndReadiness(t *testing.T) {
 	if leader == nil {
 		t.Fatal("no leader among the replicas")
 	}
+	// A replica that has just joined (the non-voter, last) is ready
+	// before it has applied its first entry: wait until every replica has
+	// applied the leader's log, so the indices below are meaningful.
+	waitCaughtUp(t, rs)
 	for _, r := range rs {
 		v := values(t, regs[r.id])
 		for _, name := range allMetrics {
