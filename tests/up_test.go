@@ -170,17 +170,27 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 	// A taken port: nothing starts, nothing is written.
 	taken := framework.PlanAddr(t, plan, "rootkms-2", "gRPC")
 	// The killed components are gone, but the kernel may still be closing
-	// their connections (an orphaned FIN_WAIT socket holds the port for a
-	// moment): retry briefly.
-	var lis net.Listener
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		var err error
-		if lis, err = net.Listen("tcp", taken.Addr()); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatal(err)
+	// their connections (an orphaned FIN_WAIT socket holds a port for a
+	// moment): wait until every port of the plan can be bound again, or
+	// the preflight below finds more ports taken than the one taken on
+	// purpose; then take that one.
+	deadline := time.Now().Add(20 * time.Second)
+	for _, p := range plan {
+		for {
+			l, err := net.Listen("tcp", p.Addr())
+			if err == nil {
+				l.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("port %d (%s %s) still taken after the killed chain: %v", p.Port, p.Component, p.Purpose, err)
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
-		time.Sleep(50 * time.Millisecond)
+	}
+	lis, err := net.Listen("tcp", taken.Addr())
+	if err != nil {
+		t.Fatal(err)
 	}
 	defer lis.Close()
 	fresh := filepath.Join(dir, "fresh")
