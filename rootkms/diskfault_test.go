@@ -96,12 +96,27 @@ func TestLeaderDiskFaultRefusesWrites(t *testing.T) {
 		// The load pauses while the fault is armed, so that the probe is
 		// the first write to meet it.
 		l.gate.Lock()
-		leader := cc.leader()
-		db := filepath.Join(cc.c.dir, leader.id, "raft", "raft.db")
-		leader.store.setFail(round.fault(db), hasCommand)
-		rid := fmt.Sprintf("disk-fault-probe-%d", i)
-		err := cc.leaderProbe(leader, round.probe, rid)
-		t.Logf("%s: RotateRegionKey straight to the leader %s = %v", round.name, leader.id, err)
+		// The probe goes straight to the leader armed with the fault. If
+		// leadership moved before the probe arrived (an election on a
+		// busy machine), the probe is refused as sent to a follower and
+		// the fault never fired: disarm, and arm the new leader.
+		var (
+			leader *crashNode
+			err    error
+			rid    string
+		)
+		for try := 0; ; try++ {
+			leader = cc.leader()
+			db := filepath.Join(cc.c.dir, leader.id, "raft", "raft.db")
+			leader.store.setFail(round.fault(db), hasCommand)
+			rid = fmt.Sprintf("disk-fault-probe-%d-try-%d", i, try)
+			err = cc.leaderProbe(leader, round.probe, rid)
+			t.Logf("%s: RotateRegionKey straight to the leader %s = %v", round.name, leader.id, err)
+			if status.Code(err) != codes.FailedPrecondition || leader.store.failed() != 0 || try == 4 {
+				break
+			}
+			leader.store.setFail(nil, nil)
+		}
 		if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), round.says) ||
 			!strings.Contains(err.Error(), "same request ID") || !hasErrorReason(err, rootkmsclient.ReasonOutcomeUnknown) {
 			l.gate.Unlock()
