@@ -142,16 +142,17 @@ func signed(d time.Duration) string {
 	return d.String()
 }
 
-// clockPeers caches one connection per voter the leader asks for its
-// clock, so a step costs one round trip, not a handshake. The zero value is
+// peerConns caches one connection per other voter, as this replica's
+// identity, for what a leader asks its peers (their clocks, whether they
+// hold the root key), so a question costs one round trip, not a handshake. The zero value is
 // ready; close ends every connection (Server.Close).
-type clockPeers struct {
+type peerConns struct {
 	mu     sync.Mutex
 	closed bool
-	conns  map[string]*clockConn // by server ID
+	conns  map[string]*peerConn // by server ID
 }
 
-type clockConn struct {
+type peerConn struct {
 	addr string
 	cc   *grpc.ClientConn
 }
@@ -159,7 +160,7 @@ type clockConn struct {
 // conn returns the connection to voter id at addr, dialling it (as this
 // replica's identity, accepting only a root KMS replica as the server) if
 // there is none or its address changed.
-func (p *clockPeers) conn(s *Server, id, addr string) (*grpc.ClientConn, error) {
+func (p *peerConns) conn(s *Server, id, addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -178,14 +179,14 @@ func (p *clockPeers) conn(s *Server, id, addr string) (*grpc.ClientConn, error) 
 		return nil, err
 	}
 	if p.conns == nil {
-		p.conns = map[string]*clockConn{}
+		p.conns = map[string]*peerConn{}
 	}
-	p.conns[id] = &clockConn{addr: addr, cc: cc}
+	p.conns[id] = &peerConn{addr: addr, cc: cc}
 	return cc, nil
 }
 
 // forget drops the connections of servers no longer among ids.
-func (p *clockPeers) forget(ids []string) {
+func (p *peerConns) forget(ids []string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for id, c := range p.conns {
@@ -196,7 +197,7 @@ func (p *clockPeers) forget(ids []string) {
 	}
 }
 
-func (p *clockPeers) close() {
+func (p *peerConns) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.closed = true
@@ -234,7 +235,7 @@ func (s *Server) checkClockQuorum(ctx context.Context, step string) error {
 	for i, p := range peers {
 		ids[i] = string(p.ID)
 	}
-	s.clocks.forget(ids)
+	s.peers.forget(ids)
 
 	ctx, cancel := context.WithTimeout(ctx, clockQuorumTimeout)
 	defer cancel()
@@ -285,7 +286,7 @@ func (s *Server) checkClockQuorum(ctx context.Context, step string) error {
 // from this replica's: its now minus this clock half the round trip after
 // sending (the round trip measured on the monotonic clock).
 func (s *Server) peerClock(ctx context.Context, id, addr string) (peerClock, error) {
-	cc, err := s.clocks.conn(s, id, addr)
+	cc, err := s.peers.conn(s, id, addr)
 	if err != nil {
 		return peerClock{}, err
 	}

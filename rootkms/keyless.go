@@ -65,7 +65,7 @@ func (s *Server) handOffIfKeyless() {
 
 // peerHasRootKey asks voter id at addr whether it holds the root key.
 func (s *Server) peerHasRootKey(id, addr string) bool {
-	cc, err := s.clocks.conn(s, id, addr)
+	cc, err := s.peers.conn(s, id, addr)
 	if err != nil {
 		return false
 	}

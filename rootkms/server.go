@@ -56,7 +56,7 @@ type Server struct {
 
 	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
 
-	clocks clockPeers // connections to the voters whose clocks the leader checks (clockquorum.go)
+	peers peerConns // connections to the other voters: their clocks (clockquorum.go) and whether they hold the root key (keyless.go)
 
 	// keylessSince is when this replica, leading, was last found without
 	// the root key (zero: it has it, or does not lead); memberLoop's only.
@@ -196,7 +196,7 @@ func (s *Server) Close() error {
 		if s.layer != nil {
 			s.layer.Close()
 		}
-		s.clocks.close()
+		s.peers.close()
 		if k := s.key.Swap(nil); k != nil {
 			k.Close()
 		}

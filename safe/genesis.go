@@ -191,6 +191,16 @@ func (e *SafeError) Error() string {
 
 func (e *SafeError) Unwrap() error { return e.Err }
 
+// JoinFailures joins the errors of the safes that failed (nil if none), so
+// that errors.Is and errors.As reach each of them.
+func JoinFailures(failed []*SafeError) error {
+	errs := make([]error, len(failed))
+	for i, f := range failed {
+		errs[i] = f
+	}
+	return errors.Join(errs...)
+}
+
 // Recovery says how RecoverReport went: which shares it combined and which
 // safes it had to skip.
 type Recovery struct {
@@ -233,16 +243,9 @@ func RecoverReport(ctx context.Context, m *safev1.GenesisManifest, safes []Safe)
 		return secret.Bytes{}, rep, err
 	}
 	defer c.Wipe()
-	failures := func() []error {
-		errs := make([]error, len(rep.Failed))
-		for i, f := range rep.Failed {
-			errs[i] = f
-		}
-		return errs
-	}
 	for _, s := range safes {
 		if err := ctx.Err(); err != nil {
-			return secret.Bytes{}, rep, errors.Join(append([]error{fmt.Errorf("safe: recovery stopped: %w", err)}, failures()...)...)
+			return secret.Bytes{}, rep, errors.Join(fmt.Errorf("safe: recovery stopped: %w", err), JoinFailures(rep.Failed))
 		}
 		index, err := SlotOf(m, s)
 		if err != nil {
@@ -253,7 +256,7 @@ func RecoverReport(ctx context.Context, m *safev1.GenesisManifest, safes []Safe)
 		if err != nil {
 			if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
 				// Not the safe's fault: the caller gave up.
-				return secret.Bytes{}, rep, errors.Join(append([]error{fmt.Errorf("safe: recovery stopped at share %d from %s: %w", index, s.Label(), err)}, failures()...)...)
+				return secret.Bytes{}, rep, errors.Join(fmt.Errorf("safe: recovery stopped at share %d from %s: %w", index, s.Label(), err), JoinFailures(rep.Failed))
 			}
 			rep.Failed = append(rep.Failed, &SafeError{Label: s.Label(), Index: index, Err: err})
 			continue
@@ -267,7 +270,7 @@ func RecoverReport(ctx context.Context, m *safev1.GenesisManifest, safes []Safe)
 	rep.Accepted = c.Indices()
 	rmk, err := c.Combine()
 	if err != nil {
-		return secret.Bytes{}, rep, errors.Join(append([]error{err}, failures()...)...)
+		return secret.Bytes{}, rep, errors.Join(err, JoinFailures(rep.Failed))
 	}
 	rep.Used = rep.Accepted[:c.Threshold()]
 	return rmk, rep, nil

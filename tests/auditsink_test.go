@@ -456,12 +456,7 @@ func TestKMSAuditSinkFailsUnderLoad(t *testing.T) {
 // loop mount (it needs root).
 func requireSinkMountNamespace(t *testing.T, what string) {
 	t.Helper()
-	if err := framework.MountNamespaceSupport(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true: cannot %s, so RELIABILITY row 42 is unchecked there: %v", what, err)
-		}
-		t.Skipf("SKIPPED (not passed): cannot %s: %v; run as root (under CI=true this fails)", what, err)
-	}
+	framework.RequireCapability(t, what+" (RELIABILITY row 42; run as root)", framework.MountNamespaceSupport())
 }
 
 // startKMSOnAuditFS brings up the one-region chain with the KMS server's

@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -445,12 +444,7 @@ func requireNotReady(t *testing.T, w *framework.World, r *framework.Replica, ds 
 // The scan can fail: before the seal it finds the RMK in the rekeying
 // distributor's locked page.
 func TestDistributorMemoryAfterRekeyAndSeal(t *testing.T) {
-	if err := framework.ProcMemAccess(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true: cannot read a distributor's memory, so RELIABILITY row 14 is unchecked: %v", err)
-		}
-		t.Skipf("SKIPPED (not passed): cannot read a distributor's memory: %v; run as root with CAP_SYS_PTRACE (under CI=true this fails)", err)
-	}
+	framework.RequireCapability(t, "read a distributor's memory (RELIABILITY row 14; run as root with CAP_SYS_PTRACE)", framework.ProcMemAccess())
 	w := framework.NewWorld(t, bin)
 	all := w.FileSafes(6)
 	olds, news := all[:3], all[3:]

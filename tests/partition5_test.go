@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -426,11 +427,8 @@ func startP5Chain(t *testing.T) *p5Chain {
 	t.Helper()
 	n := framework.NewNetwork(t)
 	if !n.Isolated {
-		msg := "this test needs hosts in network namespaces, so that a cut-off leader and follower still answer calls from their side (the SIGSTOP fallback cannot): " + n.Fallback
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		framework.RequireCapability(t, "make hosts in network namespaces (a cut-off leader and follower must still answer calls from their side, which the SIGSTOP fallback cannot)",
+			errors.New(n.Fallback))
 	}
 	w := framework.NewWorld(t, bin)
 	c := &p5Chain{hostsChain: &hostsChain{t: t, w: w, hostOf: map[*framework.Process]*framework.Host{}}, n: n,

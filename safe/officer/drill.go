@@ -143,13 +143,6 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		c      *distributorv1.Ceremony
 		failed []*safe.SafeError
 	)
-	failures := func() error {
-		errs := make([]error, len(failed))
-		for i, f := range failed {
-			errs[i] = f
-		}
-		return errors.Join(errs...)
-	}
 	for i, s := range safes {
 		osrc, err := source("officer", fmt.Sprintf("officer-%d", i+1))
 		if err != nil {
@@ -169,7 +162,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		closeConn()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, errors.Join(fmt.Errorf("officer: drill: stopped at %s: %w", s.Label(), ctx.Err()), failures())
+				return nil, errors.Join(fmt.Errorf("officer: drill: stopped at %s: %w", s.Label(), ctx.Err()), safe.JoinFailures(failed))
 			}
 			index, _ := safe.SlotOf(dm, s)
 			failed = append(failed, &safe.SafeError{Label: s.Label(), Index: index, Err: err})
@@ -183,7 +176,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		}
 	}
 	if c.GetState() != distributorv1.CeremonyState_CEREMONY_STATE_SUCCEEDED {
-		return nil, errors.Join(fmt.Errorf("officer: drill: ceremony ended %s with shares %v of %d needed: %s", c.GetState(), c.GetAcceptedIndices(), dm.GetThreshold(), c.GetDetail()), failures())
+		return nil, errors.Join(fmt.Errorf("officer: drill: ceremony ended %s with shares %v of %d needed: %s", c.GetState(), c.GetAcceptedIndices(), dm.GetThreshold(), c.GetDetail()), safe.JoinFailures(failed))
 	}
 
 	// Prove the restored key the way a root KMS replica would see it.
