@@ -88,6 +88,15 @@ soak: ## the chaos soak for DURATION (30m) and its report; SEED=n replays a sche
 soak-mutants: ## break each safeguard in tests/chaos/mutants on purpose; the short soak must catch every one
 	SEED=$(if $(filter 0,$(SEED)),,$(SEED)) tests/chaos/mutants/run.sh
 
+# The long root-tier outage (tests/RELIABILITY.md row 23):
+# TestKMSServesWithRootKMSDown with the root KMS, the distributor and the
+# safes down for OUTAGE under a paced wrap/unwrap load. `make test` runs it
+# with a 20 s outage.
+OUTAGE ?= 10m
+.PHONY: soak-outage
+soak-outage: ## the root tier down for OUTAGE (10m): every wrap/unwrap succeeds, new keyset fetches fail and succeed on retry
+	$(GO) test -race -count=1 -timeout $(SOAKTIMEOUT) -run '^TestKMSServesWithRootKMSDown$$' -v ./tests/ -kms.outage $(OUTAGE)
+
 # Go modules of their own under deploy/ (their dependencies stay out of
 # go.mod): the Kubernetes manifests' test and the image builder. `./...` of
 # the root module does not reach them.

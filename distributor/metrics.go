@@ -30,6 +30,9 @@ const (
 // The seal and ceremony gauges are read from the server at scrape time; the
 // hand-out counters are counted by FetchRootKey and its authorizer.
 type metrics struct {
+	// reg is the server's registry, which its gRPC server's own metrics
+	// (grpcserver.Options.Registerer) join.
+	reg      *prometheus.Registry
 	handouts *prometheus.CounterVec
 	refusals *prometheus.CounterVec
 }
@@ -41,6 +44,7 @@ func newMetrics(s *Server, reg *prometheus.Registry) (*metrics, error) {
 	}
 	const ns, sub = "cairn", "distributor"
 	m := &metrics{
+		reg: reg,
 		handouts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "root_key_handouts_total",
 			Help: `Root keys handed out (successful FetchRootKey), to root KMS replicas ("rootkms") or peer distributors ("peer").`}, []string{"to"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "root_key_refusals_total",

@@ -101,8 +101,9 @@ func New(cfg Config) (*Server, error) {
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Ready: s.Readiness, Reflection: cfg.Reflection,
-		Mutating:  []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal", svc + "InstallManifest"},
-		Unaudited: []string{svc + "GetStatus", svc + "GetCeremony"},
+		Mutating:   []string{svc + "OpenCeremony", svc + "SubmitShare", svc + "ProvisionRootKey", svc + "CancelCeremony", svc + "Seal", svc + "InstallManifest"},
+		Unaudited:  []string{svc + "GetStatus", svc + "GetCeremony"},
+		Registerer: s.metrics.reg,
 	})
 	if err != nil {
 		return nil, err

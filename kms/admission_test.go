@@ -115,9 +115,10 @@ func TestQuotaOverGRPC(t *testing.T) {
 }
 
 // TestDataMessageLimit: a data-plane request over MaxDataMsgSize (4 MiB by
-// default) is refused with INVALID_ARGUMENT before any handler runs (no
-// audit record of the call, no request counted), while ApplyBundle takes
-// bundles larger than that.
+// default) is refused with RESOURCE_EXHAUSTED naming the limit and without
+// a retry hint (as gRPC refuses a request over its receive limit) before
+// any handler runs (no audit record of the call, no request counted),
+// while ApplyBundle takes bundles larger than that.
 func TestDataMessageLimit(t *testing.T) {
 	t.Run("default", func(t *testing.T) {
 		e := newEnv(t)
@@ -127,8 +128,13 @@ func TestDataMessageLimit(t *testing.T) {
 		big := make([]byte, kms.DefaultMaxDataMsgSize+1)
 		big[0] = 1
 		_, err := c.Decrypt(ctx(t), &kmsv1.DecryptRequest{Keyset: ledger, Ciphertext: big}, grpc.MaxCallSendMsgSize(64<<20))
-		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "more than the data plane's limit of 4194304 bytes") {
-			t.Fatalf("Decrypt of %d bytes = %v, want InvalidArgument naming the limit", len(big), err)
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "more than the data plane's limit of 4194304 bytes") {
+			t.Fatalf("Decrypt of %d bytes = %v, want ResourceExhausted naming the limit", len(big), err)
+		}
+		for _, d := range status.Convert(err).Details() {
+			if _, ok := d.(*errdetails.RetryInfo); ok {
+				t.Errorf("Decrypt of %d bytes refused with a retry hint %v, want none (the same request would be refused again)", len(big), d)
+			}
 		}
 		if n := callRecords(t, s, "Decrypt", appID); n != 0 {
 			t.Errorf("Decrypt audit records = %d, want 0: no handler, no interceptor ran", n)
@@ -167,8 +173,8 @@ func TestDataMessageLimit(t *testing.T) {
 			Items: []*kmsv1.EncryptItem{{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)},
 				{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)},
 				{Plaintext: make([]byte, 4<<10)}, {Plaintext: make([]byte, 4<<10)}}})
-		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "data plane's limit") {
-			t.Errorf("EncryptBatch of 36 KiB = %v, want InvalidArgument naming the data plane's limit", err)
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), fmt.Sprintf("data plane's limit of %d bytes", limit)) {
+			t.Errorf("EncryptBatch of 36 KiB = %v, want ResourceExhausted naming the data plane's limit", err)
 		}
 	})
 }

@@ -54,8 +54,8 @@ const (
 	dekSize    = 32  // the payload: one AES-256 data key
 	adSize     = 16  // its associated data
 	batchItems = 100 // items per EncryptBatch/DecryptBatch call
-	// benchDeadline bounds every call of one sub-benchmark run (and so the
-	// run), should a server wedge.
+	// benchDeadline bounds one sub-benchmark run, should a server wedge
+	// (loadgen bounds each call within the servers' per-call cap).
 	benchDeadline = 2 * time.Minute
 )
 

@@ -63,7 +63,8 @@ type Config struct {
 	// MaxDataMsgSize bounds a data-plane request (kms.v1.KMS, and the
 	// transit API's bodies) on the wire (0: 4 MiB: a batch of MaxBatch
 	// DEK-sized items with room to spare). A larger one is refused with
-	// INVALID_ARGUMENT before any handler, audit record or quota sees it;
+	// RESOURCE_EXHAUSTED naming the limit (as gRPC refuses a request over
+	// MaxRecvMsgSize) before any handler, audit record or quota sees it;
 	// only KMSAdmin (ApplyBundle's bundles) may send up to MaxRecvMsgSize.
 	// At most MaxRecvMsgSize (the default is too).
 	MaxDataMsgSize int
@@ -88,6 +89,11 @@ type Config struct {
 	// Refusals are not audited call by call: a caller over its quota must
 	// not flood the audit log.
 	QuotaAuditWindow time.Duration
+	// MaxCallDuration bounds every gRPC call the server serves, its
+	// request's read included (0: grpcserver.DefaultMaxCallDuration, 30s):
+	// a call whose client set no deadline, or a later one, is cut then
+	// with DEADLINE_EXCEEDED (see grpcserver.Options.MaxCallDuration).
+	MaxCallDuration time.Duration
 	// FetchTimeout bounds one RegionKeys.Fetch (0: 10s).
 	FetchTimeout time.Duration
 	// RetryMin and RetryMax bound the jittered backoff between boot-time
@@ -177,7 +183,8 @@ func (c Config) Validate() error {
 	}{{"MaxBatch", int64(c.MaxBatch)}, {"MaxPayload", int64(c.MaxPayload)}, {"MaxRecvMsgSize", int64(c.MaxRecvMsgSize)},
 		{"FetchTimeout", int64(c.FetchTimeout)}, {"RetryMin", int64(c.RetryMin)}, {"RetryMax", int64(c.RetryMax)},
 		{"UsageFlushInterval", int64(c.UsageFlushInterval)}, {"MetricsKeysetLimit", int64(c.MetricsKeysetLimit)},
-		{"MaxDataMsgSize", int64(c.MaxDataMsgSize)}, {"MaxInFlight", int64(c.MaxInFlight)}, {"QuotaAuditWindow", int64(c.QuotaAuditWindow)}} {
+		{"MaxDataMsgSize", int64(c.MaxDataMsgSize)}, {"MaxInFlight", int64(c.MaxInFlight)}, {"QuotaAuditWindow", int64(c.QuotaAuditWindow)},
+		{"MaxCallDuration", int64(c.MaxCallDuration)}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("kms: negative %s", f.name))
 		}

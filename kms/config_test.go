@@ -40,6 +40,7 @@ func TestConfigValidate(t *testing.T) {
 		{"negative retry", func(c *kms.Config) { c.RetryMax = -1 }, "negative RetryMax"},
 		{"negative in-flight cap", func(c *kms.Config) { c.MaxInFlight = -1 }, "negative MaxInFlight"},
 		{"negative data message size", func(c *kms.Config) { c.MaxDataMsgSize = -1 }, "negative MaxDataMsgSize"},
+		{"negative call cap", func(c *kms.Config) { c.MaxCallDuration = -1 }, "negative MaxCallDuration"},
 		{"data messages over every message", func(c *kms.Config) { c.MaxRecvMsgSize, c.MaxDataMsgSize = 1<<20, 2<<20 }, "MaxDataMsgSize 2097152 is more than MaxRecvMsgSize 1048576"},
 		{"negative audit window", func(c *kms.Config) { c.QuotaAuditWindow = -1 }, "negative QuotaAuditWindow"},
 		{"default quota burst without a rate", func(c *kms.Config) { c.DefaultQuota = &kms.Quota{Burst: 5} }, "DefaultQuota: burst 5 without requests_per_second"},

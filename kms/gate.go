@@ -91,7 +91,12 @@ func gated[Req any, PReq interface {
 	}}
 }
 
-// checkMessage refuses a data-plane request larger than MaxDataMsgSize.
+// checkMessage refuses a data-plane request larger than MaxDataMsgSize
+// with RESOURCE_EXHAUSTED, the code gRPC gives a request over its own
+// receive limit: to the caller the data plane's limit is that limit (it is
+// below the server's only because ApplyBundle shares it). Unlike an
+// admission refusal it carries no retry hint, so kmsclient does not retry
+// a batch it refuses (the same batch would be refused again).
 func (s *Server) checkMessage(c *caller, method string, m proto.Message) error {
 	n := proto.Size(m)
 	if n <= s.cfg.MaxDataMsgSize {
@@ -99,6 +104,6 @@ func (s *Server) checkMessage(c *caller, method string, m proto.Message) error {
 	}
 	c.refused[shedSize].Add(1)
 	s.adm.shed[shedSize].Inc()
-	return status.Errorf(codes.InvalidArgument, "kms: the %s request is %d bytes, more than the data plane's limit of %d bytes (only KMSAdmin takes larger requests)",
+	return status.Errorf(codes.ResourceExhausted, "kms: the %s request is %d bytes, more than the data plane's limit of %d bytes: split it into smaller calls (only KMSAdmin takes larger requests)",
 		method, n, s.cfg.MaxDataMsgSize)
 }

@@ -24,7 +24,7 @@
 // (Config.MaxInFlight). Refusals are not audited call by call: each
 // caller's are counted and audited once per Config.QuotaAuditWindow. A
 // data-plane request over Config.MaxDataMsgSize (4 MiB) is refused with
-// INVALID_ARGUMENT before any handler; only KMSAdmin takes requests up to
+// RESOURCE_EXHAUSTED before any handler; only KMSAdmin takes requests up to
 // Config.MaxRecvMsgSize (bundles). The transit API goes through the same
 // admission.
 //
@@ -213,9 +213,11 @@ func New(cfg Config) (*Server, error) {
 	s.grpc, err = grpcserver.New(grpcserver.Options{
 		Source: cfg.Source, Policy: policy, Audit: cfg.Audit,
 		Ready: s.Readiness, Reflection: cfg.Reflection,
-		Mutating:       []string{adminService + "ApplyBundle"},
-		Unaudited:      []string{adminService + "GetStatus"},
-		MaxRecvMsgSize: cfg.MaxRecvMsgSize,
+		Mutating:        []string{adminService + "ApplyBundle"},
+		Unaudited:       []string{adminService + "GetStatus"},
+		MaxRecvMsgSize:  cfg.MaxRecvMsgSize,
+		MaxCallDuration: cfg.MaxCallDuration,
+		Registerer:      m.reg,
 		// A worker per call the server admits at once (MaxInFlight), up to
 		// maxStreamWorkers: the data plane's calls then run on stacks
 		// already grown.

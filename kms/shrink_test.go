@@ -109,6 +109,45 @@ func TestShrinkGuard(t *testing.T) {
 	}
 }
 
+// TestShrinkGuardLaggingServer: a server that missed two retirements of its
+// only keyset (it was down, or refused bundles meanwhile) takes both in one
+// bundle when the bundle names them destroyed through the lifecycle, and
+// refuses the same drop unnamed (a truncation) with nothing changed. This
+// is the soak's stall: every bundle a lagging region was sent was refused,
+// and its keysets' rotations stopped.
+func TestShrinkGuardLaggingServer(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "")
+	ks := e.ks
+	old1, old2 := ks.AddVersion(t), ks.AddVersion(t)
+	ks.AddVersion(t)
+	e.apply(s, e.bundle(ks))
+	before := s.status(t).GetBundle()
+
+	ks.Delete(t, old1)
+	ks.Delete(t, old2)
+	_, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: e.bundle(ks)})
+	if want := "drops 2 of 4 key versions of the keysets it keeps"; status.Code(err) != codes.FailedPrecondition || !strings.Contains(status.Convert(err).Message(), want) {
+		t.Fatalf("ApplyBundle(two versions dropped, not named destroyed) = %v, want FailedPrecondition containing %q", err, want)
+	}
+	if got := s.status(t).GetBundle(); !refEqual(got, before) {
+		t.Fatalf("after the refusal serving %v, want %v", got, before)
+	}
+
+	ks.Destroyed = []uint32{min(old1, old2), max(old1, old2)}
+	caughtUp := e.bundle(ks)
+	r, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: caughtUp})
+	if err != nil {
+		t.Fatalf("ApplyBundle(the two versions named destroyed) = %v, want success", err)
+	}
+	if w := strings.Join(r.GetWarnings(), "\n"); strings.Contains(w, "shrink") {
+		t.Errorf("ApplyBundle warnings = %q, want no shrink warning (no override was needed)", w)
+	}
+	if got := s.status(t).GetBundle(); !refEqual(got, refOf(t, caughtUp)) {
+		t.Errorf("serving %v, want %v", got, refOf(t, caughtUp))
+	}
+}
+
 // TestShrinkGuardWhilePending: a server that has not loaded its persisted
 // bundle yet (the root KMS is down) guards against that bundle.
 func TestShrinkGuardWhilePending(t *testing.T) {

@@ -39,6 +39,30 @@ func (s *Server) rootKey() (*rootkey.Key, error) {
 	return nil, status.Errorf(codes.Unavailable, "rootkms: not serving yet: %s", s.keyStatus.Load())
 }
 
+// caughtUp returns nil once this replica's state is at least as new as it
+// was when the replica started and as what a leader since said was
+// committed, and Unavailable before: after a restart Raft restores the last
+// snapshot and applies the entries after it only as a leader commits them,
+// so until then the state can lack what the cluster (and this replica,
+// before it stopped) already had. It latches: later, a replica's state may
+// lag the leader's by what is in flight, never by what it had.
+func (s *Server) caughtUp() error {
+	if s.synced.Load() {
+		return nil
+	}
+	r := s.node.Raft
+	applied := r.AppliedIndex()
+	commit, _ := strconv.ParseUint(r.Stats()["commit_index"], 10, 64)
+	_, leader := r.LeaderWithID()
+	if leader == "" || applied < s.startIndex || applied < commit {
+		return status.Errorf(codes.Unavailable,
+			"rootkms: this replica is still catching up with the cluster since it started (applied index %d; its log held %d at start; committed %d; leader known: %t); ask another replica or retry shortly",
+			applied, s.startIndex, commit, leader != "")
+	}
+	s.synced.Store(true)
+	return nil
+}
+
 // notLeader is the error a follower answers a write or gating read with: it
 // names the leader's API address so the caller can retry there.
 //
@@ -284,6 +308,12 @@ func (s *Server) UnwrapRegionKey(ctx context.Context, req *rootkmsv1.UnwrapRegio
 	st := s.fsm.State()
 	r, ok := st.Region(req.GetRegion())
 	if !ok {
+		// Answered from this replica's own state: one that restarted and
+		// has not caught up may lack a region that exists, and NotFound
+		// would be a definite wrong answer.
+		if err := s.caughtUp(); err != nil {
+			return nil, err
+		}
 		return nil, status.Errorf(codes.NotFound, "rootkms: no region %q", req.GetRegion())
 	}
 	audit.AddTarget(ctx, audit.Target{Region: r.Name})

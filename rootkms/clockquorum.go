@@ -210,7 +210,8 @@ func (p *peerConns) close() {
 // checkClockQuorum refuses a step judged on time unless this leader's
 // clock agrees with a quorum of voters' (see judgeClocks). It asks every
 // other voter of the Raft configuration, at the API address the state
-// records for it, at once, and waits at most clockQuorumTimeout. A voter
+// records for it, at once, and waits until the verdict is settled (see
+// collectClocks), at most clockQuorumTimeout. A voter
 // whose clock is off the quorum's is logged (a minority does not block).
 func (s *Server) checkClockQuorum(ctx context.Context, step string) error {
 	f := s.node.Raft.GetConfiguration()
@@ -238,39 +239,26 @@ func (s *Server) checkClockQuorum(ctx context.Context, step string) error {
 	s.peers.forget(ids)
 
 	ctx, cancel := context.WithTimeout(ctx, clockQuorumTimeout)
-	defer cancel()
-	type answer struct {
-		ok  peerClock
-		bad *peerFailure
-	}
-	out := make(chan answer, len(peers))
+	defer cancel() // ends the questions still out once collectClocks is done
+	out := make(chan clockAnswer, len(peers))
 	st := s.fsm.State()
 	for _, p := range peers {
 		id := string(p.ID)
 		m, ok := st.Member(id)
 		if !ok || m.APIAddress == "" {
-			out <- answer{bad: &peerFailure{ID: id, Why: "no API address registered"}}
+			out <- clockAnswer{bad: &peerFailure{ID: id, Why: "no API address registered"}}
 			continue
 		}
 		go func() {
 			c, err := s.peerClock(ctx, id, m.APIAddress)
 			if err != nil {
-				out <- answer{bad: &peerFailure{ID: id, Why: err.Error()}}
+				out <- clockAnswer{bad: &peerFailure{ID: id, Why: err.Error()}}
 				return
 			}
-			out <- answer{ok: c}
+			out <- clockAnswer{ok: c}
 		}()
 	}
-	var answers []peerClock
-	var failures []peerFailure
-	for range peers {
-		a := <-out // every goroutine answers within ctx
-		if a.bad != nil {
-			failures = append(failures, *a.bad)
-		} else {
-			answers = append(answers, a.ok)
-		}
-	}
+	answers, failures := collectClocks(out, len(peers), voters, s.cfg.Safety.MaxClockSkew)
 	v, err := judgeClocks(s.cfg.ID, voters, answers, failures, s.cfg.Safety.MaxClockSkew, step)
 	for _, off := range v.Off {
 		s.log.Warn("rootkms: a voter's clock disagrees with the quorum's; fix NTP on it",
@@ -280,6 +268,43 @@ func (s *Server) checkClockQuorum(ctx context.Context, step string) error {
 		s.log.Warn("rootkms: refused a step judged on time: the clocks disagree or cannot be confirmed", "step", step, "err", status.Convert(err).Message())
 	}
 	return err
+}
+
+// clockAnswer is one voter's answer to the clock question: its clock, or
+// why it gave none.
+type clockAnswer struct {
+	ok  peerClock
+	bad *peerFailure
+}
+
+// collectClocks reads the answers of peers voters from out (every sender
+// answers before its question's deadline) and returns as soon as the
+// verdict is settled: every peer answered, or a majority of voters (the
+// leader, offset 0, included) answered within bound of the leader's clock.
+// With a majority within bound, whatever the others answer, at most a
+// minority lies on either side of the bound, so both middle offsets of
+// every voter's clock lie within it and judgeClocks agrees. A paused or
+// partitioned voter then costs no wait, where waiting for it would hold
+// every write behind the step for the whole clockQuorumTimeout.
+func collectClocks(out <-chan clockAnswer, peers, voters int, bound time.Duration) ([]peerClock, []peerFailure) {
+	var answers []peerClock
+	var failures []peerFailure
+	within := 1 // the leader's own clock
+	for range peers {
+		if within >= voters/2+1 {
+			break
+		}
+		a := <-out
+		if a.bad != nil {
+			failures = append(failures, *a.bad)
+			continue
+		}
+		answers = append(answers, a.ok)
+		if abs(a.ok.Offset) <= bound {
+			within++
+		}
+	}
+	return answers, failures
 }
 
 // peerClock asks voter id at addr for its clock and estimates its offset

@@ -121,3 +121,55 @@ func TestMaxClockSkewConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestCollectClocksSettlesEarly: the clock round ends once a majority of
+// voters (the leader included) answered within the bound, without the
+// voter that never answers (paused); it waits for the rest while the
+// answers in hand cannot settle it (too few, or off the leader's clock),
+// and then judgeClocks decides on every answer.
+func TestCollectClocksSettlesEarly(t *testing.T) {
+	const bound = 2 * time.Second
+	collect := func(peers, voters int, sent ...clockAnswer) ([]peerClock, []peerFailure) {
+		out := make(chan clockAnswer, peers)
+		for _, a := range sent {
+			out <- a
+		}
+		done := make(chan struct{})
+		var answers []peerClock
+		var failures []peerFailure
+		go func() {
+			defer close(done)
+			answers, failures = collectClocks(out, peers, voters, bound)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("collectClocks(%d peers of %d voters, %d answers sent) still waiting after 10 s: it waits for an answer that never comes", peers, voters, len(sent))
+		}
+		return answers, failures
+	}
+	near := func(id string, d time.Duration) clockAnswer { return clockAnswer{ok: peerClock{ID: id, Offset: d}} }
+	failed := func(id string) clockAnswer { return clockAnswer{bad: &peerFailure{ID: id, Why: "no answer"}} }
+
+	// 5 voters: the leader and two near clocks are a majority; r5 is paused.
+	answers, failures := collect(4, 5, near("r2", 10*time.Millisecond), failed("r3"), near("r4", -5*time.Millisecond))
+	if len(answers) != 2 || len(failures) != 1 {
+		t.Errorf("5 voters, r5 paused: answers %v, failures %v; want r2 and r4 answered, r3 failed", answers, failures)
+	}
+	if v, err := judgeClocks("r1", 5, answers, failures, bound, "promote"); err != nil || !v.Agree {
+		t.Errorf("judgeClocks(the settled answers) = %+v, %v; want agreement", v, err)
+	}
+	// 3 voters: one near clock settles it; the paused voter is not waited for.
+	if answers, _ := collect(2, 3, near("r2", time.Millisecond)); len(answers) != 1 {
+		t.Errorf("3 voters, r3 paused: answers %v, want r2's alone", answers)
+	}
+	// A clock off the leader's does not settle it: every answer is read,
+	// and the quorum's median decides (here: the leader is the one off).
+	answers, _ = collect(2, 3, near("r2", time.Hour), near("r3", time.Hour+time.Millisecond))
+	if len(answers) != 2 {
+		t.Errorf("3 voters, both others an hour ahead: answers %v, want both", answers)
+	}
+	if _, err := judgeClocks("r1", 3, answers, nil, bound, "destroy"); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("judgeClocks(the leader an hour behind both others) = %v, want FailedPrecondition", err)
+	}
+}

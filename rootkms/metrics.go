@@ -20,6 +20,9 @@ import (
 // getters, not Stats, which formats every value and the configuration);
 // only the apply latency and the snapshot time are recorded as they happen.
 type metrics struct {
+	// reg is the server's registry, which its gRPC server's own metrics
+	// (grpcserver.Options.Registerer) join.
+	reg   *prometheus.Registry
 	apply prometheus.Histogram
 	// snapshotAt is when this replica last took or restored a snapshot
 	// (unix nanoseconds; 0: not since it started).
@@ -32,6 +35,7 @@ func newMetrics(s *Server, reg *prometheus.Registry) (*metrics, error) {
 		reg = prometheus.NewRegistry()
 	}
 	m := &metrics{
+		reg: reg,
 		apply: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "cairn", Subsystem: "rootkms", Name: "apply_duration_seconds",
 			Help: "Time a write takes on the leader from proposal to applied by its state machine (writes Raft accepted; refusals before proposing are not counted).",
 			// 250µs .. ~8s: a commit takes a quorum round trip and an fsync;

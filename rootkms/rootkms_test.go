@@ -140,11 +140,27 @@ type replica struct {
 	api      string
 	dataDir  string
 	auditLog string
+	raft     string
+	log      *audit.Log
 	stopped  bool
 }
 
 // startReplica starts replica id; join names replicas to join through.
 func (c *chain) startReplica(id string, bootstrap bool, nonVoter bool, join ...string) *replica {
+	c.t.Helper()
+	return c.startReplicaAt("127.0.0.1:0", "127.0.0.1:0", id, bootstrap, nonVoter, join...)
+}
+
+// restart starts a stopped replica again on its directories and
+// addresses (the cluster's configuration names its Raft address).
+func (c *chain) restart(r *replica) *replica {
+	c.t.Helper()
+	return c.startReplicaAt(r.api, r.raft, r.id, false, false)
+}
+
+// startReplicaAt starts replica id with its API and Raft transport on the
+// given addresses.
+func (c *chain) startReplicaAt(api, raftAddr, id string, bootstrap bool, nonVoter bool, join ...string) *replica {
 	c.t.Helper()
 	dir := filepath.Join(c.dir, id)
 	log, err := audit.Open(filepath.Join(dir, "audit.log"), audit.Options{})
@@ -169,20 +185,31 @@ func (c *chain) startReplica(id string, bootstrap bool, nonVoter bool, join ...s
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	apiLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	raftLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	apiLis, err := net.Listen("tcp", api)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	raftLis, err := net.Listen("tcp", raftAddr)
+	if err != nil {
+		c.t.Fatal(err)
+	}
 	if err := srv.Start(apiLis, raftLis); err != nil {
 		c.t.Fatal(err)
 	}
-	r := &replica{srv: srv, id: id, api: apiLis.Addr().String(), dataDir: filepath.Join(dir, "raft"), auditLog: filepath.Join(dir, "audit.log")}
-	c.t.Cleanup(func() { r.stop(); log.Close() })
+	r := &replica{srv: srv, id: id, api: apiLis.Addr().String(), raft: raftLis.Addr().String(), dataDir: filepath.Join(dir, "raft"), auditLog: filepath.Join(dir, "audit.log"), log: log}
+	c.t.Cleanup(r.stop)
 	return r
 }
 
+// stop closes the replica and its audit log, so that it can be started
+// again on the same directories.
 func (r *replica) stop() {
 	if !r.stopped {
 		r.stopped = true
 		r.srv.Close()
+		if r.log != nil { // nil: the test that made r owns its log
+			r.log.Close()
+		}
 	}
 }
 

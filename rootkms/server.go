@@ -53,6 +53,11 @@ type Server struct {
 	// Start began (unix nanoseconds).
 	running   atomic.Pointer[raft.Raft]
 	startedAt atomic.Int64
+	// startIndex is the last index of this replica's log when Start
+	// opened it; caughtUp latches once the state has applied it and what
+	// a leader since said was committed (see caughtUp).
+	startIndex uint64
+	synced     atomic.Bool
 
 	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
 
@@ -134,6 +139,7 @@ func New(cfg Config) (*Server, error) {
 		// keyset record with its copies, is far above the 64 KiB default.
 		MaxRecvMsgSize: MaxMessageSize,
 		Unaudited:      []string{svc + "GetClusterStatus"},
+		Registerer:     s.metrics.reg,
 	})
 	if err != nil {
 		return nil, err
@@ -172,6 +178,7 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 		return err
 	}
 	s.node = node
+	s.startIndex = node.Raft.LastIndex()
 	s.running.Store(node.Raft)
 	s.wg.Add(3)
 	go func() { defer s.wg.Done(); s.serveErr <- s.grpc.Serve(apiLis) }()

@@ -80,8 +80,9 @@ type sinkCall struct {
 	op     string
 	phase  sinkPhase
 	err    error
-	result bool // a non-nil ciphertext or plaintext came back
-	wrong  bool // a decrypt returned another plaintext than was encrypted
+	result bool   // a non-nil ciphertext or plaintext came back
+	wrong  bool   // a decrypt returned another plaintext than was encrypted
+	dek    []byte // what an encrypt sent, for the secret scan
 	// start and end are for the failure messages.
 	start, end time.Time
 }
@@ -153,7 +154,7 @@ func (l *sinkLoad) worker(ctx context.Context, id int) {
 			dek := make([]byte, 32)
 			rand.Read(dek)
 			ct, err := l.aead.EncryptWithContext(cctx, dek, ad)
-			c.err, c.result = err, ct != nil
+			c.err, c.result, c.dek = err, ct != nil, dek
 			if err == nil {
 				last, lastPT = ct, dek
 			}
@@ -221,6 +222,29 @@ func (l *sinkLoad) waitCalls(p sinkPhase, n int64) {
 func (l *sinkLoad) stop() {
 	l.cancel()
 	l.wg.Wait()
+}
+
+// secrets returns (after stop), for the secret scan, every DEK the load
+// sent to be encrypted, and writes every error string its calls saw to
+// load-<prefix>-errors.txt in the world's directory.
+func (l *sinkLoad) secrets(w *framework.World) []framework.Secret {
+	l.t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []framework.Secret
+	seen := map[string]bool{}
+	var errs []string
+	for _, c := range l.calls {
+		if c.dek != nil {
+			out = append(out, sentinel("DEK of "+c.rid, c.dek))
+		}
+		if c.err != nil && !seen[c.err.Error()] {
+			seen[c.err.Error()] = true
+			errs = append(errs, c.err.Error())
+		}
+	}
+	writeErrorStrings(l.t, w, "load-"+l.prefix+"-errors.txt", errs)
+	return out
 }
 
 // byPhase returns the calls (after stop) that started in phase p.
@@ -362,6 +386,9 @@ func requireServingDespiteSink(t *testing.T, k *framework.KMSServer, what string
 // sinkRestartAndServe starts a stopped KMS server again on the same audit log,
 // checks that it serves (an encrypt and a decrypt, each audited ok), stops
 // it and checks the log again.
+// sinkRestartDEK is what sinkRestartAndServe encrypts.
+const sinkRestartDEK = "a 32-byte data encryption key!!!"
+
 func sinkRestartAndServe(t *testing.T, w *framework.World, k *framework.KMSServer, path, name string) {
 	t.Helper()
 	k.Start()
@@ -369,7 +396,7 @@ func sinkRestartAndServe(t *testing.T, w *framework.World, k *framework.KMSServe
 	aead := newSinkClient(t, w, k)
 	ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
 	defer cancel()
-	dek := []byte("a 32-byte data encryption key!!!")
+	dek := []byte(sinkRestartDEK)
 	ct, err := aead.EncryptWithContext(metadata.AppendToOutgoingContext(ctx, audit.RequestIDHeader, name+"-enc"), dek, []byte(name))
 	if err != nil {
 		t.Fatalf("Encrypt after the restart with a working audit sink = %v, want success", err)
@@ -409,9 +436,12 @@ func sinkRestartAndServe(t *testing.T, w *framework.World, k *framework.KMSServe
 //     signed checkpoints, a final one. Every call the client saw succeed has
 //     exactly one ok record with its request ID, operation and keyset, and
 //     no refused call has any record;
-//   - restarted on the same log, the server serves and the log verifies.
+//   - restarted on the same log, the server serves and the log verifies;
+//   - no file, and no error string the client saw, holds a DEK it sent, a
+//     key of the chain, a share or a passphrase.
 func TestKMSAuditSinkFailsUnderLoad(t *testing.T) {
-	w, k := startOneRegion(t, oneRegion{team: ledgerTeam})
+	c := startOneRegionChain(t, oneRegion{team: ledgerTeam})
+	w, k := c.w, c.k
 	path := filepath.Join(k.StateDir, "audit.log")
 	load := startSinkLoad(t, newSinkClient(t, w, k), "fail")
 	load.waitCalls(sinkHealthy, sinkPhaseCalls)
@@ -449,6 +479,7 @@ func TestKMSAuditSinkFailsUnderLoad(t *testing.T) {
 	t.Logf("%d calls succeeded and are audited ok; %d were refused Unavailable and left no record", ok, refused)
 
 	sinkRestartAndServe(t, w, k, path, "fail-restart")
+	c.requireNoSecrets(t, append(load.secrets(w), sentinel("the DEK after the restart", []byte(sinkRestartDEK))))
 }
 
 // requireSinkMountNamespace fails the test under CI=true, and skips it loudly
@@ -463,9 +494,10 @@ func requireSinkMountNamespace(t *testing.T, what string) {
 // audit log on an ext4 loop mount (mnt) of a private mount namespace, so
 // that the test can fault that filesystem; path is the log as the server
 // sees it (ns.Path(path) as the test does).
-func startKMSOnAuditFS(t *testing.T) (w *framework.World, k *framework.KMSServer, ns *framework.MountNamespace, mnt, path string) {
+func startKMSOnAuditFS(t *testing.T) (c *oneRegionChain, ns *framework.MountNamespace, mnt, path string) {
 	t.Helper()
-	w, k = startOneRegion(t, oneRegion{team: ledgerTeam})
+	c = startOneRegionChain(t, oneRegion{team: ledgerTeam})
+	w, k := c.w, c.k
 	ns = framework.NewMountNamespace(t, w.Dir)
 	mnt = filepath.Join(w.Dir, "auditfs")
 	ns.MountExt4(mnt, 32<<20)
@@ -475,7 +507,7 @@ func startKMSOnAuditFS(t *testing.T) (w *framework.World, k *framework.KMSServer
 	k.InMountNamespace(ns)
 	k.Start()
 	k.WaitServing(1)
-	return w, k, ns, mnt, path
+	return c, ns, mnt, path
 }
 
 // TestKMSAuditSinkHangsUnderLoad (row 42, hanging sink): as
@@ -499,13 +531,16 @@ func startKMSOnAuditFS(t *testing.T) (w *framework.World, k *framework.KMSServer
 //     written when the sink came back, as internal/audit documents (a caller
 //     refused at its deadline must treat its call as not done, but the log
 //     says what the server did);
-//   - restarted on the same log, the server serves and the log verifies.
+//   - restarted on the same log, the server serves and the log verifies;
+//   - no file (the log in the namespace included), and no error string the
+//     client saw, holds a DEK it sent or a secret of the chain.
 //
 // It needs root (a mount namespace, a loop device, fsfreeze); under CI=true
 // it fails without, elsewhere it is skipped, loudly.
 func TestKMSAuditSinkHangsUnderLoad(t *testing.T) {
 	requireSinkMountNamespace(t, "hang a KMS server's audit sink")
-	w, k, ns, mnt, path := startKMSOnAuditFS(t)
+	c, ns, mnt, path := startKMSOnAuditFS(t)
+	w, k := c.w, c.k
 	// From here on the cleanups run thaw before they kill the server: a
 	// process blocked on a frozen filesystem cannot be killed.
 	load := startSinkLoad(t, newSinkClient(t, w, k), "hang")
@@ -539,6 +574,8 @@ func TestKMSAuditSinkHangsUnderLoad(t *testing.T) {
 	t.Logf("%d calls succeeded and are audited ok; %d were refused at their deadlines and their records were written once the sink was back", ok, refused)
 
 	sinkRestartAndServe(t, w, k, view, "hang-restart")
+	// The audit log is seen through the namespace: scan it there too.
+	c.requireNoSecrets(t, append(load.secrets(w), sentinel("the DEK after the restart", []byte(sinkRestartDEK))), ns.Path(mnt))
 }
 
 // TestKMSAuditLogBrokenNeedsRestart (row 42, design (b)): the one failure a
@@ -557,12 +594,15 @@ func TestKMSAuditSinkHangsUnderLoad(t *testing.T) {
 //     checkpoint (a broken log cannot write one); every success the client
 //     saw has exactly one ok record and no refused call has any;
 //   - restarted with the sink working, the server serves again and the log
-//     verifies: recovery from a broken log is a process restart.
+//     verifies: recovery from a broken log is a process restart;
+//   - no file (the log in the namespace included), and no error string the
+//     client saw, holds a DEK it sent or a secret of the chain.
 //
 // It needs root (a mount namespace, a loop device, chattr).
 func TestKMSAuditLogBrokenNeedsRestart(t *testing.T) {
 	requireSinkMountNamespace(t, "break a KMS server's audit log")
-	w, k, ns, _, path := startKMSOnAuditFS(t)
+	c, ns, mnt, path := startKMSOnAuditFS(t)
+	w, k := c.w, c.k
 	load := startSinkLoad(t, newSinkClient(t, w, k), "broken")
 	load.waitCalls(sinkHealthy, sinkPhaseCalls)
 
@@ -612,6 +652,7 @@ func TestKMSAuditLogBrokenNeedsRestart(t *testing.T) {
 	t.Logf("%d calls succeeded and are audited ok; %d were refused Unavailable (the log broken) and left no record", ok, refused)
 
 	sinkRestartAndServe(t, w, k, view, "broken-restart")
+	c.requireNoSecrets(t, append(load.secrets(w), sentinel("the DEK after the restart", []byte(sinkRestartDEK))), ns.Path(mnt))
 }
 
 // TestCeremonyAuditSinkFails (row 42, ceremony): a real distributor, sealed
@@ -624,7 +665,8 @@ func TestKMSAuditLogBrokenNeedsRestart(t *testing.T) {
 // clean stop the log verifies and holds no SubmitShare record of officer 3
 // (refused only), and exactly one attempt and one ok record of officer 2
 // (its refused try left none). Restarted, the distributor comes up sealed
-// and the log still verifies.
+// and the log still verifies. No file holds the RMK, a share or a
+// passphrase.
 func TestCeremonyAuditSinkFails(t *testing.T) {
 	w := framework.NewWorld(t, bin)
 	safes := w.FileSafes(3)
@@ -690,6 +732,7 @@ func TestCeremonyAuditSinkFails(t *testing.T) {
 	d.WaitState(sealed)
 	d.Stop()
 	requireSinkAuditIntact(t, w, "audit-verify-ceremony-restart", path)
+	requireNoKeyMaterial(t, w, m, safes, nil)
 }
 
 // TestCeremonyAuditSinkHangs (row 42, ceremony, hanging sink): a real
@@ -706,7 +749,8 @@ func TestCeremonyAuditSinkFails(t *testing.T) {
 // says, and the handler then ran with the caller long gone). Shares 2 and
 // 3 released then unseal it; after a clean stop the log verifies, and
 // officer 2's records are an attempt and a DeadlineExceeded (or Canceled)
-// error for the refused try, then an attempt and an ok.
+// error for the refused try, then an attempt and an ok. No file (the log in
+// the namespace included) holds the RMK, a share or a passphrase.
 //
 // It needs root, like TestKMSAuditSinkHangsUnderLoad.
 func TestCeremonyAuditSinkHangs(t *testing.T) {
@@ -790,4 +834,6 @@ func TestCeremonyAuditSinkHangs(t *testing.T) {
 	if want := []string{"attempt ", "error DeadlineExceeded", "attempt ", "ok "}; !slices.Equal(got, want) {
 		t.Errorf("audit log %s: SubmitShare records of %s = %q, want %q", view, framework.Officer(2), got, want)
 	}
+	// The audit log is seen through the namespace: scan it there too.
+	requireNoKeyMaterial(t, w, m, safes, nil, ns.Path(mnt))
 }

@@ -75,6 +75,8 @@ func waitNoBundle(k *framework.KMSServer) {
 // cluster holds the same regions (same key versions, same key material, on
 // the follower too) and keysets, keeps its own members, and a new KMS server
 // fed a bundle built from it decrypts the ciphertext made before the backup.
+// No file (the backup included) holds the RMK, a share, a passphrase, a
+// region key version, a keyset key or the DEK.
 func TestRootKMSBackupRestore(t *testing.T) {
 	start := time.Now()
 	w := framework.NewWorld(t, bin)
@@ -268,5 +270,17 @@ func TestRootKMSBackupRestore(t *testing.T) {
 		t.Errorf("Decrypt on the restored chain = key %d, another plaintext; want key %d and the DEK", dec.GetKeyId(), enc.GetKeyId())
 	}
 	clear(dec.GetPlaintext())
+
+	// No secret in any file: the region keys (every version, as the
+	// restored cluster serves them), the keyset keys of both bundles, the
+	// DEK, and the backup file, which holds the record sealed, not in
+	// plaintext.
+	secrets := append(chainSecrets(t, fresh[0], rc, "us-east", "eu-west"), sentinel("the DEK encrypted before the backup", dek))
+	k2.Stop()
+	for _, rep := range fresh {
+		rep.Stop()
+	}
+	d.Stop()
+	requireNoSecrets(t, w, m, safes, nil, secrets)
 	t.Logf("backup, restore into a fresh cluster and decrypt on the restored chain in %s", time.Since(start).Round(time.Millisecond))
 }

@@ -33,7 +33,8 @@ type ceremonyJSON struct {
 // the next commands `safe` prints (--json), with the officer's safe,
 // manifest and name filled in: status names `safe ceremony open`, open and
 // each release name `safe release` and how many shares are still needed,
-// and once unsealed there is nothing to do.
+// and once unsealed there is nothing to do. No file holds the RMK, a share
+// or a passphrase.
 func TestCeremonyNextCommands(t *testing.T) {
 	w := framework.NewWorld(t, bin)
 	safes := w.FileSafes(3)
@@ -102,4 +103,5 @@ func TestCeremonyNextCommands(t *testing.T) {
 		t.Errorf("safe ceremony status = %s\nwant the next step", text)
 	}
 	d.Stop()
+	requireNoKeyMaterial(t, w, m, safes, nil)
 }

@@ -22,7 +22,8 @@ const holdSealed = 3 * time.Second
 // peered distributors and makes a root KMS replica drop its root key. The
 // fleet stays sealed (no distributor fetches from a peer, none hands the key
 // out), the replica refuses UnwrapRegionKey, every step is audited, and a
-// quorum unseal ceremony brings the chain back.
+// quorum unseal ceremony brings the chain back. No file holds the RMK, a
+// share, a passphrase or the region key.
 func TestFleetEmergencySeal(t *testing.T) {
 	w := framework.NewWorld(t, bin)
 	safes := w.FileSafes(3)
@@ -111,4 +112,13 @@ func TestFleetEmergencySeal(t *testing.T) {
 	ds[1].Kill()
 	ds[1].Restart()
 	requireUnsealedBy(t, ds[1], waitUnsealed(t, ds[1], m), "peer:")
+
+	// No secret in any file: the region key the replica served before and
+	// after the seal, the RMK, the shares, the passphrases.
+	keys := regionKeysOf(t, root, "us-east")
+	root.Stop()
+	for _, d := range ds {
+		d.Stop()
+	}
+	requireNoSecrets(t, w, m, safes, nil, regionKeySecrets(t, keys))
 }

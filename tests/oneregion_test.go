@@ -7,6 +7,7 @@ import (
 	"time"
 
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
@@ -21,11 +22,47 @@ type oneRegion struct {
 	kmsArgs []string
 }
 
-// startOneRegion brings up the smallest whole chain (dev certs, two file
-// safes, one distributor, one root KMS replica), creates the keysets of
-// o.team with regionctl, and starts one us-east KMS server
-// (kms/us-east/kms-1, audit log on disk) serving bundle serial 1.
+// oneRegionChain is the chain startOneRegionChain brings up.
+type oneRegionChain struct {
+	w     *framework.World
+	m     *safev1.GenesisManifest
+	safes []framework.SafeConfig
+	d     *framework.Distributor
+	root  *framework.Replica
+	k     *framework.KMSServer
+	// rc is regionctl's directory: its keys, team files and the bundle.
+	rc string
+}
+
+// startOneRegion is startOneRegionChain for the callers that need only the
+// world and the KMS server (the benchmarks).
 func startOneRegion(t testing.TB, o oneRegion) (*framework.World, *framework.KMSServer) {
+	t.Helper()
+	c := startOneRegionChain(t, o)
+	return c.w, c.k
+}
+
+// requireNoSecrets ends a test of the chain: it fetches every version of
+// the us-east key from the root KMS and opens the keyset copies of the
+// bundle, stops every process still running (SIGTERM, a clean exit), and
+// scans every file of the world and the extra roots for those keys, the
+// RMK, the shares, the safes' passphrases and the extra secrets.
+func (c *oneRegionChain) requireNoSecrets(t *testing.T, extra []framework.Secret, extraRoots ...string) {
+	t.Helper()
+	secrets := append(chainSecrets(t, c.root, c.rc, kmsRegion), extra...)
+	for _, p := range []*framework.Process{c.k.Process, c.root.Process, c.d.Process} {
+		if p.Running() {
+			p.Stop()
+		}
+	}
+	requireNoSecrets(t, c.w, c.m, c.safes, nil, secrets, extraRoots...)
+}
+
+// startOneRegionChain brings up the smallest whole chain (dev certs, two
+// file safes, one distributor, one root KMS replica), creates the keysets
+// of o.team with regionctl, and starts one us-east KMS server
+// (kms/us-east/kms-1, audit log on disk) serving bundle serial 1.
+func startOneRegionChain(t testing.TB, o oneRegion) *oneRegionChain {
 	t.Helper()
 	start := time.Now()
 	w := framework.NewWorld(t, bin)
@@ -33,7 +70,7 @@ func startOneRegion(t testing.TB, o oneRegion) (*framework.World, *framework.KMS
 	d := w.Distributors(1, false)[0]
 	d.Start()
 	d.WaitState(sealed)
-	w.Genesis(2, safes, d)
+	m := w.Genesis(2, safes, d)
 	d.WaitState(unsealed)
 	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
 	root.Start()
@@ -73,5 +110,5 @@ func startOneRegion(t testing.TB, o oneRegion) (*framework.World, *framework.KMS
 	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
 	k.WaitServing(1)
 	t.Logf("chain up, %s serving bundle 1, in %s", k.Identity, time.Since(start).Round(time.Millisecond))
-	return w, k
+	return &oneRegionChain{w: w, m: m, safes: safes, d: d, root: root, k: k, rc: rc}
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -225,6 +226,14 @@ func TestUpOps(t *testing.T) {
 	checkChainTransit(t, info, regions[0])
 	checkDashboardMetrics(t, exported)
 	t.Logf("every server's ops listener, health and reflection checked in %s", time.Since(testStart).Round(100*time.Millisecond))
+
+	// Stopped, the chain left no root key, share or passphrase in any file
+	// (the operator tools' output included).
+	l.Send(syscall.SIGTERM)
+	if code := l.ExitCode(); code != 0 {
+		t.Fatalf("cairn up: exit %d after SIGTERM, want 0\n%s", code, l.Stdout())
+	}
+	requireNoUpSecrets(t, dir+"/state", nil, logs)
 }
 
 // healthCheck asks the server's grpc.health.v1 over mTLS as id, verifying

@@ -46,11 +46,21 @@ const (
 // else fails. The quiet client (kmsclient, default retries) gets no error;
 // its p99 while the noisy client runs, against its p99 while it does not,
 // is logged with the 1.5x goal (not asserted: a timing gate). The KMS audits the noisy client's refusals once per window with
-// their count, not once per call.
+// their count, not once per call. No file, and no error string a client
+// saw, holds a key of the chain or the DEK.
 func TestKMSQuotaUnderLoad(t *testing.T) {
-	w, k := startOneRegion(t, oneRegion{team: ledgerTeam,
+	c := startOneRegionChain(t, oneRegion{team: ledgerTeam,
 		regionctlConfig: fmt.Sprintf(`{"quotas": {"callers": [{"pattern": %q, "requests_per_second": %d, "burst": %d}]}}`, quotaNoisy, quotaRate, quotaBurst)})
+	w, k := c.w, c.k
 	w.Mint(quotaNoisy, quotaQuiet)
+	// The error strings the clients saw, each once, for the secret scan.
+	var errMu sync.Mutex
+	errSeen := map[string]bool{}
+	sawErr := func(err error) {
+		errMu.Lock()
+		defer errMu.Unlock()
+		errSeen[err.Error()] = true
+	}
 
 	client := func(name string, opts ...kmsclient.Option) *kmsclient.AEAD {
 		c, err := kmsclient.New(append([]kmsclient.Option{kmsclient.WithSource(w.Source(name)), kmsclient.WithEndpoints(kmsRegion, k.Addr)}, opts...)...)
@@ -102,6 +112,9 @@ func TestKMSQuotaUnderLoad(t *testing.T) {
 					cctx, cancel := context.WithTimeout(ctx, kmsCallTTL)
 					defer cancel()
 					_, err := noisy.EncryptWithContext(cctx, dek, []byte("noisy"))
+					if err != nil {
+						sawErr(err)
+					}
 					switch {
 					case err == nil:
 						noisyOK.Add(1)
@@ -135,6 +148,9 @@ func TestKMSQuotaUnderLoad(t *testing.T) {
 			pt, err := quiet.DecryptWithContext(cctx, ct, []byte("quota"))
 			lat := time.Since(t0)
 			cancel()
+			if err != nil {
+				sawErr(err)
+			}
 			if err != nil || string(pt) != string(dek) {
 				quietErrs++
 				if quietErrs <= 3 {
@@ -219,4 +235,14 @@ func TestKMSQuotaUnderLoad(t *testing.T) {
 	if counted != noisyRefused.Load() || records == 0 || records > windows {
 		t.Errorf("audit: %d quota records counting %d refusals; want at most %d records (one per window) counting all %d", records, counted, windows, noisyRefused.Load())
 	}
+
+	// No secret in any file, nor in any error string a client saw: the
+	// region key, the keyset's keys and the DEK both clients encrypted.
+	var errs []string
+	for e := range errSeen {
+		errs = append(errs, e)
+	}
+	slices.Sort(errs)
+	writeErrorStrings(t, w, "client-errors.txt", errs)
+	c.requireNoSecrets(t, []framework.Secret{sentinel("the DEK the clients encrypt", dek)})
 }

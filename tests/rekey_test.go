@@ -16,7 +16,8 @@ import (
 // theirs with `safe release`; the distributor re-splits the key to three
 // new safes; the new manifest is installed on (and read back from) every
 // distributor before the old share is destroyed; after a full restart the
-// new shares, and only they, unseal the fleet.
+// new shares, and only they, unseal the fleet. No file holds the RMK, a
+// new share or any safe's passphrase.
 func TestRekeyCeremonyAcrossProcesses(t *testing.T) {
 	w := framework.NewWorld(t, bin)
 	all := w.FileSafes(6)
@@ -100,4 +101,11 @@ func TestRekeyCeremonyAcrossProcesses(t *testing.T) {
 		waitUnsealed(t, d, m1)
 	}
 	requireSameRMK(t, m, rmk, ds...)
+
+	// No secret in any file: the RMK (recovered from the new safes), the
+	// new shares and passphrases, and the old safes' passphrases too.
+	for _, d := range ds {
+		d.Stop()
+	}
+	requireNoSecrets(t, w, m1, news, rmk, unlockSecrets(olds))
 }

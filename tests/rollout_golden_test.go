@@ -28,6 +28,10 @@ import (
 	"github.com/cairnkms/cairn/tests/framework"
 )
 
+// goldenPlaintext is what the demo client encrypts before the change: a
+// sentinel the secret scan looks for.
+const goldenPlaintext = "golden e2e plaintext, never logged"
+
 // aesGCMKeyURL is the Tink type URL of an AES-GCM key (the keysets'
 // default template, AES256_GCM).
 const aesGCMKeyURL = "type.googleapis.com/google.crypto.tink.AesGcmKey"
@@ -138,7 +142,8 @@ func servedBundle(t *testing.T, k *framework.KMSServer) *bundlev1.Bundle {
 // probe alone, naming the keyset and the version; the canary is rolled
 // back (a new serial serving the old content, which decrypts what the
 // version encrypted before), the rest of us-east and eu-west never see the
-// change (not even a dry run), and rollout start exits 1.
+// change (not even a dry run), and rollout start exits 1. No file holds a
+// key of the chain, the swapped-in key material or the plaintext.
 func TestRolloutGoldenProbe(t *testing.T) {
 	start := time.Now()
 	c, canary, rest, west := startRolloutChain(t)
@@ -149,7 +154,7 @@ func TestRolloutGoldenProbe(t *testing.T) {
 	// change: the old content must decrypt it after the rollback.
 	demo := canary.Client("client/us-east/demo")
 	ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
-	enc, err := demo.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte("golden e2e dek")})
+	enc, err := demo.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte(goldenPlaintext)})
 	cancel()
 	if err != nil || enc.GetKeyId() != v {
 		t.Fatalf("Encrypt(%s) on the canary = key %d, %v; want version %d", rotLedger, enc.GetKeyId(), err, v)
@@ -221,7 +226,7 @@ func TestRolloutGoldenProbe(t *testing.T) {
 	ctx, cancel = context.WithTimeout(context.Background(), kmsCallTTL)
 	dec, err := demo.Decrypt(ctx, &kmsv1.DecryptRequest{Keyset: rotLedger, Ciphertext: enc.GetCiphertext()})
 	cancel()
-	if err != nil || string(dec.GetPlaintext()) != "golden e2e dek" {
+	if err != nil || string(dec.GetPlaintext()) != goldenPlaintext {
 		t.Errorf("after the rollback, the canary decrypts version %d's ciphertext made before the change to %q, %v", v, dec.GetPlaintext(), err)
 	}
 	if p := c.rc("probe", "--region", "us-east"); p.ExitCode != 0 {
@@ -252,6 +257,9 @@ func TestRolloutGoldenProbe(t *testing.T) {
 		}
 	}
 	t.Logf("the canary's gate: %s", strings.Join(gate.Reasons, "; "))
+	// The swapped-in key material is among the keys scanned for: the
+	// crafted bundle is under regionctl's directory with the others.
+	c.requireNoSecrets(sentinel("the demo client's plaintext", []byte(goldenPlaintext)))
 	t.Logf("bad canary: applied %s → gate failed %s → rolled back by %s (bake %v); scenario took %s",
 		sr.AppliedAt.Format("15:04:05.000"), gate.At.Format("15:04:05.000"), rec.Updated.Format("15:04:05.000"), rollBake,
 		time.Since(start).Round(time.Millisecond))

@@ -34,10 +34,17 @@ import (
 // eu-west/kms-1) and regionctl run as a process with a config file, the
 // controller (`regionctl rollout start|resume`) included, so that it can be
 // killed with kill -9. Bakes are short (--bake); the plan is always canary
-// (us-east/kms-1) → region us-east (kms-2) → wave 1 (eu-west).
+// (us-east/kms-1) → region us-east (kms-2) → wave 1 (eu-west). Each ends
+// with the rotation scenarios' secret scan (rotChain.requireNoSecrets),
+// over every bundle built, crafted or rolled out, and the demo client's
+// plaintext.
 
 // rollBake is the bake of every stage unless a test needs a longer one.
 const rollBake = time.Second
+
+// rollPlaintext is what the demo clients encrypt: a sentinel the secret
+// scan at the end of each scenario looks for.
+const rollPlaintext = "rollout e2e plaintext, never logged"
 
 // teamKeyset is one keyset of a team file the rollout tests write.
 type teamKeyset struct {
@@ -379,6 +386,7 @@ func TestRollout2014Guard(t *testing.T) {
 	if got := encryptOn(t, canary, rotLedger); got == 0 {
 		t.Errorf("the canary encrypts with key 0")
 	}
+	c.requireNoSecrets(sentinel("the plaintext encrypted", []byte(rotPlaintext)))
 	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }
 
@@ -417,7 +425,7 @@ func startTraffic(t *testing.T, k *framework.KMSServer) *traffic {
 			case <-time.After(15 * time.Millisecond):
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
-			enc, err := client.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte("rollout e2e dek")})
+			enc, err := client.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte(rollPlaintext)})
 			if err == nil {
 				_, err = client.Decrypt(ctx, &kmsv1.DecryptRequest{Keyset: rotLedger, Ciphertext: enc.GetCiphertext()})
 			}
@@ -581,8 +589,9 @@ func TestRolloutCanaryLockout(t *testing.T) {
 			t.Errorf("%s serves serial %d, the record says it applied %d", k.Identity, serialOf(t, k), want)
 		}
 	}
-	t.Logf("a 3-stage, 2-region rollout with --bake %v took %s (the bakes %v); scenario took %s", rollBake, took.Round(time.Millisecond),
-		3*rollBake, time.Since(start).Round(time.Millisecond))
+	t.Logf("a 3-stage, 2-region rollout with --bake %v took %s (the bakes %v)", rollBake, took.Round(time.Millisecond), 3*rollBake)
+	c.requireNoSecrets(sentinel("the demo client's plaintext", []byte(rollPlaintext)))
+	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }
 
 // roundTripAs encrypts and decrypts payments/ledger through k as its
@@ -591,7 +600,7 @@ func roundTripAs(k *framework.KMSServer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
 	defer cancel()
 	client := k.Client("client/" + k.Region + "/demo")
-	enc, err := client.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte("rollout e2e")})
+	enc, err := client.Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: rotLedger, Plaintext: []byte(rollPlaintext)})
 	if err != nil {
 		return err
 	}
@@ -706,4 +715,5 @@ func TestRolloutControllerKilled(t *testing.T) {
 		rec.Servers[canary.Addr].AppliedAt.Sub(rec.Created).Round(time.Millisecond), rec.Servers[rest.Addr].AppliedAt.Sub(rec.Created).Round(time.Millisecond),
 		rec.Servers[west.Addr].AppliedAt.Sub(rec.Created).Round(time.Millisecond), rec.Updated.Sub(rec.Created).Round(time.Millisecond), bake,
 		time.Since(start).Round(time.Millisecond))
+	c.requireNoSecrets()
 }

@@ -191,7 +191,7 @@ func TestKilledMidCeremony(t *testing.T) {
 
 // TestRefusalsAcrossProcesses: identities that may not have the key or may
 // not take part in a ceremony are refused by the running server, audited,
-// and change nothing.
+// and change nothing; no file holds the RMK, a share or a passphrase.
 func TestRefusalsAcrossProcesses(t *testing.T) {
 	w := framework.NewWorld(t, bin)
 	safes := w.FileSafes(5)
@@ -274,6 +274,7 @@ func TestRefusalsAcrossProcesses(t *testing.T) {
 	release(t, w, d, id, safes, 3)
 	waitUnsealed(t, d, m)
 	d.Stop()
+	requireNoKeyMaterial(t, w, m, safes, nil)
 }
 
 // TestSoftHSMCeremony: genesis into five SoftHSM2 tokens, then an unseal

@@ -98,6 +98,24 @@ func newRootKMSEnv(t *testing.T, withNonVoter bool) *rootKMSEnv {
 	return e
 }
 
+// requireNoSecrets ends a test of the cluster: it stops every replica and
+// the distributor still running (SIGTERM, a clean exit) and scans every
+// file of the world for the RMK, the shares, the safes' passphrases and the
+// region keys (keys, by region, as requireReplicaState returns them; they
+// are cleared).
+func (e *rootKMSEnv) requireNoSecrets(t *testing.T, keys map[string]regionKeys) {
+	t.Helper()
+	for _, r := range e.replicas {
+		if r.Running() {
+			r.Stop()
+		}
+	}
+	if e.d.Running() {
+		e.d.Stop()
+	}
+	requireNoSecrets(t, e.w, e.m, e.safes, nil, regionKeySecrets(t, keys))
+}
+
 // writeOK does one write through the cluster client as regionctl and fails
 // the test unless it succeeds, recording it in h if h is not nil.
 func writeOK(t *testing.T, c *rootkmsclient.Client, h *framework.History, client int, op framework.RegionOp, region string) *rootkmsv1.Region {

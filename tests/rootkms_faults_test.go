@@ -27,7 +27,8 @@ import (
 
 // TestRootKMSNonVoterServesWithVotersDown: a non-voting replica that has a
 // region keeps serving its key from its own state when every voter is
-// killed, with the same key bytes, and refuses what needs a leader.
+// killed, with the same key bytes, and refuses what needs a leader. No
+// file holds the RMK, a share, a passphrase or the region's key.
 func TestRootKMSNonVoterServesWithVotersDown(t *testing.T) {
 	e := newRootKMSEnv(t, true)
 	nv := e.replicas[3]
@@ -65,6 +66,7 @@ func TestRootKMSNonVoterServesWithVotersDown(t *testing.T) {
 	requireRefusedByNonLeader(t, "RotateRegionKey on the non-voter", err)
 	requireSameKeys(t, nv, region, before, "after the refused writes")
 	nv.Stop()
+	e.requireNoSecrets(t, map[string]regionKeys{region: before})
 }
 
 // requireSameKeys checks that r serves region with exactly the versions and
@@ -142,7 +144,7 @@ type directCall struct {
 // newer leader acknowledged a rotation, are answered only once it resumes,
 // and only with errors: never an acknowledged write that is lost, never a
 // stale read. The recorded history, those calls included, is
-// linearizable.
+// linearizable, and no file holds a root secret or a region key.
 func TestRootKMSPausedLeader(t *testing.T) {
 	e := newRootKMSEnv(t, false)
 	regions := regionNames[20:28]
@@ -271,11 +273,10 @@ func TestRootKMSPausedLeader(t *testing.T) {
 	for _, r := range e.voters {
 		r.WaitApplied(lst.GetCommitIndex())
 	}
-	for _, k := range requireReplicaState(t, e.voters, final) {
-		clearKeys(k)
-	}
+	keys := requireReplicaState(t, e.voters, final)
 	stopDeposedLeader(t, old)
 	checkHistory(t, h, leader, lst.GetCommitIndex(), e.voters...)
+	e.requireNoSecrets(t, keys)
 }
 
 // stopDeposedLeader stops a leader that was paused and deposed. It may hang
@@ -296,7 +297,9 @@ func stopDeposedLeader(t *testing.T, r *framework.Replica) {
 // TestRootKMSCorruptStateRefusesToStart: a follower whose raft.db is
 // garbage, whose raft.db is truncated, or whose newest snapshot is truncated
 // exits non-zero at start, naming the file, without ever answering a
-// request. With its files restored it starts, rejoins and catches up.
+// request. With its files restored it starts, rejoins and catches up. No
+// file (the corrupted ones' copies included) holds a root secret or a
+// region key.
 func TestRootKMSCorruptStateRefusesToStart(t *testing.T) {
 	e := newRootKMSEnv(t, false)
 	c := e.w.RootKMSClient(framework.Regionctl, e.voters...)
@@ -390,10 +393,9 @@ func TestRootKMSCorruptStateRefusesToStart(t *testing.T) {
 	want[regions[1]] = 2
 	leader, st, _ = framework.WaitLeader(e.voters...)
 	f.WaitApplied(st.GetCommitIndex())
-	for _, k := range requireReplicaState(t, e.voters, want) {
-		clearKeys(k)
-	}
+	keys := requireReplicaState(t, e.voters, want)
 	t.Logf("%s: repaired, rejoined (leader %s) and caught up to index %d", f.ID, leader.ID, st.GetCommitIndex())
+	e.requireNoSecrets(t, keys)
 }
 
 // startRefusalTimeout is how soon a replica with corrupt state must exit.
@@ -465,7 +467,8 @@ func requireRefusesToStart(t *testing.T, r *framework.Replica, what, file string
 
 // TestRootKMSAccessControl: across processes, a KMS of another region may
 // not unwrap a region's key and a KMS may not create keysets; each refusal
-// is in the replica's audit log with the caller's identity.
+// is in the replica's audit log with the caller's identity. No file holds a
+// root secret or the region's key.
 func TestRootKMSAccessControl(t *testing.T) {
 	e := newRootKMSEnv(t, false)
 	c := e.w.RootKMSClient(framework.Regionctl, e.voters...)
@@ -520,6 +523,11 @@ func TestRootKMSAccessControl(t *testing.T) {
 	if _, err := leader.Client(framework.Regionctl).CreateKeyset(ctx, createKeysetRequest(region)); err != nil {
 		t.Errorf("CreateKeyset(as %s on the leader %s) = %v", framework.Regionctl, leader.ID, err)
 	}
+	keys, problem := regionState(leader, region, 1)
+	if problem != "" {
+		t.Fatalf("%s: region %s for the secret scan: %s", leader.ID, region, problem)
+	}
+	e.requireNoSecrets(t, map[string]regionKeys{region: keys})
 }
 
 func createKeysetRequest(region string) *rootkmsv1.CreateKeysetRequest {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	tinkaesgcm "github.com/tink-crypto/tink-go/v2/proto/aes_gcm_go_proto"
@@ -24,26 +26,40 @@ import (
 const (
 	loadClients  = 3
 	loadDuration = 7 * time.Second
-	// loadMaxOps bounds each client's operations (at loadRate a client does
-	// about 350 in loadDuration).
+	// loadMaxOps bounds each client's operations in startLoad (at loadRate
+	// a client does about 350 in loadDuration).
 	loadMaxOps = 1000
 	// killAfter is when the leader dies; restartAfter when it comes back.
 	killAfter    = 2500 * time.Millisecond
 	restartAfter = 4500 * time.Millisecond
-	// minBaselineRate is the least the load must do before the fault, in
-	// client operations per second, for the test to mean something.
-	minBaselineRate = 50
+	// killWhenWrites is how many writes must be in flight when the leader
+	// is killed: the kill waits for them (at most killWait), so that it
+	// lands on writes under way, not between two.
+	killWhenWrites = 2
+	killWait       = 2 * time.Second
 	// maxFailover is how soon after kill -9 of the leader a write must
 	// succeed again.
 	maxFailover = 5 * time.Second
 )
 
-// TestRootKMSLeaderKillUnderLoad: three voters and a non-voter under a
-// steady mix of creates, rotations and linearizable reads from three
-// clients; the leader is killed with -9, a new leader takes writes within
-// seconds, the killed node comes back and catches up. Every acknowledged
-// write is then served by every replica from its own state, the recorded
-// history is linearizable, and nothing on disk or in any log holds key
+// loadKeysets are the keysets the open-loop load creates and updates.
+var loadKeysets = []string{"load/ks-0", "load/ks-1", "load/ks-2", "load/ks-3", "load/ks-4", "load/ks-5"}
+
+// setupClient is the history's client number for the operations made
+// before and after the load (the load's are 0..openLoadSlots-1).
+const setupClient = openLoadSlots
+
+// TestRootKMSLeaderKillUnderLoad: three voters and a non-voter under an
+// open-loop load of 150 operations per second (region creates, rotations
+// and reads; keyset creates, version adds and rewraps, with and without an
+// expected revision, and keyset reads) from up to 512 concurrent calls; the
+// leader is killed with -9 while writes are in flight, a new leader takes
+// writes within seconds, the killed node comes back and catches up. Every
+// offered operation was issued; every acknowledged region write is then
+// served by every replica from its own state, every acknowledged write
+// (region or keyset) is in every replica's log, the final reads show every
+// acknowledged version and revision, the recorded history of regions and
+// keysets is linearizable, and nothing on disk or in any log holds key
 // material.
 func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	e := newRootKMSEnv(t, true)
@@ -53,10 +69,17 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	for range loadClients {
 		clients = append(clients, e.w.RootKMSClient(framework.Regionctl, e.voters...))
 	}
+	// The keysets' regions exist before the load: a keyset create names
+	// regions that exist, so that its NotFound can only mean no keyset.
+	ks := &keysetLoad{names: loadKeysets, regions: regions[:2], seen: map[string]uint64{}}
+	for _, r := range ks.regions {
+		writeOK(t, clients[0], h, setupClient, framework.OpCreate, r)
+	}
 	oldLeader, _, _ := framework.WaitLeader(e.voters...)
 
-	l := startLoad(t, h, clients, regions, loadDuration, loadMaxOps)
+	l := startOpenLoad(t, h, clients, regions, ks, openLoadRate, loadDuration)
 	sleepUntil(l.start.Add(killAfter))
+	waitInFlightWrites(l, killWhenWrites, killWait)
 	killedAt := time.Now()
 	oldLeader.Kill()
 	var survivors []*framework.Replica
@@ -72,8 +95,8 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 		t.Fatalf("no write succeeded within %s of kill -9 of the leader %s", 2*maxFailover, oldLeader.ID)
 	}
 	failover := firstWrite.Sub(killedAt)
-	t.Logf("kill -9 of leader %s: %s leads after %s; first successful write %s after the kill",
-		oldLeader.ID, newLeader.ID, elected.Round(time.Millisecond), failover.Round(time.Millisecond))
+	t.Logf("kill -9 of leader %s at %s into the load: %s leads after %s; first successful write %s after the kill",
+		oldLeader.ID, killedAt.Sub(l.start).Round(time.Millisecond), newLeader.ID, elected.Round(time.Millisecond), failover.Round(time.Millisecond))
 	if failover > maxFailover {
 		t.Errorf("first successful write %s after kill -9 of the leader, want at most %s", failover, maxFailover)
 	}
@@ -89,19 +112,29 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 	t.Logf("%s restarted under load: applied the leader's commit index %d %s after the restart",
 		oldLeader.ID, st.GetCommitIndex(), time.Since(restartedAt).Round(time.Millisecond))
 
+	// Counts, not speeds: every offered operation was issued, and writes
+	// were in flight when the leader died. The rates are reported.
 	l.wait()
 	loadEnd := time.Now()
+	issued := l.issued.Load()
+	if issued != int64(l.offered) {
+		t.Errorf("the load issued %d operations, want the %d offered (%d/s for %s)", issued, l.offered, openLoadRate, loadDuration)
+	}
+	inFlight, inFlightWrites := l.inFlightAt(killedAt)
+	if inFlightWrites == 0 {
+		t.Errorf("no write was in flight at the kill (%d operations): the kill landed between writes", inFlight)
+	}
 	baseline, baselineAnswered := l.rate(l.start, killedAt)
 	after, afterAnswered := l.rate(killedAt, loadEnd)
 	total, answered := l.count()
-	t.Logf("load: %d clients, %d operations in %s (%d answered, the rest failed); before the kill %.0f ops/s (%.0f answered), after %.0f ops/s (%.0f answered)",
-		loadClients, total, loadEnd.Sub(l.start).Round(time.Millisecond), answered, baseline, baselineAnswered, after, afterAnswered)
-	if baselineAnswered < minBaselineRate {
-		t.Errorf("baseline load %.0f answered ops/s, want at least %d: the test would prove little", baselineAnswered, minBaselineRate)
-	}
+	t.Logf("load: %d operations offered at %d/s, %d issued (%d more than %s late, the latest %s; at most %d in flight), %d finished in %s (%d answered, the rest failed); %d in flight at the kill, %d of them writes",
+		l.offered, openLoadRate, issued, l.late.Load(), openLateAfter, time.Duration(l.maxLate.Load()).Round(time.Millisecond), l.maxInFlight.Load(),
+		total, loadEnd.Sub(l.start).Round(time.Millisecond), answered, inFlight, inFlightWrites)
+	t.Logf("load: before the kill %.0f ops/s finished (%.0f answered), after it %.0f ops/s (%.0f answered)", baseline, baselineAnswered, after, afterAnswered)
 
 	// The final state, read through the leader and recorded with the rest.
-	final := finalReads(t, clients[0], h, loadClients, regions)
+	final := finalReads(t, clients[0], h, setupClient, regions)
+	finalKeysets := finalKeysetReads(t, clients[0], h, ks)
 	leader, st, _ := framework.WaitLeader(e.voters...)
 	for _, r := range e.replicas {
 		r.WaitApplied(st.GetCommitIndex())
@@ -112,15 +145,44 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 			t.Errorf("region %s: final primary version %d, but version %d was acknowledged", region, final[region], acked[region])
 		}
 	}
+	for name, a := range h.LastAckedKeysets() {
+		if f := finalKeysets[name]; f.Revision < a.Revision || f.Versions < a.Versions {
+			t.Errorf("keyset %s: final revision %d with %d versions, but revision %d with %d versions was acknowledged", name, f.Revision, f.Versions, a.Revision, a.Versions)
+		}
+	}
 	keys := requireReplicaState(t, e.replicas, final)
-	t.Logf("final state (leader %s, commit index %d): %v", leader.ID, st.GetCommitIndex(), final)
+	t.Logf("final state (leader %s, commit index %d): regions %v; keysets %v", leader.ID, st.GetCommitIndex(), final, finalKeysets)
 
 	// Snapshots go to disk too (for the scan below), then the history is
 	// checked against what the leader's log committed.
 	for _, r := range e.replicas {
 		snapshot(t, e.w, r)
 	}
-	checkHistory(t, h, leader, st.GetCommitIndex(), e.replicas...)
+	stats := checkHistory(t, h, leader, st.GetCommitIndex(), e.replicas...)
+	for _, what := range []string{"keyset create ok", "keyset add-version ok", "keyset rewrap ok", "keyset get ok", "rotate ok"} {
+		if stats.ByOutcome[what] == 0 {
+			t.Errorf("the checked history has no %q: the load did not mix region and keyset writes", what)
+		}
+	}
+	// Every acknowledged write, region or keyset, is in every replica's
+	// log (the replicas are stopped now).
+	ackedWrites := h.AckedWrites()
+	for _, r := range e.replicas {
+		logged := r.CommittedRequestIDs(st.GetCommitIndex())
+		missing := 0
+		for _, id := range ackedWrites {
+			if !logged[id] {
+				missing++
+				if missing <= 3 {
+					t.Errorf("%s: acknowledged write %s is not in its log up to index %d", r.ID, id, st.GetCommitIndex())
+				}
+			}
+		}
+		if missing > 3 {
+			t.Errorf("%s: %d acknowledged writes in all are not in its log", r.ID, missing)
+		}
+	}
+	t.Logf("every replica's log holds the %d acknowledged writes", len(ackedWrites))
 
 	// No plaintext on disk.
 	e.d.Stop()
@@ -132,6 +194,36 @@ func TestRootKMSLeaderKillUnderLoad(t *testing.T) {
 		}
 	}
 	requireNoSecrets(t, e.w, e.m, e.safes, nil, regionKeySecrets(t, keys))
+}
+
+// waitInFlightWrites waits until at least n writes of l are in flight, or
+// until timeout; it is how a fault is aimed at writes under way.
+func waitInFlightWrites(l *openLoad, n int64, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for l.inFlightWrites.Load() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// finalKeysetReads reads every keyset of ks through the cluster client
+// after the faults (recording the reads in h) and returns what each showed
+// (zero: no such keyset).
+func finalKeysetReads(t *testing.T, c *rootkmsclient.Client, h *framework.History, ks *keysetLoad) map[string]framework.KeysetAck {
+	t.Helper()
+	out := map[string]framework.KeysetAck{}
+	for _, name := range ks.names {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		reply, err := recordedKeysetDo(ctx, c, h, setupClient, framework.KeysetInput{Op: framework.KeysetGet, Keyset: name}, ks.regions)
+		cancel()
+		switch status.Code(err) {
+		case codes.OK:
+			out[name] = framework.KeysetAck{Revision: reply.GetRecord().GetRevision(), Versions: len(reply.GetRecord().GetVersions())}
+		case codes.NotFound:
+		default:
+			t.Fatalf("final GetKeyset(%s) = %v", name, err)
+		}
+	}
+	return out
 }
 
 // operator is the identity snapshots are taken as: replicas are not

@@ -28,6 +28,7 @@ import (
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
 	"github.com/cairnkms/cairn/tests/framework"
@@ -43,7 +44,9 @@ import (
 // are made in the test process from the record (regionctl/compile), edited,
 // and signed with regionctl's signing key: they stand for a buggy or
 // hand-edited build, and show that the KMS's own guard holds without
-// regionctl.
+// regionctl. Each ends with the secret scan (rotChain.requireNoSecrets): no
+// file holds the RMK, a share, a passphrase, a version of a region key, a
+// key of any keyset copy a bundle carried, or the plaintext encrypted.
 
 const (
 	rotLedger = "payments/ledger"
@@ -76,8 +79,12 @@ func rotTeam(regions []string, ttl time.Duration, withLedger bool) string {
 
 // rotChain is a running chain with regionctl configured for it.
 type rotChain struct {
-	t      *testing.T
-	w      *framework.World
+	t *testing.T
+	w *framework.World
+	// m and safes are the genesis and its safes; d is the distributor.
+	m      *safev1.GenesisManifest
+	safes  []framework.SafeConfig
+	d      *framework.Distributor
 	root   *framework.Replica
 	kms    map[string][]*framework.KMSServer // by region
 	dir    string
@@ -115,6 +122,7 @@ func startRotationChain(t *testing.T, window time.Duration, servers map[string][
 	d.WaitState(sealed)
 	m := w.Genesis(2, safes, d)
 	waitUnsealed(t, d, m)
+	c.m, c.safes, c.d = m, safes, d
 	opts := framework.FastRaft(w.ManifestPath(), d.Addr)
 	opts.SafetyWindow = window
 	c.root = w.RootKMSCluster(opts, framework.Voter(1))[0]
@@ -172,6 +180,28 @@ func startRotationChain(t *testing.T, window time.Duration, servers map[string][
 	}
 	t.Logf("chain up (%d region(s), window %v), bundle serial 1 served everywhere, in %s", len(c.regs), window, time.Since(start).Round(time.Millisecond))
 	return c
+}
+
+// requireNoSecrets ends the scenario: it fetches every version of each
+// region's key from the root KMS and opens every keyset copy of every bundle
+// regionctl or the test wrote (built, crafted, rolled out), stops every
+// process of the chain (SIGTERM, clean exit: their last lines are written),
+// and scans every file of the world for those keys, the RMK, the shares,
+// the safes' passphrases and the extra secrets (the plaintexts the test
+// chose).
+func (c *rotChain) requireNoSecrets(extra ...framework.Secret) {
+	c.t.Helper()
+	secrets := append(chainSecrets(c.t, c.root, c.dir, c.regs...), extra...)
+	for _, region := range c.regs {
+		for _, k := range c.kms[region] {
+			if k.Running() {
+				k.Stop()
+			}
+		}
+	}
+	c.root.Stop()
+	c.d.Stop()
+	requireNoSecrets(c.t, c.w, c.m, c.safes, nil, secrets)
 }
 
 func (c *rotChain) writeFile(path, data string) {
@@ -408,13 +438,17 @@ func applyDirect(k *framework.KMSServer, sb *bundlev1.SignedBundle, dryRun bool)
 	return k.Admin(framework.Regionctl).ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb, DryRun: dryRun})
 }
 
+// rotPlaintext is what encryptOn encrypts: a sentinel the secret scan
+// looks for.
+const rotPlaintext = "rotation e2e plaintext, never logged"
+
 // encryptOn encrypts through k as the region's demo client and returns the
 // key ID that encrypted.
 func encryptOn(t *testing.T, k *framework.KMSServer, keysetName string) uint32 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), kmsCallTTL)
 	defer cancel()
-	r, err := k.Client("client/"+k.Region+"/demo").Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: keysetName, Plaintext: []byte("rotation e2e")})
+	r, err := k.Client("client/"+k.Region+"/demo").Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: keysetName, Plaintext: []byte(rotPlaintext)})
 	if err != nil {
 		t.Fatalf("Encrypt(%s) on %s = %v", keysetName, k.Identity, err)
 	}
@@ -609,6 +643,7 @@ func TestRotationTTLCutThenDrop(t *testing.T) {
 	if got := encryptOn(t, k1, rotLedger); got != v2 {
 		t.Errorf("kms-1 encrypts with version %d, want %d", got, v2)
 	}
+	c.requireNoSecrets(sentinel("the plaintext encrypted", []byte(rotPlaintext)))
 	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }
 
@@ -682,6 +717,7 @@ func TestRotationPartialPush(t *testing.T) {
 		}
 		c.requireServedUnchanged(before, "bundle push "+tc.name)
 	}
+	c.requireNoSecrets(sentinel("the plaintext encrypted", []byte(rotPlaintext)))
 	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }
 
@@ -780,5 +816,6 @@ func TestRotationPromoteBeforePropagate(t *testing.T) {
 			t.Errorf("%s encrypts with version %d after the promotion, want %d", k.Identity, got, v2)
 		}
 	}
+	c.requireNoSecrets(sentinel("the plaintext encrypted", []byte(rotPlaintext)))
 	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }

@@ -10,8 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -45,62 +43,23 @@ import (
 // the KMS server's per-caller quota is not shared between them.
 const lorisClient = "client/us-east/loris"
 
-// row40Chain is the smallest whole chain, with every server kept: one
-// distributor, one root KMS replica and one us-east KMS server serving
-// ledgerTeam, whose ops listener (/metrics) is Ops.
+// row40Chain is the smallest whole chain (startOneRegionChain) serving
+// ledgerTeam, with the KMS server's ops listener (/metrics) at ops.
 type row40Chain struct {
-	w    *framework.World
-	d    *framework.Distributor
-	root *framework.Replica
-	kms  *framework.KMSServer
-	ops  string
+	*oneRegionChain
+	kms *framework.KMSServer
+	ops string
 }
 
-// startRow40Chain is startOneRegion keeping the distributor and the root KMS
-// for the test, with the KMS server's ops listener on.
-func startRow40Chain(t *testing.T) *row40Chain {
+// startRow40Chain is startOneRegionChain with the KMS server's ops listener
+// on and kmsArgs on its command line, and the loris client's identity
+// minted.
+func startRow40Chain(t *testing.T, kmsArgs ...string) *row40Chain {
 	t.Helper()
-	start := time.Now()
-	w := framework.NewWorld(t, bin)
-	w.Mint(lorisClient)
-	safes := w.FileSafes(2)
-	d := w.Distributors(1, false)[0]
-	d.Start()
-	d.WaitState(sealed)
-	w.Genesis(2, safes, d)
-	d.WaitState(unsealed)
-	root := w.RootKMSCluster(framework.FastRaft(w.ManifestPath(), d.Addr), framework.Voter(1))[0]
-	root.Start()
-	framework.WaitLeader(root)
-	root.WaitServing()
-
-	rc := filepath.Join(w.Dir, "regionctl")
-	keysDir, teams := filepath.Join(rc, "keys"), filepath.Join(rc, "teams")
-	bundlePath := filepath.Join(rc, "us-east-1.bundle")
-	if err := os.MkdirAll(teams, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(teams, "team.json"), []byte(ledgerTeam), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	rootFlags := append([]string{"--rootkms", root.API}, w.IDFlags(framework.Regionctl)...)
-	w.RegionctlOK("keys", "generate", "--out", keysDir)
-	w.RegionctlOK(append([]string{"region", "create", "--region", kmsRegion}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"keyset", "create", "--teams", teams}, rootFlags...)...)
-	w.RegionctlOK(append([]string{"bundle", "build", "--region", kmsRegion, "--serial", "1", "--teams", teams,
-		"--signing-key", filepath.Join(keysDir, "bundle-signing.key"), "--out", bundlePath}, rootFlags...)...)
-
 	ops := fmt.Sprintf("127.0.0.1:%d", framework.FreePorts(t, 1)[0])
-	k := w.KMSServers(kmsRegion, filepath.Join(keysDir, "bundle-signing.pub"), []string{root.API}, "kms/us-east/kms-1")[0]
-	k.AddArgs("--metrics-listen", ops)
-	k.Start()
-	k.WaitStatus("NOT_READY waiting for a bundle", func(st *kmsv1.GetStatusResponse) bool {
-		return st.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY
-	})
-	w.RegionctlOK(append([]string{"bundle", "push", "--kms", k.Addr, "--bundle", bundlePath}, rootFlags...)...)
-	k.WaitServing(1)
-	t.Logf("chain up (distributor, root KMS, %s serving bundle 1) in %s", k.Identity, time.Since(start).Round(time.Millisecond))
-	return &row40Chain{w: w, d: d, root: root, kms: k, ops: ops}
+	c := startOneRegionChain(t, oneRegion{team: ledgerTeam, kmsArgs: append([]string{"--metrics-listen", ops}, kmsArgs...)})
+	c.w.Mint(lorisClient)
+	return &row40Chain{oneRegionChain: c, kms: c.k, ops: ops}
 }
 
 // row40Padded returns m with an unknown bytes field added so that its encoding
@@ -158,6 +117,8 @@ const row40DeepNesting = 100_000
 // and DecryptBatch, whose fast decoder hands the request to protobuf), the
 // root KMS and the distributor. After every refused request the same server
 // answers the next call and its process is still running.
+//
+// The chain's secret scan (oneRegionChain.requireNoSecrets) ends it.
 func TestOversizeAndDeepNestingRefused(t *testing.T) {
 	c := startRow40Chain(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
@@ -272,6 +233,7 @@ func TestOversizeAndDeepNestingRefused(t *testing.T) {
 		}
 	}
 	t.Logf("root KMS audit log: %d records of the 3 refused GetRegion calls (oversized, nested)", refused)
+	c.requireNoSecrets(t, nil)
 }
 
 // Bounds of the slow-loris test.
@@ -347,6 +309,8 @@ const (
 // passed. RSS after the attack is logged, not asserted: the KMS server
 // locks its memory (lockedmem, mlock), so a page once touched stays
 // resident, and its heap shrinks only at its next GC (GOGC=400).
+//
+// The chain's secret scan (oneRegionChain.requireNoSecrets) ends it.
 func TestSlowLorisKMS(t *testing.T) {
 	c := startRow40Chain(t)
 	pid := c.kms.PID()
@@ -527,12 +491,12 @@ func TestSlowLorisKMS(t *testing.T) {
 	peak = peak.max(s)
 	t.Logf("during the attack (%s, %d samples): peak %s; good client p50 %s, p99 %s over %d round trips",
 		time.Since(attackStart).Round(time.Millisecond), samples+1, peak, lorisQuantile(during, 0.5), lorisQuantile(during, 0.99), len(during))
-	// Nothing bounds how long a call whose request never arrives is held
-	// (no server-side deadline; MaxConnectionIdle counts only connections
-	// without calls; MaxConcurrentStreams bounds their number on one
-	// connection, not their life), and the KMS admits a data-plane
-	// call before reading it: the count shows the slots they still hold.
-	t.Logf("after the handshake attackers were cut: cairn_kms_data_in_flight = %v (%d slow-loris streams open, none with a deadline)", s.inFlight, lorisN)
+	// A call whose request never arrives holds its stream until the
+	// server's per-call bound (grpcserver.DefaultMaxCallDuration, 30 s;
+	// TestWithheldCallsCutAtKMSCallCap asserts the cut) and no admission
+	// slot (the KMS reads a data-plane request before admitting it): the
+	// count shows the slots they hold.
+	t.Logf("after the handshake attackers were cut: cairn_kms_data_in_flight = %v (%d slow-loris streams open, none with a deadline of its own)", s.inFlight, lorisN)
 
 	byKind := map[string][]time.Duration{}
 	for _, ct := range allCuts {
@@ -571,6 +535,7 @@ func TestSlowLorisKMS(t *testing.T) {
 		t.Errorf("%d of %d round trips after the attack failed, first: %v", len(errs), len(last), errs[0])
 	}
 	t.Logf("after the attack: %s; good client p50 %s, p99 %s over %d round trips", after, lorisQuantile(last, 0.5), lorisQuantile(last, 0.99), len(last))
+	c.requireNoSecrets(t, nil)
 }
 
 // lorisSample is one look at the KMS server process.
@@ -923,4 +888,262 @@ func lorisStreamFlood(ctx context.Context, addr string, creds *identity.Credenti
 		return nil, fmt.Errorf("stream flood (%d refused, server bound %d): %w", fl.refused, fl.maxStreams, err)
 	}
 	return fl, nil
+}
+
+// lorisCallCap is the per-call bound TestWithheldCallsCutAtKMSCallCap gives
+// its KMS server (--max-call-duration): short, so that the test waits
+// seconds rather than the default 30 s, and long enough for the chain's own
+// calls to it (a bundle push, the good client's round trips).
+const lorisCallCap = 3 * time.Second
+
+// TestWithheldCallsCutAtKMSCallCap is row 40's per-call bound on a real KMS
+// server process started with --max-call-duration lorisCallCap. Calls whose
+// client opens them, withholds the request and sets no deadline of its own
+// are held by the server until the bound and no longer: a Decrypt opened
+// through grpc-go without a message; lorisN Decrypt calls over raw HTTP/2
+// on one connection announcing a 64 MiB request and sending 8 bytes of it;
+// and grpcserver.DefaultMaxConcurrentStreams body-less health checks on
+// another connection (as many as a connection may hold).
+//
+// Asserted: every one of them ends with DEADLINE_EXCEEDED (the guard,
+// lorisCutGuard, only ends a wait that would otherwise never end); while
+// their connections stay open, the server's go_goroutines comes back to
+// within lorisSettle of its baseline plus lorisGoroutinesPerAttacker per
+// connection (each withheld call held a goroutine until it was cut); the
+// well-behaved client sees no error before, while and after the calls are
+// held. Logged: the goroutines while they were held, and when they were
+// cut.
+//
+// The chain's secret scan (oneRegionChain.requireNoSecrets) ends it.
+func TestWithheldCallsCutAtKMSCallCap(t *testing.T) {
+	c := startRow40Chain(t, "--max-call-duration", lorisCallCap.String())
+	pid := c.kms.PID()
+	trips := func(when string, n int) {
+		t.Helper()
+		for i := range n {
+			if err := roundTrip(c.kms, c.kms, fmt.Appendf(nil, "row 40 cap trip %d", i), nil); err != nil {
+				t.Fatalf("round trip %d %s: %v", i, when, err)
+			}
+		}
+	}
+	trips("before the withheld calls", 20)
+	base, err := lorisSampleServer(c.ops, pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("baseline: %s", base)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	lorisSrc := c.w.Source(lorisClient)
+	kmsOnly, err := identity.ParseAllowlist(lorisSrc.TrustDomain(), "kms/us-east/*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := identity.ClientCredentials(lorisSrc, kmsOnly.Authorize)
+	start := time.Now()
+
+	// Through grpc-go: a stream of a unary method, never sent to, without
+	// a deadline.
+	cc, err := grpc.NewClient(c.kms.Addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	stream, err := cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/cairn.kms.v1.KMS/Decrypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	grpcEnded := make(chan error, 1)
+	go func() { grpcEnded <- stream.RecvMsg(&kmsv1.DecryptResponse{}) }()
+
+	// Over raw HTTP/2: partial Decrypt requests on one connection, and a
+	// connection's worth of body-less health checks on another.
+	type rawEnd struct {
+		what  string
+		calls lorisCalls
+		err   error
+	}
+	rawEnded := make(chan rawEnd, 2)
+	opened := make(chan struct{}, 2)
+	for _, w := range []struct {
+		what, path string
+		n          int
+		partial    bool
+	}{
+		{"partial Decrypt requests", "/cairn.kms.v1.KMS/Decrypt", lorisN, true},
+		{"body-less health checks", "/grpc.health.v1.Health/Check", grpcserver.DefaultMaxConcurrentStreams, false},
+	} {
+		go func() {
+			calls, err := lorisWithheldCalls(ctx, c.kms.Addr, creds, w.path, w.n, w.partial, opened)
+			rawEnded <- rawEnd{what: w.what, calls: calls, err: err}
+		}()
+	}
+	for range 2 {
+		select {
+		case <-opened:
+		case e := <-rawEnded:
+			t.Fatalf("%s: %v", e.what, e.err) // it ended before its calls were open
+		}
+	}
+	held, err := lorisSampleServer(c.ops, pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s after the %d withheld calls were sent: %s", time.Since(start).Round(time.Millisecond), 1+lorisN+grpcserver.DefaultMaxConcurrentStreams, held)
+	trips("while the withheld calls were open", 20)
+
+	select {
+	case err := <-grpcEnded:
+		if status.Code(err) != codes.DeadlineExceeded {
+			t.Errorf("grpc-go Decrypt that never sent its request, without a deadline: %v, want DEADLINE_EXCEEDED", err)
+		}
+		t.Logf("grpc-go Decrypt without a request cut after %s: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(lorisCutGuard):
+		t.Fatalf("grpc-go Decrypt that never sent its request still open after %v", lorisCutGuard)
+	}
+	var conns []net.Conn
+	defer func() {
+		for _, conn := range conns {
+			conn.Close()
+		}
+	}()
+	for range 2 {
+		e := <-rawEnded // each ends by lorisCutGuard
+		if e.err != nil {
+			t.Fatalf("%s: %v", e.what, e.err)
+		}
+		conns = append(conns, e.calls.conn)
+		byStatus := map[string]int{}
+		for _, st := range e.calls.status {
+			byStatus[st]++
+		}
+		if byStatus["4"] != len(e.calls.status) {
+			t.Errorf("%d %s: grpc-status %v, want all 4 (DEADLINE_EXCEEDED)", len(e.calls.status), e.what, byStatus)
+		}
+		t.Logf("%d %s (one connection) all ended after %s: grpc-status %v", len(e.calls.status), e.what, time.Since(start).Round(time.Millisecond), byStatus)
+	}
+
+	// The attackers' connections are still open: what the server let go
+	// of is the calls.
+	want := base.goroutines + 3*lorisGoroutinesPerAttacker + lorisSettle
+	after, err := lorisWaitSettled(c.ops, pid, want, time.Minute)
+	if err != nil {
+		t.Errorf("withheld calls cut, their connections open: %v", err)
+	}
+	t.Logf("after the cut, connections still open: %s", after)
+	trips("after the withheld calls were cut", 20)
+	c.requireNoSecrets(t, nil)
+}
+
+// lorisCalls is a raw HTTP/2 connection and how each of its calls ended.
+type lorisCalls struct {
+	conn   net.Conn
+	status map[uint32]string // grpc-status of each stream's trailers
+}
+
+// lorisWithheldCalls opens n calls of path on one new mTLS connection (raw
+// HTTP/2), without a deadline: with partial, each sends a gRPC frame header
+// announcing kms.DefaultMaxRecvMsgSize bytes and 8 of them; without, only
+// its headers. It then reads the server's frames (answering its pings)
+// until every call has its trailers, and returns their grpc-status; a reset
+// before the trailers, or lorisCutGuard passing, is an error. It sends on
+// opened once every call is open. The caller closes the returned
+// connection.
+func lorisWithheldCalls(ctx context.Context, addr string, creds *identity.Credentials, path string, n int, partial bool, opened chan<- struct{}) (lorisCalls, error) {
+	raw, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return lorisCalls{}, err
+	}
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, _, err := creds.ClientHandshake(hctx, "kms", raw)
+	if err != nil {
+		raw.Close()
+		return lorisCalls{}, fmt.Errorf("TLS handshake: %w", err)
+	}
+	calls := lorisCalls{conn: conn, status: map[uint32]string{}}
+	var hdr bytes.Buffer
+	enc := hpack.NewEncoder(&hdr)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "https"}, {":path", path},
+		{":authority", "kms"}, {"content-type", "application/grpc"}, {"te", "trailers"}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	fr := http2.NewFramer(conn, conn)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	// Read while writing, so that the server's frames never back up; the
+	// reader alone writes once the calls are open (ping answers).
+	var wmu sync.Mutex
+	read := make(chan error, 1)
+	go func() {
+		// The guard only ends a wait that would otherwise never end.
+		_ = conn.SetReadDeadline(time.Now().Add(lorisCutGuard))
+		for len(calls.status) < n {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				read <- fmt.Errorf("%d of %d calls ended, then: %w", len(calls.status), n, err)
+				return
+			}
+			switch f := f.(type) {
+			case *http2.MetaHeadersFrame:
+				for _, h := range f.RegularFields() {
+					if h.Name == "grpc-status" {
+						calls.status[f.StreamID] = h.Value
+					}
+				}
+			case *http2.RSTStreamFrame:
+				// After its trailers the server resets a stream whose
+				// client has not finished sending (NO_ERROR).
+				if _, ok := calls.status[f.StreamID]; !ok {
+					read <- fmt.Errorf("stream %d reset (%v) before its trailers", f.StreamID, f.ErrCode)
+					return
+				}
+			case *http2.PingFrame:
+				if !f.IsAck() {
+					wmu.Lock()
+					err := fr.WritePing(true, f.Data)
+					wmu.Unlock()
+					if err != nil {
+						read <- err
+						return
+					}
+				}
+			}
+		}
+		read <- conn.SetReadDeadline(time.Time{})
+	}()
+	err = func() error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		if _, err := conn.Write([]byte(http2.ClientPreface)); err != nil {
+			return err
+		}
+		if err := fr.WriteSettings(); err != nil {
+			return err
+		}
+		for i := range n {
+			id := uint32(2*i + 1)
+			if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hdr.Bytes(), EndHeaders: true}); err != nil {
+				return err
+			}
+			if partial {
+				frame := binary.BigEndian.AppendUint32([]byte{0}, kms.DefaultMaxRecvMsgSize)
+				if err := fr.WriteData(id, false, append(frame, 0x0a, 6, 'l', 'e', 'd', 'g', 'e', 'r')); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}()
+	if err != nil {
+		conn.Close()
+		<-read
+		return lorisCalls{}, fmt.Errorf("opening %d calls of %s: %w", n, path, err)
+	}
+	opened <- struct{}{}
+	if err := <-read; err != nil {
+		conn.Close()
+		return lorisCalls{}, fmt.Errorf("%d calls of %s: %w", n, path, err)
+	}
+	return calls, nil
 }

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -45,14 +44,14 @@ const (
 )
 
 // startTransitKMS starts one us-east KMS server serving transitTeam with
-// --transit-listen (see startOneRegion). It returns the server and the
+// --transit-listen (see startOneRegionChain). It returns the chain and the
 // transit address.
-func startTransitKMS(t testing.TB) (*framework.World, *framework.KMSServer, string) {
+func startTransitKMS(t testing.TB) (*oneRegionChain, string) {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", framework.FreePorts(t, 1)[0])
-	w, k := startOneRegion(t, oneRegion{team: transitTeam, kmsArgs: []string{"--transit-listen", addr}})
+	c := startOneRegionChain(t, oneRegion{team: transitTeam, kmsArgs: []string{"--transit-listen", addr}})
 	t.Logf("the KMS serves the transit API on %s", addr)
-	return w, k, addr
+	return c, addr
 }
 
 // transitTLS is the TLS configuration of a client calling as name: its
@@ -106,9 +105,12 @@ func vaultStatus(err error) int {
 // by tink-go-hcvault: round trips, refusals (no ACL, tampering, wrong
 // associated data, an unknown keyset), a batch with a bad item, ciphertexts
 // crossing between gRPC and HTTP both ways, and the HTTP calls in the
-// KMS's audit log (without the token).
+// KMS's audit log. No file, and no error string a client saw, holds the
+// Vault token, the DEK, the data key, an envelope's plaintext or a key of
+// the chain.
 func TestTransitVaultClients(t *testing.T) {
-	w, k, addr := startTransitKMS(t)
+	chain, addr := startTransitKMS(t)
+	w, k := chain.w, chain.k
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	v := vaultClient(t, w, kmsClient, addr)
@@ -135,8 +137,14 @@ func TestTransitVaultClients(t *testing.T) {
 	}
 	noCert.CloseIdleConnections()
 
+	// The secrets the scan at the end looks for besides the chain's own,
+	// and the error strings the clients saw.
+	var secrets []framework.Secret
+	var clientErrs []string
+
 	// Round trip with the Vault client; a name with '/' as is.
 	dek, ad := []byte("0123456789abcdef0123456789abcdef"), []byte("bucket/object-1")
+	secrets = append(secrets, sentinel("the DEK", dek), sentinel("the Vault token", []byte(transitToken)))
 	sec, err := logical.WriteWithContext(ctx, "transit/encrypt/"+kmsKeyset, map[string]any{"plaintext": vb64(dek), "associated_data": vb64(ad)})
 	if err != nil {
 		t.Fatalf("Vault encrypt = %v", err)
@@ -213,6 +221,9 @@ func TestTransitVaultClients(t *testing.T) {
 		if vaultStatus(err) != tc.code || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: Vault write %s = %v, %v; want HTTP %d saying %q", tc.name, tc.path, sec, err, tc.code, tc.want)
 		}
+		if err != nil {
+			clientErrs = append(clientErrs, err.Error())
+		}
 	}
 
 	// A batch with a bad item: Vault's 400 by default; with
@@ -272,6 +283,9 @@ func TestTransitVaultClients(t *testing.T) {
 		t.Fatalf("Vault datakey = %v", err)
 	}
 	pk, _ := base64.StdEncoding.DecodeString(fmt.Sprint(sec.Data["plaintext"]))
+	if len(pk) > 0 {
+		secrets = append(secrets, sentinel("the data key GenerateDataKey returned", pk))
+	}
 	wk, _, _ := transit.ParseCiphertext(fmt.Sprint(sec.Data["ciphertext"]))
 	if r, err := grpcKMS.Decrypt(ctx, &kmsv1.DecryptRequest{Keyset: kmsKeyset, Ciphertext: wk, AssociatedData: ad}); len(pk) != 16 || err != nil || !bytes.Equal(r.GetPlaintext(), pk) {
 		t.Errorf("datakey: a %d-byte key; gRPC Decrypt of its ciphertext = %v, %v; want 16 bytes, the key", len(pk), r, err)
@@ -311,6 +325,7 @@ func TestTransitVaultClients(t *testing.T) {
 	}{{"legacy", legacyAEAD, legacyAEAD}, {"current", currentAEAD, currentAEAD}, {"legacy to current", legacyAEAD, currentAEAD}} {
 		env := aead.NewKMSEnvelopeAEAD2(aead.AES256GCMKeyTemplate(), tc.enc)
 		blob := []byte("an object of the storage system, " + tc.name)
+		secrets = append(secrets, sentinel("the envelope plaintext "+tc.name, blob))
 		sealed, err := env.Encrypt(blob, []byte("object-id"))
 		if err != nil {
 			t.Fatalf("%s: envelope Encrypt = %v", tc.name, err)
@@ -346,6 +361,8 @@ func TestTransitVaultClients(t *testing.T) {
 	intruderAEAD, _ := intruderHC.GetAEAD(keyURI)
 	if _, err := intruderAEAD.Encrypt(dek, nil); vaultStatus(err) != 403 {
 		t.Errorf("tink-go-hcvault as a caller on no ACL: Encrypt = %v, want HTTP 403", err)
+	} else {
+		clientErrs = append(clientErrs, err.Error())
 	}
 
 	// The audit log has the HTTP calls (marked via=transit), the refusals
@@ -377,27 +394,13 @@ func TestTransitVaultClients(t *testing.T) {
 		t.Errorf("the audit log has no denied Encrypt by %s", transitIntruder)
 	}
 	t.Logf("%d audit records, of transit calls: %v", len(recs), count)
-	for _, dir := range []string{k.StateDir, w.Logs} {
-		err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
-			if err != nil || d.IsDir() {
-				return err
-			}
-			data, err := os.ReadFile(path)
-			if err != nil {
-				return err
-			}
-			if bytes.Contains(data, []byte(transitToken)) {
-				t.Errorf("%s holds the Vault token", path)
-			}
-			if bytes.Contains(data, []byte(vb64(dek))) {
-				t.Errorf("%s holds the DEK (base64)", path)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+
+	// No file, log or error string the clients saw holds the Vault token,
+	// the DEK (raw, hex or base64, as Vault's JSON carries it), the data
+	// key, an envelope's plaintext, a keyset key, the region key or the
+	// chain's root secrets.
+	writeErrorStrings(t, w, "client-errors.txt", clientErrs)
+	chain.requireNoSecrets(t, secrets)
 }
 
 // transitBenchDeadline bounds every call of one benchmark run.
@@ -418,7 +421,8 @@ const transitPairs = 10
 // the same concurrency (transit/grpc, measured paired in ABBA order after
 // the timed run; target >= 0.7).
 func BenchmarkTransitDecrypt(b *testing.B) {
-	w, k, addr := startTransitKMS(b)
+	c, addr := startTransitKMS(b)
+	w, k := c.w, c.k
 	ctx, cancel := context.WithTimeout(b.Context(), transitBenchDeadline)
 	defer cancel()
 	grpcKMS := k.Client(kmsClient)

@@ -177,6 +177,9 @@ func TestUpOperatorTools(t *testing.T) {
 	if _, err := os.Stat(info.Control); !os.IsNotExist(err) {
 		t.Errorf("control socket %s after the stop: %v, want it removed", info.Control, err)
 	}
+	// No root key, share or user PIN in any file (the tokens' own storage
+	// holds the shares sealed).
+	requireNoUpSecrets(t, state, nil, logs)
 }
 
 // statusJSON is `cairn kms status --json` as the test reads it.

@@ -228,6 +228,7 @@ func TestUpFirstRunRerunAndTakenPort(t *testing.T) {
 	}
 
 	requireNoPassphrases(t, state, logs)
+	requireNoUpSecrets(t, state, nil, logs)
 }
 
 // checkUpInfo checks that chain.json describes the chain of plan: every
@@ -896,18 +897,11 @@ func TestUpClientsAgainstChain(t *testing.T) {
 		t.Errorf("chain.Load(%s) after the stop = %v, %v; want StoppedAt set", state, after, err)
 	}
 
-	// No plaintext, DEK or key of the test in any file the chain, the
-	// launcher, the commands and the blobstore wrote.
-	scanStart := time.Now()
-	found, stats, err := framework.Scan([]string{state, logs, store, written}, secrets)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range found {
-		t.Errorf("secret scan: %s", f)
-	}
-	t.Logf("secret scan: %d secrets in %d files (%d KiB) in %s; whole test %s", len(secrets), stats.Files, stats.Bytes/1024,
-		time.Since(scanStart).Round(time.Millisecond), time.Since(testStart).Round(100*time.Millisecond))
+	// No plaintext, DEK or key of the test, and no root key, share or
+	// passphrase of the chain, in any file the chain, the launcher, the
+	// commands and the blobstore wrote.
+	requireNoUpSecrets(t, state, secrets, logs, store, written)
+	t.Logf("whole test %s", time.Since(testStart).Round(100*time.Millisecond))
 }
 
 // upRegion returns the region of chain.json named name.

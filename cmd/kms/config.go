@@ -71,6 +71,7 @@ func newFlagSet(out io.Writer) (*flag.FlagSet, *settings, *serverconfig.Flags) {
 	fs.IntVar(&c.maxBatch, "max-batch", 0, "most items in a batch call (0: 1000)")
 	fs.IntVar(&c.maxPayload, "max-payload", 0, "largest plaintext or associated data in bytes (0: 65536)")
 	fs.IntVar(&c.maxInFlight, "max-in-flight", 0, "most data-plane calls in progress at once; more are shed with RESOURCE_EXHAUSTED and a retry hint (0: 64 x GOMAXPROCS)")
+	fs.DurationVar(&c.maxCallDuration, "max-call-duration", 0, "longest a gRPC call may last, its request's read included; a call whose client set no earlier deadline is cut then with DEADLINE_EXCEEDED (0: 30s)")
 	fs.BoolVar(&c.auditSync, "audit-sync", false, "fsync the audit log before answering each call (see the comment in run.go)")
 	return fs, s, serverconfig.Register(fs, configSpec)
 }

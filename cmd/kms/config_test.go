@@ -21,7 +21,7 @@ import (
 // decision: document it, and say whether it is a secret (wantSecrets).
 var wantKeys = []string{
 	"admins", "admins_file", "audit_log", "audit_sync", "ca", "cert", "dev_certs", "key", "listen", "log_format",
-	"max_batch", "max_in_flight", "max_payload", "metrics_listen", "mlock", "name", "pprof", "reflection", "region",
+	"max_batch", "max_call_duration", "max_in_flight", "max_payload", "metrics_listen", "mlock", "name", "pprof", "reflection", "region",
 	"reload_interval", "rootkms", "signing_key", "state_dir", "transit_listen", "transit_mount", "trust_domain", "verbose",
 }
 

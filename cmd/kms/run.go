@@ -71,6 +71,7 @@ type config struct {
 	auditSync                                                        bool
 	adminsFile                                                       string
 	reloadInterval                                                   time.Duration
+	maxCallDuration                                                  time.Duration
 
 	transit transitFlags // the Vault transit listener (transit.go)
 }
@@ -123,7 +124,7 @@ func serve(ctx context.Context, log *slog.Logger, c config) error {
 	srv, err := kms.New(kms.Config{
 		Region: c.region, StateDir: c.stateDir, Source: src, RegionKeys: keys, SerialFloor: keys, SigningKeys: pinned, Admins: adm,
 		Audit: alog, Logger: log, MaxBatch: c.maxBatch, MaxPayload: c.maxPayload, MaxInFlight: c.maxInFlight,
-		Registry: reg, Reflection: c.ops.Reflection,
+		MaxCallDuration: c.maxCallDuration, Registry: reg, Reflection: c.ops.Reflection,
 	})
 	if err != nil {
 		return err

@@ -44,6 +44,7 @@ type settings struct {
 	bootstrap, nonVoter                 bool
 	heartbeat, election, lease, applyTO time.Duration
 	safetyWindow                        time.Duration
+	maxClockSkew                        time.Duration
 }
 
 // newFlagSet returns the root KMS's flags, writing help and errors to out.
@@ -81,6 +82,7 @@ func newFlagSet(out io.Writer) (*flag.FlagSet, *settings, *serverconfig.Flags) {
 	fs.DurationVar(&s.lease, "leader-lease-timeout", 0, "Raft leader lease timeout (0: 500ms)")
 	fs.DurationVar(&s.applyTO, "apply-timeout", 0, "Raft write timeout (0: 5s)")
 	fs.DurationVar(&s.safetyWindow, "safety-window", 0, "propagation window of the Safety Condition checks on keyset lifecycle steps (0: 10m)")
+	fs.DurationVar(&s.maxClockSkew, "max-clock-skew", 0, "how far the leader's clock may be from the median of a quorum of voters before it refuses time-judged keyset steps (0: 2s, or a quarter of --safety-window if that is less)")
 	return fs, s, serverconfig.Register(fs, configSpec)
 }
 

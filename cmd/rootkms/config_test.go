@@ -18,7 +18,7 @@ import (
 var wantKeys = []string{
 	"api_advertise", "apply_timeout", "audit_log", "bootstrap", "ca", "cert", "data_dir", "dev_certs", "distributors",
 	"election_timeout", "heartbeat_timeout", "id", "join", "key", "leader_lease_timeout", "listen", "log_format",
-	"manifest", "metrics_listen", "mlock", "name", "non_voter", "officers", "operators", "pprof", "raft_advertise",
+	"manifest", "max_clock_skew", "metrics_listen", "mlock", "name", "non_voter", "officers", "operators", "pprof", "raft_advertise",
 	"raft_listen", "reflection", "regionctl", "safety_window", "trust_domain", "verbose",
 }
 

@@ -100,7 +100,7 @@ func runWith(ctx context.Context, args, env []string, stdout, stderr io.Writer) 
 			APIAdvertise: s.apiAdvertise, RaftAdvertise: s.raftAdvertise,
 			Manifest: m, Distributors: identity.SplitList(s.distributors), Source: src, Regionctl: rc, Operators: opList, Officers: offList,
 			Audit: alog, Logger: log, HeartbeatTimeout: s.heartbeat, ElectionTimeout: s.election, LeaderLeaseTimeout: s.lease, ApplyTimeout: s.applyTO,
-			Safety: rootkms.SafetyConfig{Window: s.safetyWindow},
+			Safety: rootkms.SafetyConfig{Window: s.safetyWindow, MaxClockSkew: s.maxClockSkew},
 		})
 		if err != nil {
 			return err

@@ -318,18 +318,42 @@ func drill(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	opened, closeAll, err := openSafes(ctx, safes)
-	if err != nil {
-		return err
-	}
+	// A safe that does not open (its module missing, its token absent) is
+	// what a drill is for finding: skip it like one that cannot release
+	// its share, as long as the others reach the threshold.
+	opened, unopened, closeAll := openAvailable(ctx, safes)
 	defer closeAll()
+	if len(opened) < int(m.GetThreshold()) {
+		return errors.Join(fmt.Errorf("drill: %d of %d safe(s) opened, the threshold is %d", len(opened), len(safes), m.GetThreshold()), safe.JoinFailures(unopened))
+	}
 	r, err := officer.Drill(ctx, m, opened, slog.New(slog.NewTextHandler(stderr, nil)))
 	if err != nil {
-		return err
+		return errors.Join(err, safe.JoinFailures(unopened))
 	}
 	fmt.Fprintf(stdout, "drill passed: genesis %s epoch %d restored from shares %v, KCV %x matches the manifest (%s); nothing in production touched\n",
 		r.GenesisID, r.Epoch, r.Shares, r.KCV, r.Took.Round(time.Millisecond))
+	for _, f := range append(unopened, r.Failed...) {
+		fmt.Fprintf(stdout, "  skipped, fix before a real ceremony: %v\n", f)
+	}
 	return nil
+}
+
+// openAvailable opens every safe of paths it can; each one that does not
+// open is returned as a failure labelled with its config path.
+func openAvailable(ctx context.Context, paths []string) (opened []safe.Safe, failed []*safe.SafeError, closeAll func()) {
+	for _, p := range paths {
+		s, err := safeconfig.OpenFile(ctx, p)
+		if err != nil {
+			failed = append(failed, &safe.SafeError{Label: p, Err: err})
+			continue
+		}
+		opened = append(opened, s)
+	}
+	return opened, failed, func() {
+		for _, s := range opened {
+			s.Close()
+		}
+	}
 }
 
 func list(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/identity"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
+	"github.com/cairnkms/cairn/safe"
 )
 
 func TestRunUsage(t *testing.T) {
@@ -245,5 +248,64 @@ func TestCommandLine(t *testing.T) {
 		if got := commandLine(tt.args); got != tt.want {
 			t.Errorf("commandLine(%q) = %q, want %q", tt.args, got, tt.want)
 		}
+	}
+}
+
+// TestDrillSkipsUnopenedSafe: `safe drill` with a safe whose config does not
+// open (here: its passphrase file is gone) still passes on the others when
+// they reach the threshold, and names the skipped safe; with too few left
+// it fails naming it, and no share or passphrase is in what it prints.
+func TestDrillSkipsUnopenedSafe(t *testing.T) {
+	dir := t.TempDir()
+	var configs []string
+	for i := 1; i <= 3; i++ {
+		label := fmt.Sprintf("safe-%d", i)
+		pass := filepath.Join(dir, label+".passphrase")
+		if err := os.WriteFile(pass, []byte("drill passphrase of "+label+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := json.Marshal(map[string]any{"kind": safe.KindInsecureFile, "label": label, "dir": filepath.Join(dir, label),
+			"passphrase_file": pass, "kdf_memory_kib": 8192, "attempt_dir": filepath.Join(dir, "attempts")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, label+".json")
+		if err := os.WriteFile(path, cfg, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		configs = append(configs, path)
+	}
+	manifest := filepath.Join(dir, "manifest.json")
+	var out, errOut bytes.Buffer
+	args := []string{"genesis", "--threshold", "2", "--manifest", manifest}
+	for _, c := range configs {
+		args = append(args, "--safe", c)
+	}
+	if code := run(context.Background(), args, &out, &errOut); code != 0 {
+		t.Fatalf("safe genesis = %d: %s%s", code, out.String(), errOut.String())
+	}
+	if err := os.Remove(filepath.Join(dir, "safe-3.passphrase")); err != nil {
+		t.Fatal(err)
+	}
+
+	drill := func(safes ...string) (int, string) {
+		var out, errOut bytes.Buffer
+		args := []string{"drill", "--manifest", manifest}
+		for _, s := range safes {
+			args = append(args, "--safe", s)
+		}
+		code := run(context.Background(), args, &out, &errOut)
+		return code, out.String() + errOut.String()
+	}
+	code, got := drill(configs...)
+	if code != 0 || !strings.Contains(got, "drill passed") || !strings.Contains(got, "skipped, fix before a real ceremony: safe: "+configs[2]) {
+		t.Errorf("safe drill with safe-3 unopenable = %d:\n%s\nwant it to pass and name %s as skipped", code, got, configs[2])
+	}
+	code, got = drill(configs[0], configs[2])
+	if code == 0 || !strings.Contains(got, "1 of 2 safe(s) opened, the threshold is 2") || !strings.Contains(got, configs[2]) {
+		t.Errorf("safe drill with 1 of 2 safes openable = %d:\n%s\nwant a failure naming the threshold and %s", code, got, configs[2])
+	}
+	if strings.Contains(got, "drill passphrase") {
+		t.Errorf("safe drill printed a passphrase:\n%s", got)
 	}
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/cairnkms/cairn/internal/keysets"
 	"github.com/cairnkms/cairn/internal/region"
 	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
+	cryptov1 "github.com/cairnkms/cairn/proto/cairn/crypto/v1"
 )
 
 // FormatVersion is the bundle format this package writes. It reads it and
@@ -54,6 +55,14 @@ const DefaultValidity = 30 * 24 * time.Hour
 // MaxValidity bounds not_after - created_at: a bundle that stays
 // applicable for years is a replay waiting to happen.
 const MaxValidity = 366 * 24 * time.Hour
+
+// DestroyedRetention is how long after a version's destruction a bundle
+// still names it (KeysetConfig.destroyed_key_ids), so a server that still
+// holds it may drop it without the drop counting against the shrink guard.
+// It matches DefaultValidity: a region whose servers missed a month of
+// retirements is no routine case, and its catch-up bundle needs a signed
+// shrink override; the list stays bounded by a month of rotations.
+const DestroyedRetention = DefaultValidity
 
 // MaxSize bounds a serialized bundle (100k keysets of a few hundred bytes
 // fit comfortably).
@@ -346,8 +355,9 @@ func checkKeysets(b *bundlev1.Bundle, td spiffeid.TrustDomain, lo, hi int) error
 // Safety Condition: ttl_history (if present: periods in order, not
 // overlapping, positive TTLs, every one but the last closed, the last open
 // and equal to ciphertext_ttl), lifecycle (key IDs unique and held by the
-// copy) and propagation_window (not negative). All three are optional: a
-// bundle built before they existed has none.
+// copy), destroyed_key_ids (sorted, unique, none held by the copy) and
+// propagation_window (not negative). All are optional: a bundle built
+// before they existed has none.
 //
 // The message budget needs no check: every encrypt_limit is meaningful (0
 // is DefaultEncryptLimit, any other value a limit), and a lifecycle
@@ -385,6 +395,15 @@ func checkSafetyFields(k *bundlev1.KeysetConfig) error {
 		}
 		if !last {
 			prevUntil = p.GetUntil().AsTime()
+		}
+	}
+	destroyed := k.GetDestroyedKeyIds()
+	for i, id := range destroyed {
+		switch {
+		case i > 0 && id <= destroyed[i-1]:
+			return fmt.Errorf("destroyed_key_ids[%d]: key %d after key %d (the list must be sorted and unique)", i, id, destroyed[i-1])
+		case slices.ContainsFunc(k.GetKeyset().GetVersions(), func(v *cryptov1.KeyVersionInfo) bool { return v.GetKeyId() == id }):
+			return fmt.Errorf("destroyed_key_ids[%d]: key %d is a version of the encrypted keyset, not destroyed", i, id)
 		}
 	}
 	if len(k.GetLifecycle()) == 0 {

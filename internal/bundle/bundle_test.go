@@ -712,6 +712,13 @@ func TestValidateSafetyFields(t *testing.T) {
 		{"invalid lifecycle time", func(b *bundlev1.Bundle) {
 			b.Keysets[0].Lifecycle = []*bundlev1.VersionLifecycle{{KeyId: keyOf(b), SupersededAt: &timestamppb.Timestamp{Nanos: -1}}}
 		}, "superseded_at"},
+		{"destroyed versions named", func(b *bundlev1.Bundle) { b.Keysets[0].DestroyedKeyIds = []uint32{keyOf(b) + 1, keyOf(b) + 2} }, ""},
+		{"destroyed versions out of order", func(b *bundlev1.Bundle) { b.Keysets[0].DestroyedKeyIds = []uint32{keyOf(b) + 2, keyOf(b) + 1} },
+			"destroyed_key_ids[1]: key"},
+		{"a destroyed version twice", func(b *bundlev1.Bundle) { b.Keysets[0].DestroyedKeyIds = []uint32{keyOf(b) + 1, keyOf(b) + 1} },
+			"(the list must be sorted and unique)"},
+		{"a destroyed version the copy holds", func(b *bundlev1.Bundle) { b.Keysets[0].DestroyedKeyIds = []uint32{keyOf(b)} },
+			"is a version of the encrypted keyset, not destroyed"},
 		{"negative propagation window", func(b *bundlev1.Bundle) { b.Keysets[0].PropagationWindow = durationpb.New(-time.Second) },
 			`keyset 0 ("payments/ledger"): propagation_window -1s is negative`},
 	}

@@ -30,7 +30,10 @@ var ErrShrink = errors.New("bundle: shrink guard")
 //     patterns the served bundle lists and the new one does not;
 //   - versions: for each keyset both hold, the key IDs of the served copy
 //     the new copy lacks (a dropped keyset's versions count as a dropped
-//     keyset, not again here);
+//     keyset, not again here), except those the new copy names as
+//     destroyed (KeysetConfig.destroyed_key_ids: retired through the
+//     lifecycle under the Safety Condition, however many a lagging server
+//     missed), which count neither as dropped nor among the versions;
 //   - bytes: the new bundle's size against the served one's.
 //
 // A count may drop up to the larger of its fraction and its floor, but never
@@ -164,6 +167,10 @@ type ShrinkReport struct {
 	Keysets   Drop
 	ACL       Drop
 	Versions  Drop
+	// Destroyed counts the versions of the kept keysets that next lacks
+	// and names among its destroyed_key_ids: retired through the version
+	// lifecycle, so not in Versions.
+	Destroyed int
 	// CurSize and NextSize are the bundles' sizes in bytes; MinSize is the
 	// size below which the new one is much smaller (0: no bound, as it is
 	// at most MinSizeDrop bytes smaller); SizeRatio and SizeSlack are the
@@ -218,8 +225,12 @@ func (r *ShrinkReport) String() string {
 	if r.CurSerial == 0 && r.CurSize == 0 {
 		return "nothing served: no shrink to check"
 	}
-	s := fmt.Sprintf("against serial %d: drops %d of %d keysets, %d of %d ACL entries and %d of %d key versions of the keysets it keeps; %d bytes, %s of the %d served",
-		r.CurSerial, r.Keysets.Dropped, r.Keysets.Of, r.ACL.Dropped, r.ACL.Of, r.Versions.Dropped, r.Versions.Of, r.NextSize, percent(r.NextSize, r.CurSize), r.CurSize)
+	s := fmt.Sprintf("against serial %d: drops %d of %d keysets, %d of %d ACL entries and %d of %d key versions of the keysets it keeps",
+		r.CurSerial, r.Keysets.Dropped, r.Keysets.Of, r.ACL.Dropped, r.ACL.Of, r.Versions.Dropped, r.Versions.Of)
+	if r.Destroyed > 0 {
+		s += fmt.Sprintf(" (besides %d version(s) destroyed through the lifecycle)", r.Destroyed)
+	}
+	s += fmt.Sprintf("; %d bytes, %s of the %d served", r.NextSize, percent(r.NextSize, r.CurSize), r.CurSize)
 	switch {
 	case r.Exceeded() && r.Override != nil:
 		s += fmt.Sprintf("; past the guard (%s), allowed by override: %s (forced by %s)", strings.Join(r.Problems(), "; "), r.Override.GetReason(), r.Override.GetForcedBy())
@@ -291,13 +302,21 @@ func CheckShrink(cur, next *bundlev1.Bundle, curSize, nextSize int, g ShrinkGuar
 		}
 		seen := map[uint32]bool{}
 		for _, v := range c.GetKeyset().GetVersions() {
-			if seen[v.GetKeyId()] {
+			id := v.GetKeyId()
+			if seen[id] {
 				continue
 			}
-			seen[v.GetKeyId()] = true
-			r.Versions.Of++
-			if !have[v.GetKeyId()] {
-				r.Versions.Names = append(r.Versions.Names, fmt.Sprintf("%s key %d", c.GetName(), v.GetKeyId()))
+			seen[id] = true
+			switch {
+			case have[id]:
+				r.Versions.Of++
+			case slices.Contains(n.GetDestroyedKeyIds(), id):
+				// Retired through the lifecycle, which the Safety Condition
+				// judged: no truncation, so neither dropped nor counted.
+				r.Destroyed++
+			default:
+				r.Versions.Of++
+				r.Versions.Names = append(r.Versions.Names, fmt.Sprintf("%s key %d", c.GetName(), id))
 			}
 		}
 	}

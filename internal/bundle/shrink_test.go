@@ -151,6 +151,34 @@ func TestCheckShrink(t *testing.T) {
 		{name: "a dropped keyset's versions count as the keyset", cur: ten3, curSize: small, size: small,
 			next: keep(ten3, func(i int) bool { return i != 0 })},
 
+		// Versions destroyed through the lifecycle: a region that missed
+		// retirements catches up in one bundle; a truncation does not hide
+		// behind them.
+		{name: "a lagging region takes two retirements of every keyset at once", cur: ten3, curSize: small, size: small,
+			next: change(ten3, func(_ int, k *bundlev1.KeysetConfig) {
+				dropVersions(k, 1, 2)
+				k.DestroyedKeyIds = []uint32{1, 2}
+			}),
+			wantSummary: "drops 0 of 10 keysets, 0 of 40 ACL entries and 0 of 10 key versions of the keysets it keeps (besides 20 version(s) destroyed through the lifecycle)"},
+		{name: "destroyed versions named, others dropped besides", cur: ten3, curSize: small, size: small,
+			next: change(ten3, func(i int, k *bundlev1.KeysetConfig) {
+				dropVersions(k, 1)
+				k.DestroyedKeyIds = []uint32{1}
+				if i < 6 {
+					dropVersions(k, 2, 3) // not destroyed: a truncation
+				}
+			}),
+			wantErr: []string{"drops 12 of 20 key versions of the keysets it keeps (60%, more than 10% and more than 10 per kept keyset): team/k00 key 2, team/k00 key 3"}},
+		{name: "a destroyed version named for another keyset hides nothing", cur: ten3, curSize: small, size: small,
+			next: change(ten3, func(i int, k *bundlev1.KeysetConfig) {
+				if i < 6 {
+					dropVersions(k, 1, 2)
+				} else {
+					k.DestroyedKeyIds = []uint32{1, 2}
+				}
+			}),
+			wantErr: []string{"drops 12 of 30 key versions"}},
+
 		// Size: below half and more than 64 KiB smaller.
 		{name: "much smaller, same counts", cur: three, next: keep(three, func(int) bool { return true }), curSize: 1_000_000, size: 400_000,
 			wantErr: []string{"is 400000 bytes, 40% of the 1000000 served (less than 50%, and more than 65536 bytes smaller)"}},

@@ -2,8 +2,10 @@
 // with SPIFFE identities (TLS 1.3, client certificates required), the caller
 // identity in the context, every call audited (fail closed; every refusal,
 // PermissionDenied or Unauthenticated, on every method), a per-method
-// access policy (default deny), bounded message sizes, grpc.health.v1
-// answered from the server's readiness, and (when asked) gRPC reflection.
+// access policy (default deny), bounded message sizes, streams per
+// connection, connections per client address and call durations,
+// grpc.health.v1 answered from the server's readiness, and (when asked)
+// gRPC reflection.
 package grpcserver
 
 import (
@@ -12,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -78,6 +81,21 @@ type Options struct {
 	// to end (the server advertises it in SETTINGS_MAX_CONCURRENT_STREAMS);
 	// a stream past it is refused (REFUSED_STREAM).
 	MaxConcurrentStreams uint32
+	// MaxCallDuration bounds how long one call may last, its request's read
+	// included (0: DefaultMaxCallDuration). A client's own deadline within
+	// it is kept; a call without one, or with a later one, is cut at the
+	// bound with DEADLINE_EXCEEDED, so a client that opens calls and
+	// withholds their requests holds their streams for this long at most.
+	// Health watches are not bounded (see unboundedMethods).
+	MaxCallDuration time.Duration
+	// MaxConnsPerIP bounds the connections open at once from one remote IP
+	// address (0: DefaultMaxConnsPerIP). A connection past it is closed as
+	// it is accepted, before its TLS handshake.
+	MaxConnsPerIP int
+	// Registerer receives the server's own metrics (nil: none):
+	// cairn_grpc_connections_over_ip_limit_total. It is the server's
+	// registry, never the global one.
+	Registerer prometheus.Registerer
 }
 
 // DefaultHandshakeTimeout is Options.HandshakeTimeout's default: a
@@ -148,10 +166,24 @@ func newServer(opts Options, creds credentials.TransportCredentials) (*grpc.Serv
 	if maxStreams == 0 {
 		maxStreams = DefaultMaxConcurrentStreams
 	}
+	maxCall := opts.MaxCallDuration
+	if maxCall <= 0 {
+		maxCall = DefaultMaxCallDuration
+	}
+	maxConns := opts.MaxConnsPerIP
+	if maxConns <= 0 {
+		maxConns = DefaultMaxConnsPerIP
+	}
+	limit, err := newConnLimit(maxConns, opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	unaudited := append([]string{healthCheck, healthList, healthWatch}, opts.Unaudited...)
 	auditOpts := audit.InterceptorOptions{Mutating: opts.Mutating, Unaudited: unaudited}
 	serverOpts := []grpc.ServerOption{
-		grpc.Creds(creds),
+		grpc.Creds(&limitedCreds{TransportCredentials: creds, limit: limit}),
+		// The server's only tap handle (gRPC takes one).
+		grpc.InTapHandle(callDeadline(maxCall)),
 		// The audit interceptor runs first, so that every refusal after it
 		// (Unauthenticated or PermissionDenied from the caller's admission,
 		// PermissionDenied from a handler) is on record, even for the

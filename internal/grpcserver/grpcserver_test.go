@@ -50,6 +50,13 @@ func start(t *testing.T, reflection bool) *server {
 // the test's).
 func startWith(t *testing.T, opts grpcserver.Options) *server {
 	t.Helper()
+	return startServing(t, opts, nil)
+}
+
+// startServing is startWith that lets register add services before the
+// server serves (nil: none).
+func startServing(t *testing.T, opts grpcserver.Options, register func(*grpc.Server)) *server {
+	t.Helper()
 	pki := identitytest.New(t, spiffeid.RequireTrustDomainFromString("cairn.test"))
 	w := &syncWriter{}
 	alog := audit.NewWriter(w, audit.Options{})
@@ -60,6 +67,9 @@ func startWith(t *testing.T, opts grpcserver.Options) *server {
 	srv, err := grpcserver.New(opts)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if register != nil {
+		register(srv)
 	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

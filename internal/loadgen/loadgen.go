@@ -40,10 +40,18 @@ func (r *Result) Latencies() []time.Duration {
 	return r.sorted
 }
 
+// CallTimeout bounds each call Run makes, as a production client bounds
+// each of its calls (kmsclient: 10 s). It keeps every call within the
+// servers' per-call cap (grpcserver.DefaultMaxCallDuration, 30 s): a call
+// with no deadline, or a later one, would make the server bound it with a
+// context of its own, a cost real clients do not make it pay.
+const CallTimeout = 10 * time.Second
+
 // Run makes n calls in all, shared by one goroutine per element of calls,
 // caller i making calls[i] whenever it gets a turn, until all n are made or
 // one fails (the first error is returned; a ctx that ends fails the calls
-// that see it). With record, every call's latency is kept.
+// that see it). Each call gets a context of its own bounded by CallTimeout.
+// With record, every call's latency is kept.
 func Run(ctx context.Context, n int, calls []Call, record bool) (Result, error) {
 	if len(calls) == 0 {
 		return Result{}, fmt.Errorf("loadgen: no callers")
@@ -66,7 +74,10 @@ func Run(ctx context.Context, n int, calls []Call, record bool) (Result, error) 
 		wg.Go(func() {
 			for !failed.Load() && next.Add(1) <= int64(n) {
 				t := time.Now()
-				if err := call(ctx); err != nil {
+				cctx, cancel := context.WithTimeout(ctx, CallTimeout)
+				err := call(cctx)
+				cancel()
+				if err != nil {
 					failed.Store(true)
 					errOnce.Do(func() { firstErr = fmt.Errorf("caller %d: %w", i, err) })
 					return

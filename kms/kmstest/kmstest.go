@@ -144,6 +144,9 @@ type Keyset struct {
 	// encrypt_limit; 0: the KMS default). The recorded counts it is
 	// measured against are Lifecycle's encrypt_count.
 	EncryptLimit uint64
+	// Destroyed is the bundle's destroyed_key_ids (the record's versions
+	// destroyed through the lifecycle).
+	Destroyed []uint32
 
 	h *keyset.Handle
 }
@@ -236,6 +239,7 @@ func (k *Keyset) Config(t testing.TB, keys *RegionKeys, region string, v uint32)
 		Name: k.Name, OwnerTeam: "team-" + k.Name, Purpose: bundlev1.Purpose_PURPOSE_ENVELOPE, Keyset: ek, Acl: k.ACL,
 		RotationPeriod: durationpb.New(30 * 24 * time.Hour), CiphertextTtl: durationpb.New(k.TTL), Regions: []string{region},
 		TtlHistory: k.TTLHistory, Lifecycle: k.Lifecycle, PropagationWindow: k.Window, EncryptLimit: k.EncryptLimit,
+		DestroyedKeyIds: k.Destroyed,
 	}
 }
 

@@ -494,6 +494,9 @@ func bundleInspect(ctx context.Context, args []string, stdout, stderr io.Writer)
 		for _, l := range k.GetLifecycle() {
 			fmt.Fprintf(stdout, "    key %d: propagated everywhere %s, primary since %s, superseded %s\n", l.GetKeyId(), ts(l.GetPropagatedEverywhere()), ts(l.GetPrimarySince()), ts(l.GetSupersededAt()))
 		}
+		if d := k.GetDestroyedKeyIds(); len(d) > 0 {
+			fmt.Fprintf(stdout, "    destroyed through the lifecycle (may leave a server that still holds them): %v\n", d)
+		}
 		acl := k.GetAcl()
 		for _, op := range []struct {
 			name     string

@@ -874,6 +874,7 @@ func rollbackContent(b, cur *bundlev1.Bundle) *rollbackMerge {
 		for _, l := range ck.GetLifecycle() {
 			k.Lifecycle = append(k.Lifecycle, proto.Clone(l).(*bundlev1.VersionLifecycle))
 		}
+		k.DestroyedKeyIds = slices.Clone(ck.GetDestroyedKeyIds())
 		m.useRegionKey(k.GetKeyset().GetRegionKeyVersion())
 		note := fmt.Sprintf("keyset %s: kept the keys the change made it serve (version(s) %s it added stay decryptable); its config is rolled back", k.GetName(), keyIDs(extra))
 		if gone := decryptingOnlyIn(lastCopy, ck.GetKeyset()); len(gone) > 0 {

@@ -204,6 +204,7 @@ func Compile(in Input) (*Result, error) {
 			Regions:           slices.Clone(rec.GetRegions()),
 			TtlHistory:        ttlHistory(rec),
 			Lifecycle:         Lifecycle(rec, c),
+			DestroyedKeyIds:   Destroyed(rec, c, in.CreatedAt),
 			PropagationWindow: durationpb.New(in.Window),
 			EncryptLimit:      limit,
 		})
@@ -299,6 +300,26 @@ func Lifecycle(rec *statev1.KeysetRecord, c *cryptov1.EncryptedKeyset) []*bundle
 		out = append(out, l)
 	}
 	return out
+}
+
+// Destroyed lists, sorted, the key IDs of rec's versions destroyed at most
+// bundle.DestroyedRetention before at (the bundle's created_at), so a
+// server that still holds one drops it without tripping the shrink guard.
+// A version the copy c still holds is left out: the record and the copy
+// disagree, and the bundle serves what the copy holds.
+func Destroyed(rec *statev1.KeysetRecord, c *cryptov1.EncryptedKeyset, at time.Time) []uint32 {
+	var out []uint32
+	since := at.Add(-bundle.DestroyedRetention)
+	for _, v := range rec.GetVersions() {
+		if v.GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED || v.GetDestroyedAt() == nil ||
+			v.GetDestroyedAt().AsTime().Before(since) ||
+			slices.ContainsFunc(c.GetVersions(), func(h *cryptov1.KeyVersionInfo) bool { return h.GetKeyId() == v.GetKeyId() }) {
+			continue
+		}
+		out = append(out, v.GetKeyId())
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // PropagatedEverywhere is the latest of v's per-region propagation times if

@@ -200,3 +200,35 @@ func TestCompileNotAfter(t *testing.T) {
 		})
 	}
 }
+
+// TestDestroyed: the bundle names, sorted, the versions the record
+// destroyed within bundle.DestroyedRetention of its created_at, and neither
+// older destructions, versions only scheduled for destruction, nor versions
+// the copy still holds.
+func TestDestroyed(t *testing.T) {
+	destroyed := func(id uint32, ago time.Duration) *statev1.KeysetVersionRecord {
+		return &statev1.KeysetVersionRecord{KeyId: id, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED,
+			DestroyedAt: timestamppb.New(at.Add(-ago))}
+	}
+	p := &statev1.KeysetVersionRecord{KeyId: 4, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY}
+	scheduled := &statev1.KeysetVersionRecord{KeyId: 3, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROY_SCHEDULED}
+	r := rec("pay/a", []string{"us-east"}, time.Hour, time.Hour, p, scheduled)
+	r.Versions = append(r.Versions, destroyed(9, time.Hour), destroyed(2, bundle.DestroyedRetention), destroyed(1, bundle.DestroyedRetention+time.Second))
+	if got, want := compile.Destroyed(r, r.GetCopies()[0], at), []uint32{2, 9}; !cmp.Equal(got, want) {
+		t.Errorf("Destroyed = %v, want %v", got, want)
+	}
+	// The record and the copy disagree: the copy holds it, so it is served,
+	// not named destroyed.
+	held := rec("pay/b", []string{"us-east"}, time.Hour, time.Hour, p, destroyed(5, time.Minute))
+	if got := compile.Destroyed(held, held.GetCopies()[0], at); len(got) != 0 {
+		t.Errorf("Destroyed(a version the copy holds) = %v, want none", got)
+	}
+	teams := []*config.Team{team("pay", config.Keyset{Name: "pay/a", Regions: []string{"us-east"}, CiphertextTTL: time.Hour, RotationPeriod: time.Hour})}
+	res, err := compile.Compile(compile.Input{Region: "us-east", Serial: 1, CreatedBy: createdBy, CreatedAt: at, Teams: teams, Record: []*statev1.KeysetRecord{r}, Window: time.Minute})
+	if err != nil || len(res.Problems) != 0 {
+		t.Fatalf("Compile = %v, %v", res, err)
+	}
+	if got := res.Bundle.GetKeysets()[0].GetDestroyedKeyIds(); !cmp.Equal(got, []uint32{2, 9}) {
+		t.Errorf("bundle destroyed_key_ids = %v, want [2 9]", got)
+	}
+}

@@ -85,6 +85,13 @@ const AttemptTimeout = 3 * time.Second
 // takes two round trips.
 const ConnectTimeout = time.Second
 
+// ConnectMaxDelay caps gRPC's reconnect backoff to a replica (its default
+// grows to 120 s): a KMS server that retried through a long root KMS outage
+// would otherwise go on failing for up to two minutes after the replicas
+// were back. Do also resets a replica's backoff when an attempt on it fails
+// Unavailable, so the next attempt reconnects at once.
+const ConnectMaxDelay = 5 * time.Second
+
 // RequestIDHeader is the gRPC metadata key of a call's request ID (the audit
 // log's: audit.RequestIDHeader). The root KMS records it in the Raft command
 // of a write and applies a write at most once per caller identity and
@@ -134,6 +141,14 @@ func New(src *identity.Source, addrs []string) *Client {
 		electionWait: ElectionWait, attemptTimeout: AttemptTimeout, connectTimeout: ConnectTimeout}
 }
 
+// connectBackoff is gRPC's default reconnect backoff capped at
+// ConnectMaxDelay.
+var connectBackoff = func() backoff.Config {
+	b := backoff.DefaultConfig
+	b.MaxDelay = ConnectMaxDelay
+	return b
+}()
+
 func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -141,7 +156,7 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 		return cc, nil
 	}
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(c.creds),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: c.connectTimeout}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: connectBackoff, MinConnectTimeout: c.connectTimeout}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)))
 	if err != nil {
 		return nil, err
@@ -210,6 +225,11 @@ func (c *Client) Do(ctx context.Context, call func(context.Context, rootkmsv1.Ro
 		}
 		if code != codes.FailedPrecondition {
 			c.forgetLeader(addr)
+		}
+		if status.Code(err) == codes.Unavailable {
+			// The replica may be back before gRPC's backoff would try it
+			// again: the next attempt on it reconnects at once.
+			cc.ResetConnectBackoff()
 		}
 		switch code {
 		case codes.FailedPrecondition:

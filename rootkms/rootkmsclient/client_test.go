@@ -227,3 +227,48 @@ func TestDoAsksAgainAfterAStaleRedirect(t *testing.T) {
 	}
 	t.Logf("A was asked %d times", a.calls.Load())
 }
+
+// TestDoReconnectsOnceAReplicaIsBack: after a replica was down through many
+// failed calls, the client does not wait out a grown reconnect backoff once
+// it is back: the call that finds the connection still failing resets its
+// backoff, so at the latest the next call reaches the replica.
+func TestDoReconnectsOnceAReplicaIsBack(t *testing.T) {
+	pki := identitytest.New(t, identitytest.TrustDomain)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close() // down: connections to addr are refused
+	c := New(pki.Source("spiffe://cairn.test/regionctl/global/regionctl"), []string{addr})
+	defer c.Close()
+	c.electionWait = 0
+	get := func() error {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		return c.Do(ctx, func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+			_, err := cl.GetRegion(ctx, &rootkmsv1.GetRegionRequest{Region: "us-east"})
+			return err
+		})
+	}
+	for i := range 12 {
+		if err := get(); status.Code(err) != codes.Unavailable {
+			t.Fatalf("call %d with the replica down = %v, want Unavailable", i, err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+
+	srv := grpc.NewServer(grpc.Creds(pki.ServerCredentials("spiffe://cairn.test/rootkms/global/rootkms-1")))
+	rootkmsv1.RegisterRootKMSServer(srv, &electing{})
+	back, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = srv.Serve(back) })
+	defer func() { srv.Stop(); wg.Wait() }()
+	first := get()
+	if err := get(); err != nil {
+		t.Fatalf("second call after the replica came back = %v (first: %v), want success: the failed call resets the reconnect backoff", err, first)
+	}
+}

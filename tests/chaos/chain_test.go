@@ -55,8 +55,14 @@ type chain struct {
 	ds     []*framework.Distributor
 	voters []*framework.Replica
 	kms    map[string][]*framework.KMSServer // by region
-	dir    string                            // regionctl's files
-	config string                            // regionctl's config file
+	// raftProxy is, by voter ID, the fault proxy the voter's peers reach
+	// its Raft transport through (its --raft-advertise); rootProxies are
+	// the ones the KMS servers reach the root KMS API through (their
+	// --rootkms), one per voter.
+	raftProxy   map[string]*framework.FaultProxy
+	rootProxies []*framework.FaultProxy
+	dir         string // regionctl's files
+	config      string // regionctl's config file
 	// drv is the SRE driver; startChain creates the regions through it.
 	drv *driver
 
@@ -127,6 +133,16 @@ func startChain(t *testing.T) *chain {
 	opts := framework.FastRaft(w.ManifestPath(), dAddrs...)
 	opts.SafetyWindow = safetyWindow
 	c.voters = w.RootKMSCluster(opts, specs...)
+	c.raftProxy = map[string]*framework.FaultProxy{}
+	var rootAPIs []string
+	for _, v := range c.voters {
+		p := framework.NewFaultProxy(t, "raft of "+v.ID, v.RaftAddr)
+		v.AppendArgs("--raft-advertise", p.Addr())
+		c.raftProxy[v.ID] = p
+		api := framework.NewFaultProxy(t, "API of "+v.ID, v.API)
+		c.rootProxies = append(c.rootProxies, api)
+		rootAPIs = append(rootAPIs, api.Addr())
+	}
 	c.voters[0].Start()
 	framework.WaitLeader(c.voters[0])
 	for _, v := range c.voters[1:] {
@@ -144,7 +160,7 @@ func startChain(t *testing.T) *chain {
 		for _, n := range kmsNames {
 			ids = append(ids, "kms/"+r+"/"+n)
 		}
-		c.kms[r] = w.KMSServers(r, filepath.Join(keys, "bundle-signing.pub"), framework.Addrs(c.voters...), ids...)
+		c.kms[r] = w.KMSServers(r, filepath.Join(keys, "bundle-signing.pub"), rootAPIs, ids...)
 		for _, k := range c.kms[r] {
 			k.Start()
 			cfgRegions[r] = append(cfgRegions[r], k.Addr)

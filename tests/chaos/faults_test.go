@@ -3,13 +3,18 @@ package chaos
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/rootkms/rootkmsclient"
 	"github.com/cairnkms/cairn/tests/framework"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // fault is one injected action and how to undo it.
@@ -35,12 +40,13 @@ func (c *chain) inject(a Action) fault {
 		k.Kill()
 		f := fault{a: a, heal: k.Restart}
 		if a.Early {
-			// Restarted while the root tier is down, it cannot unwrap
-			// its region key: it must not serve until the root is back.
+			// Restarted while the root tier is down or cut off, it
+			// cannot unwrap its region key: it must not serve until the
+			// root is back.
 			f.check = func() string {
 				st, err := k.Status()
 				if err == nil && st.GetState() == kmsv1.ServingState_SERVING_STATE_SERVING {
-					return fmt.Sprintf("%s, restarted while the root tier was down, says SERVING", k.Identity)
+					return fmt.Sprintf("%s, restarted while the root tier was down or unreachable, says SERVING", k.Identity)
 				}
 				return ""
 			}
@@ -72,6 +78,52 @@ func (c *chain) inject(a Action) fault {
 		d := c.distributor(a.Target)
 		d.Kill()
 		return fault{a: a, heal: d.Restart}
+	case AuditSinkFail:
+		k := c.kmsServer(a.Target)
+		fi, err := os.Stat(filepath.Join(k.StateDir, "audit.log"))
+		if err != nil {
+			c.t.Fatalf("%s: %v", a, err)
+		}
+		old, err := k.FileSizeLimit(uint64(fi.Size()))
+		if err != nil {
+			c.t.Fatalf("%s: %v", a, err)
+		}
+		// The fault must bite: a call straight to the server, at the end
+		// of the hold, is refused for want of its audit record.
+		region, _, _ := strings.Cut(a.Target, "/")
+		check := func() string {
+			ks := keysets[slices.IndexFunc(keysets, func(k keysetSpec) bool { return slices.Contains(k.regions, region) })]
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, err := k.Client(clientOf(region)).Encrypt(ctx, &kmsv1.EncryptRequest{Keyset: ks.name, Plaintext: make([]byte, 32)})
+			if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "audit log unavailable") {
+				return fmt.Sprintf("%s: an Encrypt straight to %s while its audit writes fail = %v, want Unavailable (audit log unavailable): the server served a call it could not audit, or the fault did not take", a, k.Identity, err)
+			}
+			return ""
+		}
+		return fault{a: a, check: check, heal: func() {
+			if _, err := k.FileSizeLimit(old); err != nil {
+				c.t.Fatalf("healing %s: %v", a, err)
+			}
+		}}
+	case VoterDeaf, VoterSlow:
+		v := c.targetVoter(a.Target)
+		p := c.raftProxy[v.ID]
+		if a.Kind == VoterDeaf {
+			p.Set(framework.NetFault{Blackhole: true})
+		} else {
+			p.Set(framework.NetFault{Latency: 100 * time.Millisecond, Jitter: 100 * time.Millisecond})
+		}
+		return fault{a: a, heal: p.Heal}
+	case RootUnreachable:
+		for _, p := range c.rootProxies {
+			p.Set(framework.NetFault{Blackhole: true})
+		}
+		return fault{a: a, heal: func() {
+			for _, p := range c.rootProxies {
+				p.Heal()
+			}
+		}}
 	case IsolateLeader:
 		l := c.targetVoter(LeaderTarget)
 		var paused []*framework.Replica

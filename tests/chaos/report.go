@@ -86,8 +86,9 @@ type Analysis struct {
 	Expired         int
 	MinRetireMargin time.Duration
 	// RootTierErrors counts the errors no region-down excuses that
-	// overlap a root-tier-down window (target 0: a KMS server with a
-	// bundle serves without the root tier); each is also a violation.
+	// overlap a root-tier-down, isolate-leader or root-unreachable window
+	// (target 0: a KMS server with a bundle serves without the root tier);
+	// each is also a violation.
 	RootTierErrors int
 	// Violations are the errors no fault excuses: a region with a KMS
 	// server up must answer every call (and a decrypt with a fallback
@@ -253,7 +254,7 @@ func Analyze(ops []Op, windows []Window, exp Expiry) Analysis {
 					label = w.Step.Label()
 				}
 				inWindow = inWindow || down
-				rootTier = rootTier || ((w.Step.has(RootTierDown) || w.Step.has(IsolateLeader)) && !down)
+				rootTier = rootTier || ((w.Step.has(RootTierDown) || w.Step.has(IsolateLeader) || w.Step.has(RootUnreachable)) && !down)
 			}
 		}
 		a.ErrorsByWindow[label]++
@@ -383,7 +384,7 @@ func (r *Report) String() string {
 	p("client errors excused (a region-down window, no grace after it): %d", r.Analysis.Excused)
 	p("decrypts refused past their TTL, after their version's retirement (allowed): %d; smallest TTL end to retirement: %s",
 		r.Analysis.Expired, r.Analysis.MinRetireMargin.Round(time.Millisecond))
-	p("client errors while the root tier was down, in regions with KMS servers up: %d (target 0)", r.Analysis.RootTierErrors)
+	p("client errors while the root tier was down, cut off or without a quorum, in regions with KMS servers up: %d (target 0)", r.Analysis.RootTierErrors)
 	p("longest unavailability seen by a client, per region:")
 	for _, region := range slices.Sorted(maps.Keys(r.Analysis.LongestUnavailable)) {
 		p("  %-18s %s", region, r.Analysis.LongestUnavailable[region].Round(time.Millisecond))

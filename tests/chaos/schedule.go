@@ -46,10 +46,33 @@ const (
 	// be acknowledged (nothing commits without a quorum); it is resolved
 	// after the heal like any write of unknown outcome.
 	IsolateLeader Kind = "isolate-leader"
+	// AuditSinkFail makes one KMS server's audit log refuse every write
+	// (RLIMIT_FSIZE at its size: EFBIG): the server refuses every call
+	// that would go unaudited (Unavailable, fail-closed), its clients fail
+	// over to the region's other server, and it serves again once the
+	// writes succeed, with no restart.
+	AuditSinkFail Kind = "audit-sink-fail"
+	// VoterDeaf is a one-way network partition through the voter's Raft
+	// fault proxy: nothing sent to it arrives (a silent blackhole, not a
+	// refusal), while what it sends does. A deaf follower stops hearing
+	// the leader and campaigns (pre-vote keeps it from deposing anyone); a
+	// deaf leader still reaches its followers on the connections it opens.
+	VoterDeaf Kind = "voter-deaf"
+	// VoterSlow delays everything sent to one voter over Raft by 100 ms
+	// plus up to 100 ms of jitter (TCP turns a lossy link into a slow one),
+	// about the fast Raft's heartbeat timeout a round trip.
+	VoterSlow Kind = "voter-slow"
+	// RootUnreachable silently blackholes every KMS server's connections to
+	// the root KMS API (through the fault proxies they are given instead
+	// of the replicas' addresses) while the root tier itself is healthy: a
+	// network partition between the tiers, where calls hang instead of
+	// being refused. KMS servers that hold a bundle must keep serving.
+	RootUnreachable Kind = "root-unreachable"
 )
 
 // Kinds are every kind, in the order the report lists them.
-var Kinds = []Kind{KillKMS, RegionDown, KillVoter, PauseVoter, KillDistributor, RootTierDown, IsolateLeader}
+var Kinds = []Kind{KillKMS, RegionDown, KillVoter, PauseVoter, KillDistributor, RootTierDown, IsolateLeader,
+	AuditSinkFail, VoterDeaf, VoterSlow, RootUnreachable}
 
 // LeaderTarget is the Target of a voter fault aimed at whichever voter leads
 // when the step starts.
@@ -99,13 +122,16 @@ func (t Topology) regions() []string {
 // Action is one fault of a step.
 type Action struct {
 	Kind Kind
-	// Target is what is faulted: "<region>/<kms name>" (KillKMS), a region
-	// (RegionDown), a voter ID or LeaderTarget (KillVoter, PauseVoter), a
-	// distributor name (KillDistributor); empty for RootTierDown.
+	// Target is what is faulted: "<region>/<kms name>" (KillKMS,
+	// AuditSinkFail), a region (RegionDown), a voter ID or LeaderTarget
+	// (KillVoter, PauseVoter, VoterDeaf, VoterSlow), a distributor name
+	// (KillDistributor); empty for RootTierDown, IsolateLeader and
+	// RootUnreachable.
 	Target string
 	// Early heals the action halfway through the hold instead of at its
-	// end: a KMS server restarted while the root tier is still down (it
-	// must stay not ready, and serve once the root tier is back).
+	// end: a KMS server restarted while the root tier is still down or
+	// unreachable (it must stay not ready, and serve once the root tier is
+	// back).
 	Early bool
 }
 
@@ -164,14 +190,16 @@ func (s Step) DownRegions() []string {
 }
 
 // Validate checks the rules every step keeps, whatever the seed:
-//   - at most one voter down (killed or paused), unless the step is a
-//     deliberate RootTierDown or IsolateLeader, which takes no other voter
-//     or distributor action;
+//   - at most one voter faulted (killed, paused, deaf or slow), unless the
+//     step is a deliberate RootTierDown, IsolateLeader or RootUnreachable,
+//     which takes no other voter or distributor action;
 //   - never every distributor down: at most one killed (a RootTierDown
 //     only pauses them, which keeps the root key);
 //   - at most one region down, and no other KMS fault in that region; in
-//     every other region at least one KMS server stays up;
-//   - no target faulted twice; Early only on a KillKMS of a RootTierDown step.
+//     every other region at least one KMS server stays up (a server whose
+//     audit sink fails refuses every call, so it counts as down);
+//   - no target faulted twice; Early only on a KillKMS of a RootTierDown
+//     or RootUnreachable step.
 func (s Step) Validate(t Topology) error {
 	voters, dists, root := 0, 0, false
 	seen := map[string]bool{}
@@ -180,7 +208,7 @@ func (s Step) Validate(t Topology) error {
 	for _, a := range s.Actions {
 		key := string(a.Kind) + ":" + a.Target
 		switch a.Kind {
-		case KillVoter, PauseVoter:
+		case KillVoter, PauseVoter, VoterDeaf, VoterSlow:
 			key = "voter:" + a.Target
 			if a.Target != LeaderTarget && !slices.Contains(t.Voters, a.Target) {
 				return fmt.Errorf("chaos: %s: unknown voter %q", s, a.Target)
@@ -191,7 +219,7 @@ func (s Step) Validate(t Topology) error {
 				return fmt.Errorf("chaos: %s: unknown distributor %q", s, a.Target)
 			}
 			dists++
-		case RootTierDown, IsolateLeader:
+		case RootTierDown, IsolateLeader, RootUnreachable:
 			if root {
 				return fmt.Errorf("chaos: %s: two quorum-loss faults in one step", s)
 			}
@@ -202,7 +230,8 @@ func (s Step) Validate(t Topology) error {
 			}
 			downRegions = append(downRegions, a.Target)
 			downKMS[a.Target] += len(t.KMS[a.Target])
-		case KillKMS:
+		case KillKMS, AuditSinkFail:
+			key = "kms:" + a.Target
 			region, name, _ := strings.Cut(a.Target, "/")
 			if !slices.Contains(t.KMS[region], name) {
 				return fmt.Errorf("chaos: %s: unknown KMS server %q", s, a.Target)
@@ -220,10 +249,10 @@ func (s Step) Validate(t Topology) error {
 		}
 	}
 	if root && (voters > 0 || dists > 0) {
-		return fmt.Errorf("chaos: %s: a root-tier-down or isolate-leader step takes no other voter or distributor fault", s)
+		return fmt.Errorf("chaos: %s: a root-tier-down, isolate-leader or root-unreachable step takes no other voter or distributor fault", s)
 	}
 	if voters > 1 {
-		return fmt.Errorf("chaos: %s: %d voters down, at most 1 outside a root-tier-down step", s, voters)
+		return fmt.Errorf("chaos: %s: %d voters faulted, at most 1 outside a root-tier-down step", s, voters)
 	}
 	if dists >= len(t.Distributors) || dists > 1 {
 		return fmt.Errorf("chaos: %s: %d distributors down, at most 1", s, dists)
@@ -243,8 +272,8 @@ func (s Step) Validate(t Topology) error {
 		}
 	}
 	for _, a := range s.Actions {
-		if a.Early && !s.has(RootTierDown) {
-			return fmt.Errorf("chaos: %s: an early restart outside a root-tier-down step", s)
+		if a.Early && !s.has(RootTierDown) && !s.has(RootUnreachable) {
+			return fmt.Errorf("chaos: %s: an early restart outside a root-tier-down or root-unreachable step", s)
 		}
 	}
 	return nil
@@ -279,7 +308,8 @@ func NewSchedule(seed uint64, t Topology) (*Schedule, error) {
 }
 
 // weights are how often each primary kind is drawn after the first round.
-var weights = map[Kind]int{KillKMS: 25, RegionDown: 10, KillVoter: 20, PauseVoter: 15, KillDistributor: 15, RootTierDown: 15, IsolateLeader: 10}
+var weights = map[Kind]int{KillKMS: 25, RegionDown: 10, KillVoter: 20, PauseVoter: 15, KillDistributor: 15, RootTierDown: 15, IsolateLeader: 10,
+	AuditSinkFail: 10, VoterDeaf: 10, VoterSlow: 10, RootUnreachable: 10}
 
 // Next returns the next step.
 func (s *Schedule) Next() Step {
@@ -325,12 +355,12 @@ func (s *Schedule) action(k Kind, avoid []string) Action {
 		}
 	}
 	switch k {
-	case KillKMS:
+	case KillKMS, AuditSinkFail:
 		r := pick(regions)
 		return Action{Kind: k, Target: r + "/" + pick(s.topo.KMS[r])}
 	case RegionDown:
 		return Action{Kind: k, Target: pick(regions)}
-	case KillVoter:
+	case KillVoter, VoterDeaf, VoterSlow:
 		if s.rng.IntN(2) == 0 {
 			return Action{Kind: k, Target: LeaderTarget}
 		}
@@ -342,7 +372,7 @@ func (s *Schedule) action(k Kind, avoid []string) Action {
 		return Action{Kind: k, Target: pick(s.topo.Voters)}
 	case KillDistributor:
 		return Action{Kind: k, Target: pick(s.topo.Distributors)}
-	case IsolateLeader:
+	case IsolateLeader, RootUnreachable:
 		return Action{Kind: k}
 	}
 	return Action{Kind: RootTierDown}
@@ -354,20 +384,20 @@ func (s *Schedule) secondary(st Step) (Action, bool) {
 	first := st.Actions[0]
 	var choices []Kind
 	switch first.Kind {
-	case RootTierDown:
+	case RootTierDown, RootUnreachable:
 		a := s.action(KillKMS, nil)
 		a.Early = true
 		return a, true
 	case RegionDown:
-		choices = []Kind{KillKMS, KillVoter, PauseVoter, KillDistributor}
+		choices = []Kind{KillKMS, AuditSinkFail, KillVoter, PauseVoter, VoterDeaf, VoterSlow, KillDistributor}
 	case IsolateLeader:
-		choices = []Kind{KillKMS, RegionDown}
-	case KillVoter, PauseVoter:
-		choices = []Kind{KillKMS, RegionDown, KillDistributor}
+		choices = []Kind{KillKMS, AuditSinkFail, RegionDown}
+	case KillVoter, PauseVoter, VoterDeaf, VoterSlow:
+		choices = []Kind{KillKMS, AuditSinkFail, RegionDown, KillDistributor}
 	case KillDistributor:
-		choices = []Kind{KillKMS, RegionDown, KillVoter, PauseVoter}
-	case KillKMS:
-		choices = []Kind{KillVoter, PauseVoter, KillDistributor}
+		choices = []Kind{KillKMS, AuditSinkFail, RegionDown, KillVoter, PauseVoter, VoterDeaf, VoterSlow}
+	case KillKMS, AuditSinkFail:
+		choices = []Kind{KillVoter, PauseVoter, VoterDeaf, VoterSlow, KillDistributor}
 	}
 	k := choices[s.rng.IntN(len(choices))]
 	a := s.action(k, st.DownRegions())

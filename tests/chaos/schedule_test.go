@@ -96,7 +96,14 @@ func TestStepValidateRefuses(t *testing.T) {
 		actions []Action
 		want    string
 	}{
-		{"two voters down", []Action{{Kind: KillVoter, Target: "rootkms-1"}, {Kind: PauseVoter, Target: "rootkms-2"}}, "voters down"},
+		{"two voters down", []Action{{Kind: KillVoter, Target: "rootkms-1"}, {Kind: PauseVoter, Target: "rootkms-2"}}, "2 voters faulted"},
+		{"a voter down and another deaf", []Action{{Kind: KillVoter, Target: "rootkms-1"}, {Kind: VoterDeaf, Target: "rootkms-2"}}, "2 voters faulted"},
+		{"a slow voter also paused", []Action{{Kind: VoterSlow, Target: "rootkms-1"}, {Kind: PauseVoter, Target: "rootkms-1"}}, "faulted twice"},
+		{"a server killed and its audit sink failing", []Action{{Kind: AuditSinkFail, Target: "us-east/kms-1"}, {Kind: KillKMS, Target: "us-east/kms-1"}}, "faulted twice"},
+		{"a region's every server refusing or killed", []Action{{Kind: AuditSinkFail, Target: "us-east/kms-1"}, {Kind: KillKMS, Target: "us-east/kms-2"}}, "every KMS server"},
+		{"a region down and its audit sink failing", []Action{{Kind: RegionDown, Target: "us-east"}, {Kind: AuditSinkFail, Target: "us-east/kms-2"}}, "another fault"},
+		{"root unreachable and a voter", []Action{{Kind: RootUnreachable}, {Kind: VoterSlow, Target: LeaderTarget}}, "root-unreachable"},
+		{"root unreachable and the root tier", []Action{{Kind: RootUnreachable}, {Kind: RootTierDown}}, "two quorum-loss faults"},
 		{"both regions down", []Action{{Kind: RegionDown, Target: "us-east"}, {Kind: RegionDown, Target: "eu-west"}}, "down together"},
 		{"a region's every server killed", []Action{{Kind: KillKMS, Target: "us-east/kms-1"}, {Kind: KillKMS, Target: "us-east/kms-2"}}, "every KMS server"},
 		{"root tier and a voter", []Action{{Kind: RootTierDown}, {Kind: KillVoter, Target: LeaderTarget}}, "root-tier-down"},
@@ -122,6 +129,14 @@ func TestStepValidateRefuses(t *testing.T) {
 	isolated := Step{N: 1, Actions: []Action{{Kind: IsolateLeader}, {Kind: RegionDown, Target: "us-east"}}}
 	if err := isolated.Validate(topo); err != nil {
 		t.Errorf("an isolated leader with a region down: Validate = %v, want nil", err)
+	}
+	cut := Step{N: 1, Actions: []Action{{Kind: RootUnreachable}, {Kind: KillKMS, Target: "us-east/kms-1", Early: true}}}
+	if err := cut.Validate(topo); err != nil {
+		t.Errorf("the root unreachable with an early KMS restart: Validate = %v, want nil", err)
+	}
+	sinkAndDeaf := Step{N: 1, Actions: []Action{{Kind: AuditSinkFail, Target: "eu-west/kms-1"}, {Kind: VoterDeaf, Target: LeaderTarget}}}
+	if err := sinkAndDeaf.Validate(topo); err != nil {
+		t.Errorf("an audit sink failing with a deaf leader: Validate = %v, want nil", err)
 	}
 }
 

@@ -68,10 +68,13 @@ const (
 	// took effect (Unavailable, DeadlineExceeded, a NOT_LEADER that a
 	// leader losing its leadership during the write also answers).
 	OutcomeUnknown
+	// OutcomeAborted: a keyset update that named an expected revision was
+	// refused because the keyset is at another one (Aborted).
+	OutcomeAborted
 )
 
 func (r Outcome) String() string {
-	return [...]string{"ok", "exists", "not found", "unknown"}[r]
+	return [...]string{"ok", "exists", "not found", "unknown", "aborted"}[r]
 }
 
 // RegionOutput is what an operation returned.
@@ -197,26 +200,37 @@ type History struct {
 // NewHistory starts an empty history; times are measured from now.
 func NewHistory() *History { return &History{start: time.Now()} }
 
-// Call is one operation in progress: one call through rootkmsclient.Do,
-// however many attempts it makes.
-type Call struct {
+// call is what a region call and a keyset call share: who made it, its
+// request ID, when it was invoked and how many attempts it made.
+type call struct {
 	h        *History
 	client   int
-	in       RegionInput
 	id       string
 	at       int64
 	attempts atomic.Int32
+}
+
+// Call is one operation in progress: one call through rootkmsclient.Do,
+// however many attempts it makes.
+type Call struct {
+	call
+	in RegionInput
+}
+
+// begin starts a call of client: a fresh request ID, the invocation time.
+func (h *History) begin(client int) call {
+	h.mu.Lock()
+	h.seq++
+	id := fmt.Sprintf("history-%d-%d", client, h.seq)
+	h.mu.Unlock()
+	return call{h: h, client: client, id: id, at: int64(time.Since(h.start))}
 }
 
 // Begin records the invocation of in by client (a small integer naming
 // the caller, for the visualization): call it once before Do, Attempt in
 // each attempt, and End with Do's result.
 func (h *History) Begin(client int, in RegionInput) *Call {
-	h.mu.Lock()
-	h.seq++
-	id := fmt.Sprintf("history-%d-%d", client, h.seq)
-	h.mu.Unlock()
-	return &Call{h: h, client: client, in: in, id: id, at: int64(time.Since(h.start))}
+	return &Call{call: h.begin(client), in: in}
 }
 
 // RequestID is the call's own request ID. Send it as the x-request-id
@@ -225,27 +239,34 @@ func (h *History) Begin(client int, in RegionInput) *Call {
 // KMS applies a write at most once per request ID and puts the ID in the
 // write's Raft command, which is how Resolve finds out whether a write of
 // unknown outcome was committed.
-func (c *Call) RequestID() string { return c.id }
+func (c *call) RequestID() string { return c.id }
 
 // Attempt records that the call makes one more attempt.
-func (c *Call) Attempt() { c.attempts.Add(1) }
+func (c *call) Attempt() { c.attempts.Add(1) }
+
+// end records the call's operation: a read of unknown outcome (it failed)
+// is counted and left out, a write of unknown outcome returns at the end of
+// the history.
+func (c *call) end(in, out any, read, unknown bool) {
+	ret := int64(time.Since(c.h.start))
+	c.h.mu.Lock()
+	defer c.h.mu.Unlock()
+	if unknown && read {
+		c.h.dropped++
+		return
+	}
+	if unknown {
+		ret = -1 // the end of the history; set by Operations
+	}
+	c.h.ops = append(c.h.ops, porcupine.Operation{ClientId: c.client, Input: in, Call: c.at, Output: out, Return: ret, Metadata: c.id})
+}
 
 // End records how the call ended: reply is the Region a successful call
 // returned, err the call's error. It returns the output recorded.
 func (c *Call) End(reply *rootkmsv1.Region, err error) RegionOutput {
-	ret := int64(time.Since(c.h.start))
 	out := Classify(c.in.Op, reply, err)
 	out.Retried = c.in.Op != OpGet && c.attempts.Load() > 1
-	c.h.mu.Lock()
-	defer c.h.mu.Unlock()
-	if out.Outcome == OutcomeUnknown && c.in.Op == OpGet {
-		c.h.dropped++
-		return out
-	}
-	if out.Outcome == OutcomeUnknown {
-		ret = -1 // the end of the history; set by Operations
-	}
-	c.h.ops = append(c.h.ops, porcupine.Operation{ClientId: c.client, Input: c.in, Call: c.at, Output: out, Return: ret, Metadata: c.id})
+	c.end(c.in, out, c.in.Op == OpGet, out.Outcome == OutcomeUnknown)
 	return out
 }
 
@@ -305,10 +326,10 @@ func (h *History) Operations() []porcupine.Operation {
 
 // Checked returns the operations to check: Operations without the writes
 // of unknown outcome that Resolve found were never committed, and without
-// the creates of unknown outcome that were called after the region was
-// known to exist
-// (an operation that implies it returned before they were called). Regions
-// are never deleted, so such a create found the region in every
+// the creates of unknown outcome (of a region or a keyset) that were called
+// after their subject was known to exist (an operation that implies it
+// returned before they were called). Regions and keysets are never deleted
+// and their names never reused, so such a create found its subject in every
 // linearization and had no effect; left in, each one could be ordered
 // anywhere after its call, and a few dozen of them make the check
 // exponentially slower without it checking anything more.
@@ -317,21 +338,20 @@ func (h *History) Checked() (ops []porcupine.Operation, pruned, neverCommitted i
 	h.mu.Lock()
 	committed := h.committed
 	h.mu.Unlock()
-	existsBy := map[string]int64{} // the earliest return of an operation that saw the region
+	existsBy := map[string]int64{} // the earliest return of an operation that saw the subject
 	for _, op := range all {
-		in, out := op.Input.(RegionInput), op.Output.(RegionOutput)
-		sawIt := out.Outcome == OutcomeExists || out.Outcome == OutcomeOK
-		if at, ok := existsBy[in.Region]; sawIt && (!ok || op.Return < at) {
-			existsBy[in.Region] = op.Return
+		v := viewOf(op)
+		if at, ok := existsBy[v.subject]; v.sawIt() && (!ok || op.Return < at) {
+			existsBy[v.subject] = op.Return
 		}
 	}
 	for _, op := range all {
-		in, out := op.Input.(RegionInput), op.Output.(RegionOutput)
-		if id, _ := op.Metadata.(string); out.Outcome == OutcomeUnknown && committed != nil && !committed[id] {
+		v := viewOf(op)
+		if id, _ := op.Metadata.(string); v.outcome == OutcomeUnknown && committed != nil && !committed[id] {
 			neverCommitted++
 			continue
 		}
-		if at, ok := existsBy[in.Region]; ok && in.Op == OpCreate && out.Outcome == OutcomeUnknown && op.Call > at {
+		if at, ok := existsBy[v.subject]; ok && v.create && v.outcome == OutcomeUnknown && op.Call > at {
 			pruned++
 			continue
 		}
@@ -342,9 +362,11 @@ func (h *History) Checked() (ops []porcupine.Operation, pruned, neverCommitted i
 
 // HistoryStats counts a history's operations.
 type HistoryStats struct {
-	// Ops is the number of operations checked; Regions the partitions.
-	Ops, Regions int
-	// ByOutcome counts operations by "op result", e.g. "rotate ok".
+	// Ops is the number of operations checked; Regions and Keysets the
+	// partitions.
+	Ops, Regions, Keysets int
+	// ByOutcome counts operations by "op result", e.g. "rotate ok" or
+	// "keyset add-version aborted".
 	ByOutcome map[string]int
 	// DroppedReads are failed reads left out; NeverCommitted writes of
 	// unknown outcome that the log shows never took effect, PrunedCreates
@@ -363,6 +385,9 @@ func (s HistoryStats) String() string {
 	}
 	slices.Sort(keys)
 	out := fmt.Sprintf("%d operations on %d regions (", s.Ops, s.Regions)
+	if s.Keysets > 0 {
+		out = fmt.Sprintf("%d operations on %d regions and %d keysets (", s.Ops, s.Regions, s.Keysets)
+	}
 	for i, k := range keys {
 		if i > 0 {
 			out += ", "
@@ -373,7 +398,7 @@ func (s HistoryStats) String() string {
 	if s.Resolved {
 		out += fmt.Sprintf("%d writes of unknown outcome never committed, ", s.NeverCommitted)
 	}
-	return out + fmt.Sprintf("%d creates of unknown outcome after the region existed)", s.PrunedCreates)
+	return out + fmt.Sprintf("%d creates of unknown outcome after the region or keyset existed)", s.PrunedCreates)
 }
 
 // Stats counts the operations Checked returns.
@@ -383,16 +408,22 @@ func (h *History) Stats() HistoryStats {
 	dropped, resolved := h.dropped, h.committed != nil
 	h.mu.Unlock()
 	s := HistoryStats{Ops: len(ops), ByOutcome: map[string]int{}, DroppedReads: dropped, NeverCommitted: never, PrunedCreates: pruned, Resolved: resolved}
-	regions := map[string]bool{}
+	subjects := map[string]bool{}
 	for _, op := range ops {
-		in, out := op.Input.(RegionInput), op.Output.(RegionOutput)
-		regions[in.Region] = true
-		s.ByOutcome[in.Op.String()+" "+out.Outcome.String()]++
-		if out.Retried {
+		v := viewOf(op)
+		if !subjects[v.subject] {
+			subjects[v.subject] = true
+			if v.keyset {
+				s.Keysets++
+			} else {
+				s.Regions++
+			}
+		}
+		s.ByOutcome[v.op+" "+v.outcome.String()]++
+		if v.retried {
 			s.Retried++
 		}
 	}
-	s.Regions = len(regions)
 	return s
 }
 
@@ -400,8 +431,8 @@ func (h *History) Stats() HistoryStats {
 // fails (an Unknown result proves nothing).
 const checkTimeout = 60 * time.Second
 
-// CheckLinearizable checks the history against the region model with
-// porcupine. If it is not linearizable (or the check times out), it fails
+// CheckLinearizable checks the history against the region and keyset
+// models (historyModel) with porcupine. If it is not linearizable (or the check times out), it fails
 // the test and writes porcupine's visualization (an HTML page) into a new
 // temporary directory, naming the file. That directory is kept: the test's
 // own (t.TempDir) is removed when the test ends, failed or not.
@@ -410,7 +441,7 @@ func CheckLinearizable(t testing.TB, h *History) HistoryStats {
 	ops, _, _ := h.Checked()
 	stats := h.Stats()
 	start := time.Now()
-	res, info := porcupine.CheckOperationsVerbose(regionModel, ops, checkTimeout)
+	res, info := porcupine.CheckOperationsVerbose(historyModel, ops, checkTimeout)
 	took := time.Since(start)
 	if res == porcupine.Ok {
 		t.Logf("porcupine: history linearizable (checked in %s): %s", took.Round(time.Millisecond), stats)
@@ -422,7 +453,7 @@ func CheckLinearizable(t testing.TB, h *History) HistoryStats {
 		return stats
 	}
 	path := filepath.Join(dir, "linearizability.html")
-	if err := porcupine.VisualizePath(regionModel, info, path); err != nil {
+	if err := porcupine.VisualizePath(historyModel, info, path); err != nil {
 		t.Errorf("porcupine.VisualizePath(%s) = %v", path, err)
 	}
 	t.Errorf("porcupine: history is %s (after %s, timeout %s): %s\nvisualization: %s", res, took.Round(time.Millisecond), checkTimeout, stats, path)
@@ -434,8 +465,8 @@ func CheckLinearizable(t testing.TB, h *History) HistoryStats {
 func (h *History) LastAcked() map[string]uint32 {
 	out := map[string]uint32{}
 	for _, op := range h.Operations() {
-		in, o := op.Input.(RegionInput), op.Output.(RegionOutput)
-		if o.Outcome == OutcomeOK {
+		in, isRegion := op.Input.(RegionInput)
+		if o, _ := op.Output.(RegionOutput); isRegion && o.Outcome == OutcomeOK {
 			out[in.Region] = max(out[in.Region], o.Version)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"testing"
 	"time"
 
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
@@ -22,7 +23,23 @@ import (
 // not nil the recovered key must equal it. It clears the secrets' values
 // when done.
 func (w *World) RequireNoSecrets(m *safev1.GenesisManifest, safes []SafeConfig, wantRMK []byte, extra []Secret, extraRoots ...string) {
-	t := w.T
+	w.T.Helper()
+	// The scan must read what matters, or it proves nothing.
+	for _, want := range []string{w.Logs, w.ManifestPath()} {
+		if _, err := os.Stat(want); err != nil {
+			w.T.Errorf("scan input %s missing: %v", want, err)
+		}
+	}
+	RequireNoKeyMaterial(w.T, m, safes, wantRMK, extra, append([]string{w.Dir}, extraRoots...)...)
+}
+
+// RequireNoKeyMaterial is RequireNoSecrets for a chain no World wrote (one
+// `cairn up` started): it opens the safes from their configs
+// (SafeConfig.Path; Unlock is the PIN or passphrase that opens each, looked
+// for everywhere but its own file), recovers the RMK from the threshold of
+// them with m, unseals every share, and scans the roots for all of them and
+// the extra secrets. Run it once the chain's processes have stopped.
+func RequireNoKeyMaterial(t testing.TB, m *safev1.GenesisManifest, safes []SafeConfig, wantRMK []byte, extra []Secret, roots ...string) {
 	t.Helper()
 	ctx := context.Background()
 	var opened []safe.Safe
@@ -39,6 +56,9 @@ func (w *World) RequireNoSecrets(m *safev1.GenesisManifest, safes []SafeConfig, 
 			t.Fatalf("safeconfig.OpenFile(%s) = %v", sc.Path, err)
 		}
 		opened = append(opened, s)
+	}
+	if len(opened) < int(m.GetThreshold()) {
+		t.Fatalf("secret scan: %d safe(s), want at least the threshold %d to recover the RMK", len(opened), m.GetThreshold())
 	}
 	rmk, err := safe.Recover(ctx, m, opened[:m.GetThreshold()])
 	if err != nil {
@@ -74,7 +94,6 @@ func (w *World) RequireNoSecrets(m *safev1.GenesisManifest, safes []SafeConfig, 
 	}
 	secrets = append(secrets, extra...)
 
-	roots := append([]string{w.Dir}, extraRoots...)
 	scanStart := time.Now()
 	found, stats, err := Scan(roots, secrets)
 	took := time.Since(scanStart)
@@ -83,12 +102,6 @@ func (w *World) RequireNoSecrets(m *safev1.GenesisManifest, safes []SafeConfig, 
 	}
 	for _, f := range found {
 		t.Errorf("key material on disk: %s", f)
-	}
-	// The scan must have read what matters, or it proves nothing.
-	for _, want := range []string{w.Logs, w.ManifestPath()} {
-		if _, err := os.Stat(want); err != nil {
-			t.Errorf("scan input %s missing: %v", want, err)
-		}
 	}
 	if stats.Files < 20 {
 		t.Errorf("Scan read %d files, want at least 20 (certs, safes, state, logs)", stats.Files)

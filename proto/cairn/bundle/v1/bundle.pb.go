@@ -549,9 +549,19 @@ type KeysetConfig struct {
 	// the version's recorded fleet count plus its own encryptions since it
 	// applied the bundle reach it; the version still decrypts. 0 means the
 	// KMS default (2^32).
-	EncryptLimit  uint64 `protobuf:"varint,12,opt,name=encrypt_limit,json=encryptLimit,proto3" json:"encrypt_limit,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	EncryptLimit uint64 `protobuf:"varint,12,opt,name=encrypt_limit,json=encryptLimit,proto3" json:"encrypt_limit,omitempty"`
+	// destroyed_key_ids lists, sorted, the key IDs of versions the root KMS
+	// destroyed through the version lifecycle (each left the decrypt set
+	// under the Safety Condition) at most DestroyedRetention before
+	// created_at. The shrink guard does not count a version of the served
+	// bundle that this list names as dropped, so a region that missed
+	// several retirements (down, or refusing bundles meanwhile) takes them
+	// in one bundle instead of needing a shrink override; a truncated config
+	// drops versions without naming them here and is still refused. None of
+	// them may be a version of keyset.
+	DestroyedKeyIds []uint32 `protobuf:"varint,13,rep,packed,name=destroyed_key_ids,json=destroyedKeyIds,proto3" json:"destroyed_key_ids,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *KeysetConfig) Reset() {
@@ -666,6 +676,13 @@ func (x *KeysetConfig) GetEncryptLimit() uint64 {
 		return x.EncryptLimit
 	}
 	return 0
+}
+
+func (x *KeysetConfig) GetDestroyedKeyIds() []uint32 {
+	if x != nil {
+		return x.DestroyedKeyIds
+	}
+	return nil
 }
 
 type TtlPeriod struct {
@@ -981,7 +998,7 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\fPartialBuild\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x19\n" +
 	"\bbuilt_by\x18\x02 \x01(\tR\abuiltBy\x12\x19\n" +
-	"\bleft_out\x18\x03 \x03(\tR\aleftOut\"\xe4\x04\n" +
+	"\bleft_out\x18\x03 \x03(\tR\aleftOut\"\x90\x05\n" +
 	"\fKeysetConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -997,7 +1014,8 @@ const file_cairn_bundle_v1_bundle_proto_rawDesc = "" +
 	"\tlifecycle\x18\n" +
 	" \x03(\v2!.cairn.bundle.v1.VersionLifecycleR\tlifecycle\x12H\n" +
 	"\x12propagation_window\x18\v \x01(\v2\x19.google.protobuf.DurationR\x11propagationWindow\x12#\n" +
-	"\rencrypt_limit\x18\f \x01(\x04R\fencryptLimit\"\x9a\x01\n" +
+	"\rencrypt_limit\x18\f \x01(\x04R\fencryptLimit\x12*\n" +
+	"\x11destroyed_key_ids\x18\r \x03(\rR\x0fdestroyedKeyIds\"\x9a\x01\n" +
 	"\tTtlPeriod\x12+\n" +
 	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12.\n" +
 	"\x04from\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x120\n" +
