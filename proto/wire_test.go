@@ -104,6 +104,7 @@ func samples() map[string]proto.Message {
 			Lifecycle:         []*bundlev1.VersionLifecycle{{KeyId: 7, PropagatedEverywhere: t0, PrimarySince: t1, SupersededAt: t1, EncryptCount: 3}},
 			PropagationWindow: durationpb.New(10 * time.Minute),
 			EncryptLimit:      1 << 32,
+			DestroyedKeyIds:   []uint32{0x01020300, 0x01020301},
 		}},
 		Parent:         &bundlev1.BundleRef{Region: "us-east", Serial: 41, Sha256: []byte("sha256-of-parent")},
 		ShrinkOverride: &bundlev1.ShrinkOverride{Reason: "retiring payments/old, ticket SRE-42", ForcedBy: "spiffe://cairn.test/regionctl/global/regionctl"},
