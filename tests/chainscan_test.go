@@ -10,9 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"google.golang.org/protobuf/proto"
-
-	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/safeconfig"
 	"github.com/cairnkms/cairn/tests/framework"
@@ -70,24 +67,13 @@ func bundleSecrets(t *testing.T, dir string, keys map[string]regionKeys) []frame
 	var out []framework.Secret
 	copies := 0
 	for _, path := range paths {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var sb bundlev1.SignedBundle
-		var b bundlev1.Bundle
-		if err := proto.Unmarshal(data, &sb); err != nil {
-			t.Fatalf("bundle %s: %v", path, err)
-		}
-		if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
-			t.Fatalf("bundle %s: %v", path, err)
-		}
+		_, b := readBundleFile(t, path)
 		for _, kc := range b.GetKeysets() {
 			region := kc.GetKeyset().GetRegion()
 			if keys[region] == nil {
 				t.Fatalf("bundle %s holds a %s copy of %s, but the scan has no key of region %s", path, region, kc.GetName(), region)
 			}
-			for _, s := range keysetSecrets(t, path, kc.GetName(), region, keys[region]) {
+			for _, s := range copySecrets(t, kc.GetKeyset(), keys[region]) {
 				s.Name = fmt.Sprintf("%s (%s copy)", s.Name, region)
 				out = append(out, s)
 			}

@@ -420,27 +420,22 @@ func roundTripKeyset(enc, dec *framework.KMSServer, keyset string, dek, ad []byt
 // scan, each key's serialized key data and, for AES-GCM keys, the raw key.
 func keysetSecrets(t *testing.T, bundlePath, name, region string, keys regionKeys) []framework.Secret {
 	t.Helper()
-	data, err := os.ReadFile(bundlePath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sb bundlev1.SignedBundle
-	var b bundlev1.Bundle
-	if err := proto.Unmarshal(data, &sb); err != nil {
-		t.Fatal(err)
-	}
-	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
-		t.Fatal(err)
-	}
-	var ek *cryptov1.EncryptedKeyset
+	_, b := readBundleFile(t, bundlePath)
 	for _, k := range b.GetKeysets() {
 		if k.GetName() == name && k.GetKeyset().GetRegion() == region {
-			ek = k.GetKeyset()
+			return copySecrets(t, k.GetKeyset(), keys)
 		}
 	}
-	if ek == nil {
-		t.Fatalf("bundle %s holds no %s copy of %s", bundlePath, region, name)
-	}
+	t.Fatalf("bundle %s holds no %s copy of %s", bundlePath, region, name)
+	return nil
+}
+
+// copySecrets opens ek, a keyset copy, with the region key version it is
+// under (keys, by version) and returns, for the scan, each key's serialized
+// key data and, for AES-GCM keys, the raw key.
+func copySecrets(t *testing.T, ek *cryptov1.EncryptedKeyset, keys regionKeys) []framework.Secret {
+	t.Helper()
+	name, region := ek.GetName(), ek.GetRegion()
 	rk, ok := keys[ek.GetRegionKeyVersion()]
 	if !ok {
 		t.Fatalf("%s for %s is under region key version %d, which the root KMS did not serve", name, region, ek.GetRegionKeyVersion())
@@ -578,15 +573,27 @@ func writeTeam(t *testing.T, dir string, keysets ...string) {
 // readSigned reads a signed bundle file.
 func readSigned(t *testing.T, path string) *bundlev1.SignedBundle {
 	t.Helper()
+	sb, _ := readBundleFile(t, path)
+	return sb
+}
+
+// readBundleFile reads a signed bundle file (bundle build's output) and
+// decodes the bundle it signs.
+func readBundleFile(t *testing.T, path string) (*bundlev1.SignedBundle, *bundlev1.Bundle) {
+	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var sb bundlev1.SignedBundle
+	var b bundlev1.Bundle
 	if err := proto.Unmarshal(data, &sb); err != nil {
-		t.Fatalf("%s: %v", path, err)
+		t.Fatalf("bundle %s: %v", path, err)
 	}
-	return &sb
+	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
+		t.Fatalf("bundle %s: %v", path, err)
+	}
+	return &sb, &b
 }
 
 // regionctlRetryFor bounds how long a regionctl command refused during the
