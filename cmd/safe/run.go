@@ -172,22 +172,16 @@ func (f *cmdFlags) required(what string) error {
 	return errUsage
 }
 
+// openSafes opens every safe of paths, or none: the commands that need
+// every safe they are given (genesis, rekey, list) fail naming each one
+// that does not open.
 func openSafes(ctx context.Context, paths []string) ([]safe.Safe, func(), error) {
-	var out []safe.Safe
-	closeAll := func() {
-		for _, s := range out {
-			s.Close()
-		}
+	opened, failed, closeAll := openAvailable(ctx, paths)
+	if len(failed) > 0 {
+		closeAll()
+		return nil, nil, safe.JoinFailures(failed)
 	}
-	for _, p := range paths {
-		s, err := safeconfig.OpenFile(ctx, p)
-		if err != nil {
-			closeAll()
-			return nil, nil, err
-		}
-		out = append(out, s)
-	}
-	return out, closeAll, nil
+	return opened, closeAll, nil
 }
 
 func dial(id *identity.Flags, addr string) (distributorv1.DistributorClient, func(), error) {
