@@ -2,9 +2,13 @@ package rootkms_test
 
 import (
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/cairnkms/cairn/rootkms"
+	"github.com/hashicorp/raft"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -52,4 +56,115 @@ func TestRestartedReplicaDoesNotDenyWhatExists(t *testing.T) {
 	if _, err := c.unwrap("spiffe://cairn.test/kms/eu-west/kms-1", r1.api, "eu-west"); status.Code(err) != codes.NotFound {
 		t.Errorf("UnwrapRegionKey(eu-west, never created) once caught up = %v, want NotFound", err)
 	}
+}
+
+// TestReadyOnlyOnceCaughtUp: a restarted voter that knows its leader but
+// has not applied what the leader committed (its FSM is held back here by a
+// log store whose reads stall, as a slow disk or a long snapshot install
+// would) is not ready: health would send callers to a replica answering
+// from a state that lacks what the cluster has. Once it has applied up to
+// the commit index it is ready, and stays so.
+func TestReadyOnlyOnceCaughtUp(t *testing.T) {
+	c := newChain(t)
+	stalled := &stallingReads{}
+	c.configure = func(id string, cfg *rootkms.Config) {
+		if id == "rootkms-1" {
+			cfg.WrapLogStore = func(s raft.LogStore) raft.LogStore { stalled.LogStore = s; return stalled }
+		}
+	}
+	rs := c.cluster()
+	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
+	waitCaughtUp(t, rs)
+	for _, r := range rs {
+		r.stop()
+	}
+
+	// Restarted alone, it knows no leader; then its log reads stall, and a
+	// peer comes back.
+	r1 := c.restart(rs[0])
+	if err := r1.srv.WaitReady(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	raft1 := r1.srv.Raft()
+	start := raft1.LastIndex() // its log at start, not applied yet
+	release := stalled.stall()
+	defer release()
+	c.restart(rs[1])
+
+	// It learns its leader (the peer, or itself once elected), and applies
+	// nothing of its log.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, leader := raft1.LeaderWithID(); leader != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the restarted voter learned of no leader in 20s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for range 20 {
+		if ok, why := r1.srv.Readiness(); ok || !strings.Contains(why, "still catching up") {
+			t.Fatalf("Readiness of a voter that knows its leader (it is a %s) but applied %d of the %d entries of its log = %t, %q; want not ready, catching up",
+				raft1.State(), raft1.AppliedIndex(), start, ok, why)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if stalled.stalls.Load() == 0 {
+		t.Fatal("no log read stalled: the test did not hold the replica back")
+	}
+
+	release()
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		ok, why := r1.srv.Readiness()
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the voter is not ready 20s after its log reads resumed: %s", why)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := c.unwrap(kmsEast, r1.api, "us-east"); err != nil {
+		t.Errorf("UnwrapRegionKey(us-east) from the ready voter = %v", err)
+	}
+}
+
+// stallingReads is a log store whose GetLog waits, while stalled, until it
+// is released.
+type stallingReads struct {
+	raft.LogStore
+	mu     sync.Mutex
+	gate   chan struct{} // nil: reads pass
+	stalls atomic.Int64
+}
+
+// stall makes every GetLog wait until the returned release is called (once
+// or more).
+func (s *stallingReads) stall() (release func()) {
+	gate := make(chan struct{})
+	s.mu.Lock()
+	s.gate = gate
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.gate = nil
+			s.mu.Unlock()
+			close(gate)
+		})
+	}
+}
+
+func (s *stallingReads) GetLog(index uint64, l *raft.Log) error {
+	s.mu.Lock()
+	gate := s.gate
+	s.mu.Unlock()
+	if gate != nil {
+		s.stalls.Add(1)
+		<-gate
+	}
+	return s.LogStore.GetLog(index, l)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/raft"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/grpcserver"
@@ -222,9 +223,13 @@ func (s *Server) AppliedIndex() uint64 { return s.fsm.AppliedIndex() }
 func (s *Server) HasRootKey() bool { return s.key.Load() != nil }
 
 // Readiness reports whether the replica is ready: started, holding the
-// verified root key, a member of a cluster, and knowing its leader. When
-// not, the reason says which is missing. It is cheap (no Raft round trip):
-// health checks poll it.
+// verified root key, a member of a cluster, knowing its leader, and caught
+// up since it started (see caughtUp: a restarted replica that knows its
+// leader may still be applying the log, or installing a snapshot, and
+// answers from a state that lacks what the cluster has). When not, the
+// reason says which is missing. It is cheap (no Raft round trip; the
+// catch-up check reads Raft's stats only until it has latched): health
+// checks poll it.
 func (s *Server) Readiness() (ready bool, reason string) {
 	select {
 	case <-s.stop:
@@ -254,6 +259,9 @@ func (s *Server) Readiness() (ready bool, reason string) {
 	if addr, _ := r.LeaderWithID(); addr == "" {
 		return false, fmt.Sprintf("no Raft leader known (this replica is a %s in term %d: an election is running, or it is cut off from a quorum)",
 			strings.ToLower(state.String()), r.CurrentTerm())
+	}
+	if err := s.caughtUp(); err != nil {
+		return false, status.Convert(err).Message()
 	}
 	return true, ""
 }
