@@ -46,6 +46,12 @@ func (s *Server) rootKey() (*rootkey.Key, error) {
 // so until then the state can lack what the cluster (and this replica,
 // before it stopped) already had. It latches: later, a replica's state may
 // lag the leader's by what is in flight, never by what it had.
+//
+// "As new as it was" is the last entry of its log at start, unless the
+// leader has since replaced that entry: then it was never committed (Raft
+// truncates only uncommitted entries), and the replica had at most the log
+// the leader left of it. Waiting for the replaced index itself could take
+// for ever on a quiet cluster whose log ends before it.
 func (s *Server) caughtUp() error {
 	if s.synced.Load() {
 		return nil
@@ -54,10 +60,16 @@ func (s *Server) caughtUp() error {
 	applied := r.AppliedIndex()
 	commit, _ := strconv.ParseUint(r.Stats()["commit_index"], 10, 64)
 	_, leader := r.LeaderWithID()
-	if leader == "" || applied < s.startIndex || applied < commit {
+	had := s.startIndex
+	if applied < had {
+		if term, ok, err := s.node.LogTerm(had); err == nil && (!ok || term != s.startTerm) {
+			had = min(had, r.LastIndex())
+		}
+	}
+	if leader == "" || applied < had || applied < commit {
 		return status.Errorf(codes.Unavailable,
 			"rootkms: this replica is still catching up with the cluster since it started (applied index %d; its log held %d at start; committed %d; leader known: %t); ask another replica or retry shortly",
-			applied, s.startIndex, commit, leader != "")
+			applied, had, commit, leader != "")
 	}
 	s.synced.Store(true)
 	return nil
@@ -479,8 +491,8 @@ func (s *Server) GetClusterStatus(ctx context.Context, _ *rootkmsv1.GetClusterSt
 	default:
 		out.State = rootkmsv1.ReplicaState_REPLICA_STATE_SHUTDOWN
 	}
-	if !out.HasRootKey {
-		out.NotReadyReason = fmt.Sprint(s.keyStatus.Load())
+	if ready, why := s.Readiness(); !ready {
+		out.NotReadyReason = why // what health says too
 	}
 	st := s.fsm.State()
 	if m, ok := st.Member(string(leaderID)); ok {

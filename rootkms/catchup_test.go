@@ -1,6 +1,7 @@
 package rootkms_test
 
 import (
+	"errors"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -168,3 +169,121 @@ func (s *stallingReads) GetLog(index uint64, l *raft.Log) error {
 	}
 	return s.LogStore.GetLog(index, l)
 }
+
+// TestReadyAfterUncommittedTailReplaced: a leader appends entries it cannot
+// commit (its followers' log stores refuse them) and stops. The others
+// elect a leader whose log ends before them, and the cluster goes quiet.
+// Restarted, the old leader's log ends past anything the cluster will
+// write soon; the new leader replaces that uncommitted tail. The replica
+// must become ready without another write: the index its log ended at when
+// it started will not be reached.
+func TestReadyAfterUncommittedTailReplaced(t *testing.T) {
+	c := newChain(t)
+	stores := map[string]*refusingLogs{}
+	c.configure = func(id string, cfg *rootkms.Config) {
+		s := &refusingLogs{}
+		stores[id] = s
+		cfg.WrapLogStore = func(l raft.LogStore) raft.LogStore { s.LogStore = l; return s }
+	}
+	rs := c.cluster()
+	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
+	waitCaughtUp(t, rs)
+
+	var old *replica
+	var others []*replica
+	for _, r := range rs[:3] { // the voters
+		if r.srv.Raft().State() == raft.Leader {
+			old = r
+		} else {
+			others = append(others, r)
+		}
+	}
+	if old == nil {
+		t.Fatal("no voter leads")
+	}
+	for _, r := range others {
+		stores[r.id].refuse.Store(true)
+	}
+	// Entries the leader appends and cannot commit. Every write through the
+	// API starts with a Raft barrier and holds the write lock until it is
+	// applied, so the API appends one at most: the test proposes two
+	// barriers itself, as a leader's no-op and a write's barrier would be.
+	before := old.srv.Raft().LastIndex()
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() { _ = old.srv.Raft().Barrier(time.Second).Error() })
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for old.srv.Raft().LastIndex() < before+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the leader's log reached %d, want %d: it did not append both barriers", old.srv.Raft().LastIndex(), before+2)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if a := old.srv.Raft().AppliedIndex(); a > before {
+		t.Fatalf("the leader applied up to %d with its followers storing nothing past %d", a, before)
+	}
+	oldLast := old.srv.Raft().LastIndex()
+	old.stop()
+	wg.Wait()
+	for _, r := range others {
+		stores[r.id].refuse.Store(false)
+	}
+
+	// The others elect a leader, which commits its no-op; nothing else is
+	// written.
+	var leader *replica
+	deadline = time.Now().Add(20 * time.Second)
+	for leader == nil {
+		for _, r := range others {
+			if r.srv.Raft().State() == raft.Leader {
+				leader = r
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the remaining voters elected no leader in 20s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for nr := leader.srv.Raft(); nr.AppliedIndex() < nr.LastIndex(); { // its no-op, committed
+		if time.Now().After(deadline) {
+			t.Fatalf("the new leader applied %d of its log's %d entries in 20s", nr.AppliedIndex(), nr.LastIndex())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := leader.srv.Raft().LastIndex(); got >= oldLast {
+		t.Fatalf("the new leader's log reaches %d, the old leader's %d: the old leader's tail is not past the cluster's log, so the test shows nothing", got, oldLast)
+	}
+
+	r := c.restart(old)
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		ok, why := r.srv.Readiness()
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted old leader is not ready 20s after its restart on a quiet cluster: %s", why)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := c.unwrap(kmsEast, r.api, "us-east"); err != nil {
+		t.Errorf("UnwrapRegionKey(us-east) from the ready replica = %v", err)
+	}
+}
+
+// refusingLogs is a log store whose StoreLogs fails, storing nothing, while
+// refuse is set.
+type refusingLogs struct {
+	raft.LogStore
+	refuse atomic.Bool
+}
+
+func (s *refusingLogs) StoreLogs(logs []*raft.Log) error {
+	if s.refuse.Load() {
+		return errors.New("refusingLogs: refused")
+	}
+	return s.LogStore.StoreLogs(logs)
+}
+
+func (s *refusingLogs) StoreLog(l *raft.Log) error { return s.StoreLogs([]*raft.Log{l}) }

@@ -55,10 +55,12 @@ type Server struct {
 	running   atomic.Pointer[raft.Raft]
 	startedAt atomic.Int64
 	// startIndex is the last index of this replica's log when Start
-	// opened it; caughtUp latches once the state has applied it and what
-	// a leader since said was committed (see caughtUp).
-	startIndex uint64
-	synced     atomic.Bool
+	// opened it, and startTerm that entry's term (0 if the log held no
+	// entry there); caughtUp latches once the state has applied it (or
+	// the log the leader left of it) and what a leader since said was
+	// committed (see caughtUp).
+	startIndex, startTerm uint64
+	synced                atomic.Bool
 
 	writeMu sync.Mutex // serialises the leader's read-decide-apply writes
 
@@ -180,6 +182,11 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 	}
 	s.node = node
 	s.startIndex = node.Raft.LastIndex()
+	if s.startTerm, _, err = node.LogTerm(s.startIndex); err != nil {
+		node.Close()
+		s.layer.Close()
+		return fmt.Errorf("rootkms: reading the last entry of the raft log in %s: %w", s.cfg.DataDir, err)
+	}
 	s.running.Store(node.Raft)
 	s.wg.Add(3)
 	go func() { defer s.wg.Done(); s.serveErr <- s.grpc.Serve(apiLis) }()

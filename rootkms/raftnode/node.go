@@ -208,6 +208,21 @@ func checkStore(s *raftboltdb.BoltStore) error {
 }
 
 // Close shuts Raft down and closes the stores.
+// LogTerm returns the term of the entry at index in the node's log store,
+// and false if the store holds no entry there (never written, compacted
+// into a snapshot, or truncated away as an uncommitted entry the leader
+// replaced).
+func (n *Node) LogTerm(index uint64) (term uint64, ok bool, err error) {
+	var l raft.Log
+	switch err := n.store.GetLog(index, &l); {
+	case errors.Is(err, raft.ErrLogNotFound):
+		return 0, false, nil
+	case err != nil:
+		return 0, false, err
+	}
+	return l.Term, true, nil
+}
+
 func (n *Node) Close() error {
 	err := n.Raft.Shutdown().Error()
 	return errors.Join(err, n.store.Close())

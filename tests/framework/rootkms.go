@@ -195,8 +195,8 @@ func (r *Replica) WaitStatus(what string, ok func(*rootkmsv1.ClusterStatus) bool
 // a cluster with a known leader.
 func (r *Replica) WaitServing() *rootkmsv1.ClusterStatus {
 	r.w.T.Helper()
-	st, _ := r.WaitStatus("serving (root key, a member, leader known)", func(st *rootkmsv1.ClusterStatus) bool {
-		if !st.GetHasRootKey() || st.GetLeaderApiAddress() == "" {
+	st, _ := r.WaitStatus("serving (root key, a member, leader known, caught up: ready)", func(st *rootkmsv1.ClusterStatus) bool {
+		if !st.GetHasRootKey() || st.GetLeaderApiAddress() == "" || st.GetNotReadyReason() != "" {
 			return false
 		}
 		for _, m := range st.GetMembers() {
