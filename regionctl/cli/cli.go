@@ -165,12 +165,19 @@ type RunOptions struct {
 	// time.Now). Simulations run regionctl on a fake clock shared with the
 	// servers.
 	Now func() time.Time
+	// Sleep is how a rollout waits out a stage's bake (nil: a timer, ended
+	// early by ctx). A simulation on a fake clock advances it; an error ends
+	// the bake, and the rollout's run, with it.
+	Sleep func(ctx context.Context, d time.Duration) error
 }
 
 // RunWith is Run with opts.
 func RunWith(ctx context.Context, args []string, stdout, stderr io.Writer, opts RunOptions) int {
 	if opts.Now != nil {
 		ctx = context.WithValue(ctx, clockKey{}, opts.Now)
+	}
+	if opts.Sleep != nil {
+		ctx = context.WithValue(ctx, sleepKey{}, opts.Sleep)
 	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, Usage)

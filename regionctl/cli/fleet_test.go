@@ -75,6 +75,10 @@ type fleetEnv struct {
 	pub    ed25519.PublicKey
 	kms    map[string][]*fleetKMS
 	files  map[string]any
+	// onBake, if set, is called at each rollout bake (before the fake
+	// clock advances by it); an error ends the bake, and so the rollout's
+	// run, with it.
+	onBake func(time.Duration) error
 }
 
 // fleetKMS is one in-process KMS server.
@@ -200,8 +204,20 @@ func (e *fleetEnv) rc(args ...string) result {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var out, errb bytes.Buffer
-	code := cli.RunWith(ctx, append(args, "--config", e.config), &out, &errb, cli.RunOptions{Now: e.clk.Now})
+	code := cli.RunWith(ctx, append(args, "--config", e.config), &out, &errb, cli.RunOptions{Now: e.clk.Now, Sleep: e.bake})
 	return result{code: code, stdout: out.String(), stderr: errb.String()}
+}
+
+// bake is how a rollout (rotate --due's) waits out a bake: on the fake
+// clock, after onBake.
+func (e *fleetEnv) bake(_ context.Context, d time.Duration) error {
+	if e.onBake != nil {
+		if err := e.onBake(d); err != nil {
+			return err
+		}
+	}
+	e.clk.Advance(d)
+	return nil
 }
 
 func (e *fleetEnv) mustRC(args ...string) result {
@@ -447,30 +463,39 @@ func TestRotateDue(t *testing.T) {
 	e.push("us-east")
 	k1, k2 := e.kms["us-east"][0], e.kms["us-east"][1]
 	v1 := e.encrypt(k1)
+	// Every stage bakes 10ms: the rollout's stages, not its bake times,
+	// are what this test is about.
+	rotateDue := func(args ...string) result {
+		return e.mustRC(append([]string{"rotate", "--due", "--bake", "10ms"}, args...)...)
+	}
 	serials := func() []uint64 {
 		return []uint64{e.status(k1).GetBundle().GetSerial(), e.status(k2).GetBundle().GetSerial()}
 	}
 
-	r := e.mustRC("rotate", "--due")
+	r := rotateDue()
 	if strings.Contains(r.stdout, "done:") || len(e.record().GetVersions()) != 1 || !slices.Equal(serials(), []uint64{1, 1}) {
 		t.Fatalf("rotate --due with nothing due: %q, %d versions, serials %v; want no step, 1 version, serials [1 1]", r.stdout, len(e.record().GetVersions()), serials())
 	}
 
 	// The rotation period (1h) passes.
 	e.clk.Advance(time.Hour + time.Second)
-	r = e.mustRC("rotate", "--due", "--dry-run")
+	r = rotateDue("--dry-run")
 	contains(t, "rotate --due --dry-run stdout", r.stdout, "due: keyset "+fleetKeyset+": add a version")
 	if n := len(e.record().GetVersions()); n != 1 {
 		t.Fatalf("rotate --due --dry-run added a version (%d versions)", n)
 	}
-	r = e.mustRC("rotate", "--due")
+	r = rotateDue()
 	m := regexp.MustCompile(`done: keyset payments/ledger: added version (\d+) \(enabled, decrypt-only\)`).FindStringSubmatch(r.stdout)
 	if m == nil {
 		t.Fatalf("rotate --due after the rotation period: stdout %q, want a version added", r.stdout)
 	}
 	var v2 uint32
 	fmt.Sscan(m[1], &v2)
-	contains(t, "rotate --due stdout", r.stdout, ": applied us-east serial 2")
+	// Staged: the canary (one server) applies and bakes before the rest.
+	contains(t, "rotate --due stdout", r.stdout, "dry-run ok, applied 2 (last good 1)", "completed: every stage passed")
+	if c, rest := strings.Index(r.stdout, "stage 1/2 canary passed its gates"), strings.Index(r.stdout, "stage 2/2 region us-east: applying"); c < 0 || rest < c {
+		t.Errorf("rotate --due did not roll its bundle out canary first (stdout %q)", r.stdout)
+	}
 	if !slices.Equal(serials(), []uint64{2, 2}) {
 		t.Errorf("after the add, serials %v, want [2 2]", serials())
 	}
@@ -481,7 +506,7 @@ func TestRotateDue(t *testing.T) {
 	}
 
 	// Within the window: observed and recorded, promotion not yet (exit 0).
-	r = e.mustRC("rotate", "--due")
+	r = rotateDue()
 	contains(t, "rotate --due within the window", r.stdout, "recorded: region us-east",
 		fmt.Sprintf("not yet: keyset %s: promote version %d: earliest safe time %s", fleetKeyset, v2, e.clk.Now().Add(fleetWindow).Format(time.RFC3339)))
 	if v := version(e.record(), v2); v.GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED {
@@ -494,14 +519,14 @@ func TestRotateDue(t *testing.T) {
 	// After the window: promoted and pushed.
 	e.clk.Advance(fleetWindow + time.Second)
 	promotedAt := e.clk.Now()
-	r = e.mustRC("rotate", "--due")
-	contains(t, "rotate --due after the window", r.stdout, fmt.Sprintf("done: keyset %s: promoted version %d", fleetKeyset, v2), ": applied us-east serial 3")
+	r = rotateDue()
+	contains(t, "rotate --due after the window", r.stdout, fmt.Sprintf("done: keyset %s: promoted version %d", fleetKeyset, v2), "dry-run ok, applied 3 (last good 2)", "completed: every stage passed")
 	if got := e.encrypt(k2); got != v2 {
 		t.Errorf("after the promotion %s encrypts with %d, want %d", k2.addr, got, v2)
 	}
 
 	// Again at once: idempotent; version 1 waits for its TTL (2h) and the window.
-	r = e.mustRC("rotate", "--due")
+	r = rotateDue()
 	contains(t, "rotate --due after the promotion", r.stdout, fmt.Sprintf("not yet: keyset %s: disable version %d: earliest safe time %s",
 		fleetKeyset, v1, promotedAt.Add(2*time.Hour+fleetWindow).Format(time.RFC3339)))
 	if strings.Contains(r.stdout, "done:") || !slices.Equal(serials(), []uint64{3, 3}) {
@@ -510,9 +535,9 @@ func TestRotateDue(t *testing.T) {
 
 	// After the TTL: disabled and pushed, then scheduled for destruction.
 	e.clk.Advance(2*time.Hour + fleetWindow + time.Second)
-	r = e.mustRC("rotate", "--due")
-	contains(t, "rotate --due after the TTL", r.stdout, fmt.Sprintf("done: keyset %s: disabled version %d", fleetKeyset, v1), ": applied us-east serial 4")
-	r = e.mustRC("rotate", "--due", "--destroy-delay", "1h")
+	r = rotateDue()
+	contains(t, "rotate --due after the TTL", r.stdout, fmt.Sprintf("done: keyset %s: disabled version %d", fleetKeyset, v1), "dry-run ok, applied 4 (last good 3)", "completed: every stage passed")
+	r = rotateDue("--destroy-delay", "1h")
 	contains(t, "rotate --due after the disable", r.stdout, fmt.Sprintf("done: keyset %s: scheduled version %d for destruction", fleetKeyset, v1))
 	if v := version(e.record(), v1); v.GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROY_SCHEDULED {
 		t.Errorf("version %d is %v, want destroy-scheduled", v1, v.GetState())
@@ -522,6 +547,67 @@ func TestRotateDue(t *testing.T) {
 			if v.GetKeyId() == v1 && (v.GetStatus().String() == "KEY_STATUS_ENABLED" || v.GetStatus().String() == "KEY_STATUS_PRIMARY") {
 				t.Errorf("%s still serves version %d decrypting after the disable was pushed", k.addr, v1)
 			}
+		}
+	}
+}
+
+// TestRotateDueRollsOutRegionByRegion: the bundles rotate --due builds
+// for several regions go out as one staged rollout (the 2014 outage was a
+// change pushed everywhere at once): while the first region bakes, the
+// other still serves its old bundle. A rotate --due that meets a rollout in
+// flight for a region it would change records its steps, changes no server
+// and says which rollout is in the way; once that rollout is done, the
+// next run rolls the change out.
+func TestRotateDueRollsOutRegionByRegion(t *testing.T) {
+	e := newFleetEnv(t, map[string]int{"us-east": 1, "eu-west": 1})
+	e.push("us-east")
+	e.push("eu-west")
+	us, eu := e.kms["us-east"][0], e.kms["eu-west"][0]
+	serials := func() [2]uint64 {
+		return [2]uint64{e.status(us).GetBundle().GetSerial(), e.status(eu).GetBundle().GetSerial()}
+	}
+
+	e.clk.Advance(time.Hour + time.Second)
+	var atBakes [][2]uint64
+	e.onBake = func(time.Duration) error { atBakes = append(atBakes, serials()); return nil }
+	r := e.mustRC("rotate", "--due", "--bake", "1m", "--order", "us-east,eu-west")
+	contains(t, "rotate --due stdout", r.stdout, "done: keyset "+fleetKeyset+": added version", "stage 1/2 canary: us-east", "stage 2/2 wave 1: eu-west", "completed: every stage passed")
+	if want := [][2]uint64{{2, 1}, {2, 2}}; !slices.Equal(atBakes, want) {
+		t.Errorf("serials (us-east, eu-west) at each bake = %v, want %v: us-east alone first, then eu-west", atBakes, want)
+	}
+
+	// A rollout of the same bundles, stopped in its canary bake, stays in
+	// flight.
+	e.mustRC("observe") // every region serves the new version: promotable after the window
+	e.clk.Advance(fleetWindow + time.Second)
+	out := filepath.Join(e.dir, "next-us.bundle")
+	e.mustRC("bundle", "build", "--region", "us-east", "--out", out)
+	e.onBake = func(time.Duration) error { return context.Canceled }
+	r = e.rc("rollout", "start", "--bundles", out, "--bake", "1m", "--reason", "held in its bake")
+	id := regexp.MustCompile(`rollout (\S+) stored`).FindStringSubmatch(r.stdout)
+	if r.code == 0 || id == nil {
+		t.Fatalf("rollout start stopped in its bake = %d, want an error and a stored rollout\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	e.onBake = nil
+	before := serials()
+	versions := len(e.record().GetVersions())
+	r = e.rc("rotate", "--due", "--bake", "1m")
+	if r.code != 1 {
+		t.Fatalf("rotate --due with rollout %s in flight = %d, want 1\n%s%s", id[1], r.code, r.stdout, r.stderr)
+	}
+	contains(t, "rotate --due stdout (rollout in flight)", r.stdout, "done: keyset "+fleetKeyset+": promoted version")
+	contains(t, "rotate --due stderr (rollout in flight)", r.stderr, id[1])
+	if got := serials(); got != before || len(e.record().GetVersions()) != versions {
+		t.Errorf("rotate --due with a rollout in flight: serials %v (were %v), %d versions (were %d); want no server changed", got, before, len(e.record().GetVersions()), versions)
+	}
+
+	e.mustRC("rollout", "resume", id[1])
+	r = e.mustRC("rotate", "--due", "--bake", "1m")
+	contains(t, "rotate --due after the rollout in flight ended", r.stdout, "behind the record: region", "completed: every stage passed")
+	for _, k := range []*fleetKMS{us, eu} {
+		ks := e.status(k).GetKeysets()[0]
+		if vs := e.record().GetVersions(); ks.GetPrimaryKeyId() != vs[len(vs)-1].GetKeyId() {
+			t.Errorf("%s's primary is %d, want the promoted version %d", k.addr, ks.GetPrimaryKeyId(), vs[len(vs)-1].GetKeyId())
 		}
 	}
 }

@@ -33,7 +33,7 @@ var summaries = map[string]string{
 	"status":            "every KMS server's bundle, state and usage, the record's state and the next safe step",
 	"observe":           "status, and record what was seen in the root KMS",
 	"probe":             "golden probes: every KMS server must decrypt the golden ciphertext of every version it should serve",
-	"rotate":            "do every due lifecycle step of every keyset, then build and push the bundles that changed",
+	"rotate":            "do every due lifecycle step of every keyset, then roll the bundles that changed out in stages (canary, region, waves)",
 	"rollout start":     "stage a change's signed bundles across the fleet: canary, the rest of its region, then the other regions",
 	"rollout status":    "show one rollout, or every rollout the record keeps",
 	"rollout pause":     "hold a rollout: nothing new starts",

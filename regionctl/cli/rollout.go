@@ -94,7 +94,7 @@ func (s rootRollouts) List(ctx context.Context, inFlightOnly bool) ([]*statev1.R
 // rolloutStoreKey carries a rolloutStore that replaces the root KMS's (tests).
 type rolloutStoreKey struct{}
 
-// sleepKey carries the controller's sleep (tests: advance a fake clock).
+// sleepKey carries RunOptions.Sleep in a command's context.
 type sleepKey struct{}
 
 // sleepFor waits d (bounded by ctx) on regionctl's clock.
@@ -512,6 +512,12 @@ func (c *controller) apply(ctx context.Context, a rollout.ApplyAction) error {
 		if cur := st.GetServedBundle(); cur != nil && sumOf(cur) != a.Bundle.SHA256 {
 			c.lastGood[sumOf(cur)] = cur
 		}
+		if _, ok := c.base[addr]; !ok && st.GetStats() != nil {
+			// Not serving at the stage's baseline (it served nothing, or
+			// was not ready): judged from now on. What it refused before
+			// it served the change is not the change's doing.
+			c.base[addr] = st.GetStats()
+		}
 		resp, err := kmsCall(ctx, addr, creds, c.o.timeout, func(ctx context.Context, k kmsv1.KMSAdminClient) (*kmsv1.ApplyBundleResponse, error) {
 			return k.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb})
 		})
@@ -532,9 +538,10 @@ func (c *controller) apply(ctx context.Context, a rollout.ApplyAction) error {
 // measure reads the request stats of servers (GetStatus) and returns their
 // readiness, error rate and p99 together, with each server's stats. With
 // sinceBase, the rate and p99 are of the calls since the stage's baseline
-// (c.base); a server without a baseline (the controller was restarted
-// since) or whose counters went back (it restarted) counts every call
-// since it started. Without sinceBase (the baseline itself) they are of
+// (c.base); a server that was not serving at the baseline is measured from
+// just before its apply; one without a baseline (the controller was
+// restarted since) or whose counters went back (it restarted) counts every
+// call since it started. Without sinceBase (the baseline itself) they are of
 // every call since each server started.
 func (c *controller) measure(ctx context.Context, servers []string, sinceBase bool) (rollout.Metrics, map[string]*kmsv1.RequestStats) {
 	type answer struct {
@@ -1095,29 +1102,26 @@ func rolloutFlags(name string, stderr io.Writer) (*flag.FlagSet, *options) {
 func rolloutStart(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, o := rolloutFlags("start", stderr)
 	var (
-		change           changeFlags
-		why, regions, id string
-		dryRun           bool
-		canary, wave     int
-		bake             time.Duration
+		change  changeFlags
+		nr      newRollout
+		regions string
 	)
 	change.register(fs)
-	fs.StringVar(&why, "reason", "", "why (a ticket, an incident); recorded and audited (required)")
-	fs.BoolVar(&dryRun, "dry-run", false, "print the plan; store and change nothing")
+	fs.StringVar(&nr.why, "reason", "", "why (a ticket, an incident); recorded and audited (required)")
+	fs.BoolVar(&nr.dryRun, "dry-run", false, "print the plan; store and change nothing")
 	fs.StringVar(&regions, "regions", "", "comma-separated region order, the first is the canary region (default: the bundles' regions, sorted)")
-	fs.IntVar(&canary, "canary", 0, "servers of the first region in the canary stage (default 1)")
-	fs.IntVar(&wave, "wave", 0, "regions per stage after the first region (default 1)")
-	fs.DurationVar(&bake, "bake", 0, "bake time of every stage (default: canary 10m, region 30m, wave 1h)")
-	fs.StringVar(&id, "id", "", "the rollout's ID (default: made from the time)")
+	nr.registerStages(fs)
+	fs.StringVar(&nr.id, "id", "", "the rollout's ID (default: made from the time)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if err := checkReasonFlag(why); err != nil {
+	if err := checkReasonFlag(nr.why); err != nil {
 		return usageError(fs, "--reason: %v", err)
 	}
-	if strings.TrimSpace(why) == "" {
+	if strings.TrimSpace(nr.why) == "" {
 		return usageError(fs, "--reason is required")
 	}
+	nr.regions = identity.SplitList(regions)
 	paths, err := change.paths()
 	if err != nil {
 		return usageError(fs, "%v", err)
@@ -1128,9 +1132,37 @@ func rolloutStart(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := o.load(); err != nil {
 		return err
 	}
-	if !dryRun && o.signingKey == "" {
+	if !nr.dryRun && o.signingKey == "" {
 		return usageError(fs, "--signing-key (or signing_key in the config file) is required: a failed stage is rolled back with a bundle it signs")
 	}
+	return startRollout(ctx, o, paths, nr, stdout, stderr)
+}
+
+// newRollout is what a new rollout is asked for.
+type newRollout struct {
+	why, id string
+	// regions is the region order (the first is the canary region); nil:
+	// the bundles' regions, sorted.
+	regions      []string
+	canary, wave int
+	bake         time.Duration
+	dryRun       bool
+}
+
+// registerStages registers the flags that shape a rollout's stages.
+func (nr *newRollout) registerStages(fs *flag.FlagSet) {
+	fs.IntVar(&nr.canary, "canary", 0, "servers of the first region in the canary stage (default 1)")
+	fs.IntVar(&nr.wave, "wave", 0, "regions per stage after the first region (default 1)")
+	fs.DurationVar(&nr.bake, "bake", 0, "bake time of every stage (default: canary 10m, region 30m, wave 1h)")
+}
+
+// startRollout plans the staged rollout of the signed bundles at paths
+// (one per region), stores it in the root KMS unless another rollout in
+// flight holds one of its regions, and drives it to its end: canary, the
+// rest of the first region, the other regions in waves, each stage dry-run,
+// applied, baked and gated, a failed gate rolled back. The caller has
+// loaded o and checked its signing key.
+func startRollout(ctx context.Context, o *options, paths []string, nr newRollout, stdout, stderr io.Writer) error {
 	bundles, refs, err := readChange(o, paths)
 	if err != nil {
 		return err
@@ -1144,13 +1176,13 @@ func rolloutStart(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	defer c.Close()
 	c.bundles = bundles
-	plan, err := rollout.NewPlan(rollout.Change{Bundles: refs, By: c.src.ID().String(), Why: why}, o.file.Regions,
-		rollout.Options{Regions: identity.SplitList(regions), Canary: canary, WaveSize: wave, CanaryBake: bake, RegionBake: bake, WaveBake: bake})
+	plan, err := rollout.NewPlan(rollout.Change{Bundles: refs, By: c.src.ID().String(), Why: nr.why}, o.file.Regions,
+		rollout.Options{Regions: nr.regions, Canary: nr.canary, WaveSize: nr.wave, CanaryBake: nr.bake, RegionBake: nr.bake, WaveBake: nr.bake})
 	if err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, plan)
-	if dryRun {
+	if nr.dryRun {
 		fmt.Fprintln(stdout, "dry run: nothing stored, nothing changed")
 		return nil
 	}
@@ -1172,6 +1204,7 @@ func rolloutStart(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	now := clockNow(ctx)
+	id := nr.id
 	if id == "" {
 		var b [3]byte
 		_, _ = rand.Read(b[:])

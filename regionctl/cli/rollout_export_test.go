@@ -37,12 +37,6 @@ func WithRollouts(ctx context.Context, s *MemRollouts) context.Context {
 	return context.WithValue(ctx, rolloutStoreKey{}, rolloutStore(s))
 }
 
-// WithSleep makes the rollout controller wait with sleep (e.g. advance a
-// fake clock) instead of a timer.
-func WithSleep(ctx context.Context, sleep func(context.Context, time.Duration) error) context.Context {
-	return context.WithValue(ctx, sleepKey{}, sleep)
-}
-
 // Record returns rollout id's record as stored (decoded) and its revision.
 func (s *MemRollouts) Record(id string) (rollout.Record, uint64, error) {
 	p, err := s.Get(context.Background(), id)

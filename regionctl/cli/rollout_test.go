@@ -14,6 +14,8 @@ import (
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	"github.com/cairnkms/cairn/regionctl/cli"
 	"github.com/cairnkms/cairn/regionctl/rollout"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // The rollout tests drive regionctl rollout against the fleet env (a real
@@ -50,15 +52,15 @@ func (e *fleetEnv) rollout(store *cli.MemRollouts, sleep func(time.Duration), ar
 	if store != nil {
 		ctx = cli.WithRollouts(ctx, store)
 	}
-	ctx = cli.WithSleep(ctx, func(_ context.Context, d time.Duration) error {
-		if sleep != nil {
-			sleep(d)
-		}
-		e.clk.Advance(d)
-		return nil
-	})
 	var out, errb bytes.Buffer
-	code := cli.RunWith(ctx, append(append([]string{"rollout"}, args...), "--config", e.config), &out, &errb, cli.RunOptions{Now: e.clk.Now})
+	code := cli.RunWith(ctx, append(append([]string{"rollout"}, args...), "--config", e.config), &out, &errb, cli.RunOptions{Now: e.clk.Now,
+		Sleep: func(_ context.Context, d time.Duration) error {
+			if sleep != nil {
+				sleep(d)
+			}
+			e.clk.Advance(d)
+			return nil
+		}})
 	return result{code: code, stdout: out.String(), stderr: errb.String()}
 }
 
@@ -377,6 +379,26 @@ func TestRolloutRootStore(t *testing.T) {
 			if got := e.serial(k); got <= 2 {
 				t.Errorf("%s/%s serves serial %d after the rollback, want a new serial above 2", region, k.name, got)
 			}
+		}
+	}
+}
+
+// TestRolloutToServersThatServedNothing: servers that served nothing (and
+// refused their clients meanwhile) get their bundle from rotate --due's
+// rollout, and each stage's gate judges them on what they answer once they
+// serve it, not on the refusals before.
+func TestRolloutToServersThatServedNothing(t *testing.T) {
+	e := newFleetEnv(t, map[string]int{"us-east": 2})
+	for _, k := range e.kms["us-east"] {
+		if err := e.tryEncrypt(k); status.Code(err) != codes.Unavailable {
+			t.Fatalf("Encrypt on %s, which serves nothing = %v, want Unavailable", k.addr, err)
+		}
+	}
+	r := e.mustRC("rotate", "--due", "--bake", "1m")
+	contains(t, "rotate --due stdout", r.stdout, "serves nothing: region us-east", "stage 1/2 canary passed its gates", "completed: every stage passed")
+	for _, k := range e.kms["us-east"] {
+		if err := e.tryEncrypt(k); err != nil {
+			t.Errorf("Encrypt on %s after the rollout = %v", k.addr, err)
 		}
 	}
 }

@@ -15,16 +15,16 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/cairnkms/cairn/internal/bundle"
 	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/lifecycle"
 	"github.com/cairnkms/cairn/internal/safety"
-	bundlev1 "github.com/cairnkms/cairn/proto/cairn/bundle/v1"
 	kmsv1 "github.com/cairnkms/cairn/proto/cairn/kms/v1"
 	statev1 "github.com/cairnkms/cairn/proto/cairn/rootkms/state/v1"
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
+	"github.com/cairnkms/cairn/regionctl/compile"
 )
 
 // rotateCmd is rotate --due: every due lifecycle step of every keyset,
@@ -40,14 +40,18 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		noPush       string
 		encLimit     uint64
 		rotateAt     float64
+		stages       newRollout
+		order        string
 	)
 	fs.BoolVar(&due, "due", false, "do every step that is due (required)")
 	fs.BoolVar(&dryRun, "dry-run", false, "observe and record, print the due steps, change nothing else")
 	fs.DurationVar(&destroyDelay, "destroy-delay", 24*time.Hour, "delay of scheduled destructions")
 	fs.StringVar(&outDir, "out-dir", "", "where to write the bundles built (default: a temporary directory)")
-	fs.StringVar(&noPush, "no-push", "", "comma-separated regions whose bundles are not pushed (rolled out later by bundle build/push or a later rotate); the Safety Condition waits for them")
+	fs.StringVar(&noPush, "no-push", "", "comma-separated regions whose bundles are not rolled out (later by bundle build and rollout start); the Safety Condition waits for them")
 	fs.Uint64Var(&encLimit, "encrypt-limit", 0, "AES-GCM message budget: encryptions per key version, fleet-wide, written into the bundles built (default: the config file's message_budget.limit, else 2^32)")
 	fs.Float64Var(&rotateAt, "rotate-at", 0, "add a version once the primary's recorded encryptions reach this fraction of the message budget (default: the config file's message_budget.rotate_at, else 0.25)")
+	fs.StringVar(&order, "order", "", "comma-separated region order of the rollout of the bundles built, the first is the canary region (default: the regions, sorted)")
+	stages.registerStages(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -80,6 +84,7 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 	}
 	budget := o.file.budget()
+	held := identity.SplitList(noPush)
 	regions, err := o.regions("")
 	if err != nil {
 		return err
@@ -108,7 +113,10 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			errs = append(errs, fmt.Errorf("region %s: %s unreachable: %v", region, s.Addr, s.Err))
 		}
 	}
-	// Read again: the record now holds what was just observed.
+	// Read again: the record now holds what was just observed. The first
+	// read's copies say what each region should serve (recording usage
+	// changes no copy).
+	withCopies := records
 	if records, err = r.listKeysets(ctx, "", false); err != nil {
 		return fmt.Errorf("reading the record: %w", err)
 	}
@@ -118,12 +126,14 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	p := safety.Params{Window: o.propagationWindow()}
 	fleet := obs.fleet()
 	affected := map[string]bool{}
+	var changed []string // the keysets whose bundles must follow
 	for _, rec := range records {
-		changed, err := dueSteps(ctx, r, rec, fleet, p, budget, now, destroyDelay, dryRun, stdout)
+		ch, err := dueSteps(ctx, r, rec, fleet, p, budget, now, destroyDelay, dryRun, stdout)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		if changed {
+		if ch {
+			changed = append(changed, rec.GetName())
 			for _, region := range rec.GetRegions() {
 				affected[region] = true
 			}
@@ -133,17 +143,29 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	// A region with a reachable server that serves nothing (restarted with
 	// an empty state directory) needs its bundle again: until then the
 	// region's usage cannot be recorded and the root KMS refuses every
-	// promotion and retirement of its keysets.
+	// promotion and retirement of its keysets. So does a region (not held
+	// back by --no-push) a server of which serves a keyset otherwise than
+	// the record had it before this run's steps: an earlier run's rollout
+	// failed, met another rollout in flight, or was held back; no later step
+	// may be due to carry it.
 	for _, region := range sortedRegions(regions) {
 		for _, srv := range obs.Regions[region] {
 			if srv.Err == nil && srv.Status.GetState() == kmsv1.ServingState_SERVING_STATE_NOT_READY && srv.Status.GetBundle() == nil {
-				fmt.Fprintf(stdout, "serves nothing: region %s: %s; its bundle is pushed again\n", region, srv.Addr)
+				fmt.Fprintf(stdout, "serves nothing: region %s: %s; its bundle is rolled out again\n", region, srv.Addr)
 				affected[region] = true
+				continue
+			}
+			if srv.Err == nil && !affected[region] && !slices.Contains(held, region) {
+				if ks := behindRecord(withCopies, region, srv.Status); ks != "" {
+					fmt.Fprintf(stdout, "behind the record: region %s: %s serves keyset %s otherwise than the record has it; its bundle is rolled out again\n", region, srv.Addr, ks)
+					affected[region] = true
+				}
 			}
 		}
 	}
 
-	// 3. Build and push every affected region's bundle.
+	// 3. Build every affected region's bundle and roll them out together,
+	// staged: never every region at once (see startRollout).
 	if len(affected) > 0 && !dryRun {
 		if o.teams == "" || o.signingKey == "" {
 			errs = append(errs, fmt.Errorf("regions %v need a new bundle, but teams and signing_key are not configured", slices.Sorted(maps.Keys(affected))))
@@ -156,39 +178,101 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			}
 			defer os.RemoveAll(dir)
 		}
-		held := identity.SplitList(noPush)
+		var paths, built []string
 		for _, region := range slices.Sorted(maps.Keys(affected)) {
 			servers, ok := regions[region]
-			if slices.Contains(held, region) {
-				fmt.Fprintf(stdout, "not pushed: region %s (--no-push): roll its bundle out with bundle build and bundle push\n", region)
+			switch {
+			case slices.Contains(held, region):
+				fmt.Fprintf(stdout, "not rolled out: region %s (--no-push): roll its bundle out with bundle build and rollout start\n", region)
+				continue
+			case !ok:
+				errs = append(errs, fmt.Errorf("region %s: no KMS servers configured; its bundle was not built", region))
 				continue
 			}
-			if !ok {
-				errs = append(errs, fmt.Errorf("region %s: no KMS servers configured; its bundle was not pushed", region))
-				continue
-			}
-			if err := buildAndPush(ctx, o, r, region, servers, filepath.Join(dir, region+".bundle"), stdout, stderr); err != nil {
+			path := filepath.Join(dir, region+".bundle")
+			if err := buildFor(ctx, o, r, region, servers, path, stdout, stderr); err != nil {
 				errs = append(errs, fmt.Errorf("region %s: %w", region, err))
+				continue
+			}
+			paths, built = append(paths, path), append(built, region)
+		}
+		if len(paths) > 0 {
+			stages.why = rotateReason(changed)
+			stages.regions = identity.SplitList(order)
+			switch err := startRollout(ctx, o, paths, stages, stdout, stderr); {
+			case errors.Is(err, errReported): // its details are printed: not lost among errs
+				errs = append(errs, fmt.Errorf("the rollout of the bundles of %s did not complete (see above)", strings.Join(built, ", ")))
+			case err != nil:
+				errs = append(errs, fmt.Errorf("the rollout of the bundles of %s: %w", strings.Join(built, ", "), err))
 			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func buildAndPush(ctx context.Context, o *options, r *root, region string, servers []string, out string, stdout, stderr io.Writer) error {
+// behindRecord returns the first keyset of region (by name) that a server
+// whose status is st serves otherwise than the record's copy for the region
+// has it (not at all, with another primary, or another decrypt set), or ""
+// if it serves every one as recorded. Keysets the record has for other
+// regions only, and keysets the server serves that the record lacks, are
+// not its business.
+func behindRecord(records []*statev1.KeysetRecord, region string, st *kmsv1.GetStatusResponse) string {
+	served := map[string]*kmsv1.KeysetUsage{}
+	for _, k := range st.GetKeysets() {
+		served[k.GetKeyset()] = k
+	}
+	for _, rec := range records {
+		c := compile.CopyFor(rec, region)
+		if c == nil {
+			continue
+		}
+		k, ok := served[rec.GetName()]
+		if !ok || k.GetPrimaryKeyId() != c.GetPrimaryKeyId() {
+			return rec.GetName()
+		}
+		var want, got []uint32
+		for _, v := range c.GetVersions() {
+			if decrypts(v.GetStatus()) {
+				want = append(want, v.GetKeyId())
+			}
+		}
+		for _, v := range k.GetVersions() {
+			if decrypts(v.GetStatus()) {
+				got = append(got, v.GetKeyId())
+			}
+		}
+		slices.Sort(want)
+		slices.Sort(got)
+		if !slices.Equal(want, got) {
+			return rec.GetName()
+		}
+	}
+	return ""
+}
+
+// rotateReason is the recorded reason of a rotate --due rollout: the
+// keysets whose lifecycle steps it carries (bundles built again for servers
+// that serve nothing or are behind the record may carry none).
+func rotateReason(keysets []string) string {
+	why := "regionctl rotate --due: bundles again for servers that serve nothing or are behind the record"
+	if len(keysets) > 0 {
+		why = "regionctl rotate --due: the lifecycle steps of " + strings.Join(keysets, ", ")
+	}
+	if len(why) > bundle.MaxReasonLen {
+		why = why[:bundle.MaxReasonLen-3] + "..."
+	}
+	return why
+}
+
+// buildFor builds region's bundle into out, from an observation of its
+// servers.
+func buildFor(ctx context.Context, o *options, r *root, region string, servers []string, out string, stdout, stderr io.Writer) error {
 	obs, err := observe(ctx, r.src, map[string][]string{region: servers}, o.timeout)
 	if err != nil {
 		return err
 	}
-	sb, err := buildBundle(ctx, o, r, buildRequest{region: region, out: out, obs: obs}, stdout, stderr)
-	if err != nil {
-		return err
-	}
-	var b bundlev1.Bundle
-	if err := proto.Unmarshal(sb.GetBundle(), &b); err != nil {
-		return err
-	}
-	return pushBundle(ctx, o, r.src, r, sb, &b, servers, pushOptions{}, stdout, stderr)
+	_, err = buildBundle(ctx, o, r, buildRequest{region: region, out: out, obs: obs}, stdout, stderr)
+	return err
 }
 
 // dueSteps does the due steps of one keyset and reports whether the record

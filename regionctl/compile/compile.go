@@ -177,7 +177,7 @@ func Compile(in Input) (*Result, error) {
 		if rp := rec.GetRotationPeriod().AsDuration(); rp != k.RotationPeriod {
 			bad = append(bad, fmt.Sprintf("rotation_period is %s in the team file but %s in the record; run regionctl keyset set-policy %s --rotation-period %s (or fix the file)", k.RotationPeriod, rp, name, k.RotationPeriod))
 		}
-		c := copyFor(rec, in.Region)
+		c := CopyFor(rec, in.Region)
 		if c == nil {
 			bad = append(bad, "the record holds no copy for "+in.Region)
 		}
@@ -338,7 +338,8 @@ func PropagatedEverywhere(rec *statev1.KeysetRecord, v *statev1.KeysetVersionRec
 	return latest, len(rec.GetRegions()) > 0
 }
 
-func copyFor(rec *statev1.KeysetRecord, region string) *cryptov1.EncryptedKeyset {
+// CopyFor is the record's copy of the keyset for region, nil if it has none.
+func CopyFor(rec *statev1.KeysetRecord, region string) *cryptov1.EncryptedKeyset {
 	for _, c := range rec.GetCopies() {
 		if c.GetRegion() == region {
 			return c
