@@ -567,6 +567,10 @@ func TestRotateDueRollsOutRegionByRegion(t *testing.T) {
 		return [2]uint64{e.status(us).GetBundle().GetSerial(), e.status(eu).GetBundle().GetSerial()}
 	}
 
+	if r := e.rc("rotate", "--due", "--order", "us-east,mars"); r.code != 2 || !strings.Contains(r.stderr, `region "mars" has no KMS servers`) {
+		t.Errorf("rotate --due --order naming an unknown region = %d, %q; want a usage error naming it", r.code, r.stderr)
+	}
+
 	e.clk.Advance(time.Hour + time.Second)
 	var atBakes [][2]uint64
 	e.onBake = func(time.Duration) error { atBakes = append(atBakes, serials()); return nil }

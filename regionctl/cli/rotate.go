@@ -89,6 +89,11 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	for _, region := range identity.SplitList(order) {
+		if _, ok := regions[region]; !ok {
+			return usageError(fs, "--order: region %q has no KMS servers in the config file", region)
+		}
+	}
 	r, err := o.root()
 	if err != nil {
 		return err
@@ -198,7 +203,7 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		if len(paths) > 0 {
 			stages.why = rotateReason(changed)
-			stages.regions = identity.SplitList(order)
+			stages.regions = rolloutOrder(identity.SplitList(order), built)
 			switch err := startRollout(ctx, o, paths, stages, stdout, stderr); {
 			case errors.Is(err, errReported): // its details are printed: not lost among errs
 				errs = append(errs, fmt.Errorf("the rollout of the bundles of %s did not complete (see above)", strings.Join(built, ", ")))
@@ -248,6 +253,24 @@ func behindRecord(records []*statev1.KeysetRecord, region string, st *kmsv1.GetS
 		}
 	}
 	return ""
+}
+
+// rolloutOrder is the region order of a rollout of the bundles built: the
+// regions of order that were built, in its order (its first is the canary
+// region when it was built), then the other regions built, sorted.
+func rolloutOrder(order, built []string) []string {
+	var out []string
+	for _, r := range order {
+		if slices.Contains(built, r) && !slices.Contains(out, r) {
+			out = append(out, r)
+		}
+	}
+	for _, r := range slices.Sorted(slices.Values(built)) {
+		if !slices.Contains(out, r) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // rotateReason is the recorded reason of a rotate --due rollout: the
