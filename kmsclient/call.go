@@ -176,7 +176,11 @@ func (c *Client) call(ctx context.Context, o op, r *region, keyset string, f att
 				if byCall {
 					attemptDeadline = deadline
 				}
-				err := c.attempt(ctx, ep, reg, attemptDeadline, f)
+				// The connection's service config bounds every attempt by
+				// the attempt timeout (kmsClient): an attempt bounded by it
+				// and nothing shorter needs no context of its own.
+				byConfig := !byCall && timeout == c.opts.attemptTimeout
+				err := c.attempt(ctx, ep, reg, attemptDeadline, byConfig, f)
 				if err == nil {
 					return nil
 				}
@@ -237,11 +241,17 @@ func (c *Client) pause(ctx context.Context, deadline time.Time, d time.Duration)
 	return c.sleep(sctx, d)
 }
 
-// attempt makes one RPC on ep, of region reg, bounded by deadline.
-func (c *Client) attempt(ctx context.Context, ep *endpoint, reg *region, deadline time.Time, f attemptFunc) error {
+// attempt makes one RPC on ep, of region reg, bounded by deadline. With
+// byConfig, deadline is the attempt timeout from now, which the
+// connection's service config puts on the RPC's own context: gRPC makes
+// one context per call whatever it is given, and this spares a second.
+func (c *Client) attempt(ctx context.Context, ep *endpoint, reg *region, deadline time.Time, byConfig bool, f attemptFunc) error {
 	kc, err := c.kmsClient(ep)
 	if err != nil {
 		return err
+	}
+	if byConfig {
+		return f(ctx, kc, reg)
 	}
 	if dl, ok := ctx.Deadline(); ok && !dl.After(deadline) {
 		return f(ctx, kc, reg) // the caller's context is bounded so already

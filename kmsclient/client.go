@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -197,6 +198,11 @@ func (c *Client) kmsClient(ep *endpoint) (kmsv1.KMSClient, error) {
 		}),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
 		grpc.WithUserAgent(userAgent),
+		// Every attempt is bounded by the attempt timeout: gRPC puts it on
+		// the context it makes for each call (see attempt). No resolver
+		// may replace this config.
+		grpc.WithDisableServiceConfig(),
+		grpc.WithDefaultServiceConfig(attemptConfig(c.opts.attemptTimeout)),
 	}
 	target := ep.addr
 	if c.opts.dialer != nil {
@@ -213,4 +219,11 @@ func (c *Client) kmsClient(ep *endpoint) (kmsv1.KMSClient, error) {
 	ep.cc.Store(cc)
 	ep.kms.Store(&kc)
 	return kc, nil
+}
+
+// attemptConfig is the service config that bounds every call of
+// cairn.kms.v1.KMS by the attempt timeout d.
+func attemptConfig(d time.Duration) string {
+	return fmt.Sprintf(`{"methodConfig":[{"name":[{"service":%q}],"timeout":"%ss"}]}`,
+		kmsv1.KMS_ServiceDesc.ServiceName, strconv.FormatFloat(d.Seconds(), 'f', -1, 64))
 }
