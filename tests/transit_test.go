@@ -49,7 +49,11 @@ const (
 func startTransitKMS(t testing.TB) (*oneRegionChain, string) {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", framework.FreePorts(t, 1)[0])
-	c := startOneRegionChain(t, oneRegion{team: transitTeam, kmsArgs: []string{"--transit-listen", addr}})
+	args := []string{"--transit-listen", addr}
+	if *e2ePprof != "" {
+		args = append(args, "--metrics-listen", *e2ePprof, "--pprof")
+	}
+	c := startOneRegionChain(t, oneRegion{team: transitTeam, kmsArgs: args})
 	t.Logf("the KMS serves the transit API on %s", addr)
 	return c, addr
 }
@@ -417,9 +421,12 @@ const transitPairs = 10
 // over gRPC (one connection, the framework's client) and over the transit
 // HTTPS API (Vault's JSON; one HTTP/2 connection, proto=h2, or a pool of
 // HTTP/1.1 connections, proto=http1). Every plaintext is checked. Each
-// transit run reports ops/s, p50 and p99, and its throughput over gRPC's at
+// run reports ops/s, p50 and p99, and the CPU per call of the KMS process
+// (server-cpu-µs/op, from /proc) and of this one, the callers
+// (client-cpu-µs/op); each transit run also its throughput over gRPC's at
 // the same concurrency (transit/grpc, measured paired in ABBA order after
-// the timed run; target >= 0.7).
+// the timed run; target >= 0.7). The two CPU figures show where a ratio
+// comes from: client and server share this machine's cores.
 func BenchmarkTransitDecrypt(b *testing.B) {
 	c, addr := startTransitKMS(b)
 	w, k := c.w, c.k
@@ -494,12 +501,16 @@ func BenchmarkTransitDecrypt(b *testing.B) {
 		ctx, cancel := context.WithTimeout(b.Context(), transitBenchDeadline)
 		defer cancel()
 		b.ResetTimer()
+		before, cb := usage(b, k.Process), selfCPU(b)
 		r, err := loadgen.Run(ctx, b.N, calls, true)
+		after, ca := usage(b, k.Process), selfCPU(b)
 		b.StopTimer()
 		if err != nil {
 			b.Fatal(err)
 		}
 		r.Report(b, "ops/s")
+		b.ReportMetric(float64(after.CPU-before.CPU)/float64(time.Microsecond)/float64(r.Calls), "server-cpu-µs/op")
+		b.ReportMetric(float64(ca-cb)/float64(time.Microsecond)/float64(r.Calls), "client-cpu-µs/op")
 	}
 	for _, n := range []int{1, 16, 64} {
 		b.Run(fmt.Sprintf("callers=%d", n), func(b *testing.B) {
