@@ -116,19 +116,24 @@ func TestReadyOnlyOnceCaughtUp(t *testing.T) {
 	}
 
 	release()
-	deadline = time.Now().Add(20 * time.Second)
-	for {
-		ok, why := r1.srv.Readiness()
+	c.requireReadyAndServing(r1, "after its log reads resumed")
+}
+
+// requireReadyAndServing waits up to 20s for r to be ready, then has it
+// unwrap us-east's key.
+func (c *chain) requireReadyAndServing(r *replica, when string) {
+	c.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		ok, why := r.srv.Readiness()
 		if ok {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the voter is not ready 20s after its log reads resumed: %s", why)
+			c.t.Fatalf("%s is not ready 20s %s: %s", r.id, when, why)
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
-	if _, err := c.unwrap(kmsEast, r1.api, "us-east"); err != nil {
-		t.Errorf("UnwrapRegionKey(us-east) from the ready voter = %v", err)
+	if _, err := c.unwrap(kmsEast, r.api, "us-east"); err != nil {
+		c.t.Errorf("UnwrapRegionKey(us-east) from %s, ready %s = %v", r.id, when, err)
 	}
 }
 
@@ -255,21 +260,7 @@ func TestReadyAfterUncommittedTailReplaced(t *testing.T) {
 		t.Fatalf("the new leader's log reaches %d, the old leader's %d: the old leader's tail is not past the cluster's log, so the test shows nothing", got, oldLast)
 	}
 
-	r := c.restart(old)
-	deadline = time.Now().Add(20 * time.Second)
-	for {
-		ok, why := r.srv.Readiness()
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the restarted old leader is not ready 20s after its restart on a quiet cluster: %s", why)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if _, err := c.unwrap(kmsEast, r.api, "us-east"); err != nil {
-		t.Errorf("UnwrapRegionKey(us-east) from the ready replica = %v", err)
-	}
+	c.requireReadyAndServing(c.restart(old), "after its restart on a quiet cluster")
 }
 
 // refusingLogs is a log store whose StoreLogs fails, storing nothing, while
