@@ -207,7 +207,6 @@ func checkStore(s *raftboltdb.BoltStore) error {
 	return nil
 }
 
-// Close shuts Raft down and closes the stores.
 // LogTerm returns the term of the entry at index in the node's log store,
 // and false if the store holds no entry there (never written, compacted
 // into a snapshot, or truncated away as an uncommitted entry the leader
@@ -223,6 +222,7 @@ func (n *Node) LogTerm(index uint64) (term uint64, ok bool, err error) {
 	return l.Term, true, nil
 }
 
+// Close shuts Raft down and closes the stores.
 func (n *Node) Close() error {
 	err := n.Raft.Shutdown().Error()
 	return errors.Join(err, n.store.Close())
