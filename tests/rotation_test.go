@@ -819,3 +819,95 @@ func TestRotationPromoteBeforePropagate(t *testing.T) {
 	c.requireNoSecrets(sentinel("the plaintext encrypted", []byte(rotPlaintext)))
 	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
 }
+
+// TestRotateDueStagedRollout: regionctl rotate --due, the cron path, run as
+// the real binary against real KMS processes in two regions. The version it
+// adds goes out as one staged rollout: the canary (one us-east server),
+// then the rest of us-east, then eu-west, each stage applied only once the
+// stage before has baked and passed its gates. Every server then serves the
+// new version, decrypt-only, and the rollout is on record; a second run with
+// nothing due rolls nothing out.
+func TestRotateDueStagedRollout(t *testing.T) {
+	start := time.Now()
+	c := startRotationChain(t, 2*time.Second, map[string][]string{"us-east": {"kms-1", "kms-2"}, "eu-west": {"kms-1"}})
+	// payments/ledger comes due for rotation: its period is now a second,
+	// in the record and in the team file (a build refuses them differing).
+	c.rcOK("keyset", "set-policy", rotLedger, "--rotation-period", "1s")
+	team := rotTeam(c.regs, longTTL, true) // payments/ledger first
+	if !strings.Contains(team, `"rotation_period": "2160h"`) {
+		t.Fatalf("the team file has no rotation period to shorten:\n%s", team)
+	}
+	c.writeFile(filepath.Join(c.teams, "payments.json"), strings.Replace(team, `"rotation_period": "2160h"`, `"rotation_period": "1s"`, 1))
+	before := c.served()
+	v1 := c.primaryOf(rotLedger)
+	time.Sleep(1500 * time.Millisecond)
+
+	// Its bundles are kept in the regionctl directory: the secret scan at
+	// the end opens them for the new version's key.
+	r := c.rcOK("rotate", "--due", "--bake", "1s", "--order", "us-east,eu-west", "--out-dir", filepath.Join(c.dir, "rotate"))
+	added := regexp.MustCompile(`done: keyset ` + regexp.QuoteMeta(rotLedger) + `: added version (\d+)`).FindStringSubmatch(r.Stdout)
+	if added == nil {
+		t.Fatalf("rotate --due added no version of %s:\n%s", rotLedger, r)
+	}
+	// The plan: one us-east server, the other, then eu-west.
+	for _, line := range []string{
+		"stage 1/3 canary: us-east [" + c.kms["us-east"][0].Addr + "]",
+		"stage 2/3 region us-east: us-east [" + c.kms["us-east"][1].Addr + "]",
+		"stage 3/3 wave 1: eu-west [" + c.kms["eu-west"][0].Addr + "]",
+	} {
+		if !strings.Contains(r.Stdout, line) {
+			t.Fatalf("rotate --due's rollout plan lacks %q:\n%s", line, r.Stdout)
+		}
+	}
+	// Each stage applies only after the one before passed its gates.
+	var at []int
+	for _, line := range []string{
+		"stage 1/3 canary: applying", "stage 1/3 canary passed its gates",
+		"stage 2/3 region us-east: applying", "stage 2/3 region us-east passed its gates",
+		"stage 3/3 wave 1: applying", "stage 3/3 wave 1 passed its gates",
+		"completed: every stage passed",
+	} {
+		i := strings.Index(r.Stdout, line)
+		if i < 0 || len(at) > 0 && i < at[len(at)-1] {
+			t.Fatalf("rotate --due's output lacks %q after the stage before it:\n%s", line, r.Stdout)
+		}
+		at = append(at, i)
+	}
+	for id, was := range before {
+		if now := c.served()[id]; now == was {
+			t.Errorf("%s still serves %s after the rollout", id, was)
+		}
+	}
+	for _, region := range c.regs {
+		for _, k := range c.kms[region] {
+			st, err := k.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, ks := range st.GetKeysets() {
+				if ks.GetKeyset() == rotLedger && (ks.GetPrimaryKeyId() != v1 || len(ks.GetVersions()) != 2) {
+					t.Errorf("%s serves %s with primary %d and %d versions, want primary %d and the added version %s decrypt-only",
+						k.Identity, rotLedger, ks.GetPrimaryKeyId(), len(ks.GetVersions()), v1, added[1])
+				}
+			}
+		}
+	}
+	// The rollout is on record in the root KMS.
+	id := regexp.MustCompile(`rollout (\S+) stored`).FindStringSubmatch(r.Stdout)
+	if id == nil {
+		t.Fatalf("rotate --due stored no rollout:\n%s", r.Stdout)
+	}
+	if st := c.rcOK("rollout", "status", id[1]); !strings.Contains(st.Stdout, "rotate --due") || !strings.Contains(st.Stdout, "completed") {
+		t.Errorf("rollout status %s does not show rotate --due's completed rollout:\n%s", id[1], st.Stdout)
+	}
+
+	// Nothing due (the window has not passed): nothing rolled out.
+	after := c.served()
+	r = c.rcOK("rotate", "--due", "--bake", "1s")
+	if strings.Contains(r.Stdout, "rollout ") {
+		t.Errorf("rotate --due with nothing due started a rollout:\n%s", r.Stdout)
+	}
+	c.requireServedUnchanged(after, "rotate --due with nothing due")
+	c.requireNoSecrets()
+	t.Logf("scenario took %s", time.Since(start).Round(time.Millisecond))
+}
