@@ -649,3 +649,27 @@ func BenchmarkPeerUnseal(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/unseal")
 }
+
+// TestCloseWipesRootKey: the root key lives only in the distributor's locked
+// buffer, and Close (a shutdown, SIGTERM) zeroes and unmaps it: afterwards
+// the server holds no key and the buffer's memory is gone.
+func TestCloseWipesRootKey(t *testing.T) {
+	w := newWorld(t, 2, 3)
+	d := w.start("distributor-1", false)
+	if err := officer.Provision(ctx(t), w.client(d.addr, officerID(1)), w.manifest, w.rmk); err != nil {
+		t.Fatal(err)
+	}
+	rmk := w.rmk.Data()
+	defer clear(rmk)
+	buf := distributor.KeyBuffer(d.srv)
+	if held := buf.Bytes(); !bytes.Equal(held, rmk) {
+		t.Fatalf("the unsealed distributor's key buffer holds %d bytes, not the RMK", len(held))
+	}
+	d.stop()
+	if distributor.KeyBuffer(d.srv) != nil {
+		t.Error("the distributor still holds a root key after Close")
+	}
+	if b := buf.Bytes(); b != nil {
+		t.Errorf("the root key's buffer still maps %d bytes after Close, want it destroyed", len(b))
+	}
+}
