@@ -23,17 +23,7 @@ import (
 // and it has caught up. A region that does not exist is NotFound then.
 func TestRestartedReplicaDoesNotDenyWhatExists(t *testing.T) {
 	c := newChain(t)
-	rs := c.cluster()
-	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
-	waitCaughtUp(t, rs)
-	for _, r := range rs {
-		r.stop()
-	}
-
-	r1 := c.restart(rs[0])
-	if err := r1.srv.WaitReady(bg(t)); err != nil {
-		t.Fatal(err)
-	}
+	rs, r1 := c.restartedAlone()
 	_, err := c.unwrap(kmsEast, r1.api, "us-east")
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "still catching up with the cluster") {
 		t.Fatalf("UnwrapRegionKey(us-east) from a voter restarted alone = %v, want Unavailable saying it is catching up (not NotFound: the region exists)", err)
@@ -59,6 +49,24 @@ func TestRestartedReplicaDoesNotDenyWhatExists(t *testing.T) {
 	}
 }
 
+// restartedAlone starts the cluster, creates us-east, stops every replica
+// once all have applied it, and restarts the first voter alone (holding the
+// root key, with no peer to learn a leader or the commit index from).
+func (c *chain) restartedAlone() (rs []*replica, r1 *replica) {
+	c.t.Helper()
+	rs = c.cluster()
+	createRegion(c.t, c.client(regionctlID, addrs(rs)...), "us-east")
+	waitCaughtUp(c.t, rs)
+	for _, r := range rs {
+		r.stop()
+	}
+	r1 = c.restart(rs[0])
+	if err := r1.srv.WaitReady(bg(c.t)); err != nil {
+		c.t.Fatal(err)
+	}
+	return rs, r1
+}
+
 // TestReadyOnlyOnceCaughtUp: a restarted voter that knows its leader but
 // has not applied what the leader committed (its FSM is held back here by a
 // log store whose reads stall, as a slow disk or a long snapshot install
@@ -73,19 +81,9 @@ func TestReadyOnlyOnceCaughtUp(t *testing.T) {
 			cfg.WrapLogStore = func(s raft.LogStore) raft.LogStore { stalled.LogStore = s; return stalled }
 		}
 	}
-	rs := c.cluster()
-	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
-	waitCaughtUp(t, rs)
-	for _, r := range rs {
-		r.stop()
-	}
-
 	// Restarted alone, it knows no leader; then its log reads stall, and a
 	// peer comes back.
-	r1 := c.restart(rs[0])
-	if err := r1.srv.WaitReady(bg(t)); err != nil {
-		t.Fatal(err)
-	}
+	rs, r1 := c.restartedAlone()
 	raft1 := r1.srv.Raft()
 	start := raft1.LastIndex() // its log at start, not applied yet
 	release := stalled.stall()

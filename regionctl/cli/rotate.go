@@ -185,8 +185,7 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		var paths, built []string
 		for _, region := range slices.Sorted(maps.Keys(affected)) {
-			servers, ok := regions[region]
-			switch {
+			switch _, ok := regions[region]; {
 			case slices.Contains(held, region):
 				fmt.Fprintf(stdout, "not rolled out: region %s (--no-push): roll its bundle out with bundle build and rollout start\n", region)
 				continue
@@ -194,8 +193,9 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 				errs = append(errs, fmt.Errorf("region %s: no KMS servers configured; its bundle was not built", region))
 				continue
 			}
+			// This run's observation is current: nothing was pushed since.
 			path := filepath.Join(dir, region+".bundle")
-			if err := buildFor(ctx, o, r, region, servers, path, stdout, stderr); err != nil {
+			if _, err := buildBundle(ctx, o, r, buildRequest{region: region, out: path, obs: obs}, stdout, stderr); err != nil {
 				errs = append(errs, fmt.Errorf("region %s: %w", region, err))
 				continue
 			}
@@ -222,33 +222,31 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 // regions only, and keysets the server serves that the record lacks, are
 // not its business.
 func behindRecord(records []*statev1.KeysetRecord, region string, st *kmsv1.GetStatusResponse) string {
-	served := map[string]*kmsv1.KeysetUsage{}
-	for _, k := range st.GetKeysets() {
-		served[k.GetKeyset()] = k
-	}
+	served := servedContent(st)
 	for _, rec := range records {
 		c := compile.CopyFor(rec, region)
 		if c == nil {
 			continue
 		}
-		k, ok := served[rec.GetName()]
-		if !ok || k.GetPrimaryKeyId() != c.GetPrimaryKeyId() {
+		vs, ok := served[rec.GetName()]
+		if !ok || !vs[c.GetPrimaryKeyId()].Primary {
 			return rec.GetName()
 		}
-		var want, got []uint32
+		want := 0
 		for _, v := range c.GetVersions() {
 			if decrypts(v.GetStatus()) {
-				want = append(want, v.GetKeyId())
+				want++
+				if !vs[v.GetKeyId()].Decrypts {
+					return rec.GetName()
+				}
 			}
 		}
-		for _, v := range k.GetVersions() {
-			if decrypts(v.GetStatus()) {
-				got = append(got, v.GetKeyId())
+		for _, v := range vs {
+			if v.Decrypts {
+				want--
 			}
 		}
-		slices.Sort(want)
-		slices.Sort(got)
-		if !slices.Equal(want, got) {
+		if want != 0 { // the server decrypts with a version the record does not
 			return rec.GetName()
 		}
 	}
@@ -285,17 +283,6 @@ func rotateReason(keysets []string) string {
 		why = why[:bundle.MaxReasonLen-3] + "..."
 	}
 	return why
-}
-
-// buildFor builds region's bundle into out, from an observation of its
-// servers.
-func buildFor(ctx context.Context, o *options, r *root, region string, servers []string, out string, stdout, stderr io.Writer) error {
-	obs, err := observe(ctx, r.src, map[string][]string{region: servers}, o.timeout)
-	if err != nil {
-		return err
-	}
-	_, err = buildBundle(ctx, o, r, buildRequest{region: region, out: out, obs: obs}, stdout, stderr)
-	return err
 }
 
 // dueSteps does the due steps of one keyset and reports whether the record
