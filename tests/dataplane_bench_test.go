@@ -96,6 +96,10 @@ type e2eRow struct {
 // envelope AEAD, envelope-tink through Tink's own, both over kmsclient's
 // AEAD of the keyset: one Encrypt and one Decrypt RPC per object, 16
 // callers), whose floor is the echo's decrypt at the same concurrency.
+// Two cells before the envelope take an object's cost apart at 16 callers:
+// decrypt (the server's share, over the echo) and kmsclient-decrypt
+// (kmsclient's AEAD over a bare stub, both against the KMS: the client
+// library's share; its floor columns are Cairn's, not the echo's).
 //
 // In each cell Cairn and the floor run alternately, ABBA, e2ePairs times;
 // only Cairn's runs are timed (ns/op is Cairn's). Each side reports
@@ -196,7 +200,9 @@ func BenchmarkDataPlaneE2E(b *testing.B) {
 	}
 
 	var rows []*e2eRow
-	cell := func(b *testing.B, name string, callers, items int, mine, ref func(int) loadgen.Call) {
+	// cell runs mine against Cairn's KMS and ref against refServer (the
+	// echo, or for a cell that isolates the client the same KMS).
+	cell := func(b *testing.B, name string, callers, items int, mine, ref func(int) loadgen.Call, refServer *framework.Process) {
 		row := &e2eRow{name: name, items: items}
 		mk := func(f func(int) loadgen.Call) []loadgen.Call {
 			calls := make([]loadgen.Call, callers)
@@ -209,7 +215,7 @@ func BenchmarkDataPlaneE2E(b *testing.B) {
 			calls []loadgen.Call
 			p     *framework.Process
 			into  *e2eSide
-		}{{mk(mine), k.Process, &row.cairn}, {mk(ref), echo.Process, &row.echo}}
+		}{{mk(mine), k.Process, &row.cairn}, {mk(ref), refServer, &row.echo}}
 		n := max(b.N/(2*e2ePairs), 1)
 		ctx, cancel := context.WithTimeout(b.Context(), e2eDeadline)
 		defer cancel()
@@ -270,7 +276,9 @@ func BenchmarkDataPlaneE2E(b *testing.B) {
 	}{{"decrypt", decrypt, 1}, {"encrypt", encrypt, 1}, {"generate", generate, 1}, {"decrypt-batch", decryptBatch, e2eBatch}} {
 		for _, callers := range []int{1, 8, 64} {
 			name := fmt.Sprintf("%s/callers=%d", op.name, callers)
-			b.Run(name, func(b *testing.B) { cell(b, name, callers, op.items, op.l(cairn, true), op.l(floor, false)) })
+			b.Run(name, func(b *testing.B) {
+				cell(b, name, callers, op.items, op.l(cairn, true), op.l(floor, false), echo.Process)
+			})
 		}
 	}
 
@@ -294,12 +302,32 @@ func BenchmarkDataPlaneE2E(b *testing.B) {
 	if err != nil {
 		b.Fatalf("kmsclient.NewEnvelopeAEAD = %v", err)
 	}
+	// What an envelope object costs, taken apart at its concurrency: the
+	// KMS's decrypt over the echo's (the server's share), then kmsclient's
+	// decrypt over a bare stub's, both against the KMS (the client
+	// library's share: its floor is Cairn, not the echo), then the objects.
+	b.Run("decrypt/callers=16", func(b *testing.B) {
+		cell(b, "decrypt/callers=16", 16, 1, decrypt(cairn, true), decrypt(floor, false), echo.Process)
+	})
+	b.Run("kmsclient-decrypt/callers=16", func(b *testing.B) {
+		aeadDecrypt := func(i int) loadgen.Call {
+			s := seals[i]
+			return func(ctx context.Context) error {
+				pt, err := kek.DecryptWithContext(ctx, s.ct, s.ad)
+				if err == nil && !bytes.Equal(pt, s.dek) {
+					err = fmt.Errorf("kmsclient Decrypt = %x, want %x", pt, s.dek)
+				}
+				return err
+			}
+		}
+		cell(b, "kmsclient-decrypt/callers=16", 16, 1, aeadDecrypt, decrypt(cairn, true), k.Process)
+	})
 	for _, c := range []struct {
 		name string
 		env  tink.AEADWithContext
 	}{{"envelope/callers=16", env}, {"envelope-tink/callers=16", tinkEnv}} {
 		b.Run(c.name, func(b *testing.B) {
-			cell(b, c.name, 16, 1, func(int) loadgen.Call { return envelopeRoundTrip(b, c.env, e2eObject) }, decrypt(floor, false))
+			cell(b, c.name, 16, 1, func(int) loadgen.Call { return envelopeRoundTrip(b, c.env, e2eObject) }, decrypt(floor, false), echo.Process)
 		})
 	}
 
