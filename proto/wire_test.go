@@ -80,7 +80,7 @@ func keysetRecord() *statev1.KeysetRecord {
 			KeyId: 7, State: statev1.KeysetVersionState_KEYSET_VERSION_STATE_DESTROYED, Template: "AES256_GCM", CreatedAt: t0,
 			Propagated: []*statev1.RegionTime{{Region: "us-east", At: t0}}, PrimarySince: t0, SupersededAt: t1, DisabledAt: t1,
 			DestroyAfter: t1, DestroyedAt: t1, EncryptCount: 11,
-			Usage:  []*statev1.RegionUsage{{Region: "us-east", ObservedAt: t1, LastEncrypt: t0, LastUse: t1, EncryptCount: 11, DecryptCount: 12}},
+			Usage:  []*statev1.RegionUsage{{Region: "us-east", ObservedAt: t1, LastEncrypt: t0, LastUse: t1, EncryptCount: 11, DecryptCount: 12, ServedAsPrimary: true}},
 			Golden: &statev1.GoldenCiphertext{Ciphertext: []byte("golden-ciphertext"), AssociatedData: []byte("cairn/golden"), PlaintextSha256: []byte("sha256-of-plaintext")},
 		}},
 		Copies: []*cryptov1.EncryptedKeyset{encryptedKeyset()}, Revision: 5, UpdatedAt: t1, Purpose: 1,
@@ -152,7 +152,7 @@ func samples() map[string]proto.Message {
 		"rootkms_command_record_propagation": command(func(c *statev1.Command) {
 			c.Op = &statev1.Command_RecordPropagation{RecordPropagation: &statev1.RecordPropagationCommand{Region: "us-east", ObservedAt: t1,
 				Keysets: []*statev1.KeysetObservation{{Keyset: "payments/ledger", Versions: []*statev1.VersionObservation{{
-					KeyId: 7, ServedByAll: true, LastEncrypt: t0, LastUse: t1, EncryptCount: 5, DecryptCount: 6}}}},
+					KeyId: 7, ServedByAll: true, LastEncrypt: t0, LastUse: t1, EncryptCount: 5, DecryptCount: 6, ServedAsPrimary: true}}}},
 				RegionKeyVersions: []uint32{1, 2}}}
 		}),
 		"rootkms_command_put_rollout": command(func(c *statev1.Command) {

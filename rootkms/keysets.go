@@ -625,7 +625,12 @@ func (s *Server) observedFleet(rec *statev1.KeysetRecord, keyID uint32, now time
 		}
 		if u != nil && !u.GetObservedAt().AsTime().Add(maxAge).Before(now) {
 			srv.Known = true
-			sv := safety.ServedVersion{Decrypts: slices.ContainsFunc(v.GetPropagated(), func(t *statev1.RegionTime) bool { return t.GetRegion() == region })}
+			sv := safety.ServedVersion{
+				Decrypts: slices.ContainsFunc(v.GetPropagated(), func(t *statev1.RegionTime) bool { return t.GetRegion() == region }),
+				// A region that still encrypts with the version (held back
+				// from its successor's promotion, or rolled back) keeps it.
+				Primary: u.GetServedAsPrimary(),
+			}
 			if t := u.GetLastEncrypt(); t != nil {
 				sv.LastEncrypt = t.AsTime()
 			}

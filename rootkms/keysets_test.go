@@ -197,7 +197,22 @@ func TestKeysetLifecycle(t *testing.T) {
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("DISABLE with stale usage observations = %v, want FailedPrecondition (unknown usage counts as in use)", err)
 	}
+	// A region still serving the old primary as primary (held back from the
+	// promotion, or rolled back from it) may encrypt with it at any moment,
+	// however long it has not: it keeps it, whatever the record's times.
 	observe(t, admin, "us-east", name, time.Time{}, first, second)
+	if err := admin.Do(bg(t), func(ctx context.Context, cl rootkmsv1.RootKMSClient) error {
+		_, err := cl.RecordPropagation(ctx, &rootkmsv1.RecordPropagationRequest{Region: "eu-west", RegionKeyVersions: []uint32{1},
+			Keysets: []*statev1.KeysetObservation{{Keyset: name, Versions: []*statev1.VersionObservation{
+				{KeyId: first, ServedByAll: true, ServedAsPrimary: true}, {KeyId: second, ServedByAll: true}}}}})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = keysetCall(t, admin, step(name, statev1.KeysetStep_KEYSET_STEP_DISABLE, first))
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "eu-west") || !strings.Contains(err.Error(), "serves it as primary") {
+		t.Fatalf("DISABLE while eu-west serves it as primary = %v, want FailedPrecondition naming eu-west", err)
+	}
 	observe(t, admin, "eu-west", name, time.Time{}, first, second)
 	ks, err = keysetCall(t, admin, step(name, statev1.KeysetStep_KEYSET_STEP_DISABLE, first))
 	if err != nil {

@@ -267,7 +267,7 @@ func (o *observation) propagationRequest(region string, records []*statev1.Keyse
 			ks = &statev1.KeysetObservation{Keyset: u.Keyset}
 			req.Keysets = append(req.Keysets, ks)
 		}
-		v := &statev1.VersionObservation{KeyId: u.KeyID, ServedByAll: u.ServedBy == u.Servers, EncryptCount: u.Encrypts, DecryptCount: u.Decrypts}
+		v := &statev1.VersionObservation{KeyId: u.KeyID, ServedByAll: u.ServedBy == u.Servers, ServedAsPrimary: u.Primary > 0, EncryptCount: u.Encrypts, DecryptCount: u.Decrypts}
 		if !u.LastEncrypt.IsZero() {
 			v.LastEncrypt = timestamppb.New(u.LastEncrypt)
 		}

@@ -736,3 +736,59 @@ func TestRegionRotateAndRetireKey(t *testing.T) {
 		t.Errorf("Encrypt after the retirement returned key ID 0")
 	}
 }
+
+// TestDisableKeepsAHeldBackRegionsPrimary: a region held back from a
+// promotion (--no-push) still encrypts with the old primary, however long
+// it has not. keyset disable, which the root KMS judges on the record and
+// the observations regionctl records there, must not take that version out
+// of the decrypt set once its TTL has passed in the record: the
+// observation says the region serves it as primary. Once the region has
+// the promotion (and the TTL has passed since), it may.
+func TestDisableKeepsAHeldBackRegionsPrimary(t *testing.T) {
+	e := newFleetEnv(t, map[string]int{"us-east": 1, "eu-west": 1})
+	e.push("us-east")
+	e.push("eu-west")
+	us, eu := e.kms["us-east"][0], e.kms["eu-west"][0]
+	v1 := e.encrypt(us)
+	rotateDue := func(args ...string) result {
+		return e.mustRC(append([]string{"rotate", "--due", "--bake", "10ms"}, args...)...)
+	}
+	disable := func() result {
+		return e.rc("keyset", "disable", fleetKeyset, "--version", fmt.Sprint(v1))
+	}
+
+	e.clk.Advance(time.Hour + time.Second)
+	rotateDue() // adds v2 decrypt-only in both regions
+	rotateDue() // records its propagation
+	e.clk.Advance(fleetWindow + time.Second)
+	r := rotateDue("--no-push", "eu-west")
+	contains(t, "rotate --due --no-push eu-west", r.stdout, "promoted version", "not rolled out: region eu-west (--no-push)")
+	if got := e.status(eu).GetKeysets()[0].GetPrimaryKeyId(); got != v1 {
+		t.Fatalf("eu-west serves %d as primary, want %d (held back)", got, v1)
+	}
+
+	// The TTL and the window pass with no traffic in eu-west; both regions
+	// are observed afresh.
+	e.clk.Advance(2*time.Hour + fleetWindow + time.Second)
+	e.mustRC("observe")
+	r = disable()
+	if r.code != 1 || !strings.Contains(r.stderr, "eu-west") || !strings.Contains(r.stderr, "serves it as primary") {
+		t.Fatalf("keyset disable while eu-west serves it as primary = %d, %q; want 1, naming eu-west", r.code, r.stderr)
+	}
+	if v := version(e.record(), v1); v.GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED {
+		t.Fatalf("after the refused disable version %d is %v, want enabled", v1, v.GetState())
+	}
+
+	// eu-west gets the promotion; the old version then waits for the TTL
+	// from when eu-west last encrypted with it.
+	e.encrypt(eu)
+	rotateDue()
+	if got := e.status(eu).GetKeysets()[0].GetPrimaryKeyId(); got == v1 {
+		t.Fatalf("after rotate --due without --no-push, eu-west still serves %d as primary", v1)
+	}
+	e.clk.Advance(2*time.Hour + fleetWindow + time.Second)
+	e.mustRC("observe")
+	if r := disable(); r.code != 0 {
+		t.Fatalf("keyset disable once every region has the promotion = %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+}

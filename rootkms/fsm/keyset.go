@@ -637,6 +637,9 @@ func observe(v *statev1.KeysetVersionRecord, region string, vo *statev1.VersionO
 		LastUse:      laterStamp(prev.GetLastUse(), notAfter(vo.GetLastUse(), ts)),
 		EncryptCount: max(prev.GetEncryptCount(), vo.GetEncryptCount()),
 		DecryptCount: max(prev.GetDecryptCount(), vo.GetDecryptCount()),
+		// What the region serves now, unlike the usage above: a region
+		// rolled back to the version makes it primary again.
+		ServedAsPrimary: vo.GetServedAsPrimary(),
 	}
 	if found {
 		usage[j] = u

@@ -1703,12 +1703,16 @@ type RegionUsage struct {
 	ObservedAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=observed_at,json=observedAt,proto3" json:"observed_at,omitempty"`
 	// last_encrypt and last_use are the latest over the region's servers;
 	// unset means never.
-	LastEncrypt   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_encrypt,json=lastEncrypt,proto3" json:"last_encrypt,omitempty"`
-	LastUse       *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_use,json=lastUse,proto3" json:"last_use,omitempty"`
-	EncryptCount  uint64                 `protobuf:"varint,5,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
-	DecryptCount  uint64                 `protobuf:"varint,6,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastEncrypt  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_encrypt,json=lastEncrypt,proto3" json:"last_encrypt,omitempty"`
+	LastUse      *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_use,json=lastUse,proto3" json:"last_use,omitempty"`
+	EncryptCount uint64                 `protobuf:"varint,5,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
+	DecryptCount uint64                 `protobuf:"varint,6,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
+	// served_as_primary: at observed_at, a server of the region served the
+	// version as its keyset's primary (it may encrypt with it), so it must
+	// not leave the decrypt set whatever the record says.
+	ServedAsPrimary bool `protobuf:"varint,7,opt,name=served_as_primary,json=servedAsPrimary,proto3" json:"served_as_primary,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *RegionUsage) Reset() {
@@ -1781,6 +1785,13 @@ func (x *RegionUsage) GetDecryptCount() uint64 {
 		return x.DecryptCount
 	}
 	return 0
+}
+
+func (x *RegionUsage) GetServedAsPrimary() bool {
+	if x != nil {
+		return x.ServedAsPrimary
+	}
+	return false
 }
 
 // CreateKeysetCommand records a new keyset. The FSM refuses a name that
@@ -2123,13 +2134,17 @@ type VersionObservation struct {
 	KeyId uint32                 `protobuf:"varint,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
 	// served_by_all: every server of the region serves the version
 	// decrypting; the first such observation sets propagated[region].
-	ServedByAll   bool                   `protobuf:"varint,2,opt,name=served_by_all,json=servedByAll,proto3" json:"served_by_all,omitempty"`
-	LastEncrypt   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_encrypt,json=lastEncrypt,proto3" json:"last_encrypt,omitempty"`
-	LastUse       *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_use,json=lastUse,proto3" json:"last_use,omitempty"`
-	EncryptCount  uint64                 `protobuf:"varint,5,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
-	DecryptCount  uint64                 `protobuf:"varint,6,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ServedByAll  bool                   `protobuf:"varint,2,opt,name=served_by_all,json=servedByAll,proto3" json:"served_by_all,omitempty"`
+	LastEncrypt  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_encrypt,json=lastEncrypt,proto3" json:"last_encrypt,omitempty"`
+	LastUse      *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_use,json=lastUse,proto3" json:"last_use,omitempty"`
+	EncryptCount uint64                 `protobuf:"varint,5,opt,name=encrypt_count,json=encryptCount,proto3" json:"encrypt_count,omitempty"`
+	DecryptCount uint64                 `protobuf:"varint,6,opt,name=decrypt_count,json=decryptCount,proto3" json:"decrypt_count,omitempty"`
+	// served_as_primary: a server of the region serves the version as its
+	// keyset's primary. A region held back from a promotion, or rolled back
+	// from one, still encrypts with the version the record superseded.
+	ServedAsPrimary bool `protobuf:"varint,7,opt,name=served_as_primary,json=servedAsPrimary,proto3" json:"served_as_primary,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *VersionObservation) Reset() {
@@ -2202,6 +2217,13 @@ func (x *VersionObservation) GetDecryptCount() uint64 {
 		return x.DecryptCount
 	}
 	return 0
+}
+
+func (x *VersionObservation) GetServedAsPrimary() bool {
+	if x != nil {
+		return x.ServedAsPrimary
+	}
+	return false
 }
 
 // SetKeysetPolicyCommand changes a keyset's rotation period or ciphertext
@@ -2605,7 +2627,7 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"RegionTime\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12*\n" +
-	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"\xa2\x02\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"\xce\x02\n" +
 	"\vRegionUsage\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12;\n" +
 	"\vobserved_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
@@ -2613,7 +2635,8 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\flast_encrypt\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vlastEncrypt\x125\n" +
 	"\blast_use\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\alastUse\x12#\n" +
 	"\rencrypt_count\x18\x05 \x01(\x04R\fencryptCount\x12#\n" +
-	"\rdecrypt_count\x18\x06 \x01(\x04R\fdecryptCount\"S\n" +
+	"\rdecrypt_count\x18\x06 \x01(\x04R\fdecryptCount\x12*\n" +
+	"\x11served_as_primary\x18\a \x01(\bR\x0fservedAsPrimary\"S\n" +
 	"\x13CreateKeysetCommand\x12<\n" +
 	"\x06keyset\x18\x01 \x01(\v2$.cairn.rootkms.state.v1.KeysetRecordR\x06keyset\"\xfe\x02\n" +
 	"\x13UpdateKeysetCommand\x12\x12\n" +
@@ -2636,14 +2659,15 @@ const file_cairn_rootkms_state_v1_state_proto_rawDesc = "" +
 	"\x06serial\x18\x02 \x01(\x04R\x06serial\"s\n" +
 	"\x11KeysetObservation\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12F\n" +
-	"\bversions\x18\x02 \x03(\v2*.cairn.rootkms.state.v1.VersionObservationR\bversions\"\x8f\x02\n" +
+	"\bversions\x18\x02 \x03(\v2*.cairn.rootkms.state.v1.VersionObservationR\bversions\"\xbb\x02\n" +
 	"\x12VersionObservation\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\rR\x05keyId\x12\"\n" +
 	"\rserved_by_all\x18\x02 \x01(\bR\vservedByAll\x12=\n" +
 	"\flast_encrypt\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vlastEncrypt\x125\n" +
 	"\blast_use\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\alastUse\x12#\n" +
 	"\rencrypt_count\x18\x05 \x01(\x04R\fencryptCount\x12#\n" +
-	"\rdecrypt_count\x18\x06 \x01(\x04R\fdecryptCount\"\xdf\x01\n" +
+	"\rdecrypt_count\x18\x06 \x01(\x04R\fdecryptCount\x12*\n" +
+	"\x11served_as_primary\x18\a \x01(\bR\x0fservedAsPrimary\"\xdf\x01\n" +
 	"\x16SetKeysetPolicyCommand\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x11expected_revision\x18\x02 \x01(\x04R\x10expectedRevision\x12B\n" +
