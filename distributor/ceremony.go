@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -38,6 +39,10 @@ const (
 	infoShare     = "cairn/distributor/v1/share"
 	infoProvision = "cairn/distributor/v1/provision"
 	infoRootKey   = "cairn/distributor/v1/root-key"
+
+	// infoRecipientCheck is the info of the throwaway message a rekey
+	// plan's recipient keys are checked with; it is never sent.
+	infoRecipientCheck = "cairn/distributor/v1/recipient-check"
 )
 
 // ceremony is one unseal or provisioning ceremony, held in memory only: a
@@ -56,6 +61,7 @@ type ceremony struct {
 	detail    string
 
 	plan          *distributorv1.RekeyPlan // rekey ceremonies
+	newSlots      []safe.NewSlot           // the plan's slots, checked at open
 	rekeyed       []byte                   // the new manifest, once rekeyed
 	rekeyedSealed []*cryptov1.HpkeSealed   // the new shares, sealed to the plan's recipients
 	rekeyedEpoch  uint32
@@ -182,12 +188,16 @@ func (c *ceremony) takeBack() {
 	c.accepted, c.officers = c.accepted[:n-1], c.officers[:n-1]
 }
 
-// rekeySlots checks a rekey plan and returns its slots.
-func rekeySlots(p *distributorv1.RekeyPlan) ([]safe.NewSlot, error) {
+// rekeySlots checks a rekey plan, for a distributor of trust domain td, and
+// returns its slots. Everything a rekey would trip on once the shares are in
+// is checked here, so that a bad plan is refused at open instead of failing
+// every final share of the ceremony.
+func rekeySlots(p *distributorv1.RekeyPlan, td spiffeid.TrustDomain) ([]safe.NewSlot, error) {
 	if p == nil {
 		return nil, errors.New("distributor: a rekey ceremony needs a rekey plan")
 	}
 	var out []safe.NewSlot
+	var officers []string
 	labels := map[string]bool{}
 	for i, sl := range p.GetSlots() {
 		switch {
@@ -198,11 +208,22 @@ func rekeySlots(p *distributorv1.RekeyPlan) ([]safe.NewSlot, error) {
 		case len(sl.GetRecipient().GetPublicKey()) == 0:
 			return nil, fmt.Errorf("distributor: rekey slot %d: no recipient key", i+1)
 		}
+		// The new share is sealed to this key only when the ceremony
+		// completes; sealing a throwaway message to it now refuses
+		// whatever Seal would refuse then (another KEM, a wrong length,
+		// a low-order point).
+		if _, err := hpkeseal.Seal(sl.GetRecipient(), []byte(infoRecipientCheck), []byte{0}); err != nil {
+			return nil, fmt.Errorf("distributor: rekey slot %d: recipient key: %w", i+1, err)
+		}
 		labels[sl.GetSafeLabel()] = true
+		officers = append(officers, sl.GetOfficer())
 		out = append(out, safe.NewSlot{SafeLabel: sl.GetSafeLabel(), SafeKind: sl.GetSafeKind(), Officer: sl.GetOfficer()})
 	}
 	if err := safe.ValidateSplit(int(p.GetThreshold()), len(out)); err != nil {
 		return nil, fmt.Errorf("distributor: rekey plan of %d-of-%d: %w", p.GetThreshold(), len(out), err)
+	}
+	if err := checkOfficers(officers, td); err != nil {
+		return nil, fmt.Errorf("distributor: rekey plan: %w", err)
 	}
 	return out, nil
 }
@@ -211,11 +232,7 @@ func rekeySlots(p *distributorv1.RekeyPlan) ([]safe.NewSlot, error) {
 // plan's recipients. It changes nothing in the ceremony: setRekeyed does,
 // once the result is audited.
 func (c *ceremony) resplit(rmk secret.Bytes, now time.Time) (*safev1.GenesisManifest, []*cryptov1.HpkeSealed, error) {
-	slots, err := rekeySlots(c.plan)
-	if err != nil {
-		return nil, nil, err
-	}
-	m, shares, err := safe.Resplit(c.manifest, rmk, int(c.plan.GetThreshold()), slots, now)
+	m, shares, err := safe.Resplit(c.manifest, rmk, int(c.plan.GetThreshold()), c.newSlots, now)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -121,9 +121,10 @@ func (w *world) startIn(dir, name string, lis net.Listener, peers ...string) *no
 	return n
 }
 
-func (w *world) startWith(dir, name string, lis net.Listener, log *audit.Log, peers ...string) *node {
+// config is the configuration of the distributor named name, with its
+// state in dir.
+func (w *world) config(dir, name string, log *audit.Log, peers ...string) distributor.Config {
 	w.t.Helper()
-	auditPath := filepath.Join(dir, "audit.log")
 	allow := func(p ...string) identity.Allowlist {
 		a, err := identity.ParseAllowlist(td, p...)
 		if err != nil {
@@ -144,7 +145,13 @@ func (w *world) startWith(dir, name string, lis net.Listener, log *audit.Log, pe
 	if w.configure != nil {
 		w.configure(name, &cfg)
 	}
-	srv, err := distributor.New(cfg)
+	return cfg
+}
+
+func (w *world) startWith(dir, name string, lis net.Listener, log *audit.Log, peers ...string) *node {
+	w.t.Helper()
+	auditPath := filepath.Join(dir, "audit.log")
+	srv, err := distributor.New(w.config(dir, name, log, peers...))
 	if err != nil {
 		w.t.Fatalf("distributor.New = %v", err)
 	}

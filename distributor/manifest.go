@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/cairnkms/cairn/internal/identity"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 )
@@ -39,4 +42,37 @@ func PinManifest(path string, m *safev1.GenesisManifest) (bool, error) {
 		return false, err
 	}
 	return true, nil
+}
+
+// CheckManifest reports whether a distributor of trust domain td can use
+// manifest m: m is valid (safe.ValidateManifest: among others, every
+// officer it names is a full SPIFFE ID) and every officer it binds a share
+// to is of td. An officer of another trust domain could never connect to
+// the distributor, so that share could never be released.
+func CheckManifest(m *safev1.GenesisManifest, td spiffeid.TrustDomain) error {
+	if err := safe.ValidateManifest(m); err != nil {
+		return err
+	}
+	if err := checkOfficers(safe.Officers(m), td); err != nil {
+		return fmt.Errorf("%w: %w", safe.ErrInvalidManifest, err)
+	}
+	return nil
+}
+
+// checkOfficers checks the officers a split binds its shares to, one entry
+// per share ("" where none is named): safe.ValidateOfficers, and each named
+// one of trust domain td.
+func checkOfficers(officers []string, td spiffeid.TrustDomain) error {
+	if err := safe.ValidateOfficers(officers); err != nil {
+		return err
+	}
+	for i, o := range officers {
+		if o == "" {
+			continue
+		}
+		if id, err := identity.Parse(o); err != nil || id.TrustDomain() != td {
+			return fmt.Errorf("officer %s of share %d is not of this distributor's trust domain %s: it could never connect to release that share", o, i+1, td.Name())
+		}
+	}
+	return nil
 }

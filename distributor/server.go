@@ -76,10 +76,17 @@ func New(cfg Config) (*Server, error) {
 	switch {
 	case err == nil:
 		s.manifest = m
+		// A pinned manifest whose officers no ceremony can accept (written
+		// before genesis checked them) still serves: this distributor starts
+		// and takes the key from its peers. Only the ceremonies it breaks
+		// are refused (reloadManifestLocked), saying why.
+		if err := CheckManifest(m, cfg.Source.TrustDomain()); err != nil {
+			s.log.Error("distributor: the pinned manifest binds a share to an officer no ceremony can accept; unseal and rekey ceremonies will be refused until the manifest is repaired", "path", cfg.ManifestPath, "err", err)
+		}
 	case errors.Is(err, os.ErrNotExist):
 		s.log.Info("distributor: no genesis manifest yet; waiting for a provisioning ceremony", "path", cfg.ManifestPath)
 	default:
-		return nil, err
+		return nil, fmt.Errorf("distributor: the pinned manifest %s: %w", cfg.ManifestPath, err)
 	}
 	for _, a := range cfg.PeerAddrs {
 		s.peers[a] = &distributorv1.PeerStatus{Address: a, State: distributorv1.SealState_SEAL_STATE_UNSPECIFIED}
@@ -301,10 +308,23 @@ func (s *Server) GetStatus(ctx context.Context, _ *distributorv1.GetStatusReques
 		out.Peers = append(out.Peers, proto.Clone(s.peers[a]).(*distributorv1.PeerStatus))
 	}
 	if s.ceremony != nil {
-		_ = s.ceremony.checkOpen(s.cfg.Now())
-		out.Ceremony = s.ceremony.proto()
+		out.Ceremony = s.ceremonyViewLocked(ctx, s.ceremony)
 	}
 	return out, nil
+}
+
+// ceremonyViewLocked is the ceremony's public view as the caller may see it
+// (GetStatus and GetCeremony, which anyone may call). A rekey's sealed new
+// shares go to officers only: anyone may watch a ceremony's progress, but
+// the shares (sealed to the rekeying officer's keys, so still unreadable)
+// are no one else's business.
+func (s *Server) ceremonyViewLocked(ctx context.Context, c *ceremony) *distributorv1.Ceremony {
+	_ = c.checkOpen(s.cfg.Now())
+	out := c.proto()
+	if id, _ := identity.FromContext(ctx); len(out.GetRekeyedShares()) > 0 && !s.cfg.Officers.Allows(id) {
+		out.RekeyedShares = nil
+	}
+	return out
 }
 
 // FetchRootKey implements the Distributor service.
@@ -368,7 +388,10 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 	if s.ceremony != nil && s.ceremony.checkOpen(now) == nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "distributor: ceremony %s is already open (cancel it first)", s.ceremony.id)
 	}
-	var m *safev1.GenesisManifest
+	var (
+		m        *safev1.GenesisManifest
+		newSlots []safe.NewSlot
+	)
 	switch req.GetKind() {
 	case distributorv1.CeremonyKind_CEREMONY_KIND_UNSEAL:
 		if len(req.GetManifest()) != 0 {
@@ -390,9 +413,11 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 		if s.manifest == nil {
 			return nil, status.Error(codes.FailedPrecondition, "distributor: not provisioned (no genesis manifest); nothing to rekey")
 		}
-		if _, err := rekeySlots(req.GetRekey()); err != nil {
+		slots, err := rekeySlots(req.GetRekey(), s.cfg.Source.TrustDomain())
+		if err != nil {
 			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
+		newSlots = slots
 		fresh, err := s.reloadManifestLocked()
 		if err != nil {
 			return nil, status.Error(codes.FailedPrecondition, err.Error())
@@ -403,6 +428,9 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 			return nil, status.Error(codes.FailedPrecondition, "distributor: emergency-sealed; only an unseal ceremony (K officers) unseals it, not a provisioning")
 		}
 		pm, err := safe.ParseManifest(req.GetManifest())
+		if err == nil {
+			err = CheckManifest(pm, s.cfg.Source.TrustDomain())
+		}
 		if err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
 		}
@@ -417,7 +445,7 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	c.plan = req.GetRekey()
+	c.plan, c.newSlots = req.GetRekey(), newSlots
 	s.ceremony = c
 	audit.AddTarget(ctx, audit.Target{Resource: "ceremony/" + c.id})
 	s.log.Info("distributor: ceremony opened", "id", c.id, "kind", c.kind.String(), "genesis_id", m.GetGenesisId(), "threshold", m.GetThreshold(), "expires", c.expiresAt)
@@ -428,6 +456,9 @@ func (s *Server) OpenCeremony(ctx context.Context, req *distributorv1.OpenCeremo
 // lineage (same genesis id and KCV) at the same or a later epoch.
 func (s *Server) reloadManifestLocked() (*safev1.GenesisManifest, error) {
 	m, err := safe.ReadManifest(s.cfg.ManifestPath)
+	if err == nil {
+		err = CheckManifest(m, s.cfg.Source.TrustDomain())
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -554,15 +585,7 @@ func (s *Server) GetCeremony(ctx context.Context, req *distributorv1.GetCeremony
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	_ = c.checkOpen(s.cfg.Now())
-	out := c.proto()
-	// A rekey's sealed new shares go to officers only: anyone may watch a
-	// ceremony's progress, but the shares (sealed to the rekeying officer's
-	// keys, so still unreadable) are no one else's business.
-	if id, _ := identity.FromContext(ctx); len(out.GetRekeyedShares()) > 0 && !s.cfg.Officers.Allows(id) {
-		out.RekeyedShares = nil
-	}
-	return out, nil
+	return s.ceremonyViewLocked(ctx, c), nil
 }
 
 // CancelCeremony implements the Distributor service.
@@ -611,6 +634,9 @@ func (s *Server) Seal(ctx context.Context, req *distributorv1.SealRequest) (*dis
 // manifest of the pinned lineage (the next epoch, linked to the pinned one).
 func (s *Server) InstallManifest(ctx context.Context, req *distributorv1.InstallManifestRequest) (*distributorv1.InstallManifestResponse, error) {
 	m, err := safe.ParseManifest(req.GetManifest())
+	if err == nil {
+		err = CheckManifest(m, s.cfg.Source.TrustDomain())
+	}
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "distributor: %v", err)
 	}

@@ -22,8 +22,9 @@ type SplitConfig struct {
 	// Safes are the N safes; share i goes into Safes[i-1]. Each must have a
 	// distinct label.
 	Safes []Safe
-	// Officers optionally names, per safe, the SPIFFE ID of the officer who
-	// holds it (empty, or one entry per safe).
+	// Officers optionally names, per safe, the full SPIFFE ID of the officer
+	// who holds it (empty, or one distinct entry per safe; see
+	// ValidateOfficers).
 	Officers []string
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -50,6 +51,16 @@ func (c SplitConfig) validate() error {
 	}
 	if len(c.Officers) != 0 && len(c.Officers) != n {
 		return fmt.Errorf("safe: %d officers for %d safes; name one per safe or none", len(c.Officers), n)
+	}
+	for i, o := range c.Officers {
+		if o == "" {
+			return fmt.Errorf("safe: officer %d of %d is empty; name one per safe or none", i+1, n)
+		}
+	}
+	// Checked before anything is sealed: the manifest would pin them, and
+	// an officer that matches no one locks every ceremony out.
+	if err := ValidateOfficers(c.Officers); err != nil {
+		return fmt.Errorf("safe: %w", err)
 	}
 	labels := map[string]bool{}
 	for _, s := range c.Safes {
@@ -358,7 +369,11 @@ func Resplit(prev *safev1.GenesisManifest, rmk secret.Bytes, threshold int, slot
 			s.Wipe()
 		}
 	}
-	if err := ValidateManifest(m); err != nil {
+	err = ValidateManifest(m)
+	if err == nil {
+		err = ValidateOfficers(Officers(m))
+	}
+	if err != nil {
 		wipe()
 		return nil, nil, err
 	}

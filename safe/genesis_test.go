@@ -246,6 +246,46 @@ func TestGenesisConfigErrors(t *testing.T) {
 	}
 }
 
+// TestGenesisRefusesBadOfficers: a distributor compares the officer a share
+// is bound to with the submitting officer's SPIFFE ID, so an officer that is
+// not a full SPIFFE ID (the relative form the allowlists use), one named
+// twice, or officers of two trust domains would lock shares out of every
+// ceremony. Genesis refuses them naming the entry, and seals nothing.
+func TestGenesisRefusesBadOfficers(t *testing.T) {
+	safes := fileSafes(t, 3)
+	full := func(td string, i int) string { return fmt.Sprintf("spiffe://%s/officer/global/officer-%d", td, i) }
+	tests := []struct {
+		name     string
+		officers []string
+		want     string
+	}{
+		{"relative", []string{"officer/global/officer-1", "officer/global/officer-2", "officer/global/officer-3"},
+			`officer "officer/global/officer-1" of share 1 is not a full SPIFFE ID`},
+		{"one relative", []string{full("cairn.test", 1), full("cairn.test", 2), "officer/global/officer-3"},
+			`officer "officer/global/officer-3" of share 3 is not a full SPIFFE ID`},
+		{"two path segments", []string{full("cairn.test", 1), "spiffe://cairn.test/officer/officer-2", full("cairn.test", 3)},
+			`officer "spiffe://cairn.test/officer/officer-2" of share 2 is not a full SPIFFE ID`},
+		{"empty entry", []string{full("cairn.test", 1), "", full("cairn.test", 3)}, "officer 2 of 3 is empty"},
+		{"named twice", []string{full("cairn.test", 1), full("cairn.test", 2), full("cairn.test", 1)},
+			"officer " + full("cairn.test", 1) + " is named for shares 1 and 3"},
+		{"two trust domains", []string{full("cairn.test", 1), full("other.test", 2), full("cairn.test", 3)},
+			"officer " + full("other.test", 2) + " of share 2 is of trust domain other.test"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, rmk, err := safe.Genesis(context.Background(), safe.SplitConfig{Threshold: 2, Safes: safes, Officers: tt.officers})
+			if err == nil || !strings.Contains(err.Error(), tt.want) || m != nil || !rmk.IsZero() {
+				t.Errorf("Genesis(officers %q) = %v, %v; want an error containing %q and nothing returned", tt.officers, m, err, tt.want)
+			}
+		})
+	}
+	for _, s := range safes {
+		if refs, _ := s.List(context.Background()); len(refs) != 0 {
+			t.Errorf("a refused genesis left %v in %s", refs, s.Label())
+		}
+	}
+}
+
 func TestRekey(t *testing.T) {
 	ctx := context.Background()
 	old := fileSafes(t, 3)
@@ -346,8 +386,34 @@ func TestValidateManifest(t *testing.T) {
 		"unknown kind":     mut(func(m *safev1.GenesisManifest) { m.Slots[0].SafeKind = "usb-stick" }),
 		"short commitment": mut(func(m *safev1.GenesisManifest) { m.Slots[0].Commitment = []byte{1} }),
 	}
+	// Officers no ceremony can accept: a manifest that names them is still
+	// read (a distributor or root KMS that pinned one must start), but
+	// ValidateOfficers, which genesis, a rekey, a provisioning and a drill
+	// apply, refuses them.
+	badOfficers := map[string]*safev1.GenesisManifest{
+		"relative officer": mut(func(m *safev1.GenesisManifest) { m.Slots[0].Officer = "officer/global/officer-1" }),
+		"officer twice": mut(func(m *safev1.GenesisManifest) {
+			m.Slots[0].Officer, m.Slots[2].Officer = "spiffe://cairn.test/officer/global/a", "spiffe://cairn.test/officer/global/a"
+		}),
+		"officers of two trust domains": mut(func(m *safev1.GenesisManifest) {
+			m.Slots[0].Officer, m.Slots[1].Officer = "spiffe://cairn.test/officer/global/a", "spiffe://other.test/officer/global/b"
+		}),
+	}
+	for name, m := range badOfficers {
+		if err := safe.ValidateManifest(m); err != nil {
+			t.Errorf("ValidateManifest(%s) = %v, want nil (the manifest is readable)", name, err)
+		}
+		if err := safe.ValidateOfficers(safe.Officers(m)); err == nil {
+			t.Errorf("ValidateOfficers(%s) = nil, want an error", name)
+		}
+	}
 	if err := safe.ValidateManifest(good); err != nil {
 		t.Fatalf("ValidateManifest(good) = %v", err)
+	}
+	// Officers may be named for some shares only; those named are checked.
+	named := mut(func(m *safev1.GenesisManifest) { m.Slots[1].Officer = "spiffe://cairn.test/officer/global/b" })
+	if err := safe.ValidateOfficers(safe.Officers(named)); err != nil {
+		t.Errorf("ValidateOfficers(one officer named) = %v", err)
 	}
 	for name, m := range tests {
 		if err := safe.ValidateManifest(m); !errors.Is(err, safe.ErrInvalidManifest) {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/atomicfile"
 	"github.com/cairnkms/cairn/internal/hpkeseal"
+	"github.com/cairnkms/cairn/internal/identity"
 	"github.com/cairnkms/cairn/internal/secret"
 	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 )
@@ -112,6 +113,55 @@ func ValidateManifest(m *safev1.GenesisManifest) error {
 		}
 		seenIdx[s.GetIndex()] = true
 		seenLabel[s.GetSafeLabel()] = true
+	}
+	return nil
+}
+
+// Officers lists the officer m binds each share to, in share order (""
+// where none is named), for ValidateOfficers.
+func Officers(m *safev1.GenesisManifest) []string {
+	officers := make([]string, len(m.GetSlots()))
+	for i, s := range m.GetSlots() {
+		officers[i] = s.GetOfficer()
+	}
+	return officers
+}
+
+// ValidateOfficers checks the officers a split binds its shares to, one
+// entry per share in order ("" where none is named). It is checked where a
+// manifest is made or accepted anew (genesis, a rekey, a provisioning, a
+// drill), not by ValidateManifest: a manifest already pinned with such an
+// entry must still be read, so that its distributors and root KMS still
+// start and hand the key to one another, and only the ceremonies it breaks
+// are refused, saying why. A distributor compares
+// each named officer with the verified SPIFFE ID of the officer who submits
+// that share, as a string, so each must be a full Cairn SPIFFE ID
+// (spiffe://<trust-domain>/<tier>/<region>/<name>): a relative one, as the
+// allowlists are written, or any other malformed entry matches no one, and
+// its share could never be released. Named officers must also be distinct
+// (a ceremony takes one share per officer) and of one trust domain (a
+// distributor trusts one). The error names the share and the entry.
+func ValidateOfficers(officers []string) error {
+	seen := map[string]int{}
+	var first identity.ID
+	for i, o := range officers {
+		if o == "" {
+			continue
+		}
+		id, err := identity.Parse(o)
+		if err != nil {
+			return fmt.Errorf("officer %q of share %d is not a full SPIFFE ID spiffe://<trust-domain>/<tier>/<region>/<name>: %w", o, i+1, err)
+		}
+		if j, ok := seen[o]; ok {
+			return fmt.Errorf("officer %s is named for shares %d and %d; each share needs its own officer", o, j, i+1)
+		}
+		seen[o] = i + 1
+		if first.IsZero() {
+			first = id
+		} else if id.TrustDomain() != first.TrustDomain() {
+			return fmt.Errorf("officer %s of share %d is of trust domain %s, but officer %s is of %s; a distributor trusts one",
+				o, i+1, id.TrustDomain().Name(), first, first.TrustDomain().Name())
+		}
 	}
 	return nil
 }

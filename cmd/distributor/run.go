@@ -17,6 +17,7 @@ import (
 	"github.com/cairnkms/cairn/internal/lockedmem"
 	"github.com/cairnkms/cairn/internal/ops"
 	"github.com/cairnkms/cairn/internal/serverconfig"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 )
 
@@ -64,9 +65,26 @@ func runWith(ctx context.Context, args, env []string, stdout, stderr io.Writer) 
 
 func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, opsFlags *ops.Flags, listen, stateDir, auditPath, officers, readers, peerIDs, peers, manifest string, ttl time.Duration) error {
 	manifestPath := filepath.Join(stateDir, "genesis.json")
+	var m *safev1.GenesisManifest
 	if manifest != "" {
-		m, err := safe.ReadManifest(manifest)
-		if err != nil {
+		var err error
+		if m, err = safe.ReadManifest(manifest); err != nil {
+			return fmt.Errorf("--manifest: %w", err)
+		}
+	}
+	// No core dumps and no ptrace: the root key must not leave RAM.
+	if err := lockedmem.HardenProcess(); err != nil {
+		return fmt.Errorf("hardening the process: %w", err)
+	}
+	src, err := id.Source(log)
+	if err != nil {
+		return err
+	}
+	td := src.TrustDomain()
+	// Pinned only once the trust domain is known: a manifest whose officers
+	// are of another one could never be unsealed by a ceremony.
+	if m != nil {
+		if err := distributor.CheckManifest(m, td); err != nil {
 			return fmt.Errorf("--manifest: %w", err)
 		}
 		wrote, err := distributor.PinManifest(manifestPath, m)
@@ -79,15 +97,6 @@ func serve(ctx context.Context, log *slog.Logger, id *identity.Flags, opsFlags *
 			log.Info("distributor: --manifest kept the pinned manifest (same root key, same or later epoch)", "from", manifest, "epoch", m.GetEpoch())
 		}
 	}
-	// No core dumps and no ptrace: the root key must not leave RAM.
-	if err := lockedmem.HardenProcess(); err != nil {
-		return fmt.Errorf("hardening the process: %w", err)
-	}
-	src, err := id.Source(log)
-	if err != nil {
-		return err
-	}
-	td := src.TrustDomain()
 	allow := func(flagName, v string) (identity.Allowlist, error) {
 		a, err := identity.ParseAllowlist(td, identity.SplitList(v)...)
 		if err != nil {

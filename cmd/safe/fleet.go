@@ -43,7 +43,7 @@ func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&threshold, "threshold", 0, "new K (required)")
 	fs.Var(&oldSafes, "old-safe", "config of a safe holding a current share this officer releases; repeatable (other officers run \"safe release\")")
 	fs.Var(&newSafes, "safe", "config of a new safe; repeat N' times")
-	fs.StringVar(&officers, "officers", "", "comma-separated officer SPIFFE IDs for the new safes (optional)")
+	fs.StringVar(&officers, "officers", "", "comma-separated full officer SPIFFE IDs (spiffe://<trust-domain>/<tier>/<region>/<name>) for the new safes, one per safe in order (optional)")
 	fs.StringVar(&manifest, "manifest", "", "the current manifest (required)")
 	fs.StringVar(&out, "out", "", "where to write the new manifest (required)")
 	fs.DurationVar(&wait, "wait", 30*time.Minute, "how long the ceremony waits for the officers' shares")
@@ -54,6 +54,10 @@ func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	addrs := identity.SplitList(dists)
 	if threshold == 0 || len(newSafes) == 0 || manifest == "" || out == "" || len(addrs) == 0 {
 		return fs.required("--distributor, --threshold, --safe, --manifest and --out are required")
+	}
+	officerIDs := identity.SplitList(officers)
+	if err := checkOfficers(officerIDs, id.TrustDomain); err != nil {
+		return err
 	}
 	prev, err := safe.ReadManifest(manifest)
 	if err != nil {
@@ -74,7 +78,7 @@ func rekey(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer closeConn()
-	r, err := officer.OpenRekey(ctx, client, threshold, news, identity.SplitList(officers), wait)
+	r, err := officer.OpenRekey(ctx, client, threshold, news, officerIDs, wait)
 	if err != nil {
 		return err
 	}

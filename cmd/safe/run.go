@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 
 	"github.com/cairnkms/cairn/internal/identity"
@@ -200,6 +201,29 @@ func dial(id *identity.Flags, addr string) (distributorv1.DistributorClient, fun
 	return distributorv1.NewDistributorClient(conn), func() { conn.Close() }, nil
 }
 
+// checkOfficers checks --officers before any safe is opened: each a full,
+// distinct SPIFFE ID (safe.ValidateOfficers), and of --trust-domain when it
+// is given. A distributor compares them with the officers' own IDs, so one
+// that is not would lock that share out of every ceremony.
+func checkOfficers(officers []string, trustDomain string) error {
+	if err := safe.ValidateOfficers(officers); err != nil {
+		return fmt.Errorf("--officers: %w", err)
+	}
+	if trustDomain == "" {
+		return nil
+	}
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return fmt.Errorf("--trust-domain %q: %w", trustDomain, err)
+	}
+	for i, o := range officers {
+		if id, err := identity.Parse(o); err != nil || id.TrustDomain() != td {
+			return fmt.Errorf("--officers: officer %s of share %d is not of --trust-domain %s", o, i+1, td.Name())
+		}
+	}
+	return nil
+}
+
 func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("genesis", stdout, stderr)
 	var (
@@ -212,7 +236,7 @@ func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	id.Register(fs.FlagSet)
 	fs.IntVar(&threshold, "threshold", 0, "K: shares needed to restore the key (required)")
 	fs.Var(&safes, "safe", "safe config file; repeat once per safe (N times)")
-	fs.StringVar(&officers, "officers", "", "comma-separated officer SPIFFE IDs, one per safe in order (optional)")
+	fs.StringVar(&officers, "officers", "", "comma-separated full officer SPIFFE IDs (spiffe://<trust-domain>/<tier>/<region>/<name>), one per safe in order (optional)")
 	fs.StringVar(&manifestPath, "manifest", "", "where to write the public genesis manifest (required)")
 	fs.Var(&distributors, "distributor", "host:port of a distributor to hand the key to; repeatable")
 	if err := fs.parse(args); err != nil {
@@ -221,13 +245,17 @@ func genesis(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if threshold == 0 || len(safes) == 0 || manifestPath == "" {
 		return fs.required("--threshold, --safe (N times) and --manifest are required")
 	}
+	officerIDs := identity.SplitList(officers)
+	if err := checkOfficers(officerIDs, id.TrustDomain); err != nil {
+		return err
+	}
 	opened, closeAll, err := openSafes(ctx, safes)
 	if err != nil {
 		return err
 	}
 	defer closeAll()
 	start := time.Now()
-	m, rmk, err := safe.Genesis(ctx, safe.SplitConfig{Threshold: threshold, Safes: opened, Officers: identity.SplitList(officers)})
+	m, rmk, err := safe.Genesis(ctx, safe.SplitConfig{Threshold: threshold, Safes: opened, Officers: officerIDs})
 	if err != nil {
 		return err
 	}

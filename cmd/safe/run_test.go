@@ -257,24 +257,7 @@ func TestCommandLine(t *testing.T) {
 // it fails naming it, and no share or passphrase is in what it prints.
 func TestDrillSkipsUnopenedSafe(t *testing.T) {
 	dir := t.TempDir()
-	var configs []string
-	for i := 1; i <= 3; i++ {
-		label := fmt.Sprintf("safe-%d", i)
-		pass := filepath.Join(dir, label+".passphrase")
-		if err := os.WriteFile(pass, []byte("drill passphrase of "+label+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := json.Marshal(map[string]any{"kind": safe.KindInsecureFile, "label": label, "dir": filepath.Join(dir, label),
-			"passphrase_file": pass, "kdf_memory_kib": 8192, "attempt_dir": filepath.Join(dir, "attempts")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		path := filepath.Join(dir, label+".json")
-		if err := os.WriteFile(path, cfg, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		configs = append(configs, path)
-	}
+	configs := fileSafeConfigs(t, dir, 3)
 	manifest := filepath.Join(dir, "manifest.json")
 	var out, errOut bytes.Buffer
 	args := []string{"genesis", "--threshold", "2", "--manifest", manifest}
@@ -307,5 +290,69 @@ func TestDrillSkipsUnopenedSafe(t *testing.T) {
 	}
 	if strings.Contains(got, "drill passphrase") {
 		t.Errorf("safe drill printed a passphrase:\n%s", got)
+	}
+}
+
+// fileSafeConfigs writes the configs of n file safes safe-1..safe-n, in dir
+// (the safes themselves are made when first opened), and returns their paths.
+func fileSafeConfigs(t *testing.T, dir string, n int) []string {
+	t.Helper()
+	var configs []string
+	for i := 1; i <= n; i++ {
+		label := fmt.Sprintf("safe-%d", i)
+		pass := filepath.Join(dir, label+".passphrase")
+		if err := os.WriteFile(pass, []byte("drill passphrase of "+label+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := json.Marshal(map[string]any{"kind": safe.KindInsecureFile, "label": label, "dir": filepath.Join(dir, label),
+			"passphrase_file": pass, "kdf_memory_kib": 8192, "attempt_dir": filepath.Join(dir, "attempts")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, label+".json")
+		if err := os.WriteFile(path, cfg, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		configs = append(configs, path)
+	}
+	return configs
+}
+
+// TestGenesisRefusesBadOfficers: `safe genesis --officers` with officers a
+// distributor could never match (the relative form the allowlists use, one
+// named twice, or of another trust domain than --trust-domain) exits 1
+// naming the entry, before any safe is opened: no manifest, no share.
+func TestGenesisRefusesBadOfficers(t *testing.T) {
+	full := func(td string, i int) string { return fmt.Sprintf("spiffe://%s/officer/global/officer-%d", td, i) }
+	tests := []struct {
+		name  string
+		flags []string
+		want  string
+	}{
+		{"relative", []string{"--officers", "officer/global/officer-1,officer/global/officer-2"},
+			`safe genesis: --officers: officer "officer/global/officer-1" of share 1 is not a full SPIFFE ID`},
+		{"named twice", []string{"--officers", full("cairn.local", 1) + "," + full("cairn.local", 1)},
+			"safe genesis: --officers: officer " + full("cairn.local", 1) + " is named for shares 1 and 2"},
+		{"another trust domain", []string{"--trust-domain", "cairn.local", "--officers", full("cairn.local", 1) + "," + full("other.local", 2)},
+			"safe genesis: --officers: officer " + full("other.local", 2) + " of share 2 is of trust domain other.local"},
+		{"not of --trust-domain", []string{"--trust-domain", "cairn.local", "--officers", full("other.local", 1) + "," + full("other.local", 2)},
+			"safe genesis: --officers: officer " + full("other.local", 1) + " of share 1 is not of --trust-domain cairn.local"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			configs := fileSafeConfigs(t, dir, 2)
+			manifest := filepath.Join(dir, "manifest.json")
+			args := append([]string{"genesis", "--threshold", "2", "--manifest", manifest, "--safe", configs[0], "--safe", configs[1]}, tt.flags...)
+			var out, errOut bytes.Buffer
+			if code := run(context.Background(), args, &out, &errOut); code != 1 || !strings.Contains(errOut.String(), tt.want) {
+				t.Errorf("safe %v = %d, %q; want 1 containing %q", args, code, out.String()+errOut.String(), tt.want)
+			}
+			for _, p := range []string{manifest, filepath.Join(dir, "safe-1"), filepath.Join(dir, "safe-2")} {
+				if _, err := os.Stat(p); !os.IsNotExist(err) {
+					t.Errorf("a refused genesis made %s (%v)", p, err)
+				}
+			}
+		})
 	}
 }

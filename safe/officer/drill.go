@@ -45,14 +45,20 @@ var drillTD = spiffeid.RequireTrustDomainFromString("cairn-drill.invalid")
 // distributor on 127.0.0.1, with a throwaway PKI, audit log and state in a
 // temporary directory that it removes afterwards. It touches nothing in
 // production: no production distributor, identity or file is involved, and
-// the restored key is checked and wiped. A safe that fails to release its
-// share is skipped and reported in DrillReport.Failed (and logged) as long
-// as the others reach the threshold; otherwise the error names every failed
-// safe.
+// the restored key is checked and wiped. Each share is released under the
+// identity of the officer the manifest binds it to, moved into the
+// throwaway trust domain, so the distributor checks that binding as a real
+// ceremony does; a manifest naming an officer no real ceremony could accept
+// fails the drill. A safe that fails to release its share is skipped and
+// reported in DrillReport.Failed (and logged) as long as the others reach
+// the threshold; otherwise the error names every failed safe.
 func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, log *slog.Logger) (*DrillReport, error) {
 	start := time.Now()
 	if err := safe.ValidateManifest(m); err != nil {
 		return nil, err
+	}
+	if err := safe.ValidateOfficers(safe.Officers(m)); err != nil {
+		return nil, fmt.Errorf("%w: the manifest binds a share to an officer no ceremony can accept: %w", safe.ErrInvalidManifest, err)
 	}
 	if len(safes) < int(m.GetThreshold()) {
 		return nil, fmt.Errorf("officer: drill with %d safes cannot meet threshold %d", len(safes), m.GetThreshold())
@@ -73,8 +79,8 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 	if err := ca.Save(dir); err != nil {
 		return nil, err
 	}
-	source := func(tier, name string) (*identity.Source, error) {
-		id, err := spiffeid.FromSegments(drillTD, tier, "drill", name)
+	source := func(tier, region, name string) (*identity.Source, error) {
+		id, err := spiffeid.FromSegments(drillTD, tier, region, name)
 		if err != nil {
 			return nil, err
 		}
@@ -89,11 +95,30 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		return identity.NewSource(identity.SourceConfig{CertFile: cert, KeyFile: key, BundleFile: filepath.Join(dir, "ca.pem"), TrustDomain: drillTD, CheckInterval: -1})
 	}
 
-	// The drill's copy of the manifest names no officers: the drill's
-	// identities are throwaway ones.
+	// The drill's copy of the manifest binds each share to the officer the
+	// manifest names, moved into the drill's trust domain (the same tier,
+	// region and name): each share is released under that identity, and
+	// the distributor checks it against the manifest as in a real ceremony.
+	// ValidateManifest above has refused an officer that is not a full,
+	// distinct SPIFFE ID, which no real ceremony could ever accept.
 	dm := proto.Clone(m).(*safev1.GenesisManifest)
+	officers := []identity.Pattern{identity.MustParsePattern("officer/drill/*", drillTD)}
+	officerOf := map[uint32]identity.ID{} // by share index
 	for _, s := range dm.GetSlots() {
-		s.Officer = ""
+		if s.GetOfficer() == "" {
+			continue
+		}
+		id, err := identity.Parse(s.GetOfficer())
+		if err != nil {
+			return nil, err
+		}
+		did, err := identity.New(drillTD, id.Tier(), id.Region(), id.Name())
+		if err != nil {
+			return nil, err
+		}
+		s.Officer = did.String()
+		officers = append(officers, identity.Exact(did))
+		officerOf[s.GetIndex()] = did
 	}
 	stateDir := filepath.Join(dir, "distributor")
 	if err := safe.WriteManifest(filepath.Join(stateDir, "genesis.json"), dm); err != nil {
@@ -104,7 +129,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		return nil, err
 	}
 	defer alog.Close()
-	dsrc, err := source("distributor", "distributor")
+	dsrc, err := source("distributor", "drill", "distributor")
 	if err != nil {
 		return nil, err
 	}
@@ -114,7 +139,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 	}
 	d, err := distributor.New(distributor.Config{
 		ManifestPath: filepath.Join(stateDir, "genesis.json"), Source: dsrc,
-		Officers: allow("officer/drill/*"), RootKeyReaders: allow("rootkms/drill/*"), Audit: alog, Logger: log,
+		Officers: identity.NewAllowlist(officers...), RootKeyReaders: allow("rootkms/drill/*"), Audit: alog, Logger: log,
 	})
 	if err != nil {
 		return nil, err
@@ -144,7 +169,15 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 		failed []*safe.SafeError
 	)
 	for i, s := range safes {
-		osrc, err := source("officer", fmt.Sprintf("officer-%d", i+1))
+		// The officer the manifest binds this safe's share to, or a
+		// throwaway one where it names none.
+		tier, region, name := "officer", "drill", fmt.Sprintf("officer-%d", i+1)
+		if index, err := safe.SlotOf(dm, s); err == nil {
+			if id, ok := officerOf[index]; ok {
+				tier, region, name = id.Tier(), id.Region(), id.Name()
+			}
+		}
+		osrc, err := source(tier, region, name)
 		if err != nil {
 			return nil, err
 		}
@@ -170,7 +203,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 			continue
 		}
 		c = next
-		log.Info("drill: share released", "safe", s.Label(), "have", len(c.GetAcceptedIndices()), "threshold", dm.GetThreshold())
+		log.Info("drill: share released", "safe", s.Label(), "officer", osrc.ID().String(), "have", len(c.GetAcceptedIndices()), "threshold", dm.GetThreshold())
 		if c.GetState() != distributorv1.CeremonyState_CEREMONY_STATE_OPEN {
 			break
 		}
@@ -180,7 +213,7 @@ func Drill(ctx context.Context, m *safev1.GenesisManifest, safes []safe.Safe, lo
 	}
 
 	// Prove the restored key the way a root KMS replica would see it.
-	rsrc, err := source("rootkms", "rootkms")
+	rsrc, err := source("rootkms", "drill", "rootkms")
 	if err != nil {
 		return nil, err
 	}

@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/secret"
+	safev1 "github.com/cairnkms/cairn/proto/cairn/safe/v1"
 	"github.com/cairnkms/cairn/safe"
 	"github.com/cairnkms/cairn/safe/officer"
 )
@@ -65,5 +68,42 @@ func TestDrill(t *testing.T) {
 		// The other safes' labels collide with this manifest's, but they
 		// hold no share of this genesis.
 		t.Errorf("Drill with another genesis's safes = %v, want a not-found or bad-share error", err)
+	}
+}
+
+// TestDrillRefusesBadOfficers: a manifest that binds a share to an officer
+// no real ceremony could accept (not a full SPIFFE ID, as the allowlists
+// write them, or named for two shares) fails the drill, naming the entry,
+// as it fails every real ceremony.
+func TestDrillRefusesBadOfficers(t *testing.T) {
+	ctx := context.Background()
+	safes := fileSafes(t, 3)
+	good, rmk, err := safe.Genesis(ctx, safe.SplitConfig{Threshold: 2, Safes: safes,
+		Officers: []string{"spiffe://prod.example/officer/global/a", "spiffe://prod.example/officer/global/b", "spiffe://prod.example/officer/global/c"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rmk.Wipe()
+	for _, tt := range []struct {
+		name string
+		mut  func(m *safev1.GenesisManifest)
+		want string
+	}{
+		{"relative", func(m *safev1.GenesisManifest) {
+			for _, s := range m.GetSlots() {
+				s.Officer = strings.TrimPrefix(s.GetOfficer(), "spiffe://prod.example/")
+			}
+		}, `officer "officer/global/a" of share 1 is not a full SPIFFE ID`},
+		{"named twice", func(m *safev1.GenesisManifest) { m.Slots[1].Officer = m.Slots[0].GetOfficer() },
+			"officer spiffe://prod.example/officer/global/a is named for shares 1 and 2"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := proto.CloneOf(good)
+			tt.mut(m)
+			r, err := officer.Drill(ctx, m, safes, nil)
+			if !errors.Is(err, safe.ErrInvalidManifest) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Drill with officers %s = %+v, %v; want ErrInvalidManifest containing %q", tt.name, r, err, tt.want)
+			}
+		})
 	}
 }
