@@ -56,6 +56,17 @@ func (s *Server) apply(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kms
 		return nil, fmt.Errorf("%w: %s", errInvalid, forceGone)
 	}
 	sb := req.GetBundle()
+	// The signature covers the bundle bytes, not the wrapper around them.
+	// The wrapper is persisted whole, and every read of the file checks
+	// that it holds the signed bundle and nothing else (readHeldBundle):
+	// fields this server does not know would be persisted unsigned, and
+	// every later apply refused for them. Dropping them instead would drop,
+	// unsaid, what a newer server may check. So they are refused, before
+	// anything is persisted.
+	if len(sb.ProtoReflect().GetUnknown()) > 0 {
+		return nil, fmt.Errorf("%w: the signed bundle's wrapper (SignedBundle) has fields this server does not know, outside the signature; "+
+			"upgrade the server, or rebuild the bundle with a regionctl of the server's version", errInvalid)
+	}
 	b, err := bundle.Verify(sb, s.signingKeys())
 	if err != nil {
 		return nil, err
@@ -448,6 +459,13 @@ func (s *Server) readBundles() (served, previous *bundlev1.SignedBundle, err err
 	return served, previous, nil
 }
 
+// tooManyProbes is the refusal of a Probe of n probes, more than the limit
+// (the batch limit). The codec gives it before decoding the request (see
+// dataRequest); the handler checks again.
+func tooManyProbes(n, limit int) error {
+	return toStatus(fmt.Errorf("%w: %d probes, more than the limit of %d", errInvalid, n, limit))
+}
+
 // Probe implements kms.v1.KMSAdmin. Probes do not count as uses of a key
 // version (they would keep a version looking used forever).
 func (a *adminAPI) Probe(ctx context.Context, req *kmsv1.ProbeRequest) (resp *kmsv1.ProbeResponse, err error) {
@@ -460,7 +478,7 @@ func (a *adminAPI) Probe(ctx context.Context, req *kmsv1.ProbeRequest) (resp *km
 	}
 	audit.AddTarget(ctx, audit.Target{Region: s.cfg.Region})
 	if n := len(req.GetProbes()); n > s.cfg.MaxBatch {
-		return nil, toStatus(fmt.Errorf("%w: %d probes, more than the limit of %d", errInvalid, n, s.cfg.MaxBatch))
+		return nil, tooManyProbes(n, s.cfg.MaxBatch)
 	}
 	// A probe that is not a golden probe is refused (not decrypted) and
 	// fails with the reason, as a batch item does; every probe is audited.

@@ -143,10 +143,11 @@ const (
 	shedConcurrency                 // over its quota's calls at once
 	shedOverload                    // over the server's MaxInFlight
 	shedSize                        // request over MaxDataMsgSize
+	shedItems                       // batch of more items than MaxBatch
 	numShed
 )
 
-var shedNames = [numShed]string{"quota_rate", "quota_concurrency", "overload", "message_size"}
+var shedNames = [numShed]string{"quota_rate", "quota_concurrency", "overload", "message_size", "batch_items"}
 
 // caller is one caller's admission state. Its rule never changes: new
 // quotas make new callers.
@@ -293,6 +294,14 @@ func (a *admission) admit(id identity.ID) (*caller, error) {
 		return nil, retryError(fmt.Sprintf("kms: server overloaded: %d data-plane calls in progress, its limit; call shed", a.maxInFlight), busyRetry)
 	}
 	return c, nil
+}
+
+// refuseUnadmitted counts a refusal of id's call before its admission (its
+// request was over a data-plane limit: see gated).
+func (a *admission) refuseUnadmitted(id identity.ID, kind shedKind) {
+	c := a.caller(id)
+	c.refused[kind].Add(1)
+	a.shed[kind].Inc()
 }
 
 // release ends an admitted call.

@@ -7,7 +7,9 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cairnkms/cairn/internal/identity"
@@ -196,19 +198,22 @@ func TestAdmissionAllocations(t *testing.T) {
 	}); n != 0 {
 		t.Errorf("admit + release allocs = %v, want 0", n)
 	}
-	s, signer, keys, ks := newUnstarted(t)
-	sb := signer.Sign(t, kmstest.Bundle(t, keys, testRegion, 1, ks))
-	if _, err := s.apply(t.Context(), &kmsv1.ApplyBundleRequest{Bundle: sb}); err != nil {
+	// The codec's check of a data-plane request within the limits, which
+	// every call's request goes through.
+	req := &kmsv1.DecryptBatchRequest{Keyset: "payments/ledger", Items: []*kmsv1.DecryptItem{{Ciphertext: make([]byte, 64), AssociatedData: []byte("ad")}}}
+	b, err := proto.Marshal(req)
+	if err != nil {
 		t.Fatal(err)
 	}
-	req := &kmsv1.DecryptRequest{Keyset: "payments/ledger", Ciphertext: make([]byte, 64), AssociatedData: []byte("ad")}
-	c, _ := s.adm.admit(quiet)
+	codec := newBatchCodec(DefaultMaxDataMsgSize, DefaultMaxBatch).(batchCodec)
+	data := mem.BufferSlice{mem.SliceBuffer(b)}
 	if n := testing.AllocsPerRun(1000, func() {
-		if err := s.checkMessage(c, "Decrypt", req); err != nil {
+		r := dataRequest{method: "DecryptBatch", msg: req}
+		if err := codec.check(data, &r); err != nil {
 			t.Fatal(err)
 		}
 	}); n != 0 {
-		t.Errorf("message size check allocs = %v, want 0", n)
+		t.Errorf("data-plane limits check allocs = %v, want 0", n)
 	}
 }
 

@@ -3,6 +3,7 @@ package kms_test
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -10,7 +11,9 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/internal/audit"
@@ -177,6 +180,130 @@ func TestDataMessageLimit(t *testing.T) {
 			t.Errorf("EncryptBatch of 36 KiB = %v, want ResourceExhausted naming the data plane's limit", err)
 		}
 	})
+}
+
+// wireCodec sends and receives a call's encoded message as it is, so that
+// a test can send what no generated client would.
+type wireCodec struct{}
+
+func (wireCodec) Marshal(v any) (mem.BufferSlice, error) {
+	return mem.BufferSlice{mem.SliceBuffer(*v.(*[]byte))}, nil
+}
+func (wireCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	*v.(*[]byte) = data.Materialize()
+	return nil
+}
+func (wireCodec) Name() string { return "proto" }
+
+// emptyElements is a request of n empty elements of the repeated message
+// field num: two bytes each, the most elements a request of its size holds.
+func emptyElements(num protowire.Number, n int) []byte {
+	b := make([]byte, 0, 2*n)
+	for range n {
+		b = protowire.AppendTag(b, num, protowire.BytesType)
+		b = protowire.AppendVarint(b, 0)
+	}
+	return b
+}
+
+// TestOverLimitBatchesRefusedUndecoded: a batch of more items than
+// MaxBatch (EncryptBatch, DecryptBatch) is refused with the handler's
+// INVALID_ARGUMENT and its details, a Probe of more probes with the
+// handler's refusal, before the request is decoded: a request of 4 MiB of
+// empty items (two million of them), from a caller on no ACL, costs the
+// process (client and server) no more than a few times its size, not the
+// ~48 times decoding it took. The data-plane refusals are those of the gate: no handler, no
+// per-call audit record, counted against the caller (batch_items) and
+// audited once per window. A Probe's refusal still comes after the access
+// policy, audited as every Probe. A batch of MaxBatch items is served.
+func TestOverLimitBatchesRefusedUndecoded(t *testing.T) {
+	const limit = 10
+	e := newEnv(t)
+	s := e.start(kms1ID, "", func(c *kms.Config) { c.MaxBatch, c.QuotaAuditWindow = limit, time.Hour })
+	e.apply(s, e.bundle(e.ks))
+	invoke := func(id, method string, req []byte) error {
+		var resp []byte
+		cc := e.conn(id, s.addr, grpc.WithDefaultCallOptions(grpc.ForceCodecV2(wireCodec{}), grpc.MaxCallSendMsgSize(64<<20)))
+		return cc.Invoke(ctx(t), method, &req, &resp)
+	}
+	over := emptyElements(2, limit+1)
+	for _, method := range []string{"EncryptBatch", "DecryptBatch"} {
+		st := status.Convert(invoke(appID, "/cairn.kms.v1.KMS/"+method, over))
+		want := "kms: invalid request: 11 items, more than the limit of 10"
+		if st.Code() != codes.InvalidArgument || st.Message() != want {
+			t.Errorf("%s of %d empty items = %v %q, want InvalidArgument %q", method, limit+1, st.Code(), st.Message(), want)
+		}
+		var info *errdetails.ErrorInfo
+		for _, d := range st.Details() {
+			if d, ok := d.(*errdetails.ErrorInfo); ok {
+				info = d
+			}
+		}
+		if info.GetReason() != "BATCH_TOO_LARGE" || info.GetMetadata()["items"] != "11" || info.GetMetadata()["max_items"] != "10" {
+			t.Errorf("%s of %d empty items: ErrorInfo %v, want BATCH_TOO_LARGE with items 11 and max_items 10", method, limit+1, info)
+		}
+	}
+
+	big := emptyElements(2, kms.DefaultMaxDataMsgSize/2)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	err := invoke(otherID, "/cairn.kms.v1.KMS/DecryptBatch", big)
+	runtime.ReadMemStats(&after)
+	if want := fmt.Sprintf("kms: invalid request: %d items, more than the limit of 10", len(big)/2); status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != want {
+		t.Errorf("DecryptBatch of %d empty items from a caller on no ACL = %v, want InvalidArgument %q", len(big)/2, err, want)
+	}
+	// The request's bytes, sent and received (and copied by gRPC on either
+	// side), and no more.
+	if n := after.TotalAlloc - before.TotalAlloc; n > 4*uint64(len(big)) {
+		t.Errorf("DecryptBatch of a %d-byte request of empty items: the process allocated %d MiB during the call, want at most %d MiB",
+			len(big), n>>20, 4*len(big)>>20)
+	}
+
+	items := make([]*kmsv1.EncryptItem, limit)
+	for i := range items {
+		items[i] = &kmsv1.EncryptItem{Plaintext: []byte("dek")}
+	}
+	if resp, err := e.client(appID, s).EncryptBatch(ctx(t), &kmsv1.EncryptBatchRequest{Keyset: ledger, Items: items}); err != nil || len(resp.GetResults()) != limit {
+		t.Errorf("EncryptBatch of %d items = %d results, %v; want %d results", limit, len(resp.GetResults()), err, limit)
+	}
+
+	probes := emptyElements(1, limit+1)
+	if err := invoke(appID, "/cairn.kms.v1.KMSAdmin/Probe", probes); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("Probe of %d probes by a client = %v, want PermissionDenied (no admin)", limit+1, err)
+	}
+	want := "kms: invalid request: 11 probes, more than the limit of 10"
+	if st := status.Convert(invoke(adminID, "/cairn.kms.v1.KMSAdmin/Probe", probes)); st.Code() != codes.InvalidArgument || st.Message() != want {
+		t.Errorf("Probe of %d probes by an admin = %v %q, want InvalidArgument %q", limit+1, st.Code(), st.Message(), want)
+	}
+	huge := emptyElements(1, kms.DefaultMaxDataMsgSize/2+1)
+	if err := invoke(adminID, "/cairn.kms.v1.KMSAdmin/Probe", huge); status.Code(err) != codes.ResourceExhausted ||
+		!strings.Contains(err.Error(), "the Probe request is 4194306 bytes, more than the data plane's limit of 4194304 bytes") {
+		t.Errorf("Probe of %d bytes = %v, want ResourceExhausted naming the data plane's limit", len(huge), err)
+	}
+
+	s.Close() // ends the window
+	refusedRecords, probeRecords := 0, 0
+	for _, r := range readAudit(t, s) {
+		switch {
+		case strings.HasPrefix(r.Operation, "/cairn.kms.v1.KMS/") && r.Code == codes.InvalidArgument.String():
+			refusedRecords++
+		case r.Operation == "/cairn.kms.v1.KMSAdmin/Probe":
+			probeRecords++
+		}
+	}
+	if refusedRecords != 0 {
+		t.Errorf("audit records of the refused batches = %d, want 0: no handler, no interceptor ran", refusedRecords)
+	}
+	if probeRecords != 3 {
+		t.Errorf("Probe audit records = %d, want 3 (every Probe, refused or not)", probeRecords)
+	}
+	if recs := quotaRecords(t, s, appID); len(recs) != 1 || !strings.Contains(recs[0].Reason, "batch_items 2") {
+		t.Errorf("the client's refusal records = %+v, want one counting batch_items 2", recs)
+	}
+	if recs := quotaRecords(t, s, otherID); len(recs) != 1 || !strings.Contains(recs[0].Reason, "batch_items 1") {
+		t.Errorf("the intruder's refusal records = %+v, want one counting batch_items 1", recs)
+	}
 }
 
 // TestWithheldRequestsHoldNoSlot: calls whose client opens them and never

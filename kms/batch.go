@@ -28,9 +28,10 @@ const (
 // batchTooLarge is the refusal of a batch of n items, more than the
 // server's limit: INVALID_ARGUMENT with the limit in the message, in a
 // google.rpc.ErrorInfo (metadata max_items and items) and in a
-// google.rpc.BadRequest on the field "items".
-func (s *Server) batchTooLarge(n int) error {
-	limit := s.cfg.MaxBatch
+// google.rpc.BadRequest on the field "items". The codec gives it before
+// decoding a batch (see dataRequest), the handlers to a batch that did not
+// come through it (the transit API's).
+func batchTooLarge(n, limit int) error {
 	msg := fmt.Errorf("%w: %d items, more than the limit of %d", errInvalid, n, limit).Error()
 	st, err := status.New(codes.InvalidArgument, msg).WithDetails(
 		&errdetails.ErrorInfo{Reason: batchLimitReason, Domain: batchLimitDomain, Metadata: map[string]string{

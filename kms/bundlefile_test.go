@@ -1,6 +1,7 @@
 package kms_test
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +9,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cairnkms/cairn/kms"
@@ -291,4 +293,45 @@ func TestShrinkGuardAfterRestart(t *testing.T) {
 	next := e.bundle(kss...)
 	e.apply(s, next)
 	wantBundles(t, s, next, served)
+}
+
+// TestApplyRefusesUnknownWrapperFields: a signed bundle whose wrapper
+// (SignedBundle, outside the signature) carries a field this server does
+// not know is refused with INVALID_ARGUMENT saying so, dry run or not, and
+// nothing is written: the signed bundle without it applies, and so does
+// the next serial after it (a persisted wrapper with the field would have
+// refused every later apply).
+func TestApplyRefusesUnknownWrapperFields(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "")
+	clean := e.bundle(e.ks)
+	sb := proto.Clone(clean).(*bundlev1.SignedBundle)
+	sb.ProtoReflect().SetUnknown(protowire.AppendBytes(protowire.AppendTag(nil, 99, protowire.BytesType), []byte("x")))
+	for _, dry := range []bool{true, false} {
+		_, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: sb, DryRun: dry})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "wrapper (SignedBundle) has fields this server does not know") ||
+			!strings.Contains(err.Error(), "upgrade the server, or rebuild the bundle") {
+			t.Errorf("ApplyBundle(dry run %v) of a bundle with an unknown wrapper field = %v, want InvalidArgument saying so", dry, err)
+		}
+	}
+	if entries, err := os.ReadDir(s.dir); err != nil || len(entries) != 0 {
+		t.Errorf("state directory after the refusals = %v (%v), want empty", entries, err)
+	}
+	if st := s.status(t); st.GetState() == kmsv1.ServingState_SERVING_STATE_SERVING {
+		t.Errorf("serving after the refusals, want nothing applied")
+	}
+	if got := e.apply(s, clean).GetApplied().GetSerial(); got != 1 {
+		t.Errorf("applied serial %d, want 1", got)
+	}
+	// The served bundle again, with the field: refused, the file unchanged.
+	file := s.persisted(t)
+	if _, err := s.admin.ApplyBundle(ctx(t), &kmsv1.ApplyBundleRequest{Bundle: sb}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ApplyBundle of the served bundle with an unknown wrapper field = %v, want InvalidArgument", err)
+	}
+	if !bytes.Equal(s.persisted(t), file) {
+		t.Errorf("the bundle file changed on a refused apply")
+	}
+	if got := e.apply(s, e.bundle(e.ks)).GetApplied().GetSerial(); got != 2 {
+		t.Errorf("applied serial %d, want 2", got)
+	}
 }

@@ -28,17 +28,48 @@ import (
 //     it).
 //
 // Every other message goes through the standard codec.
+//
+// A data-plane request comes to the codec as a dataRequest, which it checks
+// against the data plane's limits before decoding any of it.
 type batchCodec struct {
 	encoding.CodecV2
+	// maxMsgSize and maxBatch are the data plane's limits
+	// (Config.MaxDataMsgSize and Config.MaxBatch).
+	maxMsgSize, maxBatch int
 }
 
-// newBatchCodec returns the codec.
-func newBatchCodec() encoding.CodecV2 {
-	return batchCodec{CodecV2: encoding.GetCodecV2(protocodec.Name)}
+// newBatchCodec returns the codec, with the data plane's limits.
+func newBatchCodec(maxMsgSize, maxBatch int) encoding.CodecV2 {
+	return batchCodec{CodecV2: encoding.GetCodecV2(protocodec.Name), maxMsgSize: maxMsgSize, maxBatch: maxBatch}
+}
+
+// dataRequest is a data-plane request (kms.v1.KMS's, and KMSAdmin.Probe's)
+// to decode into msg: the gated handlers and Probe's (see kmsDesc and
+// adminDesc) hand one to gRPC in place of the message. gRPC has one receive
+// limit per server, the large one ApplyBundle needs, and decodes a request
+// before any handler or interceptor runs; a decoded batch item costs up to
+// three heap objects for two bytes on the wire, so a request of empty
+// items would take dozens of times its size before anything refused it.
+// The codec refuses a request over the data plane's limits before decoding
+// any of it: it sets refused to the status the caller is to get, and kind
+// to what the refusal is counted as, and decodes nothing; the handler then
+// answers the refusal. (The codec reports it so, and not as its error,
+// because gRPC answers a codec's error itself, with INTERNAL, before the
+// handler returns.)
+type dataRequest struct {
+	method  string // the method's name, for the refusal's message
+	msg     proto.Message
+	refused error
+	kind    shedKind
 }
 
 func (c batchCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	switch m := v.(type) {
+	case *dataRequest:
+		if c.check(data, m) != nil {
+			return nil // refused, and nothing decoded: see dataRequest
+		}
+		return c.Unmarshal(data, m.msg)
 	case *kmsv1.DecryptBatchRequest:
 		b := data.Materialize()
 		if decodeDecryptBatch(b, m) {
@@ -67,11 +98,125 @@ func (c batchCodec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.CodecV2.Marshal(v)
 }
 
+// check refuses r, before any of it is decoded, if it is larger than the
+// data plane's limit, or is a batch of more items (or probes) than its
+// limit, counted on the wire. It sets r's refusal and returns it.
+func (c batchCodec) check(data mem.BufferSlice, r *dataRequest) error {
+	if n := data.Len(); n > c.maxMsgSize {
+		r.refused, r.kind = messageTooLarge(r.method, n, c.maxMsgSize), shedSize
+		return r.refused
+	}
+	switch r.msg.(type) {
+	case *kmsv1.EncryptBatchRequest, *kmsv1.DecryptBatchRequest:
+		if n := countField(data, fieldItems); n > c.maxBatch {
+			r.refused, r.kind = batchTooLarge(n, c.maxBatch), shedItems
+		}
+	case *kmsv1.ProbeRequest:
+		if n := countField(data, fieldProbes); n > c.maxBatch {
+			r.refused, r.kind = tooManyProbes(n, c.maxBatch), shedItems
+		}
+	}
+	return r.refused
+}
+
+// countField counts the top-level fields num of wire type bytes in the
+// encoded message data: the elements proto.Unmarshal would make of a
+// repeated message field num. It reads data where gRPC received it,
+// without copying or allocating. It steps over every other field as
+// protobuf does (groups included), and stops at the first malformed one,
+// where proto.Unmarshal stops too (with an error): so it never counts fewer
+// elements than protobuf (or the fast decoder, which takes less) would
+// make.
+func countField(data mem.BufferSlice, num protowire.Number) int {
+	r := wireReader{rest: data}
+	n, depth := 0, 0
+	for {
+		tag, ok := r.varint()
+		if !ok {
+			return n // the end, or a malformed tag
+		}
+		f, typ := protowire.DecodeTag(tag)
+		switch typ {
+		case protowire.VarintType:
+			_, ok = r.varint()
+		case protowire.Fixed32Type:
+			ok = r.skip(4)
+		case protowire.Fixed64Type:
+			ok = r.skip(8)
+		case protowire.BytesType:
+			var l uint64
+			if l, ok = r.varint(); ok {
+				ok = r.skip(l)
+			}
+			if ok && depth == 0 && f == num {
+				n++
+			}
+		case protowire.StartGroupType:
+			depth++
+		case protowire.EndGroupType:
+			depth--
+			ok = depth >= 0
+		default:
+			ok = false
+		}
+		if !ok {
+			return n
+		}
+	}
+}
+
+// wireReader reads an encoded message from the buffers gRPC received it in.
+type wireReader struct {
+	cur  []byte          // the rest of the buffer being read
+	rest mem.BufferSlice // the buffers after it
+}
+
+// next makes cur a buffer with bytes left, or reports false at the end.
+func (r *wireReader) next() bool {
+	for len(r.cur) == 0 {
+		if len(r.rest) == 0 {
+			return false
+		}
+		r.cur, r.rest = r.rest[0].ReadOnlyData(), r.rest[1:]
+	}
+	return true
+}
+
+// varint reads a varint (at most 10 bytes, as protobuf's).
+func (r *wireReader) varint() (uint64, bool) {
+	var v uint64
+	for shift := 0; shift < 70; shift += 7 {
+		if !r.next() {
+			return 0, false
+		}
+		b := r.cur[0]
+		r.cur = r.cur[1:]
+		v |= uint64(b&0x7f) << shift
+		if b < 0x80 {
+			return v, true
+		}
+	}
+	return 0, false
+}
+
+// skip steps over n bytes, or reports false if fewer are left.
+func (r *wireReader) skip(n uint64) bool {
+	for n > 0 {
+		if !r.next() {
+			return false
+		}
+		k := min(n, uint64(len(r.cur)))
+		r.cur, n = r.cur[k:], n-k
+	}
+	return true
+}
+
 // Field numbers of the batch messages (kms.proto). A batch request is
 // {keyset = 1; repeated item = 2}, each item two bytes fields, 1 and 2.
 const (
 	fieldKeyset   = 1
 	fieldItems    = 2
+	fieldProbes   = 1 // ProbeRequest's repeated probes (admin.proto)
 	fieldItemData = 1 // EncryptItem.plaintext, DecryptItem.ciphertext
 	fieldItemAD   = 2 // associated_data
 

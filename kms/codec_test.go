@@ -2,10 +2,14 @@ package kms
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"testing"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -43,9 +47,133 @@ func randRequests(r *rand.Rand) (*kmsv1.DecryptBatchRequest, *kmsv1.EncryptBatch
 func decodeBoth(t *testing.T, b []byte, m proto.Message) (fast, std proto.Message, fastErr, stdErr error) {
 	t.Helper()
 	fast, std = m.ProtoReflect().New().Interface(), m.ProtoReflect().New().Interface()
-	fastErr = newBatchCodec().Unmarshal(mem.BufferSlice{mem.SliceBuffer(bytes.Clone(b))}, fast)
+	fastErr = newBatchCodec(DefaultMaxDataMsgSize, DefaultMaxBatch).Unmarshal(mem.BufferSlice{mem.SliceBuffer(bytes.Clone(b))}, fast)
 	stdErr = proto.Unmarshal(b, std)
+	// The count the batch limit is checked against is protobuf's number of
+	// items, however gRPC split the frame into buffers.
+	if stdErr == nil {
+		if n, want := countField(split(b, 3), fieldItems), std.ProtoReflect().Get(std.ProtoReflect().Descriptor().Fields().ByNumber(fieldItems)).List().Len(); n != want {
+			t.Errorf("%T %x: countField = %d, protobuf decodes %d items", m, b, n, want)
+		}
+	}
 	return fast, std, fastErr, stdErr
+}
+
+// split is b in buffers of n bytes (the last one shorter).
+func split(b []byte, n int) mem.BufferSlice {
+	var out mem.BufferSlice
+	for len(b) > 0 {
+		k := min(n, len(b))
+		out, b = append(out, mem.SliceBuffer(b[:k])), b[k:]
+	}
+	return out
+}
+
+// emptyItems is a request of n empty elements of the repeated message field
+// num: two bytes each, the most elements a request of its size holds.
+func emptyItems(num protowire.Number, n int) []byte {
+	b := make([]byte, 0, 2*n)
+	for range n {
+		b = protowire.AppendTag(b, num, protowire.BytesType)
+		b = protowire.AppendVarint(b, 0)
+	}
+	return b
+}
+
+// TestDataRequestLimits: the codec refuses a data-plane request over the
+// data plane's limits without decoding any of it, with the handlers'
+// refusal: a batch of MaxBatch+1 items (EncryptBatch, DecryptBatch) or
+// probes (Probe) with INVALID_ARGUMENT, also when gRPC received it in many
+// buffers; a request larger than MaxDataMsgSize with RESOURCE_EXHAUSTED.
+// A batch of MaxBatch items decodes.
+func TestDataRequestLimits(t *testing.T) {
+	const maxMsg, maxBatch = 1 << 10, 10
+	c := newBatchCodec(maxMsg, maxBatch)
+	for _, tc := range []struct {
+		method string
+		msg    func() proto.Message
+		field  protowire.Number
+		want   string
+	}{
+		{"EncryptBatch", func() proto.Message { return new(kmsv1.EncryptBatchRequest) }, fieldItems, "kms: invalid request: 11 items, more than the limit of 10"},
+		{"DecryptBatch", func() proto.Message { return new(kmsv1.DecryptBatchRequest) }, fieldItems, "kms: invalid request: 11 items, more than the limit of 10"},
+		{"Probe", func() proto.Message { return new(kmsv1.ProbeRequest) }, fieldProbes, "kms: invalid request: 11 probes, more than the limit of 10"},
+	} {
+		decode := func(data mem.BufferSlice) *dataRequest {
+			t.Helper()
+			r := &dataRequest{method: tc.method, msg: tc.msg()}
+			if err := c.Unmarshal(data, r); err != nil {
+				t.Fatalf("%s: Unmarshal = %v, want nil (a refusal is the request's, not an error)", tc.method, err)
+			}
+			return r
+		}
+		items := func(m proto.Message) int {
+			return m.ProtoReflect().Get(m.ProtoReflect().Descriptor().Fields().ByNumber(tc.field)).List().Len()
+		}
+		over := emptyItems(tc.field, maxBatch+1)
+		for _, data := range []mem.BufferSlice{split(over, len(over)), split(over, 1)} {
+			r := decode(data)
+			st := status.Convert(r.refused)
+			if st.Code() != codes.InvalidArgument || st.Message() != tc.want || r.kind != shedItems {
+				t.Errorf("%s of %d items in %d buffers: refused %v %q (counted as %v), want InvalidArgument %q (%v)",
+					tc.method, maxBatch+1, len(data), st.Code(), st.Message(), shedNames[r.kind], tc.want, shedNames[shedItems])
+			}
+			if n := items(r.msg); n != 0 {
+				t.Errorf("%s of %d items: %d decoded, want none", tc.method, maxBatch+1, n)
+			}
+		}
+		if r := decode(split(emptyItems(tc.field, maxBatch), 1)); r.refused != nil || items(r.msg) != maxBatch {
+			t.Errorf("%s of %d items = %d items, refused %v; want every item, not refused", tc.method, maxBatch, items(r.msg), r.refused)
+		}
+		item := protowire.AppendBytes(protowire.AppendTag(nil, 2, protowire.BytesType), make([]byte, maxMsg))
+		big := protowire.AppendBytes(protowire.AppendTag(nil, tc.field, protowire.BytesType), item)
+		r := decode(split(big, len(big)))
+		want := fmt.Sprintf("kms: the %s request is %d bytes, more than the data plane's limit of %d bytes: split it into smaller calls (only ApplyBundle takes larger requests)",
+			tc.method, len(big), maxMsg)
+		if st := status.Convert(r.refused); st.Code() != codes.ResourceExhausted || st.Message() != want || r.kind != shedSize || items(r.msg) != 0 {
+			t.Errorf("%s of %d bytes: refused %v %q (counted as %v), %d items decoded; want ResourceExhausted %q (%v), none decoded",
+				tc.method, len(big), st.Code(), st.Message(), shedNames[r.kind], items(r.msg), want, shedNames[shedSize])
+		}
+	}
+}
+
+// TestDataRequestRefusalAllocations: refusing a batch of too many items
+// takes the refusal's few allocations and bytes whatever the request's
+// size: a request of MaxDataMsgSize bytes of empty items (two million) is
+// neither copied nor decoded (which took ~48 times its size).
+func TestDataRequestRefusalAllocations(t *testing.T) {
+	c := newBatchCodec(DefaultMaxDataMsgSize, DefaultMaxBatch)
+	for _, tc := range []struct {
+		method string
+		msg    func() proto.Message
+		field  protowire.Number
+	}{
+		{"DecryptBatch", func() proto.Message { return new(kmsv1.DecryptBatchRequest) }, fieldItems},
+		{"EncryptBatch", func() proto.Message { return new(kmsv1.EncryptBatchRequest) }, fieldItems},
+		{"Probe", func() proto.Message { return new(kmsv1.ProbeRequest) }, fieldProbes},
+	} {
+		b := emptyItems(tc.field, DefaultMaxDataMsgSize/2)
+		data := split(b, 16<<10) // as gRPC receives it: in HTTP/2 frames
+		refuse := func() {
+			r := dataRequest{method: tc.method, msg: tc.msg()}
+			if err := c.Unmarshal(data, &r); err != nil || status.Code(r.refused) != codes.InvalidArgument {
+				t.Fatalf("%s of %d empty items = %v, refused %v; want refused with InvalidArgument", tc.method, len(b)/2, err, r.refused)
+			}
+		}
+		if n := testing.AllocsPerRun(5, refuse); n > 64 {
+			t.Errorf("%s: refusing %d items: %.0f allocations, want at most 64", tc.method, len(b)/2, n)
+		}
+		const runs = 5
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for range runs {
+			refuse()
+		}
+		runtime.ReadMemStats(&after)
+		if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > 16<<10 {
+			t.Errorf("%s: refusing a %d-byte request of %d items allocated %d bytes, want at most 16 KiB", tc.method, len(b), len(b)/2, per)
+		}
+	}
 }
 
 // TestBatchCodecDecodesAsProtobuf: batch requests decode to what protobuf
@@ -84,6 +212,7 @@ func TestBatchCodecDecodesAsProtobuf(t *testing.T) {
 		{"truncated", good[:len(good)-1]},
 		{"length past the end", append(protowire.AppendTag(nil, fieldItems, protowire.BytesType), 0x7f)},
 		{"field number 0", []byte{0x02, 0x00}},
+		{"item in an unknown group", protowire.AppendTag(protowire.AppendBytes(protowire.AppendTag(protowire.AppendTag(nil, 7, protowire.StartGroupType), fieldItems, protowire.BytesType), item), 7, protowire.EndGroupType)},
 		{"keyset twice (last wins)", protowire.AppendString(protowire.AppendTag(bytes.Clone(good), fieldKeyset, protowire.BytesType), "second")},
 	} {
 		for _, m := range []proto.Message{&kmsv1.DecryptBatchRequest{}, &kmsv1.EncryptBatchRequest{}} {
@@ -144,7 +273,7 @@ func TestBatchCodecEncodesAsProtobuf(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, err := newBatchCodec().Marshal(m)
+			got, err := newBatchCodec(DefaultMaxDataMsgSize, DefaultMaxBatch).Marshal(m)
 			if err != nil {
 				t.Fatalf("case %d %T: Marshal = %v", i, m, err)
 			}
@@ -167,7 +296,7 @@ func TestBatchCodecAllocations(t *testing.T) {
 		d.Items = append(d.Items, &kmsv1.DecryptItem{Ciphertext: randBatchBytes(r), AssociatedData: randBatchBytes(r)})
 	}
 	b, _ := proto.Marshal(d)
-	c := newBatchCodec()
+	c := newBatchCodec(DefaultMaxDataMsgSize, DefaultMaxBatch)
 	allocs := testing.AllocsPerRun(50, func() {
 		var m kmsv1.DecryptBatchRequest
 		if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(b)}, &m); err != nil || len(m.Items) != 100 {

@@ -51,7 +51,9 @@ type Config struct {
 	// Reflection serves gRPC server reflection, so grpcurl can list and
 	// describe the API (see grpcserver.Options.Reflection).
 	Reflection bool
-	// MaxBatch bounds the items of EncryptBatch and DecryptBatch (0: 1000).
+	// MaxBatch bounds the items of EncryptBatch and DecryptBatch, and the
+	// probes of a Probe (0: 1000); a batch over it is refused before it is
+	// decoded.
 	MaxBatch int
 	// MaxPayload bounds a plaintext and an associated data, and (plus the
 	// AEAD's overhead) a ciphertext (0: 64 KiB).
@@ -60,12 +62,14 @@ type Config struct {
 	// batches (0: 64 MiB: MaxBatch DEK-sized items, or a bundle of about 100k
 	// keysets). Larger requests fail with RESOURCE_EXHAUSTED.
 	MaxRecvMsgSize int
-	// MaxDataMsgSize bounds a data-plane request (kms.v1.KMS, and the
-	// transit API's bodies) on the wire (0: 4 MiB: a batch of MaxBatch
-	// DEK-sized items with room to spare). A larger one is refused with
-	// RESOURCE_EXHAUSTED naming the limit (as gRPC refuses a request over
-	// MaxRecvMsgSize) before any handler, audit record or quota sees it;
-	// only KMSAdmin (ApplyBundle's bundles) may send up to MaxRecvMsgSize.
+	// MaxDataMsgSize bounds a data-plane request (kms.v1.KMS and
+	// KMSAdmin.Probe, and the transit API's bodies) on the wire (0: 4 MiB:
+	// a batch of MaxBatch DEK-sized items with room to spare). A larger one
+	// is refused with RESOURCE_EXHAUSTED naming the limit (as gRPC refuses
+	// a request over MaxRecvMsgSize) before it is decoded (a kms.v1.KMS
+	// one before any handler, audit record or quota sees it); only
+	// KMSAdmin's ApplyBundle (bundles) and GetStatus may send up to
+	// MaxRecvMsgSize.
 	// At most MaxRecvMsgSize (the default is too).
 	MaxDataMsgSize int
 	// MaxInFlight bounds the data-plane calls in progress on the server at

@@ -176,7 +176,7 @@ func (a *kmsAPI) EncryptBatch(ctx context.Context, req *kmsv1.EncryptBatchReques
 	}
 	items := req.GetItems()
 	if len(items) > s.cfg.MaxBatch {
-		return nil, s.batchTooLarge(len(items))
+		return nil, batchTooLarge(len(items), s.cfg.MaxBatch)
 	}
 	audit.AddTarget(ctx, audit.Target{KeyVersion: k.Primary().KeyID()})
 	out, slots, buf := encryptResults(items)
@@ -217,7 +217,7 @@ func (a *kmsAPI) DecryptBatch(ctx context.Context, req *kmsv1.DecryptBatchReques
 	}
 	items := req.GetItems()
 	if len(items) > s.cfg.MaxBatch {
-		return nil, s.batchTooLarge(len(items))
+		return nil, batchTooLarge(len(items), s.cfg.MaxBatch)
 	}
 	out, slots, buf := decryptResults(items)
 	out.MaxItems = s.maxItems()
@@ -287,7 +287,10 @@ func (a *kmsAPI) GenerateDataKey(ctx context.Context, req *kmsv1.GenerateDataKey
 func newDataKey(template string, format kmsv1.DataKeyFormat) ([]byte, error) {
 	switch format {
 	case kmsv1.DataKeyFormat_DATA_KEY_FORMAT_UNSPECIFIED, kmsv1.DataKeyFormat_DATA_KEY_FORMAT_TINK_KEYSET:
-		t, err := keysets.Template(template)
+		// Template's refusal quotes the name whole: a name longer than
+		// truncate keeps is no template's, so it is looked up truncated,
+		// for a refusal of bounded size that still lists the templates.
+		t, err := keysets.Template(truncate(template))
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", errInvalid, err)
 		}

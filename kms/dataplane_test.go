@@ -173,6 +173,28 @@ func TestGenerateDataKey(t *testing.T) {
 	}
 }
 
+// TestGenerateDataKeyUnknownTemplateBounded: an unknown Tink template is
+// refused with INVALID_ARGUMENT naming it truncated, as every other field
+// the caller sends, not whole: a 1 MiB name gives a short message, which
+// still lists the templates there are.
+func TestGenerateDataKeyUnknownTemplateBounded(t *testing.T) {
+	e := newEnv(t)
+	s := e.start(kms1ID, "")
+	e.apply(s, e.bundle(e.ks))
+	c := e.client(appID, s)
+	for _, format := range []kmsv1.DataKeyFormat{kmsv1.DataKeyFormat_DATA_KEY_FORMAT_TINK_KEYSET, kmsv1.DataKeyFormat_DATA_KEY_FORMAT_RAW} {
+		_, err := c.GenerateDataKey(ctx(t), &kmsv1.GenerateDataKeyRequest{Keyset: ledger, Template: strings.Repeat("A", 1<<20), Format: format})
+		st := status.Convert(err)
+		if st.Code() != codes.InvalidArgument || len(st.Message()) > 300 || !strings.Contains(st.Message(), strings.Repeat("A", 128)+`..."`) {
+			t.Errorf("GenerateDataKey(%v) of a 1 MiB template name = %v, message of %d bytes %.300q; want InvalidArgument, at most 300 bytes quoting the name truncated",
+				format, st.Code(), len(st.Message()), st.Message())
+		}
+		if format == kmsv1.DataKeyFormat_DATA_KEY_FORMAT_TINK_KEYSET && !strings.Contains(st.Message(), "AES256_GCM") {
+			t.Errorf("GenerateDataKey of an unknown template = %q, want the templates there are listed", st.Message())
+		}
+	}
+}
+
 func TestRewrapAfterPromotion(t *testing.T) {
 	e := newEnv(t)
 	s := e.start(kms1ID, "")

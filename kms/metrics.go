@@ -143,7 +143,7 @@ func newMetrics(reg *prometheus.Registry, keysetLimit int) (*metrics, error) {
 		// 25µs .. ~0.8s: a DEK unwrap takes microseconds; bundles take longer.
 		Buckets: prometheus.ExponentialBuckets(25e-6, 2, 16)}, []string{"op"})
 	shed := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "shed_total",
-		Help: "Data-plane calls refused before any handler ran, by reason: quota_rate and quota_concurrency (the caller's quota), overload (the server's MaxInFlight), message_size (MaxDataMsgSize)."},
+		Help: "Data-plane calls refused before any handler ran, by reason: quota_rate and quota_concurrency (the caller's quota), overload (the server's MaxInFlight), message_size (MaxDataMsgSize), batch_items (MaxBatch)."},
 		[]string{"reason"})
 	for k := range numShed {
 		m.shed[k] = counter{shed.WithLabelValues(shedNames[k])}

@@ -23,10 +23,10 @@
 // progress), then the server's cap on calls in progress over all callers
 // (Config.MaxInFlight). Refusals are not audited call by call: each
 // caller's are counted and audited once per Config.QuotaAuditWindow. A
-// data-plane request over Config.MaxDataMsgSize (4 MiB) is refused with
-// RESOURCE_EXHAUSTED before any handler; only KMSAdmin takes requests up to
-// Config.MaxRecvMsgSize (bundles). The transit API goes through the same
-// admission.
+// data-plane request over Config.MaxDataMsgSize (4 MiB), or a batch over
+// Config.MaxBatch items, is refused before it is decoded; only ApplyBundle
+// takes requests up to Config.MaxRecvMsgSize (bundles). The transit API
+// goes through the same admission.
 //
 // # What a caller learns
 //
@@ -222,8 +222,10 @@ func New(cfg Config) (*Server, error) {
 		// maxStreamWorkers: the data plane's calls then run on stacks
 		// already grown.
 		StreamWorkers: min(cfg.MaxInFlight, maxStreamWorkers),
-		// Batches decode into one slice and encode into one buffer.
-		Codec: newBatchCodec(),
+		// Batches decode into one slice and encode into one buffer; a
+		// data-plane request over the data plane's limits is refused
+		// before it is decoded.
+		Codec: newBatchCodec(cfg.MaxDataMsgSize, cfg.MaxBatch),
 	})
 	if err != nil {
 		return nil, err
@@ -234,7 +236,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.grpc.RegisterService(desc, api)
-	kmsv1.RegisterKMSAdminServer(s.grpc, &adminAPI{s: s})
+	admin := &adminAPI{s: s}
+	ad, err := adminDesc(admin)
+	if err != nil {
+		return nil, err
+	}
+	s.grpc.RegisterService(ad, admin)
 	return s, nil
 }
 

@@ -233,8 +233,13 @@ func (b *transitBackend) ReadKey(ctx context.Context, name string) (*transit.Key
 	})
 }
 
-// Ready implements transit.Backend.
-func (b *transitBackend) Ready() bool { return b.s.Ready() }
+// Ready implements transit.Backend with the server's readiness (as gRPC
+// health reports it): not only a bundle served, but an audit log that
+// works, without which every call is refused.
+func (b *transitBackend) Ready() bool {
+	ready, _ := b.s.Readiness()
+	return ready
+}
 
 // aclOps are the operations a keyset's ACL grants.
 var aclOps = []keystore.Op{keystore.OpEncrypt, keystore.OpDecrypt, keystore.OpGenerateDataKey, keystore.OpRewrap}

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 
 	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/identity"
+	"github.com/cairnkms/cairn/kms"
 	"github.com/cairnkms/cairn/kms/transit"
 )
 
@@ -270,6 +273,44 @@ func TestTransit(t *testing.T) {
 }
 
 var cmpIgnoreTime = cmp.FilterPath(func(p cmp.Path) bool { s := p.Last().String(); return s == ".Time" || s == ".Prev" }, cmp.Ignore())
+
+// failingWriter is an audit sink that fails every write once failing is
+// set, as a full disk does.
+type failingWriter struct{ failing atomic.Bool }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if w.failing.Load() {
+		return 0, errors.New("no space left on device")
+	}
+	return len(p), nil
+}
+
+// TestTransitHealthWithBrokenAuditLog: once the audit log is broken (and
+// every call refused), sys/health answers 503 sealed, as gRPC health
+// answers NOT_SERVING: a load balancer must take the server out.
+func TestTransitHealthWithBrokenAuditLog(t *testing.T) {
+	e := newEnv(t)
+	sink := &failingWriter{}
+	alog := audit.NewWriter(sink, audit.Options{})
+	t.Cleanup(func() { alog.Close() }) // after the server's Close
+	s := e.start(kms1ID, "", func(c *kms.Config) { c.Audit = alog })
+	e.apply(s, e.bundle(e.ks))
+	base := e.transitServer(s)
+	app := e.httpsClient(appID)
+	if a := call(t, app, http.MethodGet, base+"/v1/sys/health", nil); a.code != http.StatusOK {
+		t.Fatalf("sys/health serving = %d %s, want 200", a.code, a.body)
+	}
+	sink.failing.Store(true)
+	if a := call(t, app, http.MethodPost, base+"/v1/transit/encrypt/"+ledger, map[string]string{"plaintext": b64([]byte("x"))}); a.code == http.StatusOK {
+		t.Errorf("encrypt whose audit record cannot be written = 200, want refused")
+	}
+	if ok, _ := s.Readiness(); ok {
+		t.Fatalf("Readiness() = ready after the audit log broke, want not ready")
+	}
+	if a := call(t, app, http.MethodGet, base+"/v1/sys/health", nil); a.code != http.StatusServiceUnavailable || !strings.Contains(a.body, `"sealed":true`) {
+		t.Errorf("sys/health with the audit log broken = %d %s, want 503 sealed", a.code, a.body)
+	}
+}
 
 // A server without a bundle answers the data plane 503 and health sealed;
 // a request that did not come over TLS has no identity.

@@ -102,8 +102,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.readKey(ctx, rw, name)
 		return
 	}
-	var req request
-	if err := decode(w, r, h.limit, &req); err != nil {
+	req := newRequest(h.opts.Limits.MaxBatch)
+	if err := decode(w, r, h.limit, req); err != nil {
 		if errors.Is(err, errTooLarge) {
 			rw.fail(http.StatusRequestEntityTooLarge, err.Error())
 			return
@@ -113,13 +113,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch op {
 	case "encrypt":
-		h.encrypt(ctx, rw, name, &req)
+		h.encrypt(ctx, rw, name, req)
 	case "decrypt":
-		h.decrypt(ctx, rw, name, &req)
+		h.decrypt(ctx, rw, name, req)
 	case "rewrap":
-		h.rewrap(ctx, rw, name, &req)
+		h.rewrap(ctx, rw, name, req)
 	case "datakey":
-		h.datakey(ctx, rw, kind, name, &req)
+		h.datakey(ctx, rw, kind, name, req)
 	}
 }
 
@@ -172,7 +172,7 @@ type batchData[T any] struct {
 }
 
 func (h *Handler) encrypt(ctx context.Context, rw *responder, name string, req *request) {
-	if req.BatchInput != nil {
+	if req.BatchInput.set {
 		h.encryptBatch(ctx, rw, name, req)
 		return
 	}
@@ -255,21 +255,18 @@ func (t batchTally) status(partial jsonInt) (int, []string) {
 	return int(partial.v), nil
 }
 
-// checkBatch refuses an empty or oversized batch_input.
+// checkBatch refuses an empty batch_input (an oversized one does not
+// decode: see batchInput).
 func (h *Handler) checkBatch(rw *responder, n int) bool {
-	switch {
-	case n == 0:
+	if n == 0 {
 		rw.fail(http.StatusBadRequest, "missing batch input to process")
-		return false
-	case n > h.opts.Limits.MaxBatch:
-		rw.fail(http.StatusBadRequest, fmt.Sprintf("batch_input has %d items, more than the limit of %d", n, h.opts.Limits.MaxBatch))
 		return false
 	}
 	return true
 }
 
 func (h *Handler) encryptBatch(ctx context.Context, rw *responder, name string, req *request) {
-	items := *req.BatchInput
+	items := req.BatchInput.items
 	if !h.checkBatch(rw, len(items)) {
 		return
 	}
@@ -340,7 +337,7 @@ func (h *Handler) encryptBatch(ctx context.Context, rw *responder, name string, 
 }
 
 func (h *Handler) decrypt(ctx context.Context, rw *responder, name string, req *request) {
-	if req.BatchInput != nil {
+	if req.BatchInput.set {
 		h.decryptBatch(ctx, rw, name, req)
 		return
 	}
@@ -377,7 +374,7 @@ func (it *item) decryptInput() (ct, ad []byte, err error) {
 }
 
 func (h *Handler) decryptBatch(ctx context.Context, rw *responder, name string, req *request) {
-	items := *req.BatchInput
+	items := req.BatchInput.items
 	if !h.checkBatch(rw, len(items)) {
 		return
 	}
@@ -426,7 +423,7 @@ func (h *Handler) decryptBatch(ctx context.Context, rw *responder, name string, 
 }
 
 func (h *Handler) rewrap(ctx context.Context, rw *responder, name string, req *request) {
-	if req.BatchInput != nil {
+	if req.BatchInput.set {
 		h.rewrapBatch(ctx, rw, name, req)
 		return
 	}
@@ -473,7 +470,7 @@ var itemCodes = []codes.Code{codes.InvalidArgument, codes.FailedPrecondition, co
 // rewrapBatch rewraps the items one by one, each call audited on its own.
 // As Vault, it answers 200 with the items' errors in batch_results.
 func (h *Handler) rewrapBatch(ctx context.Context, rw *responder, name string, req *request) {
-	items := *req.BatchInput
+	items := req.BatchInput.items
 	if !h.checkBatch(rw, len(items)) {
 		return
 	}
@@ -647,9 +644,9 @@ var healthCodes = []struct {
 	{"drsecondarycode", 472}, {"performancestandbycode", 473}, {"removedcode", 530}, {"haunhealthycode", 474},
 }
 
-// health answers sys/health: 200 (activecode) while the KMS serves a
-// bundle, 503 (sealedcode) with "sealed": true while it does not. It is not
-// audited (a poll, like gRPC health checks).
+// health answers sys/health: 200 (activecode) while the KMS serves calls
+// (Backend.Ready), 503 (sealedcode) with "sealed": true while it does not.
+// It is not audited (a poll, like gRPC health checks).
 func (h *Handler) health(rw *responder, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		rw.w.Header().Set("Allow", "GET, HEAD")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -437,6 +438,50 @@ func TestBatchRefusals(t *testing.T) {
 	a := do(t, h, http.MethodPost, "/v1/transit/rewrap/"+fakeKeyset, map[string]any{"batch_input": []any{map[string]any{"ciphertext": seal(t, h, "x", nil)}}})
 	if a.code != http.StatusForbidden || a.header.Get(transit.RequestIDHeader) == "" {
 		t.Errorf("rewrap batch refused by the KMS = %d %v (X-Request-Id %q), want 403 with the request ID", a.code, a.Errors, a.header.Get(transit.RequestIDHeader))
+	}
+}
+
+// TestBatchInputDecodedUpToTheLimit: a body of as many empty batch items
+// as fit in the body limit ("[{},{},...]", 3 bytes each) is refused with
+// 400 once past MaxBatch items, before the backend (the caller's identity,
+// the KMS) is asked, and costs a few times its size, not the hundred-odd
+// bytes per item of decoding all of them.
+func TestBatchInputDecodedUpToTheLimit(t *testing.T) {
+	f := newFake(t)
+	h := newHandler(t, f)
+	var body bytes.Buffer
+	body.WriteString(`{"batch_input":[{}`)
+	for int64(body.Len())+5 <= h.BodyLimit() {
+		body.WriteString(`,{}`)
+	}
+	body.WriteString(`]}`)
+	items := (body.Len() - 17) / 3
+	for _, op := range []string{"encrypt", "decrypt", "rewrap"} {
+		r := httptest.NewRequest(http.MethodPost, "/v1/transit/"+op+"/"+fakeKeyset, bytes.NewReader(body.Bytes()))
+		w := httptest.NewRecorder()
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		h.ServeHTTP(w, r)
+		runtime.ReadMemStats(&after)
+		want := fmt.Sprintf(`{"errors":["batch_input has more than the limit of %d items"]}`, testLimits.MaxBatch)
+		if got := strings.TrimSpace(w.Body.String()); w.Code != http.StatusBadRequest || got != want {
+			t.Errorf("%s of %d empty items = %d %s, want 400 %s", op, items, w.Code, got, want)
+		}
+		if n := after.TotalAlloc - before.TotalAlloc; n > 8*uint64(body.Len()) {
+			t.Errorf("%s of a %d-byte body of %d empty items allocated %d KiB, want at most %d KiB", op, body.Len(), items, n>>10, 8*body.Len()>>10)
+		}
+	}
+	if calls, _, _, _ := f.record(); len(calls) != 0 {
+		t.Errorf("backend calls = %v, want none", calls)
+	}
+	// Exactly MaxBatch items are served.
+	many := make([]any, testLimits.MaxBatch)
+	for i := range many {
+		many[i] = map[string]any{"plaintext": b64s("x")}
+	}
+	if a := do(t, h, http.MethodPost, "/v1/transit/encrypt/"+fakeKeyset, map[string]any{"batch_input": many}); a.code != http.StatusOK {
+		t.Errorf("encrypt of %d items = %d %q, want 200", len(many), a.code, a.Errors)
 	}
 }
 

@@ -63,12 +63,65 @@ type item struct {
 	PaddingScheme string `json:"padding_scheme"`
 }
 
-// request is the body of encrypt, decrypt, rewrap and datakey.
+// request is the body of encrypt, decrypt, rewrap and datakey. Make one
+// with newRequest.
 type request struct {
 	item
-	BatchInput                 *[]item `json:"batch_input"`
-	PartialFailureResponseCode jsonInt `json:"partial_failure_response_code"`
-	Bits                       jsonInt `json:"bits"`
+	BatchInput                 batchInput `json:"batch_input"`
+	PartialFailureResponseCode jsonInt    `json:"partial_failure_response_code"`
+	Bits                       jsonInt    `json:"bits"`
+}
+
+// newRequest is a request to decode, taking at most maxBatch items in
+// batch_input.
+func newRequest(maxBatch int) *request {
+	return &request{BatchInput: batchInput{max: maxBatch}}
+}
+
+// batchInput is batch_input: set if present and not null. Its items are
+// decoded one by one, and the first past max refuses the body: decoded
+// whole, a body of empty items ("[{},{},...]", 3 bytes each) would become
+// an item of over a hundred bytes per 3 before anything counted them, or
+// even knew the caller.
+type batchInput struct {
+	max   int
+	set   bool
+	items []item
+}
+
+// errBatchTooLarge is a batch_input of more than the limit's items (400).
+type errBatchTooLarge struct{ max int }
+
+func (e *errBatchTooLarge) Error() string {
+	return fmt.Sprintf("batch_input has more than the limit of %d items", e.max)
+}
+
+func (in *batchInput) UnmarshalJSON(b []byte) error {
+	in.set, in.items = false, nil
+	switch {
+	case string(b) == "null":
+		return nil
+	case len(b) == 0 || b[0] != '[':
+		// Not a list: no items to count, and json's error, as before.
+		var items []item
+		return json.Unmarshal(b, &items)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if _, err := dec.Token(); err != nil { // '[': json checked the syntax
+		return err
+	}
+	for dec.More() {
+		if len(in.items) == in.max {
+			in.items = nil
+			return &errBatchTooLarge{max: in.max}
+		}
+		in.items = append(in.items, item{})
+		if err := dec.Decode(&in.items[len(in.items)-1]); err != nil {
+			return err
+		}
+	}
+	in.set = true
+	return nil
 }
 
 // errTooLarge is a body over the limit (413).
@@ -90,11 +143,14 @@ func decode(w http.ResponseWriter, r *http.Request, limit int64, dst any) error 
 		}
 	}
 	var tooLarge *http.MaxBytesError
+	var tooMany *errBatchTooLarge
 	switch {
 	case errors.Is(err, io.EOF):
 		return nil // an empty body
 	case errors.As(err, &tooLarge):
 		return errTooLarge
+	case errors.As(err, &tooMany):
+		return err
 	}
 	return fmt.Errorf("failed to parse JSON input: %v", jsonError(err))
 }

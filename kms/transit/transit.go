@@ -75,7 +75,9 @@ type Backend interface {
 	// ACLs. Any other caller gets exactly the NotFound an unknown keyset
 	// gets.
 	ReadKey(ctx context.Context, name string) (*Key, error)
-	// Ready reports whether the KMS serves a bundle (sys/health).
+	// Ready reports whether the KMS serves calls: a bundle loaded, and
+	// nothing (such as a broken audit log) refusing every call
+	// (sys/health).
 	Ready() bool
 }
 
