@@ -276,3 +276,126 @@ func (s *refusingLogs) StoreLogs(logs []*raft.Log) error {
 }
 
 func (s *refusingLogs) StoreLog(l *raft.Log) error { return s.StoreLogs([]*raft.Log{l}) }
+
+// TestNotReadyUntilStateMachineApplied: a restarted follower whose state
+// machine is slow (its Apply held back here) while Raft goes on is not ready
+// even once Raft counts the leader's commit index as applied: hashicorp/raft
+// counts an entry applied when it has queued it for the state machine, and
+// the state still lacks what the cluster has. Once the state machine has
+// applied it, the follower is ready.
+func TestNotReadyUntilStateMachineApplied(t *testing.T) {
+	c := newChain(t)
+	machines := map[string]*heldFSM{}
+	c.configure = func(id string, cfg *rootkms.Config) {
+		m := machines[id]
+		if m == nil { // kept across a restart, held or not
+			m = &heldFSM{}
+			machines[id] = m
+		}
+		cfg.WrapFSM = func(f raft.FSM) raft.FSM { m.FSM = f; return m }
+	}
+	rs := c.cluster()
+	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
+	waitCaughtUp(t, rs)
+	var leader, follower *replica
+	for _, r := range rs[:3] { // the voters
+		if r.srv.Raft().State() == raft.Leader {
+			leader = r
+		} else {
+			follower = r
+		}
+	}
+	if leader == nil {
+		t.Fatal("no voter leads")
+	}
+
+	follower.stop()
+	m := machines[follower.id]
+	release := m.hold()
+	defer release()
+	restarted := c.restart(follower)
+	if err := restarted.srv.WaitReady(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	// Raft queues the leader's log for the state machine, which applies
+	// none of it.
+	commit := leader.srv.Raft().LastIndex()
+	deadline := time.Now().Add(20 * time.Second)
+	for m.held.Load() == 0 || restarted.srv.Raft().AppliedIndex() < commit {
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted follower's raft counts %d of the leader's %d entries applied, %d held by its state machine, after 20s",
+				restarted.srv.Raft().AppliedIndex(), commit, m.held.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for range 20 {
+		if ok, why := restarted.srv.Readiness(); ok || !strings.Contains(why, "still catching up") {
+			t.Fatalf("Readiness of a follower whose raft counts %d applied and whose state machine applied %d = %t, %q; want not ready, catching up",
+				restarted.srv.Raft().AppliedIndex(), restarted.srv.AppliedIndex(), ok, why)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	release()
+	c.requireReadyAndServing(restarted, "once its state machine applied the log")
+}
+
+// TestReadyAfterRestartFromSnapshot: a follower restarted on a quiet
+// cluster restores its state from its snapshot, and its state machine
+// applies nothing after it (nothing was written since). It is ready: a
+// restored snapshot holds every entry up to its index.
+func TestReadyAfterRestartFromSnapshot(t *testing.T) {
+	c := newChain(t)
+	rs := c.cluster()
+	createRegion(t, c.client(regionctlID, addrs(rs)...), "us-east")
+	waitCaughtUp(t, rs)
+	var follower *replica
+	for _, r := range rs[:3] { // the voters
+		if r.srv.Raft().State() != raft.Leader {
+			follower = r
+		}
+	}
+	if err := follower.srv.Raft().Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
+	follower.stop()
+	c.requireReadyAndServing(c.restart(follower), "after its restart from a snapshot on a quiet cluster")
+}
+
+// heldFSM is a state machine whose Apply waits, while held, until it is
+// released.
+type heldFSM struct {
+	raft.FSM
+	mu   sync.Mutex
+	gate chan struct{} // nil: Apply passes
+	held atomic.Int64
+}
+
+// hold makes every Apply wait until the returned release is called (once
+// or more).
+func (f *heldFSM) hold() (release func()) {
+	gate := make(chan struct{})
+	f.mu.Lock()
+	f.gate = gate
+	f.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			f.mu.Lock()
+			f.gate = nil
+			f.mu.Unlock()
+			close(gate)
+		})
+	}
+}
+
+func (f *heldFSM) Apply(l *raft.Log) any {
+	f.mu.Lock()
+	gate := f.gate
+	f.mu.Unlock()
+	if gate != nil {
+		f.held.Add(1)
+		<-gate
+	}
+	return f.FSM.Apply(l)
+}

@@ -516,11 +516,33 @@ func (s *Server) RetireRegionKeyVersion(ctx context.Context, req *rootkmsv1.Reti
 			r.Name, v.Version, len(users), listSome(users))
 	}
 	if r.ServedObservedAt.IsZero() {
-		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: what the region's KMS servers serve was never observed; push a rewrapped bundle and run regionctl status first", r.Name, v.Version)
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: what the region's KMS servers serve was never observed; push a rewrapped bundle and run `regionctl observe` first", r.Name, v.Version)
 	}
+	observed := r.ServedObservedAt.UTC().Format(time.RFC3339)
 	if slices.Contains(r.ServedKeyVersions, v.Version) {
 		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: the region's KMS servers were last seen (%s) serving a bundle that needs it; roll out a bundle with the rewrapped keysets first",
-			r.Name, v.Version, r.ServedObservedAt.UTC().Format(time.RFC3339))
+			r.Name, v.Version, observed)
+	}
+	// An observation that does not list the version proves nothing about
+	// bundles it did not see: ones pushed since (a server restarting on its
+	// persisted bundle must still unwrap it), and ones built while the
+	// version was primary, which encrypted the copies under it. So it must
+	// be as recent as the keysets' usage observations must be (see
+	// observedFleet), and later than the version's creation and its last
+	// supersession. Times that tie cannot be ordered (the FSM clamps a slow
+	// leader's command time to the record's latest): a tie is refused, and
+	// a later observation settles it.
+	if maxAge, now := s.cfg.Safety.ObservationMaxAge, s.cfg.Now(); r.ServedObservedAt.Add(maxAge).Before(now) {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: what the region's KMS servers serve was last observed at %s, more than %v ago; run `regionctl observe` first",
+			r.Name, v.Version, observed, maxAge)
+	}
+	since := v.CreatedAt
+	if v.SupersededAt.After(since) {
+		since = v.SupersededAt
+	}
+	if !r.ServedObservedAt.After(since) {
+		return nil, status.Errorf(codes.FailedPrecondition, "rootkms: region %q key version %d: what the region's KMS servers serve was last observed at %s, not after the version was created or last superseded (%s): bundles that need it may not have been seen; run `regionctl observe` first",
+			r.Name, v.Version, observed, since.UTC().Format(time.RFC3339))
 	}
 	res, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_SetRegionKeyVersionStatus{SetRegionKeyVersionStatus: &statev1.SetRegionKeyVersionStatusCommand{
 		Region: r.Name, Version: v.Version, Status: cryptov1.KeyStatus_KEY_STATUS_DISABLED}}})

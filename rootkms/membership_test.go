@@ -231,3 +231,94 @@ func TestDropRootKey(t *testing.T) {
 		t.Errorf("root-key-loaded audit records = %d, want 2 (boot and after the drop)", loads)
 	}
 }
+
+// halfJoin does the first half of a Join of id at raftAddr on leader, as a
+// Join whose member record was never applied (leadership lost, a deadline)
+// leaves it: the replica is a non-voter of the Raft configuration, with no
+// API address registered.
+func halfJoin(t *testing.T, leader *replica, id, raftAddr string) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); leader.srv.Raft().State() != raft.Leader; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never led", leader.id)
+		}
+	}
+	if err := leader.srv.Raft().AddNonvoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, 5*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// memberAPIAddress is the API address the cluster status cl answers gives
+// member id ("" if none).
+func memberAPIAddress(t *testing.T, cl rootkmsv1.RootKMSClient, id string) string {
+	t.Helper()
+	st, err := cl.GetClusterStatus(bg(t), &rootkmsv1.GetClusterStatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range st.GetMembers() {
+		if m.GetId() == id {
+			return m.GetApiAddress()
+		}
+	}
+	return ""
+}
+
+// TestJoinRetryCompletesHalfJoin: the retry of a Join whose configuration
+// change committed but whose member record did not registers the API
+// address; it does not answer "already a member" and leave the replica
+// without one (callers redirected to it would get no address).
+func TestJoinRetryCompletesHalfJoin(t *testing.T) {
+	c := newChain(t)
+	r1 := c.startReplica("rootkms-1", true, false)
+	if err := r1.srv.WaitReady(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	halfJoin(t, r1, "x", "127.0.0.1:1")
+	req := &rootkmsv1.JoinRequest{Id: "x", Address: "127.0.0.1:1", ApiAddress: "127.0.0.1:2", Suffrage: rootkmsv1.Suffrage_SUFFRAGE_NONVOTER}
+	if _, err := c.rawClient(t, "spiffe://cairn.test/rootkms/us-east/x", r1.api).Join(bg(t), req); err != nil {
+		t.Fatalf("Join retry of a half-applied join = %v", err)
+	}
+	if got := memberAPIAddress(t, c.rawClient(t, "spiffe://cairn.test/operator/global/operator", r1.api), "x"); got != req.GetApiAddress() {
+		t.Errorf("member x's API address after the Join retry = %q, want %q", got, req.GetApiAddress())
+	}
+}
+
+// TestJoiningReplicaCompletesHalfJoin: a replica configured to join that
+// starts in the Raft configuration (its log says so) without a member
+// record (its Join stopped half-way) joins again until the record exists,
+// rather than taking "in the configuration" for joined.
+func TestJoiningReplicaCompletesHalfJoin(t *testing.T) {
+	c := newChain(t)
+	r1 := c.startReplica("rootkms-1", true, false)
+	if err := r1.srv.WaitReady(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	// The replica, started without joining, is added half-way and
+	// replicates the log that names it.
+	r2 := c.startReplica("replica-east", false, true)
+	halfJoin(t, r1, "replica-east", r2.raft)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		ok, why := r2.srv.Readiness()
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica-east, added to the configuration, is not ready after 20s: %s", why)
+		}
+	}
+	op := c.rawClient(t, "spiffe://cairn.test/operator/global/operator", r1.api)
+	if got := memberAPIAddress(t, op, "replica-east"); got != "" {
+		t.Fatalf("replica-east has API address %q before it joined; the test shows nothing", got)
+	}
+
+	// Restarted configured to join: it is in the configuration from the
+	// start, and has no record.
+	r2.stop()
+	r2 = c.startReplicaAt(r2.api, r2.raft, "replica-east", false, true, r1.api)
+	for deadline := time.Now().Add(20 * time.Second); memberAPIAddress(t, op, "replica-east") != r2.api; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("replica-east, in the configuration without a member record, registered no API address in 20s (it has %q)", memberAPIAddress(t, op, "replica-east"))
+		}
+	}
+}

@@ -3,6 +3,7 @@ package rootkms
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -47,6 +48,11 @@ type Server struct {
 	key       atomic.Pointer[rootkey.Key]
 	keyStatus atomic.Value  // string: why the root key is not loaded yet
 	dropped   chan struct{} // DropRootKey wakes rootKeyLoop to fetch again
+	// keyMu orders installing a fetched key against dropping it: drops
+	// counts the drops, and a fetch installs its key only if no drop came
+	// since it started (see fetchRootKey).
+	keyMu sync.Mutex
+	drops uint64
 
 	metrics *metrics
 	// running is the Raft node's raft once Start opened it, for Readiness
@@ -170,8 +176,12 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 	s.raftAddr = advertise.String()
 	s.startedAt.Store(time.Now().UnixNano())
 	s.layer = raftnode.NewStreamLayer(raftLis, advertise, s.cfg.Source, s.cfg.Replicas.Authorize, s.log)
+	var machine raft.FSM = timedFSM{FSM: s.fsm, m: s.metrics}
+	if s.cfg.WrapFSM != nil {
+		machine = s.cfg.WrapFSM(machine)
+	}
 	node, err := raftnode.Open(raftnode.Config{
-		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: timedFSM{FSM: s.fsm, m: s.metrics}, Transport: raftnode.NewTransport(s.layer, s.log),
+		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: machine, Transport: raftnode.NewTransport(s.layer, s.log),
 		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
 		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
 		WrapLogStore: s.cfg.WrapLogStore, WrapStableStore: s.cfg.WrapStableStore,
@@ -235,8 +245,8 @@ func (s *Server) HasRootKey() bool { return s.key.Load() != nil }
 // leader may still be applying the log, or installing a snapshot, and
 // answers from a state that lacks what the cluster has). When not, the
 // reason says which is missing. It is cheap (no Raft round trip; the
-// catch-up check reads Raft's stats only until it has latched): health
-// checks poll it.
+// catch-up check reads Raft's stats and the tail of its log only until it
+// has latched): health checks poll it.
 func (s *Server) Readiness() (ready bool, reason string) {
 	select {
 	case <-s.stop:
@@ -345,8 +355,11 @@ func (s *Server) fetchUntilLoaded() {
 // dropRootKey wipes the key (if loaded) and wakes rootKeyLoop to fetch it
 // again. It reports whether there was a key.
 func (s *Server) dropRootKey(why string) bool {
+	s.keyMu.Lock()
+	s.drops++
 	s.keyStatus.Store("root key dropped (" + why + "); waiting for the root key from the distributors")
 	k := s.key.Swap(nil)
+	s.keyMu.Unlock()
 	if k != nil {
 		k.Close()
 		s.log.Warn("rootkms: root key dropped", "why", why)
@@ -358,7 +371,15 @@ func (s *Server) dropRootKey(why string) bool {
 	return k != nil
 }
 
+// fetchRootKey fetches the key from the distributor at addr and installs
+// it, unless DropRootKey was called since it started: a distributor may have
+// handed the key out just before an emergency seal, and installing it then
+// would undo the seal on this replica. The next fetch asks again, and a
+// sealed distributor refuses it.
 func (s *Server) fetchRootKey(addr string) error {
+	s.keyMu.Lock()
+	drops := s.drops
+	s.keyMu.Unlock()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(identity.ClientCredentials(s.cfg.Source, s.cfg.DistributorIDs.Authorize)))
 	if err != nil {
 		return err
@@ -396,6 +417,14 @@ func (s *Server) fetchRootKey(addr string) error {
 	if err != nil {
 		return err
 	}
+	// Checked and installed under keyMu, audit record included, so that
+	// the log never says a key was loaded that a drop discarded.
+	s.keyMu.Lock()
+	defer s.keyMu.Unlock()
+	if s.drops != drops {
+		k.Close()
+		return errors.New("the root key was dropped (DropRootKey) while this fetch was in flight; key discarded")
+	}
 	rec := audit.Record{Identity: s.cfg.Source.ID().String(), Operation: "rootkms/root-key-loaded", Outcome: audit.OutcomeOK,
 		Target: audit.Target{Resource: "genesis/" + gid}, Reason: "from distributor " + addr}
 	if err := s.cfg.Audit.Write(context.Background(), rec); err != nil {
@@ -408,17 +437,31 @@ func (s *Server) fetchRootKey(addr string) error {
 
 // memberLoop keeps this replica's API address registered while it leads, and
 // joins the cluster when configured to.
+//
+// Joined means in the Raft configuration and with a member record (the API
+// address the others redirect callers to): a Join can stop between the two
+// (see Server.Join). A replica in the configuration whose state has not
+// caught up may just not have applied its record yet: it waits for that
+// rather than ask the leader.
 func (s *Server) memberLoop() {
 	joined := len(s.cfg.Join) == 0
 	backoff := 200 * time.Millisecond
 	for {
+		tried := false
 		if !joined {
-			if s.inConfiguration() {
+			_, registered := s.fsm.State().Member(s.cfg.ID)
+			switch member := s.inConfiguration(); {
+			case member && registered:
 				joined = true
-			} else if err := s.join(); err != nil {
-				s.log.Info("rootkms: join failed; retrying", "err", err)
-			} else {
-				joined = true
+			case member && s.caughtUp() != nil:
+				// Its record may be in the log it has not applied yet.
+			default:
+				tried = true
+				if err := s.join(); err != nil {
+					s.log.Info("rootkms: join failed; retrying", "err", err)
+				} else {
+					joined = true
+				}
 			}
 		}
 		if s.node.Raft.State() == raft.Leader {
@@ -430,7 +473,7 @@ func (s *Server) memberLoop() {
 		}
 		s.handOffIfKeyless()
 		wait := 250 * time.Millisecond
-		if !joined {
+		if tried && !joined {
 			wait = jitter(backoff)
 			backoff = min(2*backoff, 5*time.Second)
 		}
