@@ -35,6 +35,7 @@ import (
 	rootkmsv1 "github.com/cairnkms/cairn/proto/cairn/rootkms/v1"
 	"github.com/cairnkms/cairn/regionctl/compile"
 	"github.com/cairnkms/cairn/regionctl/config"
+	"github.com/cairnkms/cairn/regionctl/rollout"
 )
 
 func bundleBuild(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -579,11 +580,26 @@ type pushOptions struct {
 
 // pushBundle pushes all or nothing: the fleet-wide Safety Condition, then a
 // dry run on every server; only if every
-// server accepts is the bundle applied, server by server.
+// server accepts is the bundle applied, server by server. A region with a
+// rollout in flight is refused before anything is asked of its servers.
 func pushBundle(ctx context.Context, o *options, src *identity.Source, r *root, sb *bundlev1.SignedBundle, b *bundlev1.Bundle, servers []string, po pushOptions, stdout, stderr io.Writer) error {
 	region := b.GetRegion()
 	if len(servers) == 0 {
 		return fmt.Errorf("no KMS servers for region %s", region)
+	}
+	// A push changes every server of the region at once: under a rollout in
+	// flight it would skip that rollout's stages, be judged by its gates,
+	// and collide on serial with its rollback. So it is refused as a second
+	// rollout for the region is.
+	if err := checkRegionsFree(ctx, rolloutsOf(ctx, r), rollout.Plan{Regions: []string{region}}); err != nil {
+		var busy *rollout.ConflictError
+		if !errors.As(err, &busy) {
+			return err
+		}
+		id := busy.Busy[region]
+		return fmt.Errorf("refused: region %s has rollout %s in flight, and a push would change every server of the region under it; "+
+			"let it finish (regionctl rollout resume %s) or stop it (regionctl rollout rollback %s --reason TEXT, or rollout abort %s --reason TEXT), then push again",
+			region, id, id, id, id)
 	}
 	creds, err := kmsCreds(src, region)
 	if err != nil {

@@ -312,9 +312,22 @@ func (o *observation) record(ctx context.Context, r *root, records []*statev1.Ke
 	return errors.Join(errs...)
 }
 
-// waiting reports whether v was added and never promoted.
-func waiting(v *statev1.KeysetVersionRecord) bool {
-	return v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED && v.GetPrimarySince() == nil && v.GetSupersededAt() == nil
+// waiting reports whether version v of rec waits to be promoted: it was
+// added after rec's primary and never promoted. One added before the
+// primary (two versions waited and the newer was promoted) never will be:
+// promoting it would put an older key back over a newer one (and its
+// creation time would make a rotation due at once); it is an enabled,
+// decrypt-only version that retires like any other. The record keeps the
+// versions in the order they were added (key IDs are random).
+func waiting(rec *statev1.KeysetRecord, v *statev1.KeysetVersionRecord) bool {
+	if v.GetState() != statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED || v.GetPrimarySince() != nil || v.GetSupersededAt() != nil {
+		return false
+	}
+	vs := rec.GetVersions()
+	primary := slices.IndexFunc(vs, func(x *statev1.KeysetVersionRecord) bool {
+		return x.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY
+	})
+	return slices.IndexFunc(vs, func(x *statev1.KeysetVersionRecord) bool { return x.GetKeyId() == v.GetKeyId() }) > primary
 }
 
 // nextStep says what comes next for version v of rec and when it is safe,
@@ -337,7 +350,7 @@ func nextStep(rec *statev1.KeysetRecord, v *statev1.KeysetVersionRecord, fleet s
 	case statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
 		return "-"
 	case statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED:
-		if waiting(v) {
+		if waiting(rec, v) {
 			return when(safety.CheckPromote(lifecycle.Keyset(rec), v.GetKeyId(), fleet, safety.ScopeFleet, p, now), "promote")
 		}
 		return when(safety.CheckRetire(lifecycle.Keyset(rec), v.GetKeyId(), fleet, safety.ScopeFleet, p, now), "disable")

@@ -551,6 +551,44 @@ func TestRotateDue(t *testing.T) {
 	}
 }
 
+// TestRotateDueTwoWaitingVersions: two versions were added and waited to
+// be promoted; rotate --due promotes the newer (v3). The older one (v2) no
+// longer waits: it was added before the primary, and promoting it on the
+// next run would put an older key back over v3 (and its age would make a
+// rotation due at once). It is an enabled, decrypt-only version.
+func TestRotateDueTwoWaitingVersions(t *testing.T) {
+	e := newFleetEnv(t, map[string]int{"us-east": 1})
+	e.push("us-east")
+	k := e.kms["us-east"][0]
+	e.mustRC("keyset", "rotate", fleetKeyset)
+	e.mustRC("keyset", "rotate", fleetKeyset)
+	e.push("us-east")
+	vs := e.record().GetVersions()
+	if len(vs) != 3 {
+		t.Fatalf("after two keyset rotate the record has %d versions, want 3", len(vs))
+	}
+	v2, v3 := vs[1].GetKeyId(), vs[2].GetKeyId()
+	e.mustRC("observe")
+	e.clk.Advance(fleetWindow + time.Second)
+
+	for run := 1; run <= 2; run++ {
+		r := e.mustRC("rotate", "--due", "--bake", "10ms")
+		if run == 1 {
+			contains(t, "rotate --due stdout (first run)", r.stdout, fmt.Sprintf("done: keyset %s: promoted version %d", fleetKeyset, v3))
+		}
+		if regexp.MustCompile(fmt.Sprintf(`promoted? version %d\b`, v2)).MatchString(r.stdout) || strings.Contains(r.stdout, "added version") {
+			t.Errorf("rotate --due run %d: %q; want v2 (%d) never promoted and no version added", run, r.stdout, v2)
+		}
+		rec := e.record()
+		if got := version(rec, v3).GetState(); got != statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY || len(rec.GetVersions()) != 3 {
+			t.Errorf("after rotate --due run %d: version %d is %v, %d versions; want it primary, 3 versions", run, v3, got, len(rec.GetVersions()))
+		}
+		if got := e.encrypt(k); got != v3 {
+			t.Errorf("after rotate --due run %d %s encrypts with %d, want %d", run, k.addr, got, v3)
+		}
+	}
+}
+
 // TestRotateDueRollsOutRegionByRegion: the bundles rotate --due builds
 // for several regions go out as one staged rollout (the 2014 outage was a
 // change pushed everywhere at once): while the first region bakes, the
@@ -572,6 +610,16 @@ func TestRotateDueRollsOutRegionByRegion(t *testing.T) {
 	}
 
 	e.clk.Advance(time.Hour + time.Second)
+	// A rotation is due. A misspelled --no-push region would hold nothing
+	// back: it is refused as one of --order is, before anything is done.
+	versions := len(e.record().GetVersions())
+	if r := e.rc("rotate", "--due", "--no-push", "eu-wset"); r.code != 2 || !strings.Contains(r.stderr, `--no-push: region "eu-wset" has no KMS servers`) {
+		t.Errorf("rotate --due --no-push naming an unknown region = %d, %q; want a usage error naming it", r.code, r.stderr)
+	}
+	if got := serials(); got != [2]uint64{1, 1} || len(e.record().GetVersions()) != versions {
+		t.Errorf("after the refused rotate --due: serials %v, %d versions; want [1 1], %d (nothing changed)", got, len(e.record().GetVersions()), versions)
+	}
+
 	var atBakes [][2]uint64
 	e.onBake = func(time.Duration) error { atBakes = append(atBakes, serials()); return nil }
 	r := e.mustRC("rotate", "--due", "--bake", "1m", "--order", "us-east,eu-west")
@@ -594,7 +642,7 @@ func TestRotateDueRollsOutRegionByRegion(t *testing.T) {
 	}
 	e.onBake = nil
 	before := serials()
-	versions := len(e.record().GetVersions())
+	versions = len(e.record().GetVersions())
 	r = e.rc("rotate", "--due", "--bake", "1m")
 	if r.code != 1 {
 		t.Fatalf("rotate --due with rollout %s in flight = %d, want 1\n%s%s", id[1], r.code, r.stdout, r.stderr)
@@ -729,6 +777,9 @@ func TestRegionRotateAndRetireKey(t *testing.T) {
 			t.Errorf("%s needs region key versions %v, want [2]", k.addr, got)
 		}
 	}
+	// Observed after version 1 was superseded (the root KMS refuses an
+	// observation that may predate bundles made under it).
+	e.clk.Advance(time.Second)
 	e.mustRC("observe")
 	r = e.mustRC("region", "retire-key", "--region", "us-east", "--version", "1")
 	contains(t, "region retire-key stdout", r.stdout, "key version retired", "1 (DISABLED), 2 (PRIMARY)")

@@ -94,6 +94,38 @@ func (s rootRollouts) List(ctx context.Context, inFlightOnly bool) ([]*statev1.R
 // rolloutStoreKey carries a rolloutStore that replaces the root KMS's (tests).
 type rolloutStoreKey struct{}
 
+// rolloutsOf is the rollout store of r: the root KMS's, unless ctx carries
+// another (tests).
+func rolloutsOf(ctx context.Context, r *root) rolloutStore {
+	if s, ok := ctx.Value(rolloutStoreKey{}).(rolloutStore); ok {
+		return s
+	}
+	return rootRollouts{r}
+}
+
+// checkRegionsFree refuses (rollout.CheckConflict, a *rollout.ConflictError)
+// a change to the regions of plan while a rollout in flight in store holds
+// one of them: rollout start, rotate --due's rollout and bundle push all ask
+// it, so that no change reaches a region under another rollout's feet (its
+// bake, gates and rollback judge and restore what it applied). A stored
+// record whose body this regionctl cannot read is judged by the regions and
+// in-flight flag the root KMS keeps beside it.
+func checkRegionsFree(ctx context.Context, store rolloutStore, plan rollout.Plan) error {
+	existing, err := store.List(ctx, true)
+	if err != nil {
+		return fmt.Errorf("listing the rollouts in flight: %w", err)
+	}
+	var inFlight []rollout.Record
+	for _, p := range existing {
+		rec, err := decodeRollout(p)
+		if err != nil {
+			rec = rollout.Record{ID: p.GetId(), Plan: rollout.Plan{Regions: p.GetRegions()}, Phase: rollout.PhasePending}
+		}
+		inFlight = append(inFlight, rec)
+	}
+	return rollout.CheckConflict(inFlight, plan)
+}
+
 // sleepKey carries RunOptions.Sleep in a command's context.
 type sleepKey struct{}
 
@@ -179,13 +211,9 @@ func newController(ctx context.Context, o *options, stdout, stderr io.Writer) (*
 	if err != nil {
 		return nil, err
 	}
-	c := &controller{o: o, src: src, r: r, store: rootRollouts{r}, stdout: stdout, stderr: stderr,
+	return &controller{o: o, src: src, r: r, store: rolloutsOf(ctx, r), stdout: stdout, stderr: stderr,
 		bundles: map[string]*bundlev1.SignedBundle{}, lastGood: map[string]*bundlev1.SignedBundle{},
-		base: map[string]*kmsv1.RequestStats{}, rollbackFailed: map[string]bool{}}
-	if s, ok := ctx.Value(rolloutStoreKey{}).(rolloutStore); ok {
-		c.store = s
-	}
-	return c, nil
+		base: map[string]*kmsv1.RequestStats{}, rollbackFailed: map[string]bool{}}, nil
 }
 
 func (c *controller) Close() { c.r.Close() }
@@ -521,18 +549,54 @@ func (c *controller) apply(ctx context.Context, a rollout.ApplyAction) error {
 		resp, err := kmsCall(ctx, addr, creds, c.o.timeout, func(ctx context.Context, k kmsv1.KMSAdminClient) (*kmsv1.ApplyBundleResponse, error) {
 			return k.ApplyBundle(ctx, &kmsv1.ApplyBundleRequest{Bundle: sb})
 		})
-		var ev rollout.Event = rollout.Applied{Epoch: c.rec.Epoch, Server: addr, Serial: resp.GetApplied().GetSerial(), Previous: refOf(resp.GetPrevious())}
+		serial, previous := resp.GetApplied().GetSerial(), refOf(resp.GetPrevious())
 		if err != nil {
 			printApplyError(c.stderr, addr, err)
-			ev = rollout.ApplyFailed{Epoch: c.rec.Epoch, Server: addr, Reason: refusal(err)}
-		} else {
-			c.recordSerial(ctx, a.Region, resp.GetApplied().GetSerial())
+			if !c.appliedDespite(ctx, addr, creds, a.Bundle, err) {
+				if err := c.feed(ctx, rollout.ApplyFailed{Epoch: c.rec.Epoch, Server: addr, Reason: refusal(err)}); err != nil {
+					return err
+				}
+				continue
+			}
+			// The answer was lost, not the apply: what the server served
+			// just before it is what it served before the change.
+			serial, previous = a.Bundle.Serial, refOf(st.GetBundle())
 		}
-		if err := c.feed(ctx, ev); err != nil {
+		c.recordSerial(ctx, a.Region, serial)
+		if err := c.feed(ctx, rollout.Applied{Epoch: c.rec.Epoch, Server: addr, Serial: serial, Previous: previous}); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// appliedDespite reports whether server addr serves ref although its
+// ApplyBundle of ref failed with err. A refusal (a bad or unsafe bundle, a
+// denied caller) changed nothing: the server checks everything before it
+// persists and swaps. Any other failure (a deadline, a lost connection, an
+// internal error) leaves the outcome unknown: the server may have applied
+// the bundle and only its answer was lost. Recorded as not applied, such a
+// server would be left out of the rollback and keep serving the change
+// (and a canary's halt would end the rollout failed, with nothing to roll
+// back), so the server is asked what it serves.
+func (c *controller) appliedDespite(ctx context.Context, addr string, creds *identity.Credentials, ref rollout.BundleRef, err error) bool {
+	switch status.Code(err) {
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.PermissionDenied, codes.Unauthenticated,
+		codes.NotFound, codes.AlreadyExists, codes.OutOfRange, codes.Unimplemented:
+		return false
+	}
+	st, err := kmsCall(ctx, addr, creds, c.o.timeout, func(ctx context.Context, k kmsv1.KMSAdminClient) (*kmsv1.GetStatusResponse, error) {
+		return k.GetStatus(ctx, &kmsv1.GetStatusRequest{})
+	})
+	if err != nil {
+		fmt.Fprintf(c.stderr, "%s: asking what it serves after the failed apply: %s; counted as not applied\n", addr, refusal(err))
+		return false
+	}
+	if refOf(st.GetBundle()).SHA256 != ref.SHA256 {
+		return false
+	}
+	fmt.Fprintf(c.stderr, "%s: serves %s although its apply failed: counted as applied (a rollback covers it)\n", addr, ref)
+	return true
 }
 
 // measure reads the request stats of servers (GetStatus) and returns their
@@ -1188,19 +1252,7 @@ func startRollout(ctx context.Context, o *options, paths []string, nr newRollout
 	}
 	// The root KMS refuses a second rollout for a busy region in the same
 	// write; asking first gives the clearer answer.
-	existing, err := c.store.List(ctx, true)
-	if err != nil {
-		return fmt.Errorf("listing the rollouts in flight: %w", err)
-	}
-	var inFlight []rollout.Record
-	for _, p := range existing {
-		rec, err := decodeRollout(p)
-		if err != nil { // judged by what the root KMS keeps beside the body
-			rec = rollout.Record{ID: p.GetId(), Plan: rollout.Plan{Regions: p.GetRegions()}, Phase: rollout.PhasePending}
-		}
-		inFlight = append(inFlight, rec)
-	}
-	if err := rollout.CheckConflict(inFlight, plan); err != nil {
+	if err := checkRegionsFree(ctx, c.store, plan); err != nil {
 		return err
 	}
 	now := clockNow(ctx)

@@ -25,6 +25,18 @@ type MemRollouts struct {
 	mu   sync.Mutex
 	now  func() time.Time
 	recs map[string]*statev1.RolloutRecord
+	// failPut, if set, makes Put fail for the records it returns true for
+	// (FailPut).
+	failPut func(rollout.Record) bool
+}
+
+// FailPut makes Put refuse with codes.Unavailable, storing nothing, every
+// record fail returns true for: the root KMS briefly unreachable when the
+// controller stores a transition.
+func (s *MemRollouts) FailPut(fail func(rollout.Record) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.failPut = fail
 }
 
 // NewMemRollouts returns an empty store stamping records with now.
@@ -50,6 +62,11 @@ func (s *MemRollouts) Record(id string) (rollout.Record, uint64, error) {
 func (s *MemRollouts) Put(_ context.Context, rec *statev1.RolloutRecord, expected uint64) (*statev1.RolloutRecord, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.failPut != nil {
+		if r, err := decodeRollout(rec); err == nil && s.failPut(r) {
+			return nil, status.Errorf(codes.Unavailable, "rollout %s: the root KMS is unavailable (test)", rec.GetId())
+		}
+	}
 	cur, ok := s.recs[rec.GetId()]
 	switch {
 	case expected == 0 && ok:

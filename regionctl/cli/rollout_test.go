@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -400,5 +402,202 @@ func TestRolloutToServersThatServedNothing(t *testing.T) {
 		if err := e.tryEncrypt(k); err != nil {
 			t.Errorf("Encrypt on %s after the rollout = %v", k.addr, err)
 		}
+	}
+}
+
+// TestRolloutRollbackAfterResumedApply: the canary applies the change but
+// the record of it cannot be stored (the root KMS briefly unavailable), so
+// the controller stops. rollout resume applies again; the KMS answers that
+// it already serves the change (previous: the change itself). The rollback
+// that the failing gate then asks for must restore what the canary served
+// before the rollout (serial 1's content), not re-serve the change.
+func TestRolloutRollbackAfterResumedApply(t *testing.T) {
+	e := newRolloutEnv(t)
+	c1, c2 := e.kms["us-east"][0], e.kms["us-east"][1]
+	for range 5 { // traffic before: all OK
+		if err := e.tryEncrypt(c1); err != nil {
+			t.Fatalf("Encrypt before the change = %v", err)
+		}
+	}
+	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
+	us := e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
+	eu := e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	store := cli.NewMemRollouts(e.clk.Now)
+	failed := false
+	store.FailPut(func(rec rollout.Record) bool {
+		if !failed && rec.Servers[c1.addr].Applied != 0 {
+			failed = true
+			return true
+		}
+		return false
+	})
+	args := []string{"--bundles", us + "," + eu, "--regions", "us-east,eu-west", "--bake", rolloutBake.String()}
+	r := e.rollout(store, nil, append([]string{"start", "--reason", "tighten the ledger ACL", "--id", "r8"}, args...)...)
+	if r.code != 1 || !failed || !strings.Contains(r.stderr, "regionctl rollout resume r8") {
+		t.Fatalf("rollout start with the Applied write failing = %d (write failed: %v), want 1 and told to resume\n%s%s", r.code, failed, r.stdout, r.stderr)
+	}
+	if got, rec := e.serial(c1), storedRecord(t, store, "r8"); got != 2 || rec.Servers[c1.addr].Applied != 0 {
+		t.Fatalf("after the lost write the canary serves serial %d and the record says applied %d; want 2 served, 0 recorded", got, rec.Servers[c1.addr].Applied)
+	}
+
+	refused := 0
+	traffic := func(time.Duration) {
+		for range 10 {
+			if e.tryEncrypt(c1) != nil {
+				refused++
+			}
+		}
+	}
+	r = e.rollout(store, traffic, "resume", "r8", "--bundles", us+","+eu)
+	if r.code != 1 || refused != 10 {
+		t.Fatalf("rollout resume = %d with %d of 10 calls refused during the bake, want 1 (halted) and 10\n%s%s", r.code, refused, r.stdout, r.stderr)
+	}
+	contains(t, "rollout resume stdout", r.stdout, "taken over by", "stage 1/3 canary failed its gates",
+		"rolled back: every server that applied serves its last good content again")
+	rec := storedRecord(t, store, "r8")
+	if sr := rec.Servers[c1.addr]; rec.Phase != rollout.PhaseRolledBack || sr.Applied != 2 || sr.LastGood.Serial != 1 || sr.RolledBack != 3 {
+		t.Errorf("record %s, canary %+v; want rolled-back, applied 2, last good 1, rolled back at 3", rec.Phase, sr)
+	}
+	if got := e.serial(c1); got != 3 {
+		t.Errorf("the canary serves serial %d, want the rollback's 3", got)
+	}
+	// Serial 1's content lets the demo client in again; the change's does not.
+	if err := e.tryEncrypt(c1); err != nil {
+		t.Errorf("Encrypt on the canary after the rollback = %v, want it served again as under serial 1", err)
+	}
+	if got := e.serial(c2); got != 1 {
+		t.Errorf("the rest of us-east serves serial %d, want 1 (never received the change)", got)
+	}
+}
+
+// TestBundlePushRefusedDuringRollout: a push changes every server of its
+// region at once, so while a rollout is in flight for the region (here held
+// in its canary bake) bundle push is refused before it asks anything of a
+// server, naming the rollout and how to end it. Other regions may still be
+// pushed to, and once the rollout is done the push goes through.
+func TestBundlePushRefusedDuringRollout(t *testing.T) {
+	e := newRolloutEnv(t)
+	c1, c2 := e.kms["us-east"][0], e.kms["us-east"][1]
+	e.mustRC("keyset", "rotate", fleetKeyset)
+	us := e.buildBundle("us-east")
+	e.onBake = func(time.Duration) error { return context.Canceled }
+	r := e.rc("rollout", "start", "--bundles", us, "--bake", rolloutBake.String(), "--reason", "held in its bake")
+	m := regexp.MustCompile(`rollout (\S+) stored`).FindStringSubmatch(r.stdout)
+	if r.code == 0 || m == nil {
+		t.Fatalf("rollout start stopped in its bake = %d, want an error and a stored rollout\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	id := m[1]
+	e.onBake = nil
+	if a, b := e.serial(c1), e.serial(c2); a != 2 || b != 1 {
+		t.Fatalf("in the canary bake us-east serves serials %d, %d; want 2 (canary), 1", a, b)
+	}
+
+	next := filepath.Join(e.dir, "push-us.bundle")
+	e.mustRC("bundle", "build", "--region", "us-east", "--out", next)
+	r = e.rc("bundle", "push", "--bundle", next)
+	if r.code != 1 {
+		t.Fatalf("bundle push with rollout %s in flight = %d, want 1\n%s%s", id, r.code, r.stdout, r.stderr)
+	}
+	contains(t, "bundle push stderr (rollout in flight)", r.stderr, "region us-east has rollout "+id+" in flight",
+		"regionctl rollout resume "+id, "rollout abort "+id)
+	if a, b := e.serial(c1), e.serial(c2); a != 2 || b != 1 {
+		t.Errorf("after the refused push us-east serves serials %d, %d; want 2, 1 (nothing changed)", a, b)
+	}
+
+	e.push("eu-west") // not in the rollout: pushed as ever
+	e.mustRC("rollout", "resume", id)
+	e.mustRC("bundle", "push", "--bundle", next)
+	for _, k := range []*fleetKMS{c1, c2} {
+		if got := e.serial(k); got != 3 {
+			t.Errorf("%s/%s serves serial %d after the rollout and the push, want 3", k.region, k.name, got)
+		}
+	}
+}
+
+// lossyAdmin is a KMSAdmin in front of a real KMS server: it forwards every
+// call, but answers the first real (not dry-run) ApplyBundle that the
+// server applied with DeadlineExceeded: the answer is lost, not the apply.
+type lossyAdmin struct {
+	kmsv1.UnimplementedKMSAdminServer
+	to   kmsv1.KMSAdminClient
+	mu   sync.Mutex
+	lost bool
+}
+
+func (l *lossyAdmin) ApplyBundle(ctx context.Context, req *kmsv1.ApplyBundleRequest) (*kmsv1.ApplyBundleResponse, error) {
+	resp, err := l.to.ApplyBundle(ctx, req)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err == nil && !req.GetDryRun() && !l.lost {
+		l.lost = true
+		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
+	return resp, err
+}
+
+func (l *lossyAdmin) GetStatus(ctx context.Context, req *kmsv1.GetStatusRequest) (*kmsv1.GetStatusResponse, error) {
+	return l.to.GetStatus(ctx, req)
+}
+
+func (l *lossyAdmin) Probe(ctx context.Context, req *kmsv1.ProbeRequest) (*kmsv1.ProbeResponse, error) {
+	return l.to.Probe(ctx, req)
+}
+
+func (l *lossyAdmin) answerLost() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lost
+}
+
+// TestRolloutApplyAnswerLost: the canary applies the change but its answer
+// is lost (DeadlineExceeded). The controller asks what it serves, counts it
+// as applied, and so the failing gate rolls it back to serial 1's content;
+// counted as not applied, the rollout would end failed with the change
+// still served and nothing to roll back.
+func TestRolloutApplyAnswerLost(t *testing.T) {
+	e := newRolloutEnv(t)
+	c1, c2 := e.kms["us-east"][0], e.kms["us-east"][1]
+	cc := e.dial(regionctlID, c1.addr)
+	t.Cleanup(func() { cc.Close() })
+	lossy := &lossyAdmin{to: kmsv1.NewKMSAdminClient(cc)}
+	srv := newServer(e.pki, fmt.Sprintf("spiffe://%s/kms/us-east/%s", identitytest.TrustDomain, c1.name))
+	kmsv1.RegisterKMSAdminServer(srv, lossy)
+	canary := serve(t, srv)
+	e.files["regions"].(map[string][]string)["us-east"][0] = canary // regionctl reaches c1 through lossy
+	e.writeConfig()
+
+	for range 5 { // traffic before: all OK
+		if err := e.tryEncrypt(c1); err != nil {
+			t.Fatalf("Encrypt before the change = %v", err)
+		}
+	}
+	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
+	us := e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
+	eu := e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	store := cli.NewMemRollouts(e.clk.Now)
+	traffic := func(time.Duration) {
+		for range 10 {
+			_ = e.tryEncrypt(c1)
+		}
+	}
+	r := e.rollout(store, traffic, "start", "--bundles", us+","+eu, "--regions", "us-east,eu-west", "--bake", rolloutBake.String(),
+		"--reason", "tighten the ledger ACL", "--id", "r9")
+	if r.code != 1 || !lossy.answerLost() {
+		t.Fatalf("rollout start = %d (answer lost: %v), want 1 (halted) after a lost answer\n%s%s", r.code, lossy.answerLost(), r.stdout, r.stderr)
+	}
+	contains(t, "rollout start stderr", r.stderr, "DeadlineExceeded", "although its apply failed: counted as applied")
+	contains(t, "rollout start stdout", r.stdout, "stage 1/3 canary failed its gates", "rolled back: every server that applied serves its last good content again")
+	rec := storedRecord(t, store, "r9")
+	if sr := rec.Servers[canary]; rec.Phase != rollout.PhaseRolledBack || sr.Applied != 2 || sr.LastGood.Serial != 1 || sr.RolledBack != 3 {
+		t.Errorf("record %s, canary %+v; want rolled-back, applied 2, last good 1, rolled back at 3", rec.Phase, sr)
+	}
+	if got := e.serial(c1); got != 3 {
+		t.Errorf("the canary serves serial %d, want the rollback's 3", got)
+	}
+	if err := e.tryEncrypt(c1); err != nil {
+		t.Errorf("Encrypt on the canary after the rollback = %v, want it served again as under serial 1", err)
+	}
+	if got := e.serial(c2); got != 1 {
+		t.Errorf("the rest of us-east serves serial %d, want 1 (never received the change)", got)
 	}
 }

@@ -56,6 +56,15 @@ func (f *fakeRootKMS) RecordBundleSerial(ctx context.Context, req *rootkmsv1.Rec
 	return &rootkmsv1.Region{Name: req.GetRegion(), BundleSerialFloor: f.floors[req.GetRegion()]}, nil
 }
 
+// ListRollouts answers that no rollout is in flight: the fake keeps no
+// rollout records (bundle push asks before it changes a region).
+func (f *fakeRootKMS) ListRollouts(ctx context.Context, _ *rootkmsv1.ListRolloutsRequest) (*rootkmsv1.ListRolloutsResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record(ctx)
+	return &rootkmsv1.ListRolloutsResponse{}, nil
+}
+
 // floor returns the bundle serial floor recorded for region.
 func (f *fakeRootKMS) floor(region string) uint64 {
 	f.mu.Lock()

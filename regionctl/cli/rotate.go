@@ -89,9 +89,17 @@ func rotateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	for _, region := range identity.SplitList(order) {
-		if _, ok := regions[region]; !ok {
-			return usageError(fs, "--order: region %q has no KMS servers in the config file", region)
+	// A region these flags name must be one of the fleet's: a misspelled
+	// --no-push would otherwise hold nothing back and let the region it
+	// meant be rolled out.
+	for _, f := range []struct {
+		name    string
+		regions []string
+	}{{"--order", identity.SplitList(order)}, {"--no-push", held}} {
+		for _, region := range f.regions {
+			if _, ok := regions[region]; !ok {
+				return usageError(fs, "%s: region %q has no KMS servers in the config file", f.name, region)
+			}
 		}
 	}
 	r, err := o.root()
@@ -332,7 +340,7 @@ func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet saf
 	k := lifecycle.Keyset(rec)
 	var newestWaiting *statev1.KeysetVersionRecord
 	for _, v := range rec.GetVersions() {
-		if waiting(v) {
+		if waiting(rec, v) {
 			newestWaiting = v
 		}
 	}
@@ -356,7 +364,7 @@ func dueSteps(ctx context.Context, r *root, rec *statev1.KeysetRecord, fleet saf
 		id := v.GetKeyId()
 		switch v.GetState() {
 		case statev1.KeysetVersionState_KEYSET_VERSION_STATE_ENABLED:
-			if waiting(v) {
+			if waiting(rec, v) {
 				continue
 			}
 			what := fmt.Sprintf("disable version %d", id)
@@ -389,7 +397,7 @@ func rotationDue(rec *statev1.KeysetRecord, mb messageBudget, now time.Time) (wh
 		switch {
 		case v.GetState() == statev1.KeysetVersionState_KEYSET_VERSION_STATE_PRIMARY:
 			primary = v
-		case waiting(v):
+		case waiting(rec, v):
 			return "", false
 		}
 	}

@@ -37,7 +37,9 @@ type Measured struct {
 
 // Applied is one server having applied the stage's bundle at Serial.
 // Previous is what it served before (ApplyBundleResponse.previous): the
-// content a rollback restores.
+// content a rollback restores, unless it is the stage's bundle itself (the
+// apply was repeated on a server that already served it): then the record
+// keeps the content its dry run saw before the change.
 type Applied struct {
 	Epoch    uint64
 	Server   string

@@ -308,9 +308,7 @@ func (m *machine) step() error {
 			return m.refuse("no apply was asked for")
 		}
 		sr.Applied, sr.AppliedAt = e.Serial, m.now
-		if !e.Previous.IsZero() {
-			sr.LastGood = e.Previous
-		}
+		sr.LastGood = m.lastGood(sr, e.Previous)
 		r.Servers[e.Server] = sr
 		switch r.Phase {
 		case PhaseApplying:
@@ -542,10 +540,31 @@ func (m *machine) recordDryRun(e DryRunResult, sr ServerResult) {
 	if !e.OK {
 		sr.DryRun, sr.DryRunReason = DryRunRefused, e.Reason
 	}
-	if sr.Applied == 0 && !e.Serving.IsZero() {
-		sr.LastGood = e.Serving
+	if sr.Applied == 0 {
+		sr.LastGood = m.lastGood(sr, e.Serving)
 	}
 	m.r.Servers[e.Server] = sr
+}
+
+// lastGood is sr's rollback target once its server reported seen as what
+// it serves (a dry run) or served before the apply (Applied): seen, unless
+// seen names nothing or is the rollout's own bundle, and then the target
+// the record already has. The target must be the server's content before
+// the rollout first touched it, never the change: a server already serves
+// the change when an apply is repeated after a takeover (the earlier
+// controller applied but could not store Applied, and the KMS answers the
+// repeat with previous = the bundle it serves) or a dry run is repeated
+// after a pause, and a rollback to the change would leave it served while
+// the record says rolled back. The record has the right target: every
+// server of a stage passed a dry run before any applied, and the first one
+// recorded what it served before the change. If that was nothing, there is
+// no content to go back to, and the rollback is refused rather than made a
+// no-op.
+func (m *machine) lastGood(sr ServerResult, seen BundleRef) BundleRef {
+	if seen.IsZero() || seen.SHA256 == m.r.Plan.Change.bundle(sr.Region).SHA256 {
+		return sr.LastGood
+	}
+	return seen
 }
 
 func (m *machine) enterBaking() {
