@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/cairnkms/cairn/internal/audit"
 	"github.com/cairnkms/cairn/internal/hpkeseal"
 	"github.com/cairnkms/cairn/internal/identity"
 	distributorv1 "github.com/cairnkms/cairn/proto/cairn/distributor/v1"
@@ -121,17 +120,7 @@ func TestDropRootKeyDiscardsFetchInFlight(t *testing.T) {
 	if ready, why := r1.srv.Readiness(); ready {
 		t.Errorf("Readiness after the emergency drop = ready, want not ready (%s)", why)
 	}
-	recs, err := audit.ReadFile(r1.auditLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	loads := 0
-	for _, r := range recs {
-		if r.Operation == "rootkms/root-key-loaded" {
-			loads++
-		}
-	}
-	if loads != 1 {
+	if loads := keyLoads(t, r1); loads != 1 {
 		t.Errorf("root-key-loaded audit records = %d, want 1 (at boot; the key fetched before the drop was discarded)", loads)
 	}
 

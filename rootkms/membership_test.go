@@ -217,17 +217,7 @@ func TestDropRootKey(t *testing.T) {
 	if err := r1.srv.WaitReady(ctx); err != nil {
 		t.Fatalf("no root key again after the drop: %v", err)
 	}
-	recs, err := audit.ReadFile(r1.auditLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	loads := 0
-	for _, r := range recs {
-		if r.Operation == "rootkms/root-key-loaded" {
-			loads++
-		}
-	}
-	if loads != 2 {
+	if loads := keyLoads(t, r1); loads != 2 {
 		t.Errorf("root-key-loaded audit records = %d, want 2 (boot and after the drop)", loads)
 	}
 }
@@ -321,4 +311,20 @@ func TestJoiningReplicaCompletesHalfJoin(t *testing.T) {
 			t.Fatalf("replica-east, in the configuration without a member record, registered no API address in 20s (it has %q)", memberAPIAddress(t, op, "replica-east"))
 		}
 	}
+}
+
+// keyLoads counts the root-key-loaded records of r's audit log.
+func keyLoads(t *testing.T, r *replica) int {
+	t.Helper()
+	recs, err := audit.ReadFile(r.auditLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, rec := range recs {
+		if rec.Operation == "rootkms/root-key-loaded" {
+			n++
+		}
+	}
+	return n
 }

@@ -90,6 +90,27 @@ func storedRecord(t *testing.T, store *cli.MemRollouts, id string) rollout.Recor
 	return rec
 }
 
+// wantCanaryRolledBack checks a rollout whose canary (c1, named canary in
+// rec) applied serial 2, failed its gates and was rolled back: the record
+// says rolled back to last good serial 1 at serial 3, the canary serves 3
+// and lets the demo client in again as under serial 1 (the change's
+// content does not), and c2, the rest of us-east, never left serial 1.
+func wantCanaryRolledBack(t *testing.T, e *fleetEnv, rec rollout.Record, canary string, c1, c2 *fleetKMS) {
+	t.Helper()
+	if sr := rec.Servers[canary]; rec.Phase != rollout.PhaseRolledBack || sr.Applied != 2 || sr.LastGood.Serial != 1 || sr.RolledBack != 3 {
+		t.Errorf("record %s, canary %+v; want rolled-back, applied 2, last good 1, rolled back at 3", rec.Phase, sr)
+	}
+	if got := e.serial(c1); got != 3 {
+		t.Errorf("the canary serves serial %d, want the rollback's 3", got)
+	}
+	if err := e.tryEncrypt(c1); err != nil {
+		t.Errorf("Encrypt on the canary after the rollback = %v, want it served again as under serial 1", err)
+	}
+	if got := e.serial(c2); got != 1 {
+		t.Errorf("the rest of us-east serves serial %d, want 1 (never received the change)", got)
+	}
+}
+
 // inOrder reports whether the substrings appear in s in order.
 func inOrder(s string, subs ...string) bool {
 	for _, sub := range subs {
@@ -454,20 +475,7 @@ func TestRolloutRollbackAfterResumedApply(t *testing.T) {
 	}
 	contains(t, "rollout resume stdout", r.stdout, "taken over by", "stage 1/3 canary failed its gates",
 		"rolled back: every server that applied serves its last good content again")
-	rec := storedRecord(t, store, "r8")
-	if sr := rec.Servers[c1.addr]; rec.Phase != rollout.PhaseRolledBack || sr.Applied != 2 || sr.LastGood.Serial != 1 || sr.RolledBack != 3 {
-		t.Errorf("record %s, canary %+v; want rolled-back, applied 2, last good 1, rolled back at 3", rec.Phase, sr)
-	}
-	if got := e.serial(c1); got != 3 {
-		t.Errorf("the canary serves serial %d, want the rollback's 3", got)
-	}
-	// Serial 1's content lets the demo client in again; the change's does not.
-	if err := e.tryEncrypt(c1); err != nil {
-		t.Errorf("Encrypt on the canary after the rollback = %v, want it served again as under serial 1", err)
-	}
-	if got := e.serial(c2); got != 1 {
-		t.Errorf("the rest of us-east serves serial %d, want 1 (never received the change)", got)
-	}
+	wantCanaryRolledBack(t, e, storedRecord(t, store, "r8"), c1.addr, c1, c2)
 }
 
 // TestBundlePushRefusedDuringRollout: a push changes every server of its
@@ -587,17 +595,5 @@ func TestRolloutApplyAnswerLost(t *testing.T) {
 	}
 	contains(t, "rollout start stderr", r.stderr, "DeadlineExceeded", "although its apply failed: counted as applied")
 	contains(t, "rollout start stdout", r.stdout, "stage 1/3 canary failed its gates", "rolled back: every server that applied serves its last good content again")
-	rec := storedRecord(t, store, "r9")
-	if sr := rec.Servers[canary]; rec.Phase != rollout.PhaseRolledBack || sr.Applied != 2 || sr.LastGood.Serial != 1 || sr.RolledBack != 3 {
-		t.Errorf("record %s, canary %+v; want rolled-back, applied 2, last good 1, rolled back at 3", rec.Phase, sr)
-	}
-	if got := e.serial(c1); got != 3 {
-		t.Errorf("the canary serves serial %d, want the rollback's 3", got)
-	}
-	if err := e.tryEncrypt(c1); err != nil {
-		t.Errorf("Encrypt on the canary after the rollback = %v, want it served again as under serial 1", err)
-	}
-	if got := e.serial(c2); got != 1 {
-		t.Errorf("the rest of us-east serves serial %d, want 1 (never received the change)", got)
-	}
+	wantCanaryRolledBack(t, e, storedRecord(t, store, "r9"), canary, c1, c2)
 }
