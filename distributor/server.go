@@ -166,8 +166,8 @@ func (s *Server) Sealed() bool {
 func (s *Server) Readiness() (ready bool, reason string) {
 	st := s.state()
 	c := st.ceremony
-	if why, ok := s.cfg.Audit.Unready(); !ok && !st.closed {
-		return false, why
+	if err := s.cfg.Audit.Broken(); err != nil && !st.closed {
+		return false, fmt.Sprintf("the audit log is broken (%v): every call is refused; restart the server once its audit sink works", err)
 	}
 	switch {
 	case st.closed:

@@ -458,8 +458,8 @@ func (s *Server) Readiness() (bool, string) {
 	if s.ctx.Err() != nil {
 		return false, "shut down"
 	}
-	if why, ok := s.cfg.Audit.Unready(); !ok {
-		return false, why
+	if err := s.cfg.Audit.Broken(); err != nil {
+		return false, fmt.Sprintf("the audit log is broken (%v): every call is refused; restart the server once its audit sink works", err)
 	}
 	if s.Ready() {
 		return true, ""

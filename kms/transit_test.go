@@ -11,7 +11,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -310,71 +309,6 @@ func TestTransitHealthWithBrokenAuditLog(t *testing.T) {
 	}
 	if a := call(t, app, http.MethodGet, base+"/v1/sys/health", nil); a.code != http.StatusServiceUnavailable || !strings.Contains(a.body, `"sealed":true`) {
 		t.Errorf("sys/health with the audit log broken = %d %s, want 503 sealed", a.code, a.body)
-	}
-}
-
-// hangingSink is an audit sink whose writes block, once hang is set, until
-// release is closed (a hung disk or network mount).
-type hangingSink struct {
-	hang    atomic.Bool
-	release chan struct{}
-	once    sync.Once
-}
-
-// free lets every write through from now on.
-func (w *hangingSink) free() {
-	w.once.Do(func() { w.hang.Store(false); close(w.release) })
-}
-
-func (w *hangingSink) Write(p []byte) (int, error) {
-	if w.hang.Load() {
-		<-w.release
-	}
-	return len(p), nil
-}
-
-// TestHealthWithHungAuditSink: once the audit sink has hung in a write for
-// longer than its stall bound, the server says it is not ready, and
-// sys/health answers 503 sealed, so a load balancer sends calls elsewhere
-// instead of letting each wait for its deadline behind the sink; once the
-// sink takes the write, it is ready again.
-func TestHealthWithHungAuditSink(t *testing.T) {
-	e := newEnv(t)
-	sink := &hangingSink{release: make(chan struct{})}
-	alog := audit.NewWriter(sink, audit.Options{StallBound: 20 * time.Millisecond})
-	t.Cleanup(func() { alog.Close() }) // after the server's Close
-	s := e.start(kms1ID, "", func(c *kms.Config) { c.Audit = alog })
-	t.Cleanup(sink.free) // before the server's Close, which waits for calls in flight
-	e.apply(s, e.bundle(e.ks))
-	base := e.transitServer(s)
-	app := e.httpsClient(appID)
-	sink.hang.Store(true)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		call(t, app, http.MethodPost, base+"/v1/transit/encrypt/"+ledger, map[string]string{"plaintext": b64([]byte("x"))})
-	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ok, why := s.Readiness()
-		if !ok {
-			if !strings.Contains(why, "audit sink has not finished a write") {
-				t.Errorf("Readiness() behind a hung audit sink = %q, want it to name the sink", why)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("Readiness() still ready 10s after the audit sink hung")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if a := call(t, app, http.MethodGet, base+"/v1/sys/health", nil); a.code != http.StatusServiceUnavailable || !strings.Contains(a.body, `"sealed":true`) {
-		t.Errorf("sys/health behind a hung audit sink = %d %s, want 503 sealed", a.code, a.body)
-	}
-	sink.free()
-	<-done
-	if ok, why := s.Readiness(); !ok {
-		t.Errorf("Readiness() once the sink took the write = not ready (%s), want ready", why)
 	}
 }
 

@@ -257,8 +257,8 @@ func (s *Server) Readiness() (ready bool, reason string) {
 	if r == nil {
 		return false, "not started"
 	}
-	if why, ok := s.cfg.Audit.Unready(); !ok {
-		return false, why
+	if err := s.cfg.Audit.Broken(); err != nil {
+		return false, fmt.Sprintf("the audit log is broken (%v): every call is refused; restart the server once its audit sink works", err)
 	}
 	if !s.HasRootKey() {
 		return false, fmt.Sprint(s.keyStatus.Load())

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -151,40 +150,5 @@ func TestHungSinkBacklogBounded(t *testing.T) {
 	}
 	if got, want := h.lines(), 1+queued; got != want {
 		t.Errorf("lines written = %d, want %d (the first and every queued record, none refused)", got, want)
-	}
-}
-
-// TestHungSinkMakesUnready: a log whose sink has taken longer than
-// StallBound to accept a write reports itself unready (so a server's
-// readiness, and a load balancer, send calls elsewhere instead of letting
-// each wait for its deadline), and ready again once the write returns.
-func TestHungSinkMakesUnready(t *testing.T) {
-	h := newHangingWriter()
-	const bound = 20 * time.Millisecond
-	l := NewWriter(h, Options{StallBound: bound})
-	if why, ok := l.Unready(); !ok {
-		t.Fatalf("Unready() of a new log = %q, want ready", why)
-	}
-	first := hangFirstWrite(t, l, h)
-	deadline := time.Now().Add(guard)
-	for {
-		why, ok := l.Unready()
-		if !ok {
-			if !strings.Contains(why, "has not finished a write") {
-				t.Errorf("Unready() behind a hung sink = %q, want it to say the sink has not finished a write", why)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Unready() still ready %v after the sink hung (bound %v)", guard, bound)
-		}
-		time.Sleep(bound)
-	}
-	close(h.release)
-	if err := <-first; err != nil {
-		t.Fatalf("the hung Write once released = %v", err)
-	}
-	if why, ok := l.Unready(); !ok {
-		t.Errorf("Unready() once the sink took the write = %q, want ready", why)
 	}
 }

@@ -52,10 +52,6 @@ type Options struct {
 	// was renamed or removed (rotated by an operator) and reopens the path,
 	// as [Log.Reopen] does.
 	CheckpointInterval time.Duration
-	// StallBound is how long a call into the sink may take before the log
-	// counts as stalled for the server's readiness (see [Log.Unready]; 0:
-	// DefaultStallBound), measured on the real clock whatever Now is.
-	StallBound time.Duration
 }
 
 // Defaults of Options.
@@ -116,12 +112,8 @@ type Log struct {
 	// alone touches the sink and end then. flushed (on mu) wakes waiters,
 	// and flushDone is closed (and replaced) at the same moments, for
 	// writers that wait under a deadline (see commitLocked).
-	pending  *batch
-	flushing bool
-	// sinkSince is when the call into the sink in progress (a batch's
-	// write and sync, or a reopen) began; zero when none is (see Unready).
-	sinkSince time.Time
-	stall     time.Duration
+	pending   *batch
+	flushing  bool
 	flushed   sync.Cond
 	flushDone chan struct{}
 	// maxBacklog bounds the bytes of the pending batch while a flush is in
@@ -135,11 +127,6 @@ type Log struct {
 // (ErrBacklog) until the sink takes the queue: the operations are refused,
 // never unaudited.
 const DefaultMaxBacklog = 16 << 20
-
-// DefaultStallBound is Options.StallBound's default: far longer than a
-// healthy disk takes to accept a write, far shorter than the deadlines
-// callers wait on it with.
-const DefaultStallBound = 5 * time.Second
 
 // ErrBacklog is returned by Write when the records queued behind a flush in
 // progress pass the backlog bound: the sink is not keeping up (or hangs).
@@ -353,12 +340,8 @@ func newLog(w io.Writer, opts Options) *Log {
 	if interval == 0 {
 		interval = DefaultCheckpointInterval
 	}
-	stall := opts.StallBound
-	if stall <= 0 {
-		stall = DefaultStallBound
-	}
 	l := &Log{w: w, sync: opts.Sync, now: now, signer: opts.Signer, every: every, interval: interval,
-		flushDone: make(chan struct{}), maxBacklog: DefaultMaxBacklog, stall: stall}
+		flushDone: make(chan struct{}), maxBacklog: DefaultMaxBacklog}
 	l.flushed.L = &l.mu
 	return l
 }
@@ -512,26 +495,6 @@ func (l *Log) Broken() error {
 	return fmt.Errorf("%w: %w", ErrBroken, l.broken)
 }
 
-// Unready reports, for a server's readiness, why the log cannot take
-// records now: it is broken (every record is refused until the server
-// restarts with a working sink), or a call into its sink has taken longer
-// than Options.StallBound (a hung disk or mount: every audited call waits
-// for it until its deadline, then fails; a load balancer should send them
-// elsewhere). ok is true when neither holds.
-func (l *Log) Unready() (why string, ok bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.broken != nil {
-		return fmt.Sprintf("the audit log is broken (%v): every call is refused; restart the server once its audit sink works", fmt.Errorf("%w: %w", ErrBroken, l.broken)), false
-	}
-	if !l.sinkSince.IsZero() {
-		if d := time.Since(l.sinkSince); d > l.stall {
-			return fmt.Sprintf("the audit sink has not finished a write for %v (a hung disk or mount?): every audited call waits for it and fails at its deadline", d.Round(time.Second)), false
-		}
-	}
-	return "", true
-}
-
 func (l *Log) usableLocked() error {
 	if l.closed {
 		return ErrClosed
@@ -600,11 +563,9 @@ func (l *Log) commitLocked(wait context.Context, b *batch) error {
 // settles it: its error, the chain state, the broken state. Called with mu
 // held; mu is released while the sink is written.
 func (l *Log) flushLocked(b *batch) {
-	l.sinkSince = time.Now()
 	l.mu.Unlock()
 	st, err, broke := l.writeBatch(b)
 	l.mu.Lock()
-	l.sinkSince = time.Time{}
 	if broke != nil {
 		l.broken = broke
 	}
@@ -801,11 +762,10 @@ func (l *Log) Reopen() error {
 	if err := l.usableLocked(); err != nil {
 		return err
 	}
-	l.flushing, l.sinkSince = true, time.Now()
+	l.flushing = true
 	l.mu.Unlock()
 	st, changed, err := l.reopen()
 	l.mu.Lock()
-	l.sinkSince = time.Time{}
 	if changed {
 		l.head, l.since = st.head, st.since
 		l.queued = int(min(st.since, uint64(math.MaxInt32)))
