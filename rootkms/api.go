@@ -52,65 +52,27 @@ func (s *Server) rootKey() (*rootkey.Key, error) {
 // truncates only uncommitted entries), and the replica had at most the log
 // the leader left of it. Waiting for the replaced index itself could take
 // for ever on a quiet cluster whose log ends before it.
-//
-// Raft's own applied index is not enough: hashicorp/raft counts an entry
-// applied once it has queued it for the state machine, before the state
-// machine applied it. It says the entries are committed and on their way;
-// stateHolds says they are in the state.
 func (s *Server) caughtUp() error {
 	if s.synced.Load() {
 		return nil
 	}
 	r := s.node.Raft
-	queued := r.AppliedIndex()
-	stats := r.Stats()
-	commit, _ := strconv.ParseUint(stats["commit_index"], 10, 64)
-	snapshot, _ := strconv.ParseUint(stats["last_snapshot_index"], 10, 64)
+	applied := r.AppliedIndex()
+	commit, _ := strconv.ParseUint(r.Stats()["commit_index"], 10, 64)
 	_, leader := r.LeaderWithID()
 	had := s.startIndex
-	if queued < had {
+	if applied < had {
 		if term, ok, err := s.node.LogTerm(had); err == nil && (!ok || term != s.startTerm) {
 			had = min(had, r.LastIndex())
 		}
 	}
-	want := max(had, commit)
-	holds := false
-	if leader != "" && queued >= want {
-		var err error
-		if holds, err = s.stateHolds(want, snapshot); err != nil {
-			return status.Errorf(codes.Unavailable, "rootkms: this replica cannot tell whether it has caught up with the cluster since it started (reading its raft log: %v); ask another replica", err)
-		}
-	}
-	if !holds {
+	if leader == "" || applied < had || applied < commit {
 		return status.Errorf(codes.Unavailable,
-			"rootkms: this replica is still catching up with the cluster since it started (applied index %d, %d queued; its log held %d at start; committed %d; leader known: %t); ask another replica or retry shortly",
-			s.fsm.AppliedIndex(), queued, had, commit, leader != "")
+			"rootkms: this replica is still catching up with the cluster since it started (applied index %d; its log held %d at start; committed %d; leader known: %t); ask another replica or retry shortly",
+			applied, had, commit, leader != "")
 	}
 	s.synced.Store(true)
 	return nil
-}
-
-// stateHolds reports whether the state machine has applied every command
-// entry up to index, Raft having queued every entry up to index for it.
-// The state machine sees only command entries, so its own applied index
-// stops at the last command it applied: the no-op each new leader commits,
-// barriers and configuration changes never reach it, nor do the entries of
-// a snapshot it restored. The entries after the later of its applied index
-// and the last snapshot's (a snapshot holds every entry up to its index,
-// whether this state was restored from it or it was taken of this state)
-// up to index must then hold no command. An entry missing from the log is
-// taken as one.
-func (s *Server) stateHolds(index, snapshot uint64) (bool, error) {
-	for i := index; i > max(s.fsm.AppliedIndex(), snapshot); i-- {
-		typ, ok, err := s.node.LogType(i)
-		if err != nil {
-			return false, err
-		}
-		if !ok || typ == raft.LogCommand {
-			return false, nil
-		}
-	}
-	return true, nil
 }
 
 // notLeader is the error a follower answers a write or gating read with: it

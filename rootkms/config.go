@@ -109,10 +109,6 @@ type Config struct {
 	// runs with, e.g. to lose a term or vote write in flight at a simulated
 	// crash (see raftnode.Config.WrapStableStore).
 	WrapStableStore func(raft.StableStore) raft.StableStore
-	// WrapFSM is for tests and fault injection only (nil: none): it wraps
-	// the state machine as Raft sees it, e.g. to hold Apply back like a
-	// slow state machine while Raft goes on.
-	WrapFSM func(raft.FSM) raft.FSM
 }
 
 // MaxMessageSize bounds a request to the root KMS (rootkmsclient's, the

@@ -176,12 +176,8 @@ func (s *Server) Start(apiLis, raftLis net.Listener) error {
 	s.raftAddr = advertise.String()
 	s.startedAt.Store(time.Now().UnixNano())
 	s.layer = raftnode.NewStreamLayer(raftLis, advertise, s.cfg.Source, s.cfg.Replicas.Authorize, s.log)
-	var machine raft.FSM = timedFSM{FSM: s.fsm, m: s.metrics}
-	if s.cfg.WrapFSM != nil {
-		machine = s.cfg.WrapFSM(machine)
-	}
 	node, err := raftnode.Open(raftnode.Config{
-		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: machine, Transport: raftnode.NewTransport(s.layer, s.log),
+		ID: s.cfg.ID, Dir: s.cfg.DataDir, FSM: timedFSM{FSM: s.fsm, m: s.metrics}, Transport: raftnode.NewTransport(s.layer, s.log),
 		Bootstrap: s.cfg.Bootstrap, Logger: s.log,
 		HeartbeatTimeout: s.cfg.HeartbeatTimeout, ElectionTimeout: s.cfg.ElectionTimeout, LeaderLeaseTimeout: s.cfg.LeaderLeaseTimeout,
 		WrapLogStore: s.cfg.WrapLogStore, WrapStableStore: s.cfg.WrapStableStore,
@@ -245,8 +241,8 @@ func (s *Server) HasRootKey() bool { return s.key.Load() != nil }
 // leader may still be applying the log, or installing a snapshot, and
 // answers from a state that lacks what the cluster has). When not, the
 // reason says which is missing. It is cheap (no Raft round trip; the
-// catch-up check reads Raft's stats and the tail of its log only until it
-// has latched): health checks poll it.
+// catch-up check reads Raft's stats only until it has latched): health
+// checks poll it.
 func (s *Server) Readiness() (ready bool, reason string) {
 	select {
 	case <-s.stop:

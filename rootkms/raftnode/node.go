@@ -212,27 +212,14 @@ func checkStore(s *raftboltdb.BoltStore) error {
 // into a snapshot, or truncated away as an uncommitted entry the leader
 // replaced).
 func (n *Node) LogTerm(index uint64) (term uint64, ok bool, err error) {
-	l, ok, err := n.entry(index)
-	return l.Term, ok, err
-}
-
-// LogType returns the type of the entry at index in the node's log store,
-// and false if the store holds no entry there (as LogTerm).
-func (n *Node) LogType(index uint64) (typ raft.LogType, ok bool, err error) {
-	l, ok, err := n.entry(index)
-	return l.Type, ok, err
-}
-
-// entry reads the entry at index from the node's log store.
-func (n *Node) entry(index uint64) (raft.Log, bool, error) {
 	var l raft.Log
 	switch err := n.store.GetLog(index, &l); {
 	case errors.Is(err, raft.ErrLogNotFound):
-		return raft.Log{}, false, nil
+		return 0, false, nil
 	case err != nil:
-		return raft.Log{}, false, err
+		return 0, false, err
 	}
-	return l, true, nil
+	return l.Term, true, nil
 }
 
 // Close shuts Raft down and closes the stores.
