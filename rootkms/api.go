@@ -129,6 +129,29 @@ func (s *Server) linearize() error {
 	return nil
 }
 
+// errGaveUp is await's error when the caller's context or the server's
+// shutdown ended the wait for an entry raft had taken: its outcome is
+// unknown.
+var errGaveUp = errors.New("stopped waiting for the entry to commit")
+
+// await waits for f until ctx is done or the server closes. Raft resolves
+// an entry it took only once it commits or this replica stops leading: a
+// leader that keeps its followers but cannot commit (their log stores
+// refuse, a disk fails) would otherwise hold the caller for ever, and Close
+// too, which waits for its own loops' writes.
+func (s *Server) await(ctx context.Context, f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }() // ends when raft resolves f, at the latest when it shuts down
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", errGaveUp, ctx.Err())
+	case <-s.stop:
+		return fmt.Errorf("%w: the server is closing", errGaveUp)
+	}
+}
+
 // raftError maps a raft error. ErrNotLeader and a leadership transfer are
 // definite refusals (nothing was appended): the caller is redirected; so is
 // an enqueue timeout (Unavailable, retry).
@@ -248,7 +271,7 @@ func (s *Server) applyLocal(ctx context.Context, cmd *statev1.Command) (*fsm.Res
 	}
 	start := time.Now()
 	f := s.node.Raft.Apply(b, s.applyTimeout(ctx))
-	if err := f.Error(); err != nil {
+	if err := s.await(ctx, f); err != nil {
 		return nil, s.raftError(err)
 	}
 	s.metrics.applied(start)

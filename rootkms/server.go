@@ -504,7 +504,9 @@ func configServer(r *raft.Raft, id string) (raft.Server, bool, error) {
 }
 
 func (s *Server) registerSelf() error {
-	_, err := s.applyLocal(context.Background(), &statev1.Command{Op: &statev1.Command_RegisterMember{
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := s.applyLocal(ctx, &statev1.Command{Op: &statev1.Command_RegisterMember{
 		RegisterMember: &statev1.RegisterMemberCommand{Member: &statev1.MemberRecord{Id: s.cfg.ID, ApiAddress: s.apiAddr}},
 	}})
 	return err
