@@ -187,6 +187,22 @@ func TestRolloutHappyPath(t *testing.T) {
 	}
 }
 
+// lockoutChange checks that c1 serves the demo client before the change,
+// then builds the change that locks it out (lockoutTeam) for us-east and
+// eu-west, and returns the two bundles' paths.
+func (e *fleetEnv) lockoutChange(t *testing.T, c1 *fleetKMS) (us, eu string) {
+	t.Helper()
+	for range 5 { // traffic before: all OK
+		if err := e.tryEncrypt(c1); err != nil {
+			t.Fatalf("Encrypt before the change = %v", err)
+		}
+	}
+	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
+	us = e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
+	eu = e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	return us, eu
+}
+
 // lockoutTeam is ledgerTeam with us-east's demo client (client/us-east/app)
 // out of the ACL: only client/us-east/batch and eu-west's clients.
 func lockoutTeam() string {
@@ -205,14 +221,7 @@ func lockoutTeam() string {
 func TestRolloutCanaryLockout(t *testing.T) {
 	e := newRolloutEnv(t)
 	c1, c2, w := e.kms["us-east"][0], e.kms["us-east"][1], e.kms["eu-west"][0]
-	for range 5 { // traffic before: all OK
-		if err := e.tryEncrypt(c1); err != nil {
-			t.Fatalf("Encrypt before the change = %v", err)
-		}
-	}
-	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
-	us := e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
-	eu := e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	us, eu := e.lockoutChange(t, c1)
 	store := cli.NewMemRollouts(e.clk.Now)
 
 	var bakes []time.Duration
@@ -435,14 +444,7 @@ func TestRolloutToServersThatServedNothing(t *testing.T) {
 func TestRolloutRollbackAfterResumedApply(t *testing.T) {
 	e := newRolloutEnv(t)
 	c1, c2 := e.kms["us-east"][0], e.kms["us-east"][1]
-	for range 5 { // traffic before: all OK
-		if err := e.tryEncrypt(c1); err != nil {
-			t.Fatalf("Encrypt before the change = %v", err)
-		}
-	}
-	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
-	us := e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
-	eu := e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	us, eu := e.lockoutChange(t, c1)
 	store := cli.NewMemRollouts(e.clk.Now)
 	failed := false
 	store.FailPut(func(rec rollout.Record) bool {
@@ -574,14 +576,7 @@ func TestRolloutApplyAnswerLost(t *testing.T) {
 	e.files["regions"].(map[string][]string)["us-east"][0] = canary // regionctl reaches c1 through lossy
 	e.writeConfig()
 
-	for range 5 { // traffic before: all OK
-		if err := e.tryEncrypt(c1); err != nil {
-			t.Fatalf("Encrypt before the change = %v", err)
-		}
-	}
-	writeFile(t, filepath.Join(e.teams, "payments.json"), lockoutTeam())
-	us := e.buildBundle("us-east", "--force-shrink", "--reason", "test: lock the demo client out")
-	eu := e.buildBundle("eu-west", "--force-shrink", "--reason", "test: lock the demo client out")
+	us, eu := e.lockoutChange(t, c1)
 	store := cli.NewMemRollouts(e.clk.Now)
 	traffic := func(time.Duration) {
 		for range 10 {
